@@ -56,7 +56,7 @@ class SparsityGrid:
         return i
 
     def to_json(self) -> list[float]:
-        return [round(s, 10) for s in self.levels]
+        return list(self.levels)
 
     @classmethod
     def from_json(cls, data: list[float]) -> "SparsityGrid":

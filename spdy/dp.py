@@ -1,0 +1,276 @@
+"""The SPDY dynamic-programming solver (paper Algorithm 1), in Numba.
+
+Given per-layer times ``t[l][s]`` and error scores ``e[l][s]`` over the levels of a
+grid, pick one level per layer that minimises ``sum e`` subject to
+``base + sum t <= T_dense_total / speedup``. Time is discretised into buckets of
+width ``budget / buckets`` and every layer time is rounded **up**, so the chosen
+profile never exceeds the budget under the additive latency model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numba
+import numpy as np
+
+from spdy.errors import InfeasibleBudgetError, InvalidInputError
+from spdy.types import LatencyTable, Solution
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = 10_000
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _pareto_mask(T: np.ndarray, E: np.ndarray) -> np.ndarray:
+    """keep[l, s] is False where another level of layer l is no slower and no worse.
+
+    A dominated level never needs to be chosen: swapping it for its dominator keeps
+    the profile feasible and its error no larger. Ties keep the lowest index.
+    """
+    L, S = T.shape
+    keep = np.ones((L, S), dtype=np.bool_)
+    for l in range(L):
+        for s in range(S):
+            for r in range(S):
+                if r != s and T[l, r] <= T[l, s] and E[l, r] <= E[l, s]:
+                    if T[l, r] < T[l, s] or E[l, r] < E[l, s] or r < s:
+                        keep[l, s] = False
+                        break
+    return keep
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _dp_kernel(T: np.ndarray, E: np.ndarray, B: int) -> tuple[np.ndarray, float]:
+    """Algorithm 1 of SPDY over integer times.
+
+    T[l, s]: time of layer l at level s in buckets (int64, >= 0); E[l, s]: error score;
+    B: budget in buckets. D[l, t] is the least summed error of layers 0..l using exactly
+    t buckets (equation 2). The forward pass is a pure min so that LLVM vectorises it;
+    instead of a choice matrix P, the backward pass finds the level whose
+    ``D[l-1, t - T[l, s]] + E[l, s]`` reproduces ``D[l, t]`` bit for bit (same float
+    operation, same operands). Returns the levels and the optimum; ``levels[0] == -1``
+    when nothing fits.
+    """
+    L, S = T.shape
+    INF = np.inf
+    keep = _pareto_mask(T, E)
+    D = np.empty((L, B + 1))
+    levels = np.full(L, -1, dtype=np.int64)
+    lo = np.zeros(L, dtype=np.int64)  # D[l] is +inf outside [lo[l], hi[l]]
+    hi = np.zeros(L, dtype=np.int64)
+    D0 = D[0]
+    D0[:] = INF
+    lo[0] = B + 1
+    hi[0] = -1
+    for s in range(S):
+        ts = T[0, s]
+        if ts <= B:
+            if E[0, s] < D0[ts]:
+                D0[ts] = E[0, s]
+            lo[0] = min(lo[0], ts)
+            hi[0] = max(hi[0], ts)
+    if hi[0] < 0:
+        return levels, INF
+    for l in range(1, L):
+        Dp = D[l - 1]
+        Dl = D[l]
+        Dl[:] = INF
+        nlo = B + 1
+        nhi = -1
+        for s in range(S):
+            if not keep[l, s]:
+                continue
+            ts = T[l, s]
+            start = lo[l - 1] + ts
+            stop = min(B, hi[l - 1] + ts)
+            if start > stop:
+                continue
+            nlo = min(nlo, start)
+            nhi = max(nhi, stop)
+            e = E[l, s]
+            dst = Dl[start : stop + 1]
+            src = Dp[start - ts : stop + 1 - ts]
+            for k in range(stop + 1 - start):  # this form vectorises (masked stores)
+                v = src[k] + e
+                if v < dst[k]:
+                    dst[k] = v
+        if nhi < 0:
+            return levels, INF
+        lo[l] = nlo
+        hi[l] = nhi
+    DL = D[L - 1]
+    best_t = -1
+    best = INF
+    for t in range(lo[L - 1], hi[L - 1] + 1):
+        if DL[t] < best:
+            best = DL[t]
+            best_t = t
+    if best_t < 0:
+        return levels, INF
+    t = best_t
+    for l in range(L - 1, 0, -1):
+        target = D[l, t]
+        for s in range(S):
+            ts = T[l, s]
+            if ts <= t and D[l - 1, t - ts] + E[l, s] == target:
+                levels[l] = s
+                t -= ts
+                break
+    for s in range(S):
+        if T[0, s] == t and E[0, s] == D[0, t]:
+            levels[0] = s
+            break
+    return levels, best
+
+
+def dp_numpy(T: np.ndarray, E: np.ndarray, B: int) -> tuple[np.ndarray, float]:
+    """The same DP as straightforward vectorised numpy (the benchmark's reference).
+
+    Per layer, a levels x buckets candidate matrix; argmin over levels gives the choice.
+    """
+    L, S = T.shape
+    cols = np.arange(B + 1)
+    P = np.full((L, B + 1), -1, dtype=np.int64)
+    D = np.full(B + 1, np.inf)
+    for s in range(S):
+        if T[0, s] <= B and E[0, s] < D[T[0, s]]:
+            D[T[0, s]] = E[0, s]
+            P[0, T[0, s]] = s
+    for l in range(1, L):
+        cand = np.full((S, B + 1), np.inf)
+        for s in range(S):
+            ts = int(T[l, s])
+            if ts <= B:
+                cand[s, ts:] = D[: B + 1 - ts] + E[l, s]
+        P[l] = np.argmin(cand, axis=0)
+        D = cand[P[l], cols]
+    t = int(np.argmin(D))
+    if not np.isfinite(D[t]):
+        return np.full(L, -1, dtype=np.int64), float("inf")
+    best = float(D[t])
+    levels = np.empty(L, dtype=np.int64)
+    for l in range(L - 1, -1, -1):
+        levels[l] = P[l, t]
+        t -= int(T[l, levels[l]])
+    return levels, best
+
+
+def to_buckets(times: np.ndarray, budget: float, buckets: int) -> np.ndarray:
+    """Layer times in buckets of width ``budget / buckets``, rounded up.
+
+    A quotient within 1e-9 (relative) of an integer counts as that integer, so a
+    profile whose time sums exactly to the budget stays feasible despite float noise.
+    """
+    q = np.asarray(times, dtype=np.float64) * (buckets / budget)
+    k = np.ceil(q)
+    k = np.where(k - q > 1 - 1e-9 * np.maximum(1.0, q), k - 1, k)
+    return np.maximum(k, 0).astype(np.int64)
+
+
+def prior_errors(n_layers: int, n_levels: int, coefficients: np.ndarray | None = None) -> np.ndarray:
+    """SPDY's error prior ``e[l][i] = c_l * (i / (|S| - 1))^2`` (all ``c_l = 1`` by default)."""
+    ramp = (np.arange(n_levels, dtype=np.float64) / max(n_levels - 1, 1)) ** 2
+    c = np.ones(n_layers) if coefficients is None else np.asarray(coefficients, dtype=np.float64)
+    if c.shape != (n_layers,):
+        raise InvalidInputError(f"expected {n_layers} sensitivity coefficients; got shape {c.shape}")
+    return c[:, None] * ramp[None, :]
+
+
+def parse_speedup(value: str | float) -> float:
+    """Accept ``2.5x``, ``2.5X``, ``2.5`` or a number; require a finite value > 1."""
+    text = str(value).strip()
+    raw = text[:-1] if text[-1:] in ("x", "X") else text
+    try:
+        s = float(raw)
+    except ValueError:
+        raise InvalidInputError(f"speedup must be a number like 2.5x or 2.5; got {value!r}") from None
+    if not math.isfinite(s) or s <= 1.0:
+        raise InvalidInputError(
+            f"speedup must be greater than 1 (e.g. 1.5x); got {value!r}. A speedup of 1 is the dense model."
+        )
+    return s
+
+
+def _check_errors(errors: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    e = np.asarray(errors, dtype=np.float64)
+    if e.shape != shape:
+        raise InvalidInputError(f"error scores have shape {e.shape}; expected {shape} (layers x levels, as the timings)")
+    if not np.all(np.isfinite(e)):
+        bad = np.argwhere(~np.isfinite(e))[0]
+        raise InvalidInputError(f"error scores hold a non-finite value at layer {bad[0]}, level {bad[1]}")
+    return np.ascontiguousarray(e)
+
+
+def solve_budget(times: np.ndarray, errors: np.ndarray, budget: float, buckets: int = DEFAULT_BUCKETS) -> tuple[np.ndarray, float]:
+    """Levels minimising summed error with ``sum times[l, level_l] <= budget``.
+
+    Returns ``(levels, total_error)``; raises :class:`InfeasibleBudgetError` if no choice fits.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise InvalidInputError(f"times must be a non-empty layers x levels table; got shape {t.shape}")
+    if not np.all(np.isfinite(t)) or np.any(t < 0):
+        raise InvalidInputError("times must be finite and >= 0")
+    e = _check_errors(errors, t.shape)
+    if not isinstance(buckets, (int, np.integer)) or buckets < 1:
+        raise InvalidInputError(f"buckets must be a positive integer; got {buckets!r}")
+    if buckets * t.shape[0] > 200_000_000:
+        raise InvalidInputError(
+            f"buckets={buckets} for {t.shape[0]} layers needs {buckets * t.shape[0] * 8 / 2**30:.1f} GiB; "
+            "the DP keeps layers x buckets float64 values: use fewer buckets (10,000 is the paper's choice)"
+        )
+    fastest = float(t.min(axis=1).sum())
+    if not budget > 0 or fastest > budget * (1 + 1e-12):
+        raise InfeasibleBudgetError(
+            f"no profile fits a layer-time budget of {budget:.6g} s: the fastest level of every layer sums to {fastest:.6g} s"
+        )
+    T = to_buckets(t, budget, int(buckets))
+    levels, best = _dp_kernel(np.ascontiguousarray(T), e, int(buckets))
+    if levels[0] < 0:
+        raise InfeasibleBudgetError(
+            f"the budget fits in real time ({fastest:.6g} s <= {budget:.6g} s) but not after rounding each of "
+            f"{t.shape[0]} layer times up to {buckets} buckets; use more buckets (e.g. --buckets {buckets * 10})"
+        )
+    return levels, float(best)
+
+
+def solve(table: LatencyTable, errors: np.ndarray, speedup: float, buckets: int = DEFAULT_BUCKETS) -> Solution:
+    """The best profile for ``speedup`` over the dense model, counting every layer and the base time."""
+    if not math.isfinite(speedup) or speedup <= 1.0:
+        raise InvalidInputError(f"speedup must be greater than 1; got {speedup!r}")
+    e = _check_errors(errors, table.times.shape)
+    budget = table.budget_for(speedup)
+    max_speedup = table.max_speedup()
+    if budget <= 0 or float(table.times.min(axis=1).sum()) > budget * (1 + 1e-12):
+        raise InfeasibleBudgetError(
+            f"a {speedup:g}x speedup is out of reach: with every layer at its fastest level the model takes "
+            f"{table.base_s + float(table.times.min(axis=1).sum()):.6g} s of {table.dense_total_s:.6g} s dense "
+            f"(base time {table.base_s:.6g} s is not prunable), so the largest reachable speedup is {max_speedup:.3f}x. "
+            "Ask for less, or exclude fewer layers.",
+            max_speedup=max_speedup,
+        )
+    t0 = time.perf_counter()
+    levels, total = solve_budget(table.times, e, budget, buckets)
+    ms = (time.perf_counter() - t0) * 1e3
+    pred = table.predicted_time(levels)
+    grid = table.grid.as_array()
+    return Solution(
+        layers=table.layers,
+        levels=levels,
+        sparsities=grid[levels],
+        predicted_time_s=pred,
+        predicted_speedup=table.dense_total_s / pred,
+        total_error=total,
+        solve_ms=ms,
+    )
+
+
+def warmup() -> float:
+    """Compile (or load from cache) the kernel; returns the seconds it took."""
+    t0 = time.perf_counter()
+    _dp_kernel(np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1)), 1)
+    return time.perf_counter() - t0
