@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+minilm = pytest.importorskip("spdy.models.minilm")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from spdy.models.base import load_model
+
+    return load_model("minilm", n_calibration=8, batch_size=4)
+
+
+def test_minilm_layers_and_shapes(bundle) -> None:
+    specs = bundle.layers()
+    assert len(specs) == 36  # 6 blocks x (q, k, v, attention out, intermediate, output)
+    shapes = {s.weight_shape for s in specs}
+    assert shapes == {(384, 384), (1536, 384), (384, 1536)}
+    assert all(s.input_shape[:2] == (1, 128) for s in specs)
+    assert bundle.n_samples == 8 and len(bundle.calibration) == 2
+
+
+def test_minilm_embeddings_are_real(bundle) -> None:
+    # the real model separates related from unrelated sentences
+    model, tok = minilm.load_encoder()
+    e = minilm.embed(model, tok, ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply."])
+    e = torch.nn.functional.normalize(e, dim=-1)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.2
+
+
+def test_calibration_is_lee_background(bundle) -> None:
+    docs = minilm.lee_background_docs()
+    assert len(docs) == 300
+    assert len(minilm.lee50_docs()) == 50
+    assert bundle.calibration[0]["input_ids"].shape == (4, 128)
+
+
+def test_bad_calibration_size() -> None:
+    from spdy.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="300 documents"):
+        minilm.load_minilm(n_calibration=400)
