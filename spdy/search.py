@@ -1,0 +1,335 @@
+"""SPDY's sensitivity search (paper Algorithm 4) with Optuna for bookkeeping and storage.
+
+Every evaluation is an Optuna trial: coefficients ``c`` -> error scores
+``e[l][i] = c_l * (i / (|S| - 1))^2`` -> DP -> stitch from the database ->
+calibration loss. The schedule is a pure function of the trial number, so
+several processes (or machines sharing an RDB) can work on one study:
+
+* trial ``n < k + 1`` (random phase): ``c ~ U[0, 1]^L`` drawn from ``seed`` and ``n``
+  alone, so the random phase draws exactly what one worker would;
+* later trials (local phase, ``d = ceil(delta * L) .. 1``, ``k`` tries each): the best
+  ``c`` among the completed trials in the shared storage, with ``d`` coordinates
+  re-drawn from ``seed`` and ``n``;
+* trials past the budget are not evaluated (told PRUNED, attribute ``skipped``).
+
+A trial left RUNNING by a killed worker (its process is gone, or its heartbeat is
+older than ``stale_after_s``) is reclaimed and evaluated under its own number on
+the next start, so a killed search resumes without losing or repeating work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+
+from spdy import dp
+from spdy.errors import InvalidInputError
+from spdy.types import LatencyTable, Solution
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+STRATEGIES = ("spdy", "tpe", "cmaes", "random")
+Objective = Callable[[np.ndarray], float]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How to search. ``k`` and ``delta`` are Algorithm 4's; ``max_evals`` caps the trials.
+
+    With ``max_evals`` below the full schedule and no explicit ``k``, ``k`` shrinks so
+    that the random phase and every local-search width still run (a miniature of
+    Algorithm 4); trials past the schedule continue the local search with ``d = 1``.
+    """
+
+    speedup: float
+    k: int | None = None
+    delta: float = 0.1
+    max_evals: int | None = None
+    seed: int = 0
+    buckets: int = dp.DEFAULT_BUCKETS
+    strategy: str = "spdy"
+    stale_after_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.speedup) or self.speedup <= 1:
+            raise InvalidInputError(f"speedup must be greater than 1; got {self.speedup}")
+        if self.strategy not in STRATEGIES:
+            raise InvalidInputError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if self.k is not None and self.k < 1:
+            raise InvalidInputError(f"k must be >= 1; got {self.k}")
+        if not 0 < self.delta <= 1:
+            raise InvalidInputError(f"delta must lie in (0, 1]; got {self.delta}")
+        if self.max_evals is not None and self.max_evals < 1:
+            raise InvalidInputError(f"max_evals must be >= 1; got {self.max_evals}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Algorithm 4's trial schedule for ``n_layers`` layers."""
+
+    n_layers: int
+    k: int
+    d_max: int
+    total: int
+
+    @classmethod
+    def for_config(cls, n_layers: int, cfg: SearchConfig) -> "Schedule":
+        d_max = max(1, math.ceil(cfg.delta * n_layers))
+        if cfg.k is not None:
+            k = cfg.k
+        elif cfg.max_evals is not None:
+            k = max(1, min(100, (cfg.max_evals - 1) // (1 + d_max)))
+        else:
+            k = 100
+        full = (k + 1) + d_max * k
+        return cls(n_layers, k, d_max, cfg.max_evals if cfg.max_evals is not None else full)
+
+    def phase(self, n: int) -> tuple[str, int]:
+        """("random", 0) or ("local", d) for trial number ``n``."""
+        if n <= self.k:
+            return "random", 0
+        step = (n - self.k - 1) // self.k
+        return "local", max(1, self.d_max - step)
+
+
+def _rng(seed: int, n: int) -> np.random.Generator:
+    return np.random.default_rng([seed, n])
+
+
+def candidate(schedule: Schedule, seed: int, n: int, best_c: np.ndarray | None) -> tuple[np.ndarray, str, int]:
+    """The coefficient vector Algorithm 4 evaluates as trial ``n``."""
+    phase, d = schedule.phase(n)
+    rng = _rng(seed, n)
+    if phase == "random" or best_c is None:
+        return rng.random(schedule.n_layers), "random", 0
+    c = best_c.copy()
+    idx = rng.choice(schedule.n_layers, size=min(d, schedule.n_layers), replace=False)
+    c[idx] = rng.random(len(idx))
+    return c, phase, d
+
+
+def make_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
+    """None (in memory), an RDB URL (``sqlite:///x.db``, ``postgresql://...``) or a journal file path."""
+    if url is None or url == ":memory:":
+        return None
+    if "://" in url:
+        return url
+    backend = optuna.storages.journal.JournalFileBackend(
+        url, lock_obj=optuna.storages.journal.JournalFileOpenLock(url)
+    )
+    return optuna.storages.JournalStorage(backend)
+
+
+def _sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
+    if strategy == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if strategy == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+@dataclass
+class SearchResult:
+    """The best trial of a search and its bookkeeping."""
+
+    solution: Solution
+    coefficients: np.ndarray
+    loss: float
+    n_evaluations: int
+    study_name: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class Search:
+    """One worker of an SPDY search over a latency table and an objective ``levels -> loss``."""
+
+    def __init__(
+        self,
+        table: LatencyTable,
+        objective: Objective,
+        config: SearchConfig,
+        storage: str | None = None,
+        study_name: str = "spdy",
+        signature: dict[str, Any] | None = None,
+    ) -> None:
+        self.table = table
+        self.objective = objective
+        self.cfg = config
+        self.schedule = Schedule.for_config(len(table.layers), config)
+        self.L, self.S = table.times.shape
+        self.budget = table.budget_for(config.speedup)
+        dp.warmup()
+        # fail fast on an unreachable target, before any storage is touched
+        dp.solve(table, dp.prior_errors(self.L, self.S), config.speedup, config.buckets)
+        self.study = optuna.create_study(
+            storage=make_storage(storage),
+            study_name=study_name,
+            direction="minimize",
+            sampler=_sampler(config.strategy, config.seed),
+            load_if_exists=True,
+        )
+        self._check_signature(signature or {})
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._loss_cache: dict[bytes, float] = {}
+        self.stage_s = {"dp": 0.0, "objective": 0.0}
+
+    # -- storage bookkeeping -------------------------------------------------
+    def _check_signature(self, signature: dict[str, Any]) -> None:
+        sig = {"speedup": self.cfg.speedup, "seed": self.cfg.seed, "strategy": self.cfg.strategy,
+               "layers": list(self.table.layers), "levels": len(self.table.grid), **signature}
+        stored = self.study.user_attrs.get("signature")
+        if stored is None:
+            self.study.set_user_attr("signature", sig)
+        elif stored != sig:
+            diff = sorted(k for k in set(stored) | set(sig) if stored.get(k) != sig.get(k))
+            raise InvalidInputError(
+                f"study {self.study.study_name!r} in this storage belongs to another search (differs in {diff}); "
+                "use another --study name or storage"
+            )
+
+    def _trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def best(self) -> tuple[np.ndarray | None, float]:
+        done = [t for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs]
+        if not done:
+            return None, math.inf
+        b = min(done, key=lambda t: (t.value, t.number))
+        return np.array(b.user_attrs["c"]), float(b.value)  # type: ignore[arg-type]
+
+    def _is_stale(self, t: optuna.trial.FrozenTrial) -> bool:
+        worker = t.user_attrs.get("worker", "")
+        beat = float(t.user_attrs.get("heartbeat", 0.0))
+        host, _, pid = worker.rpartition(":")
+        if worker == self.worker:
+            return False
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return time.time() - beat > self.cfg.stale_after_s
+
+    def _claim_stale(self) -> optuna.trial.FrozenTrial | None:
+        for t in self._trials():
+            if t.state == optuna.trial.TrialState.RUNNING and t.number < self.schedule.total and self._is_stale(t):
+                sid = self.study._storage
+                sid.set_trial_user_attr(t._trial_id, "worker", self.worker)
+                sid.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+                time.sleep(0.05)
+                again = sid.get_trial(t._trial_id)
+                if again.user_attrs.get("worker") == self.worker and again.state == optuna.trial.TrialState.RUNNING:
+                    log.info("reclaiming trial %d left running by %s", t.number, t.user_attrs.get("worker"))
+                    return again
+        return None
+
+    # -- one evaluation ------------------------------------------------------
+    def solve(self, c: np.ndarray) -> Solution:
+        t0 = time.perf_counter()
+        sol = dp.solve(self.table, dp.prior_errors(self.L, self.S, c), self.cfg.speedup, self.cfg.buckets)
+        self.stage_s["dp"] += time.perf_counter() - t0
+        return sol
+
+    def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float:
+        storage = self.study._storage
+        tid = trial._trial_id if trial is not None else None  # type: ignore[union-attr]
+        if self.cfg.strategy == "spdy":
+            best_c, _ = self.best()
+            c, phase, d = candidate(self.schedule, self.cfg.seed, number, best_c)
+        else:
+            assert trial is not None
+            c = np.array([trial.suggest_float(f"c{i}", 0.0, 1.0) for i in range(self.L)])  # type: ignore[attr-defined]
+            phase, d = self.cfg.strategy, 0
+        sol = self.solve(c)
+        key = sol.levels.tobytes()
+        t0 = time.perf_counter()
+        cached = key in self._loss_cache
+        loss = self._loss_cache[key] if cached else float(self.objective(sol.levels))
+        self._loss_cache[key] = loss
+        self.stage_s["objective"] += time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise InvalidInputError(f"the calibration loss of trial {number} is {loss}; check the model and loss")
+        attrs = {"c": [float(x) for x in c], "phase": phase, "d": d, "levels": [int(x) for x in sol.levels],
+                 "predicted_speedup": sol.predicted_speedup, "cached": cached}
+        for k, v in attrs.items():
+            storage.set_trial_user_attr(tid, k, v)
+        return loss
+
+    def run(self, progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
+        """Work on the study until it holds ``schedule.total`` evaluations; returns the best."""
+        t_start = time.perf_counter()
+        while True:
+            trial_obj: Any
+            stale = self._claim_stale()
+            if stale is not None:
+                number, trial_obj = stale.number, optuna.trial.Trial(self.study, stale._trial_id)
+            else:
+                if self._n_finished_or_running() >= self.schedule.total:
+                    break
+                trial_obj = self.study.ask()
+                number = trial_obj.number
+                if number >= self.schedule.total:
+                    trial_obj.set_user_attr("skipped", "over budget")
+                    self.study.tell(trial_obj, state=optuna.trial.TrialState.PRUNED)
+                    break
+            self.study._storage.set_trial_user_attr(trial_obj._trial_id, "worker", self.worker)
+            self.study._storage.set_trial_user_attr(trial_obj._trial_id, "heartbeat", time.time())
+            try:
+                loss = self._evaluate(number, trial_obj)
+            except BaseException:
+                # leave it RUNNING with a dead heartbeat: the next start reclaims it
+                try:
+                    self.study._storage.set_trial_user_attr(trial_obj._trial_id, "heartbeat", 0.0)
+                except Exception:  # noqa: BLE001 - best effort while unwinding
+                    pass
+                raise
+            self.study.tell(number, loss)
+            if progress is not None:
+                progress(self.n_complete(), self.schedule.total, self.best()[1])
+        self.stage_s["wall"] = time.perf_counter() - t_start
+        return self.result()
+
+    def _n_finished_or_running(self) -> int:
+        return sum(
+            1 for t in self._trials()
+            if t.number < self.schedule.total and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        )
+
+    def n_complete(self) -> int:
+        return sum(1 for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs)
+
+    def history(self) -> list[dict[str, Any]]:
+        out = []
+        for t in sorted(self._trials(), key=lambda t: t.number):
+            if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs:
+                out.append({"number": t.number, "loss": t.value, "phase": t.user_attrs["phase"],
+                            "d": t.user_attrs["d"], "worker": t.user_attrs.get("worker"),
+                            "predicted_speedup": t.user_attrs["predicted_speedup"]})
+        return out
+
+    def result(self) -> SearchResult:
+        best_c, best_loss = self.best()
+        if best_c is None:
+            raise InvalidInputError("the search has no completed evaluation yet")
+        return SearchResult(
+            solution=self.solve(best_c),
+            coefficients=best_c,
+            loss=best_loss,
+            n_evaluations=self.n_complete(),
+            study_name=self.study.study_name,
+            history=self.history(),
+            timings_s=dict(self.stage_s),
+        )

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spdy import dp
+from spdy.errors import InfeasibleBudgetError, InvalidInputError
+from spdy.grid import spdy_grid
+from spdy.search import Schedule, Search, SearchConfig, candidate
+from spdy.types import LatencyTable
+
+L = 6
+GRID = spdy_grid(9)
+
+
+def table() -> LatencyTable:
+    # FLOP-proportional layer times: time ~ density, plus a fixed overhead per layer
+    dens = 1 - GRID.as_array()
+    sizes = np.array([1.0, 2.0, 1.0, 4.0, 1.0, 2.0])
+    times = sizes[:, None] * (0.1 + 0.9 * dens[None, :]) * 1e-3
+    return LatencyTable([f"l{i}" for i in range(L)], GRID, times, 1e-4)
+
+
+SENS = np.array([5.0, 0.5, 2.0, 0.2, 3.0, 1.0])
+
+
+def objective(levels: np.ndarray) -> float:
+    """A loss with hidden per-layer sensitivities (what the search has to discover)."""
+    s = GRID.as_array()[levels]
+    return float((SENS * s**4).sum())
+
+
+class SlowObjective:
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+        self.delay = delay
+
+    def __call__(self, levels: np.ndarray) -> float:
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-evaluation
+        time.sleep(self.delay)
+        return objective(levels)
+
+
+def cfg(**kw) -> SearchConfig:
+    base = dict(speedup=2.0, k=5, delta=0.3, seed=3)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_schedule_is_algorithm_4() -> None:
+    s = Schedule.for_config(36, SearchConfig(speedup=2.0))
+    assert (s.k, s.d_max, s.total) == (100, 4, 101 + 400)
+    assert s.phase(0) == ("random", 0) and s.phase(100) == ("random", 0)
+    assert s.phase(101) == ("local", 4) and s.phase(200) == ("local", 4)
+    assert s.phase(201) == ("local", 3) and s.phase(500) == ("local", 1)
+    small = Schedule.for_config(36, SearchConfig(speedup=2.0, max_evals=40))
+    assert small.k == 7 and small.total == 40 and small.phase(8) == ("local", 4)
+
+
+def test_local_candidates_change_exactly_d_coordinates() -> None:
+    s = Schedule.for_config(10, SearchConfig(speedup=2.0, k=3))
+    best = np.full(10, 0.5)
+    c, phase, d = candidate(s, 0, 4, best)
+    assert phase == "local" and d == 1 and np.sum(c != best) == 1
+    c2, _, _ = candidate(s, 0, 4, best)
+    assert np.array_equal(c, c2)  # a pure function of seed and trial number
+
+
+def test_search_improves_and_is_reproducible() -> None:
+    r1 = Search(table(), objective, cfg()).run()
+    r2 = Search(table(), objective, cfg()).run()
+    assert r1.n_evaluations == 5 + 1 + 2 * 5
+    assert r1.loss == r2.loss and np.array_equal(r1.solution.levels, r2.solution.levels)
+    assert [h["loss"] for h in r1.history] == [h["loss"] for h in r2.history]
+    first_random = min(h["loss"] for h in r1.history if h["phase"] == "random")
+    assert r1.loss <= first_random
+    assert r1.solution.predicted_speedup >= 2.0
+    uniform = dp.solve(table(), dp.prior_errors(L, len(GRID)), 2.0)
+    assert r1.loss <= objective(uniform.levels) + 1e-12
+    r3 = Search(table(), objective, cfg(seed=4)).run()
+    assert [h["loss"] for h in r3.history] != [h["loss"] for h in r1.history]
+
+
+def test_resume_after_kill(tmp_path: Path) -> None:
+    store = str(tmp_path / "search.journal")
+    ref = Search(table(), objective, cfg()).run()
+    obj = SlowObjective(fail_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        Search(table(), obj, cfg(), storage=store, study_name="s").run()
+    # a new process would have a new pid; a new Search object in this one must not reclaim its own
+    # trial as stale, so pretend the killed worker was another process
+    s2 = Search(table(), SlowObjective(), cfg(), storage=store, study_name="s")
+    s2.worker = "elsewhere:1"
+    res = s2.run()
+    hist = res.history
+    assert [h["number"] for h in hist] == list(range(16))  # nothing lost, nothing twice
+    assert [h["loss"] for h in hist] == [h["loss"] for h in ref.history]
+
+
+def test_storage_of_another_search_is_refused(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.journal")
+    Search(table(), objective, cfg(max_evals=3), storage=store, study_name="x").run()
+    with pytest.raises(InvalidInputError, match="belongs to another search"):
+        Search(table(), objective, cfg(max_evals=3, speedup=1.5), storage=store, study_name="x")
+
+
+def test_unreachable_target_fails_fast() -> None:
+    with pytest.raises(InfeasibleBudgetError, match="largest reachable speedup"):
+        Search(table(), objective, cfg(speedup=50.0))
+
+
+@pytest.mark.parametrize("strategy", ["tpe", "cmaes", "random"])
+def test_optuna_samplers(strategy: str) -> None:
+    res = Search(table(), objective, cfg(strategy=strategy, max_evals=8)).run()
+    assert res.n_evaluations == 8 and np.isfinite(res.loss)
+
+
+def _worker(store: str, out: str) -> None:
+    s = Search(table(), SlowObjective(delay=0.15), cfg(), storage=store, study_name="shared")
+    s.run()
+    Path(out).write_text("ok")
+
+
+def test_two_workers_share_one_search(tmp_path: Path) -> None:
+    store = str(tmp_path / "shared.journal")
+    ctx = mp.get_context("spawn")
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=_worker, args=(store, str(tmp_path / f"w{i}"))) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    s = Search(table(), objective, cfg(), storage=store, study_name="shared")
+    hist = s.history()
+    assert sorted(h["number"] for h in hist) == list(range(16))
+    assert len({h["worker"] for h in hist}) == 2  # both did work
+    ref = Search(table(), objective, cfg()).run().history
+    # the random phase draws exactly the candidates a single worker draws
+    assert [h["loss"] for h in hist[:6]] == [h["loss"] for h in ref[:6]]
+    # every local trial started from the best result stored before it
+    best_c, best = s.best()
+    assert best <= min(h["loss"] for h in hist[:6])
