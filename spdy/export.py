@@ -1,0 +1,101 @@
+"""The pruned model on disk: sparse weights of the pruned layers plus a manifest.
+
+``OUT/model/weights.safetensors`` holds, per pruned layer, its weight in CSR
+(``<layer>.crow``, ``<layer>.col``, ``<layer>.val``; Conv2d weights flattened to
+out x in*kh*kw); ``OUT/model/manifest.json`` the shapes, levels and provenance.
+Layers that stay dense are not stored: the original model supplies them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spdy.errors import InvalidInputError, ProfileMismatchError
+from spdy.io import atomic_write_bytes, atomic_write_json, read_json
+from spdy.models.base import get_module
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "spdy.pruned-model"
+SCHEMA_VERSION = 1
+
+
+def _to_csr(w: np.ndarray) -> dict[str, np.ndarray]:
+    m = w.reshape(w.shape[0], -1)
+    rows, cols = np.nonzero(m)
+    crow = np.zeros(m.shape[0] + 1, dtype=np.int64)
+    np.add.at(crow, rows + 1, 1)
+    return {
+        "crow": np.cumsum(crow).astype(np.int32),
+        "col": cols.astype(np.int32),
+        "val": m[rows, cols].astype(np.float32),
+    }
+
+
+def _from_csr(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    rows = int(shape[0])
+    m = np.zeros((rows, int(np.prod(shape[1:]))), dtype=np.float32)
+    row_idx = np.repeat(np.arange(rows), np.diff(crow))
+    m[row_idx, col] = val
+    return m.reshape(shape)
+
+
+def save_pruned(model: nn.Module, layers: Mapping[str, dict[str, Any]], out_dir: str | os.PathLike[str],
+                meta: dict[str, Any] | None = None) -> Path:
+    """Write the weights of ``layers`` (name -> {"sparsity", "level", ...}) from ``model`` to ``out_dir``."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    tensors: dict[str, np.ndarray] = {}
+    entries = {}
+    for name, info in layers.items():
+        w = get_module(model, name).weight.detach().cpu().numpy()
+        if float(info.get("sparsity", 0.0)) == 0.0:
+            continue
+        for k, v in _to_csr(w).items():
+            tensors[f"{name}.{k}"] = v
+        entries[name] = {**info, "shape": list(w.shape), "nnz": int(np.count_nonzero(w))}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, f"{tmp}/w.safetensors")
+        atomic_write_bytes(out / "weights.safetensors", Path(f"{tmp}/w.safetensors").read_bytes())
+    atomic_write_json(out / "manifest.json", {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+                                              "layers": entries, **(meta or {})})
+    return out
+
+
+def load_pruned(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Dense fp32 weights (zeros where pruned) per stored layer, and the manifest."""
+    from safetensors.numpy import load_file
+
+    d = Path(model_dir)
+    man = read_json(d / "manifest.json", "pruned-model manifest")
+    if man.get("schema") != SCHEMA or man.get("schema_version") != SCHEMA_VERSION:
+        raise InvalidInputError(f"{d} is not an spdy pruned model of schema version {SCHEMA_VERSION}")
+    t = load_file(str(d / "weights.safetensors"))
+    weights = {}
+    for name, e in man["layers"].items():
+        weights[name] = _from_csr(t[f"{name}.crow"], t[f"{name}.col"], t[f"{name}.val"], tuple(e["shape"]))
+    return weights, man
+
+
+@torch.no_grad()
+def apply_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> nn.Module:
+    """Copy ``weights`` into the model's layers in place (shapes must match)."""
+    for name, w in weights.items():
+        mod = get_module(model, name)
+        if tuple(mod.weight.shape) != tuple(w.shape):
+            raise ProfileMismatchError(
+                f"layer {name!r}: stored weight has shape {tuple(w.shape)}, the model's is {tuple(mod.weight.shape)}; "
+                "the pruned weights were made for another model"
+            )
+        mod.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(mod.weight.dtype))
+    return model

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spdy.errors import ProfileMismatchError
+from spdy.export import apply_weights, load_pruned, save_pruned
+
+
+def test_roundtrip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            w = m.weight
+            w[w.abs() < w.abs().flatten().quantile(0.7)] = 0
+    layers = {"0": {"sparsity": 0.7, "level": 9}, "2": {"sparsity": 0.7, "level": 9}}
+    save_pruned(model, layers, tmp_path / "m", meta={"model": "toy"})
+    weights, man = load_pruned(tmp_path / "m")
+    assert man["model"] == "toy" and set(weights) == {"0", "2"}
+    for name in ("0", "2"):
+        np.testing.assert_array_equal(weights[name], model.get_submodule(name).weight.detach().numpy())
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    apply_weights(fresh, weights)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        fresh[0].bias.copy_(model[0].bias)
+        fresh[2].bias.copy_(model[2].bias)
+    torch.testing.assert_close(fresh(x), model(x))
+    with pytest.raises(ProfileMismatchError, match="another model"):
+        apply_weights(nn.Sequential(nn.Linear(3, 3)), {"0": weights["2"]})
