@@ -10,7 +10,7 @@ import pytest
 from spdy import dp
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.grid import spdy_grid
-from spdy.search import Schedule, Search, SearchConfig, candidate
+from spdy.sensitivity import Schedule, Search, SearchConfig, candidate
 from spdy.types import LatencyTable
 
 L = 6
