@@ -134,3 +134,41 @@ def load_minilm(
         meta={"hf_model": "sentence-transformers/all-MiniLM-L6-v2", "n_calibration": n_calibration,
               "seq_len": seq_len, "batch_size": batch_size, "offset": offset},
     )
+
+
+def lee50_human_similarities() -> "np.ndarray":
+    """The 50 x 50 human similarity ratings of the Lee corpus (upper triangle filled)."""
+    import numpy as np
+
+    return np.loadtxt(gensim_test_data() / "similarities0-1.txt")
+
+
+@torch.no_grad()
+def lee50_correlations(model: nn.Module, tok: Any, seq_len: int = 128) -> dict[str, float]:
+    """Pearson and Spearman correlation of embedding cosine similarity with human ratings (1,225 pairs)."""
+    import numpy as np
+    from scipy import stats
+
+    docs = lee50_docs()
+    human = lee50_human_similarities()
+    if human.shape != (len(docs), len(docs)):
+        raise ModelLoadError(f"Lee-50 ratings have shape {human.shape}; expected {(len(docs), len(docs))}")
+    e = torch.nn.functional.normalize(embed(model, tok, docs, seq_len), dim=-1).numpy()
+    sim = e @ e.T
+    iu = np.triu_indices(len(docs), k=1)
+    return {
+        "pearson": float(stats.pearsonr(sim[iu], human[iu])[0]),
+        "spearman": float(stats.spearmanr(sim[iu], human[iu])[0]),
+    }
+
+
+@torch.no_grad()
+def heldout_cosine(model: nn.Module, dense: nn.Module, tok: Any, first: int = 128, seq_len: int = 128) -> float:
+    """Mean cosine similarity of ``model``'s embeddings to ``dense``'s on lee_background documents
+    from index ``first`` on (by default those after the 128 calibration documents)."""
+    docs = lee_background_docs()[first:]
+    if not docs:
+        raise InvalidInputError(f"no held-out documents after index {first}")
+    a = embed(model, tok, docs, seq_len)
+    b = embed(dense, tok, docs, seq_len)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())

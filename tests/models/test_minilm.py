@@ -42,3 +42,11 @@ def test_bad_calibration_size() -> None:
 
     with pytest.raises(InvalidInputError, match="300 documents"):
         minilm.load_minilm(n_calibration=400)
+
+
+def test_lee50_benchmark_on_dense_model() -> None:
+    model, tok = minilm.load_encoder()
+    r = minilm.lee50_correlations(model, tok)
+    # the dense model agrees with human ratings (a random encoder would be near 0)
+    assert 0.5 < r["pearson"] < 0.9 and 0.3 < r["spearman"] < 0.9
+    assert minilm.heldout_cosine(model, model, tok, first=295) == pytest.approx(1.0, abs=1e-5)
