@@ -1,0 +1,423 @@
+"""Numba kernels: sparse weight times token-contiguous activations, Y^T = W X^T.
+
+Notation (the paper's, plus the kernel's own): ``W`` is the [O, K] weight with
+most entries zero, ``X`` the [T, K] activations (T tokens, or output pixels of
+a convolution), ``Y = X W^T + b`` the [T, O] result.
+
+Layout and blocking, from measurements on a 2-core Zen 5 (see
+``scripts/results/kernels.md``):
+
+* Tokens are the vector dimension. ``X`` is relaid into tiles of ``Lt`` tokens
+  (64, or 16/32/64 for the last tile), each tile stored as [K, Lt] so that one
+  nonzero ``W[o, j]`` multiplies the contiguous row ``X^T[j, t0:t0 + Lt]``.
+* Register blocking: one output row ``o`` of a 64-token tile is held in four
+  16-lane accumulators (:mod:`spdy.kernels._simd`) across all its nonzeros; each
+  nonzero costs one broadcast, four vector loads and four FMAs.
+* Column panels: the nonzeros are grouped by blocks of ``panel`` input columns
+  so the activation rows one panel touches (panel x 64 x 4 bytes = 32 KiB)
+  stay in L1 while all output rows sweep over them; partial sums go through
+  the (L1/L2 resident) tile of ``Y^T``. Without panels the kernel is bound by
+  L2->L1 bandwidth (~65-90 GFLOP/s instead of ~120-140).
+* Threads split the output rows into contiguous chunks of equal work (nonzeros
+  plus a per-row constant), rounded to 16 rows so that the final transposition
+  back to [T, O] never shares a cache line between threads.
+
+Weight format (``panel-CSR``): nonzeros sorted by (panel, row, column);
+``ptr[p * O + o] : ptr[p * O + o + 1]`` are the nonzeros of row ``o`` in panel
+``p``; ``col`` holds the column ``j`` (uint16 when K <= 65536) or, for the
+implicit convolution, a precomputed element offset (int32); ``val`` the fp32
+weights. ``blocked-4`` stores aligned groups of 4 consecutive columns of one
+row as one entry (one index, four weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from spdy.kernels._simd import ld, transpose16, vbroadcast, vfma, vload, vstore
+
+TILE = 64  # tokens per full register tile: 4 vectors of 16 lanes
+LANES = 16
+
+_JIT = dict(cache=True, fastmath=True, boundscheck=False, nogil=True)
+# Numba does not let LLVM inline one jitted function into another reliably (each
+# array argument is passed as a 7-field struct); the per-row micro-kernels are
+# inlined at the Numba IR level instead, which also lets LLVM keep their
+# accumulators in registers.
+_INLINE = dict(_JIT, inline="always")
+
+
+def padded_tokens_py(T: int) -> int:
+    """:func:`padded_tokens` without the Numba dispatch (for the Python wrappers)."""
+    full, rem = divmod(T, TILE)
+    return full * TILE + (0 if rem == 0 else 16 if rem <= 16 else 32 if rem <= 32 else 64)
+
+
+@njit(**_JIT)
+def tile_width(T: int, t0: int) -> int:
+    """Tokens in the tile that starts at ``t0``: 64, or 16/32/64 for the last one."""
+    rem = T - t0
+    if rem > 32:
+        return 64
+    if rem > 16:
+        return 32
+    return 16
+
+
+@njit(**_JIT)
+def padded_tokens(T: int) -> int:
+    """Sum of the tile widths covering ``T`` tokens."""
+    t0 = 0
+    while t0 < T:
+        t0 += tile_width(T, t0)
+    return t0
+
+
+# ----------------------------------------------------------------------------
+# micro-kernels: one output row of one token tile over the nonzeros k0:k1
+# ----------------------------------------------------------------------------
+
+
+@njit(**_INLINE)
+def _row64(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
+    """Y[yb:yb+64] (+)= sum_k val[k] * X[xb + col[k]*mult : +64]; bias ``b`` when ``first``.
+
+    No early exit for empty rows: a ``return`` inside a function Numba inlines
+    made the whole tile loop 2.5x slower at 95% sparsity (measured).
+    """
+    if first:
+        a0 = vbroadcast(b)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+    else:
+        a0 = vload(Y, yb)
+        a1 = vload(Y, yb + 16)
+        a2 = vload(Y, yb + 32)
+        a3 = vload(Y, yb + 48)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * mult
+        w = vbroadcast(ld(val, k))
+        a0 = vfma(a0, w, vload(X, off))
+        a1 = vfma(a1, w, vload(X, off + 16))
+        a2 = vfma(a2, w, vload(X, off + 32))
+        a3 = vfma(a3, w, vload(X, off + 48))
+    vstore(Y, yb, a0)
+    vstore(Y, yb + 16, a1)
+    vstore(Y, yb + 32, a2)
+    vstore(Y, yb + 48, a3)
+
+
+@njit(**_INLINE)
+def _row32(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
+    if first:
+        a0 = vbroadcast(b)
+        a1 = a0
+    else:
+        a0 = vload(Y, yb)
+        a1 = vload(Y, yb + 16)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * mult
+        w = vbroadcast(ld(val, k))
+        a0 = vfma(a0, w, vload(X, off))
+        a1 = vfma(a1, w, vload(X, off + 16))
+    vstore(Y, yb, a0)
+    vstore(Y, yb + 16, a1)
+
+
+@njit(**_INLINE)
+def _row16(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
+    if first:
+        a0 = vbroadcast(b)
+    else:
+        a0 = vload(Y, yb)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * mult
+        a0 = vfma(a0, vbroadcast(ld(val, k)), vload(X, off))
+    vstore(Y, yb, a0)
+
+
+@njit(**_INLINE)
+def _row64_b4(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
+    """Blocked-4: entry k covers columns col[k]*4 .. col[k]*4+3 with weights val[4k:4k+4]."""
+    if first:
+        a0 = vbroadcast(b)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+    else:
+        a0 = vload(Y, yb)
+        a1 = vload(Y, yb + 16)
+        a2 = vload(Y, yb + 32)
+        a3 = vload(Y, yb + 48)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * (4 * mult)
+        for q in range(4):
+            w = vbroadcast(ld(val, 4 * k + q))
+            o2 = off + q * mult
+            a0 = vfma(a0, w, vload(X, o2))
+            a1 = vfma(a1, w, vload(X, o2 + 16))
+            a2 = vfma(a2, w, vload(X, o2 + 32))
+            a3 = vfma(a3, w, vload(X, o2 + 48))
+    vstore(Y, yb, a0)
+    vstore(Y, yb + 16, a1)
+    vstore(Y, yb + 32, a2)
+    vstore(Y, yb + 48, a3)
+
+
+@njit(**_INLINE)
+def _row32_b4(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
+    if first:
+        a0 = vbroadcast(b)
+        a1 = a0
+    else:
+        a0 = vload(Y, yb)
+        a1 = vload(Y, yb + 16)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * (4 * mult)
+        for q in range(4):
+            w = vbroadcast(ld(val, 4 * k + q))
+            o2 = off + q * mult
+            a0 = vfma(a0, w, vload(X, o2))
+            a1 = vfma(a1, w, vload(X, o2 + 16))
+    vstore(Y, yb, a0)
+    vstore(Y, yb + 16, a1)
+
+
+@njit(**_INLINE)
+def _row16_b4(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
+    if first:
+        a0 = vbroadcast(b)
+    else:
+        a0 = vload(Y, yb)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * (4 * mult)
+        for q in range(4):
+            a0 = vfma(a0, vbroadcast(ld(val, 4 * k + q)), vload(X, off + q * mult))
+    vstore(Y, yb, a0)
+
+
+# ----------------------------------------------------------------------------
+# activations in, results out
+# ----------------------------------------------------------------------------
+
+
+@njit(**_INLINE)
+def _pack_block(x, T, K, XP, t0, Lt, i0, l0):
+    """One 16x16 block of X[t0+l0 : +16, i0 : +16] into the tile [K, Lt] at XP[t0*K:]."""
+    base = t0 * K
+    if i0 + LANES <= K and t0 + l0 + LANES <= T:
+        transpose16(x, (t0 + l0) * K + i0, K, XP, base + i0 * Lt + l0, Lt)
+    else:
+        for i in range(i0, min(i0 + LANES, K)):
+            for l in range(l0, l0 + LANES):
+                t = t0 + l
+                XP[base + i * Lt + l] = x[t * K + i] if t < T else np.float32(0.0)
+
+
+@njit(parallel=True, **_JIT)
+def pack_tokens(x, T, K, XP):
+    """Relay X ([T, K] row-major, flattened) into token tiles: XP[t0*K + j*Lt + l] = X[t0 + l, j].
+
+    Tokens past ``T`` in the last tile are zero-filled.
+    """
+    n_tiles = (T + TILE - 1) // TILE
+    nib = (K + LANES - 1) // LANES
+    for item in prange(n_tiles * nib):
+        tile = item // nib
+        i0 = (item - tile * nib) * LANES
+        t0 = tile * TILE
+        Lt = tile_width(T, t0)
+        for l0 in range(0, Lt, LANES):
+            _pack_block(x, T, K, XP, t0, Lt, i0, l0)
+
+
+@njit(**_INLINE)
+def _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1):
+    """Y[t0 + l, o] = YP[yb + o*Lt + l] for rows r0 <= o < r1 of this tile (16x16 transposes)."""
+    # token blocks outside, channel blocks inside: consecutive blocks then write
+    # neighbouring cache lines; the other order writes 64 rows of one column
+    # block at a stride of 4*O bytes, which maps them onto one or two L1 sets
+    # when O is a multiple of 512 (measured 5x slower at O=1024, 1536, 2048).
+    nl = min(Lt, T - t0)
+    for l0 in range(0, nl, LANES):
+        for o0 in range(r0, r1, LANES):
+            if o0 + LANES <= r1 and l0 + LANES <= nl:
+                transpose16(YP, yb + o0 * Lt + l0, Lt, y, (t0 + l0) * O + o0, O)
+            else:
+                for o in range(o0, min(o0 + LANES, r1)):
+                    for l in range(l0, min(l0 + LANES, nl)):
+                        y[(t0 + l) * O + o] = YP[yb + o * Lt + l]
+
+
+@njit(**_INLINE)
+def _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, valid_w):
+    """Y[o, token] for a conv: token ``t`` is pixel (t // grid_w, t % grid_w) of the output
+    grid; columns >= valid_w are padding and dropped; y[o * plane + row * valid_w + col]."""
+    nl = min(Lt, T - t0)
+    for o in range(r0, r1):
+        src = yb + o * Lt
+        dst = o * plane
+        for l in range(nl):
+            t = t0 + l
+            r = t // grid_w
+            c = t - r * grid_w
+            if c < valid_w:
+                y[dst + r * valid_w + c] = YP[src + l]
+
+
+@njit(**_JIT)
+def _row_chunks(row_cost, O, n):
+    """Split rows 0..O into ``n`` contiguous chunks of equal cost, bounds rounded to 16."""
+    b = np.empty(n + 1, np.int64)
+    b[0] = 0
+    b[n] = O
+    total = row_cost[O]
+    for c in range(1, n):
+        r = np.searchsorted(row_cost, total * c // n)
+        r = (r + LANES // 2) // LANES * LANES
+        b[c] = min(max(r, b[c - 1]), O)
+    return b
+
+
+# One function per (tile width, format): the row loop must stay free of
+# dispatch branches, or LLVM spills the accumulators' bookkeeping around every
+# row (measured 2-3x slower at 95% sparsity, where rows have few nonzeros).
+@njit(**_JIT)
+def _tile64(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    for p in range(n_panels):
+        pp = p * O
+        first = p == 0
+        for o in range(r0, r1):
+            _row64(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+
+
+@njit(**_JIT)
+def _tile32(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    for p in range(n_panels):
+        pp = p * O
+        first = p == 0
+        for o in range(r0, r1):
+            _row32(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+
+
+@njit(**_JIT)
+def _tile16(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    for p in range(n_panels):
+        pp = p * O
+        first = p == 0
+        for o in range(r0, r1):
+            _row16(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+
+
+@njit(**_JIT)
+def _tile64_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    for p in range(n_panels):
+        pp = p * O
+        first = p == 0
+        for o in range(r0, r1):
+            _row64_b4(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+
+
+@njit(**_JIT)
+def _tile32_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    for p in range(n_panels):
+        pp = p * O
+        first = p == 0
+        for o in range(r0, r1):
+            _row32_b4(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+
+
+@njit(**_JIT)
+def _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    for p in range(n_panels):
+        pp = p * O
+        first = p == 0
+        for o in range(r0, r1):
+            _row16_b4(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+
+
+@njit(**_JIT)
+def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, out_mode, plane, grid_w, valid_w, r0, r1):
+    """Rows r0:r1 of Y for every token tile (one thread's share of :func:`spmm_tiles`).
+
+    A separate, non-parallel function on purpose: inside a Numba parfor body
+    LLVM reloads the array pointers around every row.
+    """
+    t0 = 0
+    while t0 < T:
+        Lt = tile_width(T, t0)
+        if tiled:
+            xb = t0 * K
+            mult = Lt
+        else:
+            xb = t0
+            mult = 1
+        yb = t0 * O
+        if blocked == 0:
+            if Lt == 64:
+                _tile64(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+            elif Lt == 32:
+                _tile32(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+            else:
+                _tile16(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        else:
+            if Lt == 64:
+                _tile64_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+            elif Lt == 32:
+                _tile32_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+            else:
+                _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        if out_mode == 0:
+            _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
+        else:
+            _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, valid_w)
+        t0 += Lt
+
+
+@njit(parallel=True, **_JIT)
+def spmm_tiles(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, YP, y, out_mode, plane, grid_w, valid_w, nthreads):
+    """Y = X W^T + b over all token tiles; the whole sparse product of one call.
+
+    ``tiled``: X is in the tile layout of :func:`pack_tokens` (``col`` holds
+    columns, offset = t0*K + col*Lt); otherwise X is one token-contiguous
+    buffer and ``col`` holds element offsets (offset = t0 + col).
+    ``blocked``: 0 = one weight per entry, 1 = blocked-4 entries.
+    ``out_mode``: 0 writes ``y`` as [T, O] (tokens major, a Linear's output),
+    1 as [O, rows, valid_w] (a convolution's NCHW output, see
+    :func:`_unpack_rows_channel_major`). ``nthreads``: the caller's
+    ``numba.get_num_threads()`` (passed in: reading it inside would make the
+    function uncacheable).
+    """
+    bounds = _row_chunks(row_cost, O, nthreads)
+    for c in prange(nthreads):
+        r0 = bounds[c]
+        r1 = bounds[c + 1]
+        if r1 > r0:
+            _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, out_mode, plane, grid_w, valid_w, r0, r1)
+
+
+@njit(parallel=True, **_JIT)
+def linear_forward(x, T, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, XP, YP, y, nthreads):
+    """A whole Linear call in one dispatch: relay X into tiles, multiply, write Y [T, O].
+
+    ``x`` and ``y`` are the flattened [T, K] input and [T, O] output; ``XP``
+    and ``YP`` 64-byte aligned scratch of at least padded_tokens(T) * K and
+    padded_tokens(T) * O floats; ``nthreads`` the caller's Numba thread count.
+    """
+    n_tiles = (T + TILE - 1) // TILE
+    nib = (K + LANES - 1) // LANES
+    for item in prange(n_tiles * nib):
+        tile = item // nib
+        i0 = (item - tile * nib) * LANES
+        t0 = tile * TILE
+        Lt = tile_width(T, t0)
+        for l0 in range(0, Lt, LANES):
+            _pack_block(x, T, K, XP, t0, Lt, i0, l0)
+    bounds = _row_chunks(row_cost, O, nthreads)
+    for c in prange(nthreads):
+        r0 = bounds[c]
+        r1 = bounds[c + 1]
+        if r1 > r0:
+            _spmm_rows(XP, True, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, 0, 0, 1, 1, r0, r1)

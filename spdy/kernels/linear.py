@@ -1,0 +1,263 @@
+"""Linear layers on prepared weights: ``y = x W^T + b`` in one of several formats.
+
+Formats (:data:`FORMATS`):
+
+``dense``
+    torch's dense GEMM (MKL) on the fp32 weight, exactly what an unpruned
+    ``nn.Linear`` runs.
+``csr``
+    unstructured panel-CSR on the Numba kernels of :mod:`spdy.kernels._spmm`.
+``bcsr4``
+    blocked-4: aligned groups of 4 consecutive input weights of one output
+    row are stored (and multiplied) together, one index per group. Exact for
+    any weight (groups with some zeros store explicit zeros); fast only when
+    the pruning mask itself is 4-blocked.
+
+Prepare a weight once at load time (:func:`prepare_linear`), then call the
+result (or :func:`linear`) on activations of shape ``[..., in_features]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+
+from spdy.errors import InvalidInputError
+from spdy.kernels import _spmm
+from spdy.kernels._checks import as_activations, as_bias, as_weight, check_out
+from spdy.kernels._workspace import scratch
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("dense", "csr", "bcsr4")
+"""Every weight format the kernels implement (``"auto"`` picks one of them)."""
+
+PANEL_MIN, PANEL_MAX, PANEL_NNZ = 128, 768, 20
+"""Panel width rule (see :func:`panel_width`)."""
+
+ROW_OVERHEAD = 4
+"""Per-row cost, in nonzeros, used to balance threads (bias, stores, transposition)."""
+
+AUTO_MIN_SPARSITY = 0.0
+"""``auto`` keeps a weight dense below this sparsity (see :func:`choose_format`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SparsePayload:
+    """Kernel-ready arrays of a ``csr`` or ``bcsr4`` weight (see :mod:`spdy.kernels._spmm`)."""
+
+    ptr: np.ndarray  # int32 [n_panels * O + 1]
+    col: np.ndarray  # uint16 or int32 [entries]: column (csr) or column // 4 (bcsr4)
+    val: np.ndarray  # float32 [entries] (csr) or [4 * entries] (bcsr4)
+    row_cost: np.ndarray  # int64 [O + 1], cumulative work per row
+    n_panels: int
+    blocked: int  # 0 = csr, 1 = bcsr4
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedLinear:
+    """A Linear weight prepared once for fast inference; call it on activations.
+
+    Attributes: ``format`` (one of :data:`FORMATS`), ``out_features``,
+    ``in_features``, ``nnz`` (nonzero weights of the original), ``stored``
+    (weights the format multiplies, explicit zeros of blocks included),
+    ``bias`` (fp32 [out], zeros when the layer had none) and ``has_bias``.
+    """
+
+    format: str
+    out_features: int
+    in_features: int
+    nnz: int
+    stored: int
+    bias: np.ndarray
+    has_bias: bool
+    dense: np.ndarray | None = field(default=None, repr=False)
+    sparse: SparsePayload | None = field(default=None, repr=False)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero weights in the original matrix."""
+        total = self.out_features * self.in_features
+        return 1.0 - self.nnz / total if total else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the prepared weight."""
+        n = self.bias.nbytes
+        if self.dense is not None:
+            n += self.dense.nbytes
+        if self.sparse is not None:
+            n += self.sparse.ptr.nbytes + self.sparse.col.nbytes + self.sparse.val.nbytes + self.sparse.row_cost.nbytes
+        return n
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return linear(x, self, out=out)
+
+    def to_dense(self) -> np.ndarray:
+        """The [out, in] fp32 weight this object multiplies by (for checks)."""
+        if self.dense is not None:
+            return self.dense.copy()
+        assert self.sparse is not None
+        s = self.sparse
+        O, K = self.out_features, self.in_features
+        W = np.zeros((O, K + 3), np.float32)
+        for p in range(s.n_panels):
+            for o in range(O):
+                k0, k1 = s.ptr[p * O + o], s.ptr[p * O + o + 1]
+                if s.blocked:
+                    for k in range(k0, k1):
+                        j = int(s.col[k]) * 4
+                        W[o, j : j + 4] = s.val[4 * k : 4 * k + 4]
+                else:
+                    W[o, s.col[k0:k1].astype(np.int64)] = s.val[k0:k1]
+        return W[:, :K].copy()
+
+
+def choose_format(weight: np.ndarray) -> str:
+    """The format ``auto`` uses for this [out, in] weight: deterministic, O(size).
+
+    Rule (from ``scripts/bench_kernels.py`` on the 2-core Zen 5 machines): the
+    ``csr`` kernels beat torch's dense GEMM from AUTO_MIN_SPARSITY on, at every
+    measured shape, token count and thread count; below it the layer stays
+    ``dense``. ``bcsr4`` is chosen when the nonzeros already come in aligned
+    groups of four along the input (no explicit zeros) and ``in_features`` is
+    a multiple of 4, because it then multiplies the same weights with a quarter
+    of the index traffic.
+    """
+    w = np.asarray(weight)
+    total = w.size
+    nnz = int(np.count_nonzero(w))
+    sparsity = 1.0 - nnz / total if total else 0.0
+    if total == 0 or sparsity < AUTO_MIN_SPARSITY or (nnz == total and AUTO_MIN_SPARSITY > 0):
+        return "dense"
+    if w.shape[1] % 4 == 0 and nnz > 0:
+        groups = np.count_nonzero(w.reshape(w.shape[0], -1, 4).any(axis=2))
+        if groups * 4 == nnz:
+            return "bcsr4"
+    return "csr"
+
+
+def panel_width(density: float, in_features: int) -> int:
+    """Input columns per panel for a weight with this fraction of nonzeros.
+
+    A panel of 128 columns x 64 tokens x 4 bytes = 32 KiB of activations stays
+    in L1 while every output row sweeps over it, but each (row, panel) pair
+    costs a load and store of the row's accumulators. Measured optimum (1
+    thread, 128 tokens, 384/1536-wide layers): about 20 nonzeros per row and
+    panel, i.e. 128 columns up to 80% sparsity, 192-256 at 90%, 384 at 95%,
+    768 at 98%.
+    """
+    if density <= 0:
+        return max(1, in_features)
+    p = int(round(PANEL_NNZ / density / 64.0)) * 64
+    return max(1, min(max(PANEL_MIN, min(p, PANEL_MAX)), in_features))
+
+
+def _panel_csr(W: np.ndarray, blocked: bool, panel: int) -> SparsePayload:
+    O, K = W.shape
+    if blocked:
+        if K % 4:
+            raise InvalidInputError(
+                f"format 'bcsr4' needs in_features divisible by 4; got {K}. Use format='csr' or 'auto'."
+            )
+        groups = W.reshape(O, K // 4, 4)
+        rows, cols = np.nonzero(groups.any(axis=2))
+        vals = groups[rows, cols].reshape(-1)
+        per = 4
+        col_of_entry = cols * 4
+    else:
+        rows, cols = np.nonzero(W)
+        vals = W[rows, cols]
+        per = 1
+        col_of_entry = cols
+    n_panels = max(1, -(-K // panel))
+    pan = col_of_entry // panel
+    order = np.lexsort((cols, rows, pan))
+    rows, cols, pan = rows[order], cols[order], pan[order]
+    vals = vals.reshape(-1, per)[order].reshape(-1)
+    counts = np.bincount(pan * O + rows, minlength=n_panels * O)
+    ptr = np.zeros(n_panels * O + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    if ptr[-1] >= 2**31:
+        raise InvalidInputError(f"{ptr[-1]} nonzeros exceed the kernels' int32 index range; split the layer")
+    col_dtype = np.uint16 if K <= 65536 else np.int32
+    row_nnz = np.bincount(rows, minlength=O) * per
+    row_cost = np.zeros(O + 1, np.int64)
+    np.cumsum(row_nnz + ROW_OVERHEAD, out=row_cost[1:])
+    return SparsePayload(
+        ptr=ptr.astype(np.int32),
+        col=np.ascontiguousarray(cols, dtype=col_dtype),
+        val=np.ascontiguousarray(vals, dtype=np.float32),
+        row_cost=row_cost,
+        n_panels=int(n_panels),
+        blocked=int(blocked),
+    )
+
+
+def prepare_linear(weight: Any, bias: Any = None, format: str = "auto", panel: int | None = None) -> PreparedLinear:
+    """Prepare a dense fp32 [out, in] weight (zeros = pruned) once, at load time.
+
+    ``format`` is ``"auto"`` (see :func:`choose_format`) or one of
+    :data:`FORMATS`. ``weight`` and ``bias`` may be numpy arrays or torch
+    tensors; they are copied. ``panel`` overrides :func:`panel_width`.
+    """
+    W = as_weight(weight, 2)
+    O, K = W.shape
+    b, has_bias = as_bias(bias, O)
+    if format == "auto":
+        format = choose_format(W)
+    if format not in FORMATS:
+        raise InvalidInputError(f"unknown format {format!r}; expected 'auto' or one of {FORMATS}")
+    nnz = int(np.count_nonzero(W))
+    if panel is None:
+        panel = panel_width(nnz / W.size if W.size else 0.0, K)
+    if isinstance(panel, bool) or not isinstance(panel, int) or panel < 1:
+        raise InvalidInputError(f"panel must be a positive int; got {panel!r}")
+    if format == "dense":
+        return PreparedLinear("dense", O, K, nnz, O * K, b, has_bias, dense=W)
+    payload = _panel_csr(W, blocked=(format == "bcsr4"), panel=panel)
+    return PreparedLinear(format, O, K, nnz, int(payload.val.size), b, has_bias, sparse=payload)
+
+
+def linear(x: np.ndarray, prepared: PreparedLinear, out: np.ndarray | None = None) -> np.ndarray:
+    """``x W^T + b`` for fp32 ``x`` of shape ``[..., in_features]``; returns ``[..., out_features]``.
+
+    ``out`` (optional) receives the result; it must be a C-contiguous fp32
+    array of the output shape. Runs on the calling thread's thread count
+    (:func:`spdy.kernels.set_num_threads`).
+    """
+    if type(prepared) is not PreparedLinear:
+        raise InvalidInputError(f"prepared must come from prepare_linear(); got {type(prepared).__name__}")
+    K, O = prepared.in_features, prepared.out_features
+    # fast path first: the common call is already fp32, C-contiguous, right width
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim and x.shape[-1] == K):
+        x = as_activations(x, K)
+    lead = x.shape[:-1]
+    y = check_out(out, (*lead, O))
+    T = math.prod(lead)
+    if T == 0 or O == 0:
+        return y
+    x2 = x.reshape(T, K)
+    y2 = y.reshape(T, O)
+    if prepared.dense is not None:
+        xt, yt = torch.from_numpy(x2), torch.from_numpy(y2)
+        wt = torch.from_numpy(prepared.dense)
+        if prepared.has_bias:
+            torch.addmm(torch.from_numpy(prepared.bias), xt, wt.t(), out=yt)
+        else:
+            torch.mm(xt, wt.t(), out=yt)
+        return y
+    s = prepared.sparse
+    assert s is not None
+    Tp = _spmm.padded_tokens_py(T)
+    _spmm.linear_forward(
+        x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
+        scratch(0, Tp * K + 64), scratch(1, Tp * O + 64), y2.reshape(-1), numba.get_num_threads(),
+    )
+    return y

@@ -1,0 +1,64 @@
+"""One thread count for every library that runs a pruned model's layers.
+
+Dense layers and everything between the sparse ones run in torch's OpenMP
+pool; the sparse kernels run in Numba's. Both pools must be sized the same,
+explicitly, or a two-thread run ends up with four busy threads on two cores.
+Measured on these machines: torch's pool and Numba's OpenMP pool alternate
+without slowing each other when both are set to the same count; setting
+``OMP_WAIT_POLICY=PASSIVE`` instead makes both 1.5-60x slower per call (slow
+futex wake-ups in this VM), and Numba's ``workqueue`` layer costs ~100 us per
+parallel call against ~1 us for its ``omp`` layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numba
+import torch
+
+from spdy.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in torch (intra-op) and in the Numba kernels.
+
+    Numba's setting is per calling thread: call this from the thread that
+    runs the model. ``n`` above Numba's pool size (``NUMBA_NUM_THREADS``,
+    default: all cores) is refused.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidInputError(f"threads must be a positive int; got {n!r}. Pass e.g. 1 or 2.")
+    limit = numba.config.NUMBA_NUM_THREADS
+    if n > limit:
+        raise InvalidInputError(
+            f"threads={n} exceeds Numba's pool of {limit} threads; "
+            f"pass threads <= {limit} or start Python with NUMBA_NUM_THREADS={n}."
+        )
+    torch.set_num_threads(n)
+    numba.set_num_threads(n)
+    if n > available_cores():
+        log.warning("threads=%d but only %d cores are available: the threads will contend", n, available_cores())
+
+
+def get_num_threads() -> int:
+    """The Numba thread count of the calling thread (what the sparse kernels use)."""
+    return int(numba.get_num_threads())
+
+
+def threading_layer() -> str:
+    """Numba's threading layer after the first parallel kernel ran (``omp``, ``tbb`` or ``workqueue``)."""
+    try:
+        return str(numba.threading_layer())
+    except ValueError:  # no parallel kernel has run yet
+        return "not started"
