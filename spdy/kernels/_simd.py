@@ -147,3 +147,52 @@ def transpose16(typingctx, src, src_off, src_stride, dst, dst_off, dst_stride): 
         return context.get_dummy_value()
 
     return types.none(src, src_off, src_stride, dst, dst_off, dst_stride), codegen
+
+
+@intrinsic
+def copy_n(typingctx, dst, dst_off, src, src_off, n):  # noqa: ANN001, ANN201
+    """``dst[dst_off:dst_off+n] = src[src_off:src_off+n]`` as one memcpy (no overlap)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        d = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        s_ = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+        count = context.cast(builder, args[4], sig.args[4], types.int64)
+        itemsize = ir.Constant(_I64, sig.args[0].dtype.bitwidth // 8)
+        cgutils.raw_memcpy(builder, d, s_, count, itemsize)
+        return context.get_dummy_value()
+
+    return types.none(dst, dst_off, src, src_off, n), codegen
+
+
+@intrinsic
+def zero_n(typingctx, dst, dst_off, n):  # noqa: ANN001, ANN201
+    """``dst[dst_off:dst_off+n] = 0`` as one memset."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        d = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        count = context.cast(builder, args[2], sig.args[2], types.int64)
+        nbytes = builder.mul(count, ir.Constant(_I64, sig.args[0].dtype.bitwidth // 8))
+        cgutils.memset(builder, d, nbytes, 0)
+        return context.get_dummy_value()
+
+    return types.none(dst, dst_off, n), codegen
+
+
+@intrinsic
+def deinterleave2(typingctx, src, src_off, dst0, off0, dst1, off1):  # noqa: ANN001, ANN201
+    """Split 32 consecutive floats ``src[src_off:src_off+32]`` into the 16 even ones
+    (to ``dst0[off0:off0+16]``) and the 16 odd ones (to ``dst1[off1:off1+16]``)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        so = context.cast(builder, args[1], sig.args[1], types.int64)
+        v0 = builder.load(_vec_ptr(context, builder, sig.args[0], args[0], so, types.int64), align=4)
+        so16 = builder.add(so, ir.Constant(_I64, LANES))
+        v1 = builder.load(_vec_ptr(context, builder, sig.args[0], args[0], so16, types.int64), align=4)
+        mask = ir.VectorType(_I32, LANES)
+        even = builder.shuffle_vector(v0, v1, ir.Constant(mask, [2 * j for j in range(LANES)]))
+        odd = builder.shuffle_vector(v0, v1, ir.Constant(mask, [2 * j + 1 for j in range(LANES)]))
+        builder.store(even, _vec_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3]), align=4)
+        builder.store(odd, _vec_ptr(context, builder, sig.args[4], args[4], args[5], sig.args[5]), align=4)
+        return context.get_dummy_value()
+
+    return types.none(src, src_off, dst0, off0, dst1, off1), codegen

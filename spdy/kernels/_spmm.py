@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from spdy.kernels._simd import ld, transpose16, vbroadcast, vfma, vload, vstore
+from spdy.kernels._simd import copy_n, ld, transpose16, vbroadcast, vfma, vload, vstore
 
 TILE = 64  # tokens per full register tile: 4 vectors of 16 lanes
 LANES = 16
@@ -256,15 +256,23 @@ def _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, vali
     """Y[o, token] for a conv: token ``t`` is pixel (t // grid_w, t % grid_w) of the output
     grid; columns >= valid_w are padding and dropped; y[o * plane + row * valid_w + col]."""
     nl = min(Lt, T - t0)
+    r_start = t0 // grid_w
+    c_start = t0 - r_start * grid_w
     for o in range(r0, r1):
         src = yb + o * Lt
         dst = o * plane
-        for l in range(nl):
-            t = t0 + l
-            r = t // grid_w
-            c = t - r * grid_w
-            if c < valid_w:
-                y[dst + r * valid_w + c] = YP[src + l]
+        r = r_start
+        c = c_start
+        l = 0
+        while l < nl:
+            run = min(nl - l, grid_w - c)
+            keep = min(run, max(0, valid_w - c))
+            d = dst + r * valid_w + c
+            if keep > 0:
+                copy_n(y, d, YP, src + l, keep)
+            l += run
+            r += 1
+            c = 0
 
 
 @njit(**_JIT)
@@ -290,7 +298,10 @@ def _tile64(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
         pp = p * O
         first = p == 0
         for o in range(r0, r1):
-            _row64(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+            k0 = ld(ptr, pp + o)
+            k1 = ld(ptr, pp + o + 1)
+            if first or k1 > k0:
+                _row64(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
 
 
 @njit(**_JIT)
@@ -299,7 +310,10 @@ def _tile32(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
         pp = p * O
         first = p == 0
         for o in range(r0, r1):
-            _row32(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+            k0 = ld(ptr, pp + o)
+            k1 = ld(ptr, pp + o + 1)
+            if first or k1 > k0:
+                _row32(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
 
 
 @njit(**_JIT)
@@ -308,7 +322,10 @@ def _tile16(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
         pp = p * O
         first = p == 0
         for o in range(r0, r1):
-            _row16(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+            k0 = ld(ptr, pp + o)
+            k1 = ld(ptr, pp + o + 1)
+            if first or k1 > k0:
+                _row16(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
 
 
 @njit(**_JIT)
@@ -317,7 +334,10 @@ def _tile64_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
         pp = p * O
         first = p == 0
         for o in range(r0, r1):
-            _row64_b4(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+            k0 = ld(ptr, pp + o)
+            k1 = ld(ptr, pp + o + 1)
+            if first or k1 > k0:
+                _row64_b4(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
 
 
 @njit(**_JIT)
@@ -326,7 +346,10 @@ def _tile32_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
         pp = p * O
         first = p == 0
         for o in range(r0, r1):
-            _row32_b4(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+            k0 = ld(ptr, pp + o)
+            k1 = ld(ptr, pp + o + 1)
+            if first or k1 > k0:
+                _row32_b4(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
 
 
 @njit(**_JIT)
@@ -335,7 +358,10 @@ def _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
         pp = p * O
         first = p == 0
         for o in range(r0, r1):
-            _row16_b4(col, val, ld(ptr, pp + o), ld(ptr, pp + o + 1), mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
+            k0 = ld(ptr, pp + o)
+            k1 = ld(ptr, pp + o + 1)
+            if first or k1 > k0:
+                _row16_b4(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, first, ld(bias, o))
 
 
 @njit(**_JIT)

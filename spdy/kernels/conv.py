@@ -1,0 +1,260 @@
+"""Conv2d on prepared weights (zero padding, groups=1 for the sparse formats).
+
+Formats: ``dense`` (torch's conv2d, what an unpruned ``nn.Conv2d`` runs) and
+``csr`` (the Numba kernels of :mod:`spdy.kernels._conv`: implicit GEMM without
+im2col, strides handled by splitting the input into stride phases). ``bcsr4`` is not
+offered for convolutions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+
+from spdy.errors import InvalidInputError
+from spdy.kernels import _conv, _spmm
+from spdy.kernels._checks import as_bias, as_weight, check_out
+from spdy.kernels._workspace import scratch
+from spdy.kernels.linear import AUTO_MIN_SPARSITY, ROW_OVERHEAD, panel_width
+
+log = logging.getLogger(__name__)
+
+CONV_FORMATS: tuple[str, ...] = ("dense", "csr")
+"""Formats a Conv2d can be prepared in."""
+
+L1_PANEL_BYTES = 32 * 1024
+_CACHE_SIZE = 8
+
+
+def _pair(v: Any, what: str) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        a, b = v
+    elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        a = b = v
+    else:
+        raise InvalidInputError(f"{what} must be an int or a pair of ints; got {v!r}")
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, np.integer)) or not isinstance(b, (int, np.integer)):
+        raise InvalidInputError(f"{what} must be an int or a pair of ints; got {v!r}")
+    return int(a), int(b)
+
+
+@dataclass(frozen=True, eq=False)
+class _Triplets:
+    """Nonzeros of the [O, C, kh, kw] weight in (row, c, dy, dx, value) form."""
+
+    o: np.ndarray
+    c: np.ndarray
+    dy: np.ndarray
+    dx: np.ndarray
+    v: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class _ConvPlan:
+    ptr: np.ndarray
+    col: np.ndarray
+    val: np.ndarray
+    row_cost: np.ndarray
+    n_panels: int
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedConv2d:
+    """A Conv2d weight prepared once for fast inference; call it on [N, C, H, W] fp32 arrays."""
+
+    format: str
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    nnz: int
+    bias: np.ndarray
+    has_bias: bool
+    dense: np.ndarray | None = field(default=None, repr=False)
+    triplets: _Triplets | None = field(default=None, repr=False)
+    _plans: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def sparsity(self) -> float:
+        total = self.out_channels * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def output_size(self, H: int, W: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return conv2d(x, self, out=out)
+
+    def _plan(self, H: int, W: int) -> _ConvPlan:
+        """Kernel-ready arrays for inputs of spatial size (H, W), built once per size."""
+        key = (H, W)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = _build_plan(self, H, W)
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > _CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
+
+
+def _geometry(p: "PreparedConv2d", H: int, W: int) -> tuple[int, int, int, int]:
+    """(Hq, Wq, Ho, Wo): phase-plane size and output size for an H x W input."""
+    (sh, sw), (ph, pw) = p.stride, p.padding
+    Hq = -(-(H + 2 * ph) // sh)
+    Wq = -(-(W + 2 * pw) // sw)
+    Ho, Wo = p.output_size(H, W)
+    return Hq, Wq, Ho, Wo
+
+
+def _build_plan(p: PreparedConv2d, H: int, W: int) -> _ConvPlan:
+    t = p.triplets
+    assert t is not None
+    O, C = p.out_channels, p.in_channels
+    (kh, kw), (sh, sw), (dh, dw) = p.kernel_size, p.stride, p.dilation
+    Hq, Wq, _, _ = _geometry(p, H, W)
+    K = C * kh * kw
+    density = p.nnz / (O * K) if O * K else 0.0
+    ey, ex = t.dy * dh, t.dx * dw
+    phase = (ey % sh) * sw + ex % sw
+    key = ((phase * C + t.c) * Hq + ey // sh) * Wq + ex // sw
+    if key.size and key.max() + Hq * Wq >= 2**31:
+        raise InvalidInputError(f"input of {C}x{H}x{W} is too large for the int32 offsets of the conv kernel")
+    # channels per panel: the activations one token tile of a channel touches
+    # (all phases and taps) should fit L1 together with the other channels
+    span = 4 * sh * sw * (_spmm.TILE + (dh * (kh - 1) // sh) * Wq + dw * (kw - 1) // sw)
+    per_panel = max(1, L1_PANEL_BYTES // span, panel_width(density, K) // (kh * kw))
+    n_panels = max(1, -(-C // per_panel))
+    pan = t.c // per_panel
+    order = np.lexsort((key, t.o, pan))
+    counts = np.bincount(pan[order] * O + t.o[order], minlength=n_panels * O)
+    ptr = np.zeros(n_panels * O + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    row_cost = np.zeros(O + 1, np.int64)
+    np.cumsum(np.bincount(t.o, minlength=O) + ROW_OVERHEAD, out=row_cost[1:])
+    return _ConvPlan(
+        ptr=ptr.astype(np.int32),
+        col=np.ascontiguousarray(key[order], dtype=np.int32),
+        val=np.ascontiguousarray(t.v[order], dtype=np.float32),
+        row_cost=row_cost,
+        n_panels=int(n_panels),
+    )
+
+
+def choose_conv_format(weight: np.ndarray, groups: int = 1) -> str:
+    """The format ``auto`` uses for a [O, C/groups, kh, kw] weight (same sparsity rule as Linear)."""
+    w = np.asarray(weight)
+    if groups != 1 or w.size == 0:
+        return "dense"
+    sparsity = 1.0 - np.count_nonzero(w) / w.size
+    return "csr" if sparsity >= AUTO_MIN_SPARSITY else "dense"
+
+
+def prepare_conv2d(
+    weight: Any,
+    bias: Any = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    format: str = "auto",
+) -> PreparedConv2d:
+    """Prepare a dense fp32 [O, C/groups, kh, kw] conv weight (zeros = pruned) once.
+
+    ``padding`` is an int or pair (zero padding) or ``"valid"``/``"same"``
+    (``"same"`` only for odd effective kernel sizes). ``format``: ``"auto"``
+    or one of :data:`CONV_FORMATS`; the sparse format needs ``groups == 1``.
+    """
+    Wt = as_weight(weight, 4)
+    O, Cg, kh, kw = Wt.shape
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise InvalidInputError(f"groups must be a positive int; got {groups!r}")
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    if min(sh, sw, dh, dw) < 1 or kh < 1 or kw < 1:
+        raise InvalidInputError(f"stride, dilation and kernel size must be >= 1; got stride {stride}, dilation {dilation}, kernel {kh}x{kw}")
+    if padding == "valid":
+        ph = pw = 0
+    elif padding == "same":
+        if (dh * (kh - 1)) % 2 or (dw * (kw - 1)) % 2 or (sh, sw) != (1, 1):
+            raise InvalidInputError(
+                "padding='same' needs stride 1 and an odd effective kernel size; pass explicit padding instead"
+            )
+        ph, pw = dh * (kh - 1) // 2, dw * (kw - 1) // 2
+    else:
+        ph, pw = _pair(padding, "padding")
+        if min(ph, pw) < 0:
+            raise InvalidInputError(f"padding must be >= 0; got {padding}")
+    b, has_bias = as_bias(bias, O)
+    if format == "auto":
+        format = choose_conv_format(Wt, groups)
+    if format not in CONV_FORMATS:
+        raise InvalidInputError(f"unknown conv format {format!r}; expected 'auto' or one of {CONV_FORMATS}")
+    nnz = int(np.count_nonzero(Wt))
+    common = dict(
+        out_channels=O, in_channels=Cg * groups, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw),
+        dilation=(dh, dw), groups=int(groups), nnz=nnz, bias=b, has_bias=has_bias,
+    )
+    if format == "dense":
+        return PreparedConv2d(format="dense", dense=Wt, **common)
+    if groups != 1:
+        raise InvalidInputError(f"format {format!r} supports groups=1 only; got groups={groups}. Use format='dense'.")
+    o, c, dy, dx = np.nonzero(Wt)
+    trip = _Triplets(o=o.astype(np.int64), c=c.astype(np.int64), dy=dy.astype(np.int64), dx=dx.astype(np.int64), v=Wt[o, c, dy, dx])
+    return PreparedConv2d(format=format, triplets=trip, **common)
+
+
+def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = None) -> np.ndarray:
+    """The convolution of fp32 ``x`` [N, C, H, W] (or [C, H, W]); returns [N, O, Ho, Wo] (or [O, Ho, Wo])."""
+    if type(prepared) is not PreparedConv2d:
+        raise InvalidInputError(f"prepared must come from prepare_conv2d(); got {type(prepared).__name__}")
+    if not isinstance(x, np.ndarray) or x.ndim not in (3, 4) or x.shape[-3] != prepared.in_channels:
+        got = getattr(x, "shape", type(x).__name__)
+        raise InvalidInputError(f"x must be a numpy array [N, {prepared.in_channels}, H, W] or [{prepared.in_channels}, H, W]; got {got}")
+    if x.dtype.kind not in "fiu":
+        raise InvalidInputError(f"x must be numeric (it is converted to float32); got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    squeeze = x.ndim == 3
+    x4 = x[None] if squeeze else x
+    N, C, H, W = x4.shape
+    Ho, Wo = prepared.output_size(H, W)
+    if Ho < 1 or Wo < 1:
+        raise InvalidInputError(f"input {H}x{W} is smaller than the kernel {prepared.kernel_size} with padding {prepared.padding}")
+    O = prepared.out_channels
+    shape = (O, Ho, Wo) if squeeze else (N, O, Ho, Wo)
+    y = check_out(out, shape)
+    if N == 0 or O == 0:
+        return y
+    if prepared.dense is not None:
+        res = torch.nn.functional.conv2d(
+            torch.from_numpy(x4), torch.from_numpy(prepared.dense),
+            torch.from_numpy(prepared.bias) if prepared.has_bias else None,
+            prepared.stride, prepared.padding, prepared.dilation, prepared.groups,
+        )
+        y.reshape(N, O, Ho, Wo)[...] = res.numpy()
+        return y
+    (sh, sw), (ph, pw) = prepared.stride, prepared.padding
+    plan = prepared._plan(H, W)
+    Hq, Wq, _, _ = _geometry(prepared, H, W)
+    Tp = _spmm.padded_tokens_py(Ho * Wq)
+    _conv.conv_implicit(
+        x4.reshape(-1), N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, plan.ptr, plan.n_panels, plan.col, plan.val,
+        prepared.bias, plan.row_cost, scratch(0, sh * sw * C * Hq * Wq + _spmm.TILE + Wq), scratch(1, Tp * O + 64),
+        y.reshape(-1), numba.get_num_threads(),
+    )
+    return y
