@@ -1,0 +1,373 @@
+"""Layer-wise reconstruction at every sparsity level of a grid.
+
+Every method takes a layer's weight as a GEMM operand ``W`` of shape
+``(out, in)`` (a Conv2d weight flattened to ``(out, in*kh*kw)``), the Hessian
+``H = sum_x x^T x`` of its inputs (float64, ``(in, in)``) and the target
+sparsities, and returns the pruned weight ``What`` at every level together with
+its prune mask and its relative reconstruction error
+
+    err = ||X W^T - X What^T||^2 / ||X W^T||^2 = tr(D H D^T) / tr(W H W^T),  D = W - What,
+
+computed from ``H`` alone (no activations are kept).
+
+Methods
+-------
+``obs`` (default)
+    SparseGPT (Frantar & Alistarh 2023, Algorithm 1) run at every level at once.
+    ``H`` is damped (``damp * mean(diag H)`` on the diagonal); the upper Cholesky
+    factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) is computed once per layer and
+    shared by all levels: the rows of all levels are stacked and swept together,
+    column by column, with the OBS update ``W[:, j>i] -= (w_i - q_i) / U_ii * U_i,j``.
+    Masks are chosen adaptively per block of ``blocksize`` columns from the OBS
+    saliency ``w^2 / U_ii^2`` (``U_ii^2 = [H_F^-1]_ii`` over the not-yet-swept
+    columns F) of the partially updated weights; the zeros of each level are
+    split across blocks by largest remainder, so every level has exactly
+    ``round(s * numel)`` zeros.
+``exact``
+    The masks of ``obs``, then the least-squares optimum for each row over its
+    kept inputs K: ``H[K, K] w_K = (H w0)_K`` (the normal equations of
+    ``min ||X w0^T - X[:, K] w_K^T||``), solved directly with batched Cholesky in
+    float64. Its error is therefore never above ``obs``'s (up to rounding).
+    ``damp`` defaults to 0 here: the plain least-squares solution.
+``magnitude``
+    The ``round(s * numel)`` smallest ``|w|`` of the layer are zeroed; no refit.
+
+Dead inputs (a zero diagonal entry of ``H``: the input is always 0) get diagonal
+1 before damping, as in SparseGPT; their weights are pruned first (they cannot
+change the output) and, in ``exact`` mode, kept ones keep their value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from spdy.database._sweep import sweep_block
+from spdy.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("obs", "exact", "magnitude")
+DEFAULT_DAMP = {"obs": 0.01, "exact": 0.0, "magnitude": 0.0}
+
+
+@dataclass
+class Reconstruction:
+    """All levels of one layer: ``weights[s]`` is the pruned ``W`` at ``sparsities[s]``."""
+
+    weights: torch.Tensor  # [S, out, in] float32
+    pruned: torch.Tensor  # [S, out, in] bool, True where the weight is pruned
+    errors: np.ndarray  # [S] float64 relative reconstruction errors
+
+
+@contextlib.contextmanager
+def _numba_threads_like_torch() -> Iterator[None]:
+    """Run the Numba sweep with torch's thread count (one thread budget for both pools)."""
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    before = numba.get_num_threads()
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def zeros_per_level(sparsities: np.ndarray, numel: int) -> np.ndarray:
+    """The exact number of zeros of each level: ``round(s * numel)``."""
+    return np.rint(np.asarray(sparsities, dtype=np.float64) * numel).astype(np.int64)
+
+
+def _largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
+    """Split ``total`` into integer parts proportional to ``sizes`` that sum to ``total``."""
+    quota = total * sizes / sizes.sum()
+    base = np.floor(quota).astype(np.int64)
+    rest = int(total - base.sum())
+    if rest:
+        order = np.argsort(-(quota - base), kind="stable")
+        base[order[:rest]] += 1
+    return np.minimum(base, sizes.astype(np.int64))
+
+
+def _check(W: torch.Tensor, H: torch.Tensor | None, sparsities: np.ndarray) -> None:
+    if W.ndim != 2:
+        raise InvalidInputError(f"W must be a 2-D (out, in) matrix; got shape {tuple(W.shape)}")
+    if H is not None and tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise InvalidInputError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}; got {tuple(H.shape)}")
+    s = np.asarray(sparsities, dtype=np.float64)
+    if s.ndim != 1 or np.any(s < 0) or np.any(s >= 1):
+        raise InvalidInputError(f"sparsities must be a 1-D list in [0, 1); got {s!r}")
+
+
+def damped_hessian(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``Hd``: ``H`` with dead inputs' diagonal set to 1, plus ``λ = damp * mean(diag)`` on the
+    diagonal; also the dead-input mask and ``λ``."""
+    Hd = H.to(torch.float64).clone()
+    diag = torch.diagonal(Hd)
+    dead = diag == 0
+    diag[dead] = 1.0
+    lam = 0.0
+    if damp > 0:
+        lam = float(damp * diag.mean())
+        diag += lam
+    return Hd, dead, lam
+
+
+def upper_cholesky_of_inverse(Hd: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Upper-triangular ``U`` with ``U^T U = Hd^-1``, without forming the inverse.
+
+    With ``J`` the reversal permutation and ``J Hd J = L L^T``: ``Hd^-1 = (J L^-T J)(J L^-1 J)``,
+    so ``U = J L^-1 J`` (one Cholesky and one triangular inverse). A matrix that is not
+    positive definite gets more damping (logged) until it is; that extra diagonal is returned
+    with ``U``.
+    """
+    n = Hd.shape[0]
+    flipped = torch.flip(Hd, (0, 1))
+    eye = torch.eye(n, dtype=Hd.dtype)
+    jitter = 0.0
+    scale = float(torch.diagonal(Hd).mean())
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(flipped + jitter * eye if jitter else flipped)
+        if int(info) == 0:
+            break
+        jitter = scale * (1e-8 if jitter == 0 else jitter / scale * 10)
+        log.warning("H is not positive definite; adding %.3g to its diagonal", jitter)
+    else:
+        raise InvalidInputError("H is not positive definite even with heavy damping; is it finite and symmetric?")
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return torch.flip(Linv, (0, 1)), jitter
+
+
+def relative_errors(W: torch.Tensor, weights: torch.Tensor, H: torch.Tensor, chunk_bytes: int = 256 << 20) -> np.ndarray:
+    """``tr(D_s H D_s^T) / tr(W H W^T)`` for every level ``s`` (``D_s = W - weights[s]``).
+
+    Computed in float32 on ``H`` scaled to unit mean diagonal (float64 for small layers).
+    """
+    out, d = W.shape
+    small = weights.numel() * d <= 50_000_000
+    dt = torch.float64 if small else torch.float32
+    scale = float(torch.diagonal(H).mean()) or 1.0
+    Hs = (H.to(torch.float64) / scale).to(dt)
+    W0 = W.to(dt)
+    denom = float(((W0 @ Hs) * W0).sum())
+    S = weights.shape[0]
+    per = max(1, int(chunk_bytes // max(1, out * d * (4 if dt == torch.float32 else 8) * 3)))
+    errs = np.empty(S, dtype=np.float64)
+    for s0 in range(0, S, per):
+        D = (W0.unsqueeze(0) - weights[s0 : s0 + per].to(dt)).reshape(-1, d)
+        num = ((D @ Hs) * D).reshape(-1, out * d).sum(1, dtype=torch.float64)
+        errs[s0 : s0 + per] = num.numpy()
+    if denom <= 0:
+        # X W^T is zero on the calibration data: any pruning is "exact"
+        return np.zeros(S) if not np.any(errs > 0) else np.full(S, np.inf)
+    return np.maximum(errs / denom, 0.0)
+
+
+def magnitude(W: torch.Tensor, sparsities: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the ``round(s * numel)`` smallest ``|w|`` per level (nested masks); no refit."""
+    _check(W, None, sparsities)
+    out, d = W.shape
+    Z = zeros_per_level(sparsities, out * d)
+    order = torch.argsort(W.abs().reshape(-1), stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    ranks = rank.view(out, d)
+    pruned = torch.stack([ranks < int(z) for z in Z])
+    weights = W.float().unsqueeze(0).masked_fill(pruned, 0.0)
+    return weights, pruned
+
+
+def obs(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsities: np.ndarray,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """SparseGPT's column sweep with adaptive OBS masks at every level at once (see module doc).
+
+    Returns ``(weights [S, out, in] float32, pruned [S, out, in] bool, errors [S])``. Level
+    ``s == 0`` returns ``W`` unchanged. The errors come from the sweep itself: the OBS loss
+    increments ``e_i^2`` add up to ``D Hd D^T`` exactly, and with ``Hd = H + c I + diag(dead)``
+    the true ``D H D^T = sum e^2 - c ||D||^2 - ||D_dead||^2`` (no extra ``S x out x in^2`` GEMM).
+    """
+    _check(W, H, sparsities)
+    sp = np.asarray(sparsities, dtype=np.float64)
+    out, d = W.shape
+    S = len(sp)
+    W32 = W.detach().to(torch.float32)
+    weights = W32.unsqueeze(0).repeat(S, 1, 1)
+    pruned = torch.zeros((S, out, d), dtype=torch.bool)
+    errors = np.zeros(S, dtype=np.float64)
+    active = np.flatnonzero(sp > 0)
+    if len(active) == 0:
+        return weights, pruned, errors
+    A = len(active)
+    Hd, dead, lam = damped_hessian(H, damp)
+    U, jitter = upper_cholesky_of_inverse(Hd)
+    U = U.to(torch.float32)
+    shift = lam + jitter  # Hd (as factored) = H + shift * I + diag(dead)
+    dead_np = dead.numpy()
+
+    Z = zeros_per_level(sp[active], out * d)
+    nblocks = math.ceil(d / blocksize)
+    block_sizes = np.array([out * (min(d, (b + 1) * blocksize) - b * blocksize) for b in range(nblocks)], dtype=np.float64)
+    Zb = np.stack([_largest_remainder(int(z), block_sizes) for z in Z])  # [A, nblocks]
+
+    # Transposed layout: column i of every row of every level is the contiguous row WT[i].
+    WT = W32.t().contiguous().repeat(1, A)  # [d, A*out]
+    MT = torch.zeros((d, A * out), dtype=torch.bool)
+    loss = np.zeros(A * out, dtype=np.float64)
+    for b in range(nblocks):
+        i1, i2 = b * blocksize, min(d, (b + 1) * blocksize)
+        n = i2 - i1
+        W1 = WT[i1:i2]
+        U1 = U[i1:i2, i1:i2]
+        # Adaptive mask for this block: the Zb smallest saliencies w^2 / U_ii^2 per level.
+        sal = (W1.square() / torch.diagonal(U1).square().unsqueeze(1)).numpy()
+        sal = sal.reshape(n, A, out)
+        sal[dead_np[i1:i2]] = -1.0  # dead inputs go first
+        M1 = np.zeros((n, A, out), dtype=bool)
+        for a in range(A):
+            k = int(Zb[a, b])
+            if k <= 0:
+                continue
+            flat = np.ascontiguousarray(sal[:, a, :]).reshape(-1)
+            if k >= flat.size:
+                M1[:, a, :] = True
+                continue
+            idx = np.argpartition(flat, k - 1)[:k]
+            m = np.zeros(flat.size, dtype=bool)
+            m[idx] = True
+            M1[:, a, :] = m.reshape(n, out)
+        M1t = torch.from_numpy(M1.reshape(n, A * out))
+        MT[i1:i2] = M1t
+        E1 = torch.empty((n, A * out), dtype=torch.float32)
+        # Sweep the block's columns (numba; rows in parallel, see _sweep.py)
+        with _numba_threads_like_torch():
+            sweep_block(W1.numpy(), M1t.numpy(), U1.contiguous().numpy(), E1.numpy(), loss)
+        if i2 < d:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+
+    # Pruned weights are exactly zero (masked_fill above); back to [A, out, d].
+    weights[active] = WT.view(d, A, out).permute(1, 2, 0)
+    pruned[active] = MT.view(d, A, out).permute(1, 2, 0)
+
+    # True reconstruction error from the damped sweep loss (see the docstring).
+    D = W32.unsqueeze(0) - weights[active]  # [A, out, d]
+    sq = D.square().sum((1, 2), dtype=torch.float64).numpy()
+    sq_dead = D[:, :, dead].square().sum((1, 2), dtype=torch.float64).numpy() if bool(dead.any()) else 0.0
+    num = loss.reshape(A, out).sum(1) - shift * sq - sq_dead
+    W64 = W.detach().to(torch.float64)
+    denom = float(((W64 @ H.to(torch.float64)) * W64).sum())
+    errors[active] = np.maximum(num / denom, 0.0) if denom > 0 else (np.where(num > 0, np.inf, 0.0))
+    return weights, pruned, errors
+
+
+def exact(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pruned: torch.Tensor,
+    damp: float = 0.0,
+    chunk_bytes: int = 192 << 20,
+) -> torch.Tensor:
+    """Per-row least squares over the kept weights for given masks ``pruned [S, out, in]``.
+
+    Row ``r`` of level ``s`` with kept inputs ``K`` solves ``(H_KK + λI) w_K = (H w0)_K``
+    (``λ = damp * mean(diag H)``; dead inputs get diagonal 1 so their kept weights stay
+    as they are). Systems of similar size are batched (padded with identity rows) and
+    solved by Cholesky in float64; a singular system falls back to ``lstsq``.
+    """
+    if pruned.ndim != 3 or tuple(pruned.shape[1:]) != tuple(W.shape):
+        raise InvalidInputError(f"masks must be [levels, {W.shape[0]}, {W.shape[1]}]; got {tuple(pruned.shape)}")
+    S, out, d = pruned.shape
+    Hd, _dead, _lam = damped_hessian(H, damp)
+    W64 = W.detach().to(torch.float64)
+    # Right-hand sides (Hd w0) for every row. A dead input has 1 on its diagonal and 0 elsewhere
+    # in Hd, so G_dead = w0_dead: a kept dead weight keeps its value.
+    G = W64 @ Hd  # [out, d]
+    result = W.detach().to(torch.float32).unsqueeze(0).repeat(S, 1, 1)
+    keep = ~pruned
+    k_all = keep.sum(-1).reshape(-1).numpy()  # kept weights per row, rows of all levels stacked
+    order = np.argsort(k_all, kind="stable")
+    ks_sorted = k_all[order]
+    keep_flat = keep.reshape(S * out, d)
+    row_of = torch.arange(out).repeat(S)  # row of W for each stacked row
+    flat_result = result.view(S * out, d)
+    kmax_all = int(ks_sorted[-1])
+    # Padding: system slot j >= k of a row points at column d + j of an augmented Hd whose
+    # extra block is the identity (and of G, whose extra columns are 0), so padded systems
+    # read as [[H_KK, 0], [0, I]] [w_K; 0] = [g_K; 0] without any masking.
+    Ha = torch.zeros((d + kmax_all, d + kmax_all), dtype=torch.float64)
+    Ha[:d, :d] = Hd
+    Ha.diagonal()[d:] = 1.0
+    Ga = torch.zeros((out, d + kmax_all), dtype=torch.float64)
+    Ga[:, :d] = G
+    Ha_flat = Ha.reshape(-1)
+    width = d + kmax_all
+    pos = 0
+    n_rows = S * out
+    while pos < n_rows:
+        # as many rows (sorted by k) as fit the memory budget at the largest k among them
+        cost = np.arange(1, n_rows - pos + 1) * 8.0 * np.maximum(ks_sorted[pos:], 1).astype(np.float64) ** 2
+        end = pos + max(1, int(np.searchsorted(cost, chunk_bytes, side="right")))
+        kmax = int(ks_sorted[end - 1])
+        rows = torch.from_numpy(order[pos:end])
+        pos = end
+        if kmax == 0:
+            continue  # every weight of these rows is pruned
+        kr = keep_flat[rows]  # [n, d]
+        ks = kr.sum(1)
+        # kept columns in ascending order, then the padding columns d + j
+        slot = torch.arange(kmax).unsqueeze(0)
+        pad = slot >= ks.unsqueeze(1)
+        idx = torch.argsort((~kr).to(torch.int8), dim=1, stable=True)[:, :kmax]
+        idx = torch.where(pad, d + slot, idx)
+        A = torch.take(Ha_flat, idx.unsqueeze(2) * width + idx.unsqueeze(1))  # [n, kmax, kmax]
+        b = torch.gather(Ga[row_of[rows]], 1, idx)  # [n, kmax]
+        Lc, info = torch.linalg.cholesky_ex(A)
+        x = torch.cholesky_solve(b.unsqueeze(2), Lc).squeeze(2)
+        bad = torch.nonzero(info != 0).flatten()
+        if len(bad):
+            log.debug("%d singular least-squares systems: solving them with lstsq", len(bad))
+            x[bad] = torch.linalg.lstsq(A[bad], b[bad].unsqueeze(2), driver="gelsd").solution.squeeze(2)
+        new = torch.zeros((len(rows), width), dtype=torch.float32)
+        new.scatter_(1, idx, x.to(torch.float32))
+        flat_result[rows] = new[:, :d]
+    return result.masked_fill(pruned, 0.0)
+
+
+def reconstruct(
+    method: str,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsities: np.ndarray,
+    damp: float | None = None,
+    blocksize: int = 128,
+) -> Reconstruction:
+    """Every level of one layer with ``method`` (``obs``, ``exact`` or ``magnitude``) and its errors."""
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown reconstruction method {method!r}; expected one of {', '.join(METHODS)}")
+    _check(W, H, sparsities)
+    if damp is None:
+        damp = DEFAULT_DAMP[method]
+    if not (math.isfinite(damp) and damp >= 0):
+        raise InvalidInputError(f"damp must be a finite number >= 0 (a fraction of the mean diagonal of H); got {damp!r}")
+    W = W.detach().to(torch.float32)
+    sp = np.asarray(sparsities, dtype=np.float64)
+    if method == "magnitude":
+        weights, pruned = magnitude(W, sp)
+        errors = relative_errors(W, weights, H)
+    else:
+        weights, pruned, errors = obs(W, H, sp, damp=damp if method == "obs" else DEFAULT_DAMP["obs"], blocksize=blocksize)
+        if method == "exact":
+            sparse = torch.from_numpy(sp > 0)
+            weights[sparse] = exact(W, H, pruned[sparse], damp=damp)
+            errors = relative_errors(W, weights, H)
+    return Reconstruction(weights=weights, pruned=pruned, errors=errors)
