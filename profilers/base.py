@@ -1,0 +1,546 @@
+"""The latency backend interface and the one timing discipline every backend shares.
+
+A backend knows how to *run* things in its runtime: one prunable layer in one
+kernel format on the layer's real input shape (:meth:`Backend.layer_runner`), and
+the whole model with each prunable layer in a chosen format, or replaced by a
+zero-cost stand-in (:meth:`Backend.model_runner`). It never times anything itself:
+:meth:`Backend.measure` owns warm-up, repeats, interleaving, stopping, median and
+spread, so that backends cannot diverge. A backend only says how to read its clock
+(:meth:`Backend._sample`; CUDA events on the GPU, ``perf_counter`` elsewhere).
+
+Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfalls"):
+
+* thread counts are fixed once, when the backend is made, and recorded;
+* every runner is warmed up; calls shorter than ``min_sample_s`` are batched
+  so that one sample lasts at least that long;
+* the runners being compared are *interleaved*, round by round, so that a slow
+  spell of the machine (another process, frequency changes) hits all of them alike;
+* each runner is sampled until the confidence interval of its median is within
+  ``target_ci`` (relative), or ``max_repeats`` samples, or ``max_seconds`` spent;
+* a runner that clearly loses to a rival (another format for the same level) is
+  dropped early (``race_ratio``): only the fastest format's time is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
+
+import numpy as np
+
+from spdy.errors import InvalidInputError
+from spdy.hardware import fingerprint as hardware_fingerprint
+from spdy.types import LayerSpec
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[], Any]
+
+#: Format name of the zero-cost stand-in used to measure the base time.
+STANDIN = "standin"
+#: Format name of the dense kernel; every backend offers it at every level.
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long and how often to time one runner.
+
+    ``target_ci`` is the relative half-width of the ~95% confidence interval of the
+    median (boxplot notch: ``1.57 * IQR / sqrt(n)``); sampling stops once it is met
+    after ``min_repeats`` samples, or at ``max_repeats`` samples, or after
+    ``max_seconds`` of calls (but never below ``min_samples`` samples).
+
+    Contention: on Linux, a sample during which other tasks waited for a CPU for more
+    than ``max_stall`` of its wall time (``/proc/pressure/cpu``) is discarded; on 2 cores
+    one busy neighbour makes a 2-thread kernel up to 16x slower. After ``patience_s`` of
+    such waiting in one :meth:`Backend.measure` call, samples are kept regardless (with a
+    warning). ``max_stall = inf`` turns the check off. ``passes`` is the number of passes
+    over all layers in :meth:`Backend.time_layers`; ``model_min_repeats`` the least
+    samples for a whole model.
+    """
+
+    warmup_calls: int = 2
+    min_repeats: int = 10
+    max_repeats: int = 40
+    target_ci: float = 0.03
+    max_seconds: float = 0.5
+    min_samples: int = 5
+    min_sample_s: float = 5e-4
+    race_ratio: float = 1.3
+    race_after: int = 5
+    passes: int = 3
+    model_min_repeats: int = 25
+    max_stall: float = 0.05
+    busy_sleep_s: float = 0.02
+    patience_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.min_samples < 1 or self.min_repeats < self.min_samples or self.max_repeats < self.min_repeats:
+            raise InvalidInputError(
+                "timing policy needs 1 <= min_samples <= min_repeats <= max_repeats; got "
+                f"{self.min_samples}, {self.min_repeats}, {self.max_repeats}"
+            )
+        if self.warmup_calls < 0 or self.max_seconds <= 0 or self.target_ci < 0 or self.min_sample_s < 0:
+            raise InvalidInputError(f"timing policy values must be non-negative (max_seconds > 0); got {self}")
+        if self.race_ratio < 1:
+            raise InvalidInputError(f"race_ratio must be >= 1 (use math.inf to never drop); got {self.race_ratio}")
+
+    def for_models(self) -> "TimingPolicy":
+        """The policy for whole models: one pass with at least ``model_min_repeats`` samples."""
+        reps = max(self.model_min_repeats, self.min_repeats)
+        return replace(self, min_repeats=reps, max_repeats=max(self.max_repeats, 2 * reps), race_ratio=math.inf,
+                       max_seconds=self.max_seconds * max(1, self.passes) * 4, passes=1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v if not (isinstance(v, float) and math.isinf(v)) else "inf") for k, v in asdict(self).items()}
+
+
+#: Short timings for tests and smoke runs.
+QUICK_POLICY = TimingPolicy(warmup_calls=1, min_repeats=5, max_repeats=10, target_ci=0.2, max_seconds=0.2,
+                            min_samples=3, min_sample_s=1e-4, race_after=3, passes=1, model_min_repeats=5)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The summary of one runner's samples (seconds per call)."""
+
+    median_s: float
+    spread: float  # (q75 - q25) / median of the samples
+    ci: float  # relative half-width of the median's confidence interval
+    n: int  # samples
+    inner: int  # calls per sample
+    dropped: bool = False  # stopped early because a rival was clearly faster
+    discarded: int = 0  # samples thrown away because another process competed for the CPU
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], inner: int, dropped: bool = False, discarded: int = 0) -> "Timing":
+        arr = np.asarray(samples, dtype=np.float64)
+        med = float(np.median(arr))
+        if len(arr) >= 2:
+            q1, q3 = np.quantile(arr, [0.25, 0.75])
+            iqr = float(q3 - q1)
+        else:
+            iqr = 0.0
+        spread = iqr / med if med > 0 else 0.0
+        ci = 1.57 * spread / math.sqrt(len(arr)) if len(arr) >= 2 else math.inf
+        return cls(med, spread, ci, len(arr), inner, dropped, discarded)
+
+
+class CpuPressure:
+    """Cumulative seconds during which some runnable task waited for a CPU (Linux PSI, ``some``).
+
+    ``available`` is False where the kernel does not expose ``/proc/pressure/cpu``.
+    """
+
+    def __init__(self, path: str = "/proc/pressure/cpu") -> None:
+        self.path = path
+        try:
+            self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open, re-read from 0
+            self.available = self.read() >= 0
+        except (OSError, ValueError, IndexError):
+            self.available = False
+
+    def read(self) -> float:
+        self._f.seek(0)
+        line = self._f.read(256).split(b"\n", 1)[0]
+        return int(line.rsplit(b"total=", 1)[1]) / 1e6
+
+    def __del__(self) -> None:
+        f = getattr(self, "_f", None)
+        if f is not None:
+            f.close()
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """How one prunable layer runs in a model: its (pruned) weight and kernel format.
+
+    ``weight`` is the full dense-shaped weight with zeros where pruned (numpy,
+    float32); ``bias`` may be None. ``fmt`` is one of the backend's formats, or
+    :data:`STANDIN` (then weight and bias are unused).
+    """
+
+    fmt: str
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    sparsity: float = 0.0
+
+
+@dataclass(frozen=True)
+class LevelTiming:
+    """The time of one layer at one sparsity: the fastest format and every format tried."""
+
+    sparsity: float
+    fmt: str
+    time_s: float
+    spread: float
+    candidates: dict[str, Timing] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A runtime in which layers and models are timed. Subclasses register with :func:`register`.
+
+    Subclasses implement :meth:`layer_formats`, :meth:`layer_runner`, :meth:`model_runner`
+    and, where needed, :meth:`_configure_threads`, :meth:`runtime_fingerprint`,
+    :meth:`unavailable_reason` and :meth:`_sample`. Timing goes through :meth:`measure`.
+    """
+
+    name: ClassVar[str] = "abstract"
+    description: ClassVar[str] = ""
+
+    def __init__(self, threads: int | None = None, policy: TimingPolicy | None = None) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            from spdy.errors import BackendUnavailableError
+
+            raise BackendUnavailableError(f"backend {self.name!r} cannot run here: {reason}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads is None:
+            threads = cores
+        if int(threads) < 1:
+            raise InvalidInputError(f"threads must be >= 1; got {threads}")
+        if threads > cores:
+            log.warning("%d threads on %d usable cores: timings will suffer from oversubscription", threads, cores)
+        self.threads = int(threads)
+        self.policy = policy or TimingPolicy()
+        self.stats = {"samples": 0, "discarded": 0, "busy_giveups": 0}
+        self._pressure = CpuPressure()
+        self._configure_threads()
+
+    # ----------------------------------------------------------------- availability, provenance
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the backend can run here; otherwise what is missing and what to install."""
+        return None
+
+    def _configure_threads(self) -> None:
+        """Fix every thread pool this backend touches to ``self.threads`` (called once, at init)."""
+
+    def runtime_fingerprint(self) -> dict[str, Any]:
+        """Runtime details beyond :func:`spdy.hardware.fingerprint` (versions, GPU name, driver)."""
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """CPU model, cores, threads, runtime versions and the backend's own details."""
+        return hardware_fingerprint(self.threads, {"backend": self.name, **self.runtime_fingerprint()})
+
+    def settings(self) -> dict[str, Any]:
+        """What the timings depend on besides the hardware: threads and the timing policy."""
+        return {"threads": self.threads, "timing": self.policy.to_json()}
+
+    # ----------------------------------------------------------------- what backends implement
+
+    @abstractmethod
+    def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
+        """Kernel formats worth timing for this layer at this sparsity; always includes :data:`DENSE`."""
+
+    @abstractmethod
+    def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
+        """A zero-argument callable running the layer once on an input of ``spec.input_shape``.
+
+        ``x`` is that input (float32); None means random values.
+        """
+
+    @abstractmethod
+    def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
+        """A zero-argument callable running ``bundle``'s model once on ``bundle.example``, end to end,
+        with each layer named in ``choices`` run as chosen (layers not named stay as they are).
+        """
+
+    def layer_call_overhead_s(self) -> float:
+        """Seconds a layer runner pays per call that the layer does not pay inside the model
+        (e.g. ONNX Runtime's per-``Run`` cost); subtracted from layer times. Default 0."""
+        return 0.0
+
+    def dense_time_is_level_independent(self) -> bool:
+        """True when the dense kernel's speed does not depend on how many weights are zero,
+        so it is timed once per layer rather than at every level."""
+        return True
+
+    # ----------------------------------------------------------------- the timing discipline
+
+    def _sample(self, fn: Runner, inner: int) -> float:
+        """Seconds per call over ``inner`` back-to-back calls. CUDA backends override this."""
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+    def measure(
+        self,
+        runners: Sequence[Runner],
+        rivals: Sequence[Sequence[int]] | None = None,
+        on_round: Callable[[int], None] | None = None,
+        policy: TimingPolicy | None = None,
+    ) -> list[Timing]:
+        """Time ``runners`` interleaved, round by round, under this backend's policy.
+
+        ``rivals[i]`` lists the runners that runner ``i`` competes with (e.g. other formats
+        for the same level); ``i`` stops early once its median exceeds ``race_ratio`` times
+        the best rival's (both with at least ``race_after`` samples).
+        """
+        p = policy or self.policy
+        n = len(runners)
+        if n == 0:
+            return []
+        pressure = self._pressure
+        inner = [1] * n
+        for i, fn in enumerate(runners):
+            t = 0.0
+            for _ in range(max(p.warmup_calls, 1)):
+                t = self._sample(fn, 1)
+            if p.min_sample_s > 0 and t < p.min_sample_s:
+                inner[i] = max(1, min(1000, math.ceil(p.min_sample_s / max(t, 1e-7))))
+        samples: list[list[float]] = [[] for _ in range(n)]
+        discarded = [0] * n
+        spent = [0.0] * n
+        done = [False] * n
+        dropped = [False] * n
+        rounds = 0
+        busy_s = 0.0
+        patient = pressure.available and math.isfinite(p.max_stall)
+        while not all(done):
+            kept = 0
+            for i, fn in enumerate(runners):
+                if done[i]:
+                    continue
+                if patient:
+                    stall0, wall0 = pressure.read(), time.perf_counter()
+                    s = self._sample(fn, inner[i])
+                    stall1, wall1 = pressure.read(), time.perf_counter()
+                    if stall1 - stall0 > p.max_stall * (wall1 - wall0):
+                        # another process wanted a CPU during this sample: it did not time our kernel alone
+                        discarded[i] += 1
+                        busy_s += wall1 - wall0
+                        continue
+                else:
+                    s = self._sample(fn, inner[i])
+                samples[i].append(s)
+                spent[i] += s * inner[i]
+                kept += 1
+            rounds += 1
+            self.stats["samples"] += kept
+            if patient and kept == 0:
+                time.sleep(p.busy_sleep_s)  # let the other process run; do not fight it
+                busy_s += p.busy_sleep_s
+            if patient and busy_s > p.patience_s:
+                patient = False
+                self.stats["busy_giveups"] += 1
+                log.warning("the CPU has been busy with other processes for %.0f s; timing goes on without "
+                            "discarding disturbed samples (expect noisy results; re-run on a quiet machine)", busy_s)
+            for i in range(n):
+                if done[i]:
+                    continue
+                k = len(samples[i])
+                if k >= p.max_repeats or (spent[i] >= p.max_seconds and k >= p.min_samples):
+                    done[i] = True
+                    continue
+                if k >= p.min_repeats:
+                    t = Timing.from_samples(samples[i], inner[i])
+                    if t.ci <= p.target_ci:
+                        done[i] = True
+                        continue
+                if rivals and rivals[i] and k >= p.race_after and math.isfinite(p.race_ratio):
+                    best = min(
+                        (float(np.median(samples[j])) for j in rivals[i] if len(samples[j]) >= p.race_after),
+                        default=math.inf,
+                    )
+                    if float(np.median(samples[i])) > p.race_ratio * best:
+                        done[i] = dropped[i] = True
+            if on_round is not None:
+                on_round(rounds)
+        self.stats["discarded"] += sum(discarded)
+        return [Timing.from_samples(samples[i], inner[i], dropped[i], discarded[i]) for i in range(n)]
+
+    # ----------------------------------------------------------------- layer and model timing
+
+    def time_layer_levels(
+        self,
+        spec: LayerSpec,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        sparsities: Sequence[float],
+        x: np.ndarray | None = None,
+        allowed: Sequence[Sequence[str]] | None = None,
+    ) -> list[LevelTiming]:
+        """Time one layer at every sparsity in every format, all runners interleaved (one pass).
+
+        ``weight`` is the layer's dense weight; each level magnitude-prunes it. The dense
+        kernel is timed once when its speed does not depend on the zeros
+        (:meth:`dense_time_is_level_independent`). ``allowed[i]`` restricts the formats
+        tried at level ``i`` (default: :meth:`layer_formats`). The fastest format wins.
+        """
+        from spdy.profilers.pruning import LevelPruner
+
+        w = np.ascontiguousarray(weight, dtype=np.float32)
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        if tuple(w.shape) != tuple(spec.weight_shape):
+            raise InvalidInputError(f"layer {spec.name!r}: weight has shape {w.shape}; the spec says {spec.weight_shape}")
+        pruner = LevelPruner(w)
+        runners: list[Runner] = []
+        keys: list[tuple[int, str]] = []  # (level index, or -1 for the shared dense runner; format)
+        shared_dense = self.dense_time_is_level_independent()
+        if shared_dense:
+            runners.append(self.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
+            keys.append((-1, DENSE))
+        for li, s in enumerate(sparsities):
+            fmts = self.layer_formats(spec, s) if allowed is None else tuple(allowed[li])
+            todo = [f for f in fmts if not (f == DENSE and shared_dense)]
+            if not todo:
+                continue
+            wp = pruner.at(s)
+            for f in todo:
+                runners.append(self.layer_runner(spec, LayerChoice(f, wp, b, float(s)), x))
+                keys.append((li, f))
+        # rivals: the other formats of the same level, and the shared dense runner
+        by_level: dict[int, list[int]] = {}
+        for i, (li, _) in enumerate(keys):
+            by_level.setdefault(li, []).append(i)
+        rivals = [[] if li == -1 else [j for j in by_level[li] if j != i] + by_level.get(-1, [])
+                  for i, (li, _) in enumerate(keys)]
+        timings = self.measure(runners, rivals)
+        del runners
+        overhead = self.layer_call_overhead_s()
+        out: list[LevelTiming] = []
+        for li, s in enumerate(sparsities):
+            cands = {f: timings[i] for i, (lj, f) in enumerate(keys) if lj == li}
+            if shared_dense:
+                cands[DENSE] = timings[keys.index((-1, DENSE))]
+            out.append(_fastest(float(s), cands, overhead))
+        return out
+
+    def time_layer(
+        self, spec: LayerSpec, weight: np.ndarray, bias: np.ndarray | None, sparsity: float, x: np.ndarray | None = None
+    ) -> LevelTiming:
+        """Time one layer at one sparsity (the fastest of its formats), one pass."""
+        return self.time_layer_levels(spec, weight, bias, [sparsity], x)[0]
+
+    def time_layers(
+        self,
+        layers: Sequence[tuple[LayerSpec, np.ndarray, np.ndarray | None, np.ndarray | None]],
+        sparsities: Sequence[float],
+        on_layer: Callable[[int, int, str], None] | None = None,
+    ) -> list[list[LevelTiming]]:
+        """Time many layers at every sparsity in ``policy.passes`` passes over all layers.
+
+        ``layers`` holds ``(spec, weight, bias, input)`` tuples. Each pass times every
+        layer (:meth:`time_layer_levels`), alternating the layer order; a format that lost
+        clearly (``race_ratio``) in the passes so far is not tried again. Per level and
+        format the result is the median of the pass medians, so that a slow spell of the
+        machine during one pass does not end up in the table.
+        """
+        passes = max(1, self.policy.passes)
+        n = len(layers)
+        per_pass: list[list[list[LevelTiming]]] = [[] for _ in range(n)]  # [layer][pass][level]
+        order = list(range(n))
+        step = 0
+        for p in range(passes):
+            for li in (order if p % 2 == 0 else order[::-1]):
+                spec, w, b, x = layers[li]
+                allowed = None
+                if per_pass[li]:
+                    allowed = [_competitive(_combine(float(s), [pp[k] for pp in per_pass[li]]), self.policy.race_ratio)
+                               for k, s in enumerate(sparsities)]
+                per_pass[li].append(self.time_layer_levels(spec, w, b, sparsities, x, allowed))
+                step += 1
+                if on_layer is not None:
+                    on_layer(step, n * passes, spec.name)
+        overhead = self.layer_call_overhead_s()
+        return [[_combine(float(s), [pp[k] for pp in per_pass[li]], overhead) for k, s in enumerate(sparsities)]
+                for li in range(n)]
+
+    def time_models(self, bundle: Any, plans: Sequence[Mapping[str, LayerChoice]]) -> list[Timing]:
+        """End-to-end times of several variants of ``bundle``'s model, interleaved."""
+        runners = [self.model_runner(bundle, plan) for plan in plans]
+        return self.measure(runners, policy=self.policy.for_models())
+
+    def time_model(self, bundle: Any, plan: Mapping[str, LayerChoice]) -> Timing:
+        """End-to-end time of ``bundle``'s model with its layers run as ``plan`` says."""
+        return self.time_models(bundle, [plan])[0]
+
+
+def _fastest(sparsity: float, cands: dict[str, Timing], overhead: float = 0.0) -> LevelTiming:
+    fmt = min(cands, key=lambda f: (cands[f].median_s, f != DENSE))
+    t = max(cands[fmt].median_s - overhead, 0.0)
+    return LevelTiming(sparsity, fmt, t, cands[fmt].spread, dict(cands))
+
+
+def _combine(sparsity: float, passes: Sequence[LevelTiming], overhead: float = 0.0) -> LevelTiming:
+    """One level's timing over several passes: per format, the median of the pass medians."""
+    if len(passes) == 1:
+        return passes[0]
+    per_fmt: dict[str, list[Timing]] = {}
+    for lt in passes:
+        for f, t in lt.candidates.items():
+            per_fmt.setdefault(f, []).append(t)
+    cands = {}
+    for f, ts in per_fmt.items():
+        cands[f] = Timing(
+            median_s=float(np.median([t.median_s for t in ts])),
+            spread=float(np.median([t.spread for t in ts])),
+            ci=float(np.median([t.ci for t in ts])) / math.sqrt(len(ts)),
+            n=sum(t.n for t in ts),
+            inner=ts[-1].inner,
+            dropped=any(t.dropped for t in ts),
+            discarded=sum(t.discarded for t in ts),
+        )
+    return _fastest(sparsity, cands, overhead)
+
+
+def _competitive(lt: LevelTiming, ratio: float) -> tuple[str, ...]:
+    """Formats of a level whose time so far is within ``ratio`` of the best (dense always kept)."""
+    best = min(t.median_s for t in lt.candidates.values())
+    return tuple(f for f, t in lt.candidates.items() if f == DENSE or t.median_s <= ratio * best)
+
+
+# --------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend available to :func:`get_backend` under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    # importing the modules registers their backends
+    from spdy.profilers import ort_cpu, spdy_cpu, torch_backends  # noqa: F401
+
+
+def backend_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every known backend and None if it runs here, else why not."""
+    _load_builtin()
+    return {name: cls.unavailable_reason() for name, cls in sorted(_REGISTRY.items())}
+
+
+def get_backend(name: str, threads: int | None = None, policy: TimingPolicy | None = None, **options: Any) -> Backend:
+    """Make the backend ``name`` with ``threads`` threads (default: the usable cores).
+
+    Raises :class:`~spdy.errors.BackendUnavailableError` for an unknown name or one
+    that cannot run on this machine (the message says what to install).
+    """
+    from spdy.errors import BackendUnavailableError
+
+    _load_builtin()
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise BackendUnavailableError(f"unknown latency backend {name!r}; expected one of {', '.join(sorted(_REGISTRY))}")
+    reason = cls.unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
+    return cls(threads=threads, policy=policy, **options)

@@ -1,0 +1,176 @@
+"""Profile a model on a backend, and check the profile against end-to-end runs.
+
+``profile_model`` times every prunable layer at every grid level (the fastest kernel
+format the runtime offers at that level) plus the base time, measured in the same
+runtime as the model with every prunable layer replaced by a zero-cost stand-in, so
+that ``base + sum_l t[l][s_l]`` predicts the whole model's time.
+
+``validate`` draws random level vectors, runs each pruned model end to end in that
+runtime (interleaved with one another), and records predicted against measured time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from spdy.errors import InvalidInputError
+from spdy.grid import DEFAULT_GRID, SparsityGrid
+from spdy.models.base import ModelBundle, get_module
+from spdy.profile import Profile
+from spdy.profilers.base import DENSE, STANDIN, Backend, LayerChoice
+from spdy.profilers.pruning import LevelPruner, random_level_vectors
+from spdy.types import LatencyTable, LayerSpec
+
+log = logging.getLogger(__name__)
+
+#: ``progress(done, total, what)``: called after each step (one per layer, base, validation).
+Progress = Callable[[int, int, str], None]
+
+
+def _weight_bias(bundle: ModelBundle, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    mod = get_module(bundle.model, name)
+    w = mod.weight.detach().cpu().float().numpy()
+    b = None if getattr(mod, "bias", None) is None else mod.bias.detach().cpu().float().numpy()
+    return np.ascontiguousarray(w), b
+
+
+def model_settings(bundle: ModelBundle, specs: Sequence[LayerSpec]) -> dict[str, Any]:
+    """Batch, sequence length (for token inputs) and the example's input shapes."""
+    import torch
+
+    shapes: dict[str, list[int]] = {}
+    ex = bundle.example
+    items = ex.items() if isinstance(ex, dict) else enumerate(ex) if isinstance(ex, (tuple, list)) else [("input", ex)]
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            shapes[str(k)] = list(v.shape)
+    first = specs[0].input_shape
+    out: dict[str, Any] = {"batch": int(first[0]), "example_shapes": shapes}
+    if specs[0].kind == "linear" and len(first) == 3:
+        out["seq_len"] = int(first[1])
+    return out
+
+
+def profile_model(
+    bundle: ModelBundle,
+    backend: Backend,
+    grid: SparsityGrid = DEFAULT_GRID,
+    specs: Sequence[LayerSpec] | None = None,
+    progress: Progress | None = None,
+) -> Profile:
+    """Measure the latency table of ``bundle``'s prunable layers on ``backend``."""
+    from spdy.profilers.torch_backends import capture_layer_io
+
+    specs = list(specs) if specs is not None else bundle.layers()
+    names = [s.name for s in specs]
+    t_start = time.perf_counter()
+    io = capture_layer_io(bundle.model, bundle.example, bundle.forward, names)
+    layers = []
+    for spec in specs:
+        w, b = _weight_bias(bundle, spec.name)
+        layers.append((spec, w, b, io[spec.name][0].float().numpy()))
+    del io
+    passes = max(1, backend.policy.passes)
+    total = len(specs) * passes + 1
+    results = backend.time_layers(
+        layers, grid.levels, on_layer=(lambda d, _t, w: progress(d, total, w)) if progress else None
+    )
+    times = np.array([[lt.time_s for lt in lts] for lts in results])
+    spread = np.array([[lt.spread for lt in lts] for lts in results])
+    formats = [tuple(lt.fmt for lt in lts) for lts in results]
+    base_plan = {n: LayerChoice(STANDIN) for n in names}
+    dense_plan = {}
+    for spec in specs:
+        w, b = _weight_bias(bundle, spec.name)
+        dense_plan[spec.name] = LayerChoice(DENSE, w, b, 0.0)
+    base, dense = backend.time_models(bundle, [base_plan, dense_plan])
+    if progress:
+        progress(total, total, "base")
+    table = LatencyTable(tuple(names), grid, times, base.median_s, backend.fingerprint())
+    predicted_dense = table.dense_total_s
+    log.info("base %.2f ms (spread %.1f%%); dense model measured %.2f ms, predicted %.2f ms (%+.1f%%)",
+             base.median_s * 1e3, base.spread * 100, dense.median_s * 1e3, predicted_dense * 1e3,
+             (predicted_dense / dense.median_s - 1) * 100)
+    settings = {
+        **backend.settings(),
+        **model_settings(bundle, specs),
+        "base_spread": base.spread,
+        "dense_measured_s": dense.median_s,
+        "profile_seconds": round(time.perf_counter() - t_start, 1),
+        "samples": dict(backend.stats),
+    }
+    return Profile(
+        table=table,
+        backend=backend.name,
+        model=bundle.name,
+        specs=tuple(specs),
+        settings=settings,
+        spread=spread,
+        formats=tuple(formats),
+    )
+
+
+def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray) -> list[dict[str, LayerChoice]]:
+    """For each level vector, every layer magnitude-pruned to its level in the profile's format for it."""
+    t = profile.table
+    if profile.formats is None:
+        raise InvalidInputError("the profile records no kernel format per level; re-run 'spdy profile' to get one")
+    plans: list[dict[str, LayerChoice]] = [{} for _ in level_vectors]
+    for li, name in enumerate(t.layers):
+        w, b = _weight_bias(bundle, name)
+        pruner = LevelPruner(w)
+        pruned: dict[int, np.ndarray] = {}
+        for plan, lv in zip(plans, level_vectors):
+            i = int(lv[li])
+            if i not in pruned:
+                pruned[i] = pruner.at(t.grid[i])
+            plan[name] = LayerChoice(profile.formats[li][i], pruned[i], b, t.grid[i])
+    return plans
+
+
+def validate(
+    profile: Profile,
+    bundle: ModelBundle,
+    backend: Backend,
+    k: int = 5,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[dict[str, float]]:
+    """Time ``k`` random pruned models end to end and compare with the profile's predictions.
+
+    Level vectors are uniform over the grid, per layer. Each pruned model uses, per layer,
+    the format the profile chose for that level; the ``k`` models are timed interleaved.
+    Returns ``[{"predicted_s", "measured_s", "spread"}]``, one per model.
+    """
+    if profile.backend != backend.name:
+        raise InvalidInputError(
+            f"the profile was made with backend {profile.backend!r}; validate it with that backend, not {backend.name!r}"
+        )
+    if k < 1:
+        return []
+    profile.check_model(bundle.layers())
+    t = profile.table
+    vectors = random_level_vectors(len(t.layers), len(t.grid), k, seed)
+    plans = level_plans(profile, bundle, vectors)
+    timings = backend.time_models(bundle, plans)
+    records = []
+    for lv, tm in zip(vectors, timings):
+        rec = {"predicted_s": t.predicted_time(lv), "measured_s": tm.median_s, "spread": tm.spread}
+        records.append(rec)
+        log.info("random profile: predicted %.2f ms, measured %.2f ms (%+.1f%%)", rec["predicted_s"] * 1e3,
+                 rec["measured_s"] * 1e3, (rec["predicted_s"] / rec["measured_s"] - 1) * 100)
+    if progress:
+        progress(k, k, "validation")
+    return records
+
+
+def validation_error(records: Sequence[dict[str, float]]) -> float:
+    """Median of ``|predicted - measured| / measured`` over the records (nan if none)."""
+    if not records:
+        return float("nan")
+    return float(np.median([abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in records]))

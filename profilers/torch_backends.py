@@ -1,0 +1,358 @@
+"""Backends whose runtime is PyTorch itself: ``torch-cpu`` and ``torch-cuda``.
+
+Both share :class:`TorchRuntimeBackend`: a layer runs as the ``nn.Module`` the
+runtime would install in the model (built by :meth:`TorchRuntimeBackend.make_module`),
+and a model runs end to end with those modules swapped in by name. The base time
+is the model with every prunable layer replaced by :class:`StandIn`, a module that
+returns a preallocated output of the right shape (the dense layer's real output on
+the example batch), so that ``T_base + sum(layer times)`` predicts the whole model.
+
+``spdy-cpu`` (the project's kernels) builds on the same class in ``spdy_cpu.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from spdy.errors import InvalidInputError
+from spdy.profilers.base import DENSE, STANDIN, Backend, LayerChoice, Runner, register
+from spdy.types import LayerSpec
+
+log = logging.getLogger(__name__)
+
+
+class StandIn(torch.nn.Module):
+    """Zero-cost stand-in for a prunable layer: returns a preallocated output.
+
+    The output is the dense layer's real output on the example batch, so the rest
+    of the model computes on realistic values. (A model that modifies a layer's
+    output in place would corrupt it across calls; that changes values, not time.)
+    """
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.out
+
+
+def set_submodule(model: Any, name: str, module: Any) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not hasattr(parent, child):
+        raise InvalidInputError(f"the model has no layer named {name!r}")
+    setattr(parent, child, module)
+
+
+def move_batch(batch: Any, device: Any, dtype: Any = None) -> Any:
+    """``batch`` (tensor, mapping or tuple) with every tensor on ``device``; floating tensors cast to ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(v, device, dtype) for v in batch)
+    return batch
+
+
+def capture_layer_io(model: Any, example: Any, forward: Any, names: list[str]) -> dict[str, tuple[Any, Any]]:
+    """Run ``forward(model, example)`` once and return ``{name: (input, output)}`` of the named layers."""
+    io: dict[str, tuple[Any, Any]] = {}
+    handles = []
+    for n in names:
+        mod = model.get_submodule(n)
+
+        def hook(_m: Any, inputs: tuple[Any, ...], output: Any, n: str = n) -> None:
+            if n not in io:
+                io[n] = (inputs[0].detach().clone(), output.detach().clone())
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in io]
+    if missing:
+        raise InvalidInputError(f"layers {missing[:5]} did not run on the example batch")
+    return io
+
+
+class TorchRuntimeBackend(Backend):
+    """A backend whose model runs in PyTorch, with prunable layers swapped for runtime modules."""
+
+    device: str = "cpu"
+
+    def __init__(self, threads: int | None = None, policy: Any = None, dtype: str = "float32") -> None:
+        self.dtype_name = dtype
+        super().__init__(threads=threads, policy=policy)
+        self._io_cache: "weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, Any]]]" = weakref.WeakKeyDictionary()
+
+    @property
+    def torch_dtype(self) -> Any:
+        dt = getattr(torch, self.dtype_name, None)
+        if not isinstance(dt, torch.dtype):
+            raise InvalidInputError(f"unknown torch dtype {self.dtype_name!r}; use float32, float16 or bfloat16")
+        return dt
+
+    def _configure_threads(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    def runtime_fingerprint(self) -> dict[str, Any]:
+        return {"torch_threads": torch.get_num_threads(), "dtype": self.dtype_name,
+                "torch_parallel": torch.__config__.parallel_info().splitlines()[-1].strip()}
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "dtype": self.dtype_name, "device": self.device}
+
+    # ------------------------------------------------------------------ to implement
+
+    def make_module(self, spec: LayerSpec, choice: LayerChoice) -> Any:
+        """The module the runtime installs for this layer in this format (on the backend's device)."""
+        if choice.fmt != DENSE:
+            raise InvalidInputError(f"backend {self.name!r} has no format {choice.fmt!r} for layer {spec.name!r}")
+        return dense_module(spec, choice).to(device=self.device, dtype=self.torch_dtype)
+
+    # ------------------------------------------------------------------ layers
+
+    def _input(self, spec: LayerSpec, x: np.ndarray | Any | None) -> Any:
+        if x is None:
+            g = torch.Generator().manual_seed(0)
+            t = torch.randn(spec.input_shape, generator=g)
+        elif isinstance(x, np.ndarray):
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        else:
+            t = x
+        if tuple(t.shape) != tuple(spec.input_shape):
+            raise InvalidInputError(f"layer {spec.name!r}: input has shape {tuple(t.shape)}; the spec says {spec.input_shape}")
+        return t.to(device=self.device, dtype=self.torch_dtype).contiguous()
+
+    def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
+        mod = self.make_module(spec, choice)
+        inp = self._input(spec, x)
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return mod(inp)
+
+        return run
+
+    # ------------------------------------------------------------------ models
+
+    def _layer_io(self, bundle: Any, names: list[str]) -> dict[str, tuple[Any, Any]]:
+        cached = self._io_cache.get(bundle.model)
+        if cached is None or any(n not in cached for n in names):
+            model = self._device_model(bundle.model)
+            ex = move_batch(bundle.example, self.device, self.torch_dtype)
+            cached = capture_layer_io(model, ex, bundle.forward, names)
+            self._io_cache[bundle.model] = cached
+        return cached
+
+    def _device_model(self, model: Any) -> Any:
+        m = copy.deepcopy(model)
+        return m.to(device=self.device, dtype=self.torch_dtype).eval().requires_grad_(False)
+
+    def layer_inputs(self, bundle: Any, names: list[str]) -> dict[str, Any]:
+        """The real input of each named layer on the example batch (a tensor on the device)."""
+        return {n: io[0] for n, io in self._layer_io(bundle, names).items() if n in names}
+
+    def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
+        from spdy.models.base import discover_layers
+
+        model = self._device_model(bundle.model)
+        specs = {s.name: s for s in discover_layers(bundle.model, bundle.example, bundle.forward)} if choices else {}
+        standins = [n for n, c in choices.items() if c.fmt == STANDIN]
+        io = self._layer_io(bundle, standins) if standins else {}
+        for name, choice in choices.items():
+            if choice.fmt == STANDIN:
+                set_submodule(model, name, StandIn(io[name][1]))
+                continue
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidInputError(f"{name!r} is not a prunable layer of model {bundle.name!r}")
+            set_submodule(model, name, self.make_module(spec, choice))
+        ex = move_batch(bundle.example, self.device, self.torch_dtype)
+        fwd = bundle.forward
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return fwd(model, ex)
+
+        run.model = model  # type: ignore[attr-defined]  # for tests and inspection
+        return run
+
+
+def dense_module(spec: LayerSpec, choice: LayerChoice) -> Any:
+    """An ``nn.Linear`` / ``nn.Conv2d`` holding ``choice.weight`` (pruned, dense storage)."""
+    if choice.weight is None:
+        raise InvalidInputError(f"layer {spec.name!r}: format {choice.fmt!r} needs a weight")
+    w = torch.from_numpy(np.ascontiguousarray(choice.weight, dtype=np.float32))
+    b = None if choice.bias is None else torch.from_numpy(np.ascontiguousarray(choice.bias, dtype=np.float32))
+    if spec.kind == "linear":
+        mod = torch.nn.Linear(spec.weight_shape[1], spec.weight_shape[0], bias=b is not None)
+    else:
+        out_c, in_c, kh, kw = spec.weight_shape
+        mod = torch.nn.Conv2d(in_c, out_c, (kh, kw), stride=spec.stride, padding=spec.padding,
+                              dilation=spec.dilation, bias=b is not None)
+    with torch.no_grad():
+        mod.weight.copy_(w)
+        if b is not None:
+            mod.bias.copy_(b)
+    return mod.eval().requires_grad_(False)
+
+
+class CsrLinear(torch.nn.Module):
+    """``y = x W^T + b`` with W in torch's CSR format: ``addmm(b, W, x^T)^T``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.to_sparse_csr()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.bias is None:
+            y = torch.mm(self.weight, x2.t())
+        else:
+            y = torch.addmm(self.bias.unsqueeze(1), self.weight, x2.t())
+        return y.t().contiguous().reshape(*x.shape[:-1], self.out_features)
+
+
+class SemiStructuredLinear(torch.nn.Module):
+    """``F.linear`` with a 2:4 weight from ``torch.sparse.to_sparse_semi_structured``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        from torch.sparse import to_sparse_semi_structured
+
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@register
+class TorchCpuBackend(TorchRuntimeBackend):
+    """PyTorch on the CPU: dense (MKL/oneDNN) or torch's CSR ``addmm`` per level. fp32."""
+
+    name = "torch-cpu"
+    description = "PyTorch CPU: dense Linear/Conv2d, or CSR sparse.addmm for Linear"
+
+    def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
+        if spec.kind == "linear" and sparsity > 0:
+            return (DENSE, "csr")
+        return (DENSE,)
+
+    def make_module(self, spec: LayerSpec, choice: LayerChoice) -> Any:
+        if choice.fmt == DENSE:
+            return dense_module(spec, choice)
+        if choice.fmt == "csr" and spec.kind == "linear":
+            w = torch.from_numpy(np.ascontiguousarray(choice.weight, dtype=np.float32))
+            b = None if choice.bias is None else torch.from_numpy(np.ascontiguousarray(choice.bias, dtype=np.float32))
+            return CsrLinear(w, b).eval()
+        raise InvalidInputError(f"backend {self.name!r} has no format {choice.fmt!r} for {spec.kind} layer {spec.name!r}")
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@register
+class TorchCudaBackend(TorchRuntimeBackend):
+    """PyTorch on an NVIDIA GPU, timed with CUDA events.
+
+    Per level the fastest of dense, 2:4 semi-structured (``to_sparse_semi_structured``,
+    for levels >= 0.5 on Linear layers; the weight is pruned 2:4 first, then further to
+    the level) and CSR. Default dtype float16 (2:4 kernels need half precision).
+    """
+
+    name = "torch-cuda"
+    description = "PyTorch CUDA: dense, 2:4 semi-structured (levels >= 0.5) or CSR; CUDA events"
+    device = "cuda"
+
+    def __init__(self, threads: int | None = None, policy: Any = None, dtype: str = "float16") -> None:
+        super().__init__(threads=threads, policy=policy, dtype=dtype)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch is not installed; install a CUDA build of torch"
+        if torch.version.cuda is None:
+            return (f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch "
+                    "and run on a machine with an NVIDIA GPU")
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device; run on a machine with an NVIDIA GPU and a working driver"
+        return None
+
+    def runtime_fingerprint(self) -> dict[str, Any]:
+        props = torch.cuda.get_device_properties(0)
+        return {
+            **super().runtime_fingerprint(),
+            "gpu": props.name,
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda_runtime": torch.version.cuda,
+            "nvidia_driver": _nvidia_driver(),
+        }
+
+    def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
+        if spec.kind != "linear" or sparsity <= 0:
+            return (DENSE,)
+        fmts = [DENSE, "csr"]
+        if sparsity >= 0.5 and self.dtype_name in ("float16", "bfloat16") and spec.weight_shape[1] % 64 == 0 \
+                and spec.weight_shape[0] % 32 == 0:
+            fmts.insert(1, "2:4")
+        return tuple(fmts)
+
+    def make_module(self, spec: LayerSpec, choice: LayerChoice) -> Any:
+        dt = self.torch_dtype
+        if choice.fmt == DENSE:
+            return dense_module(spec, choice).to(device=self.device, dtype=dt)
+        if spec.kind != "linear" or choice.weight is None:
+            raise InvalidInputError(f"backend {self.name!r} has no format {choice.fmt!r} for {spec.kind} layer {spec.name!r}")
+        b = None if choice.bias is None else torch.from_numpy(np.ascontiguousarray(choice.bias)).to(self.device, dt)
+        if choice.fmt == "2:4":
+            from spdy.profilers.pruning import prune_n_m
+
+            w = prune_n_m(choice.weight, choice.sparsity, 2, 4)
+            return SemiStructuredLinear(torch.from_numpy(w).to(self.device, dt), b).eval()
+        if choice.fmt == "csr":
+            w = torch.from_numpy(np.ascontiguousarray(choice.weight, dtype=np.float32)).to(self.device, dt)
+            return CsrLinear(w, b).eval()
+        raise InvalidInputError(f"backend {self.name!r} has no format {choice.fmt!r}")
+
+    def _sample(self, fn: Runner, inner: int) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
