@@ -22,7 +22,7 @@ from spdy.errors import InvalidInputError
 from spdy.kernels import _conv, _spmm
 from spdy.kernels._checks import as_bias, as_weight, check_out
 from spdy.kernels._workspace import scratch
-from spdy.kernels.linear import AUTO_MIN_SPARSITY, ROW_OVERHEAD, panel_width
+from spdy.kernels.linear import ROW_OVERHEAD, panel_width, token_waste
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,18 @@ def _build_plan(p: PreparedConv2d, H: int, W: int) -> _ConvPlan:
     )
 
 
-def choose_conv_format(weight: np.ndarray, groups: int = 1) -> str:
-    """The format ``auto`` uses for a [O, C/groups, kh, kw] weight (same sparsity rule as Linear)."""
+def choose_conv_format(weight: np.ndarray, groups: int = 1, pixels: int | None = None) -> str:
+    """The format ``auto`` uses for a [O, C/groups, kh, kw] weight.
+
+    Same rule as :func:`spdy.kernels.linear.choose_format` with the output
+    pixels per image (``pixels``, if known) as tokens; grouped convolutions
+    stay ``dense``.
+    """
     w = np.asarray(weight)
-    if groups != 1 or w.size == 0:
+    if groups != 1 or w.ndim != 4 or w.size == 0:
         return "dense"
-    sparsity = 1.0 - np.count_nonzero(w) / w.size
-    return "csr" if sparsity >= AUTO_MIN_SPARSITY else "dense"
+    density = np.count_nonzero(w) / w.size
+    return "csr" if density * token_waste(pixels) < 1.0 else "dense"
 
 
 def prepare_conv2d(
@@ -173,12 +178,14 @@ def prepare_conv2d(
     dilation: Any = 1,
     groups: int = 1,
     format: str = "auto",
+    pixels: int | None = None,
 ) -> PreparedConv2d:
     """Prepare a dense fp32 [O, C/groups, kh, kw] conv weight (zeros = pruned) once.
 
     ``padding`` is an int or pair (zero padding) or ``"valid"``/``"same"``
     (``"same"`` only for odd effective kernel sizes). ``format``: ``"auto"``
     or one of :data:`CONV_FORMATS`; the sparse format needs ``groups == 1``.
+    ``pixels`` (output pixels per image, if known) informs ``auto``.
     """
     Wt = as_weight(weight, 4)
     O, Cg, kh, kw = Wt.shape
@@ -202,7 +209,7 @@ def prepare_conv2d(
             raise InvalidInputError(f"padding must be >= 0; got {padding}")
     b, has_bias = as_bias(bias, O)
     if format == "auto":
-        format = choose_conv_format(Wt, groups)
+        format = choose_conv_format(Wt, groups, pixels)
     if format not in CONV_FORMATS:
         raise InvalidInputError(f"unknown conv format {format!r}; expected 'auto' or one of {CONV_FORMATS}")
     nnz = int(np.count_nonzero(Wt))

@@ -44,8 +44,6 @@ PANEL_MIN, PANEL_MAX, PANEL_NNZ = 128, 768, 20
 ROW_OVERHEAD = 4
 """Per-row cost, in nonzeros, used to balance threads (bias, stores, transposition)."""
 
-AUTO_MIN_SPARSITY = 0.0
-"""``auto`` keeps a weight dense below this sparsity (see :func:`choose_format`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,34 +105,45 @@ class PreparedLinear:
         s = self.sparse
         O, K = self.out_features, self.in_features
         W = np.zeros((O, K + 3), np.float32)
-        for p in range(s.n_panels):
-            for o in range(O):
-                k0, k1 = s.ptr[p * O + o], s.ptr[p * O + o + 1]
-                if s.blocked:
-                    for k in range(k0, k1):
-                        j = int(s.col[k]) * 4
-                        W[o, j : j + 4] = s.val[4 * k : 4 * k + 4]
-                else:
-                    W[o, s.col[k0:k1].astype(np.int64)] = s.val[k0:k1]
+        rows = np.repeat(np.tile(np.arange(O), s.n_panels), np.diff(s.ptr.astype(np.int64)))
+        if s.blocked:
+            cols = s.col.astype(np.int64)[:, None] * 4 + np.arange(4)
+            W[rows[:, None], cols] = s.val.reshape(-1, 4)
+        else:
+            W[rows, s.col.astype(np.int64)] = s.val
         return W[:, :K].copy()
 
 
-def choose_format(weight: np.ndarray) -> str:
-    """The format ``auto`` uses for this [out, in] weight: deterministic, O(size).
+def token_waste(tokens: int | None) -> float:
+    """Multiply-adds the sparse kernels do per useful one: tokens are processed in
+    vectors of 16, so ``tokens`` is rounded up to 16 (1.0 when unknown)."""
+    if tokens is None or tokens <= 0:
+        return 1.0
+    return _spmm.padded_tokens_py(int(tokens)) / tokens
 
-    Rule (from ``scripts/bench_kernels.py`` on the 2-core Zen 5 machines): the
-    ``csr`` kernels beat torch's dense GEMM from AUTO_MIN_SPARSITY on, at every
-    measured shape, token count and thread count; below it the layer stays
-    ``dense``. ``bcsr4`` is chosen when the nonzeros already come in aligned
-    groups of four along the input (no explicit zeros) and ``in_features`` is
-    a multiple of 4, because it then multiplies the same weights with a quarter
-    of the index traffic.
+
+def choose_format(weight: np.ndarray, tokens: int | None = None) -> str:
+    """The format ``auto`` uses for this [out, in] weight: deterministic, O(size), no timing.
+
+    ``csr`` when it does fewer multiply-adds than a dense GEMM,
+    ``(1 - sparsity) * token_waste(tokens) < 1``, else ``dense``. ``tokens``
+    is the number of rows of ``x`` per call (batch x sequence), if known; when
+    it is None it is assumed to be large (no rounding waste), so any sparsity
+    above 0 picks ``csr``. The rule is conservative: measured on the 2-core
+    Zen 5 machines (``scripts/bench_kernels.py``), ``csr`` is 1.2-1.3x faster
+    than torch's dense GEMM even at 0% sparsity for 128-512 tokens, 1.5-1.6x at
+    20%, 2-3x at 40%; at 1 token it needs >= 94% sparsity, at 8 tokens >= 50%.
+    ``bcsr4`` replaces ``csr`` when the nonzeros already come in aligned groups
+    of four along the input (no explicit zeros) and ``in_features`` is a
+    multiple of 4: same multiply-adds, a quarter of the indices.
     """
     w = np.asarray(weight)
     total = w.size
+    if w.ndim != 2 or total == 0:
+        return "dense"
     nnz = int(np.count_nonzero(w))
-    sparsity = 1.0 - nnz / total if total else 0.0
-    if total == 0 or sparsity < AUTO_MIN_SPARSITY or (nnz == total and AUTO_MIN_SPARSITY > 0):
+    density = nnz / total
+    if density * token_waste(tokens) >= 1.0:
         return "dense"
     if w.shape[1] % 4 == 0 and nnz > 0:
         groups = np.count_nonzero(w.reshape(w.shape[0], -1, 4).any(axis=2))
@@ -200,18 +209,20 @@ def _panel_csr(W: np.ndarray, blocked: bool, panel: int) -> SparsePayload:
     )
 
 
-def prepare_linear(weight: Any, bias: Any = None, format: str = "auto", panel: int | None = None) -> PreparedLinear:
+def prepare_linear(
+    weight: Any, bias: Any = None, format: str = "auto", panel: int | None = None, tokens: int | None = None
+) -> PreparedLinear:
     """Prepare a dense fp32 [out, in] weight (zeros = pruned) once, at load time.
 
-    ``format`` is ``"auto"`` (see :func:`choose_format`) or one of
-    :data:`FORMATS`. ``weight`` and ``bias`` may be numpy arrays or torch
+    ``format`` is ``"auto"`` (see :func:`choose_format`, which ``tokens``,
+    the expected rows per call, informs) or one of :data:`FORMATS`. ``weight`` and ``bias`` may be numpy arrays or torch
     tensors; they are copied. ``panel`` overrides :func:`panel_width`.
     """
     W = as_weight(weight, 2)
     O, K = W.shape
     b, has_bias = as_bias(bias, O)
     if format == "auto":
-        format = choose_format(W)
+        format = choose_format(W, tokens)
     if format not in FORMATS:
         raise InvalidInputError(f"unknown format {format!r}; expected 'auto' or one of {FORMATS}")
     nnz = int(np.count_nonzero(W))

@@ -1,0 +1,297 @@
+"""Run pruned models on the sparse CPU kernels: drop-in ``nn.Module`` replacements.
+
+>>> from spdy import runtime
+>>> runtime.set_num_threads(2)                 # torch and Numba, one pool
+>>> formats = runtime.sparsify(model)          # swaps pruned Linear/Conv2d in place
+>>> with torch.inference_mode():
+...     out = model(**inputs)
+
+:class:`SparseLinear` and :class:`SparseConv2d` take and return torch tensors
+(CPU, float32); the kernels read the input and write the output through
+zero-copy numpy views. They are inference-only: they hold no parameters and
+refuse inputs that require grad while autograd is on.
+
+Import :mod:`spdy.runtime` (or :mod:`spdy.kernels`) *before* torch so that
+torch and the kernels share one OpenMP thread pool; see
+:func:`spdy.kernels.openmp_status`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from spdy import kernels  # first: shares the OpenMP runtime before torch loads
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from spdy.errors import InvalidInputError  # noqa: E402
+from spdy.kernels import (  # noqa: E402
+    CONV_FORMATS,
+    FORMATS,
+    PreparedConv2d,
+    PreparedLinear,
+    choose_conv_format,
+    choose_format,
+    get_num_threads,
+    openmp_status,
+    prepare_conv2d,
+    prepare_linear,
+    set_num_threads,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMATS",
+    "CONV_FORMATS",
+    "SparseLinear",
+    "SparseConv2d",
+    "sparsify",
+    "set_num_threads",
+    "get_num_threads",
+    "openmp_status",
+    "layer_formats",
+]
+
+
+def _check_input(x: Any, module: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{module} takes a torch.Tensor; got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise InvalidInputError(f"{module} runs on the CPU; got a tensor on {x.device}. Move it with .cpu().")
+    if x.dtype != torch.float32:
+        raise InvalidInputError(f"{module} takes float32 input; got {x.dtype}. Convert with .float().")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise InvalidInputError(
+            f"{module} is inference-only and got an input that requires grad; "
+            "run the model under torch.inference_mode() or torch.no_grad()"
+        )
+    return x.detach().contiguous()
+
+
+class SparseLinear(nn.Module):
+    """Inference-only ``nn.Linear`` on a prepared weight (:class:`spdy.kernels.PreparedLinear`).
+
+    ``format`` is the kernel format in use; ``weight`` and ``bias`` rebuild
+    dense tensors on demand (for inspection, not speed).
+    """
+
+    def __init__(self, prepared: PreparedLinear) -> None:
+        super().__init__()
+        if not isinstance(prepared, PreparedLinear):
+            raise InvalidInputError(f"SparseLinear needs a PreparedLinear; got {type(prepared).__name__}")
+        self.prepared = prepared
+        self.in_features = prepared.in_features
+        self.out_features = prepared.out_features
+        self._dense_w = torch.from_numpy(prepared.dense) if prepared.dense is not None else None
+        self._dense_b = torch.from_numpy(prepared.bias) if prepared.has_bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str = "auto", tokens: int | None = None) -> SparseLinear:
+        """Prepare ``linear``'s weight (zeros = pruned) in ``format`` (``"auto"`` or one of ``FORMATS``).
+
+        ``tokens`` (rows of the input per call, if known) informs ``"auto"``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise InvalidInputError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
+        _check_weight(linear.weight, "Linear")
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(prepare_linear(linear.weight.detach(), bias, format=format, tokens=tokens))
+
+    @property
+    def format(self) -> str:
+        return self.prepared.format
+
+    @property
+    def sparsity(self) -> float:
+        return self.prepared.sparsity
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.from_numpy(self.prepared.to_dense())
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return torch.from_numpy(self.prepared.bias.copy()) if self.prepared.has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x, "SparseLinear")
+        if x.shape[-1:] != (self.in_features,):
+            raise InvalidInputError(f"SparseLinear expects {self.in_features} input features; got shape {tuple(x.shape)}")
+        if self._dense_w is not None:
+            return torch.nn.functional.linear(x, self._dense_w, self._dense_b)
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
+        kernels.linear(x.numpy(), self.prepared, out=y.numpy())
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.prepared.has_bias}, format={self.format!r}, sparsity={self.sparsity:.3f}"
+        )
+
+
+class SparseConv2d(nn.Module):
+    """Inference-only ``nn.Conv2d`` (zero padding) on a prepared weight (:class:`spdy.kernels.PreparedConv2d`)."""
+
+    def __init__(self, prepared: PreparedConv2d) -> None:
+        super().__init__()
+        if not isinstance(prepared, PreparedConv2d):
+            raise InvalidInputError(f"SparseConv2d needs a PreparedConv2d; got {type(prepared).__name__}")
+        self.prepared = prepared
+        self.in_channels = prepared.in_channels
+        self.out_channels = prepared.out_channels
+        self.kernel_size = prepared.kernel_size
+        self.stride = prepared.stride
+        self.padding = prepared.padding
+        self.dilation = prepared.dilation
+        self.groups = prepared.groups
+        self._dense_w = torch.from_numpy(prepared.dense) if prepared.dense is not None else None
+        self._dense_b = torch.from_numpy(prepared.bias) if prepared.has_bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, format: str = "auto", pixels: int | None = None) -> SparseConv2d:
+        """Prepare ``conv``'s weight in ``format`` (``"auto"`` or one of ``CONV_FORMATS``).
+
+        Only zero padding is supported; the sparse format needs ``groups == 1``.
+        ``pixels`` (output pixels per image, if known) informs ``"auto"``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise InvalidInputError(f"from_conv needs an nn.Conv2d; got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise InvalidInputError(
+                f"SparseConv2d supports padding_mode='zeros' only; got {conv.padding_mode!r}. Keep this layer dense."
+            )
+        _check_weight(conv.weight, "Conv2d")
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return cls(
+            prepare_conv2d(
+                conv.weight.detach(), bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                groups=conv.groups, format=format, pixels=pixels,
+            )
+        )
+
+    @property
+    def format(self) -> str:
+        return self.prepared.format
+
+    @property
+    def sparsity(self) -> float:
+        return self.prepared.sparsity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x, "SparseConv2d")
+        if self._dense_w is not None:
+            return torch.nn.functional.conv2d(x, self._dense_w, self._dense_b, self.stride, self.padding, self.dilation, self.groups)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise InvalidInputError(f"SparseConv2d expects [N, {self.in_channels}, H, W]; got shape {tuple(x.shape)}")
+        Ho, Wo = self.prepared.output_size(x.shape[-2], x.shape[-1])
+        y = torch.empty(*x.shape[:-3], self.out_channels, Ho, Wo, dtype=torch.float32)
+        kernels.conv2d(x.numpy(), self.prepared, out=y.numpy())
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, format={self.format!r}, sparsity={self.sparsity:.3f}"
+        )
+
+
+def _check_weight(w: torch.Tensor, kind: str) -> None:
+    if w.device.type != "cpu":
+        raise InvalidInputError(f"{kind} weight is on {w.device}; the sparse runtime is CPU-only. Call model.cpu() first.")
+    if not w.dtype.is_floating_point:
+        raise InvalidInputError(f"{kind} weight has dtype {w.dtype}; expected a float dtype (it is converted to float32)")
+
+
+def _swappable(module: nn.Module) -> bool:
+    # exact types only: subclasses (e.g. MultiheadAttention's out_proj) are read
+    # through .weight by their owners and must stay real nn.Linear modules
+    return type(module) in (nn.Linear, nn.Conv2d)
+
+
+def sparsify(
+    model: nn.Module, names: list[str] | None = None, format: str = "auto", tokens: int | None = None
+) -> dict[str, str]:
+    """Swap the model's ``nn.Linear`` / ``nn.Conv2d`` layers for sparse modules, in place.
+
+    ``names``: the layers to consider (as in ``model.named_modules()``);
+    default: every ``nn.Linear`` and ``nn.Conv2d`` (exact types). ``format``:
+    ``"auto"`` (per layer: :func:`spdy.kernels.choose_format`, which keeps a
+    layer dense where dense is predicted faster) or one format for all.
+    ``tokens``: rows per call of the Linear inputs (batch x sequence), if known;
+    it informs ``"auto"`` (small token counts favour dense).
+
+    Returns ``{layer name: format}`` for every layer considered; layers left as
+    they were (``"dense"``) keep their original module. Convolutions with
+    groups > 1 or non-zero padding modes stay dense under ``"auto"``.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"sparsify needs an nn.Module; got {type(model).__name__}")
+    if format != "auto" and format not in FORMATS:
+        raise InvalidInputError(f"unknown format {format!r}; expected 'auto' or one of {FORMATS}")
+    modules = dict(model.named_modules())
+    if names is None:
+        targets = [n for n, m in modules.items() if _swappable(m)]
+    else:
+        if isinstance(names, str):
+            raise InvalidInputError("names must be a list of layer names, not a single string")
+        missing = [n for n in names if n not in modules]
+        wrong = [n for n in names if n in modules and not isinstance(modules[n], (nn.Linear, nn.Conv2d))]
+        if missing or wrong:
+            valid = [n for n, m in modules.items() if _swappable(m)]
+            raise InvalidInputError(
+                f"sparsify: {missing + wrong} are not nn.Linear/nn.Conv2d layers of this model; "
+                f"valid names include {valid[:8]}{' ...' if len(valid) > 8 else ''}"
+            )
+        targets = list(dict.fromkeys(names))
+
+    chosen: dict[str, str] = {}
+    replacement: dict[int, nn.Module] = {}
+    for name in targets:
+        m = modules[name]
+        if id(m) in replacement:
+            chosen[name] = replacement[id(m)].format  # type: ignore[union-attr]
+            continue
+        if isinstance(m, nn.Linear):
+            _check_weight(m.weight, "Linear")
+            w = m.weight.detach().float().numpy()
+            fmt = choose_format(w, tokens) if format == "auto" else format
+            if fmt == "dense" and format == "auto":
+                chosen[name] = "dense"
+                continue
+            new: nn.Module = SparseLinear.from_linear(m, format=fmt)
+        else:
+            _check_weight(m.weight, "Conv2d")
+            if format == "auto":
+                fmt = "dense"
+                if m.padding_mode == "zeros" and m.groups == 1:
+                    fmt = choose_conv_format(m.weight.detach().float().numpy(), m.groups)
+                if fmt == "dense":
+                    chosen[name] = "dense"
+                    continue
+            else:
+                fmt = format
+                if fmt not in CONV_FORMATS:
+                    raise InvalidInputError(f"layer {name!r} is a Conv2d; format {fmt!r} is not one of {CONV_FORMATS}")
+            new = SparseConv2d.from_conv(m, format=fmt)
+        replacement[id(m)] = new
+        chosen[name] = fmt
+
+    # replace every reference (a module shared under several names included)
+    for parent in model.modules():
+        # _modules, not named_children(): the latter skips a repeated child
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacement:
+                setattr(parent, child_name, replacement[id(child)])
+    counts = {f: sum(1 for v in chosen.values() if v == f) for f in sorted(set(chosen.values()))}
+    log.info("sparsify: %d layers considered, formats %s", len(chosen), counts)
+    return chosen
+
+
+def layer_formats(model: nn.Module) -> dict[str, str]:
+    """``{name: format}`` of the sparse modules currently in ``model``."""
+    return {n: m.format for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
+

@@ -1,0 +1,82 @@
+"""Exactness of the sparse Conv2d kernels against torch's conv2d in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import spdy.kernels as K
+from spdy.errors import InvalidInputError
+
+
+def _ref(x, w, b, stride, padding, dilation, groups=1) -> np.ndarray:
+    return torch.nn.functional.conv2d(
+        torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+        None if b is None else torch.from_numpy(b).double(), stride, padding, dilation, groups,
+    ).numpy()
+
+
+@pytest.mark.parametrize("fmt", K.CONV_FORMATS)
+@pytest.mark.parametrize(
+    "n,c,o,h,w,k,stride,padding,dilation,sparsity",
+    [
+        (1, 1, 1, 1, 1, 1, 1, 0, 1, 0.0),  # smallest
+        (1, 3, 8, 7, 7, 3, 1, 1, 1, 0.5),
+        (2, 16, 32, 14, 14, 3, 1, 1, 1, 0.9),  # batch 2
+        (1, 5, 4, 9, 6, 3, 2, 1, 1, 0.3),  # stride 2, odd sizes
+        (1, 8, 8, 10, 10, 1, 1, 0, 1, 0.0),  # 1x1
+        (1, 8, 8, 10, 10, 3, 1, 2, 2, 0.7),  # dilation
+        (2, 4, 6, 11, 9, (3, 1), (2, 1), (1, 0), 1, 0.5),  # rectangular kernel and stride
+        (1, 6, 3, 5, 5, 3, 1, 1, 1, 1.0),  # everything pruned
+        (1, 4, 5, 13, 12, 5, 3, 2, 1, 0.6),  # stride 3
+        (1, 9, 7, 40, 37, (2, 4), 2, (0, 3), (2, 1), 0.8),  # stride-2 vectorized path, asymmetric everything
+        (1, 64, 64, 20, 20, 3, 1, 1, 1, 0.95),
+    ],
+)
+def test_conv_matches_torch(fmt, n, c, o, h, w, k, stride, padding, dilation, sparsity, threads) -> None:
+    rng = np.random.default_rng(n + c * 7 + o * 11 + h)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    wt = rng.standard_normal((o, c, kh, kw)).astype(np.float32) * (rng.random((o, c, kh, kw)) >= sparsity)
+    b = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    for bias in (b, None):
+        p = K.prepare_conv2d(wt, bias, stride=stride, padding=padding, dilation=dilation, format=fmt)
+        y = K.conv2d(x, p)
+        ref = _ref(x, wt, bias, stride, padding, dilation)
+        assert y.shape == ref.shape
+        np.testing.assert_allclose(y, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
+    # unbatched input and a second spatial size (a new cached plan)
+    y3 = K.conv2d(x[0], p)
+    np.testing.assert_allclose(y3, _ref(x[:1], wt, None, stride, padding, dilation)[0], atol=1e-3)
+    x2 = rng.standard_normal((1, c, h + 3, w + 1)).astype(np.float32)
+    np.testing.assert_allclose(K.conv2d(x2, p), _ref(x2, wt, None, stride, padding, dilation), atol=1e-3)
+
+
+def test_conv_zero_channels_and_same_padding() -> None:
+    rng = np.random.default_rng(7)
+    wt = rng.standard_normal((12, 10, 3, 3)).astype(np.float32) * (rng.random((12, 10, 3, 3)) > 0.5)
+    wt[:, 2:6] = 0  # unused input channels
+    wt[3:9] = 0  # empty output channels
+    x = rng.standard_normal((1, 10, 15, 15)).astype(np.float32)
+    p = K.prepare_conv2d(wt, None, padding="same", format="csr")
+    np.testing.assert_allclose(K.conv2d(x, p), _ref(x, wt, None, 1, 1, 1), atol=1e-4)
+
+
+def test_conv_validation_and_groups() -> None:
+    w = np.ones((4, 2, 3, 3), np.float32)
+    with pytest.raises(InvalidInputError, match="groups=1"):
+        K.prepare_conv2d(w, groups=2, format="csr")
+    p = K.prepare_conv2d(w, groups=2, format="auto")  # grouped: auto keeps it dense
+    assert p.format == "dense"
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(K.conv2d(x, p), _ref(x, w, None, 1, 0, 1, groups=2), atol=1e-4)
+    with pytest.raises(InvalidInputError, match="same"):
+        K.prepare_conv2d(np.ones((1, 1, 2, 2), np.float32), padding="same")
+    with pytest.raises(InvalidInputError, match="4 dimensions"):
+        K.prepare_conv2d(np.ones((2, 2), np.float32))
+    pc = K.prepare_conv2d(np.ones((1, 3, 3, 3), np.float32) * (np.arange(27).reshape(1, 3, 3, 3) % 2), format="csr")
+    with pytest.raises(InvalidInputError, match=r"\[N, 3, H, W\]"):
+        K.conv2d(np.ones((1, 4, 5, 5), np.float32), pc)
+    with pytest.raises(InvalidInputError, match="smaller than the kernel"):
+        K.conv2d(np.ones((1, 3, 2, 2), np.float32), pc)

