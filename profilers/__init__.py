@@ -6,7 +6,12 @@ kernels), ``ort-cpu`` (ONNX Runtime CPU), ``torch-cuda`` (PyTorch on an NVIDIA G
 :class:`~spdy.profile.Profile`; ``validate`` checks it against end-to-end runs.
 """
 
-from spdy.profilers.base import (
+try:  # before torch: lets torch and the spdy kernels share one OpenMP thread pool
+    import spdy.kernels  # noqa: F401
+except ImportError:  # pragma: no cover - numba missing; spdy-cpu then reports itself unavailable
+    pass
+
+from spdy.profilers.base import (  # noqa: E402
     DENSE,
     QUICK_POLICY,
     STANDIN,
@@ -15,12 +20,13 @@ from spdy.profilers.base import (
     LevelTiming,
     Timing,
     TimingPolicy,
+    as_numpy,
     available_backends,
     backend_names,
     get_backend,
     register,
 )
-from spdy.profilers.profiler import profile_model, validate, validation_error
+from spdy.profilers.profiler import profile_model, validate, validation_error  # noqa: E402
 
 __all__ = [
     "DENSE",
@@ -31,6 +37,7 @@ __all__ = [
     "LevelTiming",
     "Timing",
     "TimingPolicy",
+    "as_numpy",
     "available_backends",
     "backend_names",
     "get_backend",

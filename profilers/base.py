@@ -104,7 +104,8 @@ class TimingPolicy:
 
 #: Short timings for tests and smoke runs.
 QUICK_POLICY = TimingPolicy(warmup_calls=1, min_repeats=5, max_repeats=10, target_ci=0.2, max_seconds=0.2,
-                            min_samples=3, min_sample_s=1e-4, race_after=3, passes=1, model_min_repeats=5)
+                            min_samples=3, min_sample_s=1e-4, race_after=3, passes=1, model_min_repeats=5,
+                            patience_s=5.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,18 @@ class Timing:
         spread = iqr / med if med > 0 else 0.0
         ci = 1.57 * spread / math.sqrt(len(arr)) if len(arr) >= 2 else math.inf
         return cls(med, spread, ci, len(arr), inner, dropped, discarded)
+
+
+def as_numpy(out: Any) -> np.ndarray:
+    """A runner's output (torch tensor, ONNX Runtime OrtValue or numpy array) as a float32 numpy array."""
+    if isinstance(out, np.ndarray):
+        return out.astype(np.float32, copy=False)
+    mod = type(out).__module__
+    if mod.startswith("torch"):
+        return out.detach().float().cpu().numpy()
+    if hasattr(out, "numpy"):
+        return np.asarray(out.numpy(), dtype=np.float32)
+    raise InvalidInputError(f"cannot read a runner output of type {type(out).__name__} as an array")
 
 
 class CpuPressure:
@@ -244,7 +257,8 @@ class Backend(ABC):
 
     @abstractmethod
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
-        """A zero-argument callable running the layer once on an input of ``spec.input_shape``.
+        """A zero-argument callable running the layer once on an input of ``spec.input_shape``
+        and returning its output (readable with :func:`as_numpy`).
 
         ``x`` is that input (float32); None means random values.
         """
@@ -252,7 +266,8 @@ class Backend(ABC):
     @abstractmethod
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         """A zero-argument callable running ``bundle``'s model once on ``bundle.example``, end to end,
-        with each layer named in ``choices`` run as chosen (layers not named stay as they are).
+        with each layer named in ``choices`` run as chosen (layers not named stay as they are);
+        it returns the model's output (readable with :func:`as_numpy`).
         """
 
     def layer_call_overhead_s(self) -> float:

@@ -273,12 +273,12 @@ def export_model(bundle: Any, specs: list[LayerSpec]) -> ExportedModel:
 
 
 def rewrite_model(exported: ExportedModel, specs: Mapping[str, LayerSpec], choices: Mapping[str, Any],
-                  standin_shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, dict[str, np.ndarray]]:
+                  standin_shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, dict[str, np.ndarray], dict[str, str]]:
     """A copy of the exported model with each chosen layer rewritten.
 
     ``choices[name]`` is a :class:`~spdy.profilers.base.LayerChoice`; format ``standin``
     turns the layer's output into a graph input named after the layer (fed at run time).
-    Returns the model and its sparse inputs.
+    Returns the model, its sparse inputs (name -> weight) and the stand-ins' inputs (layer -> name).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -296,6 +296,8 @@ def rewrite_model(exported: ExportedModel, specs: Mapping[str, LayerSpec], choic
             remove[nn] = name
     drop_inits = {i for name in choices for i in exported.sites[name].initializers}
     new_nodes, new_inits, new_inputs, sparse = [], [], [], {}
+    standin_inputs: dict[str, str] = {}
+    graph_outputs = {o.name for o in g.output}
     emitted: set[str] = set()
     for i, node in enumerate(g.node):
         layer = remove.get(node.name)
@@ -307,7 +309,12 @@ def rewrite_model(exported: ExportedModel, specs: Mapping[str, LayerSpec], choic
         emitted.add(layer)
         site, ch = exported.sites[layer], choices[layer]
         if ch.fmt == STANDIN:
-            new_inputs.append(helper.make_tensor_value_info(site.y, TensorProto.FLOAT, list(standin_shapes[layer])))
+            feed = site.y
+            if site.y in graph_outputs:  # a graph input cannot be the graph output itself
+                feed = f"{site.y}/standin"
+                new_nodes.append(helper.make_node("Identity", [feed], [site.y], name=f"spdy{i}/standin"))
+            new_inputs.append(helper.make_tensor_value_info(feed, TensorProto.FLOAT, list(standin_shapes[layer])))
+            standin_inputs[layer] = feed
             continue
         lg = layer_nodes(specs[layer], ch.fmt, site.x, site.y, f"spdy{i}", ch.weight, ch.bias)
         new_nodes += lg.nodes
@@ -328,4 +335,4 @@ def rewrite_model(exported: ExportedModel, specs: Mapping[str, LayerSpec], choic
     g.value_info.extend(kept_vi)
     if not any(o.domain == MS_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return m, sparse
+    return m, sparse, standin_inputs

@@ -8,7 +8,12 @@ above ~97% sparsity (``shared/DESIGN.md``). Conv2d layers run dense only (ORT ha
 sparse convolution).
 
 All sessions share ONNX Runtime's global thread pool, sized once per process to the
-backend's thread count, so that only one pool ever spins. Every session uses the same
+backend's thread count, so that only one pool ever spins (a layer's formats are timed
+interleaved, one session each: with a pool per session, idle pools would spin while
+another session runs). Once that pool exists, every ORT session in the process must
+set ``use_per_session_threads = False`` (use :meth:`OrtCpuBackend.session_options`);
+``shared_pool=False`` keeps ORT usable for other code in the process (e.g. test
+suites), at the price of one pool per session. Every session uses the same
 options (graph optimisation level ``all``, as deployments do). A layer alone runs in its
 own one-layer session; the fixed cost of a ``Run`` call (measured on an empty graph) is
 subtracted from layer times, because inside the model a layer pays no such cost.
@@ -30,11 +35,15 @@ from spdy.types import LayerSpec
 
 log = logging.getLogger(__name__)
 
-_GLOBAL_POOL_THREADS: int | None = None
+_GLOBAL_POOL_THREADS: int | None = None  # None: not tried; -1: ORT's environment existed already
 
 
 def _global_pool(threads: int) -> bool:
-    """Size ORT's global thread pool once per process; False if it already has another size."""
+    """Size ORT's global thread pool (once per process). False if ORT was already in use without one.
+
+    Once the global pool exists, every session in the process must use it; a second
+    backend with another thread count cannot have its own pool, so that is refused.
+    """
     global _GLOBAL_POOL_THREADS
     if _GLOBAL_POOL_THREADS is None:
         import onnxruntime.capi._pybind_state as C
@@ -42,27 +51,43 @@ def _global_pool(threads: int) -> bool:
         try:
             C.set_global_thread_pool_sizes(threads, 1)
         except Exception as exc:  # the environment already exists
-            log.warning("cannot size ONNX Runtime's global thread pool (%s); using per-session pools", exc)
+            log.warning("cannot create ONNX Runtime's global thread pool (ORT was used before in this process: %s); "
+                        "each session gets its own pool", exc)
             _GLOBAL_POOL_THREADS = -1
             return False
         _GLOBAL_POOL_THREADS = threads
-    return _GLOBAL_POOL_THREADS == threads
+    if _GLOBAL_POOL_THREADS == -1:
+        return False
+    if _GLOBAL_POOL_THREADS != threads:
+        raise InvalidInputError(
+            f"ONNX Runtime's global thread pool in this process has {_GLOBAL_POOL_THREADS} threads; an ort-cpu "
+            f"backend with {threads} threads needs a new process (or pass threads={_GLOBAL_POOL_THREADS})"
+        )
+    return True
 
 
-def _ortvalue(arr: np.ndarray) -> Any:
+def _ortvalue(arr: np.ndarray, keep: list[Any]) -> Any:
+    """An OrtValue over ``arr``'s memory (no copy); ``arr`` is appended to ``keep``, which must outlive it."""
     import onnxruntime as ort
 
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    keep.append(arr)
+    return ort.OrtValue.ortvalue_from_numpy(arr)
 
 
-def sparse_ortvalue(w: np.ndarray) -> Any:
-    """A COO sparse OrtValue of the dense-with-zeros matrix ``w`` (linear indices)."""
+def sparse_ortvalue(w: np.ndarray, keep: list[Any]) -> Any:
+    """A COO sparse OrtValue of the dense-with-zeros matrix ``w`` ((row, col) index pairs, row-major).
+
+    On the CPU ORT points into the value and index arrays; they go to ``keep``, which must outlive it.
+    """
     import onnxruntime as ort
 
-    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-    idx = np.flatnonzero(flat).astype(np.int64)
-    vals = np.ascontiguousarray(flat[idx])
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    idx = np.ascontiguousarray(np.argwhere(w != 0).astype(np.int64))  # [nnz, 2]; the op wants 2-D indices
+    vals = np.ascontiguousarray(w[w != 0])
+    keep += [vals, idx]
     st = ort.SparseTensor.sparse_coo_from_numpy(list(w.shape), vals, idx, ort.OrtDevice.make("cpu", 0))
+    keep.append(st)
     return ort.OrtValue.ort_value_from_sparse_tensor(st)
 
 
@@ -73,7 +98,8 @@ class OrtCpuBackend(Backend):
     name = "ort-cpu"
     description = "ONNX Runtime CPU: dense MatMul/Gemm/Conv or com.microsoft.SparseToDenseMatMul (COO)"
 
-    def __init__(self, threads: int | None = None, policy: Any = None) -> None:
+    def __init__(self, threads: int | None = None, policy: Any = None, shared_pool: bool = True) -> None:
+        self._want_shared_pool = bool(shared_pool)
         super().__init__(threads=threads, policy=policy)
         self._exports: "weakref.WeakKeyDictionary[Any, tuple[ExportedModel, dict[str, Any]]]" = weakref.WeakKeyDictionary()
         self._overhead_s: float | None = None
@@ -88,10 +114,10 @@ class OrtCpuBackend(Backend):
         return None
 
     def _configure_threads(self) -> None:
-        self._shared_pool = _global_pool(self.threads)
-        if not self._shared_pool:
-            log.warning("ONNX Runtime's global pool has another size; this backend uses per-session pools of %d "
-                        "threads (make one ort-cpu backend per process for the best timings)", self.threads)
+        if self._want_shared_pool or (_GLOBAL_POOL_THREADS or -1) > 0:
+            self._shared_pool = _global_pool(self.threads)
+        else:
+            self._shared_pool = False
 
     def session_options(self) -> Any:
         import onnxruntime as ort
@@ -99,10 +125,11 @@ class OrtCpuBackend(Backend):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.use_per_session_threads = not self._shared_pool
+        if not self._shared_pool:  # with the global pool ORT ignores (and warns about) these
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
         return so
 
     def session(self, model: Any) -> Any:
@@ -130,21 +157,22 @@ class OrtCpuBackend(Backend):
     def _bound_runner(self, model: Any, feeds: Mapping[str, Any], out_name: str, out_shape: tuple[int, ...]) -> Runner:
         sess = self.session(model)
         binding = sess.io_binding()
-        keep = []
+        keep: list[Any] = []  # numpy buffers and OrtValues the binding points into
         for name, val in feeds.items():
-            v = val if not isinstance(val, np.ndarray) else _ortvalue(val)
+            v = val if not isinstance(val, np.ndarray) else _ortvalue(val, keep)
             keep.append(v)
             binding.bind_ortvalue_input(name, v)
-        out = _ortvalue(np.zeros(out_shape, np.float32))
+        out_buf = np.zeros(out_shape, np.float32)
+        out = _ortvalue(out_buf, keep)
         binding.bind_ortvalue_output(out_name, out)
         run_with = sess.run_with_iobinding
 
-        def run() -> Any:
+        def run() -> np.ndarray:
             run_with(binding)
-            return out
+            return out_buf  # ORT wrote into it; the array keeps its memory alive
 
         run.session = sess  # type: ignore[attr-defined]
-        run.keep = (keep, out)  # type: ignore[attr-defined]  # OrtValues must outlive the binding
+        run.keep = (keep, out, binding)  # type: ignore[attr-defined]  # buffers must outlive the binding
         return run
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
@@ -156,8 +184,11 @@ class OrtCpuBackend(Backend):
         if tuple(x.shape) != tuple(spec.input_shape):
             raise InvalidInputError(f"layer {spec.name!r}: input has shape {x.shape}; the spec says {spec.input_shape}")
         model, sparse = single_layer_model(spec, choice.fmt, choice.weight, choice.bias)
-        feeds: dict[str, Any] = {"x": x, **{n: sparse_ortvalue(w) for n, w in sparse.items()}}
-        return self._bound_runner(model, feeds, "y", output_shape(spec))
+        keep: list[Any] = []
+        feeds: dict[str, Any] = {"x": x, **{n: sparse_ortvalue(w, keep) for n, w in sparse.items()}}
+        run = self._bound_runner(model, feeds, "y", output_shape(spec))
+        run.sparse_buffers = keep  # type: ignore[attr-defined]
+        return run
 
     def run_overhead_s(self) -> float:
         """The fixed cost of one bound ``Run`` call (an Identity on one float), measured once."""
@@ -193,11 +224,14 @@ class OrtCpuBackend(Backend):
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         exported, info = self._export(bundle)
         outs = info["outputs"]
-        model, sparse = rewrite_model(exported, info["specs"], choices,
-                                      {n: outs[n].shape for n, c in choices.items() if c.fmt == STANDIN})
+        model, sparse, standin_inputs = rewrite_model(
+            exported, info["specs"], choices, {n: outs[n].shape for n, c in choices.items() if c.fmt == STANDIN}
+        )
         feeds: dict[str, Any] = dict(exported.inputs)
-        for n, c in choices.items():
-            if c.fmt == STANDIN:
-                feeds[exported.sites[n].y] = outs[n]
-        feeds.update({n: sparse_ortvalue(w) for n, w in sparse.items()})
-        return self._bound_runner(model, feeds, exported.output_name, exported.output_shape)
+        for layer, name in standin_inputs.items():
+            feeds[name] = outs[layer]
+        keep: list[Any] = []
+        feeds.update({n: sparse_ortvalue(w, keep) for n, w in sparse.items()})
+        run = self._bound_runner(model, feeds, exported.output_name, exported.output_shape)
+        run.sparse_buffers = keep  # type: ignore[attr-defined]
+        return run

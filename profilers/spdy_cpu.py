@@ -1,5 +1,113 @@
-"""``spdy-cpu``: the project's own CPU sparse kernels (``spdy.runtime``), placeholder until they land."""
+"""``spdy-cpu``: the project's own CPU sparse kernels (:mod:`spdy.kernels` via :mod:`spdy.runtime`).
+
+A pruned model runs in PyTorch with its prunable layers swapped for
+:class:`spdy.runtime.SparseLinear` / :class:`spdy.runtime.SparseConv2d` (the rest of
+the model, and dense layers, stay torch). Each level is timed in every kernel format
+the runtime offers (:data:`spdy.kernels.FORMATS`: ``dense`` = torch's own
+``nn.Linear``, ``csr``, ``bcsr4``; :data:`spdy.kernels.CONV_FORMATS` for Conv2d)
+and the fastest is kept. Level 0 (unpruned) is timed in every format too, so the
+dense baseline is the fastest way this runtime runs the unpruned layer.
+
+To deploy with the profile's predictions, build each layer in the format the
+profile records for its level (``profile.formats[layer][level]``), e.g.
+``SparseLinear.from_linear(linear, format=fmt)``; ``sparsify(format="auto")`` uses a
+fixed rule that may pick another format.
+
+Torch and Numba share one OpenMP runtime only if :mod:`spdy.kernels` is imported
+before torch (``spdy.profilers`` does so); the fingerprint records whether that worked.
+"""
 
 from __future__ import annotations
 
-from spdy.profilers.torch_backends import TorchRuntimeBackend
+import logging
+from typing import Any
+
+import numpy as np
+
+from spdy.errors import InvalidInputError
+from spdy.profilers.base import DENSE, LayerChoice, register
+from spdy.profilers.torch_backends import TorchRuntimeBackend, dense_module
+from spdy.types import LayerSpec
+
+log = logging.getLogger(__name__)
+
+
+@register
+class SpdyCpuBackend(TorchRuntimeBackend):
+    """The project's Numba sparse kernels inside a PyTorch model, fp32 on the CPU."""
+
+    name = "spdy-cpu"
+    description = "spdy's Numba sparse CPU kernels (spdy.runtime): dense, csr or bcsr4 per level, fastest kept"
+
+    def __init__(self, threads: int | None = None, policy: Any = None) -> None:
+        super().__init__(threads=threads, policy=policy, dtype="float32")
+        from spdy import kernels
+
+        secs = kernels.warmup()
+        log.debug("spdy kernels ready in %.1f s (compile or cache load)", secs)
+        status = kernels.openmp_status()
+        if not status.get("shared", True):
+            log.warning("torch and the spdy kernels use two OpenMP runtimes (%s): timings suffer. Import spdy "
+                        "(or spdy.kernels) before torch.", status)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import spdy.runtime  # noqa: F401
+        except ImportError as exc:
+            return f"the spdy CPU kernels cannot be imported ({exc}); install spdy with its numba dependency"
+        return None
+
+    def _configure_threads(self) -> None:
+        from spdy import kernels
+
+        kernels.set_num_threads(self.threads)
+
+    def runtime_fingerprint(self) -> dict[str, Any]:
+        import numba
+
+        from spdy import kernels
+
+        status = kernels.openmp_status()
+        return {
+            **super().runtime_fingerprint(),
+            "numba_threads": int(numba.get_num_threads()),
+            "numba_threading_layer": _threading_layer(),
+            "openmp_shared": bool(status.get("shared", False)),
+            "kernel_formats": list(kernels.FORMATS),
+        }
+
+    def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
+        from spdy import kernels
+
+        if spec.kind == "linear":
+            return tuple(kernels.FORMATS)
+        if sparsity > 0:
+            return tuple(kernels.CONV_FORMATS)
+        return (DENSE,)
+
+    def make_module(self, spec: LayerSpec, choice: LayerChoice) -> Any:
+        from spdy import runtime
+
+        base = dense_module(spec, choice)
+        if choice.fmt == DENSE:
+            return base  # the runtime keeps dense layers as the original torch module
+        if spec.kind == "linear":
+            if choice.fmt not in runtime.FORMATS:
+                raise InvalidInputError(f"spdy-cpu has no Linear format {choice.fmt!r}; expected one of {runtime.FORMATS}")
+            return runtime.SparseLinear.from_linear(base, format=choice.fmt).eval()
+        if choice.fmt not in runtime.CONV_FORMATS:
+            raise InvalidInputError(f"spdy-cpu has no Conv2d format {choice.fmt!r}; expected one of {runtime.CONV_FORMATS}")
+        return runtime.SparseConv2d.from_conv(base, format=choice.fmt).eval()
+
+    def _input(self, spec: LayerSpec, x: np.ndarray | Any | None) -> Any:
+        return super()._input(spec, x)
+
+
+def _threading_layer() -> str:
+    try:
+        from spdy import kernels
+
+        return str(kernels.threading_layer())
+    except Exception:  # Numba raises ValueError before the first parallel call
+        return "unknown"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import subprocess
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -220,7 +221,9 @@ class CsrLinear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = weight.to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.weight = weight.to_sparse_csr()
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""``spdy profile``: measure a model's latency table on a backend, and check it end to end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """\
+examples:
+  spdy profile --model minilm --backend spdy-cpu -o profile.json
+  spdy profile --model minilm --backend ort-cpu --threads 1 --validate 10 -o minilm-ort1.json
+  spdy profile --model mypkg.models:build --backend spdy-cpu --grid-levels 0 0.5 0.7 0.9 0.95 -o p.json
+  spdy profile --model minilm --backend spdy-cpu --from profile.json --validate 10 -o profile.json
+
+The profile holds, per prunable layer and sparsity level, the time of the fastest
+kernel format the backend's runtime offers, plus the base time (everything else,
+measured with each prunable layer replaced by a zero-cost stand-in). --validate K
+draws K random per-layer levels, runs each pruned model end to end and records
+predicted against measured time in the profile. --from re-validates an existing
+profile; one made for another model or on other hardware is refused unless --force.
+Backends: spdy-cpu (spdy's sparse CPU kernels), ort-cpu (ONNX Runtime CPU),
+torch-cuda (NVIDIA GPU), torch-cpu (PyTorch dense and CSR).
+"""
+
+
+def register(subparsers: Any) -> None:
+    from spdy.cli import HelpFormatter
+
+    p = subparsers.add_parser(
+        "profile",
+        help="measure per-layer, per-sparsity latencies of a model on this hardware",
+        description="Measure a latency profile: per prunable layer and sparsity level, the time of the fastest "
+        "kernel format, plus the base time of everything else, on this machine.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="built-in model name (minilm) or package.module:factory%(default).0s")
+    p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, ort-cpu, torch-cuda or torch-cpu")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: the usable cores)%(default).0s")
+    p.add_argument("--validate", type=int, default=0, metavar="K",
+                   help="time K random pruned models end to end and record predicted vs measured")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random level vectors for --validate")
+    p.add_argument("--grid-levels", type=float, nargs="+", default=None, metavar="S",
+                   help="sparsity levels to time (0 is added if missing; default: SPDY's 42-level grid)%(default).0s")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="layers (glob on the module name) that stay dense; their time goes into the base; repeatable%(default).0s")
+    p.add_argument("--passes", type=int, default=None,
+                   help="passes over all layers; each level's time is the median over passes (default: 3)%(default).0s")
+    p.add_argument("--quick", action="store_true", help="few repeats, one pass: a smoke test, not a profile to trust")
+    p.add_argument("--from", dest="from_profile", default=None, metavar="PROFILE",
+                   help="re-validate this existing profile instead of measuring a new one%(default).0s")
+    p.add_argument("--force", action="store_true",
+                   help="use a --from profile made for another model signature or on other hardware")
+    p.add_argument("-o", "--output", required=True, help="profile JSON to write%(default).0s")
+    p.set_defaults(func=run)
+
+
+def _grid(levels: list[float] | None) -> Any:
+    from spdy.grid import DEFAULT_GRID, SparsityGrid
+
+    if not levels:
+        return DEFAULT_GRID
+    lv = sorted(set(float(s) for s in levels))
+    if lv[0] != 0.0:
+        lv = [0.0, *lv]
+    return SparsityGrid(tuple(lv))
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from spdy.errors import InvalidInputError
+    from spdy.profilers import QUICK_POLICY, TimingPolicy
+
+    policy = QUICK_POLICY if args.quick else TimingPolicy()
+    if args.passes is not None:
+        if args.passes < 1:
+            raise InvalidInputError(f"--passes must be >= 1; got {args.passes}")
+        policy = dataclasses.replace(policy, passes=args.passes)
+    return policy
+
+
+class _Bar:
+    """A tqdm bar fed by the library's ``progress(done, total, what)`` callbacks."""
+
+    def __init__(self, desc: str, unit: str) -> None:
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix_str(what[-40:], refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    import spdy.profilers  # noqa: F401  - first: the spdy kernels must load before torch
+    from spdy.errors import InvalidInputError
+    from spdy.models.base import load_model
+    from spdy.profile import load_profile, save_profile
+    from spdy.profilers import get_backend, profile_model, validate, validation_error
+
+    if args.validate < 0:
+        raise InvalidInputError(f"--validate must be >= 0; got {args.validate}")
+    bundle = load_model(args.model, exclude=args.exclude)
+    backend = get_backend(args.backend, threads=args.threads, policy=_policy(args))
+    specs = bundle.layers()
+    t0 = time.perf_counter()
+    if args.from_profile:
+        profile = load_profile(args.from_profile, specs=specs, fingerprint=backend.fingerprint(), force=args.force)
+        if profile.backend != backend.name:
+            raise InvalidInputError(
+                f"{args.from_profile} was measured with backend {profile.backend!r}; pass --backend {profile.backend}"
+            )
+        print(f"loaded {args.from_profile}: {len(profile.table.layers)} layers x {len(profile.table.grid)} levels")
+    else:
+        grid = _grid(args.grid_levels)
+        print(f"profiling {bundle.name} on {backend.name} ({backend.threads} threads): "
+              f"{len(specs)} layers x {len(grid)} levels, {backend.policy.passes} passes")
+        bar = _Bar("profile", "layer")
+        try:
+            profile = profile_model(bundle, backend, grid, specs=specs, progress=bar)
+        finally:
+            bar.close()
+        print(f"measured in {time.perf_counter() - t0:.0f} s")
+    t = profile.table
+    if args.validate:
+        bar = _Bar("validate", "model")
+        bar(0, args.validate, "end-to-end runs")
+        try:
+            records = validate(profile, bundle, backend, k=args.validate, seed=args.seed, progress=bar)
+        finally:
+            bar.close()
+        profile = profile.with_validation(records)
+    save_profile(profile, args.output)
+    dense_measured = profile.settings.get("dense_measured_s")
+    print(f"base {t.base_s * 1e3:.2f} ms, dense total {t.dense_total_s * 1e3:.2f} ms (predicted)"
+          + (f", {dense_measured * 1e3:.2f} ms (measured)" if dense_measured else "")
+          + f", max speedup {t.max_speedup():.2f}x")
+    stats = backend.stats
+    if stats["discarded"]:
+        print(f"{stats['discarded']} of {stats['samples'] + stats['discarded']} samples discarded: other processes "
+              "competed for the CPU" + (" (gave up waiting; re-run on a quiet machine)" if stats["busy_giveups"] else ""))
+    if profile.validation:
+        print(f"{'predicted ms':>13} {'measured ms':>12} {'error':>7}")
+        for r in profile.validation:
+            print(f"{r['predicted_s'] * 1e3:13.2f} {r['measured_s'] * 1e3:12.2f} "
+                  f"{(r['predicted_s'] / r['measured_s'] - 1) * 100:+6.1f}%")
+        err = validation_error(profile.validation)
+        if not math.isnan(err):
+            print(f"median |predicted - measured| / measured: {err * 100:.1f}% over {len(profile.validation)} models")
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,58 @@
+"""``spdy profile``: the command end to end on a tiny model (torch-cpu, 3 levels, quick timing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spdy.cli import main
+
+MODEL = "profiler_tiny_models:mlp"
+
+
+def _profile(tmp_path, *extra):
+    out = tmp_path / "p.json"
+    rc = main(["-q", "profile", "--model", MODEL, "--backend", "torch-cpu", "--threads", "1",
+               "--grid-levels", "0.5", "0.9", "--quick", "-o", str(out), *extra])
+    return rc, out
+
+
+def test_profile_writes_a_validated_profile(tmp_path, capsys):
+    rc, out = _profile(tmp_path, "--validate", "2")
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["schema"] == "spdy.profile" and d["backend"] == "torch-cpu" and d["grid"] == [0.0, 0.5, 0.9]
+    assert len(d["layers"]) == 3 and len(d["validation"]) == 2
+    assert all(len(rec["times_s"]) == 3 and len(rec["formats"]) == 3 for rec in d["layers"])
+    assert d["settings"]["threads"] == 1 and d["fingerprint"]["threads"] == 1
+    text = capsys.readouterr().out
+    assert "median |predicted - measured| / measured" in text and "wrote" in text
+
+
+def test_from_revalidates_and_refuses_other_hardware_unless_forced(tmp_path, capsys):
+    rc, out = _profile(tmp_path)
+    assert rc == 0
+    d = json.loads(out.read_text())
+    d["fingerprint"]["cpu_model"] = "some other CPU"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(d))
+    args = ["-q", "profile", "--model", MODEL, "--backend", "torch-cpu", "--threads", "1", "--quick",
+            "--from", str(other), "--validate", "1", "-o", str(tmp_path / "v.json")]
+    assert main(args) == 1
+    assert "other hardware" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    assert len(json.loads((tmp_path / "v.json").read_text())["validation"]) == 1
+
+
+def test_unknown_backend_is_one_clear_line(tmp_path, capsys):
+    rc = main(["profile", "--model", MODEL, "--backend", "tpu", "-o", str(tmp_path / "x.json")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "unknown latency backend 'tpu'" in err and "Traceback" not in err
+
+
+def test_help_has_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    assert "spdy profile --model minilm --backend spdy-cpu" in capsys.readouterr().out

@@ -1,0 +1,216 @@
+"""The shared timing discipline, with a fake clock: stopping rules, races, contention, passes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from spdy.errors import BackendUnavailableError, InvalidInputError
+from spdy.profilers import DENSE, LayerChoice, Timing, TimingPolicy, available_backends, get_backend
+from spdy.profilers.base import Backend, _combine, LevelTiming
+from spdy.profilers.pruning import LevelPruner, magnitude_prune, prune_n_m, random_level_vectors
+from spdy.types import LayerSpec
+
+
+class FakeRunner:
+    """A runner whose 'time' comes from a sequence (cycled)."""
+
+    def __init__(self, times):
+        self.times = list(times)
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+
+
+class FakePressure:
+    def __init__(self):
+        self.available = True
+        self.total = 0.0
+        self.busy = False
+
+    def read(self):
+        if self.busy:
+            self.total += 1.0  # a whole second of stall per read: every sample is disturbed
+        return self.total
+
+
+class FakeBackend(Backend):
+    name = "fake"
+
+    def __init__(self, policy, layer_times=None):
+        super().__init__(threads=1, policy=policy)
+        self.layer_times = layer_times or {}
+
+    def _sample(self, fn, inner):
+        fn()
+        return fn.times[(fn.calls - 1) % len(fn.times)]
+
+    def layer_formats(self, spec, sparsity):
+        return (DENSE, "sparse") if sparsity > 0 else (DENSE,)
+
+    def layer_runner(self, spec, choice, x=None):
+        return FakeRunner(self.layer_times[(choice.fmt, round(choice.sparsity, 3))])
+
+    def model_runner(self, bundle, choices):
+        return FakeRunner([1.0])
+
+
+POLICY = TimingPolicy(warmup_calls=1, min_repeats=10, max_repeats=50, target_ci=0.02, max_seconds=1e9,
+                      min_samples=3, min_sample_s=0.0, race_after=5, passes=1, max_stall=math.inf)
+
+
+def test_steady_runner_stops_at_min_repeats():
+    be = FakeBackend(POLICY)
+    r = FakeRunner([1e-3])
+    (t,) = be.measure([r])
+    assert t.n == POLICY.min_repeats and t.median_s == pytest.approx(1e-3) and t.spread == 0
+
+
+def test_noisy_runner_runs_to_max_repeats_and_reports_spread():
+    be = FakeBackend(POLICY)
+    r = FakeRunner([1e-3, 2e-3, 3e-3, 1.5e-3])
+    (t,) = be.measure([r])
+    assert t.n == POLICY.max_repeats and t.spread > 0.3
+    assert t.median_s == pytest.approx(np.median([1e-3, 2e-3, 3e-3, 1.5e-3]), rel=0.3)
+
+
+def test_time_cap_stops_slow_runners():
+    be = FakeBackend(dataclasses.replace(POLICY, max_seconds=0.5))
+    (t,) = be.measure([FakeRunner([0.1, 0.2])])
+    assert t.n == POLICY.min_samples  # 3 samples reach the 0.5 s cap
+
+
+def test_runners_are_interleaved_round_by_round():
+    order = []
+
+    class Rec(FakeRunner):
+        def __call__(self):
+            super().__call__()
+            order.append(self)
+
+    be = FakeBackend(dataclasses.replace(POLICY, warmup_calls=0, min_repeats=3, max_repeats=3))
+    a, b = Rec([1e-3]), Rec([2e-3])
+    be.measure([a, b])
+    timed = order[2:]  # after one warm-up call each
+    assert timed == [a, b] * 3
+
+
+def test_a_clear_loser_is_dropped_early():
+    be = FakeBackend(POLICY)
+    fast, slow = FakeRunner([1e-3, 1.2e-3]), FakeRunner([5e-3, 6e-3])
+    t_fast, t_slow = be.measure([fast, slow], rivals=[[1], [0]])
+    assert t_slow.dropped and t_slow.n == POLICY.race_after
+    assert not t_fast.dropped and t_fast.n > t_slow.n
+
+
+def test_disturbed_samples_are_discarded_until_patience_runs_out():
+    be = FakeBackend(dataclasses.replace(POLICY, max_stall=0.05, patience_s=1e-12, busy_sleep_s=0.0))
+    be._pressure = FakePressure()
+    be._pressure.busy = True
+    (t,) = be.measure([FakeRunner([1e-3])])
+    # every sample looked disturbed; after the patience ran out they were kept anyway
+    assert t.discarded >= 1 and t.n == POLICY.min_repeats
+    assert be.stats["busy_giveups"] == 1 and be.stats["discarded"] == t.discarded
+
+
+def test_quiet_machine_discards_nothing():
+    be = FakeBackend(dataclasses.replace(POLICY, max_stall=0.05))
+    be._pressure = FakePressure()
+    (t,) = be.measure([FakeRunner([1e-3])])
+    assert t.discarded == 0 and be.stats["discarded"] == 0
+
+
+def test_combine_takes_the_median_of_pass_medians():
+    def lt(dense, sparse):
+        c = {DENSE: Timing(dense, 0.1, 0.01, 10, 1), "sparse": Timing(sparse, 0.1, 0.01, 10, 1)}
+        fmt = min(c, key=lambda f: c[f].median_s)
+        return LevelTiming(0.5, fmt, c[fmt].median_s, 0.1, c)
+
+    # one pass hit a slow spell (x10): the median of three passes ignores it
+    out = _combine(0.5, [lt(1.0, 0.5), lt(10.0, 5.0), lt(1.1, 0.6)])
+    assert out.fmt == "sparse" and out.time_s == pytest.approx(0.6)
+    assert out.candidates[DENSE].median_s == pytest.approx(1.1)
+
+
+def test_time_layers_runs_passes_and_keeps_the_fastest_format():
+    spec = LayerSpec("l", "linear", (8, 8), (1, 4, 8))
+    times = {(DENSE, 0.0): [1e-3], ("sparse", 0.5): [0.4e-3], ("sparse", 0.9): [0.1e-3]}
+    be = FakeBackend(dataclasses.replace(POLICY, passes=3), times)
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    seen = []
+    (res,) = be.time_layers([(spec, w, None, None)], [0.0, 0.5, 0.9], on_layer=lambda d, t, n: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert [lt.fmt for lt in res] == [DENSE, "sparse", "sparse"]
+    assert [lt.time_s for lt in res] == pytest.approx([1e-3, 0.4e-3, 0.1e-3])
+
+
+def test_policy_is_validated():
+    with pytest.raises(InvalidInputError):
+        TimingPolicy(min_repeats=3, max_repeats=2)
+    with pytest.raises(InvalidInputError):
+        TimingPolicy(race_ratio=0.5)
+    assert TimingPolicy().for_models().min_repeats >= 25
+
+
+def test_registry_refuses_unknown_and_unavailable_backends():
+    with pytest.raises(BackendUnavailableError, match="unknown latency backend 'nope'.*spdy-cpu"):
+        get_backend("nope")
+    for name, reason in available_backends().items():
+        if reason:
+            with pytest.raises(BackendUnavailableError, match="cannot run here"):
+                get_backend(name)
+
+
+def test_torch_cuda_without_cuda_says_what_to_install():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    reason = available_backends()["torch-cuda"]
+    assert reason and ("CUDA" in reason or "GPU" in reason)
+
+
+def test_threads_must_be_positive():
+    with pytest.raises(InvalidInputError, match="threads must be >= 1"):
+        get_backend("torch-cpu", threads=0)
+
+
+# --------------------------------------------------------------------- pruning helpers
+
+
+def test_magnitude_prune_zeroes_the_smallest_exactly():
+    w = np.arange(1, 101, dtype=np.float32).reshape(10, 10) * np.where(np.arange(100) % 2, 1, -1).reshape(10, 10)
+    p = magnitude_prune(w, 0.3)
+    assert (p == 0).sum() == 30 and np.all(np.abs(w[p == 0]) <= 30)
+    assert (magnitude_prune(w, 0.0) == w).all() and (magnitude_prune(w, 1.0) == 0).all()
+
+
+def test_level_pruner_is_nested_and_exact():
+    w = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+    pr = LevelPruner(w)
+    prev = None
+    for s in (0.0, 0.4, 0.7, 0.99):
+        p = pr.at(s)
+        assert (p == 0).sum() == round(s * w.size)
+        if prev is not None:
+            assert np.all((prev == 0) <= (p == 0))  # zeros only grow
+        prev = p
+    assert pr.at(0.0) is pr.weight
+
+
+def test_two_four_pruning_is_valid_at_and_above_half():
+    w = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+    for s in (0.5, 0.8):
+        p = prune_n_m(w, s, 2, 4)
+        assert (np.count_nonzero(p.reshape(8, -1, 4), axis=-1) <= 2).all()
+        assert (p == 0).sum() >= round(s * w.size)
+
+
+def test_random_level_vectors_are_seeded_and_in_range():
+    a = random_level_vectors(36, 42, 5, seed=3)
+    assert a.shape == (5, 36) and a.min() >= 0 and a.max() < 42
+    assert (a == random_level_vectors(36, 42, 5, seed=3)).all()
