@@ -83,8 +83,19 @@ class Background:
         if a and b and b[0] > a[0]:
             self.samples.append(1.0 - (b[1] - a[1]) / (b[0] - a[0]))
 
-    def median(self) -> float:
-        return float(np.median(self.samples)) if self.samples else float("nan")
+    def median(self, since: int = 0) -> float:
+        """Median busy share of the samples taken after index ``since``."""
+        x = self.samples[since:]
+        return float(np.median(x)) if x else float("nan")
+
+    def wait_quiet(self, max_s: float, threshold: float = 0.25, probe_s: float = 0.05) -> float:
+        """Wait (at most ``max_s``) until other processes use < ``threshold`` of the CPU; returns the last reading."""
+        deadline = time.perf_counter() + max_s
+        while True:
+            self.pause(probe_s)
+            busy = self.samples[-1] if self.samples else 0.0
+            if busy < threshold or time.perf_counter() >= deadline:
+                return busy
 
 
 def alternate(fns: dict[str, Callable[[], Any]], bg: Background, rounds: int, per_round: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -194,6 +205,7 @@ def set_threads(n: int) -> None:
 
 
 def record(rows: list[dict[str, Any]], times: dict[str, list[float]], **key: Any) -> dict[str, float]:
+    """Append one record per method (median, min, spread, n, plus ``key``); return the medians in ms."""
     med = {}
     for method, samples in times.items():
         st = summary(samples)
@@ -203,10 +215,10 @@ def record(rows: list[dict[str, Any]], times: dict[str, list[float]], **key: Any
     return med
 
 
-def fmt_row(label: str, med: dict[str, float], fmt: str) -> str:
+def fmt_row(label: str, med: dict[str, float], fmt: str, busy: float) -> str:
     best = min(med[m] for m in ("torch-dense", "ort-dense") if m in med)
     cells = " ".join(f"{med[m]:9.3f}" if m in med else f"{'-':>9}" for m in METHODS)
-    return f"{label:>26} {cells}  {best / med['spdy']:6.2f}x  {fmt}"
+    return f"{label:>26} {cells}  {best / med['spdy']:6.2f}x  {fmt:5s} bg {busy:4.0%}"
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,7 +227,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     levels = QUICK_LEVELS if args.quick else LEVELS
     tokens_list = [128] if args.quick else [128, 512]
-    header = f"{'shape / tokens / s':>26} " + " ".join(f"{m:>9}" for m in METHODS) + "  spdy vs best dense"
+    header = f"{'shape / tokens / s':>26} " + " ".join(f"{m:>9}" for m in METHODS) + "  spdy vs best dense, format, background"
     for threads in args.threads:
         set_threads(threads)
         print(f"\n== {threads} thread(s), median ms ==\n{header}")
@@ -226,10 +238,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for s in levels:
                     W = W0 * (rng.random((O, I)) >= s).astype(np.float32)
                     fns, fmt = linear_methods(W, x, threads, set())
+                    bg.wait_quiet(args.max_wait)
+                    n0 = len(bg.samples)
                     times = alternate(fns, bg, args.rounds, args.per_round)
                     key = dict(kind="linear", shape=f"{O}x{I}", tokens=T, sparsity=s, threads=threads)
-                    med = record(rows, times, **key, format=fmt)
-                    print(fmt_row(f"{O}x{I} T={T} s={s}", med, fmt), flush=True)
+                    med = record(rows, times, **key, format=fmt, background=bg.median(n0))
+                    print(fmt_row(f"{O}x{I} T={T} s={s}", med, fmt, bg.median(n0)), flush=True)
         if args.quick:
             continue
         for cs in CONV_SHAPES:
@@ -241,10 +255,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for s in levels:
                 Wc = W0 * (rng.random(W0.shape) >= s).astype(np.float32)
                 fns, fmt = conv_methods(Wc, x, st, pad, threads)
+                bg.wait_quiet(args.max_wait)
+                n0 = len(bg.samples)
                 times = alternate(fns, bg, args.rounds, args.per_round)
                 key = dict(kind="conv2d", shape=desc, tokens=ho * ho, sparsity=s, threads=threads)
-                med = record(rows, times, **key, format=fmt)
-                print(fmt_row(f"{o}x{c}x{k}x{k}s{st}@{hw} s={s}", med, fmt), flush=True)
+                med = record(rows, times, **key, format=fmt, background=bg.median(n0))
+                print(fmt_row(f"{o}x{c}x{k}x{k}s{st}@{hw} s={s}", med, fmt, bg.median(n0)), flush=True)
     return {"records": rows, "background": bg.median()}
 
 
@@ -360,6 +376,28 @@ def ort_custom_op_study(args: argparse.Namespace) -> dict[str, Any]:
     return {"available": True, "version": onnxruntime_extensions.__version__, "unit": "us", "rows": rows}
 
 
+def render_markdown(payload: dict[str, Any]) -> str:
+    """Markdown tables (median ms per method, spdy's speedup over the fastest dense) from a results JSON."""
+    by: dict[tuple, dict[str, Any]] = {}
+    for r in payload["records"]:
+        k = (r["kind"], r["shape"], r["tokens"], r["threads"], r["sparsity"])
+        by.setdefault(k, {})[r["method"]] = r["median_ms"]
+        by[k]["format"] = r.get("format", "")
+    lines = []
+    for kind in ("linear", "conv2d"):
+        for threads in sorted({k[3] for k in by if k[0] == kind}):
+            methods = [m for m in METHODS if any(m in v for k, v in by.items() if k[0] == kind)]
+            lines.append(f"\n**{kind}, {threads} thread(s)** (median ms; last column: fastest dense / spdy)\n")
+            lines.append("| shape | tokens | sparsity | " + " | ".join(methods) + " | spdy speedup |")
+            lines.append("|---|---|---|" + "---|" * len(methods) + "---|")
+            for k in sorted(k for k in by if k[0] == kind and k[3] == threads):
+                m = by[k]
+                best = min(m["torch-dense"], m["ort-dense"])
+                cells = " | ".join(f"{m[x]:.3f}" if x in m else "-" for x in methods)
+                lines.append(f"| {k[1]} | {k[2]} | {k[4]} | {cells} | **{best / m['spdy']:.2f}x** |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here")
@@ -370,9 +408,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocked", action="store_true", help="also compare blocked-4 with unstructured")
     ap.add_argument("--ort-custom-op", action="store_true", help="also measure spdy inside ORT via onnxruntime-extensions")
     ap.add_argument("--skip-main", action="store_true", help="only the extra studies")
+    ap.add_argument("--max-wait", type=float, default=3.0,
+                    help="before each group, wait up to this many seconds for other processes to go quiet "
+                         "(default 3; at most 2 with --quick)")
+    ap.add_argument("--render", metavar="JSON", help="print markdown tables from a results file and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        import json
+
+        payload = json.loads(Path(args.render).read_text())
+        print(render_markdown(payload))
+        for line in summarize(payload["records"]):
+            print(f"- {line}")
+        return 0
     if args.rounds * args.per_round < 25:
         ap.error("rounds x per-round must be >= 25 calls per method")
+    if args.quick:
+        args.max_wait = min(args.max_wait, 2.0)
     t0 = time.time()
     result: dict[str, Any] = {"records": [], "background": float("nan")}
     if not args.skip_main:
@@ -382,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema_version": 1,
         "fingerprint": fingerprint(extra={"openmp": K.openmp_status(), "numba_threading_layer": K.threading_layer()}),
         "settings": {"quick": args.quick, "threads": args.threads, "rounds": args.rounds, "per_round": args.per_round,
-                     "warmup": 2, "pause_s": PAUSE_S, "statistic": "median"},
+                     "warmup": 2, "pause_s": PAUSE_S, "max_wait_s": args.max_wait, "statistic": "median"},
         "background": result["background"],
         "records": result["records"],
     }

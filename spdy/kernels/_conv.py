@@ -85,7 +85,7 @@ def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panel
     bounds = _row_chunks(row_cost, O, nthreads)
     for n in range(N):
         xn = n * C * H * W
-        if sh == 1 and sw == 1 and ph == 0 and pw == 0:
+        if sh == 1 and sw == 1 and ph == 0 and pw == 0 and Hq == H and Wq == W:
             # no padding, no phases (1x1 convs): the planes are the input itself
             copy_n(Xq, 0, x, xn, C * H * W)
         elif sw == 2:
