@@ -69,7 +69,7 @@ def test_sparse_linear_matches_module(threads: int) -> None:
         torch.testing.assert_close(sl.weight, lin.weight.detach())
         torch.testing.assert_close(sl.bias, lin.bias.detach())
     assert list(sl.parameters()) == []
-    assert "format='bcsr4'" in repr(sl)
+    assert "format='bcsr4x1'" in repr(sl)
 
 
 def test_sparse_conv_matches_module(threads: int) -> None:
@@ -117,7 +117,7 @@ def test_sparsify_names_format_and_dense_layers() -> None:
     with pytest.raises(InvalidInputError, match="unknown format"):
         runtime.sparsify(model, format="coo")
     with pytest.raises(InvalidInputError, match="Conv2d"):
-        runtime.sparsify(Toy(), names=["conv"], format="bcsr4")
+        runtime.sparsify(Toy(), names=["conv"], format="bcsr1x4")
     # small token counts favour dense under auto
     lin = nn.Sequential(nn.Linear(64, 64))
     _prune_(lin, 0.6)

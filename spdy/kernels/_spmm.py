@@ -26,8 +26,10 @@ Weight format (``panel-CSR``): nonzeros sorted by (panel, row, column);
 ``ptr[p * O + o] : ptr[p * O + o + 1]`` are the nonzeros of row ``o`` in panel
 ``p``; ``col`` holds the column ``j`` (uint16 when K <= 65536) or, for the
 implicit convolution, a precomputed element offset (int32); ``val`` the fp32
-weights. ``blocked-4`` stores aligned groups of 4 consecutive columns of one
-row as one entry (one index, four weights).
+weights. ``bcsr1x4`` stores aligned groups of 4 consecutive columns of one
+row as one entry (one index, four weights); ``bcsr4x1`` aligned groups of 4
+consecutive rows that share a column (one index, four weights, and each
+activation vector loaded once feeds four rows: 1.6-2x faster per nonzero).
 """
 
 from __future__ import annotations
@@ -289,6 +291,136 @@ def _row_chunks(row_cost, O, n):
     return b
 
 
+@njit(**_INLINE)
+def _rows4_64(col, val, k0, k1, mult, X, xb, Y, yb, Lt, first, b0, b1, b2, b3):
+    """4x1 blocks: rows o..o+3 (at Y[yb + q*Lt]) share each column; entry k holds their 4 weights.
+
+    16 accumulators; every activation vector loaded feeds 4 FMAs (unstructured: 1).
+    """
+    if first:
+        a0 = vbroadcast(b0)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        c0 = vbroadcast(b1)
+        c1 = c0
+        c2 = c0
+        c3 = c0
+        d0 = vbroadcast(b2)
+        d1 = d0
+        d2 = d0
+        d3 = d0
+        e0 = vbroadcast(b3)
+        e1 = e0
+        e2 = e0
+        e3 = e0
+    else:
+        a0 = vload(Y, yb)
+        a1 = vload(Y, yb + 16)
+        a2 = vload(Y, yb + 32)
+        a3 = vload(Y, yb + 48)
+        c0 = vload(Y, yb + Lt)
+        c1 = vload(Y, yb + Lt + 16)
+        c2 = vload(Y, yb + Lt + 32)
+        c3 = vload(Y, yb + Lt + 48)
+        d0 = vload(Y, yb + 2 * Lt)
+        d1 = vload(Y, yb + 2 * Lt + 16)
+        d2 = vload(Y, yb + 2 * Lt + 32)
+        d3 = vload(Y, yb + 2 * Lt + 48)
+        e0 = vload(Y, yb + 3 * Lt)
+        e1 = vload(Y, yb + 3 * Lt + 16)
+        e2 = vload(Y, yb + 3 * Lt + 32)
+        e3 = vload(Y, yb + 3 * Lt + 48)
+    for k in range(k0, k1):
+        off = xb + np.int64(ld(col, k)) * mult
+        x0 = vload(X, off)
+        x1 = vload(X, off + 16)
+        x2 = vload(X, off + 32)
+        x3 = vload(X, off + 48)
+        w = vbroadcast(ld(val, 4 * k))
+        a0 = vfma(a0, w, x0)
+        a1 = vfma(a1, w, x1)
+        a2 = vfma(a2, w, x2)
+        a3 = vfma(a3, w, x3)
+        w = vbroadcast(ld(val, 4 * k + 1))
+        c0 = vfma(c0, w, x0)
+        c1 = vfma(c1, w, x1)
+        c2 = vfma(c2, w, x2)
+        c3 = vfma(c3, w, x3)
+        w = vbroadcast(ld(val, 4 * k + 2))
+        d0 = vfma(d0, w, x0)
+        d1 = vfma(d1, w, x1)
+        d2 = vfma(d2, w, x2)
+        d3 = vfma(d3, w, x3)
+        w = vbroadcast(ld(val, 4 * k + 3))
+        e0 = vfma(e0, w, x0)
+        e1 = vfma(e1, w, x1)
+        e2 = vfma(e2, w, x2)
+        e3 = vfma(e3, w, x3)
+    vstore(Y, yb, a0)
+    vstore(Y, yb + 16, a1)
+    vstore(Y, yb + 32, a2)
+    vstore(Y, yb + 48, a3)
+    vstore(Y, yb + Lt, c0)
+    vstore(Y, yb + Lt + 16, c1)
+    vstore(Y, yb + Lt + 32, c2)
+    vstore(Y, yb + Lt + 48, c3)
+    vstore(Y, yb + 2 * Lt, d0)
+    vstore(Y, yb + 2 * Lt + 16, d1)
+    vstore(Y, yb + 2 * Lt + 32, d2)
+    vstore(Y, yb + 2 * Lt + 48, d3)
+    vstore(Y, yb + 3 * Lt, e0)
+    vstore(Y, yb + 3 * Lt + 16, e1)
+    vstore(Y, yb + 3 * Lt + 32, e2)
+    vstore(Y, yb + 3 * Lt + 48, e3)
+
+
+@njit(**_INLINE)
+def _rows4_16(col, val, k0, k1, mult, X, xb, Y, yb, Lt, first, b0, b1, b2, b3):
+    """4x1 blocks on a 16- or 32-token tile: one vector per row per pass (``nv`` passes of 16 tokens)."""
+    for v in range(0, Lt, 16):
+        if first:
+            a0 = vbroadcast(b0)
+            c0 = vbroadcast(b1)
+            d0 = vbroadcast(b2)
+            e0 = vbroadcast(b3)
+        else:
+            a0 = vload(Y, yb + v)
+            c0 = vload(Y, yb + Lt + v)
+            d0 = vload(Y, yb + 2 * Lt + v)
+            e0 = vload(Y, yb + 3 * Lt + v)
+        for k in range(k0, k1):
+            x0 = vload(X, xb + np.int64(ld(col, k)) * mult + v)
+            a0 = vfma(a0, vbroadcast(ld(val, 4 * k)), x0)
+            c0 = vfma(c0, vbroadcast(ld(val, 4 * k + 1)), x0)
+            d0 = vfma(d0, vbroadcast(ld(val, 4 * k + 2)), x0)
+            e0 = vfma(e0, vbroadcast(ld(val, 4 * k + 3)), x0)
+        vstore(Y, yb + v, a0)
+        vstore(Y, yb + Lt + v, c0)
+        vstore(Y, yb + 2 * Lt + v, d0)
+        vstore(Y, yb + 3 * Lt + v, e0)
+
+
+@njit(**_JIT)
+def _tile4x1(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt):
+    """4x1-blocked format over rows r0:r1 (multiples of 4); ``ptr`` indexes row groups (O // 4 per panel)."""
+    G = O // 4
+    for p in range(n_panels):
+        pp = p * G
+        first = p == 0
+        for g in range(r0 // 4, r1 // 4):
+            k0 = ld(ptr, pp + g)
+            k1 = ld(ptr, pp + g + 1)
+            if first or k1 > k0:
+                o = 4 * g
+                if Lt == 64:
+                    _rows4_64(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, Lt, first,
+                              ld(bias, o), ld(bias, o + 1), ld(bias, o + 2), ld(bias, o + 3))
+                else:
+                    _rows4_16(col, val, k0, k1, mult, XP, xb, YP, yb + o * Lt, Lt, first,
+                              ld(bias, o), ld(bias, o + 1), ld(bias, o + 2), ld(bias, o + 3))
+
+
 # One function per (tile width, format): the row loop must stay free of
 # dispatch branches, or LLVM spills the accumulators' bookkeeping around every
 # row (measured 2-3x slower at 95% sparsity, where rows have few nonzeros).
@@ -381,7 +513,9 @@ def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y
             xb = t0
             mult = 1
         yb = t0 * O
-        if blocked == 0:
+        if blocked == 2:
+            _tile4x1(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        elif blocked == 0:
             if Lt == 64:
                 _tile64(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
             elif Lt == 32:
@@ -409,7 +543,8 @@ def spmm_tiles(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, row_c
     ``tiled``: X is in the tile layout of :func:`pack_tokens` (``col`` holds
     columns, offset = t0*K + col*Lt); otherwise X is one token-contiguous
     buffer and ``col`` holds element offsets (offset = t0 + col).
-    ``blocked``: 0 = one weight per entry, 1 = blocked-4 entries.
+    ``blocked``: 0 = one weight per entry, 1 = 1x4 blocks (4 inputs), 2 = 4x1 blocks
+    (4 output rows; O must be a multiple of 4).
     ``out_mode``: 0 writes ``y`` as [T, O] (tokens major, a Linear's output),
     1 as [O, rows, valid_w] (a convolution's NCHW output, see
     :func:`_unpack_rows_channel_major`). ``nthreads``: the caller's

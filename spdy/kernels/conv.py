@@ -2,8 +2,8 @@
 
 Formats: ``dense`` (torch's conv2d, what an unpruned ``nn.Conv2d`` runs) and
 ``csr`` (the Numba kernels of :mod:`spdy.kernels._conv`: implicit GEMM without
-im2col, strides handled by splitting the input into stride phases). ``bcsr4`` is not
-offered for convolutions.
+im2col, strides handled by splitting the input into stride phases). The blocked formats are
+not offered for convolutions.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ def _check(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, fmt: str, **kw) -
     ],
 )
 def test_linear_matches_dense(fmt: str, tokens: int, o: int, i: int, sparsity: float, threads: int) -> None:
-    if fmt == "bcsr4" and i % 4:
-        pytest.skip("bcsr4 needs in_features % 4 == 0")
+    if (fmt == "bcsr1x4" and i % 4) or (fmt == "bcsr4x1" and o % 4):
+        pytest.skip(f"{fmt} needs the blocked dimension divisible by 4")
     rng = np.random.default_rng(tokens * 1000 + o + i)
     w = _weight(rng, o, i, sparsity)
     x = rng.standard_normal((tokens, i)).astype(np.float32)
@@ -54,7 +54,7 @@ def test_linear_matches_dense(fmt: str, tokens: int, o: int, i: int, sparsity: f
     _check(x, w, None, fmt)
 
 
-@pytest.mark.parametrize("fmt", ["csr", "bcsr4"])
+@pytest.mark.parametrize("fmt", ["csr", "bcsr1x4", "bcsr4x1"])
 def test_zero_rows_and_columns(fmt: str, threads: int) -> None:
     rng = np.random.default_rng(1)
     w = _weight(rng, 96, 96, 0.5)
@@ -67,15 +67,25 @@ def test_zero_rows_and_columns(fmt: str, threads: int) -> None:
     _check(x, w, None, fmt, panel=16)
 
 
-def test_blocked_pattern_and_explicit_zeros() -> None:
+@pytest.mark.parametrize("tokens", [1, 20, 40, 64, 150])
+def test_blocked_patterns_and_explicit_zeros(tokens: int, threads: int) -> None:
     rng = np.random.default_rng(2)
-    mask = np.repeat(rng.random((24, 16)) > 0.7, 4, axis=1)  # aligned groups of 4
+    x = rng.standard_normal((tokens, 64)).astype(np.float32)
+    # 1x4: aligned groups of 4 inputs
+    mask = np.repeat(rng.random((24, 16)) > 0.7, 4, axis=1)
     w = (rng.standard_normal((24, 64)) * mask).astype(np.float32)
     w[0, 4:8] = [1.0, 0.0, 0.0, 2.0]  # a group with explicit zeros inside
-    x = rng.standard_normal((50, 64)).astype(np.float32)
-    p = K.prepare_linear(w, format="bcsr4")
+    p = K.prepare_linear(w, format="bcsr1x4")
     assert p.stored == 4 * np.count_nonzero(w.reshape(24, 16, 4).any(axis=2))
-    _check(x, w, None, "bcsr4")
+    _check(x, w, rng.standard_normal(24).astype(np.float32), "bcsr1x4")
+    # 4x1: aligned groups of 4 output rows
+    mask = np.repeat(rng.random((6, 64)) > 0.7, 4, axis=0)
+    w = (rng.standard_normal((24, 64)) * mask).astype(np.float32)
+    w[4:8, 3] = [0.0, 5.0, 0.0, 0.0]
+    p = K.prepare_linear(w, format="bcsr4x1")
+    assert p.stored == 4 * np.count_nonzero(w.reshape(6, 4, 64).any(axis=1))
+    _check(x, w, rng.standard_normal(24).astype(np.float32), "bcsr4x1")
+    _check(x, w, None, "bcsr4x1", panel=16)
 
 
 def test_leading_dims_out_and_dtype_conversion() -> None:
@@ -114,7 +124,9 @@ def test_validation_messages() -> None:
     with pytest.raises(InvalidInputError, match="bias must have shape"):
         K.prepare_linear(w, np.ones(3, np.float32))
     with pytest.raises(InvalidInputError, match="divisible by 4"):
-        K.prepare_linear(np.ones((2, 6), np.float32), format="bcsr4")
+        K.prepare_linear(np.ones((2, 6), np.float32), format="bcsr1x4")
+    with pytest.raises(InvalidInputError, match="out_features divisible by 4"):
+        K.prepare_linear(np.ones((6, 4), np.float32), format="bcsr4x1")
     p = K.prepare_linear(w, format="csr")
     with pytest.raises(InvalidInputError, match="8 features"):
         K.linear(np.ones((2, 7), np.float32), p)
@@ -137,7 +149,9 @@ def test_auto_rule() -> None:
     assert K.choose_format(sparse, tokens=1) == "dense"  # 16x rounding waste
     assert K.choose_format(_weight(rng, 32, 32, 0.97), tokens=1) == "csr"
     blocked = (rng.standard_normal((32, 32)) * np.repeat(rng.random((32, 8)) > 0.7, 4, axis=1)).astype(np.float32)
-    assert K.choose_format(blocked) == "bcsr4"
+    assert K.choose_format(blocked) == "bcsr1x4"
+    blocked = (rng.standard_normal((32, 32)) * np.repeat(rng.random((8, 32)) > 0.7, 4, axis=0)).astype(np.float32)
+    assert K.choose_format(blocked) == "bcsr4x1"
     assert K.prepare_linear(sparse).format == "csr"
     assert token_waste(None) == 1.0 and token_waste(8) == 2.0 and token_waste(128) == 1.0
     # deterministic: same input, same answer
