@@ -47,6 +47,10 @@ error and the encodings per level; --json prints {"errors": {layer: [per level]}
 """
 
 
+# Renders as nothing; keeps the help formatter from appending "(default: None)".
+_NO_DEFAULT = "%(default).0s"
+
+
 def _formatter() -> Any:
     from spdy.cli import HelpFormatter
 
@@ -73,17 +77,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=BUILD_EXAMPLES,
         formatter_class=fmt,
     )
-    b.add_argument("--model", required=True, help="built-in model name (minilm) or package.module:factory")
-    b.add_argument("-o", "--output", required=True, metavar="DIR", help="database folder (created; resumed if it holds a partial build)")
+    b.add_argument("--model", required=True, help="built-in model name (minilm) or package.module:factory" + _NO_DEFAULT)
+    b.add_argument("-o", "--output", required=True, metavar="DIR", help="database folder (created; resumed if it holds a partial build)" + _NO_DEFAULT)
     b.add_argument("--method", choices=("obs", "exact", "magnitude"), default="obs",
-                   help="obs: SparseGPT-style OBS sweep; exact: OBS masks + exact least-squares refit (slow); magnitude: no refit")
+                   help="obs: SparseGPT-style OBS sweep; exact: OBS masks + exact least-squares refit (about 2.5x slower); magnitude: no refit")
     b.add_argument("--damp", type=float, default=None,
-                   help="diagonal damping as a fraction of mean(diag H) (default: 0.01 for obs, 0 for exact)")
-    b.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layer names that stay dense (repeatable)")
+                   help="diagonal damping as a fraction of mean(diag H) (default: 0.01 for obs, 0 for exact)" + _NO_DEFAULT)
+    b.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layer names that stay dense (repeatable)" + _NO_DEFAULT)
     b.add_argument("--grid-levels", type=int, default=41, metavar="N", help="number of sparse levels after the dense level 0")
     b.add_argument("--min-sparsity", type=float, default=0.40, help="sparsity of level 1")
     b.add_argument("--max-sparsity", type=float, default=0.99, help="sparsity of the last level")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--threads", type=int, default=None, help="torch and Numba threads (default: torch's choice)" + _NO_DEFAULT)
     b.add_argument("--overwrite", action="store_true", help="replace a database for another setup in DIR")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
