@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from typing import Any
 
 import numpy as np
@@ -131,7 +130,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     db = build_database(
         bundle, args.output, grid=grid, method=args.method, damp=args.damp,
-        progress=not args.no_progress and sys.stderr.isatty(), overwrite=args.overwrite,
+        progress=not args.no_progress, overwrite=args.overwrite,
     )
     dt = time.perf_counter() - t0
     total, dense = db.total_bytes(), db.dense_bytes()

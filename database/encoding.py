@@ -18,6 +18,8 @@ explicit, so a kept weight that happens to be 0.0 stays "kept".
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from spdy.errors import DatabaseError
@@ -62,8 +64,7 @@ def encode(W: np.ndarray, keep: np.ndarray, prefix: str, encoding: str | None = 
     if enc == "csr":
         indptr = np.zeros(rows + 1, dtype=np.int32)
         np.cumsum(keep.sum(axis=1), out=indptr[1:])
-        r_idx, c_idx = np.nonzero(keep)
-        del r_idx
+        c_idx = np.nonzero(keep)[1]  # row-major: each row's columns, ascending
         return enc, {
             prefix + "indptr": indptr,
             prefix + "indices": c_idx.astype(index_dtype(cols)),
@@ -72,7 +73,7 @@ def encode(W: np.ndarray, keep: np.ndarray, prefix: str, encoding: str | None = 
     raise ValueError(f"unknown encoding {enc!r}")
 
 
-def decode(get: "callable", encoding: str, rows: int, cols: int, prefix: str, out: np.ndarray | None = None) -> np.ndarray:
+def decode(get: Callable[[str], np.ndarray], encoding: str, rows: int, cols: int, prefix: str, out: np.ndarray | None = None) -> np.ndarray:
     """Dense float32 ``rows x cols`` matrix from the tensors ``get(prefix + field)``.
 
     ``out`` (float32, ``rows * cols`` elements) is filled in place when given.

@@ -119,7 +119,7 @@ def capture_hessians(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(bundle.calibration), desc="calibration", unit="batch", leave=False)
+        bar = tqdm(total=len(bundle.calibration), desc="calibration", unit="batch", leave=False, disable=None)
     try:
         bundle.model.eval()
         for i, batch in enumerate(bundle.calibration):

@@ -227,7 +227,7 @@ def build_database(
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"database ({method})", unit="layer")
+        bar = tqdm(total=len(todo), desc=f"database ({method})", unit="layer", disable=None)  # None: off when not a tty
     try:
         for group in groups:
             t0 = time.perf_counter()
