@@ -18,7 +18,13 @@ Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfall
 * each runner is sampled until the confidence interval of its median is within
   ``target_ci`` (relative), or ``max_repeats`` samples, or ``max_seconds`` spent;
 * a runner that clearly loses to a rival (another format for the same level) is
-  dropped early (``race_ratio``): only the fastest format's time is needed.
+  dropped early (``race_ratio``): only the fastest format's time is needed;
+* a sample during which another process waited for a CPU (Linux pressure stall
+  information, ``/proc/pressure/cpu``) is discarded: on 2 cores one busy neighbour
+  makes a 2-thread kernel up to 16x slower, and no statistic undoes that;
+* layers are timed in ``passes`` passes over the whole model (alternating order)
+  and each level keeps the median of its pass medians, so that a slow spell during
+  one layer's turn does not end up in the table.
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ class TimingPolicy:
 
     Contention: on Linux, a sample during which other tasks waited for a CPU for more
     than ``max_stall`` of its wall time (``/proc/pressure/cpu``) is discarded; on 2 cores
-    one busy neighbour makes a 2-thread kernel up to 16x slower. After ``patience_s`` of
-    such waiting in one :meth:`Backend.measure` call, samples are kept regardless (with a
-    warning). ``max_stall = inf`` turns the check off. ``passes`` is the number of passes
+    one busy neighbour makes a 2-thread kernel up to 16x slower. After a disturbed round
+    the runners wait (in ``busy_sleep_s`` steps) until other processes use < 5% of the
+    CPUs. After ``patience_s`` of disturbance over the backend's life, samples are kept
+    regardless (with a warning, and counted in ``Backend.stats``). ``max_stall = inf`` turns the check off. ``passes`` is the number of passes
     over all layers in :meth:`Backend.time_layers`; ``model_min_repeats`` the least
     samples for a whole model.
     """
@@ -78,8 +85,8 @@ class TimingPolicy:
     passes: int = 3
     model_min_repeats: int = 25
     max_stall: float = 0.05
-    busy_sleep_s: float = 0.02
-    patience_s: float = 60.0
+    busy_sleep_s: float = 0.05
+    patience_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.min_samples < 1 or self.min_repeats < self.min_samples or self.max_repeats < self.min_repeats:
@@ -147,16 +154,22 @@ def as_numpy(out: Any) -> np.ndarray:
 
 
 class CpuPressure:
-    """Cumulative seconds during which some runnable task waited for a CPU (Linux PSI, ``some``).
+    """How much other processes compete for the CPUs (Linux only).
 
-    ``available`` is False where the kernel does not expose ``/proc/pressure/cpu``.
+    :meth:`read` is the cumulative time during which some runnable task waited for a
+    CPU (pressure stall information, ``/proc/pressure/cpu``, microsecond resolution);
+    :meth:`others_busy` the share of all CPUs used by *other* processes (and stolen by
+    the hypervisor) over a short idle window, from ``/proc/stat``. ``available`` is
+    False where the kernel does not expose them.
     """
 
     def __init__(self, path: str = "/proc/pressure/cpu") -> None:
         self.path = path
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         try:
             self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open, re-read from 0
             self.available = self.read() >= 0
+            self._busy_jiffies()
         except (OSError, ValueError, IndexError):
             self.available = False
 
@@ -164,6 +177,21 @@ class CpuPressure:
         self._f.seek(0)
         line = self._f.read(256).split(b"\n", 1)[0]
         return int(line.rsplit(b"total=", 1)[1]) / 1e6
+
+    @staticmethod
+    def _busy_jiffies() -> int:
+        with open("/proc/stat", "rb") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+        return sum(v) - v[3] - v[4]
+
+    def others_busy(self, window_s: float = 0.05) -> float:
+        """Share of all CPUs (0..1) used by other processes while this one sleeps ``window_s``."""
+        b0, c0, t0 = self._busy_jiffies(), time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        b1, c1, t1 = self._busy_jiffies(), time.process_time(), time.perf_counter()
+        others = (b1 - b0) / self._tick - (c1 - c0)
+        return max(others, 0.0) / ((t1 - t0) * (os.cpu_count() or 1))
 
     def __del__(self) -> None:
         f = getattr(self, "_f", None)
@@ -223,7 +251,7 @@ class Backend(ABC):
             log.warning("%d threads on %d usable cores: timings will suffer from oversubscription", threads, cores)
         self.threads = int(threads)
         self.policy = policy or TimingPolicy()
-        self.stats = {"samples": 0, "discarded": 0, "busy_giveups": 0}
+        self.stats: dict[str, Any] = {"samples": 0, "discarded": 0, "busy_wait_s": 0.0, "busy_giveups": 0}
         self._pressure = CpuPressure()
         self._configure_threads()
 
@@ -320,8 +348,7 @@ class Backend(ABC):
         done = [False] * n
         dropped = [False] * n
         rounds = 0
-        busy_s = 0.0
-        patient = pressure.available and math.isfinite(p.max_stall)
+        patient = pressure.available and math.isfinite(p.max_stall) and self.stats["busy_wait_s"] < p.patience_s
         while not all(done):
             kept = 0
             for i, fn in enumerate(runners):
@@ -334,7 +361,7 @@ class Backend(ABC):
                     if stall1 - stall0 > p.max_stall * (wall1 - wall0):
                         # another process wanted a CPU during this sample: it did not time our kernel alone
                         discarded[i] += 1
-                        busy_s += wall1 - wall0
+                        self.stats["busy_wait_s"] += wall1 - wall0
                         continue
                 else:
                     s = self._sample(fn, inner[i])
@@ -343,14 +370,20 @@ class Backend(ABC):
                 kept += 1
             rounds += 1
             self.stats["samples"] += kept
-            if patient and kept == 0:
-                time.sleep(p.busy_sleep_s)  # let the other process run; do not fight it
-                busy_s += p.busy_sleep_s
-            if patient and busy_s > p.patience_s:
+            if patient and kept < len(runners) - sum(done):
+                # disturbed: let the other process run instead of fighting it, until the CPUs are quiet
+                while self.stats["busy_wait_s"] < p.patience_s:
+                    t_wait = time.perf_counter()
+                    quiet = pressure.others_busy(p.busy_sleep_s) <= 0.05
+                    self.stats["busy_wait_s"] += time.perf_counter() - t_wait
+                    if quiet:
+                        break
+            if patient and self.stats["busy_wait_s"] >= p.patience_s:
                 patient = False
                 self.stats["busy_giveups"] += 1
-                log.warning("the CPU has been busy with other processes for %.0f s; timing goes on without "
-                            "discarding disturbed samples (expect noisy results; re-run on a quiet machine)", busy_s)
+                log.warning("other processes have kept the CPUs busy for %.0f s of this backend's timing; it goes "
+                            "on without discarding disturbed samples (expect slow, noisy results; re-run on a quiet "
+                            "machine)", self.stats["busy_wait_s"])
             for i in range(n):
                 if done[i]:
                     continue

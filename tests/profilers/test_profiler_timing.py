@@ -32,6 +32,9 @@ class FakePressure:
         self.total = 0.0
         self.busy = False
 
+    def others_busy(self, window_s=0.0):
+        return 1.0 if self.busy else 0.0
+
     def read(self):
         if self.busy:
             self.total += 1.0  # a whole second of stall per read: every sample is disturbed
