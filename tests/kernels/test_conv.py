@@ -80,3 +80,15 @@ def test_conv_validation_and_groups() -> None:
         K.conv2d(np.ones((1, 4, 5, 5), np.float32), pc)
     with pytest.raises(InvalidInputError, match="smaller than the kernel"):
         K.conv2d(np.ones((1, 3, 2, 2), np.float32), pc)
+
+
+def test_conv_auto_rule() -> None:
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    assert K.choose_conv_format(w) == "dense"
+    assert K.choose_conv_format(w * (rng.random(w.shape) > 0.5)) == "dense"  # torch's conv still wins at 50%
+    w80 = w * (rng.random(w.shape) > 0.8)
+    assert K.choose_conv_format(w80) == "csr"
+    assert K.choose_conv_format(w80, pixels=1) == "dense"  # 16x rounding waste
+    assert K.choose_conv_format(w80, groups=2) == "dense"
+    assert K.prepare_conv2d(w80).format == "csr"
