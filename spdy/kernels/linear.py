@@ -296,8 +296,15 @@ def linear(x: np.ndarray, prepared: PreparedLinear, out: np.ndarray | None = Non
     s = prepared.sparse
     assert s is not None
     Tp = _spmm.padded_tokens_py(T)
-    _spmm.linear_forward(
-        x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
-        scratch(0, Tp * K + 64), scratch(1, Tp * O + 64), y2.reshape(-1), numba.get_num_threads(),
-    )
+    nthreads = numba.get_num_threads()
+    XP, YP = scratch(0, Tp * K + 64), scratch(1, Tp * O + 64)
+    if nthreads == 1:
+        _spmm.linear_forward_serial(
+            x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost, XP, YP, y2.reshape(-1)
+        )
+    else:
+        _spmm.linear_forward(
+            x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost, XP, YP,
+            y2.reshape(-1), nthreads,
+        )
     return y
