@@ -218,23 +218,6 @@ def _pack_block(x, T, K, XP, t0, Lt, i0, l0):
                 XP[base + i * Lt + l] = x[t * K + i] if t < T else np.float32(0.0)
 
 
-@njit(parallel=True, **_JIT)
-def pack_tokens(x, T, K, XP):
-    """Relay X ([T, K] row-major, flattened) into token tiles: XP[t0*K + j*Lt + l] = X[t0 + l, j].
-
-    Tokens past ``T`` in the last tile are zero-filled.
-    """
-    n_tiles = (T + TILE - 1) // TILE
-    nib = (K + LANES - 1) // LANES
-    for item in prange(n_tiles * nib):
-        tile = item // nib
-        i0 = (item - tile * nib) * LANES
-        t0 = tile * TILE
-        Lt = tile_width(T, t0)
-        for l0 in range(0, Lt, LANES):
-            _pack_block(x, T, K, XP, t0, Lt, i0, l0)
-
-
 @njit(**_INLINE)
 def _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1):
     """Y[t0 + l, o] = YP[yb + o*Lt + l] for rows r0 <= o < r1 of this tile (16x16 transposes)."""
@@ -498,7 +481,16 @@ def _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
 
 @njit(**_JIT)
 def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, out_mode, plane, grid_w, valid_w, r0, r1):
-    """Rows r0:r1 of Y for every token tile (one thread's share of :func:`spmm_tiles`).
+    """Rows r0:r1 of Y = X W^T + b for every token tile: one thread's share of a call.
+
+    ``tiled``: X is in the token-tile layout (``XP[t0*K + j*Lt + l] = X[t0+l, j]``,
+    see :func:`linear_forward`; ``col`` holds columns, offset = t0*K + col*Lt);
+    otherwise X is one token-contiguous buffer and ``col`` holds element
+    offsets (offset = t0 + col, the implicit convolution). ``blocked``: 0 = one
+    weight per entry, 1 = 1x4 blocks (4 inputs), 2 = 4x1 blocks (4 output
+    rows; O a multiple of 4). ``out_mode``: 0 writes ``y`` as [T, O] (tokens
+    major, a Linear's output), 1 as [O, rows, valid_w] (a convolution's NCHW
+    output, see :func:`_unpack_rows_channel_major`).
 
     A separate, non-parallel function on purpose: inside a Numba parfor body
     LLVM reloads the array pointers around every row.
@@ -537,31 +529,9 @@ def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y
 
 
 @njit(parallel=True, **_JIT)
-def spmm_tiles(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, YP, y, out_mode, plane, grid_w, valid_w, nthreads):
-    """Y = X W^T + b over all token tiles; the whole sparse product of one call.
-
-    ``tiled``: X is in the tile layout of :func:`pack_tokens` (``col`` holds
-    columns, offset = t0*K + col*Lt); otherwise X is one token-contiguous
-    buffer and ``col`` holds element offsets (offset = t0 + col).
-    ``blocked``: 0 = one weight per entry, 1 = 1x4 blocks (4 inputs), 2 = 4x1 blocks
-    (4 output rows; O must be a multiple of 4).
-    ``out_mode``: 0 writes ``y`` as [T, O] (tokens major, a Linear's output),
-    1 as [O, rows, valid_w] (a convolution's NCHW output, see
-    :func:`_unpack_rows_channel_major`). ``nthreads``: the caller's
-    ``numba.get_num_threads()`` (passed in: reading it inside would make the
-    function uncacheable).
-    """
-    bounds = _row_chunks(row_cost, O, nthreads)
-    for c in prange(nthreads):
-        r0 = bounds[c]
-        r1 = bounds[c + 1]
-        if r1 > r0:
-            _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, out_mode, plane, grid_w, valid_w, r0, r1)
-
-
-@njit(parallel=True, **_JIT)
 def linear_forward(x, T, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, XP, YP, y, nthreads):
-    """A whole Linear call in one dispatch: relay X into tiles, multiply, write Y [T, O].
+    """A whole Linear call in one dispatch: relay X into token tiles
+    (``XP[t0*K + j*Lt + l] = X[t0 + l, j]``, zero past T), multiply, write Y [T, O].
 
     ``x`` and ``y`` are the flattened [T, K] input and [T, O] output; ``XP``
     and ``YP`` 64-byte aligned scratch of at least padded_tokens(T) * K and
