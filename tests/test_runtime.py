@@ -99,6 +99,12 @@ def test_sparsify_toy_model(threads: int) -> None:
     assert runtime.layer_formats(model) == {k: v for k, v in chosen.items() if v != "dense"}
     with torch.inference_mode():
         torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+    # a sparsified model can be copied and pickled (the conv plan cache is rebuilt)
+    import pickle
+
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.inference_mode():
+            torch.testing.assert_close(clone(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
 def test_sparsify_names_format_and_dense_layers() -> None:

@@ -8,10 +8,11 @@ not offered for convolutions.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numba
@@ -96,6 +97,22 @@ class PreparedConv2d:
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return conv2d(x, self, out=out)
+
+    # the per-input-size plan cache and its lock are rebuilt, not copied or pickled
+    def __getstate__(self) -> dict[str, Any]:
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("_plans", "_lock")}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_plans", OrderedDict())
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PreparedConv2d:
+        new = object.__new__(PreparedConv2d)
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def _plan(self, H: int, W: int) -> _ConvPlan:
         """Kernel-ready arrays for inputs of spatial size (H, W), built once per size."""
