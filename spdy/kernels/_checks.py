@@ -10,7 +10,7 @@ from spdy.errors import InvalidInputError
 
 
 def as_weight(weight: Any, ndim: int, what: str = "weight") -> np.ndarray:
-    """A C-contiguous fp32 copy-if-needed of a numpy array or torch tensor of rank ``ndim``."""
+    """A C-contiguous fp32 copy of a numpy array or torch tensor of rank ``ndim``."""
     if hasattr(weight, "detach"):  # torch tensor
         weight = weight.detach().cpu().numpy()
     if not isinstance(weight, np.ndarray):
@@ -19,7 +19,7 @@ def as_weight(weight: Any, ndim: int, what: str = "weight") -> np.ndarray:
         raise InvalidInputError(f"{what} must have {ndim} dimensions; got shape {weight.shape}")
     if weight.dtype.kind not in "fiu":
         raise InvalidInputError(f"{what} must be numeric (it is converted to float32); got dtype {weight.dtype}")
-    w = np.ascontiguousarray(weight, dtype=np.float32)
+    w = np.array(weight, dtype=np.float32, order="C", copy=True)  # never alias the caller's tensor
     if not np.isfinite(w).all():
         raise InvalidInputError(f"{what} contains NaN or inf; prune or fix the weights first")
     return w
@@ -31,7 +31,7 @@ def as_bias(bias: Any, n: int) -> tuple[np.ndarray, bool]:
         return np.zeros(n, np.float32), False
     if hasattr(bias, "detach"):
         bias = bias.detach().cpu().numpy()
-    b = np.ascontiguousarray(np.asarray(bias), dtype=np.float32)
+    b = np.array(bias, dtype=np.float32, order="C", copy=True)
     if b.shape != (n,):
         raise InvalidInputError(f"bias must have shape ({n},) to match the weight; got {b.shape}")
     if not np.isfinite(b).all():
