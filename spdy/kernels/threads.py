@@ -52,6 +52,17 @@ def set_num_threads(n: int) -> None:
     torch.set_num_threads(n)
     if n > available_cores():
         log.warning("threads=%d but only %d cores are available: the threads will contend", n, available_cores())
+    if n > 1:
+        from spdy.kernels._openmp import openmp_status
+
+        st = openmp_status()
+        if not st["shared"]:
+            log.warning(
+                "torch and Numba run on separate OpenMP runtimes (%s; %s): with %d threads their idle "
+                "workers spin against each other and calls can stall for milliseconds. Import spdy.kernels "
+                "or spdy.runtime before torch.",
+                ", ".join(st["libgomp_files"]), st["attempt"], n,
+            )
 
 
 def get_num_threads() -> int:
