@@ -19,9 +19,10 @@ Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfall
   ``target_ci`` (relative), or ``max_repeats`` samples, or ``max_seconds`` spent;
 * a runner that clearly loses to a rival (another format for the same level) is
   dropped early (``race_ratio``): only the fastest format's time is needed;
-* a sample during which another process waited for a CPU (Linux pressure stall
-  information, ``/proc/pressure/cpu``) is discarded: on 2 cores one busy neighbour
-  makes a 2-thread kernel up to 16x slower, and no statistic undoes that;
+* samples taken while other processes used the CPUs (``/proc/stat`` minus this
+  process's own CPU time, judged per window of ~0.25 s) are discarded, and timing
+  waits for the others to go quiet: on 2 cores one busy neighbour makes a 2-thread
+  kernel up to 16x slower, and no statistic undoes that;
 * layers are timed in ``passes`` passes over the whole model (alternating order)
   and each level keeps the median of its pass medians, so that a slow spell during
   one layer's turn does not end up in the table.
@@ -29,6 +30,7 @@ Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfall
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -63,12 +65,12 @@ class TimingPolicy:
     after ``min_repeats`` samples, or at ``max_repeats`` samples, or after
     ``max_seconds`` of calls (but never below ``min_samples`` samples).
 
-    Contention: on Linux, a sample during which other tasks waited for a CPU for more
-    than ``max_stall`` of its wall time (``/proc/pressure/cpu``) is discarded; on 2 cores
-    one busy neighbour makes a 2-thread kernel up to 16x slower. After a disturbed round
-    the runners wait (in ``busy_sleep_s`` steps) until other processes use < 5% of the
-    CPUs. After ``patience_s`` of disturbance over the backend's life, samples are kept
-    regardless (with a warning, and counted in ``Backend.stats``). ``max_stall = inf`` turns the check off. ``passes`` is the number of passes
+    Contention: on Linux, samples are judged in windows of at least ``window_s``; if
+    other processes used more than ``max_others`` of all CPUs during a window
+    (:class:`CpuMonitor`), its samples are discarded (on 2 cores one busy neighbour makes
+    a 2-thread kernel up to 16x slower) and timing waits, in ``busy_sleep_s`` steps,
+    until the others are quiet. After ``patience_s`` of disturbance over the backend's life, samples are kept
+    regardless (with a warning, and counted in ``Backend.stats``). ``max_others = inf`` turns the check off. ``passes`` is the number of passes
     over all layers in :meth:`Backend.time_layers`; ``model_min_repeats`` the least
     samples for a whole model.
     """
@@ -84,8 +86,9 @@ class TimingPolicy:
     race_after: int = 5
     passes: int = 3
     model_min_repeats: int = 25
-    max_stall: float = 0.05
-    busy_sleep_s: float = 0.05
+    max_others: float = 0.05
+    window_s: float = 0.25
+    busy_sleep_s: float = 0.1
     patience_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -153,50 +156,44 @@ def as_numpy(out: Any) -> np.ndarray:
     raise InvalidInputError(f"cannot read a runner output of type {type(out).__name__} as an array")
 
 
-class CpuPressure:
-    """How much other processes compete for the CPUs (Linux only).
+class CpuMonitor:
+    """How much of the machine's CPU time other processes (or the hypervisor) took.
 
-    :meth:`read` is the cumulative time during which some runnable task waited for a
-    CPU (pressure stall information, ``/proc/pressure/cpu``, microsecond resolution);
-    :meth:`others_busy` the share of all CPUs used by *other* processes (and stolen by
-    the hypervisor) over a short idle window, from ``/proc/stat``. ``available`` is
-    False where the kernel does not expose them.
+    Reads ``/proc/stat`` (busy jiffies of all CPUs, steal included) and subtracts this
+    process's own CPU time (``time.process_time``, every thread). That isolates *other*
+    processes: pressure-stall counters (``/proc/pressure/cpu``) cannot, because a
+    process with two OpenMP pools stalls itself. Jiffies are 10 ms ticks, so judge
+    windows of a few hundred milliseconds. ``available`` is False off Linux.
     """
 
-    def __init__(self, path: str = "/proc/pressure/cpu") -> None:
-        self.path = path
+    def __init__(self) -> None:
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._cpus = os.cpu_count() or 1
         try:
-            self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open, re-read from 0
-            self.available = self.read() >= 0
-            self._busy_jiffies()
+            self.snapshot()
+            self.available = True
         except (OSError, ValueError, IndexError):
             self.available = False
 
-    def read(self) -> float:
-        self._f.seek(0)
-        line = self._f.read(256).split(b"\n", 1)[0]
-        return int(line.rsplit(b"total=", 1)[1]) / 1e6
-
-    @staticmethod
-    def _busy_jiffies() -> int:
+    def snapshot(self) -> tuple[float, float, float]:
+        """(busy CPU seconds of the machine, CPU seconds of this process, wall seconds)."""
         with open("/proc/stat", "rb") as f:
             v = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
-        return sum(v) - v[3] - v[4]
+        busy = sum(v[:8]) - v[3] - v[4]  # user nice system idle iowait irq softirq steal: all but idle, iowait
+        return busy / self._tick, time.process_time(), time.perf_counter()
 
-    def others_busy(self, window_s: float = 0.05) -> float:
-        """Share of all CPUs (0..1) used by other processes while this one sleeps ``window_s``."""
-        b0, c0, t0 = self._busy_jiffies(), time.process_time(), time.perf_counter()
+    def others_share(self, start: tuple[float, float, float], end: tuple[float, float, float] | None = None) -> float:
+        """Share (0..1) of all CPUs that others used between two snapshots."""
+        end = end or self.snapshot()
+        wall = max(end[2] - start[2], 1e-9)
+        others = (end[0] - start[0]) - (end[1] - start[1])
+        return min(max(others, 0.0) / (wall * self._cpus), 1.0)
+
+    def others_busy(self, window_s: float = 0.1) -> float:
+        """Share of all CPUs others use while this process sleeps ``window_s``."""
+        s0 = self.snapshot()
         time.sleep(window_s)
-        b1, c1, t1 = self._busy_jiffies(), time.process_time(), time.perf_counter()
-        others = (b1 - b0) / self._tick - (c1 - c0)
-        return max(others, 0.0) / ((t1 - t0) * (os.cpu_count() or 1))
-
-    def __del__(self) -> None:
-        f = getattr(self, "_f", None)
-        if f is not None:
-            f.close()
+        return self.others_share(s0)
 
 
 @dataclass(frozen=True)
@@ -252,7 +249,7 @@ class Backend(ABC):
         self.threads = int(threads)
         self.policy = policy or TimingPolicy()
         self.stats: dict[str, Any] = {"samples": 0, "discarded": 0, "busy_wait_s": 0.0, "busy_giveups": 0}
-        self._pressure = CpuPressure()
+        self._monitor = CpuMonitor()
         self._configure_threads()
 
     # ----------------------------------------------------------------- availability, provenance
@@ -303,6 +300,11 @@ class Backend(ABC):
         (e.g. ONNX Runtime's per-``Run`` cost); subtracted from layer times. Default 0."""
         return 0.0
 
+    def timing_context(self) -> Any:
+        """A context entered once around every :meth:`measure` (e.g. ``torch.inference_mode()``),
+        so that runners do not pay for entering it on every call."""
+        return contextlib.nullcontext()
+
     def dense_time_is_level_independent(self) -> bool:
         """True when the dense kernel's speed does not depend on how many weights are zero,
         so it is timed once per layer rather than at every level."""
@@ -330,11 +332,20 @@ class Backend(ABC):
         for the same level); ``i`` stops early once its median exceeds ``race_ratio`` times
         the best rival's (both with at least ``race_after`` samples).
         """
-        p = policy or self.policy
-        n = len(runners)
-        if n == 0:
+        if not runners:
             return []
-        pressure = self._pressure
+        with self.timing_context():
+            return self._measure(runners, rivals, on_round, policy or self.policy)
+
+    def _measure(
+        self,
+        runners: Sequence[Runner],
+        rivals: Sequence[Sequence[int]] | None,
+        on_round: Callable[[int], None] | None,
+        p: TimingPolicy,
+    ) -> list[Timing]:
+        n = len(runners)
+        monitor = self._monitor
         inner = [1] * n
         for i, fn in enumerate(runners):
             t = 0.0
@@ -343,47 +354,53 @@ class Backend(ABC):
             if p.min_sample_s > 0 and t < p.min_sample_s:
                 inner[i] = max(1, min(1000, math.ceil(p.min_sample_s / max(t, 1e-7))))
         samples: list[list[float]] = [[] for _ in range(n)]
+        pending: list[list[float]] = [[] for _ in range(n)]  # samples of the current window, not yet judged
         discarded = [0] * n
         spent = [0.0] * n
         done = [False] * n
         dropped = [False] * n
         rounds = 0
-        patient = pressure.available and math.isfinite(p.max_stall) and self.stats["busy_wait_s"] < p.patience_s
+        watch = monitor.available and math.isfinite(p.max_others) and self.stats["busy_wait_s"] < p.patience_s
+        window = monitor.snapshot() if watch else None
         while not all(done):
-            kept = 0
             for i, fn in enumerate(runners):
-                if done[i]:
-                    continue
-                if patient:
-                    stall0, wall0 = pressure.read(), time.perf_counter()
-                    s = self._sample(fn, inner[i])
-                    stall1, wall1 = pressure.read(), time.perf_counter()
-                    if stall1 - stall0 > p.max_stall * (wall1 - wall0):
-                        # another process wanted a CPU during this sample: it did not time our kernel alone
-                        discarded[i] += 1
-                        self.stats["busy_wait_s"] += wall1 - wall0
-                        continue
-                else:
-                    s = self._sample(fn, inner[i])
-                samples[i].append(s)
-                spent[i] += s * inner[i]
-                kept += 1
+                if not done[i]:
+                    pending[i].append(self._sample(fn, inner[i]))
             rounds += 1
-            self.stats["samples"] += kept
-            if patient and kept < len(runners) - sum(done):
-                # disturbed: let the other process run instead of fighting it, until the CPUs are quiet
-                while self.stats["busy_wait_s"] < p.patience_s:
-                    t_wait = time.perf_counter()
-                    quiet = pressure.others_busy(p.busy_sleep_s) <= 0.05
-                    self.stats["busy_wait_s"] += time.perf_counter() - t_wait
-                    if quiet:
-                        break
-            if patient and self.stats["busy_wait_s"] >= p.patience_s:
-                patient = False
-                self.stats["busy_giveups"] += 1
-                log.warning("other processes have kept the CPUs busy for %.0f s of this backend's timing; it goes "
-                            "on without discarding disturbed samples (expect slow, noisy results; re-run on a quiet "
-                            "machine)", self.stats["busy_wait_s"])
+            if window is not None:
+                now = monitor.snapshot()
+                if now[2] - window[2] < p.window_s and not all(done[i] or len(samples[i]) + len(pending[i])
+                                                               >= p.min_repeats for i in range(n)):
+                    continue  # judge the window once it is long enough
+                share = monitor.others_share(window, now)
+                if share > p.max_others:
+                    # another process took CPU time in this window: its samples did not time us alone
+                    for i in range(n):
+                        discarded[i] += len(pending[i])
+                        pending[i].clear()
+                    self.stats["busy_wait_s"] += now[2] - window[2]
+                    while self.stats["busy_wait_s"] < p.patience_s:  # let it run rather than fight it
+                        t_wait = time.perf_counter()
+                        quiet = monitor.others_busy(p.busy_sleep_s) <= p.max_others
+                        self.stats["busy_wait_s"] += time.perf_counter() - t_wait
+                        if quiet:
+                            break
+                    if self.stats["busy_wait_s"] >= p.patience_s:
+                        window = None
+                        self.stats["busy_giveups"] += 1
+                        log.warning("other processes have kept the CPUs busy for %.0f s of this backend's timing; it "
+                                    "goes on without discarding disturbed samples (expect slow, noisy results; re-run "
+                                    "on a quiet machine)", self.stats["busy_wait_s"])
+                    else:
+                        window = monitor.snapshot()
+                    continue
+                window = monitor.snapshot()
+            for i in range(n):
+                if pending[i]:
+                    samples[i] += pending[i]
+                    spent[i] += sum(pending[i]) * inner[i]
+                    self.stats["samples"] += len(pending[i])
+                    pending[i].clear()
             for i in range(n):
                 if done[i]:
                     continue
@@ -476,6 +493,7 @@ class Backend(ABC):
         layers: Sequence[tuple[LayerSpec, np.ndarray, np.ndarray | None, np.ndarray | None]],
         sparsities: Sequence[float],
         on_layer: Callable[[int, int, str], None] | None = None,
+        after_pass: Callable[[int], None] | None = None,
     ) -> list[list[LevelTiming]]:
         """Time many layers at every sparsity in ``policy.passes`` passes over all layers.
 
@@ -483,7 +501,8 @@ class Backend(ABC):
         layer (:meth:`time_layer_levels`), alternating the layer order; a format that lost
         clearly (``race_ratio``) in the passes so far is not tried again. Per level and
         format the result is the median of the pass medians, so that a slow spell of the
-        machine during one pass does not end up in the table.
+        machine during one pass does not end up in the table. ``after_pass(i)`` is called
+        after each pass (the profiler times the base model there).
         """
         passes = max(1, self.policy.passes)
         n = len(layers)
@@ -501,6 +520,8 @@ class Backend(ABC):
                 step += 1
                 if on_layer is not None:
                     on_layer(step, n * passes, spec.name)
+            if after_pass is not None:
+                after_pass(p)
         overhead = self.layer_call_overhead_s()
         return [[_combine(float(s), [pp[k] for pp in per_pass[li]], overhead) for k, s in enumerate(sparsities)]
                 for li in range(n)]

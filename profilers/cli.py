@@ -160,5 +160,9 @@ def run(args: argparse.Namespace) -> int:
         err = validation_error(profile.validation)
         if not math.isnan(err):
             print(f"median |predicted - measured| / measured: {err * 100:.1f}% over {len(profile.validation)} models")
+        base_now = profile.validation[-1].get("base_measured_s")
+        if base_now:
+            print(f"base model now {base_now * 1e3:.2f} ms vs {t.base_s * 1e3:.2f} ms in the profile "
+                  f"({(base_now / t.base_s - 1) * 100:+.1f}%: the machine's drift since the profile)")
     print(f"wrote {args.output}")
     return 0

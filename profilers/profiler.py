@@ -22,7 +22,7 @@ from spdy.errors import InvalidInputError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
-from spdy.profilers.base import DENSE, STANDIN, Backend, LayerChoice
+from spdy.profilers.base import STANDIN, Backend, LayerChoice, Timing
 from spdy.profilers.pruning import LevelPruner, random_level_vectors
 from spdy.types import LatencyTable, LayerSpec
 
@@ -77,29 +77,34 @@ def profile_model(
     del io
     passes = max(1, backend.policy.passes)
     total = len(specs) * passes + 1
+    base_plan = {n: LayerChoice(STANDIN) for n in names}
+    base_runs: list[Timing] = []
     results = backend.time_layers(
-        layers, grid.levels, on_layer=(lambda d, _t, w: progress(d, total, w)) if progress else None
+        layers, grid.levels, on_layer=(lambda d, _t, w: progress(d, total, w)) if progress else None,
+        after_pass=lambda _p: base_runs.append(backend.time_model(bundle, base_plan)),
     )
     times = np.array([[lt.time_s for lt in lts] for lts in results])
     spread = np.array([[lt.spread for lt in lts] for lts in results])
     formats = [tuple(lt.fmt for lt in lts) for lts in results]
-    base_plan = {n: LayerChoice(STANDIN) for n in names}
-    dense_plan = {}
-    for spec in specs:
-        w, b = _weight_bias(bundle, spec.name)
-        dense_plan[spec.name] = LayerChoice(DENSE, w, b, 0.0)
-    base, dense = backend.time_models(bundle, [base_plan, dense_plan])
+    dense_plan = {}  # the unpruned model, each layer in its fastest format at level 0 (what dense_total_s predicts)
+    for spec, (_, w, b, _), fmts in zip(specs, layers, formats):
+        dense_plan[spec.name] = LayerChoice(fmts[0], w, b, 0.0)
+    # the base: median over the passes (timed after each); the unpruned model once, as a check
+    base_s = float(np.median([t.median_s for t in base_runs]))
+    base_spread = float(np.median([t.spread for t in base_runs]))
+    dense = backend.time_model(bundle, dense_plan)
     if progress:
         progress(total, total, "base")
-    table = LatencyTable(tuple(names), grid, times, base.median_s, backend.fingerprint())
+    table = LatencyTable(tuple(names), grid, times, base_s, backend.fingerprint())
     predicted_dense = table.dense_total_s
     log.info("base %.2f ms (spread %.1f%%); dense model measured %.2f ms, predicted %.2f ms (%+.1f%%)",
-             base.median_s * 1e3, base.spread * 100, dense.median_s * 1e3, predicted_dense * 1e3,
+             base_s * 1e3, base_spread * 100, dense.median_s * 1e3, predicted_dense * 1e3,
              (predicted_dense / dense.median_s - 1) * 100)
     settings = {
         **backend.settings(),
         **model_settings(bundle, specs),
-        "base_spread": base.spread,
+        "base_spread": base_spread,
+        "base_passes_s": [t.median_s for t in base_runs],
         "dense_measured_s": dense.median_s,
         "profile_seconds": round(time.perf_counter() - t_start, 1),
         "samples": dict(backend.stats),
@@ -145,7 +150,9 @@ def validate(
 
     Level vectors are uniform over the grid, per layer. Each pruned model uses, per layer,
     the format the profile chose for that level; the ``k`` models are timed interleaved.
-    Returns ``[{"predicted_s", "measured_s", "spread"}]``, one per model.
+    The base model (all stand-ins) is timed with them, as a check that the machine runs as
+    fast as when the profile was measured. Returns ``[{"predicted_s", "measured_s",
+    "spread", "base_measured_s"}]``, one per model.
     """
     if profile.backend != backend.name:
         raise InvalidInputError(
@@ -157,13 +164,23 @@ def validate(
     t = profile.table
     vectors = random_level_vectors(len(t.layers), len(t.grid), k, seed)
     plans = level_plans(profile, bundle, vectors)
-    timings = backend.time_models(bundle, plans)
+    # the base model is timed with them: if the machine's speed drifted since the profile was
+    # measured, base_measured_s / the profile's base shows it
+    *timings, base_now = backend.time_models(bundle, [*plans, {n: LayerChoice(STANDIN) for n in t.layers}])
+    drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
     records = []
     for lv, tm in zip(vectors, timings):
-        rec = {"predicted_s": t.predicted_time(lv), "measured_s": tm.median_s, "spread": tm.spread}
+        rec = {"predicted_s": t.predicted_time(lv), "measured_s": tm.median_s, "spread": tm.spread,
+               "base_measured_s": base_now.median_s}
         records.append(rec)
         log.info("random profile: predicted %.2f ms, measured %.2f ms (%+.1f%%)", rec["predicted_s"] * 1e3,
                  rec["measured_s"] * 1e3, (rec["predicted_s"] / rec["measured_s"] - 1) * 100)
+    log.info("base time now %.2f ms, in the profile %.2f ms (%+.1f%%)", base_now.median_s * 1e3, t.base_s * 1e3,
+             drift * 100)
+    if abs(drift) > 0.1:
+        log.warning("the base model runs %+.0f%% %s than when the profile was measured: the machine's speed "
+                    "changed (other load, frequency); predictions are off by about as much", drift * 100,
+                    "slower" if drift > 0 else "faster")
     if progress:
         progress(k, k, "validation")
     return records

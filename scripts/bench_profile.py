@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,8 @@ def main() -> int:
             "validation_error": validation_error(p["validation"]) if p["validation"] else None,
             "signed_validation_error": float(np.median([r_["predicted_s"] / r_["measured_s"] - 1
                                                         for r_ in p["validation"]])) if p["validation"] else None,
+            "base_drift": (p["validation"][-1].get("base_measured_s", float("nan")) / p["base_s"] - 1)
+            if p["validation"] else None,
             "path": str(out),
         }
         runs.append(rec)
@@ -118,7 +121,8 @@ def main() -> int:
               f"{rec['dense_measured_ms']:.2f} ms measured; samples {rec['samples']}")
         if rec["validation_error"] is not None:
             print(f"  validation over {len(rec['validation'])} random profiles: median |error| "
-                  f"{rec['validation_error'] * 100:.1f}% (signed {rec['signed_validation_error'] * 100:+.1f}%)")
+                  f"{rec['validation_error'] * 100:.1f}% (signed {rec['signed_validation_error'] * 100:+.1f}%); "
+                  f"base drift since the profile {rec['base_drift'] * 100:+.1f}%")
     agree = None
     if len(runs) >= 2:
         a = json.loads(Path(runs[0]["path"]).read_text())
@@ -143,6 +147,7 @@ def main() -> int:
         "grid": args.grid,
         "fingerprint": first["fingerprint"],
         "settings": first["settings"],
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("SPDY_", "OMP_", "NUMBA_", "GOMP_"))},
         "runs": runs,
         "agreement": agree,
     })

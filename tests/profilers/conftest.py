@@ -17,7 +17,7 @@ from spdy.profilers import QUICK_POLICY, available_backends, get_backend  # noqa
 
 GRID3 = SparsityGrid((0.0, 0.5, 0.9))
 # short, but with the contention filter off: tests must not wait for a quiet machine
-TEST_POLICY = dataclasses.replace(QUICK_POLICY, max_stall=float("inf"))
+TEST_POLICY = dataclasses.replace(QUICK_POLICY, max_others=float("inf"))
 
 BACKENDS = sorted(available_backends())
 

@@ -26,19 +26,23 @@ class FakeRunner:
         self.calls += 1
 
 
-class FakePressure:
-    def __init__(self):
+class FakeMonitor:
+    """Other processes are busy (``busy``) or not; time is real."""
+
+    def __init__(self, busy=False):
         self.available = True
-        self.total = 0.0
-        self.busy = False
+        self.busy = busy
+
+    def snapshot(self):
+        import time
+
+        return (0.0, 0.0, time.perf_counter())
+
+    def others_share(self, start, end=None):
+        return 1.0 if self.busy else 0.0
 
     def others_busy(self, window_s=0.0):
         return 1.0 if self.busy else 0.0
-
-    def read(self):
-        if self.busy:
-            self.total += 1.0  # a whole second of stall per read: every sample is disturbed
-        return self.total
 
 
 class FakeBackend(Backend):
@@ -63,7 +67,7 @@ class FakeBackend(Backend):
 
 
 POLICY = TimingPolicy(warmup_calls=1, min_repeats=10, max_repeats=50, target_ci=0.02, max_seconds=1e9,
-                      min_samples=3, min_sample_s=0.0, race_after=5, passes=1, max_stall=math.inf)
+                      min_samples=3, min_sample_s=0.0, race_after=5, passes=1, max_others=math.inf)
 
 
 def test_steady_runner_stops_at_min_repeats():
@@ -111,18 +115,36 @@ def test_a_clear_loser_is_dropped_early():
 
 
 def test_disturbed_samples_are_discarded_until_patience_runs_out():
-    be = FakeBackend(dataclasses.replace(POLICY, max_stall=0.05, patience_s=1e-12, busy_sleep_s=0.0))
-    be._pressure = FakePressure()
-    be._pressure.busy = True
+    be = FakeBackend(dataclasses.replace(POLICY, max_others=0.1, window_s=0.0, patience_s=1e-12, busy_sleep_s=0.0))
+    be._monitor = FakeMonitor(busy=True)
     (t,) = be.measure([FakeRunner([1e-3])])
     # every sample looked disturbed; after the patience ran out they were kept anyway
     assert t.discarded >= 1 and t.n == POLICY.min_repeats
     assert be.stats["busy_giveups"] == 1 and be.stats["discarded"] == t.discarded
 
 
+def test_a_busy_spell_is_discarded_then_waited_out():
+    class Spell(FakeMonitor):
+        def __init__(self):
+            super().__init__(busy=True)
+            self.judged = 0
+
+        def others_share(self, start, end=None):
+            self.judged += 1
+            return 1.0 if self.judged == 1 else 0.0  # only the first window is disturbed
+
+        def others_busy(self, window_s=0.0):
+            return 0.0
+
+    be = FakeBackend(dataclasses.replace(POLICY, max_others=0.1, window_s=0.0, busy_sleep_s=0.0))
+    be._monitor = Spell()
+    (t,) = be.measure([FakeRunner([1e-3])])
+    assert t.discarded == 1 and t.n == POLICY.min_repeats and be.stats["busy_giveups"] == 0
+
+
 def test_quiet_machine_discards_nothing():
-    be = FakeBackend(dataclasses.replace(POLICY, max_stall=0.05))
-    be._pressure = FakePressure()
+    be = FakeBackend(dataclasses.replace(POLICY, max_others=0.1, window_s=0.0))
+    be._monitor = FakeMonitor()
     (t,) = be.measure([FakeRunner([1e-3])])
     assert t.discarded == 0 and be.stats["discarded"] == 0
 
