@@ -20,7 +20,7 @@ Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfall
 * a runner that clearly loses to a rival (another format for the same level) is
   dropped early (``race_ratio``): only the fastest format's time is needed;
 * samples taken while other processes used the CPUs (``/proc/stat`` minus this
-  process's own CPU time, judged per window of ~0.25 s) are discarded, and timing
+  process's own CPU time, judged per window of ~0.3 s) are discarded, and timing
   waits for the others to go quiet: on 2 cores one busy neighbour makes a 2-thread
   kernel up to 16x slower, and no statistic undoes that;
 * layers are timed in ``passes`` passes over the whole model (alternating order)
@@ -87,7 +87,7 @@ class TimingPolicy:
     passes: int = 3
     model_min_repeats: int = 25
     max_others: float = 0.05
-    window_s: float = 0.25
+    window_s: float = 0.3
     busy_sleep_s: float = 0.1
     patience_s: float = 600.0
 
@@ -186,7 +186,8 @@ class CpuMonitor:
         """Share (0..1) of all CPUs that others used between two snapshots."""
         end = end or self.snapshot()
         wall = max(end[2] - start[2], 1e-9)
-        others = (end[0] - start[0]) - (end[1] - start[1])
+        # busy time comes in whole ticks: forgive two of them (rounding at both ends)
+        others = (end[0] - start[0]) - (end[1] - start[1]) - 2.0 / self._tick
         return min(max(others, 0.0) / (wall * self._cpus), 1.0)
 
     def others_busy(self, window_s: float = 0.1) -> float:
@@ -369,9 +370,8 @@ class Backend(ABC):
             rounds += 1
             if window is not None:
                 now = monitor.snapshot()
-                if now[2] - window[2] < p.window_s and not all(done[i] or len(samples[i]) + len(pending[i])
-                                                               >= p.min_repeats for i in range(n)):
-                    continue  # judge the window once it is long enough
+                if now[2] - window[2] < p.window_s:
+                    continue  # judge a window once it is long enough for 10 ms jiffies to mean something
                 share = monitor.others_share(window, now)
                 if share > p.max_others:
                     # another process took CPU time in this window: its samples did not time us alone
