@@ -306,6 +306,15 @@ class Backend(ABC):
         so that runners do not pay for entering it on every call."""
         return contextlib.nullcontext()
 
+    #: seconds to wait between timing groups of different thread pools
+    pool_rest_s: float = 0.02
+
+    def pool_of(self, fmt: str) -> str:
+        """The thread pool a format runs in. Runners of different pools are not interleaved:
+        one pool's idle workers spin while the other's run, which a model avoids only if its
+        runtime shares one pool. Default: one pool for everything."""
+        return "default"
+
     def dense_time_is_level_independent(self) -> bool:
         """True when the dense kernel's speed does not depend on how many weights are zero,
         so it is timed once per layer rather than at every level."""
@@ -326,17 +335,19 @@ class Backend(ABC):
         rivals: Sequence[Sequence[int]] | None = None,
         on_round: Callable[[int], None] | None = None,
         policy: TimingPolicy | None = None,
+        bounds: Sequence[float] | None = None,
     ) -> list[Timing]:
         """Time ``runners`` interleaved, round by round, under this backend's policy.
 
         ``rivals[i]`` lists the runners that runner ``i`` competes with (e.g. other formats
         for the same level); ``i`` stops early once its median exceeds ``race_ratio`` times
-        the best rival's (both with at least ``race_after`` samples).
+        the best rival's (both with at least ``race_after`` samples) or ``bounds[i]`` (the
+        time of a rival measured before).
         """
         if not runners:
             return []
         with self.timing_context():
-            return self._measure(runners, rivals, on_round, policy or self.policy)
+            return self._measure(runners, rivals, on_round, policy or self.policy, bounds)
 
     def _measure(
         self,
@@ -344,6 +355,7 @@ class Backend(ABC):
         rivals: Sequence[Sequence[int]] | None,
         on_round: Callable[[int], None] | None,
         p: TimingPolicy,
+        bounds: Sequence[float] | None = None,
     ) -> list[Timing]:
         n = len(runners)
         monitor = self._monitor
@@ -413,11 +425,14 @@ class Backend(ABC):
                     if t.ci <= p.target_ci:
                         done[i] = True
                         continue
-                if rivals and rivals[i] and k >= p.race_after and math.isfinite(p.race_ratio):
+                if k >= p.race_after and math.isfinite(p.race_ratio) and ((rivals and rivals[i]) or bounds):
                     best = min(
-                        (float(np.median(samples[j])) for j in rivals[i] if len(samples[j]) >= p.race_after),
+                        (float(np.median(samples[j])) for j in (rivals[i] if rivals else ())
+                         if len(samples[j]) >= p.race_after),
                         default=math.inf,
                     )
+                    if bounds:
+                        best = min(best, bounds[i])
                     if float(np.median(samples[i])) > p.race_ratio * best:
                         done[i] = dropped[i] = True
             if on_round is not None:
@@ -465,13 +480,30 @@ class Backend(ABC):
             for f in todo:
                 runners.append(self.layer_runner(spec, LayerChoice(f, wp, b, float(s)), x))
                 keys.append((li, f))
-        # rivals: the other formats of the same level, and the shared dense runner
+        # rivals: the other formats of the same level, and the shared dense runner. Runners of
+        # different thread pools are timed apart (pool_of), each group after the previous one's
+        # idle workers stopped spinning; earlier groups' results bound the later groups' races.
         by_level: dict[int, list[int]] = {}
         for i, (li, _) in enumerate(keys):
             by_level.setdefault(li, []).append(i)
-        rivals = [[] if li == -1 else [j for j in by_level[li] if j != i] + by_level.get(-1, [])
-                  for i, (li, _) in enumerate(keys)]
-        timings = self.measure(runners, rivals)
+        pools: dict[str, list[int]] = {}
+        for i, (_, f) in enumerate(keys):
+            pools.setdefault(self.pool_of(f), []).append(i)
+        timings: list[Timing | None] = [None] * len(runners)
+        for gi, members in enumerate(sorted(pools.values(), key=lambda m: min(m))):
+            if gi:
+                time.sleep(self.pool_rest_s)
+            pos = {i: k for k, i in enumerate(members)}
+            rivals, bounds = [], []
+            for i in members:
+                li = keys[i][0]
+                same = [] if li == -1 else [j for j in by_level[li] + by_level.get(-1, []) if j != i]
+                rivals.append([pos[j] for j in same if j in pos])
+                done_rivals = [timings[j].median_s for j in same if timings[j] is not None]  # type: ignore[union-attr]
+                bounds.append(min(done_rivals, default=math.inf))
+            got = self.measure([runners[i] for i in members], rivals, bounds=bounds)
+            for i, t in zip(members, got):
+                timings[i] = t
         del runners
         overhead = self.layer_call_overhead_s()
         out: list[LevelTiming] = []

@@ -46,7 +46,8 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         secs = kernels.warmup()
         log.debug("spdy kernels ready in %.1f s (compile or cache load)", secs)
         status = kernels.openmp_status()
-        if not status.get("shared", True):
+        self._shared_openmp = bool(status.get("shared", False))
+        if not self._shared_openmp:
             log.warning("torch and the spdy kernels use two OpenMP runtimes (%s): timings suffer. Import spdy "
                         "(or spdy.kernels) before torch.", status)
 
@@ -76,6 +77,13 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             "openmp_shared": bool(status.get("shared", False)),
             "kernel_formats": list(kernels.FORMATS),
         }
+
+    def pool_of(self, fmt: str) -> str:
+        """Dense layers run in torch's pool, the others in Numba's: unless spdy.kernels made them
+        one OpenMP runtime, they are timed apart (see :meth:`Backend.pool_of`)."""
+        if self._shared_openmp:
+            return "default"
+        return "torch" if fmt == DENSE else "numba"
 
     def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
         from spdy import kernels
