@@ -47,6 +47,8 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         log.debug("spdy kernels ready in %.1f s (compile or cache load)", secs)
         status = kernels.openmp_status()
         self._shared_openmp = bool(status.get("shared", False))
+        if self._shared_openmp:
+            _limit_openmp_nesting()  # again: warm-up may have started Numba's pool
         if not self._shared_openmp:
             log.warning("torch and the spdy kernels use two OpenMP runtimes (%s): timings suffer. Import spdy "
                         "(or spdy.kernels) before torch.", status)
@@ -63,6 +65,8 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         from spdy import kernels
 
         kernels.set_num_threads(self.threads)
+        if kernels.openmp_status().get("shared"):
+            _limit_openmp_nesting()
 
     def runtime_fingerprint(self) -> dict[str, Any]:
         import numba
@@ -75,6 +79,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             "numba_threads": int(numba.get_num_threads()),
             "numba_threading_layer": _threading_layer(),
             "openmp_shared": bool(status.get("shared", False)),
+            "openmp_max_active_levels": _max_active_levels(),
             "kernel_formats": list(kernels.FORMATS),
         }
 
@@ -110,6 +115,42 @@ class SpdyCpuBackend(TorchRuntimeBackend):
 
     def _input(self, spec: LayerSpec, x: np.ndarray | Any | None) -> Any:
         return super()._input(spec, x)
+
+
+def _libgomp() -> Any:
+    import ctypes
+
+    return ctypes.CDLL("libgomp.so.1")  # the copy already loaded (shared with torch by spdy.kernels)
+
+
+def _max_active_levels() -> int | None:
+    try:
+        return int(_libgomp().omp_get_max_active_levels())
+    except (OSError, AttributeError):
+        return None
+
+
+def _limit_openmp_nesting() -> bool:
+    """Turn off nested OpenMP parallelism in the runtime torch and Numba share.
+
+    Numba's ``omp`` threading layer enables nesting when it starts its pool
+    (``omp_set_nested(1)`` in ``launch_threads``). With one OpenMP runtime for both,
+    torch's nested regions (BLAS/oneDNN inside ``at::parallel_for``) then start extra
+    teams: measured on the 2-core machines, a MiniLM forward takes 265 ms instead of
+    18 ms; with ``omp_set_max_active_levels(1)`` it is back to 18 ms and the sparse kernels
+    are unaffected. This belongs in ``spdy.kernels.set_num_threads`` (so that deployed
+    models get it too); the profiler applies it so that it times the runtime as it should run.
+    Returns True if it changed anything.
+    """
+    try:
+        gomp = _libgomp()
+        if gomp.omp_get_max_active_levels() > 1:
+            gomp.omp_set_max_active_levels(1)
+            log.info("limited OpenMP nesting to one level (Numba had enabled it; see spdy_cpu._limit_openmp_nesting)")
+            return True
+    except (OSError, AttributeError) as exc:
+        log.warning("could not limit OpenMP nesting: %s", exc)
+    return False
 
 
 def _threading_layer() -> str:
