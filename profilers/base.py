@@ -50,6 +50,13 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[], Any]
 
+#: Environment variables that change how thread pools behave (and so the timings); recorded.
+THREADING_ENV = frozenset({
+    "OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY", "OMP_DYNAMIC", "GOMP_SPINCOUNT",
+    "GOMP_CPU_AFFINITY", "KMP_BLOCKTIME", "KMP_AFFINITY", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+    "NUMBA_THREADING_LAYER", "SPDY_SHARED_OPENMP",
+})
+
 #: Format name of the zero-cost stand-in used to measure the base time.
 STANDIN = "standin"
 #: Format name of the dense kernel; every backend offers it at every level.
@@ -268,8 +275,10 @@ class Backend(ABC):
         return {}
 
     def fingerprint(self) -> dict[str, Any]:
-        """CPU model, cores, threads, runtime versions and the backend's own details."""
-        return hardware_fingerprint(self.threads, {"backend": self.name, **self.runtime_fingerprint()})
+        """CPU model, cores, threads, runtime versions, the threading environment and the backend's own details."""
+        env = {k: os.environ[k] for k in sorted(os.environ) if k in THREADING_ENV}
+        return hardware_fingerprint(self.threads, {"backend": self.name, "threading_env": env,
+                                                   **self.runtime_fingerprint()})
 
     def settings(self) -> dict[str, Any]:
         """What the timings depend on besides the hardware: threads and the timing policy."""
