@@ -487,7 +487,23 @@ class Backend(ABC):
                 continue
             wp = pruner.at(s)
             for f in todo:
-                runners.append(self.layer_runner(spec, LayerChoice(f, wp, b, float(s)), x))
+                choice = LayerChoice(f, wp, b, float(s))
+                if f == DENSE:
+                    runner = self.layer_runner(spec, choice, x)
+                else:
+                    try:  # a sparse format this runtime cannot run here is skipped, not fatal
+                        runner = self.layer_runner(spec, choice, x)
+                        runner()
+                    except (InvalidInputError, ValueError, TypeError):
+                        raise  # our mistake or the caller's: say so
+                    except Exception as exc:  # runtime errors from torch/ORT kernels (e.g. unsupported dtype)
+                        key = (self.name, spec.kind, f, type(exc).__name__)
+                        if key not in _SKIP_WARNED:
+                            _SKIP_WARNED.add(key)
+                            log.warning("%s: format %r fails for layer %s (%s: %s); it is skipped", self.name, f,
+                                        spec.name, type(exc).__name__, str(exc).splitlines()[0][:200])
+                        continue
+                runners.append(runner)
                 keys.append((li, f))
         # rivals: the other formats of the same level, and the shared dense runner. Runners of
         # different thread pools are timed apart (pool_of), each group after the previous one's
@@ -575,6 +591,9 @@ class Backend(ABC):
     def time_model(self, bundle: Any, plan: Mapping[str, LayerChoice]) -> Timing:
         """End-to-end time of ``bundle``'s model with its layers run as ``plan`` says."""
         return self.time_models(bundle, [plan])[0]
+
+
+_SKIP_WARNED: set[tuple[str, str, str, str]] = set()
 
 
 def _fastest(sparsity: float, cands: dict[str, Timing], overhead: float = 0.0) -> LevelTiming:
