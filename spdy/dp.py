@@ -205,16 +205,33 @@ def _check_errors(errors: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(e)
 
 
-def solve_budget(times: np.ndarray, errors: np.ndarray, budget: float, buckets: int = DEFAULT_BUCKETS) -> tuple[np.ndarray, float]:
+def solve_budget(
+    times: np.ndarray,
+    errors: np.ndarray,
+    budget: float,
+    buckets: int = DEFAULT_BUCKETS,
+    *,
+    allow_unavailable: bool = False,
+) -> tuple[np.ndarray, float]:
     """Levels minimising summed error with ``sum times[l, level_l] <= budget``.
+
+    With ``allow_unavailable``, a time of ``+inf`` marks a choice the layer does not have
+    (e.g. an N:M pattern without a kernel, see :mod:`spdy.choices`): it is never picked
+    (its bucket count exceeds the budget); every layer needs one finite time.
 
     Returns ``(levels, total_error)``; raises :class:`InfeasibleBudgetError` if no choice fits.
     """
     t = np.asarray(times, dtype=np.float64)
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise InvalidInputError(f"times must be a non-empty layers x levels table; got shape {t.shape}")
-    if not np.all(np.isfinite(t)) or np.any(t < 0):
-        raise InvalidInputError("times must be finite and >= 0")
+    unavailable = np.isposinf(t) if allow_unavailable else np.zeros(t.shape, dtype=bool)
+    if np.any(t[~unavailable] < 0) or not np.all(np.isfinite(t[~unavailable])):
+        raise InvalidInputError("times must be finite and >= 0" + (" (or +inf: unavailable)" if allow_unavailable else ""))
+    if unavailable.all(axis=1).any():
+        bad = int(np.flatnonzero(unavailable.all(axis=1))[0])
+        raise InvalidInputError(f"layer {bad} has no available choice (every time is +inf); give it at least dense")
+    if unavailable.any():
+        t = np.where(unavailable, 0.0, t)
     e = _check_errors(errors, t.shape)
     if not isinstance(buckets, (int, np.integer)) or buckets < 1:
         raise InvalidInputError(f"buckets must be a positive integer; got {buckets!r}")
@@ -223,12 +240,13 @@ def solve_budget(times: np.ndarray, errors: np.ndarray, budget: float, buckets: 
             f"buckets={buckets} for {t.shape[0]} layers needs {buckets * t.shape[0] * 8 / 2**30:.1f} GiB; "
             "the DP keeps layers x buckets float64 values: use fewer buckets (10,000 is the paper's choice)"
         )
-    fastest = float(t.min(axis=1).sum())
+    fastest = float(np.where(unavailable, np.inf, t).min(axis=1).sum())
     if not budget > 0 or fastest > budget * (1 + 1e-12):
         raise InfeasibleBudgetError(
             f"no profile fits a layer-time budget of {budget:.6g} s: the fastest level of every layer sums to {fastest:.6g} s"
         )
     T = to_buckets(t, budget, int(buckets))
+    T[unavailable] = int(buckets) + 1  # over the budget on its own: the kernel never picks it
     levels, best = _dp_kernel(np.ascontiguousarray(T), e, int(buckets))
     if levels[0] < 0:
         raise InfeasibleBudgetError(
