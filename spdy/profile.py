@@ -37,6 +37,14 @@ class Profile:
     relative spread of each timing ([L, S], optional), ``formats`` the kernel format the
     runtime uses per layer and level (optional), ``validation`` the predicted vs measured
     end-to-end times of random profiles.
+
+    N:M choices (optional, see :mod:`spdy.choices`): ``patterns`` names the patterns the
+    backend was asked to time (``"2:4"``, ...); ``pattern_times`` ([L, P] seconds) holds
+    each layer's time with that pattern's weight in its fastest format, ``+inf`` where the
+    backend has no kernel for it on that layer; ``pattern_formats`` ([L][P]) the format
+    (``""`` where unavailable) and ``pattern_spread`` ([L, P]) the spread. In the JSON a
+    layer lists only its available patterns (``"patterns": {"2:4": {"time_s", "spread",
+    "format"}}``); files without them load with no patterns.
     """
 
     table: LatencyTable
@@ -47,9 +55,14 @@ class Profile:
     spread: np.ndarray | None = None
     formats: tuple[tuple[str, ...], ...] | None = None
     validation: tuple[dict[str, float], ...] = ()
+    patterns: tuple[str, ...] = ()
+    pattern_times: np.ndarray | None = None
+    pattern_formats: tuple[tuple[str, ...], ...] | None = None
+    pattern_spread: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "specs", tuple(self.specs))
+        self._check_patterns()
         if self.specs and tuple(s.name for s in self.specs) != self.table.layers:
             raise InvalidInputError("profile specs must name the same layers, in the same order, as the table")
         if self.spread is not None:
@@ -58,6 +71,39 @@ class Profile:
                 raise InvalidInputError(f"spread has shape {sp.shape}; expected {self.table.times.shape}")
             object.__setattr__(self, "spread", sp)
         object.__setattr__(self, "validation", tuple(dict(v) for v in self.validation))
+
+    def _check_patterns(self) -> None:
+        from spdy.choices import parse_patterns
+
+        pats = parse_patterns(self.patterns)
+        if pats != tuple(self.patterns):
+            raise InvalidInputError(f"profile patterns must be canonical and unique ('2:4', ...); got {list(self.patterns)}")
+        object.__setattr__(self, "patterns", pats)
+        L, P = len(self.table.layers), len(pats)
+        if not P:
+            if self.pattern_times is not None and np.asarray(self.pattern_times).size:
+                raise InvalidInputError("pattern_times given without patterns")
+            object.__setattr__(self, "pattern_times", None)
+            object.__setattr__(self, "pattern_formats", None)
+            object.__setattr__(self, "pattern_spread", None)
+            return
+        pt = np.full((L, P), np.inf) if self.pattern_times is None else np.array(self.pattern_times, dtype=np.float64)
+        if pt.shape != (L, P):
+            raise InvalidInputError(f"pattern_times has shape {pt.shape}; expected {(L, P)} (layers x patterns)")
+        if np.any(np.isnan(pt)) or np.any(pt < 0):
+            raise InvalidInputError("pattern_times must be >= 0 seconds, or +inf where a layer has no kernel for the pattern")
+        pt.setflags(write=False)
+        object.__setattr__(self, "pattern_times", pt)
+        if self.pattern_formats is not None:
+            pf = tuple(tuple(str(f) for f in row) for row in self.pattern_formats)
+            if len(pf) != L or any(len(row) != P for row in pf):
+                raise InvalidInputError(f"pattern_formats must be {L} rows of {P} format names")
+            object.__setattr__(self, "pattern_formats", pf)
+        if self.pattern_spread is not None:
+            ps = np.array(self.pattern_spread, dtype=np.float64)
+            if ps.shape != (L, P):
+                raise InvalidInputError(f"pattern_spread has shape {ps.shape}; expected {(L, P)}")
+            object.__setattr__(self, "pattern_spread", ps)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -102,6 +148,19 @@ class Profile:
                 rec["spread"] = [float(x) for x in self.spread[i]]
             if self.formats is not None:
                 rec["formats"] = list(self.formats[i])
+            if self.patterns:
+                pats = {}
+                for k, p in enumerate(self.patterns):
+                    t_p = float(self.pattern_times[i, k])  # type: ignore[index]
+                    if not np.isfinite(t_p):
+                        continue  # no kernel for this pattern on this layer
+                    entry: dict[str, Any] = {"time_s": t_p}
+                    if self.pattern_spread is not None:
+                        entry["spread"] = float(self.pattern_spread[i, k])
+                    if self.pattern_formats is not None:
+                        entry["format"] = self.pattern_formats[i][k]
+                    pats[p] = entry
+                rec["patterns"] = pats
             layers.append(rec)
         return {
             "schema": SCHEMA,
@@ -115,6 +174,7 @@ class Profile:
             "settings": self.settings,
             "layers": layers,
             "validation": list(self.validation),
+            **({"patterns": list(self.patterns)} if self.patterns else {}),
         }
 
     @classmethod
@@ -136,6 +196,21 @@ class Profile:
             specs = tuple(LayerSpec.from_json(rec) for rec in layers) if has_specs else ()
             spread = np.array([rec["spread"] for rec in layers]) if all("spread" in r for r in layers) else None
             formats = tuple(tuple(r["formats"]) for r in layers) if all("formats" in r for r in layers) else None
+            patterns = tuple(d.get("patterns", ()))
+            p_times = p_spread = p_formats = None
+            if patterns:
+                p_times = np.full((len(layers), len(patterns)), np.inf)
+                p_spread = np.full((len(layers), len(patterns)), np.nan)
+                fm = [["" for _ in patterns] for _ in layers]
+                for i, rec in enumerate(layers):
+                    for p, entry in (rec.get("patterns") or {}).items():
+                        if p not in patterns:
+                            raise ValueError(f"layer {rec['name']!r} times pattern {p!r}, not among {list(patterns)}")
+                        k = patterns.index(p)
+                        p_times[i, k] = float(entry["time_s"])
+                        p_spread[i, k] = float(entry.get("spread", np.nan))
+                        fm[i][k] = str(entry.get("format", "?"))
+                p_formats = tuple(tuple(r) for r in fm)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidInputError):
                 raise
@@ -149,6 +224,10 @@ class Profile:
             spread=spread,
             formats=formats,
             validation=tuple(d.get("validation", ())),
+            patterns=patterns,
+            pattern_times=p_times,
+            pattern_formats=p_formats,
+            pattern_spread=p_spread,
         )
 
 

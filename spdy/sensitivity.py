@@ -12,6 +12,11 @@ several processes (or machines sharing an RDB) can work on one study:
   re-drawn from ``seed`` and ``n``;
 * trials past the budget are not evaluated (told PRUNED, attribute ``skipped``).
 
+The table may also be a :class:`spdy.choices.ChoiceTable` (per-layer choices such as
+dense, unstructured levels and 2:4): the DP then runs over its columns with
+:func:`spdy.choices.prior_errors`, and the objective receives one column index per
+layer (map it with ``table.choices_of(levels)``).
+
 A trial left RUNNING by a killed worker (its process is gone, or its heartbeat is
 older than ``stale_after_s``) is reclaimed and evaluated under its own number on
 the next start, so a killed search resumes without losing or repeating work.
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from spdy import dp
+from spdy import choices, dp
 from spdy.errors import InvalidInputError
 from spdy.types import LatencyTable, Solution
 
@@ -142,7 +147,7 @@ def _sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
 class SearchResult:
     """The best trial of a search and its bookkeeping."""
 
-    solution: Solution
+    solution: Solution | choices.ChoiceSolution
     coefficients: np.ndarray
     loss: float
     n_evaluations: int
@@ -156,22 +161,24 @@ class Search:
 
     def __init__(
         self,
-        table: LatencyTable,
+        table: LatencyTable | choices.ChoiceTable,
         objective: Objective,
         config: SearchConfig,
         storage: str | None = None,
         study_name: str = "spdy",
         signature: dict[str, Any] | None = None,
+        positions: np.ndarray | None = None,
     ) -> None:
         self.table = table
         self.objective = objective
         self.cfg = config
+        self.positions = positions  # ChoiceTable only: prior positions ([C] or [L, C]; see spdy.choices)
         self.schedule = Schedule.for_config(len(table.layers), config)
         self.L, self.S = table.times.shape
         self.budget = table.budget_for(config.speedup)
         dp.warmup()
         # fail fast on an unreachable target, before any storage is touched
-        dp.solve(table, dp.prior_errors(self.L, self.S), config.speedup, config.buckets)
+        self._solve_prior(None)
         self.study = optuna.create_study(
             storage=make_storage(storage),
             study_name=study_name,
@@ -188,6 +195,8 @@ class Search:
     def _check_signature(self, signature: dict[str, Any]) -> None:
         sig = {"speedup": self.cfg.speedup, "seed": self.cfg.seed, "strategy": self.cfg.strategy,
                "layers": list(self.table.layers), "levels": len(self.table.grid), **signature}
+        if isinstance(self.table, choices.ChoiceTable):
+            sig["choices"] = [c.label for c in self.table.choices]
         stored = self.study.user_attrs.get("signature")
         if stored is None:
             self.study.set_user_attr("signature", sig)
@@ -237,9 +246,15 @@ class Search:
         return None
 
     # -- one evaluation ------------------------------------------------------
-    def solve(self, c: np.ndarray) -> Solution:
+    def _solve_prior(self, c: np.ndarray | None) -> Solution | choices.ChoiceSolution:
+        if isinstance(self.table, choices.ChoiceTable):
+            errors = choices.prior_errors(self.table, c, self.positions)
+            return choices.solve(self.table, errors, self.cfg.speedup, self.cfg.buckets)
+        return dp.solve(self.table, dp.prior_errors(self.L, self.S, c), self.cfg.speedup, self.cfg.buckets)
+
+    def solve(self, c: np.ndarray) -> Solution | choices.ChoiceSolution:
         t0 = time.perf_counter()
-        sol = dp.solve(self.table, dp.prior_errors(self.L, self.S, c), self.cfg.speedup, self.cfg.buckets)
+        sol = self._solve_prior(c)
         self.stage_s["dp"] += time.perf_counter() - t0
         return sol
 
