@@ -1,6 +1,8 @@
 """Numba kernels of the reconstruction methods.
 
 ``sweep_block``: the OBS column sweep inside one block of columns (SparseGPT Algorithm 1, lines 6-12).
+``sweep_block_nm``: the same sweep choosing an N:M mask on the fly, group by group (SparseGPT's
+``prunen``/``prunem`` branch).
 
 Layout is transposed: ``W1[i, r]`` is column ``i`` of the block for stacked row
 ``r`` (rows of every level side by side), so the update of column ``j`` for a
@@ -60,6 +62,77 @@ def sweep_block(W1: np.ndarray, P1: np.ndarray, U1: np.ndarray, E1: np.ndarray, 
                     Wc[j, k] -= u * e[k]
         for i in range(n):
             for k in range(m):
+                W1[i, r0 + k] = Wc[i, k]
+
+
+@numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True, fastmath={"contract"})
+def sweep_block_nm(
+    W1: np.ndarray, P1: np.ndarray, U1: np.ndarray, E1: np.ndarray, loss: np.ndarray, n_keep: int, m: int,
+    dead1: np.ndarray,
+) -> None:  # pragma: no cover - jitted
+    """:func:`sweep_block` with the N:M mask chosen inside the sweep (SparseGPT, N:M variant).
+
+    At the first column ``i`` of every group of ``m`` columns (``i % m == 0``; the block
+    starts on a group boundary), each stacked row prunes the ``m - n_keep`` columns of
+    the group with the smallest OBS saliency ``W1[j, r]^2 / U1[j, j]^2`` of its *current*
+    weights (already updated by the sweep over earlier columns), dead inputs
+    (``dead1[j]``) first, ties to the lower column. ``P1`` (bool [n, R]) is written: the
+    chosen mask. Then the columns are swept as in :func:`sweep_block`.
+    """
+    n, R = W1.shape
+    n_chunks = (R + _CHUNK - 1) // _CHUNK
+    n_prune = m - n_keep
+    for c in numba.prange(n_chunks):
+        r0 = c * _CHUNK
+        mm = min(R, r0 + _CHUNK) - r0
+        Wc = np.empty((n, _CHUNK), dtype=np.float32)
+        e = np.empty(_CHUNK, dtype=np.float32)
+        sal = np.empty(m, dtype=np.float32)
+        order = np.empty(m, dtype=np.int64)
+        for i in range(n):
+            for k in range(mm):
+                Wc[i, k] = W1[i, r0 + k]
+        for i in range(n):
+            if i % m == 0:
+                for k in range(mm):
+                    for j in range(m):
+                        if dead1[i + j]:
+                            sal[j] = -1.0
+                        else:
+                            dj = U1[i + j, i + j]
+                            w = Wc[i + j, k]
+                            sal[j] = (w * w) / (dj * dj)
+                        order[j] = j
+                    # insertion sort of the group by saliency (stable: ties keep column order)
+                    for a in range(1, m):
+                        oa = order[a]
+                        sa = sal[oa]
+                        b = a - 1
+                        while b >= 0 and sal[order[b]] > sa:
+                            order[b + 1] = order[b]
+                            b -= 1
+                        order[b + 1] = oa
+                    for j in range(m):
+                        P1[i + j, r0 + k] = False
+                    for j in range(n_prune):
+                        P1[i + order[j], r0 + k] = True
+            d = U1[i, i]
+            for k in range(mm):
+                if P1[i, r0 + k]:
+                    v = Wc[i, k] / d
+                    e[k] = v
+                    Wc[i, k] = 0.0
+                    loss[r0 + k] += np.float64(v) * np.float64(v)
+                else:
+                    e[k] = 0.0
+            for k in range(mm):
+                E1[i, r0 + k] = e[k]
+            for j in range(i + 1, n):
+                u = U1[i, j]
+                for k in range(mm):
+                    Wc[j, k] -= u * e[k]
+        for i in range(n):
+            for k in range(mm):
                 W1[i, r0 + k] = Wc[i, k]
 
 

@@ -18,6 +18,12 @@ examples:
   spdy database build --model minilm -o db/minilm-obs
   spdy database build --model minilm --method exact -o db/minilm-exact --threads 2
   spdy database build --model mypkg.models:resnet --exclude 'fc' -o db/resnet
+  spdy database build --model minilm --patterns 2:4,4:8 -o db/minilm-obs
+
+--patterns adds N:M semi-structured reconstructions (N kept of every M consecutive
+input weights per row, same method) next to the grid levels, for GPU targets with
+2:4 kernels; layers whose input size is not a multiple of M are recorded as
+skipped. Adding patterns to an existing database rebuilds its layers with them.
 
 The build resumes: run the same command again after an interruption and it
 continues at the first missing layer. A folder holding a database for another
@@ -87,6 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--min-sparsity", type=float, default=0.40, help="sparsity of level 1")
     b.add_argument("--max-sparsity", type=float, default=0.99, help="sparsity of the last level")
     b.add_argument("--threads", type=int, default=None, help="torch and Numba threads (default: torch's choice)" + _NO_DEFAULT)
+    b.add_argument("--patterns", default="", metavar="N:M[,N:M]",
+                   help="also reconstruct these N:M patterns, e.g. 2:4,4:8 (default: none)" + _NO_DEFAULT)
     b.add_argument("--overwrite", action="store_true", help="replace a database for another setup in DIR")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
@@ -130,7 +138,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     db = build_database(
         bundle, args.output, grid=grid, method=args.method, damp=args.damp,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        progress=not args.no_progress, overwrite=args.overwrite, patterns=args.patterns,
     )
     dt = time.perf_counter() - t0
     total, dense = db.total_bytes(), db.dense_bytes()
@@ -138,6 +146,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{db.path}: {len(db.layers)} layers x {len(db.grid)} levels ({db.method}) in {dt:.1f} s; "
         f"{_size(total)} on disk ({dense / max(total, 1):.1f}x smaller than dense fp32 x levels, {_size(dense)})"
     )
+    for pat in db.patterns:
+        skipped = db.pattern_skipped(pat)
+        print(f"pattern {pat}: {len(db.layers) - len(skipped)} layers"
+              + (f"; {len(skipped)} skipped (first: {next(iter(skipped))}: {next(iter(skipped.values()))})" if skipped else ""))
     return 0
 
 
@@ -173,6 +185,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "complete": db.complete,
             "grid": db.grid.to_json(),
             "errors": {n: [None if not np.isfinite(x) else float(x) for x in db.errors[i]] for i, n in enumerate(db.layers)},
+            "patterns": list(db.patterns),
+            "pattern_errors": {
+                n: {p: None if not np.isfinite(db.pattern_errors[i, k]) else float(db.pattern_errors[i, k])
+                    for k, p in enumerate(db.patterns)}
+                for i, n in enumerate(db.layers)
+            },
             "bytes": sizes,
             "total_bytes": db.total_bytes(),
             "dense_bytes": db.dense_bytes(),
@@ -186,6 +204,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"disk {_size(total)}; dense fp32 x levels would be {_size(dense)} ({dense / max(total, 1):.1f}x)")
     show = sorted({int(np.argmin(np.abs(grid - s))) for s in (0.5, 0.7, 0.9, 0.99) if len(grid) > 1} - {0})
     head = "".join(f"{'err@' + format(grid[j] * 100, '.0f') + '%':>10}" for j in show)
+    head += "".join(f"{'err@' + p:>10}" for p in db.patterns)
     width = max([5] + [len(n) for n in db.layers])
     print(f"{'layer':<{width}} {'shape':>14} {'size':>10}{head}")
     for i, name in enumerate(db.layers):
@@ -194,6 +213,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             print(f"{name:<{width}} {shape:>14} {'missing':>10}")
             continue
         errs = "".join(f"{db.errors[i, j]:>10.4f}" for j in show)
+        errs += "".join(f"{db.pattern_errors[i, k]:>10.4f}" if np.isfinite(db.pattern_errors[i, k]) else f"{'-':>10}"
+                        for k in range(len(db.patterns)))
         print(f"{name:<{width}} {shape:>14} {_size(sizes[name]):>10}{errs}")
     if args.levels:
         print()

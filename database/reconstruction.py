@@ -39,6 +39,18 @@ Methods
 Dead inputs (a zero diagonal entry of ``H``: the input is always 0) get diagonal
 1 before damping, as in SparseGPT; their weights are pruned first (they cannot
 change the output) and, in ``exact`` mode, kept ones keep their value.
+
+N:M patterns (``patterns=("2:4", "4:8")`` in :func:`reconstruct`)
+-----------------------------------------------------------------
+Every row keeps exactly ``N`` of each group of ``M`` consecutive inputs (of the
+flattened ``(out, in*kh*kw)`` matrix for a Conv2d). ``obs`` (:func:`obs_nm`): the same
+column sweep with the same Cholesky factor ``U`` as the unstructured levels, the mask
+chosen inside the sweep as SparseGPT does for N:M: at the first column of each group,
+the ``M - N`` columns with the smallest saliency ``w^2 / U_ii^2`` of the row's current
+(already compensated) weights are pruned (``_kernels.sweep_block_nm``). ``exact``: those
+masks, then the exact refit. ``magnitude`` (:func:`magnitude_nm`): the ``M - N``
+smallest ``|w|`` of each group, no refit. A layer whose input size is not a multiple of
+``M`` has no such pattern (the caller records that; :func:`obs_nm` refuses it).
 """
 
 from __future__ import annotations
@@ -47,13 +59,15 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 import torch
 
-from spdy.database._kernels import solve_kept_rows, sweep_block
+from spdy.choices import NMPattern, parse_pattern
+from spdy.database._kernels import solve_kept_rows, sweep_block, sweep_block_nm
 from spdy.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -64,11 +78,41 @@ DEFAULT_DAMP = {"obs": 0.01, "exact": 0.0, "magnitude": 0.0}
 
 @dataclass
 class Reconstruction:
-    """All levels of one layer: ``weights[s]`` is the pruned ``W`` at ``sparsities[s]``."""
+    """All levels of one layer: ``weights[s]`` is the pruned ``W`` at ``sparsities[s]``.
+
+    N:M patterns (when asked for): ``patterns[k]`` names pattern ``k``; ``pattern_weights[k]``,
+    ``pattern_pruned[k]`` and ``pattern_errors[k]`` are its weight, mask and error, None for
+    a pattern the layer cannot hold (``pattern_skipped[k]`` says why).
+    """
 
     weights: torch.Tensor  # [S, out, in] float32
     pruned: torch.Tensor  # [S, out, in] bool, True where the weight is pruned
     errors: np.ndarray  # [S] float64 relative reconstruction errors
+    patterns: tuple[str, ...] = ()
+    pattern_weights: list[torch.Tensor | None] = field(default_factory=list)  # [out, in] float32 each
+    pattern_pruned: list[torch.Tensor | None] = field(default_factory=list)  # [out, in] bool each
+    pattern_errors: list[float | None] = field(default_factory=list)
+    pattern_skipped: list[str | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InverseFactor:
+    """The damped Hessian's inverse as an upper Cholesky factor, shared by every level and pattern.
+
+    ``U^T U = Hd^-1`` with ``Hd = H + shift * I + diag(dead)`` (see :func:`damped_hessian`,
+    :func:`upper_cholesky_of_inverse`); ``U`` is float32.
+    """
+
+    U: torch.Tensor
+    dead: torch.Tensor
+    shift: float
+
+
+def inverse_factor(H: torch.Tensor, damp: float) -> InverseFactor:
+    """Damp ``H`` and factor its inverse once (the expensive part of a layer's OBS sweeps)."""
+    Hd, dead, lam = damped_hessian(H, damp)
+    U, jitter = upper_cholesky_of_inverse(Hd)
+    return InverseFactor(U.to(torch.float32), dead, lam + jitter)
 
 
 @contextlib.contextmanager
@@ -193,8 +237,11 @@ def obs(
     sparsities: np.ndarray,
     damp: float = 0.01,
     blocksize: int = 128,
+    factor: InverseFactor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """SparseGPT's column sweep with adaptive OBS masks at every level at once (see module doc).
+
+    ``factor`` (from :func:`inverse_factor` with the same ``H`` and ``damp``) skips the factorisation.
 
     Returns ``(weights [S, out, in] float32, pruned [S, out, in] bool, errors [S])``. Level
     ``s == 0`` returns ``W`` unchanged. The errors come from the sweep itself: the OBS loss
@@ -213,10 +260,9 @@ def obs(
     if len(active) == 0:
         return weights, pruned, errors
     A = len(active)
-    Hd, dead, lam = damped_hessian(H, damp)
-    U, jitter = upper_cholesky_of_inverse(Hd)
-    U = U.to(torch.float32)
-    shift = lam + jitter  # Hd (as factored) = H + shift * I + diag(dead)
+    if factor is None:
+        factor = inverse_factor(H, damp)
+    U, dead, shift = factor.U, factor.dead, factor.shift  # Hd (as factored) = H + shift * I + diag(dead)
     dead_np = dead.numpy()
 
     Z = zeros_per_level(sp[active], out * d)
@@ -263,15 +309,89 @@ def obs(
     weights[active] = WT.view(d, A, out).permute(1, 2, 0)
     pruned[active] = MT.view(d, A, out).permute(1, 2, 0)
 
-    # True reconstruction error from the damped sweep loss (see the docstring).
-    D = W32.unsqueeze(0) - weights[active]  # [A, out, d]
+    errors[active] = _sweep_errors(W, H, weights[active], loss.reshape(A, out).sum(1), factor)
+    return weights, pruned, errors
+
+
+def _sweep_errors(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, loss: np.ndarray, factor: InverseFactor) -> np.ndarray:
+    """True relative errors of swept ``weights [A, out, d]`` from their damped sweep losses ``[A]``
+    (see :func:`obs`: ``D H D^T = sum e^2 - shift ||D||^2 - ||D_dead||^2``)."""
+    dead = factor.dead
+    D = W.detach().to(torch.float32).unsqueeze(0) - weights  # [A, out, d]
     sq = D.square().sum((1, 2), dtype=torch.float64).numpy()
     sq_dead = D[:, :, dead].square().sum((1, 2), dtype=torch.float64).numpy() if bool(dead.any()) else 0.0
-    num = loss.reshape(A, out).sum(1) - shift * sq - sq_dead
+    num = loss - factor.shift * sq - sq_dead
     W64 = W.detach().to(torch.float64)
     denom = float(((W64 @ H.to(torch.float64)) * W64).sum())
-    errors[active] = np.maximum(num / denom, 0.0) if denom > 0 else (np.where(num > 0, np.inf, 0.0))
-    return weights, pruned, errors
+    return np.maximum(num / denom, 0.0) if denom > 0 else (np.where(num > 0, np.inf, 0.0))
+
+
+def _check_nm(W: torch.Tensor, pattern: NMPattern) -> None:
+    if W.ndim != 2:
+        raise InvalidInputError(f"W must be a 2-D (out, in) matrix; got shape {tuple(W.shape)}")
+    why = pattern.why_not(int(W.shape[1]))
+    if why:
+        raise InvalidInputError(f"a {pattern.name} pattern does not fit W of shape {tuple(W.shape)}: {why}")
+
+
+def magnitude_nm(W: torch.Tensor, pattern: NMPattern | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune the ``M - N`` smallest ``|w|`` of every group of ``M`` consecutive inputs per row
+    (ties to the lower column); no refit. Returns ``(weights, pruned)``, both ``[out, in]``."""
+    pat = parse_pattern(pattern)
+    _check_nm(W, pat)
+    out, d = W.shape
+    W32 = W.detach().to(torch.float32)
+    groups = W32.abs().reshape(out, d // pat.m, pat.m)
+    order = torch.argsort(groups, dim=-1, stable=True)
+    pruned = torch.zeros_like(groups, dtype=torch.bool)
+    pruned.scatter_(-1, order[..., : pat.m - pat.n], True)
+    pruned = pruned.reshape(out, d)
+    return W32.masked_fill(pruned, 0.0), pruned
+
+
+def obs_nm(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pattern: NMPattern | str,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    factor: InverseFactor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SparseGPT's sweep with an N:M mask chosen group by group inside it (see the module doc).
+
+    Uses ``factor`` (the layer's :class:`InverseFactor`; computed when None), so the N:M
+    patterns of a layer cost one sweep each and no factorisation. Blocks are ``blocksize``
+    rounded down to a multiple of ``M`` (at least ``M``), so groups never straddle blocks.
+    Returns ``(weights [out, in] float32, pruned [out, in] bool, relative error)``; every
+    row-group of ``M`` has exactly ``M - N`` pruned entries.
+    """
+    pat = parse_pattern(pattern)
+    _check_nm(W, pat)
+    if H is not None and tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise InvalidInputError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}; got {tuple(H.shape)}")
+    out, d = W.shape
+    if factor is None:
+        factor = inverse_factor(H, damp)
+    U = factor.U
+    dead_np = np.ascontiguousarray(factor.dead.numpy())
+    bs = max(pat.m, (blocksize // pat.m) * pat.m)
+    WT = W.detach().to(torch.float32).t().contiguous()  # [d, out]
+    MT = torch.zeros((d, out), dtype=torch.bool)
+    loss = np.zeros(out, dtype=np.float64)
+    for i1 in range(0, d, bs):
+        i2 = min(d, i1 + bs)
+        W1 = WT[i1:i2]
+        M1 = MT[i1:i2]
+        E1 = torch.empty((i2 - i1, out), dtype=torch.float32)
+        with _numba_threads_like_torch():
+            sweep_block_nm(W1.numpy(), M1.numpy(), U[i1:i2, i1:i2].contiguous().numpy(), E1.numpy(), loss,
+                           pat.n, pat.m, dead_np[i1:i2])
+        if i2 < d:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    weights = WT.t().contiguous()
+    pruned = MT.t().contiguous()
+    err = _sweep_errors(W, H, weights.unsqueeze(0), np.array([loss.sum()]), factor)
+    return weights, pruned, float(err[0])
 
 
 def exact(
@@ -331,8 +451,10 @@ def reconstruct(
     sparsities: np.ndarray,
     damp: float | None = None,
     blocksize: int = 128,
+    patterns: Sequence[str] = (),
 ) -> Reconstruction:
-    """Every level of one layer with ``method`` (``obs``, ``exact`` or ``magnitude``) and its errors."""
+    """Every level of one layer with ``method`` (``obs``, ``exact`` or ``magnitude``) and its errors,
+    plus each N:M pattern in ``patterns`` the layer can hold (see the module doc)."""
     if method not in METHODS:
         raise InvalidInputError(f"unknown reconstruction method {method!r}; expected one of {', '.join(METHODS)}")
     _check(W, H, sparsities)
@@ -342,13 +464,38 @@ def reconstruct(
         raise InvalidInputError(f"damp must be a finite number >= 0 (a fraction of the mean diagonal of H); got {damp!r}")
     W = W.detach().to(torch.float32)
     sp = np.asarray(sparsities, dtype=np.float64)
+    pats = [parse_pattern(p) for p in patterns]
+    factor = None
     if method == "magnitude":
         weights, pruned = magnitude(W, sp)
         errors = relative_errors(W, weights, H)
     else:
-        weights, pruned, errors = obs(W, H, sp, damp=damp if method == "obs" else DEFAULT_DAMP["obs"], blocksize=blocksize)
+        sweep_damp = damp if method == "obs" else DEFAULT_DAMP["obs"]
+        factor = inverse_factor(H, sweep_damp)
+        weights, pruned, errors = obs(W, H, sp, damp=sweep_damp, blocksize=blocksize, factor=factor)
         if method == "exact":
             sparse = torch.from_numpy(sp > 0)
             weights[sparse] = exact(W, H, pruned[sparse], damp=damp)
             errors = relative_errors(W, weights, H)
-    return Reconstruction(weights=weights, pruned=pruned, errors=errors)
+    rec = Reconstruction(weights=weights, pruned=pruned, errors=errors, patterns=tuple(p.name for p in pats))
+    for pat in pats:
+        why = pat.why_not(int(W.shape[1]))
+        if why:
+            rec.pattern_weights.append(None)
+            rec.pattern_pruned.append(None)
+            rec.pattern_errors.append(None)
+            rec.pattern_skipped.append(why)
+            continue
+        if method == "magnitude":
+            w_p, m_p = magnitude_nm(W, pat)
+            e_p = float(relative_errors(W, w_p.unsqueeze(0), H)[0])
+        else:
+            w_p, m_p, e_p = obs_nm(W, H, pat, blocksize=blocksize, factor=factor)
+            if method == "exact":
+                w_p = exact(W, H, m_p.unsqueeze(0), damp=damp)[0]
+                e_p = float(relative_errors(W, w_p.unsqueeze(0), H)[0])
+        rec.pattern_weights.append(w_p)
+        rec.pattern_pruned.append(m_p)
+        rec.pattern_errors.append(e_p)
+        rec.pattern_skipped.append(None)
+    return rec

@@ -11,8 +11,13 @@ A layer file holds, for level ``i`` (two-digit prefix ``"07."``), the tensors of
 its encoding (see :mod:`spdy.database.encoding`): ``dense`` for level 0 (the
 model's own weight, so stitching level 0 restores a layer exactly), then
 ``bitmap`` + ``values`` or ``indptr`` + ``indices`` + ``values``, whichever is
-cheaper. Its safetensors metadata repeats the layer name, shape, encodings and
-errors, so a file is self-describing. Every file and the manifest are written to
+cheaper. N:M patterns built with ``patterns=("2:4", ...)`` are stored in the same file
+under the prefix ``"nm2_4."`` (same encodings); the manifest lists them (``"patterns"``)
+and records per layer and pattern ``{"encoding", "nnz", "error"}``, or
+``{"skipped": reason}`` for a layer that cannot hold it (input size not a multiple of
+M). A manifest without ``"patterns"`` (older builds) opens with none. Its safetensors
+metadata repeats the layer name, shape, encodings and errors, so a file is
+self-describing. Every file and the manifest are written to
 a temp file and moved into place with ``os.replace``; the manifest is rewritten
 after each layer, so a killed build keeps every finished layer and a rebuild
 restarts at the first missing (or damaged) one.
@@ -40,6 +45,7 @@ from safetensors.numpy import save as save_safetensors
 from torch import nn
 
 from spdy import __version__
+from spdy.choices import Choice, parse_pattern, parse_patterns
 from spdy.database import encoding as enc
 from spdy.database.hessian import capture_hessians
 from spdy.database.reconstruction import DEFAULT_DAMP, METHODS, reconstruct, zeros_per_level
@@ -95,6 +101,16 @@ def _level_prefix(level: int) -> str:
     return f"{level:02d}."
 
 
+def _pattern_prefix(pattern: str) -> str:
+    p = parse_pattern(pattern)
+    return f"nm{p.n}_{p.m}."
+
+
+def _prefix(key: int | str) -> str:
+    """Tensor-name prefix of a grid level (int) or an N:M pattern (str)."""
+    return _pattern_prefix(key) if isinstance(key, str) else _level_prefix(key)
+
+
 def _matrix(module: nn.Module) -> torch.Tensor:
     w = module.weight.detach()
     return w.reshape(w.shape[0], -1)
@@ -114,6 +130,7 @@ def build_database(
     overwrite: bool = False,
     blocksize: int = 128,
     max_hessian_bytes: int = 2 << 30,
+    patterns: Sequence[str] | str = (),
 ) -> "Database":
     """Reconstruct every prunable layer of ``bundle`` at every level of ``grid`` into ``out_dir``.
 
@@ -128,6 +145,11 @@ def build_database(
       ``overwrite=True``, which deletes that database's files first.
     * ``max_hessian_bytes`` bounds the float64 Hessians held at once; more layers
       than fit take more passes over the calibration set.
+    * ``patterns``: N:M patterns (``("2:4", "4:8")`` or ``"2:4,4:8"``) to reconstruct
+      besides the grid, with the same method and the layer's same Hessian factor. Asking
+      an existing database for patterns it lacks rebuilds its layers with them; a build
+      without ``patterns`` keeps the ones it has. Layers whose input size is not a
+      multiple of M are recorded as skipped for that pattern.
 
     Returns the opened :class:`Database`. Logs progress; ``progress`` shows tqdm bars.
     """
@@ -141,6 +163,7 @@ def build_database(
         raise InvalidInputError(f"grid must be a SparsityGrid; got {type(grid).__name__}")
     if blocksize < 1:
         raise InvalidInputError(f"blocksize must be >= 1; got {blocksize}")
+    asked_patterns = parse_patterns(patterns)
     damp_used = DEFAULT_DAMP[method] if damp is None else float(damp)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -191,12 +214,20 @@ def build_database(
     if manifest is None:
         manifest = {**header, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": False, "layers": fresh_layers}
     manifest.update(spdy_version=__version__, complete=False)
+    # patterns only accumulate: the stored ones plus the asked ones
+    stored_patterns = tuple(manifest.get("patterns", ()))
+    all_patterns = stored_patterns + tuple(p for p in asked_patterns if p not in stored_patterns)
+    if all_patterns:
+        manifest["patterns"] = list(all_patterns)
 
     todo = []
     for i, entry in enumerate(manifest["layers"]):
-        if entry.get("file") and _layer_file_ok(out, entry):
+        lacking = [p for p in all_patterns if p not in (entry.get("patterns") or {})]
+        if entry.get("file") and _layer_file_ok(out, entry) and not lacking:
             continue
-        if entry.get("file"):
+        if entry.get("file") and lacking:
+            log.info("layer %s: rebuilding it to add pattern(s) %s", entry["spec"]["name"], ", ".join(lacking))
+        elif entry.get("file"):
             log.warning("layer %s: file %s is missing or damaged; rebuilding it", entry["spec"]["name"], entry["file"])
         entry.update(file=None)
         todo.append(i)
@@ -205,8 +236,9 @@ def build_database(
         log.info("database %s is complete (%d layers); nothing to build", out, len(specs))
     else:
         log.info(
-            "building %d of %d layers x %d levels with %s (damp %g) into %s",
-            len(todo), len(specs), len(grid), method, damp_used, out,
+            "building %d of %d layers x %d levels%s with %s (damp %g) into %s",
+            len(todo), len(specs), len(grid), f" + {', '.join(all_patterns)}" if all_patterns else "",
+            method, damp_used, out,
         )
     sparsities = grid.as_array()
 
@@ -239,7 +271,11 @@ def build_database(
                 st = stats.pop(spec.name)
                 t1 = time.perf_counter()
                 W = _matrix(modules[spec.name]).to(torch.float32)
-                rec = reconstruct(method, W, st.H, sparsities, damp=damp_used, blocksize=blocksize)
+                if all_patterns:
+                    rec = reconstruct(method, W, st.H, sparsities, damp=damp_used, blocksize=blocksize,
+                                      patterns=all_patterns)
+                else:
+                    rec = reconstruct(method, W, st.H, sparsities, damp=damp_used, blocksize=blocksize)
                 entry = _write_layer(out, i, spec, rec, hashes[i])
                 entry.update(n_rows=st.n_rows, seconds=round(time.perf_counter() - t1, 3))
                 manifest["layers"][i] = entry
@@ -271,6 +307,15 @@ def _write_layer(out: Path, index: int, spec: LayerSpec, rec: Any, weight_hash: 
         encodings.append(e)
         nnz.append(int(keep[s].sum()))
     errors = [float(x) for x in rec.errors]
+    patterns: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(getattr(rec, "patterns", ())):
+        if rec.pattern_weights[k] is None:
+            patterns[name] = {"skipped": str(rec.pattern_skipped[k])}
+            continue
+        keep_p = (~rec.pattern_pruned[k]).numpy()
+        e, t = enc.encode(rec.pattern_weights[k].numpy(), keep_p, _pattern_prefix(name))
+        tensors.update(t)
+        patterns[name] = {"encoding": e, "nnz": int(keep_p.sum()), "error": float(rec.pattern_errors[k])}
     meta = {
         "format": FORMAT + "-layer",
         "schema_version": str(SCHEMA_VERSION),
@@ -280,6 +325,8 @@ def _write_layer(out: Path, index: int, spec: LayerSpec, rec: Any, weight_hash: 
         "nnz": json.dumps(nnz),
         "errors": json.dumps(errors),
     }
+    if patterns:
+        meta["patterns"] = json.dumps(patterns)
     data = save_safetensors(tensors, metadata=meta)
     name = layer_filename(index, spec.name)
     atomic_write_bytes(out / name, data)
@@ -292,6 +339,7 @@ def _write_layer(out: Path, index: int, spec: LayerSpec, rec: Any, weight_hash: 
         "encodings": encodings,
         "nnz": nnz,
         "errors": errors,
+        **({"patterns": patterns} if patterns else {}),
     }
 
 
@@ -379,7 +427,11 @@ class Database:
 
     ``layers`` (names, in model order), ``specs``, ``grid``, ``errors`` ([layers, levels]
     relative reconstruction errors), ``weight(layer, level)``, ``stitch(model, {layer: level})``,
-    ``verify()`` and ``check_compatible(bundle)``. Layer files are memory-mapped
+    ``verify()`` and ``check_compatible(bundle)``. N:M patterns (when built with them):
+    ``patterns``, ``pattern_errors`` ([layers, patterns], NaN where a layer has none),
+    ``has_pattern(layer, pattern)``, ``weight(layer, 0, pattern="2:4")`` or
+    ``weight(layer, Choice.nm("2:4"))``, and ``stitch`` takes :class:`spdy.choices.Choice`
+    values. Layer files are memory-mapped
     (safetensors ``safe_open``) and decoded weights are kept in an LRU cache of at most
     ``cache_bytes`` bytes, so stitching the same levels again is a plain copy.
     """
@@ -404,8 +456,21 @@ class Database:
                 errors[i] = row
         errors.setflags(write=False)
         self.errors: np.ndarray = errors
+        try:
+            self.patterns: tuple[str, ...] = parse_patterns(manifest.get("patterns") or ())
+        except InvalidInputError as exc:
+            raise DatabaseError(f"{self.path / MANIFEST} lists bad patterns ({exc}); rebuild the database") from None
+        p_errors = np.full((len(self.specs), len(self.patterns)), np.nan)
+        for i, e in enumerate(manifest["layers"]):
+            if e.get("file"):
+                for k, pat in enumerate(self.patterns):
+                    rec = (e.get("patterns") or {}).get(pat) or {}
+                    if "error" in rec:
+                        p_errors[i, k] = float(rec["error"])
+        p_errors.setflags(write=False)
+        self.pattern_errors: np.ndarray = p_errors
         self.cache_bytes = int(cache_bytes)
-        self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int | str], torch.Tensor] = OrderedDict()
         self._cached_bytes = 0
         self._handles: dict[int, Any] = {}
         self.cache_hits = 0
@@ -508,6 +573,60 @@ class Database:
             raise InvalidInputError(f"level {lv} out of range; the grid has levels 0..{len(self.grid) - 1}")
         return lv
 
+    def _pattern_record(self, i: int, pattern: str) -> dict[str, Any]:
+        try:
+            pat = parse_pattern(pattern).name
+        except InvalidInputError:
+            raise InvalidInputError(f"{pattern!r} is not an N:M pattern like '2:4'") from None
+        if pat not in self.patterns:
+            raise InvalidInputError(
+                f"the database has no {pat} reconstructions (it has {list(self.patterns) or 'no patterns'}); "
+                f"build them with 'spdy database build ... --patterns {pat}'"
+            )
+        entry = self.manifest["layers"][i]
+        if not entry.get("file"):
+            raise DatabaseError(f"layer {self.layers[i]!r} is not built yet; run 'spdy database build' again to resume")
+        rec = (entry.get("patterns") or {}).get(pat)
+        if rec is None:
+            raise DatabaseError(f"layer {self.layers[i]!r} has no {pat} entry; run 'spdy database build' again")
+        if "skipped" in rec:
+            raise InvalidInputError(f"layer {self.layers[i]!r} has no {pat} choice: {rec['skipped']}")
+        return rec
+
+    def has_pattern(self, layer: str | int, pattern: str) -> bool:
+        """Whether ``layer`` has a stored ``pattern`` weight (False if skipped, not asked for or not built)."""
+        i = self._layer_index(layer)
+        try:
+            pat = parse_pattern(pattern).name
+        except InvalidInputError:
+            return False
+        rec = (self.manifest["layers"][i].get("patterns") or {}).get(pat)
+        return bool(self.manifest["layers"][i].get("file")) and pat in self.patterns and rec is not None and "skipped" not in rec
+
+    def pattern_skipped(self, pattern: str) -> dict[str, str]:
+        """``{layer: reason}`` for the layers that cannot hold ``pattern``."""
+        pat = parse_pattern(pattern).name
+        out = {}
+        for i, e in enumerate(self.manifest["layers"]):
+            rec = (e.get("patterns") or {}).get(pat)
+            if rec is not None and "skipped" in rec:
+                out[self.layers[i]] = str(rec["skipped"])
+        return out
+
+    def _key(self, i: int, level: int | Choice, pattern: str | None) -> int | str:
+        """The cache/storage key of a request: a grid level (int) or an N:M pattern name (str)."""
+        if isinstance(level, Choice):
+            if pattern is not None and pattern != level.pattern:
+                raise InvalidInputError(f"pattern {pattern!r} contradicts the choice {level.label}")
+            pattern, level = level.pattern, level.level
+        if pattern is None or pattern in ("dense", "unstructured"):
+            return self._level_index(level)  # type: ignore[arg-type]
+        rec_pattern = parse_pattern(pattern).name
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or int(level) != 0:
+            raise InvalidInputError(f"an N:M pattern has one level, 0; got level {level!r} for pattern {rec_pattern}")
+        self._pattern_record(i, rec_pattern)
+        return rec_pattern
+
     def _handle(self, i: int) -> Any:
         h = self._handles.get(i)
         if h is None:
@@ -526,10 +645,13 @@ class Database:
             self._handles[i] = h
         return h
 
-    def _decode(self, i: int, level: int) -> torch.Tensor:
+    def _decode(self, i: int, level: int | str) -> torch.Tensor:
         spec = self.specs[i]
         rows, cols = spec.matrix_shape
-        encoding = self.manifest["layers"][i]["encodings"][level]
+        if isinstance(level, str):
+            encoding = self._pattern_record(i, level)["encoding"]
+        else:
+            encoding = self.manifest["layers"][i]["encodings"][level]
         h = self._handle(i)
 
         def get(key: str) -> np.ndarray:
@@ -539,10 +661,10 @@ class Database:
                 raise DatabaseError(f"{self.path / self.manifest['layers'][i]['file']}: tensor {key!r} unreadable ({exc})") from None
 
         out = torch.empty(spec.weight_shape, dtype=torch.float32)
-        enc.decode(get, encoding, rows, cols, _level_prefix(level), out=out.numpy())
+        enc.decode(get, encoding, rows, cols, _prefix(level), out=out.numpy())
         return out
 
-    def _tensor(self, i: int, level: int) -> torch.Tensor:
+    def _tensor(self, i: int, level: int | str) -> torch.Tensor:
         key = (i, level)
         t = self._cache.get(key)
         if t is not None:
@@ -573,27 +695,37 @@ class Database:
             "misses": self.cache_misses,
         }
 
-    def weight(self, layer: str | int, level: int) -> np.ndarray:
+    def weight(self, layer: str | int, level: int | Choice, pattern: str | None = None) -> np.ndarray:
         """The reconstructed weight of ``layer`` at grid level ``level``: dense float32 with zeros,
-        in the layer's own shape. Read-only (it is the cached array); copy it to modify it."""
+        in the layer's own shape. Read-only (it is the cached array); copy it to modify it.
+
+        ``pattern="2:4"`` (with ``level`` 0) gives the layer's N:M weight instead; ``level`` may
+        also be a :class:`spdy.choices.Choice`."""
         i = self._layer_index(layer)
-        arr = self._tensor(i, self._level_index(level)).numpy().view()
+        arr = self._tensor(i, self._key(i, level, pattern)).numpy().view()
         arr.setflags(write=False)
         return arr
 
-    def stitch(self, model: nn.Module, levels: Mapping[str, int] | Any, inplace: bool = True) -> nn.Module:
+    def stitch(self, model: nn.Module, levels: Mapping[str, int | Choice] | Any, inplace: bool = True) -> nn.Module:
         """Load the weights of ``{layer name: level}`` into ``model`` and return it.
 
-        ``levels`` may also be a :class:`spdy.types.Solution` (its ``layers`` and ``levels``).
+        A value may be a grid level (int) or a :class:`spdy.choices.Choice` (an N:M pattern
+        among them). ``levels`` may also be a :class:`spdy.types.Solution` (its ``layers`` and
+        ``levels``) or a :class:`spdy.choices.ChoiceSolution` (its ``layers`` and ``choices``).
         Layers not named keep their current weights. With ``inplace=False`` a deep copy of
         ``model`` is stitched and returned, and ``model`` is left as it was.
         """
         if not isinstance(levels, Mapping):
-            if hasattr(levels, "layers") and hasattr(levels, "levels"):
+            if hasattr(levels, "layers") and hasattr(levels, "choices"):
+                levels = dict(zip(levels.layers, levels.choices))
+            elif hasattr(levels, "layers") and hasattr(levels, "levels"):
                 levels = dict(zip(levels.layers, (int(x) for x in levels.levels)))
             else:
                 raise InvalidInputError(f"levels must map layer names to level indices; got {type(levels).__name__}")
-        plan = [(name, self._layer_index(name), self._level_index(lv)) for name, lv in levels.items()]
+        plan = []
+        for name, lv in levels.items():
+            i = self._layer_index(name)
+            plan.append((name, i, self._key(i, lv, None)))
         if not inplace:
             model = copy.deepcopy(model)
         with torch.no_grad():
@@ -683,9 +815,51 @@ class Database:
                     kept = self._stored_nnz(h, encodings[lv], lv, numel)
                     if lv > 0 and kept != int(expected_nnz[lv]):
                         problems.append(f"layer {name} level {lv}: {kept} kept weights, expected {int(expected_nnz[lv])}")
+                problems += self._verify_patterns(i, entry, h)
             except DatabaseError as exc:
                 problems.append(f"layer {name}: {exc}")
         return problems
+
+    def _verify_patterns(self, i: int, entry: Mapping[str, Any], h: Any) -> list[str]:
+        """Every stored N:M weight decodes, is finite and keeps exactly N of every M per row-group."""
+        problems: list[str] = []
+        name = self.layers[i]
+        rows, cols = self.specs[i].matrix_shape
+        recs = entry.get("patterns") or {}
+        for pat in self.patterns:
+            rec = recs.get(pat)
+            if rec is None:
+                problems.append(f"layer {name}: pattern {pat} not built (run 'spdy database build' again)")
+                continue
+            if "skipped" in rec:
+                continue
+            nm = parse_pattern(pat)
+            w = self._decode(i, pat)
+            if not torch.isfinite(w).all():
+                problems.append(f"layer {name} pattern {pat}: non-finite weights")
+            keep = self._stored_keep(h, rec["encoding"], _pattern_prefix(pat), rows, cols)
+            if cols % nm.m:
+                problems.append(f"layer {name} pattern {pat}: stored although {cols} inputs are not a multiple of {nm.m}")
+                continue
+            per_group = keep.reshape(rows, cols // nm.m, nm.m).sum(-1)
+            if not np.all(per_group == nm.n):
+                bad = int(np.sum(per_group != nm.n))
+                problems.append(f"layer {name} pattern {pat}: {bad} row-groups do not keep exactly {nm.n} of {nm.m}")
+        return problems
+
+    @staticmethod
+    def _stored_keep(h: Any, encoding: str, prefix: str, rows: int, cols: int) -> np.ndarray:
+        """The stored keep mask (``rows x cols`` bool) of one encoded matrix."""
+        L = rows * cols
+        if encoding == "dense":
+            return np.ones((rows, cols), dtype=bool)  # a dense encoding keeps everything
+        if encoding == "bitmap":
+            return np.unpackbits(h.get_tensor(prefix + "bitmap"), count=L).view(bool).reshape(rows, cols)
+        indptr = h.get_tensor(prefix + "indptr").astype(np.int64)
+        indices = h.get_tensor(prefix + "indices").astype(np.int64)
+        keep = np.zeros(L, dtype=bool)
+        keep[np.repeat(np.arange(rows, dtype=np.int64) * cols, np.diff(indptr)) + indices] = True
+        return keep.reshape(rows, cols)
 
     @staticmethod
     def _stored_nnz(h: Any, encoding: str, level: int, numel: int) -> int:
