@@ -61,6 +61,8 @@ THREADING_ENV = frozenset({
 STANDIN = "standin"
 #: Format name of the dense kernel; every backend offers it at every level.
 DENSE = "dense"
+#: Format of an N:M pattern entry for which the backend has no kernel (time ``+inf``).
+NO_KERNEL = ""
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,12 @@ class Backend(ABC):
     def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
         """Kernel formats worth timing for this layer at this sparsity; always includes :data:`DENSE`."""
 
+    def pattern_formats(self, spec: LayerSpec, pattern: str) -> tuple[str, ...]:
+        """Kernel formats (besides dense) that run this layer with an N:M (``"2:4"``) weight;
+        empty (the default) when the runtime has no kernel for the pattern, in which case the
+        pattern is not a choice for the layer (see :mod:`spdy.choices`)."""
+        return ()
+
     @abstractmethod
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
         """A zero-argument callable running the layer once on an input of ``spec.input_shape``
@@ -459,6 +467,7 @@ class Backend(ABC):
         sparsities: Sequence[float],
         x: np.ndarray | None = None,
         allowed: Sequence[Sequence[str]] | None = None,
+        patterns: Sequence[str] = (),
     ) -> list[LevelTiming]:
         """Time one layer at every sparsity in every format, all runners interleaved (one pass).
 
@@ -466,8 +475,14 @@ class Backend(ABC):
         kernel is timed once when its speed does not depend on the zeros
         (:meth:`dense_time_is_level_independent`). ``allowed[i]`` restricts the formats
         tried at level ``i`` (default: :meth:`layer_formats`). The fastest format wins.
+
+        ``patterns`` (``"2:4"``, ...) append one entry each after the levels: the weight
+        magnitude-pruned to the N:M pattern, in the formats of :meth:`pattern_formats` and
+        dense. A pattern without a kernel for this layer gets an entry with format
+        :data:`NO_KERNEL` and time ``+inf``.
         """
-        from spdy.profilers.pruning import LevelPruner
+        from spdy.choices import parse_pattern
+        from spdy.profilers.pruning import LevelPruner, prune_n_m
 
         w = np.ascontiguousarray(weight, dtype=np.float32)
         b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
@@ -480,12 +495,23 @@ class Backend(ABC):
         if shared_dense:
             runners.append(self.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
             keys.append((-1, DENSE))
-        for li, s in enumerate(sparsities):
-            fmts = self.layer_formats(spec, s) if allowed is None else tuple(allowed[li])
+        nm = [parse_pattern(p) for p in patterns]
+        entries: list[tuple[float, Any]] = [(float(s), None) for s in sparsities] + [(p.sparsity, p) for p in nm]
+        has_kernel = [True] * len(sparsities) + [bool(self.pattern_formats(spec, p.name)) and p.fits(spec.matrix_shape[1])
+                                                  for p in nm]
+        for li, (s, pat) in enumerate(entries):
+            if not has_kernel[li]:
+                continue
+            if allowed is not None:
+                fmts = tuple(allowed[li])
+            elif pat is None:
+                fmts = self.layer_formats(spec, s)
+            else:
+                fmts = (DENSE, *self.pattern_formats(spec, pat.name))
             todo = [f for f in fmts if not (f == DENSE and shared_dense)]
             if not todo:
                 continue
-            wp = pruner.at(s)
+            wp = pruner.at(s) if pat is None else prune_n_m(w, s, pat.n, pat.m)
             for f in todo:
                 choice = LayerChoice(f, wp, b, float(s))
                 if f == DENSE:
@@ -532,7 +558,10 @@ class Backend(ABC):
         del runners
         overhead = self.layer_call_overhead_s()
         out: list[LevelTiming] = []
-        for li, s in enumerate(sparsities):
+        for li, (s, _pat) in enumerate(entries):
+            if not has_kernel[li]:
+                out.append(_no_kernel(s))
+                continue
             cands = {f: timings[i] for i, (lj, f) in enumerate(keys) if lj == li}
             if shared_dense:
                 cands[DENSE] = timings[keys.index((-1, DENSE))]
@@ -551,8 +580,12 @@ class Backend(ABC):
         sparsities: Sequence[float],
         on_layer: Callable[[int, int, str], None] | None = None,
         after_pass: Callable[[int], None] | None = None,
+        patterns: Sequence[str] = (),
     ) -> list[list[LevelTiming]]:
         """Time many layers at every sparsity in ``policy.passes`` passes over all layers.
+
+        With ``patterns``, each layer's list has one more entry per pattern after the levels
+        (see :meth:`time_layer_levels`).
 
         ``layers`` holds ``(spec, weight, bias, input)`` tuples. Each pass times every
         layer (:meth:`time_layer_levels`), alternating the layer order; a format that lost
@@ -571,16 +604,16 @@ class Backend(ABC):
                 spec, w, b, x = layers[li]
                 allowed = None
                 if per_pass[li]:
-                    allowed = [_competitive(_combine(float(s), [pp[k] for pp in per_pass[li]]), self.policy.race_ratio)
-                               for k, s in enumerate(sparsities)]
-                per_pass[li].append(self.time_layer_levels(spec, w, b, sparsities, x, allowed))
+                    allowed = [_competitive(_combine(pp0.sparsity, [pp[k] for pp in per_pass[li]]), self.policy.race_ratio)
+                               for k, pp0 in enumerate(per_pass[li][0])]
+                per_pass[li].append(self.time_layer_levels(spec, w, b, sparsities, x, allowed, patterns=patterns))
                 step += 1
                 if on_layer is not None:
                     on_layer(step, n * passes, spec.name)
             if after_pass is not None:
                 after_pass(p)
         overhead = self.layer_call_overhead_s()
-        return [[_combine(float(s), [pp[k] for pp in per_pass[li]], overhead) for k, s in enumerate(sparsities)]
+        return [[_combine(pp0.sparsity, [pp[k] for pp in per_pass[li]], overhead) for k, pp0 in enumerate(per_pass[li][0])]
                 for li in range(n)]
 
     def time_models(self, bundle: Any, plans: Sequence[Mapping[str, LayerChoice]]) -> list[Timing]:
@@ -596,6 +629,10 @@ class Backend(ABC):
 _SKIP_WARNED: set[tuple[str, str, str, str]] = set()
 
 
+def _no_kernel(sparsity: float) -> LevelTiming:
+    return LevelTiming(float(sparsity), NO_KERNEL, math.inf, math.nan, {})
+
+
 def _fastest(sparsity: float, cands: dict[str, Timing], overhead: float = 0.0) -> LevelTiming:
     fmt = min(cands, key=lambda f: (cands[f].median_s, f != DENSE))
     t = max(cands[fmt].median_s - overhead, 0.0)
@@ -604,7 +641,7 @@ def _fastest(sparsity: float, cands: dict[str, Timing], overhead: float = 0.0) -
 
 def _combine(sparsity: float, passes: Sequence[LevelTiming], overhead: float = 0.0) -> LevelTiming:
     """One level's timing over several passes: per format, the median of the pass medians."""
-    if len(passes) == 1:
+    if len(passes) == 1 or not passes[0].candidates:
         return passes[0]
     per_fmt: dict[str, list[Timing]] = {}
     for lt in passes:
@@ -626,6 +663,8 @@ def _combine(sparsity: float, passes: Sequence[LevelTiming], overhead: float = 0
 
 def _competitive(lt: LevelTiming, ratio: float) -> tuple[str, ...]:
     """Formats of a level whose time so far is within ``ratio`` of the best (dense always kept)."""
+    if not lt.candidates:
+        return ()
     best = min(t.median_s for t in lt.candidates.values())
     return tuple(f for f, t in lt.candidates.items() if f == DENSE or t.median_s <= ratio * best)
 

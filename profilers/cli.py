@@ -16,6 +16,7 @@ examples:
   spdy profile --model minilm --backend ort-cpu --threads 1 --validate 10 -o minilm-ort1.json
   spdy profile --model mypkg.models:build --backend spdy-cpu --grid-levels 0 0.5 0.7 0.9 0.95 -o p.json
   spdy profile --model minilm --backend spdy-cpu --from profile.json --validate 10 -o profile.json
+  spdy profile --model minilm --backend torch-cuda --dtype float16 --patterns 2:4 -o minilm-gpu.json
 
 The profile holds, per prunable layer and sparsity level, the time of the fastest
 kernel format the backend's runtime offers, plus the base time (everything else,
@@ -23,6 +24,9 @@ measured with each prunable layer replaced by a zero-cost stand-in). --validate 
 draws K random per-layer levels, runs each pruned model end to end and records
 predicted against measured time in the profile. --from re-validates an existing
 profile; one made for another model or on other hardware is refused unless --force.
+--patterns also times each layer with an N:M weight (2:4: N kept of every M
+consecutive inputs) where the backend has a kernel for it (torch-cuda: 2:4 on
+Linear layers in float16/bfloat16; no backend has a 4:8 kernel).
 Backends: spdy-cpu (spdy's sparse CPU kernels), ort-cpu (ONNX Runtime CPU),
 torch-cuda (NVIDIA GPU), torch-cpu (PyTorch dense and CSR).
 """
@@ -52,6 +56,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--passes", type=int, default=None,
                    help="passes over all layers; each level's time is the median over passes (default: 3)%(default).0s")
     p.add_argument("--quick", action="store_true", help="few repeats, one pass: a smoke test, not a profile to trust")
+    p.add_argument("--patterns", default="", metavar="N:M[,N:M]",
+                   help="also time N:M pattern choices, e.g. 2:4 (where the backend has a kernel)%(default).0s")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="compute dtype of torch backends (torch-cuda default float16, torch-cpu float32)%(default).0s")
     p.add_argument("--from", dest="from_profile", default=None, metavar="PROFILE",
                    help="re-validate this existing profile instead of measuring a new one%(default).0s")
     p.add_argument("--force", action="store_true",
@@ -114,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     if args.validate < 0:
         raise InvalidInputError(f"--validate must be >= 0; got {args.validate}")
     bundle = load_model(args.model, exclude=args.exclude)
-    backend = get_backend(args.backend, threads=args.threads, policy=_policy(args))
+    options = {"dtype": args.dtype} if args.dtype else {}
+    if options and not args.backend.startswith("torch-"):
+        raise InvalidInputError(f"--dtype applies to the torch backends (torch-cuda, torch-cpu); not to {args.backend}")
+    backend = get_backend(args.backend, threads=args.threads, policy=_policy(args), **options)
     specs = bundle.layers()
     t0 = time.perf_counter()
     if args.from_profile:
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
               f"{len(specs)} layers x {len(grid)} levels, {backend.policy.passes} passes")
         bar = _Bar("profile", "layer")
         try:
-            profile = profile_model(bundle, backend, grid, specs=specs, progress=bar)
+            profile = profile_model(bundle, backend, grid, specs=specs, progress=bar, patterns=args.patterns)
         finally:
             bar.close()
         print(f"measured in {time.perf_counter() - t0:.0f} s")

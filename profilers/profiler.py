@@ -63,10 +63,19 @@ def profile_model(
     grid: SparsityGrid = DEFAULT_GRID,
     specs: Sequence[LayerSpec] | None = None,
     progress: Progress | None = None,
+    patterns: Sequence[str] | str = (),
 ) -> Profile:
-    """Measure the latency table of ``bundle``'s prunable layers on ``backend``."""
+    """Measure the latency table of ``bundle``'s prunable layers on ``backend``.
+
+    ``patterns`` (``"2:4"``, ...) also times each layer with its weight pruned to that N:M
+    pattern, in the backend's kernels for it (:meth:`Backend.pattern_formats`) or dense,
+    and records it in the profile's ``pattern_times`` (``+inf`` where the backend has no
+    kernel for the pattern on that layer; see :mod:`spdy.choices`).
+    """
+    from spdy.choices import parse_patterns
     from spdy.profilers.torch_backends import capture_layer_io
 
+    patterns = parse_patterns(patterns)
     specs = list(specs) if specs is not None else bundle.layers()
     names = [s.name for s in specs]
     t_start = time.perf_counter()
@@ -87,10 +96,29 @@ def profile_model(
     results = backend.time_layers(
         layers, grid.levels, on_layer=(lambda d, _t, w: progress(d, total, w)) if progress else None,
         after_pass=lambda _p: base_runs.append(backend.time_models(bundle, [base_plan, context_plan])[0]),
+        **({"patterns": patterns} if patterns else {}),
     )
+    S = len(grid)
+    pattern_results = [lts[S:] for lts in results]
+    results = [lts[:S] for lts in results]
     times = np.array([[lt.time_s for lt in lts] for lts in results])
     spread = np.array([[lt.spread for lt in lts] for lts in results])
     formats = [tuple(lt.fmt for lt in lts) for lts in results]
+    pattern_fields: dict[str, Any] = {}
+    if patterns:
+        pattern_fields = {
+            "patterns": patterns,
+            "pattern_times": np.array([[lt.time_s for lt in lts] for lts in pattern_results]),
+            "pattern_spread": np.array([[lt.spread for lt in lts] for lts in pattern_results]),
+            "pattern_formats": tuple(tuple(lt.fmt for lt in lts) for lts in pattern_results),
+        }
+        for k, p in enumerate(patterns):
+            n_kernel = int(np.isfinite(pattern_fields["pattern_times"][:, k]).sum())
+            if n_kernel == 0:
+                log.warning("%s has no %s kernel for any layer of %s; the pattern is not a choice here",
+                            backend.name, p, bundle.name)
+            else:
+                log.info("%s: %d of %d layers have a %s kernel", backend.name, n_kernel, len(specs), p)
     dense_plan = {}  # the unpruned model, each layer in its fastest format at level 0 (what dense_total_s predicts)
     for spec, (_, w, b, _), fmts in zip(specs, layers, formats):
         dense_plan[spec.name] = LayerChoice(fmts[0], w, b, 0.0)
@@ -122,6 +150,7 @@ def profile_model(
         settings=settings,
         spread=spread,
         formats=tuple(formats),
+        **pattern_fields,
     )
 
 

@@ -275,6 +275,9 @@ class TorchCpuBackend(TorchRuntimeBackend):
         raise InvalidInputError(f"backend {self.name!r} has no format {choice.fmt!r} for {spec.kind} layer {spec.name!r}")
 
 
+_NO_KERNEL_LOGGED: set[str] = set()
+
+
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
@@ -290,13 +293,18 @@ def _nvidia_driver() -> str | None:
 class TorchCudaBackend(TorchRuntimeBackend):
     """PyTorch on an NVIDIA GPU, timed with CUDA events.
 
-    Per level the fastest of dense, 2:4 semi-structured (``to_sparse_semi_structured``,
-    for levels >= 0.5 on Linear layers; the weight is pruned 2:4 first, then further to
-    the level) and CSR. Default dtype float16 (2:4 kernels need half precision).
+    Per grid level (unstructured weights) the fastest of dense and CSR. The 2:4
+    semi-structured kernel (``to_sparse_semi_structured``) is its own choice, not a
+    format of a grid level: a level's unstructured weight is not 2:4, so the runtime could
+    not run it that way. Ask for it with ``patterns=("2:4",)`` (:meth:`pattern_formats`):
+    Linear layers whose weight fits the kernel's blocks (see
+    :func:`spdy.runtime_cuda.semi_structured_problem`), in float16 or bfloat16. torch has
+    no 4:8 kernel (nor any N:M but 2:4 in half precision), so 4:8 is never a choice here.
+    Default dtype float16.
     """
 
     name = "torch-cuda"
-    description = "PyTorch CUDA: dense, 2:4 semi-structured (levels >= 0.5) or CSR; CUDA events"
+    description = "PyTorch CUDA: dense or CSR per level, 2:4 semi-structured as its own choice; CUDA events"
     device = "cuda"
 
     def __init__(self, threads: int | None = None, policy: Any = None, dtype: str = "float16") -> None:
@@ -329,11 +337,22 @@ class TorchCudaBackend(TorchRuntimeBackend):
     def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
         if spec.kind != "linear" or sparsity <= 0:
             return (DENSE,)
-        fmts = [DENSE, "csr"]
-        if sparsity >= 0.5 and self.dtype_name in ("float16", "bfloat16") and spec.weight_shape[1] % 64 == 0 \
-                and spec.weight_shape[0] % 32 == 0:
-            fmts.insert(1, "2:4")
-        return tuple(fmts)
+        return (DENSE, "csr")
+
+    def pattern_formats(self, spec: LayerSpec, pattern: str) -> tuple[str, ...]:
+        from spdy.runtime_cuda import SEMI_STRUCTURED, semi_structured_problem
+
+        if pattern == SEMI_STRUCTURED:
+            why = semi_structured_problem(spec.kind, spec.weight_shape, self.dtype_name)
+            if why is None:
+                return (SEMI_STRUCTURED,)
+            log.debug("torch-cuda: no 2:4 kernel for layer %s: %s", spec.name, why)
+            return ()
+        if pattern not in _NO_KERNEL_LOGGED:
+            _NO_KERNEL_LOGGED.add(pattern)
+            log.info("torch-cuda has no %s kernel (torch's sparse tensor-core kernels run 2:4 only); "
+                     "%s is not a choice on this backend", pattern, pattern)
+        return ()
 
     def make_module(self, spec: LayerSpec, choice: LayerChoice) -> Any:
         dt = self.torch_dtype
@@ -343,9 +362,10 @@ class TorchCudaBackend(TorchRuntimeBackend):
             raise InvalidInputError(f"backend {self.name!r} has no format {choice.fmt!r} for {spec.kind} layer {spec.name!r}")
         b = None if choice.bias is None else torch.from_numpy(np.ascontiguousarray(choice.bias)).to(self.device, dt)
         if choice.fmt == "2:4":
-            from spdy.profilers.pruning import prune_n_m
+            from spdy.runtime_cuda import check_nm
 
-            w = prune_n_m(choice.weight, choice.sparsity, 2, 4)
+            check_nm(choice.weight, 2, 4, name=f"the weight of layer {spec.name!r}")
+            w = np.ascontiguousarray(choice.weight, dtype=np.float32)
             return SemiStructuredLinear(torch.from_numpy(w).to(self.device, dt), b).eval()
         if choice.fmt == "csr":
             w = torch.from_numpy(np.ascontiguousarray(choice.weight, dtype=np.float32)).to(self.device, dt)
