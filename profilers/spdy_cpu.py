@@ -94,7 +94,10 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         from spdy import kernels
 
         if spec.kind == "linear":
-            return tuple(kernels.FORMATS)
+            out_f, in_f = spec.weight_shape
+            # blocked formats need whole blocks: bcsr1x4 4 inputs, bcsr4x1 4 outputs
+            return tuple(f for f in kernels.FORMATS
+                         if not (f == "bcsr1x4" and in_f % 4) and not (f == "bcsr4x1" and out_f % 4))
         if sparsity > 0:
             return tuple(kernels.CONV_FORMATS)
         return (DENSE,)

@@ -16,8 +16,21 @@ from spdy.errors import (  # noqa: E402
 )
 from spdy.grid import DEFAULT_GRID, SparsityGrid, spdy_grid  # noqa: E402
 
+
+
+def __getattr__(name: str) -> object:
+    # the pipeline entry points import torch; load them on first use, not with the package
+    if name in ("search", "apply"):
+        from spdy import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'spdy' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "search",
+    "apply",
     "SpdyError",
     "InvalidInputError",
     "InfeasibleBudgetError",

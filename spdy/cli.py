@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `spdy solve ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted; completed work is kept and the command resumes where it stopped", file=sys.stderr)
         return 130

@@ -32,7 +32,12 @@ import numpy as np  # noqa: E402
 
 from spdy.kernels.conv import CONV_FORMATS, PreparedConv2d, choose_conv_format, conv2d, prepare_conv2d  # noqa: E402
 from spdy.kernels.linear import FORMATS, PreparedLinear, choose_format, linear, panel_width, prepare_linear  # noqa: E402
-from spdy.kernels.threads import get_num_threads, set_num_threads, threading_layer  # noqa: E402
+from spdy.kernels.threads import (  # noqa: E402
+    get_num_threads,
+    limit_openmp_nesting,
+    set_num_threads,
+    threading_layer,
+)
 
 __all__ = [
     "FORMATS",
@@ -68,4 +73,5 @@ def warmup() -> float:
         for pad in (0, 1):
             pc = prepare_conv2d(Wc, None, stride=stride, padding=pad, format="csr")
             conv2d(rng.standard_normal((1, 3, 9, 8)).astype(np.float32), pc)
+    limit_openmp_nesting()  # Numba's pool has started now, and with it nested OpenMP
     return time.perf_counter() - t0

@@ -104,4 +104,7 @@ def share_openmp_runtime() -> str:
 def openmp_status() -> dict[str, object]:
     """Whether torch and Numba run on one OpenMP runtime, and why (or why not)."""
     files = loaded_libgomp_files()
-    return {"attempt": _attempt, "libgomp_files": files, "shared": len(files) <= 1}
+    # auditwheel-renamed copies (libgomp-<hash>.so, e.g. scikit-learn's) serve only their own
+    # extension modules; torch and Numba resolve the soname libgomp.so.1
+    relevant = [f for f in files if os.path.basename(f).startswith("libgomp.so")]
+    return {"attempt": _attempt, "libgomp_files": files, "shared": len(relevant) <= 1}

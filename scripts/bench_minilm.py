@@ -1,0 +1,131 @@
+"""SPDY against uniform and global magnitude on all-MiniLM-L6-v2, at measured speedups.
+
+For each target speedup: the SPDY search plus both one-shot baselines, all from the
+same reconstruction database and latency profile (spdy-cpu, 1 x 128 tokens), each
+pruned model timed end to end against the dense one (interleaved), and scored on
+
+* calibration loss (cosine distance to the dense embeddings, the 128 calibration docs);
+* Lee-50: Pearson / Spearman correlation of embedding cosine similarity with the
+  human document similarity ratings (gensim's lee.cor + similarities0-1.txt);
+* held-out cosine: mean cosine similarity to the dense embeddings on the
+  lee_background.cor documents not used for calibration (172 docs).
+
+    python scripts/bench_minilm.py [--targets 1.5,2,2.5,3] [--max-evals 120] [--json FILE] [--md FILE]
+
+Prints a markdown table and writes JSON (``fingerprint``, ``rows``, ``stages``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime for torch and the kernels
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
+
+from spdy.api import Outcome, ensure_database, ensure_profile, search  # noqa: E402
+from spdy.models.base import load_model  # noqa: E402
+from spdy.models.minilm import embed, lee50_correlations, lee_background_docs  # noqa: E402
+from spdy.profilers import get_backend  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="1.5,2,2.5,3", help="comma-separated target speedups")
+    ap.add_argument("--max-evals", type=int, default=120, help="search evaluations per target (Algorithm 4 in "
+                    "miniature; 0 = the full default, k=100)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibration", type=int, default=128, help="calibration documents (the rest are held out)")
+    ap.add_argument("--out", default="out/bench_minilm", help="folder for each target's spdy search output")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--md", default=None, help="write the markdown table here")
+    args = ap.parse_args()
+    targets = [float(t.strip().rstrip("x")) for t in args.targets.split(",") if t.strip()]
+
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bundle = load_model("minilm", n_calibration=args.calibration)
+    from spdy.models.minilm import load_encoder
+
+    _, tok = load_encoder()
+    backend = get_backend("spdy-cpu", threads=args.threads)
+    stages["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    profile, profile_path, measured = ensure_profile(bundle, backend)
+    stages["profile" if measured else "profile (cached)"] = time.perf_counter() - t0
+    if not measured:
+        stages["profile (when measured)"] = float(profile.settings.get("profile_seconds", float("nan")))
+    t0 = time.perf_counter()
+    db = ensure_database(bundle, grid=profile.table.grid, progress=True)
+    stages["database"] = time.perf_counter() - t0
+    stages["database (sum of layer builds)"] = float(sum(e.get("seconds", 0.0) for e in db.manifest["layers"]))
+
+    heldout = lee_background_docs()[args.calibration:]
+    with torch.no_grad():
+        dense_held = embed(bundle.model, tok, heldout)
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(embed(model, tok, heldout), dense_held, dim=-1).mean()
+        lee = lee50_correlations(model, tok)
+        return {"lee50_pearson": lee["pearson"], "lee50_spearman": lee["spearman"], "heldout_cosine": float(cos)}
+
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = [{"profile": "dense", "target": 1.0, "measured_speedup": 1.0,
+                                   "predicted_speedup": 1.0, "calibration_loss": 0.0, **score(bundle.model)}]
+    stages["eval dense"] = time.perf_counter() - t0
+    searches = {}
+    for target in targets:
+        print(f"\n=== target {target:g}x ===", flush=True)
+        res = search(bundle, speedup=target, backend="spdy-cpu", threads=args.threads, profile=profile_path,
+                     database=db, max_evals=args.max_evals or None, seed=args.seed,
+                     out=Path(args.out) / f"{target:g}x")
+        searches[target] = res.to_json()
+        for k, v in res.stage_s.items():
+            stages[f"{target:g}x {k}"] = v
+        t0 = time.perf_counter()
+        outcomes: list[Outcome | str] = [res.result, *res.baselines.values()]
+        for o in outcomes:
+            if isinstance(o, str):
+                print(f"  baseline infeasible: {o}")
+                continue
+            pruned = db.stitch(bundle.model, o.solution, inplace=False)
+            rows.append({"profile": o.method, "target": target, "measured_speedup": o.measured_speedup,
+                         "predicted_speedup": o.solution.predicted_speedup, "calibration_loss": o.calibration_loss,
+                         **score(pruned)})
+            del pruned
+            r = rows[-1]
+            print(f"  {r['profile']:<8} measured {r['measured_speedup']:.2f}x  loss {r['calibration_loss']:.5f}  "
+                  f"lee50 {r['lee50_pearson']:.3f}/{r['lee50_spearman']:.3f}  held-out cos {r['heldout_cosine']:.4f}",
+                  flush=True)
+        stages[f"{target:g}x eval"] = time.perf_counter() - t0
+
+    lines = ["| target | profile | measured speedup | predicted | calibration loss | Lee-50 Pearson | Lee-50 Spearman "
+             "| held-out cosine |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']:g}x | {r['profile']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
+                     f"| {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} | {r['lee50_spearman']:.4f} "
+                     f"| {r['heldout_cosine']:.4f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    print("\nstages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(table + "\n")
+    write_json(args.json, {"fingerprint": backend.fingerprint(), "settings": vars(args), "rows": rows,
+                           "stages": stages, "searches": searches, "profile": str(profile_path),
+                           "database": str(db.path)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

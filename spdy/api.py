@@ -1,0 +1,708 @@
+"""The library API: :func:`search` runs SPDY end to end, :func:`apply` deploys its result.
+
+``search`` chains the stages: a latency profile of the model on the backend
+(measured once and cached per model + hardware), a reconstruction database
+(built once and cached per model + calibration set), the sensitivity search
+(DP -> stitch -> calibration loss, every evaluation an Optuna trial), the
+one-shot baselines for the same budget, and an end-to-end measurement of the
+pruned models on the backend. It returns a :class:`SearchOutcome`; with ``out``
+it also writes ``result.json``, the pruned weights (``model/``) and a plot.
+
+Cached work lives under ``$SPDY_CACHE`` (default ``~/.cache/spdy``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # before torch: torch and the spdy kernels then share one OpenMP pool
+    import spdy.kernels  # noqa: F401
+except ImportError:  # pragma: no cover - numba missing
+    pass
+
+import numpy as np
+import torch
+from torch import nn
+
+from spdy import __version__, dp
+from spdy.baselines import BASELINES, global_magnitude, uniform
+from spdy.errors import InfeasibleBudgetError, InvalidInputError, ProfileMismatchError, SpdyError
+from spdy.grid import DEFAULT_GRID, SparsityGrid
+from spdy.hardware import VOLATILE_KEYS
+from spdy.io import atomic_write_json, read_json
+from spdy.models.base import ModelBundle, get_module, load_model, resolve_loss
+from spdy.profile import Profile, load_profile, save_profile
+from spdy.types import LayerSpec, Solution
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = "spdy.search-result"
+RESULT_SCHEMA_VERSION = 1
+#: measured / target below this makes a search warn loudly
+SPEEDUP_TOLERANCE = 0.95
+
+#: ``progress(stage, done, total, info)``: ``stage`` is "profile", "database", "search" or "measure".
+Progress = Callable[[str, int, int, str], None]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One per-layer sparsity profile (SPDY's or a baseline's) and how it did."""
+
+    method: str
+    solution: Solution
+    calibration_loss: float
+    formats: tuple[str, ...] = ()
+    measured_time_s: float | None = None
+    measured_speedup: float | None = None
+
+    def layers(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for i, name in enumerate(self.solution.layers):
+            rec: dict[str, Any] = {"sparsity": float(self.solution.sparsities[i]), "level": int(self.solution.levels[i])}
+            if self.formats:
+                rec["format"] = self.formats[i]
+            out[name] = rec
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "predicted_speedup": self.solution.predicted_speedup,
+            "predicted_time_s": self.solution.predicted_time_s,
+            "measured_speedup": self.measured_speedup,
+            "measured_time_s": self.measured_time_s,
+            "calibration_loss": self.calibration_loss,
+            "layers": self.layers(),
+        }
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What :func:`search` found: the chosen profile, the baselines and the measurements."""
+
+    model: str
+    backend: str
+    target_speedup: float
+    result: Outcome
+    dense_loss: float
+    baselines: dict[str, Outcome | str] = field(default_factory=dict)
+    dense_measured_s: float | None = None
+    base_drift: float | None = None
+    n_evaluations: int = 0
+    study: str = ""
+    storage: str | None = None
+    profile_path: str | None = None
+    database_path: str | None = None
+    stage_s: dict[str, float] = field(default_factory=dict)
+    per_evaluation_ms: dict[str, float] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    out: str | None = None
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.result.solution.predicted_speedup
+
+    @property
+    def measured_speedup(self) -> float | None:
+        return self.result.measured_speedup
+
+    @property
+    def calibration_loss(self) -> float:
+        return self.result.calibration_loss
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return self.result.layers()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": RESULT_SCHEMA,
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "spdy_version": __version__,
+            "model": self.model,
+            "backend": self.backend,
+            "method": self.result.method,
+            "target_speedup": self.target_speedup,
+            "predicted_speedup": self.predicted_speedup,
+            "measured_speedup": self.measured_speedup,
+            "measured_time_s": self.result.measured_time_s,
+            "dense_measured_time_s": self.dense_measured_s,
+            "base_drift": self.base_drift,
+            "calibration_loss": {"dense": self.dense_loss, "pruned": self.calibration_loss},
+            "layers": self.layers,
+            "baselines": {k: (v.to_json() if isinstance(v, Outcome) else {"error": v}) for k, v in self.baselines.items()},
+            "search": {"evaluations": self.n_evaluations, "study": self.study, "storage": self.storage,
+                       "per_evaluation_ms": self.per_evaluation_ms},
+            "profile": self.profile_path,
+            "database": self.database_path,
+            "stage_seconds": self.stage_s,
+            "settings": self.settings,
+            "warnings": list(self.warnings),
+            "fingerprint": self.fingerprint,
+        }
+
+
+# --------------------------------------------------------------------------- caches
+
+
+def cache_dir() -> Path:
+    """Where profiles and databases are cached: ``$SPDY_CACHE`` or ``~/.cache/spdy``."""
+    return Path(os.environ.get("SPDY_CACHE") or Path.home() / ".cache" / "spdy")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")[:60] or "model"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stable_fingerprint(fp: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fp.items() if k not in VOLATILE_KEYS}
+
+
+def profile_cache_path(bundle: ModelBundle, backend: Any, grid: SparsityGrid, specs: Sequence[LayerSpec]) -> Path:
+    """The cached profile's path: model name, layer signature, grid, backend and hardware fingerprint."""
+    key = _digest({"specs": [s.to_json() for s in specs], "grid": grid.to_json(),
+                   "fingerprint": _stable_fingerprint(backend.fingerprint()), "settings": backend.settings()})
+    return cache_dir() / "profiles" / f"{_safe(bundle.name)}-{backend.name}-t{backend.threads}-{key}.json"
+
+
+def database_cache_path(bundle: ModelBundle, grid: SparsityGrid, method: str, specs: Sequence[LayerSpec]) -> Path:
+    """The cached database's folder: model name, calibration set, grid, method and dense weights."""
+    from spdy.database.store import weight_sha256
+
+    weights = [weight_sha256(get_module(bundle.model, s.name).weight) for s in specs]
+    key = _digest({"calibration": bundle.calibration_id, "grid": grid.to_json(), "method": method,
+                   "specs": [s.to_json() for s in specs], "weights": weights})
+    return cache_dir() / "databases" / f"{_safe(bundle.name)}-{method}-{key}"
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def as_bundle(
+    model: str | ModelBundle | nn.Module,
+    calibration: Sequence[Any] | None = None,
+    *,
+    loss: str | Callable[..., Any] | None = None,
+    forward: Callable[..., Any] | None = None,
+    exclude: Sequence[str] = (),
+    name: str | None = None,
+    **model_kwargs: Any,
+) -> ModelBundle:
+    """A :class:`ModelBundle` from a model spec (``"minilm"``, ``"pkg.mod:factory"``), a bundle,
+    or an ``nn.Module`` with its calibration batches."""
+    if isinstance(model, ModelBundle):
+        bundle = model
+        if calibration is not None:
+            bundle = dataclasses.replace(bundle, calibration=list(calibration), example=None, calibration_id="")
+    elif isinstance(model, str):
+        bundle = load_model(model, exclude=exclude, **model_kwargs)
+        exclude = ()
+        if calibration is not None:
+            bundle = dataclasses.replace(bundle, calibration=list(calibration), example=None, calibration_id="")
+    elif isinstance(model, nn.Module):
+        if calibration is None:
+            raise InvalidInputError(
+                "a torch model needs calibration batches: spdy.search(model, calibration=[batch, ...], ...)"
+            )
+        kw: dict[str, Any] = {"name": name or type(model).__name__, "model": model, "calibration": list(calibration)}
+        if forward is not None:
+            kw["forward"] = forward
+        bundle = ModelBundle(**kw)
+    else:
+        raise InvalidInputError(
+            f"model must be a model name ('minilm'), 'package.module:factory', a ModelBundle or a torch.nn.Module; "
+            f"got {type(model).__name__}"
+        )
+    changes: dict[str, Any] = {}
+    if loss is not None:
+        changes["loss"] = resolve_loss(loss)
+    if forward is not None and not isinstance(model, nn.Module):
+        changes["forward"] = forward
+    if exclude:
+        changes["exclude"] = tuple(bundle.exclude) + tuple(exclude)
+    if name is not None and not isinstance(model, nn.Module):
+        changes["name"] = name
+    return dataclasses.replace(bundle, **changes) if changes else bundle
+
+
+def ensure_profile(
+    bundle: ModelBundle,
+    backend: Any,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    grid: SparsityGrid = DEFAULT_GRID,
+    specs: Sequence[LayerSpec] | None = None,
+    force: bool = False,
+    validate: int = 0,
+    progress: Progress | None = None,
+) -> tuple[Profile, Path, bool]:
+    """Load the profile at ``path`` (or the cached one), or measure and write it there.
+
+    Returns ``(profile, path, measured)``. A profile made for another model or on other
+    hardware raises :class:`ProfileMismatchError` unless ``force``.
+    """
+    from spdy.profilers import profile_model, validate as validate_profile
+
+    specs = list(specs) if specs is not None else bundle.layers()
+    p = Path(path) if path is not None else profile_cache_path(bundle, backend, grid, specs)
+    if p.exists():
+        prof = load_profile(p, specs=specs, fingerprint=backend.fingerprint(), force=force)
+        if prof.backend != backend.name:
+            raise ProfileMismatchError(
+                f"profile {str(p)!r} was measured with backend {prof.backend!r}, not {backend.name!r}; "
+                f"pass --backend {prof.backend} or another --profile"
+            )
+        log.info("using profile %s", p)
+        return prof, p, False
+    log.info("measuring a latency profile of %s on %s (%d layers x %d levels) into %s",
+             bundle.name, backend.name, len(specs), len(grid), p)
+    cb = (lambda d, t, w: progress("profile", d, t, w)) if progress else None
+    prof = profile_model(bundle, backend, grid, specs=specs, progress=cb)
+    if validate:
+        prof = prof.with_validation(validate_profile(prof, bundle, backend, k=validate))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(prof, p)
+    return prof, p, True
+
+
+def ensure_database(
+    bundle: ModelBundle,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    grid: SparsityGrid = DEFAULT_GRID,
+    method: str = "obs",
+    specs: Sequence[LayerSpec] | None = None,
+    progress: bool = False,
+) -> Any:
+    """Open the database at ``path`` (or the cached one), building or resuming it if needed."""
+    from spdy.database import Database, build_database
+
+    specs = list(specs) if specs is not None else bundle.layers()
+    p = Path(path) if path is not None else database_cache_path(bundle, grid, method, specs)
+    if (p / "manifest.json").exists():
+        db = Database.open(p, require_complete=False)
+        if not db.missing:
+            db.check_compatible(bundle, grid)
+            if db.method != method and path is None:
+                raise ProfileMismatchError(f"cached database {p} holds method {db.method!r}, not {method!r}")
+            log.info("using database %s (%s)", p, db.method)
+            return db
+        db.close()
+    log.info("building the %s reconstruction database of %s into %s", method, bundle.name, p)
+    return build_database(bundle, p, grid, method=method, progress=progress)
+
+
+class CalibrationObjective:
+    """``levels -> calibration loss``: stitch a working copy from the database, run the calibration set.
+
+    The dense model's outputs are computed once. Times spent stitching and evaluating
+    are accumulated in ``stitch_s`` and ``loss_s`` (``calls`` evaluations).
+    """
+
+    def __init__(self, bundle: ModelBundle, database: Any, layers: Sequence[str]) -> None:
+        self.bundle = bundle
+        self.db = database
+        self.layers = tuple(layers)
+        t0 = time.perf_counter()
+        self.dense_outputs = bundle.outputs()
+        self.work = copy.deepcopy(bundle.model).eval()
+        self.dense_loss = bundle.calibration_loss(bundle.model, self.dense_outputs)
+        self.dense_s = time.perf_counter() - t0
+        self.stitch_s = self.loss_s = 0.0
+        self.calls = 0
+
+    def __call__(self, levels: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        self.db.stitch(self.work, {n: int(lv) for n, lv in zip(self.layers, levels)})
+        t1 = time.perf_counter()
+        loss = self.bundle.calibration_loss(self.work, self.dense_outputs)
+        self.stitch_s += t1 - t0
+        self.loss_s += time.perf_counter() - t1
+        self.calls += 1
+        return float(loss)
+
+
+def _plan(profile: Profile, bundle: ModelBundle, database: Any, levels: Sequence[int] | None) -> dict[str, Any]:
+    """The backend plan running each layer at its level (None: unpruned) in the profile's format."""
+    from spdy.profilers import DENSE, LayerChoice
+
+    t = profile.table
+    plan = {}
+    for li, name in enumerate(t.layers):
+        mod = get_module(bundle.model, name)
+        bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().float().numpy().copy()
+        lv = 0 if levels is None else int(levels[li])
+        fmt = profile.formats[li][lv] if profile.formats is not None else DENSE
+        if levels is None or lv == 0:
+            w = mod.weight.detach().float().numpy().copy()
+        else:
+            w = np.array(database.weight(name, lv), dtype=np.float32)
+        plan[name] = LayerChoice(fmt, w, bias, float(t.grid[lv]))
+    return plan
+
+
+def measure_speedups(
+    profile: Profile, bundle: ModelBundle, backend: Any, database: Any, solutions: Mapping[str, Solution]
+) -> tuple[float, dict[str, float], float]:
+    """Time the dense model, each solution's pruned model and the base, interleaved, end to end.
+
+    Returns ``(dense_s, {name: pruned_s}, base_s)``.
+    """
+    from spdy.profilers import STANDIN, LayerChoice
+
+    names = list(solutions)
+    plans = [_plan(profile, bundle, database, None)]
+    plans += [_plan(profile, bundle, database, solutions[n].levels) for n in names]
+    plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
+    timings = backend.time_models(bundle, plans)
+    dense, *pruned, base = (tm.median_s for tm in timings)
+    return dense, dict(zip(names, pruned)), base
+
+
+def _explain_shortfall(target: float, outcome: Outcome, dense_s: float, profile: Profile, drift: float) -> str:
+    t = profile.table
+    pred, meas = outcome.solution.predicted_time_s, outcome.measured_time_s or float("nan")
+    parts = [
+        f"measured speedup {outcome.measured_speedup:.2f}x is below {SPEEDUP_TOLERANCE:.0%} of the {target:g}x target.",
+        f"The pruned model took {meas * 1e3:.2f} ms against {pred * 1e3:.2f} ms predicted ({(meas / pred - 1) * 100:+.1f}%),"
+        f" the dense model {dense_s * 1e3:.2f} ms against {t.dense_total_s * 1e3:.2f} ms predicted"
+        f" ({(dense_s / t.dense_total_s - 1) * 100:+.1f}%).",
+    ]
+    if math.isfinite(drift) and abs(drift) > 0.05:
+        parts.append(f"The non-prunable base runs {drift * 100:+.0f}% against the profile: the machine's speed changed "
+                     "(other processes, frequency scaling). Re-run on a quiet machine or re-profile (delete the cached "
+                     "profile or pass a new --profile path).")
+    elif meas > pred * 1.05:
+        parts.append("The additive latency model under-predicts this pruned model (layers interact through the "
+                     "caches, or the sparse kernels were slower than when profiled). Re-profile with more passes, or "
+                     "search for a slightly higher target.")
+    else:
+        parts.append("The dense model runs faster than the profile predicts, so the ratio shrinks; re-profile on a "
+                     "quiet machine.")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def search(
+    model: str | ModelBundle | nn.Module = "minilm",
+    calibration: Sequence[Any] | None = None,
+    speedup: float | str = 2.0,
+    *,
+    backend: str = "spdy-cpu",
+    threads: int | None = None,
+    profile: str | os.PathLike[str] | Profile | None = None,
+    database: str | os.PathLike[str] | Any | None = None,
+    method: str = "obs",
+    grid: SparsityGrid | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    max_evals: int | None = None,
+    k: int | None = None,
+    delta: float = 0.1,
+    seed: int = 0,
+    strategy: str = "spdy",
+    buckets: int = dp.DEFAULT_BUCKETS,
+    baselines: Sequence[str] = BASELINES,
+    only_baseline: str | None = None,
+    measure: bool = True,
+    evaluate_only: bool = False,
+    eval_threads: int | None = None,
+    force: bool = False,
+    timing: Any = None,
+    loss: str | Callable[..., Any] | None = None,
+    forward: Callable[..., Any] | None = None,
+    exclude: Sequence[str] = (),
+    out: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> SearchOutcome:
+    """Find per-layer sparsities that meet ``speedup`` on ``backend`` with the least calibration loss.
+
+    * ``model``: ``"minilm"``, ``"package.module:factory"``, a :class:`ModelBundle`, or an
+      ``nn.Module`` together with ``calibration`` (a list of input batches).
+    * ``profile`` / ``database``: paths (or loaded objects); missing ones are measured/built
+      and cached under :func:`cache_dir`.
+    * ``storage`` / ``study``: Optuna storage (None: in memory; ``sqlite:///f.db``, an RDB URL
+      or a journal file path) and study name. Processes sharing them share one search;
+      a killed search resumes. ``evaluate_only`` makes this process a pure worker (no
+      baselines, measurements or outputs).
+    * ``max_evals`` / ``k`` / ``delta`` / ``seed`` / ``strategy``: the search budget
+      (:class:`spdy.sensitivity.SearchConfig`); the default is Algorithm 4 in full.
+    * ``only_baseline``: skip the search and report that baseline (``uniform``/``global``).
+    * ``timing``: the profiler's :class:`~spdy.profilers.TimingPolicy` (default: the full one).
+    * ``out``: write ``result.json``, ``model/`` (pruned weights) and ``profile.png`` there.
+    """
+    from spdy.profilers import get_backend
+    from spdy.sensitivity import Schedule, Search, SearchConfig
+
+    t_all = time.perf_counter()
+    stage: dict[str, float] = {}
+    target = dp.parse_speedup(speedup) if isinstance(speedup, str) else float(speedup)
+    if not math.isfinite(target) or target <= 1:
+        raise InvalidInputError(f"speedup must be greater than 1 (e.g. 2 or '2.5x'); got {speedup!r}")
+    for b in (*baselines, *([only_baseline] if only_baseline else [])):
+        if b not in BASELINES:
+            raise InvalidInputError(f"unknown baseline {b!r}; expected one of {', '.join(BASELINES)}")
+    cfg = SearchConfig(speedup=target, k=k, delta=delta, max_evals=max_evals, seed=seed, buckets=buckets,
+                       strategy=strategy)
+
+    t0 = time.perf_counter()
+    bundle = as_bundle(model, calibration, loss=loss, forward=forward, exclude=exclude)
+    specs = bundle.layers()
+    stage["load_model"] = time.perf_counter() - t0
+
+    be = get_backend(backend, threads=threads, policy=timing)
+    t0 = time.perf_counter()
+    if isinstance(profile, Profile):
+        prof, prof_path = profile, None
+        prof.check_model(specs)
+        if not force:
+            prof.check_hardware(be.fingerprint())
+    else:
+        prof, prof_path, _ = ensure_profile(bundle, be, path=profile, grid=grid or DEFAULT_GRID, specs=specs,
+                                            force=force, progress=progress)
+    stage["profile"] = time.perf_counter() - t0
+    table = prof.table
+    if grid is not None and tuple(grid.levels) != tuple(table.grid.levels):
+        raise ProfileMismatchError(f"the profile has a {len(table.grid)}-level grid, not the {len(grid)} levels asked for")
+    # fail fast on an unreachable target, before the database is built
+    dp.solve(table, dp.prior_errors(len(table.layers), len(table.grid)), target, buckets)
+
+    t0 = time.perf_counter()
+    if database is None or isinstance(database, (str, os.PathLike)):
+        db = ensure_database(bundle, path=database, grid=table.grid, method=method, specs=specs,
+                             progress=progress is not None)
+    else:
+        db = database
+        db.check_compatible(bundle, table.grid)
+    if tuple(db.layers) != tuple(table.layers):
+        raise ProfileMismatchError(
+            f"the database's layers ({len(db.layers)}) differ from the profile's ({len(table.layers)}); "
+            "were they made with the same --exclude?"
+        )
+    stage["database"] = time.perf_counter() - t0
+
+    prev_threads = torch.get_num_threads()
+    if eval_threads is not None:
+        torch.set_num_threads(eval_threads)
+    try:
+        t0 = time.perf_counter()
+        objective = CalibrationObjective(bundle, db, table.layers)
+        stage["dense_outputs"] = time.perf_counter() - t0
+
+        warnings: list[str] = []
+        per_eval: dict[str, float] = {}
+        n_evals, study_name = 0, ""
+        t0 = time.perf_counter()
+        if only_baseline is None:
+            study_name = study or f"{_safe(bundle.name)}-{target:g}x-{strategy}-seed{seed}"
+            signature = {"model": bundle.name, "calibration": bundle.calibration_id, "database_method": db.method,
+                         "profile": _digest(table.times.round(12).tolist() + [table.base_s]),
+                         "k": Schedule.for_config(len(table.layers), cfg).k, "delta": delta, "buckets": buckets}
+            srch = Search(table, objective, cfg, storage=storage, study_name=study_name, signature=signature)
+            cb = (lambda d, t, best: progress("search", d, t, f"best loss {best:.4g}")) if progress else None
+            res = srch.run(progress=cb)
+            n_evals = res.n_evaluations
+            best = Outcome("spdy", res.solution, res.loss)
+            if objective.calls:
+                per_eval = {"dp": srch.stage_s["dp"] / max(1, objective.calls) * 1e3,
+                            "stitch": objective.stitch_s / objective.calls * 1e3,
+                            "loss": objective.loss_s / objective.calls * 1e3}
+            stage["search"] = time.perf_counter() - t0
+            if evaluate_only:
+                return SearchOutcome(bundle.name, be.name, target, best, objective.dense_loss,
+                                     n_evaluations=n_evals, study=study_name, storage=storage,
+                                     stage_s=stage, per_evaluation_ms=per_eval)
+        else:
+            best = _baseline(only_baseline, table, bundle, target, objective)
+            stage["search"] = 0.0
+
+        t0 = time.perf_counter()
+        base_out: dict[str, Outcome | str] = {}
+        for name in ([] if only_baseline else baselines):
+            try:
+                base_out[name] = _baseline(name, table, bundle, target, objective)
+            except InfeasibleBudgetError as exc:
+                base_out[name] = str(exc)
+                log.warning("baseline %s: %s", name, exc)
+        stage["baselines"] = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev_threads)
+
+    def with_formats(o: Outcome) -> Outcome:
+        if prof.formats is None:
+            return o
+        fm = tuple(prof.formats[i][int(lv)] for i, lv in enumerate(o.solution.levels))
+        return dataclasses.replace(o, formats=fm)
+
+    best = with_formats(best)
+    base_out = {k2: with_formats(v) if isinstance(v, Outcome) else v for k2, v in base_out.items()}
+
+    dense_s: float | None = None
+    drift: float | None = None
+    if measure:
+        t0 = time.perf_counter()
+        if progress:
+            progress("measure", 0, 1, "dense and pruned models end to end")
+        sols = {"__best__": best.solution, **{n: o.solution for n, o in base_out.items() if isinstance(o, Outcome)}}
+        dense_s, times, base_now = measure_speedups(prof, bundle, be, db, sols)
+        drift = base_now / table.base_s - 1 if table.base_s > 0 else float("nan")
+
+        def measured(o: Outcome, t_s: float) -> Outcome:
+            return dataclasses.replace(o, measured_time_s=t_s, measured_speedup=dense_s / t_s)
+
+        best = measured(best, times["__best__"])
+        base_out = {n: measured(o, times[n]) if isinstance(o, Outcome) else o for n, o in base_out.items()}
+        stage["measure"] = time.perf_counter() - t0
+        if progress:
+            progress("measure", 1, 1, f"{best.measured_speedup:.2f}x")
+        if best.measured_speedup is not None and best.measured_speedup < SPEEDUP_TOLERANCE * target:
+            msg = _explain_shortfall(target, best, dense_s, prof, drift)
+            warnings.append(msg)
+            log.warning(msg)
+
+    stage["total"] = time.perf_counter() - t_all
+    outcome = SearchOutcome(
+        model=bundle.name, backend=be.name, target_speedup=target, result=best, dense_loss=objective.dense_loss,
+        baselines=base_out, dense_measured_s=dense_s, base_drift=drift, n_evaluations=n_evals, study=study_name,
+        storage=storage, profile_path=str(prof_path) if prof_path else None,
+        database_path=str(getattr(db, "path", "")) or None, stage_s={k2: round(v, 3) for k2, v in stage.items()},
+        per_evaluation_ms={k2: round(v, 3) for k2, v in per_eval.items()}, fingerprint=be.fingerprint(),
+        settings={"threads": be.threads, "eval_threads": eval_threads or prev_threads, "strategy": strategy,
+                  "seed": seed, "max_evals": max_evals, "k": k, "delta": delta, "buckets": buckets,
+                  "method": db.method, "grid_levels": len(table.grid), "calibration_samples": bundle.n_samples},
+        warnings=tuple(warnings),
+    )
+    if out is not None:
+        outcome = write_outputs(outcome, bundle, db, table, out)
+    return outcome
+
+
+def _baseline(name: str, table: Any, bundle: ModelBundle, target: float, objective: CalibrationObjective) -> Outcome:
+    if name == "uniform":
+        sol = uniform(table, target)
+    else:
+        weights = {n: get_module(bundle.model, n).weight.detach().float().numpy() for n in table.layers}
+        sol = global_magnitude(table, weights, target)
+    return Outcome(name, sol, objective(sol.levels))
+
+
+def write_outputs(outcome: SearchOutcome, bundle: ModelBundle, database: Any, table: Any,
+                  out: str | os.PathLike[str]) -> SearchOutcome:
+    """``OUT/result.json``, ``OUT/model`` (pruned weights) and ``OUT/profile.png``."""
+    from spdy.export import save_pruned
+    from spdy.report import plot_profile
+
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    outcome = dataclasses.replace(outcome, out=str(o))
+    pruned = database.stitch(bundle.model, outcome.result.solution, inplace=False)
+    save_pruned(pruned, outcome.layers, o / "model", meta={
+        "model": outcome.model, "backend": outcome.backend, "target_speedup": outcome.target_speedup,
+        "predicted_speedup": outcome.predicted_speedup, "measured_speedup": outcome.measured_speedup,
+        "method": outcome.result.method, "calibration_id": bundle.calibration_id,
+    })
+    del pruned
+    bases = {n: b.solution for n, b in outcome.baselines.items() if isinstance(b, Outcome)}
+    meas = f", measured {outcome.measured_speedup:.2f}x" if outcome.measured_speedup else ""
+    plot_profile(table, outcome.result.solution, o / "profile.png", baselines=bases,
+                 title=f"{outcome.model} on {outcome.backend}: target {outcome.target_speedup:g}x, "
+                       f"predicted {outcome.predicted_speedup:.2f}x{meas}")
+    atomic_write_json(o / "result.json", outcome.to_json())
+    return outcome
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _result_dir(result: SearchOutcome | str | os.PathLike[str]) -> Path:
+    if isinstance(result, SearchOutcome):
+        if result.out is None:
+            raise InvalidInputError("this search result was not written to disk; run spdy.search(..., out=DIR) first")
+        return Path(result.out) / "model"
+    p = Path(result)
+    if (p / "model" / "manifest.json").exists():
+        return p / "model"
+    if (p / "manifest.json").exists():
+        return p
+    raise InvalidInputError(f"{str(p)!r} holds no pruned model (expected OUT/model/manifest.json from 'spdy search -o OUT')")
+
+
+def apply(
+    model: nn.Module | ModelBundle,
+    result: SearchOutcome | str | os.PathLike[str],
+    *,
+    sparse: bool = False,
+    threads: int | None = None,
+) -> nn.Module:
+    """Load a search result's pruned weights into ``model`` in place and return it.
+
+    With ``sparse=True`` the pruned layers are also swapped for spdy's sparse CPU
+    modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
+    so that the model runs as fast as was measured; ``threads`` sets the thread count.
+    """
+    from spdy.export import apply_weights, load_pruned
+
+    if isinstance(model, ModelBundle):
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    weights, manifest = load_pruned(_result_dir(result))
+    for name in weights:
+        try:
+            get_module(model, name)
+        except SpdyError as exc:
+            raise ProfileMismatchError(f"{exc}; the pruned weights were made for another model "
+                                       f"({manifest.get('model')!r})") from None
+    apply_weights(model, weights)
+    if sparse:
+        from spdy import kernels, runtime
+
+        kernels.warmup()  # starts Numba's pool (and turns off the nested OpenMP it enables)
+        kernels.set_num_threads(threads if threads is not None else kernels.threads.available_cores())
+        for name, info in manifest["layers"].items():
+            mod = get_module(model, name)
+            fmt = info.get("format", "auto")
+            if fmt == "dense":
+                continue
+            if isinstance(mod, nn.Linear):
+                new: nn.Module = runtime.SparseLinear.from_linear(mod, format=fmt if fmt in runtime.FORMATS else "auto")
+            elif isinstance(mod, nn.Conv2d):
+                new = runtime.SparseConv2d.from_conv(mod, format=fmt if fmt in runtime.CONV_FORMATS else "auto")
+            else:
+                continue
+            model.set_submodule(name, new.eval())
+    return model
+
+
+def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``OUT/result.json`` as a dict (``path`` is OUT or the file)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "result.json"
+    d = read_json(p, "search result")
+    if d.get("schema") != RESULT_SCHEMA:
+        raise InvalidInputError(f"{p} is not an spdy search result (schema {d.get('schema')!r})")
+    return d

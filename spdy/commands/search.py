@@ -1,0 +1,183 @@
+"""``spdy search``: SPDY end to end - profile, database, sensitivity search, baselines, measurement."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """\
+examples:
+  spdy search --model minilm --speedup 2x -o out/minilm-2x
+  spdy search --model minilm --speedup 2.5x --max-evals 40 --seed 1 -o out/quick
+  spdy search --model spdy.examples.digits:factory --speedup 2x -o out/digits
+  spdy search --model minilm --speedup 2x --baseline uniform -o out/uniform-2x
+  # two workers on one search (start the same command twice; the second only evaluates):
+  spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 -o out/s1
+  spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 --evaluate-only
+
+A missing latency profile or reconstruction database is measured/built first and
+cached under $SPDY_CACHE (default ~/.cache/spdy) per model, calibration set and
+hardware; --profile and --database use (or create) the given files instead.
+Without --storage the search is kept in OUT/search.journal: re-running the same
+command resumes a killed search where it stopped.
+
+OUT/result.json holds the target, predicted and measured speedup, the calibration
+loss (dense and pruned), the per-layer sparsities, the uniform and global-magnitude
+baselines for the same budget, stage timings and the hardware fingerprint;
+OUT/model the pruned weights (spdy.apply(model, OUT) loads them); OUT/profile.png
+the per-layer sparsities and where the time goes.
+"""
+
+
+def register(subparsers: Any) -> None:
+    from spdy.cli import HelpFormatter
+    from spdy.sensitivity import STRATEGIES
+
+    p = subparsers.add_parser(
+        "search",
+        help="prune a model to a measured speedup target (SPDY end to end)",
+        description="Find per-layer sparsities that make the model run --speedup times faster on this hardware "
+        "with the least calibration loss, and write the pruned model.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", default="minilm", help="built-in model name (minilm) or package.module:factory")
+    p.add_argument("--speedup", required=True, help="target end-to-end speedup over the dense model, e.g. 2.5x or 2.5")
+    p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, ort-cpu, torch-cuda or torch-cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the runtime being profiled and measured (default: the usable cores)%(default).0s")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="latency profile JSON to use, measured into FILE if missing (default: cached)%(default).0s")
+    p.add_argument("--database", default=None, metavar="DIR",
+                   help="reconstruction database to use, built into DIR if missing (default: cached)%(default).0s")
+    p.add_argument("--method", default="obs", choices=("obs", "exact", "magnitude"),
+                   help="reconstruction method of a database built here")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage: sqlite:///file.db, an RDB URL, a journal file path, or :memory: "
+                   "(default: OUT/search.journal)%(default).0s")
+    p.add_argument("--study", default=None, help="study name; processes with the same storage and study share one "
+                   "search (default: derived from model, target, strategy and seed)%(default).0s")
+    p.add_argument("--max-evals", type=int, default=None, metavar="N",
+                   help="evaluations in all (default: Algorithm 4 in full, k=100: 1 + k + ceil(delta*L)*k)%(default).0s")
+    p.add_argument("--k", type=int, default=None,
+                   help="Algorithm 4's k (random candidates, tries per local-search width)%(default).0s")
+    p.add_argument("--delta", type=float, default=0.1, help="Algorithm 4's delta: largest local step is ceil(delta*L)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (results are reproducible per seed)")
+    p.add_argument("--strategy", default="spdy", choices=STRATEGIES,
+                   help="spdy = Algorithm 4; tpe, cmaes, random = Optuna samplers over the coefficients")
+    p.add_argument("--baseline", default=None, choices=("uniform", "global"),
+                   help="skip the search and report this one-shot baseline alone%(default).0s")
+    p.add_argument("--no-baselines", action="store_true", help="do not evaluate the baselines next to the search")
+    p.add_argument("--no-measure", action="store_true", help="skip the end-to-end timing of the pruned models")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="join a shared search as a worker: evaluate trials, write nothing")
+    p.add_argument("--eval-threads", type=int, default=None,
+                   help="torch threads for the calibration-loss evaluations (default: torch's)%(default).0s")
+    p.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="calibration samples for the built-in model (minilm: documents, default 128)%(default).0s")
+    p.add_argument("--loss", default=None, choices=("mse", "cosine", "kl"),
+                   help="calibration loss instead of the model's default (relative MSE to the dense outputs)%(default).0s")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="layers (glob on the module name) that stay dense; repeatable%(default).0s")
+    p.add_argument("--force", action="store_true", help="use a --profile made on other hardware")
+    p.add_argument("-o", "--output", default=None, metavar="OUT",
+                   help="folder for result.json, model/ and profile.png (required unless --evaluate-only)%(default).0s")
+    p.set_defaults(func=run)
+
+
+class _Bars:
+    """One tqdm bar per stage, fed by the library's ``progress(stage, done, total, info)``."""
+
+    UNITS = {"profile": "layer", "search": "eval", "measure": "step"}
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int, info: str) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=self.UNITS.get(stage, "it"), dynamic_ncols=True)
+        if bar.total != total:
+            bar.total = total
+        bar.update(max(0, done - bar.n))
+        bar.set_postfix_str(info[-40:], refresh=True)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from spdy import dp
+    from spdy.api import Outcome, search
+    from spdy.errors import InvalidInputError
+
+    if args.output is None and not args.evaluate_only:
+        raise InvalidInputError("give an output folder with -o OUT (or --evaluate-only to join a shared search)")
+    for flag, val in (("--max-evals", args.max_evals), ("--k", args.k), ("--threads", args.threads),
+                      ("--eval-threads", args.eval_threads), ("--calibration", args.calibration)):
+        if val is not None and val < 1:
+            raise InvalidInputError(f"{flag} must be >= 1; got {val}")
+    target = dp.parse_speedup(args.speedup)
+    storage = args.storage
+    if storage is None and args.output:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        storage = str(Path(args.output) / "search.journal")
+    if storage == ":memory:":
+        storage = None
+    model_kwargs: dict[str, Any] = {}
+    if args.calibration is not None:
+        if args.model != "minilm":
+            raise InvalidInputError("--calibration applies to the built-in minilm model; a factory chooses its own data")
+        model_kwargs["n_calibration"] = args.calibration
+    model: Any = args.model
+    if model_kwargs:
+        from spdy.models.base import load_model
+
+        model = load_model(args.model, exclude=args.exclude, **model_kwargs)
+
+    print(f"spdy search: {args.model} to {target:g}x on {args.backend}"
+          + (f" (baseline {args.baseline} only)" if args.baseline else "") + (f", storage {storage}" if storage else ""))
+    bars = _Bars()
+    try:
+        res = search(
+            model, speedup=target, backend=args.backend, threads=args.threads, profile=args.profile,
+            database=args.database, method=args.method, storage=storage, study=args.study, max_evals=args.max_evals,
+            k=args.k, delta=args.delta, seed=args.seed, strategy=args.strategy,
+            baselines=() if args.no_baselines else ("uniform", "global"), only_baseline=args.baseline,
+            measure=not args.no_measure, evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
+            force=args.force, loss=args.loss, exclude=() if model_kwargs else args.exclude, out=args.output,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    if args.evaluate_only:
+        print(f"worker done: the study {res.study!r} holds {res.n_evaluations} evaluations; best loss {res.calibration_loss:.5g}")
+        return 0
+    rows: list[tuple[str, Outcome | str]] = [(res.result.method, res.result), *res.baselines.items()]
+    print(f"\n{'profile':<10} {'predicted':>10} {'measured':>10} {'calib. loss':>12}")
+    print(f"{'dense':<10} {'1.00x':>10} {'1.00x':>10} {res.dense_loss:12.5g}")
+    for name, o in rows:
+        if isinstance(o, str):
+            print(f"{name:<10} {'infeasible':>10}   {o[:60]}")
+            continue
+        meas = f"{o.measured_speedup:9.2f}x" if o.measured_speedup is not None else f"{'-':>10}"
+        print(f"{name:<10} {o.solution.predicted_speedup:9.2f}x {meas} {o.calibration_loss:12.5g}")
+    if res.dense_measured_s:
+        print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
+    st = res.stage_s
+    print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in st.items()))
+    if res.per_evaluation_ms:
+        print(f"per evaluation ({res.n_evaluations}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in res.per_evaluation_ms.items()))
+    for w in res.warnings:
+        print("\n" + "!" * 78 + f"\nWARNING: {w}\n" + "!" * 78)
+    print(f"wrote {args.output}/result.json, {args.output}/model, {args.output}/profile.png")
+    return 0

@@ -1,0 +1,199 @@
+"""spdy.search / spdy.apply and `spdy search` end to end on a small real model (spdy-cpu, quick timings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime
+import numpy as np
+import torch
+from torch import nn
+
+import spdy
+from spdy.api import as_bundle, ensure_profile, load_result
+from spdy.cli import main
+from spdy.errors import (
+    BackendUnavailableError,
+    InfeasibleBudgetError,
+    InvalidInputError,
+    NoPrunableLayersError,
+    ProfileMismatchError,
+)
+from spdy.grid import SparsityGrid
+from spdy.profilers import QUICK_POLICY, get_backend
+
+GRID = SparsityGrid((0.0, 0.5, 0.7, 0.8, 0.9, 0.95))
+POLICY = dataclasses.replace(QUICK_POLICY, max_others=float("inf"))  # tests must not wait for a quiet machine
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, width)
+        self.fc2 = nn.Linear(width, width)
+        self.fc3 = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def mlp_factory(width: int = 256) -> dict:
+    """Trained briefly on scikit-learn's digits (8x8 = 64 features): a real, if small, model."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    model = MLP(width)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[:1500]), y[:1500]).backward()
+        opt.step()
+    calib = [X[i:i + 64] for i in range(0, 256, 64)]
+    return {"model": model.eval(), "calibration": calib, "example": X[:32], "loss": "kl"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPDY_CACHE", str(tmp_path_factory.getbasetemp() / "spdy-cache"))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return as_bundle("tests.test_api:mlp_factory")
+
+
+@pytest.fixture(scope="module")
+def profile_path(bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("prof") / "mlp.json"
+    be = get_backend("spdy-cpu", threads=1, policy=POLICY)
+    ensure_profile(bundle, be, path=p, grid=GRID)
+    return p
+
+
+def _search(bundle, profile_path, tmp_path, **kw):
+    args = dict(speedup=1.5, threads=1, profile=profile_path, database=tmp_path.parent / "db", max_evals=8, seed=3,
+                timing=POLICY)
+    args.update(kw)
+    return spdy.search(bundle, **args)
+
+
+def test_search_writes_result_model_and_plot(bundle, profile_path, tmp_path):
+    out = tmp_path / "out"
+    res = _search(bundle, profile_path, tmp_path, out=out)
+    d = load_result(out)
+    for key in ("target_speedup", "predicted_speedup", "measured_speedup", "calibration_loss", "layers",
+                "baselines", "stage_seconds", "fingerprint"):
+        assert key in d, key
+    assert d["target_speedup"] == 1.5 and d["predicted_speedup"] >= 1.5
+    assert d["measured_speedup"] > 1.0  # the pruned MLP really runs faster, measured end to end
+    assert set(d["layers"]) == {"fc1", "fc2", "fc3"}
+    assert set(d["baselines"]) == {"uniform", "global"}
+    for b in d["baselines"].values():
+        assert b["predicted_speedup"] >= 1.5 and b["measured_speedup"] > 0 and b["calibration_loss"] >= 0
+    assert d["calibration_loss"]["dense"] == pytest.approx(0.0, abs=1e-6)
+    assert d["search"]["evaluations"] == 8
+    assert set(d["search"]["per_evaluation_ms"]) == {"dp", "stitch", "loss"}
+    assert (out / "profile.png").stat().st_size > 1000
+    # the stored weights reproduce the searched model's loss when applied to a fresh copy
+    fresh = mlp_factory()["model"]
+    spdy.apply(fresh, out)
+    for name, info in d["layers"].items():
+        w = getattr(fresh, name).weight.detach().numpy()
+        assert np.mean(w == 0) == pytest.approx(info["sparsity"], abs=0.01)
+    dense_out = bundle.outputs()
+    assert bundle.calibration_loss(fresh, dense_out) == pytest.approx(res.calibration_loss, rel=1e-3)
+    # and run on the sparse runtime with the same outputs
+    sparse = spdy.apply(mlp_factory()["model"], res, sparse=True, threads=1)
+    x = bundle.calibration[0]
+    torch.testing.assert_close(sparse(x), fresh(x), rtol=1e-4, atol=1e-4)
+
+
+def test_search_is_reproducible_with_a_seed(bundle, profile_path, tmp_path):
+    a = _search(bundle, profile_path, tmp_path, measure=False, baselines=())
+    b = _search(bundle, profile_path, tmp_path, measure=False, baselines=())
+    assert a.layers == b.layers and a.calibration_loss == b.calibration_loss
+    c = _search(bundle, profile_path, tmp_path, measure=False, baselines=(), seed=4)
+    assert c.n_evaluations == 8
+
+
+def test_rerun_on_the_same_storage_resumes_without_new_evaluations(bundle, profile_path, tmp_path):
+    store = str(tmp_path / "s.journal")
+    a = _search(bundle, profile_path, tmp_path, measure=False, baselines=(), storage=store, max_evals=5)
+    b = _search(bundle, profile_path, tmp_path, measure=False, baselines=(), storage=store, max_evals=5)
+    assert b.stage_s["search"] < a.stage_s["search"]
+    assert b.n_evaluations == 5 and b.layers == a.layers
+
+
+def test_baseline_alone(bundle, profile_path, tmp_path):
+    res = _search(bundle, profile_path, tmp_path, only_baseline="uniform", measure=False)
+    assert res.result.method == "uniform" and not res.baselines
+    assert len({v["level"] for v in res.layers.values()}) == 1
+
+
+def test_bad_speedups(bundle, profile_path, tmp_path):
+    with pytest.raises(InvalidInputError, match="greater than 1"):
+        _search(bundle, profile_path, tmp_path, speedup=1.0)
+    with pytest.raises(InfeasibleBudgetError, match=r"\d+\.\d+x"):
+        _search(bundle, profile_path, tmp_path, speedup=500)
+
+
+def test_no_prunable_layers_and_empty_calibration():
+    with pytest.raises(NoPrunableLayersError):
+        spdy.search(nn.Sequential(nn.ReLU()), calibration=[torch.randn(2, 3)], speedup=2, threads=1, timing=POLICY)
+    with pytest.raises(InvalidInputError, match="calibration"):
+        spdy.search(MLP(), calibration=[], speedup=2, threads=1, timing=POLICY)
+    with pytest.raises(InvalidInputError, match="calibration"):
+        spdy.search(MLP(), speedup=2, threads=1, timing=POLICY)
+
+
+def test_profile_or_database_for_another_model_is_refused(bundle, profile_path, tmp_path):
+    other = dataclasses.replace(as_bundle("tests.test_api:mlp_factory", width=128), name="mlp128")
+    with pytest.raises(ProfileMismatchError, match="model signature"):
+        _search(other, profile_path, tmp_path)
+    _search(bundle, profile_path, tmp_path, measure=False, baselines=(), max_evals=2)  # builds tmp/../db
+    other_prof = tmp_path / "p128.json"
+    ensure_profile(other, get_backend("spdy-cpu", threads=1, policy=POLICY), path=other_prof, grid=GRID)
+    with pytest.raises(ProfileMismatchError):
+        _search(other, other_prof, tmp_path, speedup=1.05)  # same database folder, another model
+
+
+def test_profile_from_other_hardware_is_refused(bundle, profile_path, tmp_path):
+    d = json.loads(profile_path.read_text())
+    d["fingerprint"]["cpu_model"] = "Some Other CPU"
+    p = tmp_path / "other-hw.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ProfileMismatchError, match="other hardware"):
+        _search(bundle, p, tmp_path)
+    res = _search(bundle, p, tmp_path, force=True, measure=False, baselines=(), max_evals=2)
+    assert res.n_evaluations == 2
+
+
+def test_unknown_or_unavailable_backend(bundle):
+    with pytest.raises(BackendUnavailableError, match="unknown latency backend"):
+        spdy.search(bundle, speedup=2, backend="tpu-magic")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="CUDA|GPU"):
+            spdy.search(bundle, speedup=2, backend="torch-cuda")
+
+
+def test_cli_search_and_help(profile_path, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "examples:" in capsys.readouterr().out
+    out = tmp_path / "cli"
+    rc = main(["search", "--model", "tests.test_api:mlp_factory", "--speedup", "1.5x", "--threads", "1",
+               "--profile", str(profile_path), "--database", str(tmp_path / "db"), "--max-evals", "4",
+               "--no-measure", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "uniform" in printed and "global" in printed
+    assert load_result(out)["search"]["evaluations"] == 4
+    assert (out / "search.journal").exists()
+    assert main(["search", "--model", "tests.test_api:mlp_factory", "--speedup", "0.5"]) == 1
+    assert "error:" in capsys.readouterr().err
