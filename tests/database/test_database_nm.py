@@ -33,6 +33,14 @@ GRID = spdy_grid(6)
 PATTERNS = ("2:4", "4:8")
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The CLI's --threads and torch backends set torch's thread count process-wide: put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def layer_problem(d: int = 64, out: int = 40, n: int = 512, seed: int = 0, dead: int | None = 5):
     """A weight and the Hessian of real, correlated inputs (one dead input)."""
     X = structured_inputs(n, d, seed, rank=6)

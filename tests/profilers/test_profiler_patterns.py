@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import TEST_POLICY
 
 from spdy import choices as ch
@@ -23,6 +24,14 @@ from spdy.runtime_cuda import nm_violations
 from spdy.types import LayerSpec
 
 GRID = SparsityGrid((0.0, 0.9))  # no 50 % level: every 50 % weight timed below is an N:M one
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The CLI's --threads and torch backends set torch's thread count process-wide: put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 class CsrNMBackend(TorchCpuBackend):
