@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
 from spdy.api import Outcome, ensure_database, ensure_profile, search  # noqa: E402
+from spdy.errors import InfeasibleBudgetError  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
 from spdy.models.minilm import embed, lee50_correlations, lee_background_docs  # noqa: E402
 from spdy.profilers import get_backend  # noqa: E402
@@ -84,11 +85,17 @@ def main() -> int:
                                    "predicted_speedup": 1.0, "calibration_loss": 0.0, **score(bundle.model)}]
     stages["eval dense"] = time.perf_counter() - t0
     searches = {}
+    infeasible: dict[float, str] = {}
     for target in targets:
         print(f"\n=== target {target:g}x ===", flush=True)
-        res = search(bundle, speedup=target, backend="spdy-cpu", threads=args.threads, profile=profile_path,
-                     database=db, max_evals=args.max_evals or None, seed=args.seed,
-                     out=Path(args.out) / f"{target:g}x")
+        try:
+            res = search(bundle, speedup=target, backend="spdy-cpu", threads=args.threads, profile=profile_path,
+                         database=db, max_evals=args.max_evals or None, seed=args.seed,
+                         out=Path(args.out) / f"{target:g}x")
+        except InfeasibleBudgetError as exc:
+            print(f"  infeasible: {exc}")
+            infeasible[target] = str(exc)
+            continue
         searches[target] = res.to_json()
         for k, v in res.stage_s.items():
             stages[f"{target:g}x {k}"] = v
@@ -115,6 +122,8 @@ def main() -> int:
         lines.append(f"| {r['target']:g}x | {r['profile']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
                      f"| {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} | {r['lee50_spearman']:.4f} "
                      f"| {r['heldout_cosine']:.4f} |")
+    for t, msg in infeasible.items():
+        lines.append(f"| {t:g}x | (all) | infeasible | | | | | |")
     table = "\n".join(lines)
     print("\n" + table)
     print("\nstages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
@@ -122,7 +131,7 @@ def main() -> int:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(table + "\n")
     write_json(args.json, {"fingerprint": backend.fingerprint(), "settings": vars(args), "rows": rows,
-                           "stages": stages, "searches": searches, "profile": str(profile_path),
+                           "stages": stages, "searches": searches, "infeasible": {str(k): v for k, v in infeasible.items()}, "profile": str(profile_path),
                            "database": str(db.path)})
     return 0
 

@@ -1,0 +1,171 @@
+"""The SPDY search on MiniLM: strategies against the number of evaluations, and 1 vs 2 workers.
+
+* Strategies: Algorithm 4 (``spdy``, in miniature for the budget), Optuna's TPE and
+  CMA-ES over the coefficients, and pure random search; best calibration loss after
+  n evaluations, same profile, database, seed and target.
+* Workers: the same search (Algorithm 4, ``--worker-evals`` evaluations) run by one
+  process, then by two processes (one thread each) sharing a journal-file storage;
+  wall time of the search phase, evaluations lost or done twice, whether the random
+  phase drew the same candidates as one worker.
+
+The calibration loss uses the first ``--calibration`` documents (default 32, a quarter
+of the default set, to keep the comparison affordable on 2 cores); the database and
+profile are the default ones (128 documents), from the cache.
+
+    python scripts/bench_search.py [--evals 60] [--worker-evals 40] [--speedup 2] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import spdy.kernels  # noqa: F401  - before torch
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
+
+
+def _setup(n_docs: int) -> tuple[Any, Any, Any]:
+    from spdy.api import CalibrationObjective, ensure_database, ensure_profile
+    from spdy.models.base import load_model
+    from spdy.profilers import get_backend
+
+    bundle = load_model("minilm")
+    profile, _, _ = ensure_profile(bundle, get_backend("spdy-cpu", threads=2))
+    db = ensure_database(bundle, grid=profile.table.grid)
+    per_batch = len(bundle.calibration[0]["input_ids"])
+    small = dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, n_docs // per_batch)])
+    return profile.table, CalibrationObjective(small, db, profile.table.layers), bundle
+
+
+def _worker(store: str, study: str, cfg_kw: dict[str, Any], n_docs: int, threads: int, q: Any) -> None:
+    torch.set_num_threads(threads)
+    from spdy.sensitivity import Search, SearchConfig
+
+    table, obj, _ = _setup(n_docs)
+    s = Search(table, obj, SearchConfig(**cfg_kw), storage=store, study_name=study)
+    t0 = time.time()
+    s.run()
+    q.put({"start": t0, "end": time.time(), "evaluations_here": obj.calls})
+
+
+def run_workers(n: int, store: str, study: str, cfg_kw: dict[str, Any], n_docs: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(store, study, cfg_kw, n_docs, 1, q)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    out = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return {"workers": n, "search_wall_s": max(o["end"] for o in out) - min(o["start"] for o in out),
+            "evaluations_per_worker": [o["evaluations_here"] for o in out]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--speedup", type=float, default=2.0)
+    ap.add_argument("--evals", type=int, default=60, help="evaluations per strategy")
+    ap.add_argument("--strategies", default="spdy,tpe,cmaes,random")
+    ap.add_argument("--worker-evals", type=int, default=40, help="evaluations in the 1- vs 2-worker comparison (0: skip)")
+    ap.add_argument("--calibration", type=int, default=32, help="calibration documents in the loss")
+    ap.add_argument("--full", action="store_true", help="also run Algorithm 4 in full (k=100, delta=0.1: 501 "
+                    "evaluations on MiniLM) and report its wall time and per-evaluation breakdown")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from spdy.hardware import fingerprint
+    from spdy.sensitivity import Search, SearchConfig
+
+    torch.set_num_threads(2)
+    table, obj, _ = _setup(args.calibration)
+    curves: dict[str, list[float]] = {}
+    rows = []
+    for strat in [s.strip() for s in args.strategies.split(",") if s.strip()]:
+        obj.calls = 0
+        t0 = time.perf_counter()
+        s = Search(table, obj, SearchConfig(speedup=args.speedup, max_evals=args.evals, seed=args.seed, strategy=strat))
+        res = s.run()
+        wall = time.perf_counter() - t0
+        losses = [h["loss"] for h in res.history]
+        curves[strat] = [float(x) for x in np.minimum.accumulate(losses)]
+        rows.append({"strategy": strat, "evaluations": len(losses), "best_loss": res.loss, "wall_s": wall,
+                     "best_at": {str(n): curves[strat][min(n, len(losses)) - 1] for n in (10, 20, 40, args.evals)}})
+        print(f"{strat:<7} best loss {res.loss:.5f} after {len(losses)} evaluations ({wall:.0f} s)", flush=True)
+    full: dict[str, Any] = {}
+    if args.full:
+        obj.calls, obj.stitch_s, obj.loss_s = 0, 0.0, 0.0
+        t0 = time.perf_counter()
+        s = Search(table, obj, SearchConfig(speedup=args.speedup, seed=args.seed))
+        res = s.run()
+        wall = time.perf_counter() - t0
+        losses = [h["loss"] for h in res.history]
+        curves["spdy-full"] = [float(x) for x in np.minimum.accumulate(losses)]
+        n = max(1, obj.calls)
+        full = {"evaluations": len(losses), "k": s.schedule.k, "d_max": s.schedule.d_max, "wall_s": wall,
+                "best_loss": res.loss, "loss_calls": obj.calls,
+                "per_evaluation_ms": {"dp": s.stage_s["dp"] / len(losses) * 1e3, "stitch": obj.stitch_s / n * 1e3,
+                                      "loss": obj.loss_s / n * 1e3},
+                "best_after_random_phase": curves["spdy-full"][s.schedule.k]}
+        rows.append({"strategy": "spdy-full", "evaluations": len(losses), "best_loss": res.loss, "wall_s": wall,
+                     "best_at": {str(m): curves["spdy-full"][min(m, len(losses)) - 1] for m in (10, 20, 40, args.evals, 101, len(losses))}})
+        print(f"Algorithm 4 in full: {len(losses)} evaluations in {wall:.0f} s, best loss {res.loss:.5f}; "
+              f"per evaluation {full['per_evaluation_ms']}", flush=True)
+    ns = sorted({10, 20, 40, args.evals})
+    print("\n| strategy | " + " | ".join(f"best after {n}" for n in ns) + " |")
+    print("|---|" + "---|" * len(ns))
+    for strat, c in curves.items():
+        print(f"| {strat} | " + " | ".join(f"{c[min(n, len(c)) - 1]:.5f}" for n in ns) + " |")
+
+    workers: list[dict[str, Any]] = []
+    check: dict[str, Any] = {}
+    if args.worker_evals:
+        del obj
+        cfg_kw = {"speedup": args.speedup, "max_evals": args.worker_evals, "seed": args.seed}
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in (1, 2):
+                store = str(Path(tmp) / f"w{n}.journal")
+                r = run_workers(n, store, "bench", cfg_kw, args.calibration)
+                workers.append(r)
+                print(f"{n} worker(s): search wall {r['search_wall_s']:.1f} s, evaluations per worker "
+                      f"{r['evaluations_per_worker']}", flush=True)
+            import optuna
+
+            from spdy.sensitivity import make_storage
+
+            h = {}
+            for n in (1, 2):
+                st = optuna.load_study(study_name="bench", storage=make_storage(str(Path(tmp) / f"w{n}.journal")))
+                done = [t for t in st.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+                h[n] = {t.number: t for t in done}
+            from spdy.sensitivity import Schedule
+
+            sched = Schedule.for_config(len(table.layers), SearchConfig(**cfg_kw))
+            numbers2 = sorted(h[2])
+            check = {
+                "evaluations_1": len(h[1]), "evaluations_2": len(h[2]),
+                "numbers_unique_and_complete": numbers2 == list(range(args.worker_evals)),
+                "random_phase_identical": all(h[1][i].user_attrs["c"] == h[2][i].user_attrs["c"]
+                                              for i in range(min(sched.k + 1, args.worker_evals))),
+                "best_1": min(t.value for t in h[1].values()), "best_2": min(t.value for t in h[2].values()),
+                "speedup_2_over_1": workers[0]["search_wall_s"] / workers[1]["search_wall_s"],
+            }
+            print(check)
+    write_json(args.json, {"fingerprint": fingerprint(2), "settings": vars(args), "strategies": rows, "full": full,
+                           "curves": curves, "workers": workers, "workers_check": check})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
