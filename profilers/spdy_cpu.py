@@ -134,26 +134,10 @@ def _max_active_levels() -> int | None:
 
 
 def _limit_openmp_nesting() -> bool:
-    """Turn off nested OpenMP parallelism in the runtime torch and Numba share.
+    """See :func:`spdy.kernels.threads.limit_openmp_nesting` (the runtime applies it too)."""
+    from spdy.kernels import limit_openmp_nesting
 
-    Numba's ``omp`` threading layer enables nesting when it starts its pool
-    (``omp_set_nested(1)`` in ``launch_threads``). With one OpenMP runtime for both,
-    torch's nested regions (BLAS/oneDNN inside ``at::parallel_for``) then start extra
-    teams: measured on the 2-core machines, a MiniLM forward takes 265 ms instead of
-    18 ms; with ``omp_set_max_active_levels(1)`` it is back to 18 ms and the sparse kernels
-    are unaffected. This belongs in ``spdy.kernels.set_num_threads`` (so that deployed
-    models get it too); the profiler applies it so that it times the runtime as it should run.
-    Returns True if it changed anything.
-    """
-    try:
-        gomp = _libgomp()
-        if gomp.omp_get_max_active_levels() > 1:
-            gomp.omp_set_max_active_levels(1)
-            log.info("limited OpenMP nesting to one level (Numba had enabled it; see spdy_cpu._limit_openmp_nesting)")
-            return True
-    except (OSError, AttributeError) as exc:
-        log.warning("could not limit OpenMP nesting: %s", exc)
-    return False
+    return limit_openmp_nesting()
 
 
 def _threading_layer() -> str:
