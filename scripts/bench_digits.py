@@ -13,6 +13,7 @@ digits (accuracy), next to the measured speedups from ``result.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from spdy.api import ensure_database, load_result
+    from spdy.api import apply, ensure_database, load_result
     from spdy.examples.digits import factory, heldout
     from spdy.grid import DEFAULT_GRID
     from spdy.hardware import fingerprint
@@ -55,7 +56,10 @@ def main() -> int:
         entries = [("spdy", res)] + [(k, v) for k, v in res["baselines"].items() if "layers" in v]
         for name, r in entries:
             levels = {n: info["level"] for n, info in r["layers"].items()}
-            model = db.stitch(bundle.model, levels, inplace=False)
+            if name == "spdy":  # what a user deploys: OUT/model (weights + BatchNorm statistics) applied
+                model = apply(copy.deepcopy(bundle.model), out)
+            else:
+                model = bundle.retune_batchnorm(db.stitch(bundle.model, levels, inplace=False))
             loss = r["calibration_loss"]["pruned"] if name == "spdy" else r["calibration_loss"]
             rows.append({"profile": name, "target": t, "measured_speedup": r["measured_speedup"],
                          "calibration_loss": loss, "heldout_accuracy": heldout(model)["accuracy"]})

@@ -48,28 +48,38 @@ def _setup(n_docs: int) -> tuple[Any, Any, Any]:
     return profile.table, CalibrationObjective(small, db, profile.table.layers), bundle
 
 
-def _worker(store: str, study: str, cfg_kw: dict[str, Any], n_docs: int, threads: int, q: Any) -> None:
-    torch.set_num_threads(threads)
+def _worker(store: str, study: str, cfg_kw: dict[str, Any], n_docs: int, threads: int, ready: Any, go: Any,
+            q: Any) -> None:
+    from spdy.kernels import set_num_threads
     from spdy.sensitivity import Search, SearchConfig
 
     table, obj, _ = _setup(n_docs)
+    # after the setup: loading the spdy-cpu profile sets the backend's 2 threads
+    set_num_threads(threads)
     s = Search(table, obj, SearchConfig(**cfg_kw), storage=store, study_name=study)
+    ready.wait()  # every worker set up before the clock starts
+    go.wait()
     t0 = time.time()
     s.run()
-    q.put({"start": t0, "end": time.time(), "evaluations_here": obj.calls})
+    q.put({"start": t0, "end": time.time(), "evaluations_here": obj.calls, "torch_threads": torch.get_num_threads()})
 
 
-def run_workers(n: int, store: str, study: str, cfg_kw: dict[str, Any], n_docs: int) -> dict[str, Any]:
+def run_workers(n: int, store: str, study: str, cfg_kw: dict[str, Any], n_docs: int, threads: int = 1) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(store, study, cfg_kw, n_docs, 1, q)) for _ in range(n)]
+    ready, go = ctx.Barrier(n + 1), ctx.Barrier(n + 1)
+    procs = [ctx.Process(target=_worker, args=(store, study, cfg_kw, n_docs, threads, ready, go, q)) for _ in range(n)]
     for p in procs:
         p.start()
+    ready.wait()
+    go.wait()
     out = [q.get() for _ in procs]
     for p in procs:
         p.join()
-    return {"workers": n, "search_wall_s": max(o["end"] for o in out) - min(o["start"] for o in out),
-            "evaluations_per_worker": [o["evaluations_here"] for o in out]}
+    return {"workers": n, "threads_per_worker": threads,
+            "search_wall_s": max(o["end"] for o in out) - min(o["start"] for o in out),
+            "evaluations_per_worker": [o["evaluations_here"] for o in out],
+            "torch_threads_seen": [o["torch_threads"] for o in out]}
 
 
 def main() -> int:
@@ -134,12 +144,14 @@ def main() -> int:
         del obj
         cfg_kw = {"speedup": args.speedup, "max_evals": args.worker_evals, "seed": args.seed}
         with tempfile.TemporaryDirectory() as tmp:
-            for n in (1, 2):
-                store = str(Path(tmp) / f"w{n}.journal")
-                r = run_workers(n, store, "bench", cfg_kw, args.calibration)
+            # 1 worker x 1 thread, 2 workers x 1 thread (the comparison asked for), and for
+            # reference 1 worker x 2 threads (the same 2 cores used by torch's intra-op threads)
+            for n, th in ((1, 1), (2, 1), (1, 2)):
+                store = str(Path(tmp) / (f"w{n}.journal" if th == 1 else f"w{n}t{th}.journal"))
+                r = run_workers(n, store, "bench", cfg_kw, args.calibration, threads=th)
                 workers.append(r)
-                print(f"{n} worker(s): search wall {r['search_wall_s']:.1f} s, evaluations per worker "
-                      f"{r['evaluations_per_worker']}", flush=True)
+                print(f"{n} worker(s) x {th} thread(s): search wall {r['search_wall_s']:.1f} s, evaluations per "
+                      f"worker {r['evaluations_per_worker']}, torch threads {r['torch_threads_seen']}", flush=True)
             import optuna
 
             from spdy.sensitivity import make_storage
@@ -160,6 +172,7 @@ def main() -> int:
                                               for i in range(min(sched.k + 1, args.worker_evals))),
                 "best_1": min(t.value for t in h[1].values()), "best_2": min(t.value for t in h[2].values()),
                 "speedup_2_over_1": workers[0]["search_wall_s"] / workers[1]["search_wall_s"],
+                "speedup_2_over_1x2threads": workers[2]["search_wall_s"] / workers[1]["search_wall_s"],
             }
             print(check)
     write_json(args.json, {"fingerprint": fingerprint(2), "settings": vars(args), "strategies": rows, "full": full,

@@ -41,7 +41,7 @@ from spdy.errors import InfeasibleBudgetError, InvalidInputError, ProfileMismatc
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.hardware import VOLATILE_KEYS
 from spdy.io import atomic_write_json, read_json
-from spdy.models.base import ModelBundle, get_module, load_model, resolve_loss
+from spdy.models.base import ModelBundle, batchnorm_state, get_module, load_model, resolve_loss
 from spdy.profile import Profile, load_profile, save_profile
 from spdy.types import LayerSpec, Solution
 
@@ -322,7 +322,8 @@ def ensure_database(
 class CalibrationObjective:
     """``levels -> calibration loss``: stitch a working copy from the database, run the calibration set.
 
-    The dense model's outputs are computed once. Times spent stitching and evaluating
+    The dense model's outputs are computed once. A model with BatchNorm gets its running
+    statistics re-estimated after each stitch (``bundle.tune_batchnorm``). Times spent stitching and evaluating
     are accumulated in ``stitch_s`` and ``loss_s`` (``calls`` evaluations).
     """
 
@@ -342,6 +343,7 @@ class CalibrationObjective:
         t0 = time.perf_counter()
         self.db.stitch(self.work, {n: int(lv) for n, lv in zip(self.layers, levels)})
         t1 = time.perf_counter()
+        self.bundle.retune_batchnorm(self.work)  # counted in loss_s: one more pass over the calibration set
         loss = self.bundle.calibration_loss(self.work, self.dense_outputs)
         self.stitch_s += t1 - t0
         self.loss_s += time.perf_counter() - t1
@@ -598,6 +600,9 @@ def search(
                 max_speedup=table.max_speedup() / q,
             )
         stage["calibrate"] = time.perf_counter() - t0
+        if eval_threads is not None:
+            # timing the models set the backend's thread count (torch's too): evaluate with eval_threads
+            torch.set_num_threads(eval_threads)
         cfg = dataclasses.replace(cfg, speedup=dp_target)
         t0 = time.perf_counter()
         if only_baseline is None:
@@ -677,7 +682,8 @@ def search(
         per_evaluation_ms={k2: round(v, 3) for k2, v in per_eval.items()}, fingerprint=be.fingerprint(),
         settings={"threads": be.threads, "eval_threads": eval_threads or prev_threads, "strategy": strategy,
                   "seed": seed, "max_evals": max_evals, "k": k, "delta": delta, "buckets": buckets,
-                  "method": db.method, "grid_levels": len(table.grid), "calibration_samples": bundle.n_samples},
+                  "method": db.method, "grid_levels": len(table.grid), "calibration_samples": bundle.n_samples,
+                  "batchnorm_tuning": bool(bundle.tune_batchnorm)},
         warnings=tuple(warnings),
         latency_correction=correction,
         dp_target_speedup=dp_target,
@@ -705,8 +711,9 @@ def write_outputs(outcome: SearchOutcome, bundle: ModelBundle, database: Any, ta
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     outcome = dataclasses.replace(outcome, out=str(o))
-    pruned = database.stitch(bundle.model, outcome.result.solution, inplace=False)
-    save_pruned(pruned, outcome.layers, o / "model", meta={
+    pruned = bundle.retune_batchnorm(database.stitch(bundle.model, outcome.result.solution, inplace=False))
+    save_pruned(pruned, outcome.layers, o / "model", buffers=batchnorm_state(pruned) if bundle.tune_batchnorm else None,
+                meta={
         "model": outcome.model, "backend": outcome.backend, "target_speedup": outcome.target_speedup,
         "predicted_speedup": outcome.predicted_speedup, "measured_speedup": outcome.measured_speedup,
         "method": outcome.result.method, "calibration_id": bundle.calibration_id,
@@ -750,13 +757,14 @@ def apply(
     modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
     so that the model runs as fast as was measured; ``threads`` sets the thread count.
     """
-    from spdy.export import apply_weights, load_pruned
+    from spdy.export import apply_buffers, apply_weights, load_buffers, load_pruned
 
     if isinstance(model, ModelBundle):
         model = model.model
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    weights, manifest = load_pruned(_result_dir(result))
+    model_dir = _result_dir(result)
+    weights, manifest = load_pruned(model_dir)
     for name in weights:
         try:
             get_module(model, name)
@@ -764,6 +772,7 @@ def apply(
             raise ProfileMismatchError(f"{exc}; the pruned weights were made for another model "
                                        f"({manifest.get('model')!r})") from None
     apply_weights(model, weights)
+    apply_buffers(model, load_buffers(model_dir))  # BatchNorm statistics re-estimated for the pruned model
     if sparse:
         from spdy import kernels, runtime
 

@@ -4,6 +4,8 @@
 (``<layer>.crow``, ``<layer>.col``, ``<layer>.val``; Conv2d weights flattened to
 out x in*kh*kw); ``OUT/model/manifest.json`` the shapes, levels and provenance.
 Layers that stay dense are not stored: the original model supplies them.
+Buffers re-estimated for the pruned model (BatchNorm running statistics) are
+stored as ``buffer:<module>.<buffer>`` and listed under ``buffers`` in the manifest.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ def _from_csr(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[i
 
 
 def save_pruned(model: nn.Module, layers: Mapping[str, dict[str, Any]], out_dir: str | os.PathLike[str],
-                meta: dict[str, Any] | None = None) -> Path:
-    """Write the weights of ``layers`` (name -> {"sparsity", "level", ...}) from ``model`` to ``out_dir``."""
+                meta: dict[str, Any] | None = None, buffers: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write the weights of ``layers`` (name -> {"sparsity", "level", ...}) from ``model`` to ``out_dir``,
+    and ``buffers`` (``<module>.<buffer>`` -> array, e.g. re-estimated BatchNorm statistics)."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, np.ndarray] = {f"buffer:{k}": np.ascontiguousarray(v) for k, v in (buffers or {}).items()}
     entries = {}
     for name, info in layers.items():
         w = get_module(model, name).weight.detach().cpu().numpy()
@@ -68,7 +71,7 @@ def save_pruned(model: nn.Module, layers: Mapping[str, dict[str, Any]], out_dir:
         save_file(tensors, f"{tmp}/w.safetensors")
         atomic_write_bytes(out / "weights.safetensors", Path(f"{tmp}/w.safetensors").read_bytes())
     atomic_write_json(out / "manifest.json", {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-                                              "layers": entries, **(meta or {})})
+                                              "layers": entries, "buffers": sorted(buffers or {}), **(meta or {})})
     return out
 
 
@@ -85,6 +88,33 @@ def load_pruned(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
     for name, e in man["layers"].items():
         weights[name] = _from_csr(t[f"{name}.crow"], t[f"{name}.col"], t[f"{name}.val"], tuple(e["shape"]))
     return weights, man
+
+
+def load_buffers(model_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The buffers stored with a pruned model (``<module>.<buffer>`` -> array); empty if none."""
+    from safetensors.numpy import load_file
+
+    d = Path(model_dir)
+    names = read_json(d / "manifest.json", "pruned-model manifest").get("buffers", [])
+    if not names:
+        return {}
+    t = load_file(str(d / "weights.safetensors"))
+    return {n: t[f"buffer:{n}"] for n in names}
+
+
+@torch.no_grad()
+def apply_buffers(model: nn.Module, buffers: Mapping[str, np.ndarray]) -> nn.Module:
+    """Copy stored buffers (e.g. BatchNorm running statistics) into ``model`` in place."""
+    for name, v in buffers.items():
+        try:
+            buf = model.get_buffer(name)
+        except AttributeError:
+            raise ProfileMismatchError(f"the pruned model stores buffer {name!r}, which this model lacks; "
+                                       "the pruned weights were made for another model") from None
+        if tuple(buf.shape) != tuple(v.shape):
+            raise ProfileMismatchError(f"buffer {name!r}: stored shape {tuple(v.shape)}, the model's is {tuple(buf.shape)}")
+        buf.copy_(torch.from_numpy(np.ascontiguousarray(v)).to(buf.dtype))
+    return model
 
 
 @torch.no_grad()

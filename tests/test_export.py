@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spdy.errors import ProfileMismatchError
-from spdy.export import apply_weights, load_pruned, save_pruned
+from spdy.export import apply_buffers, apply_weights, load_buffers, load_pruned, save_pruned
 
 
 def test_roundtrip(tmp_path) -> None:
@@ -31,3 +31,23 @@ def test_roundtrip(tmp_path) -> None:
     torch.testing.assert_close(fresh(x), model(x))
     with pytest.raises(ProfileMismatchError, match="another model"):
         apply_weights(nn.Sequential(nn.Linear(3, 3)), {"0": weights["2"]})
+
+
+def test_buffers_roundtrip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_()
+        model[1].running_var.uniform_(1, 2)
+    bufs = {"1.running_mean": model[1].running_mean.numpy().copy(), "1.running_var": model[1].running_var.numpy().copy()}
+    save_pruned(model, {"0": {"sparsity": 0.5, "level": 5}}, tmp_path / "m", buffers=bufs)
+    got = load_buffers(tmp_path / "m")
+    assert set(got) == set(bufs)
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    apply_buffers(fresh, got)
+    torch.testing.assert_close(fresh[1].running_mean, model[1].running_mean)
+    torch.testing.assert_close(fresh[1].running_var, model[1].running_var)
+    save_pruned(model, {"0": {"sparsity": 0.5, "level": 5}}, tmp_path / "n")
+    assert load_buffers(tmp_path / "n") == {}
+    with pytest.raises(ProfileMismatchError, match="lacks"):
+        apply_buffers(nn.Sequential(nn.Linear(3, 3)), got)

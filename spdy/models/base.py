@@ -139,6 +139,11 @@ class ModelBundle:
     * ``loss(pruned, dense) -> scalar tensor``: label-free distance to the dense outputs
       by default; any callable works, e.g. a task loss that closes over labels.
     * ``exclude``: glob patterns of layer names that stay dense.
+    * ``tune_batchnorm``: re-estimate the BatchNorm running statistics of every pruned
+      copy on the calibration set before scoring and saving it ("BN tuning", the usual
+      companion of one-shot pruning of CNNs: pruning shifts the activation statistics
+      the stored ones were taken on). ``None`` (default): on when the model has
+      BatchNorm layers that track running statistics.
     """
 
     name: str
@@ -150,6 +155,7 @@ class ModelBundle:
     exclude: tuple[str, ...] = ()
     calibration_id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    tune_batchnorm: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -164,6 +170,8 @@ class ModelBundle:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not self.calibration_id:
             object.__setattr__(self, "calibration_id", hash_batches(self.calibration))
+        if self.tune_batchnorm is None:
+            object.__setattr__(self, "tune_batchnorm", bool(batchnorm_modules(self.model)))
         self.model.eval()
 
     @property
@@ -181,6 +189,32 @@ class ModelBundle:
         return [self.forward(m, b).detach() for b in self.calibration]
 
     @torch.no_grad()
+    def retune_batchnorm(self, model: nn.Module) -> nn.Module:
+        """Re-estimate ``model``'s BatchNorm running statistics on the calibration set, in place.
+
+        No-op unless ``tune_batchnorm``. Each BatchNorm layer's statistics become the equally
+        weighted average over the calibration batches (momentum ``None``) of what it sees
+        when the layers before it normalise with batch statistics, as in training; every
+        other module stays in eval mode and ``model`` is left in eval mode.
+        """
+        if not self.tune_batchnorm:
+            return model
+        bns = batchnorm_modules(model)
+        momenta = {n: m.momentum for n, m in bns.items()}
+        try:
+            for m in bns.values():
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for b in self.calibration:
+                self.forward(model, b)
+        finally:
+            for n, m in bns.items():
+                m.momentum = momenta[n]
+                m.eval()
+        return model
+
+    @torch.no_grad()
     def calibration_loss(self, model: nn.Module, dense_outputs: Sequence[torch.Tensor]) -> float:
         """Sample-weighted mean of ``loss(model(batch), dense(batch))`` over the calibration set."""
         total, n = 0.0, 0
@@ -189,6 +223,21 @@ class ModelBundle:
             total += float(self.loss(self.forward(model, b), ref)) * k
             n += k
         return total / max(n, 1)
+
+
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that keep running statistics, by name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The running statistics of ``model``'s BatchNorm layers (``<layer>.running_mean`` / ``.running_var``)."""
+    out = {}
+    for n, m in batchnorm_modules(model).items():
+        for k in ("running_mean", "running_var"):
+            out[f"{n}.{k}"] = getattr(m, k).detach().cpu().numpy().copy()
+    return out
 
 
 def is_prunable(module: nn.Module) -> bool:

@@ -7,6 +7,8 @@ from torch import nn
 from spdy.errors import InvalidInputError, ModelLoadError, NoPrunableLayersError
 from spdy.models.base import (
     ModelBundle,
+    batchnorm_modules,
+    batchnorm_state,
     cosine_distance,
     discover_layers,
     hash_batches,
@@ -84,3 +86,51 @@ def test_calibration_hash_is_stable_and_sensitive() -> None:
     assert hash_batches(a) == hash_batches([torch.arange(6).reshape(2, 3)])
     assert hash_batches(a) != hash_batches([torch.arange(6).reshape(3, 2)])
     assert hash_batches([{"x": a[0]}]) != hash_batches(a)
+
+
+def _conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():  # stored statistics that do not match the data
+        m[1].running_mean.fill_(5.0)
+        m[4].running_var.fill_(9.0)
+    return m.eval()
+
+
+def test_batchnorm_tuning_matches_a_direct_computation() -> None:
+    model = _conv_bn()
+    batches = [torch.randn(4, 3, 6, 6) * (1 + i) + i for i in range(3)]
+    b = ModelBundle("cnn", model, batches)
+    assert b.tune_batchnorm is True and set(batchnorm_modules(model)) == {"1", "4"}
+    assert ModelBundle("mlp", nn.Sequential(nn.Linear(3, 3)), [torch.randn(2, 3)]).tune_batchnorm is False
+    b.retune_batchnorm(model)
+    assert not model.training and all(not m.training for m in model.modules())
+    assert model[1].momentum == 0.1  # restored
+    # independent reference: per-batch statistics of each BatchNorm's input, the earlier one in batch mode
+    means1, vars1, means2, vars2 = [], [], [], []
+    with torch.no_grad():
+        for x in batches:
+            h = model[0](x)
+            means1.append(h.mean((0, 2, 3)))
+            vars1.append(h.var((0, 2, 3), unbiased=True))
+            hn = (h - h.mean((0, 2, 3), keepdim=True)) / torch.sqrt(h.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+            hn = hn * model[1].weight[None, :, None, None] + model[1].bias[None, :, None, None]
+            g = model[3](torch.relu(hn))
+            means2.append(g.mean((0, 2, 3)))
+            vars2.append(g.var((0, 2, 3), unbiased=True))
+    torch.testing.assert_close(model[1].running_mean, torch.stack(means1).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, torch.stack(vars1).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[4].running_mean, torch.stack(means2).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[4].running_var, torch.stack(vars2).mean(0), rtol=1e-4, atol=1e-5)
+    state = batchnorm_state(model)
+    assert set(state) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
+
+
+def test_batchnorm_tuning_can_be_switched_off() -> None:
+    model = _conv_bn()
+    before = batchnorm_state(model)
+    b = ModelBundle("cnn", model, [torch.randn(4, 3, 6, 6)], tune_batchnorm=False)
+    b.retune_batchnorm(model)
+    for k, v in batchnorm_state(model).items():
+        assert (v == before[k]).all()
