@@ -114,8 +114,23 @@ def test_search_writes_result_model_and_plot(bundle, profile_path, tmp_path):
     x = bundle.calibration[0]
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), fresh(x), rtol=1e-4, atol=1e-4)
-    assert res.latency_correction is not None and res.dp_target_speedup >= 1.25
-    assert d["dp_target_speedup"] == pytest.approx(1.25 * res.latency_correction["factor"])
+    assert res.latency_correction is not None
+    q = res.latency_correction["factor"]
+    assert q >= spdy.api.MIN_CORRECTION
+    want = max(1.25 * q, 1.125) if q < 1 else 1.25 * q
+    assert d["dp_target_speedup"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize(("ratios", "factor"), [
+    ([1.2, 1.1], 1.15),           # both slower than predicted: the median
+    ([1.3, 0.95], 1.125),         # mixed, median above 1: the median
+    ([0.95, 0.87], 0.95),         # both faster: only the least optimistic
+    ([1.02, 0.9], 1.0),           # median below 1 but one ran slower: no lowering
+    ([0.7, 0.6], 0.9),            # never below MIN_CORRECTION
+    ([], 1.0),
+])
+def test_correction_factor(ratios: list[float], factor: float) -> None:
+    assert spdy.api.correction_factor(ratios) == pytest.approx(factor)
 
 
 def test_search_is_reproducible_with_a_seed(bundle, profile_path, tmp_path):
