@@ -219,7 +219,12 @@ class Search:
 
     def _is_stale(self, t: optuna.trial.FrozenTrial) -> bool:
         worker = t.user_attrs.get("worker", "")
-        beat = float(t.user_attrs.get("heartbeat", 0.0))
+        if "heartbeat" in t.user_attrs:
+            beat = float(t.user_attrs["heartbeat"])  # 0.0: its worker failed and asked for a reclaim
+        else:
+            # just asked for, its worker not yet recorded: as old as the trial, not stale
+            start = t.datetime_start
+            beat = start.timestamp() if start is not None else time.time()
         host, _, pid = worker.rpartition(":")
         if worker == self.worker:
             return False
@@ -236,8 +241,11 @@ class Search:
         for t in self._trials():
             if t.state == optuna.trial.TrialState.RUNNING and t.number < self.schedule.total and self._is_stale(t):
                 sid = self.study._storage
-                sid.set_trial_user_attr(t._trial_id, "worker", self.worker)
-                sid.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+                try:
+                    sid.set_trial_user_attr(t._trial_id, "worker", self.worker)
+                    sid.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # its worker was alive after all and finished it
                 time.sleep(0.05)
                 again = sid.get_trial(t._trial_id)
                 if again.user_attrs.get("worker") == self.worker and again.state == optuna.trial.TrialState.RUNNING:
@@ -279,8 +287,11 @@ class Search:
             raise InvalidInputError(f"the calibration loss of trial {number} is {loss}; check the model and loss")
         attrs = {"c": [float(x) for x in c], "phase": phase, "d": d, "levels": [int(x) for x in sol.levels],
                  "predicted_speedup": sol.predicted_speedup, "cached": cached}
-        for k, v in attrs.items():
-            storage.set_trial_user_attr(tid, k, v)
+        try:
+            for k, v in attrs.items():
+                storage.set_trial_user_attr(tid, k, v)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return math.nan  # another worker finished this trial meanwhile (see run)
         return loss
 
     def run(self, progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
@@ -311,7 +322,11 @@ class Search:
                 except Exception:  # noqa: BLE001 - best effort while unwinding
                     pass
                 raise
-            self.study.tell(number, loss)
+            if math.isnan(loss) or self.study._storage.get_trial(trial_obj._trial_id).state.is_finished():
+                # a reclaimed trial that its first worker finished after all: keep the first result
+                log.info("trial %d was finished by another worker meanwhile; keeping that result", number)
+            else:
+                self.study.tell(number, loss, skip_if_finished=True)
             if progress is not None:
                 progress(self.n_complete(), self.schedule.total, self.best()[1])
         self.stage_s["wall"] = time.perf_counter() - t_start

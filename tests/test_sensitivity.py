@@ -104,6 +104,46 @@ def test_resume_after_kill(tmp_path: Path) -> None:
     assert [h["loss"] for h in hist] == [h["loss"] for h in ref.history]
 
 
+def test_a_trial_just_asked_for_is_not_stale(tmp_path: Path) -> None:
+    # between another worker's ask() and its first user attribute, the trial has no worker
+    # and no heartbeat: it must not look abandoned (that race let two workers run trial 0)
+    store = str(tmp_path / "s.journal")
+    a = Search(table(), objective, cfg(), storage=store, study_name="s")
+    a.study.ask()
+    b = Search(table(), objective, cfg(), storage=store, study_name="s")
+    b.worker = "elsewhere:1"
+    assert b._claim_stale() is None
+
+
+def test_reclaimed_trial_finished_meanwhile_keeps_the_first_result(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.journal")
+    a = Search(table(), objective, cfg(), storage=store, study_name="s")
+    t = a.study.ask()
+    a.study._storage.set_trial_user_attr(t._trial_id, "worker", "elsewhere:1")
+    a.study._storage.set_trial_user_attr(t._trial_id, "heartbeat", 0.0)  # looks dead
+
+    class FinishFirst:
+        """The 'dead' worker turns out alive: it finishes trial 0 while b re-evaluates it."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, levels: np.ndarray) -> float:
+            self.calls += 1
+            if self.calls == 1:
+                first = {"c": [0.5] * L, "phase": "random", "d": 0, "levels": [0] * L, "predicted_speedup": 2.0}
+                for k, v in first.items():
+                    a.study._storage.set_trial_user_attr(t._trial_id, k, v)
+                a.study.tell(t, 123.0)
+            return objective(levels)
+
+    b = Search(table(), FinishFirst(), cfg(), storage=store, study_name="s")
+    res = b.run()
+    trials = {x.number: x for x in b.study.get_trials()}
+    assert trials[0].value == 123.0
+    assert sorted(h["number"] for h in res.history) == list(range(16))
+
+
 def test_storage_of_another_search_is_refused(tmp_path: Path) -> None:
     store = str(tmp_path / "s.journal")
     Search(table(), objective, cfg(max_evals=3), storage=store, study_name="x").run()
