@@ -65,6 +65,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         from spdy import kernels
 
         kernels.set_num_threads(self.threads)
+        kernels.retain_freed_memory()  # as the runtime runs (spdy.apply(sparse=True))
         if kernels.openmp_status().get("shared"):
             _limit_openmp_nesting()
 
@@ -81,6 +82,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             "openmp_shared": bool(status.get("shared", False)),
             "openmp_max_active_levels": _max_active_levels(),
             "kernel_formats": list(kernels.FORMATS),
+            "allocator": kernels.allocator_status(),
         }
 
     def pool_of(self, fmt: str) -> str:

@@ -13,6 +13,8 @@ Public API (stable; the profilers and the search build on it):
   with ``format="auto"`` (or ``choose_format(W, tokens)``) and times that.
 * :func:`set_num_threads` - one thread count for torch and Numba.
 * :func:`warmup` - compile (or load from cache) every kernel up front.
+* :func:`retain_freed_memory` - keep freed activation memory in the process (glibc),
+  so that layers do not page-fault their outputs in on every call.
 
 Importing this package first (before torch) makes torch and Numba share one
 OpenMP runtime, see :mod:`spdy.kernels._openmp`; :func:`openmp_status` says
@@ -30,6 +32,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from spdy.kernels._alloc import allocator_status, retain_freed_memory  # noqa: E402
 from spdy.kernels.conv import CONV_FORMATS, PreparedConv2d, choose_conv_format, conv2d, prepare_conv2d  # noqa: E402
 from spdy.kernels.linear import FORMATS, PreparedLinear, choose_format, linear, panel_width, prepare_linear  # noqa: E402
 from spdy.kernels.threads import (  # noqa: E402
@@ -56,6 +59,8 @@ __all__ = [
     "threading_layer",
     "openmp_status",
     "warmup",
+    "retain_freed_memory",
+    "allocator_status",
 ]
 
 
