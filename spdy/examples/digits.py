@@ -7,7 +7,7 @@ safetensors; the other 20% are the held-out test split.
 
 Use it through the user-model path::
 
-    spdy search --model spdy.examples.digits:factory --speedup 2x -o out/
+    spdy search --model spdy.examples.digits:factory --speedup 1.3x --threads 1 -o out/
 """
 
 from __future__ import annotations
