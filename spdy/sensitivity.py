@@ -266,7 +266,9 @@ class Search:
         self.stage_s["dp"] += time.perf_counter() - t0
         return sol
 
-    def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float:
+    def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float | None:
+        """The trial's calibration loss, recorded with its candidate; None if another worker
+        finished the trial meanwhile (a reclaimed trial whose first worker was alive after all)."""
         storage = self.study._storage
         tid = trial._trial_id if trial is not None else None  # type: ignore[union-attr]
         if self.cfg.strategy == "spdy":
@@ -291,7 +293,7 @@ class Search:
             for k, v in attrs.items():
                 storage.set_trial_user_attr(tid, k, v)
         except optuna.exceptions.UpdateFinishedTrialError:
-            return math.nan  # another worker finished this trial meanwhile (see run)
+            return None
         return loss
 
     def run(self, progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
@@ -322,10 +324,10 @@ class Search:
                 except Exception:  # noqa: BLE001 - best effort while unwinding
                     pass
                 raise
-            if math.isnan(loss) or self.study._storage.get_trial(trial_obj._trial_id).state.is_finished():
-                # a reclaimed trial that its first worker finished after all: keep the first result
+            if loss is None:
                 log.info("trial %d was finished by another worker meanwhile; keeping that result", number)
             else:
+                # skip_if_finished: the other worker may also finish it between our attrs and this tell
                 self.study.tell(number, loss, skip_if_finished=True)
             if progress is not None:
                 progress(self.n_complete(), self.schedule.total, self.best()[1])

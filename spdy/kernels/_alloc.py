@@ -3,9 +3,9 @@
 A CNN's activations are megabytes each (the digits ResNet: 4 MiB per conv output at batch
 32). With glibc's defaults such a buffer is ``mmap``-ed for one op and returned on free,
 or the top of the heap is trimmed, so the next op page-faults its output in again: every
-layer pays for fresh pages. Measured on the digits ResNet (spdy-cpu, 2 threads, three
-processes each): dense 30-37 ms and the pruned model 25-34 ms with the defaults, 21-26 ms
-and 14-20 ms with freed memory kept (BENCHMARKS.md section 7). Peak memory is unchanged;
+layer pays for fresh pages. Measured on the digits ResNet (spdy-cpu, 2 threads, medians of
+4 pairs of processes): dense 37.8 -> 28.1 ms, pruned 28.5 -> 20.0 ms with freed memory kept
+(BENCHMARKS.md section 7). Peak memory is unchanged;
 memory freed after the peak stays with the process (up to ``limit`` bytes at the top of
 the heap) until it exits.
 """
@@ -25,7 +25,7 @@ _M_MMAP_THRESHOLD = -3
 #: the largest block served from the heap, and the free heap top kept, when retaining
 DEFAULT_LIMIT = 256 << 20
 
-_state: dict[str, Any] = {"retained": False, "limit": None, "reason": "not requested"}
+_state: dict[str, Any] = {"retained": False, "limit": None}
 
 
 def retain_freed_memory(limit: int = DEFAULT_LIMIT) -> bool:
@@ -36,19 +36,18 @@ def retain_freed_memory(limit: int = DEFAULT_LIMIT) -> bool:
     if _state["retained"]:
         return True
     if not sys.platform.startswith("linux"):
-        _state["reason"] = f"not glibc ({sys.platform})"
+        log.debug("freed memory not retained: not glibc (%s)", sys.platform)
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError) as exc:
-        _state["reason"] = f"no mallopt ({exc})"
+        log.debug("freed memory not retained: no mallopt (%s)", exc)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, int(limit)) == 1 and mallopt(_M_TRIM_THRESHOLD, int(limit)) == 1
-    _state.update(retained=ok, limit=int(limit) if ok else None, reason="" if ok else "mallopt refused")
-    if ok:
-        log.debug("malloc keeps freed memory: mmap and trim thresholds %d bytes", limit)
+    _state.update(retained=ok, limit=int(limit) if ok else None)
+    log.debug("malloc %s freed memory (mmap and trim thresholds %d bytes)", "keeps" if ok else "refused to keep", limit)
     return ok
 
 
