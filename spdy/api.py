@@ -69,6 +69,7 @@ class Outcome:
     formats: tuple[str, ...] = ()
     measured_time_s: float | None = None
     measured_speedup: float | None = None
+    dense_time_s: float | None = None  # the dense model's time in the same measurement
 
     def layers(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -118,6 +119,7 @@ class SearchOutcome:
     out: str | None = None
     latency_correction: dict[str, Any] | None = None
     dp_target_speedup: float | None = None
+    fit: tuple[dict[str, Any], ...] = ()
 
     @property
     def predicted_speedup(self) -> float:
@@ -147,6 +149,7 @@ class SearchOutcome:
             "predicted_speedup": self.predicted_speedup,
             "dp_target_speedup": self.dp_target_speedup,
             "latency_correction": self.latency_correction,
+            "fit": list(self.fit),
             "measured_speedup": self.measured_speedup,
             "measured_time_s": self.result.measured_time_s,
             "dense_measured_time_s": self.dense_measured_s,
@@ -448,6 +451,83 @@ def latency_correction(
     return q, info
 
 
+#: A pruned model measured within ``FIT_BAND`` x the target is kept as it is; outside it,
+#: :func:`fit_to_measured` re-solves its budget, aiming at ``FIT_AIM`` x the target.
+FIT_BAND = (0.99, 1.05)
+FIT_AIM = 1.01
+
+
+def fit_to_measured(
+    target: float,
+    outcomes: Mapping[str, Outcome],
+    dp_targets: Mapping[str, float],
+    resolve: Callable[[str, float], Outcome],
+    measure: Callable[[dict[str, Solution]], Mapping[str, tuple[float, float, float]]],
+    max_speedup: float,
+    rounds: int = 2,
+) -> tuple[dict[str, Outcome], dict[str, float], list[dict[str, Any]]]:
+    """Close the loop on each pruned model's measured speedup.
+
+    The latency check before the search corrects the DP's target from two probe models;
+    the model the search picks can still measure a few percent off (machine noise, a
+    different mix of kernels). Here each measured ``outcome`` outside ``FIT_BAND`` x
+    ``target`` is solved again, same method (same SPDY coefficients), for its DP target
+    scaled by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2,
+    max_speedup]``; all proposals of a round are measured together, interleaved with the
+    dense model. A tighter budget (the model was too slow) is always taken; a looser one
+    (too fast: it may keep more weights) only if it still measures at least
+    ``FIT_BAND[0]`` x ``target`` (the next round then tries halfway between the two).
+
+    ``resolve(name, dp_target)`` returns the unmeasured outcome (solution and calibration
+    loss) for that budget; ``measure({name: solution})`` returns ``{name: (time_s,
+    speedup, dense_time_s)}``. Returns the outcomes, their DP targets and one record per
+    proposal.
+    """
+    outs, dpt = dict(outcomes), dict(dp_targets)
+    low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
+    floor = 1.0 + (target - 1.0) / 2
+    log_: list[dict[str, Any]] = []
+    too_loose: dict[str, float] = {}  # per model: the loosest DP target that measured short
+    for rnd in range(max(0, rounds)):
+        proposals: dict[str, tuple[float, Outcome]] = {}
+        for name, o in outs.items():
+            s = o.measured_speedup
+            if s is None or not math.isfinite(s) or low <= s <= high:
+                continue
+            new_t = min(max(dpt[name] * FIT_AIM * target / s, floor), max_speedup * (1 - 1e-3))  # DP buckets: not the edge itself
+            if name in too_loose and new_t < dpt[name]:
+                new_t = max(new_t, (dpt[name] + too_loose[name]) / 2)  # bisect towards the last one that measured short
+            if abs(new_t - dpt[name]) <= 1e-6 * dpt[name]:
+                continue  # already at the edge of what the profile allows
+            try:
+                cand = resolve(name, new_t)
+            except InfeasibleBudgetError:
+                continue
+            if np.array_equal(cand.solution.levels, o.solution.levels):
+                continue
+            proposals[name] = (new_t, cand)
+        if not proposals:
+            break
+        got = measure({n: c.solution for n, (_, c) in proposals.items()})
+        for name, (new_t, cand) in proposals.items():
+            t_s, sp, dense_s = got[name]
+            cand = dataclasses.replace(cand, measured_time_s=t_s, measured_speedup=sp, dense_time_s=dense_s)
+            old = outs[name]
+            tighter = new_t > dpt[name]
+            accepted = tighter or sp >= low
+            log_.append({"round": rnd + 1, "method": old.method, "from_dp_target": dpt[name], "dp_target": new_t,
+                         "from_measured": old.measured_speedup, "measured": sp,
+                         "predicted": cand.solution.predicted_speedup, "calibration_loss": cand.calibration_loss,
+                         "accepted": accepted})
+            log.info("fit %s: measured %.3fx for %gx -> DP target %.3f -> measured %.3fx (%s)", old.method,
+                     old.measured_speedup, target, new_t, sp, "taken" if accepted else "kept the previous")
+            if accepted:
+                outs[name], dpt[name] = cand, new_t
+            else:
+                too_loose[name] = new_t
+    return outs, dpt, log_
+
+
 def _stored_correction(storage: str | None, study_name: str) -> dict[str, Any] | None:
     if storage is None:
         return None
@@ -512,6 +592,7 @@ def search(
     only_baseline: str | None = None,
     measure: bool = True,
     measure_rounds: int = 3,
+    fit_rounds: int = 2,
     calibrate: bool = True,
     evaluate_only: bool = False,
     eval_threads: int | None = None,
@@ -539,6 +620,9 @@ def search(
     * ``calibrate``: before searching, time two pruned models for the target end to end and
       tighten the DP's target by how much the latency model over-predicted their speedup
       (:func:`latency_correction`; stored with the study, so a resumed search reuses it).
+    * ``fit_rounds``: after measuring, re-solve pruned models that measured outside
+      ``FIT_BAND`` x the target for a budget corrected by their own measurement, and measure
+      again, at most this many times (:func:`fit_to_measured`; 0 = off).
     * ``timing``: the profiler's :class:`~spdy.profilers.TimingPolicy` (default: the full one).
     * ``out``: write ``result.json``, ``model/`` (pruned weights) and ``profile.png`` there.
     """
@@ -675,6 +759,7 @@ def search(
 
     dense_s: float | None = None
     drift: float | None = None
+    fit_log: list[dict[str, Any]] = []
     if measure:
         t0 = time.perf_counter()
         if progress:
@@ -684,11 +769,21 @@ def search(
         drift = base_now / table.base_s - 1 if table.base_s > 0 else float("nan")
 
         def measured(o: Outcome, key: str) -> Outcome:
-            return dataclasses.replace(o, measured_time_s=times[key], measured_speedup=ratios[key])
+            return dataclasses.replace(o, measured_time_s=times[key], measured_speedup=ratios[key], dense_time_s=dense_s)
 
         best = measured(best, "__best__")
         base_out = {n: measured(o, n) if isinstance(o, Outcome) else o for n, o in base_out.items()}
         stage["measure"] = time.perf_counter() - t0
+        if fit_rounds > 0:
+            t0 = time.perf_counter()
+            best, base_out, fit_log = _fit(
+                target, best, base_out, dp_target, fit_rounds, measure_rounds, prof, bundle, be, db, objective,
+                (lambda c, t: srch.solve(c, t)) if only_baseline is None else None,
+                res.coefficients if only_baseline is None else None, only_baseline, eval_threads, with_formats,
+            )
+            if fit_log:
+                stage["fit"] = time.perf_counter() - t0
+        dense_s = best.dense_time_s
         if progress:
             progress("measure", 1, 1, f"{best.measured_speedup:.2f}x")
         if best.measured_speedup is not None and best.measured_speedup < SPEEDUP_TOLERANCE * target:
@@ -710,10 +805,45 @@ def search(
         warnings=tuple(warnings),
         latency_correction=correction,
         dp_target_speedup=dp_target,
+        fit=tuple(fit_log),
     )
     if out is not None:
         outcome = write_outputs(outcome, bundle, db, table, out)
     return outcome
+
+
+def _fit(
+    target: float, best: Outcome, base_out: dict[str, Outcome | str], dp_target: float, rounds: int, measure_rounds: int,
+    prof: Profile, bundle: ModelBundle, be: Any, db: Any, objective: CalibrationObjective,
+    solve: Callable[[np.ndarray, float], Solution] | None, coefficients: np.ndarray | None, only_baseline: str | None,
+    eval_threads: int | None, with_formats: Callable[[Outcome], Outcome],
+) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
+    """:func:`fit_to_measured` on the search's answer and the baselines (each by its own measurement)."""
+    outs: dict[str, Outcome] = {"__best__": best, **{n: o for n, o in base_out.items() if isinstance(o, Outcome)}}
+
+    def resolve(name: str, t: float) -> Outcome:
+        prev = torch.get_num_threads()
+        if eval_threads is not None:
+            torch.set_num_threads(eval_threads)
+        try:
+            if name == "__best__" and solve is not None and coefficients is not None:
+                sol = solve(coefficients, t)
+                return with_formats(Outcome("spdy", sol, objective(sol.levels)))
+            base = only_baseline if name == "__best__" else name
+            return with_formats(_baseline(str(base), prof.table, bundle, t, objective))
+        finally:
+            torch.set_num_threads(prev)
+
+    def measure(sols: dict[str, Solution]) -> dict[str, tuple[float, float, float]]:
+        dense_s, times, _, ratios = measure_speedups(prof, bundle, be, db, sols, rounds=measure_rounds)
+        return {n: (times[n], ratios[n], dense_s) for n in sols}
+
+    outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
+                                       prof.table.max_speedup(), rounds)
+    for rec in fit_log:
+        rec["method"] = rec["method"] if rec["method"] != "__best__" else "spdy"
+    best = outs.pop("__best__")
+    return best, {n: outs.get(n, o) for n, o in base_out.items()}, fit_log
 
 
 def _baseline(name: str, table: Any, bundle: ModelBundle, target: float, objective: CalibrationObjective) -> Outcome:

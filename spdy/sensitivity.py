@@ -254,15 +254,17 @@ class Search:
         return None
 
     # -- one evaluation ------------------------------------------------------
-    def _solve_prior(self, c: np.ndarray | None) -> Solution | choices.ChoiceSolution:
+    def _solve_prior(self, c: np.ndarray | None, speedup: float | None = None) -> Solution | choices.ChoiceSolution:
+        target = self.cfg.speedup if speedup is None else speedup
         if isinstance(self.table, choices.ChoiceTable):
             errors = choices.prior_errors(self.table, c, self.positions)
-            return choices.solve(self.table, errors, self.cfg.speedup, self.cfg.buckets)
-        return dp.solve(self.table, dp.prior_errors(self.L, self.S, c), self.cfg.speedup, self.cfg.buckets)
+            return choices.solve(self.table, errors, target, self.cfg.buckets)
+        return dp.solve(self.table, dp.prior_errors(self.L, self.S, c), target, self.cfg.buckets)
 
-    def solve(self, c: np.ndarray) -> Solution | choices.ChoiceSolution:
+    def solve(self, c: np.ndarray, speedup: float | None = None) -> Solution | choices.ChoiceSolution:
+        """The DP's answer for coefficients ``c``, for the search's target or for ``speedup``."""
         t0 = time.perf_counter()
-        sol = self._solve_prior(c)
+        sol = self._solve_prior(c, speedup)
         self.stage_s["dp"] += time.perf_counter() - t0
         return sol
 

@@ -27,7 +27,10 @@ command resumes a killed search where it stopped.
 
 OUT/result.json holds the target, predicted and measured speedup, the calibration
 loss (dense and pruned), the per-layer sparsities, the uniform and global-magnitude
-baselines for the same budget, stage timings and the hardware fingerprint;
+baselines for the same budget, stage timings and the hardware fingerprint,
+and "fit": models measured more than 1% short of the target (or 5% over) are
+solved again for a budget corrected by their own measurement and re-measured
+(--fit-rounds, default 2);
 OUT/model the pruned weights (spdy.apply(model, OUT) loads them); OUT/profile.png
 the per-layer sparsities and where the time goes.
 """
@@ -73,6 +76,9 @@ def register(subparsers: Any) -> None:
                    help="skip the search and report this one-shot baseline alone%(default).0s")
     p.add_argument("--no-baselines", action="store_true", help="do not evaluate the baselines next to the search")
     p.add_argument("--no-measure", action="store_true", help="skip the end-to-end timing of the pruned models")
+    p.add_argument("--fit-rounds", type=int, default=2, metavar="N",
+                   help="after measuring, re-solve pruned models that measured more than 1%% short of the target "
+                   "(or 5%% over it) for a budget corrected by their own measurement, at most N times (0 = off)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="join a shared search as a worker: evaluate trials, write nothing")
     p.add_argument("--eval-threads", type=int, default=None,
@@ -126,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                       ("--eval-threads", args.eval_threads), ("--calibration", args.calibration)):
         if val is not None and val < 1:
             raise InvalidInputError(f"{flag} must be >= 1; got {val}")
+    if args.fit_rounds < 0:
+        raise InvalidInputError(f"--fit-rounds must be >= 0 (0 turns the fit off); got {args.fit_rounds}")
     target = dp.parse_speedup(args.speedup)
     storage = args.storage
     if storage is None and args.output:
@@ -153,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             database=args.database, method=args.method, storage=storage, study=args.study, max_evals=args.max_evals,
             k=args.k, delta=args.delta, seed=args.seed, strategy=args.strategy,
             baselines=() if args.no_baselines else ("uniform", "global"), only_baseline=args.baseline,
-            measure=not args.no_measure, evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
+            measure=not args.no_measure, fit_rounds=args.fit_rounds, evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
             force=args.force, loss=args.loss, exclude=() if model_kwargs else args.exclude, out=args.output,
             progress=bars,
         )
@@ -171,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         meas = f"{o.measured_speedup:9.2f}x" if o.measured_speedup is not None else f"{'-':>10}"
         print(f"{name:<10} {o.solution.predicted_speedup:9.2f}x {meas} {o.calibration_loss:12.5g}")
+    for f in res.fit:
+        print(f"fit {f['method']}: measured {f['from_measured']:.2f}x -> DP target {f['from_dp_target']:.3f} -> "
+              f"{f['dp_target']:.3f}, measured {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}"
+              + ("" if f["accepted"] else " (kept the previous: below the target)"))
     if res.dense_measured_s:
         print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
     st = res.stage_s
