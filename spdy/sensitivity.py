@@ -336,6 +336,56 @@ class Search:
         self.stage_s["wall"] = time.perf_counter() - t_start
         return self.result()
 
+    def refine(self, speedup: float, evals: int = 16, top: int = 4) -> tuple[np.ndarray, Solution | choices.ChoiceSolution, float]:
+        """The best coefficients for another target ``speedup``, from this search's trials.
+
+        When the budget moves after the search (the fit to a measured speedup), the best
+        coefficients found for the old budget need not be best for the new one. This
+        evaluates the ``top`` best distinct coefficient vectors of the completed trials at
+        ``speedup``, then Algorithm 4's local step from the best of them (``d`` from
+        ``ceil(delta * L)`` down to 1, seeded) until ``evals`` evaluations in all; returns
+        ``(c, solution, loss)`` of the best. Kept out of the study: it is not resumable.
+        """
+        done = sorted((t for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs),
+                      key=lambda t: (t.value, t.number))
+        starts: list[np.ndarray] = []
+        for t in done:
+            c = np.array(t.user_attrs["c"])
+            if not any(np.array_equal(c, s) for s in starts):
+                starts.append(c)
+            if len(starts) >= max(1, top):
+                break
+        if not starts:
+            raise InvalidInputError("the search has no completed evaluation to refine from")
+        losses: dict[bytes, float] = {}
+
+        def score(c: np.ndarray) -> tuple[Solution | choices.ChoiceSolution, float]:
+            sol = self._solve_prior(c, speedup)
+            key = sol.levels.tobytes()
+            if key not in losses:
+                losses[key] = float(self.objective(sol.levels))
+            return sol, losses[key]
+
+        best: tuple[np.ndarray, Solution | choices.ChoiceSolution, float] | None = None
+        for c in starts[:evals]:
+            sol, loss = score(c)
+            if best is None or loss < best[2]:
+                best = (c, sol, loss)
+        assert best is not None
+        n_local = max(0, evals - len(starts))
+        for n in range(n_local):
+            d = max(1, self.schedule.d_max - (n * self.schedule.d_max) // max(1, n_local))
+            rng = np.random.default_rng([self.cfg.seed, 0x5EF1, int(round(speedup * 1e6)), n])
+            c = best[0].copy()
+            idx = rng.choice(self.L, size=min(d, self.L), replace=False)
+            c[idx] = rng.random(len(idx))
+            sol, loss = score(c)
+            if loss < best[2]:
+                best = (c, sol, loss)
+        log.info("refine at %.4gx: %d evaluations (%d distinct), best loss %.5g", speedup, min(evals, len(starts)) + n_local,
+                 len(losses), best[2])
+        return best
+
     def _n_finished_or_running(self) -> int:
         return sum(
             1 for t in self._trials()

@@ -188,3 +188,21 @@ def test_two_workers_share_one_search(tmp_path: Path) -> None:
     # every local trial started from the best result stored before it
     best_c, best = s.best()
     assert best <= min(h["loss"] for h in hist[:6])
+
+
+def test_refine_at_a_new_budget_is_no_worse_than_the_old_best_coefficients() -> None:
+    s = Search(table(), SlowObjective(), cfg())
+    res = s.run()
+    for new in (2.3, 1.8):
+        resolved = s.solve(res.coefficients, new)
+        old_loss = objective(resolved.levels)
+        calls = s.objective.calls
+        c, sol, loss = s.refine(new, evals=10)
+        assert s.objective.calls - calls <= 10  # its budget of evaluations (repeated levels are not re-scored)
+        assert sol.predicted_speedup >= new - 1e-9 and loss == pytest.approx(objective(sol.levels))
+        assert loss <= old_loss + 1e-12
+        assert np.array_equal(sol.levels, s.solve(c, new).levels)
+    # here (seeded) the old best coefficients are not the best for 2.3x: refining finds better
+    assert s.refine(2.3, evals=10)[2] < objective(s.solve(res.coefficients, 2.3).levels)
+    # seeded: the same refinement twice gives the same answer
+    assert np.array_equal(s.refine(2.3, evals=10)[0], s.refine(2.3, evals=10)[0])

@@ -79,6 +79,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fit-rounds", type=int, default=2, metavar="N",
                    help="after measuring, re-solve pruned models that measured more than 1%% short of the target "
                    "(or 5%% over it) for a budget corrected by their own measurement, at most N times (0 = off)")
+    p.add_argument("--fit-evals", type=int, default=16, metavar="N",
+                   help="calibration-loss evaluations SPDY spends on each new budget of the fit (the search's best "
+                   "coefficients re-tried there, then local steps)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="join a shared search as a worker: evaluate trials, write nothing")
     p.add_argument("--eval-threads", type=int, default=None,
@@ -134,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"{flag} must be >= 1; got {val}")
     if args.fit_rounds < 0:
         raise InvalidInputError(f"--fit-rounds must be >= 0 (0 turns the fit off); got {args.fit_rounds}")
+    if args.fit_evals < 1:
+        raise InvalidInputError(f"--fit-evals must be >= 1; got {args.fit_evals}")
     target = dp.parse_speedup(args.speedup)
     storage = args.storage
     if storage is None and args.output:
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             database=args.database, method=args.method, storage=storage, study=args.study, max_evals=args.max_evals,
             k=args.k, delta=args.delta, seed=args.seed, strategy=args.strategy,
             baselines=() if args.no_baselines else ("uniform", "global"), only_baseline=args.baseline,
-            measure=not args.no_measure, fit_rounds=args.fit_rounds, evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
+            measure=not args.no_measure, fit_rounds=args.fit_rounds, fit_evals=args.fit_evals, evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
             force=args.force, loss=args.loss, exclude=() if model_kwargs else args.exclude, out=args.output,
             progress=bars,
         )
