@@ -471,15 +471,15 @@ def fit_to_measured(
     The latency check before the search corrects the DP's target from two probe models;
     the model the search picks can still measure a few percent off (machine noise, a
     different mix of kernels). Here each measured ``outcome`` outside ``FIT_BAND`` x
-    ``target`` is solved again, same method (same SPDY coefficients), for its DP target
-    scaled by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2,
-    max_speedup]``; all proposals of a round are measured together, interleaved with the
+    ``target`` is solved again by its own method (``resolve``) for its DP target scaled
+    by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2, max_speedup]``;
+    all proposals of a round are measured together, interleaved with the
     dense model. A tighter budget (the model was too slow) is always taken; a looser one
     (too fast: it may keep more weights) only if it still measures at least
     ``FIT_BAND[0]`` x ``target`` (the next round then tries halfway between the two).
 
     ``resolve(name, dp_target)`` returns the unmeasured outcome (solution and calibration
-    loss) for that budget; ``measure({name: solution})`` returns ``{name: (time_s,
+    loss) for that budget (for SPDY, :meth:`spdy.sensitivity.Search.refine`); ``measure({name: solution})`` returns ``{name: (time_s,
     speedup, dense_time_s)}``. Returns the outcomes, their DP targets and one record per
     proposal.
     """

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# before anything imports torch: torch and the spdy kernels then share one OpenMP runtime
+# for the whole session, as in the CLI (two runtimes' idle workers contend on 2 cores and
+# make end-to-end timings in the slow tests 10-15% off the profile)
+import spdy.kernels  # noqa: F401
 import pytest
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "spdy-timings"
