@@ -453,7 +453,7 @@ def latency_correction(
 
 #: A pruned model measured within ``FIT_BAND`` x the target is kept as it is; outside it,
 #: :func:`fit_to_measured` re-solves its budget, aiming at ``FIT_AIM`` x the target.
-FIT_BAND = (0.99, 1.05)
+FIT_BAND = (0.99, 1.03)
 FIT_AIM = 1.01
 
 
@@ -472,16 +472,21 @@ def fit_to_measured(
     the model the search picks can still measure a few percent off (machine noise, a
     different mix of kernels). Here each measured ``outcome`` outside ``FIT_BAND`` x
     ``target`` is solved again by its own method (``resolve``) for its DP target scaled
-    by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2, max_speedup]``;
-    all proposals of a round are measured together, interleaved with the
-    dense model. A tighter budget (the model was too slow) is always taken; a looser one
-    (too fast: it may keep more weights) only if it still measures at least
-    ``FIT_BAND[0]`` x ``target`` (the next round then tries halfway between the two).
+    by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2, max_speedup]``.
+    Each round measures every proposal *together with the model it would replace*,
+    interleaved with the dense model, and decides on that measurement alone, so that one
+    slow spell of a shared machine cannot move a model on its own:
+
+    * the current model re-measures within the band: it stays (the first measurement was
+      off), with the new measurement;
+    * it re-measures too slow: the tighter proposal is taken if it measures faster;
+    * it re-measures too fast: the looser proposal is taken only if it measures at least
+      ``FIT_BAND[0]`` x ``target`` (else the next round tries halfway between the two).
 
     ``resolve(name, dp_target)`` returns the unmeasured outcome (solution and calibration
-    loss) for that budget (for SPDY, :meth:`spdy.sensitivity.Search.refine`); ``measure({name: solution})`` returns ``{name: (time_s,
-    speedup, dense_time_s)}``. Returns the outcomes, their DP targets and one record per
-    proposal.
+    loss) for that budget (for SPDY, :meth:`spdy.sensitivity.Search.refine`);
+    ``measure({key: solution})`` returns ``{key: (time_s, speedup, dense_time_s)}``.
+    Returns the outcomes, their DP targets and one record per proposal.
     """
     outs, dpt = dict(outcomes), dict(dp_targets)
     low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
@@ -508,23 +513,37 @@ def fit_to_measured(
             proposals[name] = (new_t, cand)
         if not proposals:
             break
-        got = measure({n: c.solution for n, (_, c) in proposals.items()})
+        sols: dict[str, Solution] = {}
+        for n, (_, c) in proposals.items():
+            sols[f"{n}@current"] = outs[n].solution
+            sols[n] = c.solution
+        got = measure(sols)
         for name, (new_t, cand) in proposals.items():
             t_s, sp, dense_s = got[name]
             cand = dataclasses.replace(cand, measured_time_s=t_s, measured_speedup=sp, dense_time_s=dense_s)
-            old = outs[name]
-            tighter = new_t > dpt[name]
-            accepted = tighter or sp >= low
+            ct, cs, cd = got[f"{name}@current"]
+            old = dataclasses.replace(outs[name], measured_time_s=ct, measured_speedup=cs, dense_time_s=cd)
+            if low <= cs <= high:
+                accepted, why = False, "the current model re-measured within the band"
+            elif cs < low:
+                accepted = new_t > dpt[name] and sp > cs
+                why = "faster than the current model" if accepted else "not faster than the current model"
+            else:
+                accepted = sp >= low
+                why = "still meets the target" if accepted else "too slow"
             log_.append({"round": rnd + 1, "method": old.method, "from_dp_target": dpt[name], "dp_target": new_t,
-                         "from_measured": old.measured_speedup, "measured": sp,
+                         "from_measured": outs[name].measured_speedup, "remeasured": cs, "measured": sp,
                          "predicted": cand.solution.predicted_speedup, "calibration_loss": cand.calibration_loss,
-                         "accepted": accepted})
-            log.info("fit %s: measured %.3fx for %gx -> DP target %.3f -> measured %.3fx (%s)", old.method,
-                     old.measured_speedup, target, new_t, sp, "taken" if accepted else "kept the previous")
+                         "accepted": accepted, "why": why})
+            log.info("fit %s: measured %.3fx for %gx (re-measured %.3fx) -> DP target %.3f -> measured %.3fx: %s (%s)",
+                     old.method, outs[name].measured_speedup, target, cs, new_t, sp,
+                     "taken" if accepted else "kept the current", why)
             if accepted:
                 outs[name], dpt[name] = cand, new_t
             else:
-                too_loose[name] = new_t
+                outs[name] = old
+                if new_t < dpt[name] and cs > high:
+                    too_loose[name] = new_t
     return outs, dpt, log_
 
 

@@ -28,7 +28,7 @@ command resumes a killed search where it stopped.
 OUT/result.json holds the target, predicted and measured speedup, the calibration
 loss (dense and pruned), the per-layer sparsities, the uniform and global-magnitude
 baselines for the same budget, stage timings and the hardware fingerprint,
-and "fit": models measured more than 1% short of the target (or 5% over) are
+and "fit": models measured more than 1% short of the target (or 3% over) are
 solved again for a budget corrected by their own measurement and re-measured
 (--fit-rounds, default 2);
 OUT/model the pruned weights (spdy.apply(model, OUT) loads them); OUT/profile.png
@@ -78,7 +78,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-measure", action="store_true", help="skip the end-to-end timing of the pruned models")
     p.add_argument("--fit-rounds", type=int, default=2, metavar="N",
                    help="after measuring, re-solve pruned models that measured more than 1%% short of the target "
-                   "(or 5%% over it) for a budget corrected by their own measurement, at most N times (0 = off)")
+                   "(or 3%% over it) for a budget corrected by their own measurement, at most N times (0 = off)")
     p.add_argument("--fit-evals", type=int, default=16, metavar="N",
                    help="calibration-loss evaluations SPDY spends on each new budget of the fit (the search's best "
                    "coefficients re-tried there, then local steps)")
@@ -185,9 +185,9 @@ def run(args: argparse.Namespace) -> int:
         meas = f"{o.measured_speedup:9.2f}x" if o.measured_speedup is not None else f"{'-':>10}"
         print(f"{name:<10} {o.solution.predicted_speedup:9.2f}x {meas} {o.calibration_loss:12.5g}")
     for f in res.fit:
-        print(f"fit {f['method']}: measured {f['from_measured']:.2f}x -> DP target {f['from_dp_target']:.3f} -> "
-              f"{f['dp_target']:.3f}, measured {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}"
-              + ("" if f["accepted"] else " (kept the previous: below the target)"))
+        print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
+              f"{f['from_dp_target']:.3f} -> {f['dp_target']:.3f}: measured {f['measured']:.2f}x, loss "
+              f"{f['calibration_loss']:.5g}, " + ("taken" if f["accepted"] else "not taken") + f" ({f['why']})")
     if res.dense_measured_s:
         print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
     st = res.stage_s
