@@ -480,8 +480,9 @@ def fit_to_measured(
     * the current model re-measures within the band: it stays (the first measurement was
       off), with the new measurement;
     * it re-measures too slow: the tighter proposal is taken if it measures faster;
-    * it re-measures too fast: the looser proposal is taken only if it measures at least
-      ``FIT_BAND[0]`` x ``target`` (else the next round tries halfway between the two).
+    * it re-measures too fast: a looser proposal is taken only if it measures at least
+      ``FIT_BAND[0]`` x ``target`` (else the next round tries halfway between the two); a
+      tighter one (made from a reading that was too slow) never.
 
     ``resolve(name, dp_target)`` returns the unmeasured outcome (solution and calibration
     loss) for that budget (for SPDY, :meth:`spdy.sensitivity.Search.refine`);
@@ -528,9 +529,10 @@ def fit_to_measured(
             elif cs < low:
                 accepted = new_t > dpt[name] and sp > cs
                 why = "faster than the current model" if accepted else "not faster than the current model"
-            else:
-                accepted = sp >= low
-                why = "still meets the target" if accepted else "too slow"
+            else:  # too fast: only a looser budget that still meets the target replaces it
+                accepted = new_t < dpt[name] and sp >= low
+                why = ("still meets the target" if accepted else
+                       "too slow" if new_t < dpt[name] else "the current model re-measured faster than the target")
             log_.append({"round": rnd + 1, "method": old.method, "from_dp_target": dpt[name], "dp_target": new_t,
                          "from_measured": outs[name].measured_speedup, "remeasured": cs, "measured": sp,
                          "predicted": cand.solution.predicted_speedup, "calibration_loss": cand.calibration_loss,
@@ -799,7 +801,7 @@ def search(
         if fit_rounds > 0:
             t0 = time.perf_counter()
             best, base_out, fit_log = _fit(
-                target, best, base_out, dp_target, fit_rounds, measure_rounds, prof, bundle, be, db, objective,
+                target, best, base_out, dp_target, fit_rounds, measure_rounds, prof, table, bundle, be, db, objective,
                 (lambda t: srch.refine(t, evals=fit_evals)[1:]) if only_baseline is None else None,  # type: ignore[return-value]
                 fit_evals, only_baseline, eval_threads, with_formats,
             )
@@ -836,7 +838,7 @@ def search(
 
 def _fit(
     target: float, best: Outcome, base_out: dict[str, Outcome | str], dp_target: float, rounds: int, measure_rounds: int,
-    prof: Profile, bundle: ModelBundle, be: Any, db: Any, objective: CalibrationObjective,
+    prof: Profile, table: Any, bundle: ModelBundle, be: Any, db: Any, objective: CalibrationObjective,
     refine: Callable[[float], tuple[Solution, float]] | None, refine_evals: int, only_baseline: str | None,
     eval_threads: int | None, with_formats: Callable[[Outcome], Outcome],
 ) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
@@ -855,7 +857,7 @@ def _fit(
                 sol, loss = refine(t)
                 return with_formats(Outcome("spdy", sol, loss))
             base = only_baseline if name == "__best__" else name
-            return with_formats(_baseline(str(base), prof.table, bundle, t, objective))
+            return with_formats(_baseline(str(base), table, bundle, t, objective))
         finally:
             torch.set_num_threads(prev)
 
@@ -864,7 +866,7 @@ def _fit(
         return {n: (times[n], ratios[n], dense_s) for n in sols}
 
     outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
-                                       prof.table.max_speedup(), rounds)
+                                       table.max_speedup(), rounds)
     for rec in fit_log:
         rec["loss_evaluations"] = refine_evals if rec["method"] == "spdy" and refine is not None else 1
     best = outs.pop("__best__")

@@ -109,8 +109,8 @@ def test_search_writes_result_model_and_plot(bundle, profile_path, tmp_path):
     lo, hi = 0.99 * 1.25, 1.03 * 1.25
     for f in d["fit"]:  # decided on the side-by-side measurement of the current model and the proposal
         cur, new = f["remeasured"], f["measured"]
-        assert f["accepted"] == ((cur < lo and f["dp_target"] > f["from_dp_target"] and new > cur)
-                                 or (cur > hi and new >= lo))
+        tighter = f["dp_target"] > f["from_dp_target"]
+        assert f["accepted"] == ((cur < lo and tighter and new > cur) or (cur > hi and not tighter and new >= lo))
     assert d["calibration_loss"]["dense"] == pytest.approx(0.0, abs=1e-6)
     assert d["search"]["evaluations"] == 8
     assert set(d["search"]["per_evaluation_ms"]) == {"dp", "stitch", "loss"}
@@ -345,3 +345,13 @@ def test_fit_leaves_models_in_band_and_at_the_profile_edge_alone() -> None:
     table, resolve, machine, outs, dpt = _fit_setup(top, speed=0.8, dp_target=top)
     got, _, log = spdy.api.fit_to_measured(top, outs, dpt, resolve, machine, table.max_speedup())
     assert got == outs and not log and machine.calls == 0
+
+
+def test_a_tighter_proposal_is_not_taken_when_the_current_model_now_measures_too_fast() -> None:
+    # measured short in a slow spell; side by side the spell is over and the model runs 10% fast
+    table, resolve, machine, outs, dpt = _fit_setup(2.0, speed=0.9)
+    machine.speed = 1.1
+    got, dpt2, log = spdy.api.fit_to_measured(2.0, outs, dpt, resolve, machine, table.max_speedup(), rounds=1)
+    assert len(log) == 1 and log[0]["dp_target"] > log[0]["from_dp_target"] and log[0]["measured"] >= 0.99 * 2.0
+    assert not log[0]["accepted"] and dpt2 == dpt
+    assert np.array_equal(got["spdy"].solution.levels, outs["spdy"].solution.levels)
