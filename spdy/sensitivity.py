@@ -362,8 +362,8 @@ class Search:
         def score(c: np.ndarray) -> tuple[Solution | choices.ChoiceSolution, float]:
             sol = self._solve_prior(c, speedup)
             key = sol.levels.tobytes()
-            if key not in losses:
-                losses[key] = float(self.objective(sol.levels))
+            if key not in losses:  # this process may have scored these levels in the search already
+                losses[key] = self._loss_cache[key] if key in self._loss_cache else float(self.objective(sol.levels))
             return sol, losses[key]
 
         best: tuple[np.ndarray, Solution | choices.ChoiceSolution, float] | None = None

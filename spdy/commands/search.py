@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
             database=args.database, method=args.method, storage=storage, study=args.study, max_evals=args.max_evals,
             k=args.k, delta=args.delta, seed=args.seed, strategy=args.strategy,
             baselines=() if args.no_baselines else ("uniform", "global"), only_baseline=args.baseline,
-            measure=not args.no_measure, fit_rounds=args.fit_rounds, fit_evals=args.fit_evals, evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
+            measure=not args.no_measure, fit_rounds=args.fit_rounds, fit_evals=args.fit_evals,
+            evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
             force=args.force, loss=args.loss, exclude=() if model_kwargs else args.exclude, out=args.output,
             progress=bars,
         )
