@@ -451,6 +451,12 @@ def latency_correction(
     return q, info
 
 
+def lowest_dp_target(target: float) -> float:
+    """The lowest DP target aimed at for ``target`` when pruned models run faster than
+    predicted (the latency check, the fit): never more than half of the asked-for gain."""
+    return 1.0 + (target - 1.0) / 2
+
+
 #: A pruned model measured within ``FIT_BAND`` x the target is kept as it is; outside it,
 #: :func:`fit_to_measured` re-solves its budget, aiming at ``FIT_AIM`` x the target.
 FIT_BAND = (0.99, 1.03)
@@ -491,7 +497,7 @@ def fit_to_measured(
     """
     outs, dpt = dict(outcomes), dict(dp_targets)
     low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
-    floor = 1.0 + (target - 1.0) / 2
+    floor = lowest_dp_target(target)
     log_: list[dict[str, Any]] = []
     too_loose: dict[str, float] = {}  # per model: the loosest DP target that measured short
     for rnd in range(max(0, rounds)):
@@ -721,8 +727,7 @@ def search(
             if progress:
                 progress("calibrate", 1, 1, f"x{q:.3f}")
         q = float(correction["factor"]) if correction else 1.0
-        # aiming lower (q < 1) never gives up more than half of the asked-for gain
-        dp_target = max(target * q, 1.0 + (target - 1.0) / 2) if q < 1 else target * q
+        dp_target = max(target * q, lowest_dp_target(target)) if q < 1 else target * q
         if q > 1 and dp_target > table.max_speedup():
             raise InfeasibleBudgetError(
                 f"{target:g}x is out of reach end to end: pruned models ran {q:.2f}x slower than the latency model "
@@ -801,7 +806,7 @@ def search(
         if fit_rounds > 0:
             t0 = time.perf_counter()
             best, base_out, fit_log = _fit(
-                target, best, base_out, dp_target, fit_rounds, measure_rounds, prof, table, bundle, be, db, objective,
+                target, best, base_out, dp_target, fit_rounds, measure_rounds, prof, bundle, be, db, objective,
                 (lambda t: srch.refine(t, evals=fit_evals)[1:]) if only_baseline is None else None,  # type: ignore[return-value]
                 fit_evals, only_baseline, eval_threads, with_formats,
             )
@@ -838,7 +843,7 @@ def search(
 
 def _fit(
     target: float, best: Outcome, base_out: dict[str, Outcome | str], dp_target: float, rounds: int, measure_rounds: int,
-    prof: Profile, table: Any, bundle: ModelBundle, be: Any, db: Any, objective: CalibrationObjective,
+    prof: Profile, bundle: ModelBundle, be: Any, db: Any, objective: CalibrationObjective,
     refine: Callable[[float], tuple[Solution, float]] | None, refine_evals: int, only_baseline: str | None,
     eval_threads: int | None, with_formats: Callable[[Outcome], Outcome],
 ) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
@@ -857,7 +862,7 @@ def _fit(
                 sol, loss = refine(t)
                 return with_formats(Outcome("spdy", sol, loss))
             base = only_baseline if name == "__best__" else name
-            return with_formats(_baseline(str(base), table, bundle, t, objective))
+            return with_formats(_baseline(str(base), prof.table, bundle, t, objective))
         finally:
             torch.set_num_threads(prev)
 
@@ -866,9 +871,9 @@ def _fit(
         return {n: (times[n], ratios[n], dense_s) for n in sols}
 
     outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
-                                       table.max_speedup(), rounds)
+                                       prof.table.max_speedup(), rounds)
     for rec in fit_log:
-        rec["loss_evaluations"] = refine_evals if rec["method"] == "spdy" and refine is not None else 1
+        rec["loss_evaluation_budget"] = refine_evals if rec["method"] == "spdy" and refine is not None else 1
     best = outs.pop("__best__")
     return best, {n: outs.get(n, o) for n, o in base_out.items()}, fit_log
 

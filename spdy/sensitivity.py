@@ -117,10 +117,15 @@ def candidate(schedule: Schedule, seed: int, n: int, best_c: np.ndarray | None) 
     rng = _rng(seed, n)
     if phase == "random" or best_c is None:
         return rng.random(schedule.n_layers), "random", 0
-    c = best_c.copy()
-    idx = rng.choice(schedule.n_layers, size=min(d, schedule.n_layers), replace=False)
-    c[idx] = rng.random(len(idx))
-    return c, phase, d
+    return redraw(best_c, d, rng), phase, d
+
+
+def redraw(c: np.ndarray, d: int, rng: np.random.Generator) -> np.ndarray:
+    """Algorithm 4's local step: a copy of ``c`` with ``d`` coordinates drawn anew from U[0, 1]."""
+    out = c.copy()
+    idx = rng.choice(len(out), size=min(d, len(out)), replace=False)
+    out[idx] = rng.random(len(idx))
+    return out
 
 
 def make_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
@@ -376,9 +381,7 @@ class Search:
         for n in range(n_local):
             d = max(1, self.schedule.d_max - (n * self.schedule.d_max) // max(1, n_local))
             rng = np.random.default_rng([self.cfg.seed, 0x5EF1, int(round(speedup * 1e6)), n])
-            c = best[0].copy()
-            idx = rng.choice(self.L, size=min(d, self.L), replace=False)
-            c[idx] = rng.random(len(idx))
+            c = redraw(best[0], d, rng)
             sol, loss = score(c)
             if loss < best[2]:
                 best = (c, sol, loss)
