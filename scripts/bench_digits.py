@@ -35,10 +35,12 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from spdy.api import apply, ensure_database, load_result
+    from spdy.api import apply
     from spdy.examples.digits import factory, heldout
     from spdy.grid import DEFAULT_GRID
     from spdy.hardware import fingerprint
+    from spdy.results import load_result
+    from spdy.stages import ensure_database
 
     bundle = factory()
     rows: list[dict[str, Any]] = [{"profile": "dense", "target": 1.0, "measured_speedup": 1.0, "calibration_loss": 0.0,

@@ -30,11 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
-from spdy.api import Outcome, ensure_database, ensure_profile, search  # noqa: E402
+from spdy.api import search  # noqa: E402
 from spdy.errors import InfeasibleBudgetError  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
 from spdy.models.minilm import embed, lee50_correlations, lee_background_docs  # noqa: E402
 from spdy.profilers import get_backend  # noqa: E402
+from spdy.results import Outcome  # noqa: E402
+from spdy.stages import ensure_database, ensure_profile  # noqa: E402
 
 
 def main() -> int:

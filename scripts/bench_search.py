@@ -37,7 +37,7 @@ from _common import write_json  # noqa: E402
 
 
 def _setup(n_docs: int) -> tuple[Any, Any, Any]:
-    from spdy.api import CalibrationObjective, ensure_database, ensure_profile
+    from spdy.stages import CalibrationObjective, ensure_database, ensure_profile
     from spdy.models.base import load_model
     from spdy.profilers import get_backend
 

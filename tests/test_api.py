@@ -355,3 +355,60 @@ def test_a_tighter_proposal_is_not_taken_when_the_current_model_now_measures_too
     assert len(log) == 1 and log[0]["dp_target"] > log[0]["from_dp_target"] and log[0]["measured"] >= 0.99 * 2.0
     assert not log[0]["accepted"] and dpt2 == dpt
     assert np.array_equal(got["spdy"].solution.levels, outs["spdy"].solution.levels)
+
+
+# --------------------------------------------------------------------------- configs and module layout
+
+
+def test_search_takes_config_objects_or_their_keywords(bundle, profile_path, tmp_path):
+    from spdy.measure import MeasureConfig
+    from spdy.sensitivity import SearchConfig
+
+    by_keywords = _search(bundle, profile_path, tmp_path, measure=False, max_evals=4)
+    by_configs = spdy.search(bundle, speedup=1.25, threads=1, profile=profile_path, database=tmp_path.parent / "db",
+                             timing=POLICY, config=SearchConfig(speedup=1.25, max_evals=4, seed=3),
+                             measurement=MeasureConfig(measure=False))
+    assert by_configs.layers == by_keywords.layers
+    assert by_configs.settings["max_evals"] == 4 and by_configs.settings["seed"] == 3
+    # the target defaults to the config's; a keyword overrides a field of the config
+    again = spdy.search(bundle, threads=1, profile=profile_path, database=tmp_path.parent / "db", timing=POLICY,
+                        config=SearchConfig(speedup=1.25, max_evals=99, seed=3), max_evals=4,
+                        measurement=MeasureConfig(measure=False))
+    assert again.target_speedup == 1.25 and again.layers == by_keywords.layers
+    with pytest.raises(TypeError, match="max_eval"):
+        spdy.search(bundle, speedup=1.25, max_eval=4)
+    with pytest.raises(InvalidInputError, match="fit_rounds must be >= 0"):
+        MeasureConfig(fit_rounds=-1)
+
+
+def test_public_names_stay_importable_from_spdy_api():
+    import spdy.api
+    from spdy import measure, results, stages
+
+    for mod, names in ((results, ["Outcome", "SearchOutcome", "RESULT_SCHEMA", "RESULT_SCHEMA_VERSION", "load_result",
+                                  "write_outputs"]),
+                       (stages, ["cache_dir", "profile_cache_path", "database_cache_path", "as_bundle",
+                                 "ensure_profile", "ensure_database", "CalibrationObjective", "Progress"]),
+                       (measure, ["measure_speedups", "MIN_CORRECTION", "correction_factor", "latency_correction",
+                                  "lowest_dp_target", "FIT_BAND", "FIT_AIM", "fit_to_measured", "SPEEDUP_TOLERANCE",
+                                  "MeasureConfig"])):
+        for name in names:
+            assert getattr(spdy.api, name) is getattr(mod, name), name
+
+
+def test_stored_correction_is_none_only_for_a_missing_study(tmp_path):
+    from spdy.measure import _stored_correction
+    from spdy.sensitivity import make_storage
+
+    journal = str(tmp_path / "s.journal")
+    assert _stored_correction(None, "any") is None
+    assert _stored_correction(journal, "no-such-study") is None
+    import optuna
+
+    st = optuna.create_study(study_name="s", storage=make_storage(journal))
+    st.set_user_attr("latency_correction", {"factor": 1.05})
+    assert _stored_correction(journal, "s") == {"factor": 1.05}
+    with pytest.raises(Exception) as info:  # a storage that cannot be opened is an error, not "no correction"
+        _stored_correction(f"sqlite:///{tmp_path}/missing-dir/x.db", "s")
+    assert not isinstance(info.value, KeyError)
+

@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     from spdy import dp
     from spdy.api import Outcome, search
     from spdy.errors import InvalidInputError
+    from spdy.measure import MeasureConfig
+    from spdy.sensitivity import SearchConfig
 
     if args.output is None and not args.evaluate_only:
         raise InvalidInputError("give an output folder with -o OUT (or --evaluate-only to join a shared search)")
@@ -163,10 +165,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = search(
             model, speedup=target, backend=args.backend, threads=args.threads, profile=args.profile,
-            database=args.database, method=args.method, storage=storage, study=args.study, max_evals=args.max_evals,
-            k=args.k, delta=args.delta, seed=args.seed, strategy=args.strategy,
+            database=args.database, method=args.method, storage=storage, study=args.study,
+            config=SearchConfig(speedup=target, k=args.k, delta=args.delta, max_evals=args.max_evals, seed=args.seed,
+                                strategy=args.strategy),
+            measurement=MeasureConfig(measure=not args.no_measure, fit_rounds=args.fit_rounds,
+                                      fit_evals=args.fit_evals),
             baselines=() if args.no_baselines else ("uniform", "global"), only_baseline=args.baseline,
-            measure=not args.no_measure, fit_rounds=args.fit_rounds, fit_evals=args.fit_evals,
             evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
             force=args.force, loss=args.loss, exclude=() if model_kwargs else args.exclude, out=args.output,
             progress=bars,

@@ -1,0 +1,494 @@
+"""End-to-end measurement: the latency check before the search, the measurement after it, the fit.
+
+The latency profile predicts a pruned model's time as the sum of its layers' times
+plus a base; :func:`latency_correction` times two pruned models for the target to see
+how far that prediction is off and :func:`check_latency` scales the DP's target by it.
+After the search, :func:`measure_and_fit` times the dense model, SPDY's answer and the
+baselines end to end (:func:`measure_speedups`), and :func:`fit_to_measured` re-solves
+the models that measured outside ``FIT_BAND`` x the target. :class:`MeasureConfig`
+holds the settings of all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:  # before torch: torch and the spdy kernels then share one OpenMP pool
+    import spdy.kernels  # noqa: F401
+except ImportError:  # pragma: no cover - numba missing
+    pass
+
+import numpy as np
+import torch
+
+from spdy import dp
+from spdy.baselines import global_magnitude, uniform
+from spdy.errors import InfeasibleBudgetError, InvalidInputError
+from spdy.models.base import ModelBundle, get_module
+from spdy.profile import Profile
+from spdy.results import Outcome
+from spdy.stages import CalibrationObjective, Prepared, Progress
+from spdy.types import Solution
+
+log = logging.getLogger(__name__)
+
+#: measured / target below this makes a search warn loudly
+SPEEDUP_TOLERANCE = 0.95
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How :func:`spdy.search` checks the latency model and measures its answer end to end.
+
+    * ``measure``: time the dense, SPDY and baseline models end to end (off: the result
+      holds predicted speedups only, and neither the latency check nor the fit runs);
+    * ``measure_rounds``: interleaved rounds of each measurement (times and speedups are
+      medians over the rounds);
+    * ``fit_rounds``: re-solve models that measured outside ``FIT_BAND`` x the target at
+      most this many times (:func:`fit_to_measured`; 0 = off);
+    * ``fit_evals``: calibration-loss evaluations SPDY spends on each new budget of the fit
+      (:meth:`spdy.sensitivity.Search.refine`); a baseline's costs one;
+    * ``calibrate``: before searching, scale the DP's target by how far the latency model
+      is off end to end (:func:`check_latency`).
+    """
+
+    measure: bool = True
+    measure_rounds: int = 3
+    fit_rounds: int = 2
+    fit_evals: int = 16
+    calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.measure_rounds < 1:
+            raise InvalidInputError(f"measure_rounds must be >= 1; got {self.measure_rounds}")
+        if self.fit_rounds < 0:
+            raise InvalidInputError(f"fit_rounds must be >= 0 (0 turns the fit off); got {self.fit_rounds}")
+        if self.fit_evals < 1:
+            raise InvalidInputError(f"fit_evals must be >= 1; got {self.fit_evals}")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """SPDY's answer and the baselines after :func:`measure_and_fit`, with what it found."""
+
+    best: Outcome
+    baselines: dict[str, Outcome | str]
+    dense_s: float | None
+    drift: float
+    fit: tuple[dict[str, Any], ...]
+    stage_s: dict[str, float]
+    warnings: tuple[str, ...]
+
+
+def _plan(profile: Profile, bundle: ModelBundle, database: Any, levels: Sequence[int] | None) -> dict[str, Any]:
+    """The backend plan running each layer at its level (None: unpruned) in the profile's format."""
+    from spdy.profilers import DENSE, LayerChoice
+
+    t = profile.table
+    plan = {}
+    for li, name in enumerate(t.layers):
+        mod = get_module(bundle.model, name)
+        bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().float().numpy().copy()
+        lv = 0 if levels is None else int(levels[li])
+        fmt = profile.formats[li][lv] if profile.formats is not None else DENSE
+        if levels is None or lv == 0:
+            w = mod.weight.detach().float().numpy().copy()
+        else:
+            w = np.array(database.weight(name, lv), dtype=np.float32)
+        plan[name] = LayerChoice(fmt, w, bias, float(t.grid[lv]))
+    return plan
+
+
+def measure_speedups(
+    profile: Profile, bundle: ModelBundle, backend: Any, database: Any, solutions: Mapping[str, Solution],
+    rounds: int = 1,
+) -> tuple[float, dict[str, float], float, dict[str, float]]:
+    """Time the dense model, each solution's pruned model and the base, interleaved, end to end.
+
+    With several ``rounds`` (each a full interleaved measurement) the times are medians over
+    the rounds, and so are the speedups (each round's dense time over its pruned time: a
+    slow spell of the machine then hits both sides of a ratio alike).
+    Returns ``(dense_s, {name: pruned_s}, base_s, {name: speedup})``.
+    """
+    from spdy.profilers import STANDIN, LayerChoice
+
+    names = list(solutions)
+    plans = [_plan(profile, bundle, database, None)]
+    plans += [_plan(profile, bundle, database, solutions[n].levels) for n in names]
+    plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
+    per_round = []
+    for _ in range(max(1, rounds)):
+        per_round.append([tm.median_s for tm in backend.time_models(bundle, plans)])
+    arr = np.array(per_round)
+    med = np.median(arr, axis=0)
+    speedups = {n: float(np.median(arr[:, 0] / arr[:, 1 + i])) for i, n in enumerate(names)}
+    return float(med[0]), {n: float(med[1 + i]) for i, n in enumerate(names)}, float(med[-1]), speedups
+
+
+#: The lowest latency correction applied (the DP never aims more than 10% below the target).
+MIN_CORRECTION = 0.9
+
+
+def correction_factor(ratios: Sequence[float]) -> float:
+    """The latency correction from the measured-to-predicted ratios (see :func:`latency_correction`)."""
+    if not ratios:
+        return 1.0
+    q = float(np.median(ratios))
+    if q < 1.0:
+        q = min(1.0, max(MIN_CORRECTION, float(max(ratios))))
+    return q
+
+
+def latency_correction(
+    profile: Profile, bundle: ModelBundle, backend: Any, database: Any, target: float, buckets: int = dp.DEFAULT_BUCKETS,
+    rounds: int = 3,
+) -> tuple[float, dict[str, Any]]:
+    """How much the additive latency model over-predicts the speedup of models pruned for ``target``.
+
+    Times, end to end and interleaved with the dense model, two pruned models that meet
+    ``target`` in the profile (the DP with SPDY's prior, and uniform sparsity), and returns
+    ``r = (measured / predicted pruned time) / (measured / predicted dense time)`` for each, with
+    the measurements (``rounds`` interleaved rounds, medians). Searching for ``target * q`` then
+    makes the measured speedup meet ``target``:
+
+    * ``q = median(r)`` when that is at least 1: the pruned models ran slower than predicted
+      (on some 2-core machines the sparse layers ran 10-15% slower inside the model than alone,
+      caches shared with the rest of the forward pass), so the DP must aim higher;
+    * ``q = max(r)``, at most 1 and at least ``MIN_CORRECTION``, when both ran *faster* than
+      predicted (seen on faster machines of the same kind: 5-13% faster): the DP may aim lower
+      and keep accuracy, but only by the least optimistic of the two, so that noise in one
+      check does not push the measured speedup under the target.
+    """
+    table = profile.table
+    sols = {"prior": dp.solve(table, dp.prior_errors(len(table.layers), len(table.grid)), target, buckets)}
+    try:
+        sols["uniform"] = uniform(table, target)
+    except InfeasibleBudgetError:
+        pass
+    dense_s, times, base_s, _ = measure_speedups(profile, bundle, backend, database, sols, rounds=rounds)
+    dense_ratio = dense_s / table.dense_total_s
+    ratios = {n: (times[n] / sol.predicted_time_s) / dense_ratio for n, sol in sols.items()}
+    q = correction_factor(list(ratios.values()))
+    info = {"factor": q, "ratios": ratios, "rounds": rounds, "dense_measured_s": dense_s, "dense_predicted_s": table.dense_total_s,
+            "base_measured_s": base_s, "base_profile_s": table.base_s,
+            "pruned": {n: {"measured_s": times[n], "predicted_s": sols[n].predicted_time_s} for n in sols}}
+    log.info("latency model check at %.3gx: pruned/dense measured-to-predicted ratios %s -> correction %.3f",
+             target, {n: round(r, 3) for n, r in ratios.items()}, q)
+    return q, info
+
+
+def lowest_dp_target(target: float) -> float:
+    """The lowest DP target aimed at for ``target`` when pruned models run faster than
+    predicted (the latency check, the fit): never more than half of the asked-for gain."""
+    return 1.0 + (target - 1.0) / 2
+
+
+#: A pruned model measured within ``FIT_BAND`` x the target is kept as it is; outside it,
+#: :func:`fit_to_measured` re-solves its budget, aiming at ``FIT_AIM`` x the target.
+FIT_BAND = (0.99, 1.03)
+FIT_AIM = 1.01
+
+
+def fit_to_measured(
+    target: float,
+    outcomes: Mapping[str, Outcome],
+    dp_targets: Mapping[str, float],
+    resolve: Callable[[str, float], Outcome],
+    measure: Callable[[dict[str, Solution]], Mapping[str, tuple[float, float, float]]],
+    max_speedup: float,
+    rounds: int = 2,
+) -> tuple[dict[str, Outcome], dict[str, float], list[dict[str, Any]]]:
+    """Close the loop on each pruned model's measured speedup.
+
+    The latency check before the search corrects the DP's target from two probe models;
+    the model the search picks can still measure a few percent off (machine noise, a
+    different mix of kernels). Here each measured ``outcome`` outside ``FIT_BAND`` x
+    ``target`` is solved again by its own method (``resolve``) for its DP target scaled
+    by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2, max_speedup]``.
+    Each round measures every proposal *together with the model it would replace*,
+    interleaved with the dense model, and decides on that measurement alone, so that one
+    slow spell of a shared machine cannot move a model on its own:
+
+    * the current model re-measures within the band: it stays (the first measurement was
+      off), with the new measurement;
+    * it re-measures too slow: the tighter proposal is taken if it measures faster;
+    * it re-measures too fast: a looser proposal is taken only if it measures at least
+      ``FIT_BAND[0]`` x ``target`` (else the next round tries halfway between the two); a
+      tighter one (made from a reading that was too slow) never.
+
+    ``resolve(name, dp_target)`` returns the unmeasured outcome (solution and calibration
+    loss) for that budget (for SPDY, :meth:`spdy.sensitivity.Search.refine`);
+    ``measure({key: solution})`` returns ``{key: (time_s, speedup, dense_time_s)}``.
+    Returns the outcomes, their DP targets and one record per proposal.
+    """
+    outs, dpt = dict(outcomes), dict(dp_targets)
+    low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
+    log_: list[dict[str, Any]] = []
+    too_loose: dict[str, float] = {}  # per model: the loosest DP target that measured short
+    for rnd in range(max(0, rounds)):
+        proposals = _fit_proposals(target, outs, dpt, too_loose, resolve, max_speedup)
+        if not proposals:
+            break
+        sols: dict[str, Solution] = {}
+        for n, (_, c) in proposals.items():
+            sols[f"{n}@current"] = outs[n].solution
+            sols[n] = c.solution
+        got = measure(sols)
+        for name, (new_t, cand) in proposals.items():
+            t_s, sp, dense_s = got[name]
+            cand = dataclasses.replace(cand, measured_time_s=t_s, measured_speedup=sp, dense_time_s=dense_s)
+            ct, cs, cd = got[f"{name}@current"]
+            old = dataclasses.replace(outs[name], measured_time_s=ct, measured_speedup=cs, dense_time_s=cd)
+            accepted, why = _fit_verdict(low, high, cs, sp, new_t, dpt[name])
+            log_.append({"round": rnd + 1, "method": old.method, "from_dp_target": dpt[name], "dp_target": new_t,
+                         "from_measured": outs[name].measured_speedup, "remeasured": cs, "measured": sp,
+                         "predicted": cand.solution.predicted_speedup, "calibration_loss": cand.calibration_loss,
+                         "accepted": accepted, "why": why})
+            log.info("fit %s: measured %.3fx for %gx (re-measured %.3fx) -> DP target %.3f -> measured %.3fx: %s (%s)",
+                     old.method, outs[name].measured_speedup, target, cs, new_t, sp,
+                     "taken" if accepted else "kept the current", why)
+            if accepted:
+                outs[name], dpt[name] = cand, new_t
+            else:
+                outs[name] = old
+                if new_t < dpt[name] and cs > high:
+                    too_loose[name] = new_t
+    return outs, dpt, log_
+
+
+def _fit_proposals(
+    target: float, outs: Mapping[str, Outcome], dpt: Mapping[str, float], too_loose: Mapping[str, float],
+    resolve: Callable[[str, float], Outcome], max_speedup: float,
+) -> dict[str, tuple[float, Outcome]]:
+    """One round's proposals of :func:`fit_to_measured`: ``{name: (new DP target, unmeasured outcome)}``
+    for each model measured outside the band whose re-solved levels differ from its current ones."""
+    low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
+    floor = lowest_dp_target(target)
+    proposals: dict[str, tuple[float, Outcome]] = {}
+    for name, o in outs.items():
+        s = o.measured_speedup
+        if s is None or not math.isfinite(s) or low <= s <= high:
+            continue
+        new_t = min(max(dpt[name] * FIT_AIM * target / s, floor), max_speedup * (1 - 1e-3))  # DP buckets: not the edge itself
+        if name in too_loose and new_t < dpt[name]:
+            new_t = max(new_t, (dpt[name] + too_loose[name]) / 2)  # bisect towards the last one that measured short
+        if abs(new_t - dpt[name]) <= 1e-6 * dpt[name]:
+            continue  # already at the edge of what the profile allows
+        try:
+            cand = resolve(name, new_t)
+        except InfeasibleBudgetError:
+            continue
+        if np.array_equal(cand.solution.levels, o.solution.levels):
+            continue
+        proposals[name] = (new_t, cand)
+    return proposals
+
+
+def _fit_verdict(low: float, high: float, current: float, proposed: float, new_t: float, cur_t: float) -> tuple[bool, str]:
+    """Whether :func:`fit_to_measured` takes a proposal (DP target ``new_t``, measured ``proposed``)
+    over the current model (DP target ``cur_t``, re-measured ``current``), and why."""
+    if low <= current <= high:
+        return False, "the current model re-measured within the band"
+    if current < low:
+        accepted = new_t > cur_t and proposed > current
+        return accepted, "faster than the current model" if accepted else "not faster than the current model"
+    # too fast: only a looser budget that still meets the target replaces it
+    accepted = new_t < cur_t and proposed >= low
+    return accepted, ("still meets the target" if accepted else
+                      "too slow" if new_t < cur_t else "the current model re-measured faster than the target")
+
+
+def check_latency(
+    prepared: Prepared,
+    target: float,
+    buckets: int,
+    settings: MeasureConfig,
+    *,
+    storage: str | None,
+    study_name: str,
+    resume: bool,
+    progress: Progress | None,
+) -> tuple[dict[str, Any] | None, float]:
+    """The latency check before the search and the DP target it gives: ``(correction, dp_target)``.
+
+    With ``resume``, a correction stored with the study (a resumed or shared search) is
+    reused; else, with ``settings.calibrate`` and ``settings.measure``, it is measured by
+    :func:`latency_correction`. The DP aims at ``target`` times its factor, but never below
+    :func:`lowest_dp_target`; a factor that puts the DP's target past the profile's reach
+    raises :class:`InfeasibleBudgetError` with the largest target that can be asked for.
+    """
+    table = prepared.table
+    correction = _stored_correction(storage, study_name) if resume else None
+    if correction is None and settings.calibrate and settings.measure:
+        if progress:
+            progress("calibrate", 0, 1, "latency model vs end-to-end")
+        q, correction = latency_correction(prepared.profile, prepared.bundle, prepared.backend, prepared.database,
+                                           target, buckets)
+        if progress:
+            progress("calibrate", 1, 1, f"x{q:.3f}")
+    q = float(correction["factor"]) if correction else 1.0
+    dp_target = max(target * q, lowest_dp_target(target)) if q < 1 else target * q
+    if q > 1 and dp_target > table.max_speedup():
+        raise InfeasibleBudgetError(
+            f"{target:g}x is out of reach end to end: pruned models ran {q:.2f}x slower than the latency model "
+            f"predicts, so the DP would need {dp_target:.3f}x of a profile that reaches at most "
+            f"{table.max_speedup():.3f}x. Ask for at most {table.max_speedup() / q:.2f}x.",
+            max_speedup=table.max_speedup() / q,
+        )
+    return correction, dp_target
+
+
+def _stored_correction(storage: str | None, study_name: str) -> dict[str, Any] | None:
+    """The latency correction stored with the study ``study_name``, or None (no storage, no such study)."""
+    if storage is None:
+        return None
+    import optuna
+
+    from spdy.sensitivity import make_storage
+
+    try:
+        st = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+    except KeyError:  # optuna's storages raise KeyError for a study they do not hold
+        return None
+    got = st.user_attrs.get("latency_correction")
+    return dict(got) if isinstance(got, dict) else None
+
+
+def baseline(name: str, table: Any, bundle: ModelBundle, target: float, objective: CalibrationObjective) -> Outcome:
+    """The one-shot baseline ``name`` (``uniform`` or ``global`` magnitude) for ``target``, with its loss."""
+    if name == "uniform":
+        sol = uniform(table, target)
+    else:
+        weights = {n: get_module(bundle.model, n).weight.detach().float().numpy() for n in table.layers}
+        sol = global_magnitude(table, weights, target)
+    return Outcome(name, sol, objective(sol.levels))
+
+
+def with_formats(profile: Profile, outcome: Outcome) -> Outcome:
+    """``outcome`` with the kernel format the profile chose for each layer's level (if it records formats)."""
+    if profile.formats is None:
+        return outcome
+    fm = tuple(profile.formats[i][int(lv)] for i, lv in enumerate(outcome.solution.levels))
+    return dataclasses.replace(outcome, formats=fm)
+
+
+def measure_and_fit(
+    prepared: Prepared,
+    objective: CalibrationObjective,
+    target: float,
+    dp_target: float,
+    best: Outcome,
+    baselines: Mapping[str, Outcome | str],
+    settings: MeasureConfig,
+    *,
+    searcher: Any | None,
+    only_baseline: str | None,
+    eval_threads: int | None,
+    progress: Progress | None,
+) -> Measured:
+    """Time the dense model, SPDY's answer ``best`` and the ``baselines`` end to end, then fit
+    them to their measurements (:func:`fit_to_measured`, ``settings.fit_rounds`` times at most).
+
+    SPDY's answer for a new budget comes from ``searcher`` (:meth:`spdy.sensitivity.Search.refine`);
+    without one (``only_baseline``), ``best`` is that baseline and re-solves by its rule.
+    A model measured below ``SPEEDUP_TOLERANCE`` x ``target`` is explained in a warning.
+    """
+    prof, table = prepared.profile, prepared.table
+    stage: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if progress:
+        progress("measure", 0, 1, "dense and pruned models end to end")
+    sols = {"__best__": best.solution, **{n: o.solution for n, o in baselines.items() if isinstance(o, Outcome)}}
+    dense_s, times, base_now, ratios = measure_speedups(prof, prepared.bundle, prepared.backend, prepared.database,
+                                                        sols, rounds=settings.measure_rounds)
+    drift = base_now / table.base_s - 1 if table.base_s > 0 else float("nan")
+
+    def measured(o: Outcome, key: str) -> Outcome:
+        return dataclasses.replace(o, measured_time_s=times[key], measured_speedup=ratios[key], dense_time_s=dense_s)
+
+    best = measured(best, "__best__")
+    base_out = {n: measured(o, n) if isinstance(o, Outcome) else o for n, o in baselines.items()}
+    stage["measure"] = time.perf_counter() - t0
+    fit_log: list[dict[str, Any]] = []
+    if settings.fit_rounds > 0:
+        t0 = time.perf_counter()
+        refine = (lambda t: searcher.refine(t, evals=settings.fit_evals)[1:]) if searcher is not None else None
+        best, base_out, fit_log = _fit(prepared, objective, target, best, base_out, dp_target, settings, refine,
+                                       only_baseline, eval_threads)
+        if fit_log:
+            stage["fit"] = time.perf_counter() - t0
+    if progress:
+        progress("measure", 1, 1, f"{best.measured_speedup:.2f}x")
+    warnings: tuple[str, ...] = ()
+    if best.measured_speedup is not None and best.measured_speedup < SPEEDUP_TOLERANCE * target:
+        msg = _explain_shortfall(target, best, best.dense_time_s, prof, drift)
+        warnings = (msg,)
+        log.warning(msg)
+    return Measured(best, base_out, best.dense_time_s, drift, tuple(fit_log), stage, warnings)
+
+
+def _fit(
+    prepared: Prepared, objective: CalibrationObjective, target: float, best: Outcome,
+    base_out: dict[str, Outcome | str], dp_target: float, settings: MeasureConfig,
+    refine: Callable[[float], tuple[Solution, float]] | None, only_baseline: str | None, eval_threads: int | None,
+) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
+    """:func:`fit_to_measured` on the search's answer and the baselines (each by its own measurement).
+
+    SPDY's answer for a new budget comes from ``refine`` (:meth:`spdy.sensitivity.Search.refine`:
+    the search's best coefficients re-evaluated and locally searched at that budget)."""
+    prof = prepared.profile
+    outs: dict[str, Outcome] = {"__best__": best, **{n: o for n, o in base_out.items() if isinstance(o, Outcome)}}
+
+    def resolve(name: str, t: float) -> Outcome:
+        prev = torch.get_num_threads()
+        if eval_threads is not None:
+            torch.set_num_threads(eval_threads)
+        try:
+            if name == "__best__" and refine is not None:
+                sol, loss = refine(t)
+                return with_formats(prof, Outcome("spdy", sol, loss))
+            base = only_baseline if name == "__best__" else name
+            return with_formats(prof, baseline(str(base), prof.table, prepared.bundle, t, objective))
+        finally:
+            torch.set_num_threads(prev)
+
+    def measure(sols: dict[str, Solution]) -> dict[str, tuple[float, float, float]]:
+        dense_s, times, _, ratios = measure_speedups(prof, prepared.bundle, prepared.backend, prepared.database, sols,
+                                                     rounds=settings.measure_rounds)
+        return {n: (times[n], ratios[n], dense_s) for n in sols}
+
+    outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
+                                       prof.table.max_speedup(), settings.fit_rounds)
+    for rec in fit_log:
+        rec["loss_evaluation_budget"] = settings.fit_evals if rec["method"] == "spdy" and refine is not None else 1
+    best = outs.pop("__best__")
+    return best, {n: outs.get(n, o) for n, o in base_out.items()}, fit_log
+
+
+def _explain_shortfall(target: float, outcome: Outcome, dense_s: float, profile: Profile, drift: float) -> str:
+    t = profile.table
+    pred, meas = outcome.solution.predicted_time_s, outcome.measured_time_s or float("nan")
+    parts = [
+        f"measured speedup {outcome.measured_speedup:.2f}x is below {SPEEDUP_TOLERANCE:.0%} of the {target:g}x target.",
+        f"The pruned model took {meas * 1e3:.2f} ms against {pred * 1e3:.2f} ms predicted ({(meas / pred - 1) * 100:+.1f}%),"
+        f" the dense model {dense_s * 1e3:.2f} ms against {t.dense_total_s * 1e3:.2f} ms predicted"
+        f" ({(dense_s / t.dense_total_s - 1) * 100:+.1f}%).",
+    ]
+    if math.isfinite(drift) and abs(drift) > 0.05:
+        parts.append(f"The non-prunable base runs {drift * 100:+.0f}% against the profile: the machine's speed changed "
+                     "(other processes, frequency scaling). Re-run on a quiet machine or re-profile (delete the cached "
+                     "profile or pass a new --profile path).")
+    elif meas > pred * 1.05:
+        parts.append("The additive latency model under-predicts this pruned model (layers interact through the "
+                     "caches, or the sparse kernels were slower than when profiled). Re-profile with more passes, or "
+                     "search for a slightly higher target.")
+    else:
+        parts.append("The dense model runs faster than the profile predicts, so the ratio shrinks; re-profile on a "
+                     "quiet machine.")
+    return " ".join(parts)

@@ -1,0 +1,188 @@
+"""What a search hands back and what it writes: :class:`Outcome`, :class:`SearchOutcome` and ``OUT/``.
+
+:func:`write_outputs` writes a search's ``result.json`` (schema :data:`RESULT_SCHEMA`),
+the pruned weights (``model/``) and a plot; :func:`load_result` reads the JSON back and
+:func:`result_model_dir` finds the weights for :func:`spdy.apply`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # before torch: torch and the spdy kernels then share one OpenMP pool
+    import spdy.kernels  # noqa: F401
+except ImportError:  # pragma: no cover - numba missing
+    pass
+
+from spdy import __version__
+from spdy.errors import InvalidInputError
+from spdy.io import atomic_write_json, read_json
+from spdy.models.base import ModelBundle, batchnorm_state
+from spdy.types import Solution
+
+RESULT_SCHEMA = "spdy.search-result"
+RESULT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One per-layer sparsity profile (SPDY's or a baseline's) and how it did."""
+
+    method: str
+    solution: Solution
+    calibration_loss: float
+    formats: tuple[str, ...] = ()
+    measured_time_s: float | None = None
+    measured_speedup: float | None = None
+    dense_time_s: float | None = None  # the dense model's time in the same measurement
+
+    def layers(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for i, name in enumerate(self.solution.layers):
+            lv = int(self.solution.levels[i])
+            rec: dict[str, Any] = {"sparsity": float(self.solution.sparsities[i]), "level": lv,
+                                   "pattern": "dense" if lv == 0 else "unstructured"}
+            if self.formats:
+                rec["format"] = self.formats[i]
+            out[name] = rec
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "predicted_speedup": self.solution.predicted_speedup,
+            "predicted_time_s": self.solution.predicted_time_s,
+            "measured_speedup": self.measured_speedup,
+            "measured_time_s": self.measured_time_s,
+            "calibration_loss": self.calibration_loss,
+            "layers": self.layers(),
+        }
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What :func:`search` found: the chosen profile, the baselines and the measurements."""
+
+    model: str
+    backend: str
+    target_speedup: float
+    result: Outcome
+    dense_loss: float
+    baselines: dict[str, Outcome | str] = field(default_factory=dict)
+    dense_measured_s: float | None = None
+    base_drift: float | None = None
+    n_evaluations: int = 0
+    study: str = ""
+    storage: str | None = None
+    profile_path: str | None = None
+    database_path: str | None = None
+    stage_s: dict[str, float] = field(default_factory=dict)
+    per_evaluation_ms: dict[str, float] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    out: str | None = None
+    latency_correction: dict[str, Any] | None = None
+    dp_target_speedup: float | None = None
+    fit: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.result.solution.predicted_speedup
+
+    @property
+    def measured_speedup(self) -> float | None:
+        return self.result.measured_speedup
+
+    @property
+    def calibration_loss(self) -> float:
+        return self.result.calibration_loss
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return self.result.layers()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": RESULT_SCHEMA,
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "spdy_version": __version__,
+            "model": self.model,
+            "backend": self.backend,
+            "method": self.result.method,
+            "target_speedup": self.target_speedup,
+            "predicted_speedup": self.predicted_speedup,
+            "dp_target_speedup": self.dp_target_speedup,
+            "latency_correction": self.latency_correction,
+            "fit": list(self.fit),
+            "measured_speedup": self.measured_speedup,
+            "measured_time_s": self.result.measured_time_s,
+            "dense_measured_time_s": self.dense_measured_s,
+            "base_drift": self.base_drift,
+            "calibration_loss": {"dense": self.dense_loss, "pruned": self.calibration_loss},
+            "layers": self.layers,
+            "baselines": {k: (v.to_json() if isinstance(v, Outcome) else {"error": v}) for k, v in self.baselines.items()},
+            "search": {"evaluations": self.n_evaluations, "study": self.study, "storage": self.storage,
+                       "per_evaluation_ms": self.per_evaluation_ms},
+            "profile": self.profile_path,
+            "database": self.database_path,
+            "stage_seconds": self.stage_s,
+            "settings": self.settings,
+            "warnings": list(self.warnings),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def write_outputs(outcome: SearchOutcome, bundle: ModelBundle, database: Any, table: Any,
+                  out: str | os.PathLike[str]) -> SearchOutcome:
+    """``OUT/result.json``, ``OUT/model`` (pruned weights) and ``OUT/profile.png``."""
+    from spdy.export import save_pruned
+    from spdy.report import plot_profile
+
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    outcome = dataclasses.replace(outcome, out=str(o))
+    pruned = bundle.retune_batchnorm(database.stitch(bundle.model, outcome.result.solution, inplace=False))
+    save_pruned(pruned, outcome.layers, o / "model", buffers=batchnorm_state(pruned) if bundle.tune_batchnorm else None,
+                meta={
+        "model": outcome.model, "backend": outcome.backend, "target_speedup": outcome.target_speedup,
+        "predicted_speedup": outcome.predicted_speedup, "measured_speedup": outcome.measured_speedup,
+        "method": outcome.result.method, "calibration_id": bundle.calibration_id,
+    })
+    del pruned
+    bases = {n: b.solution for n, b in outcome.baselines.items() if isinstance(b, Outcome)}
+    meas = f", measured {outcome.measured_speedup:.2f}x" if outcome.measured_speedup else ""
+    plot_profile(table, outcome.result.solution, o / "profile.png", baselines=bases,
+                 title=f"{outcome.model} on {outcome.backend}: target {outcome.target_speedup:g}x, "
+                       f"predicted {outcome.predicted_speedup:.2f}x{meas}")
+    atomic_write_json(o / "result.json", outcome.to_json())
+    return outcome
+
+
+def result_model_dir(result: SearchOutcome | str | os.PathLike[str]) -> Path:
+    """The folder with a search's pruned weights: ``OUT/model`` of a written result (or that folder itself)."""
+    if isinstance(result, SearchOutcome):
+        if result.out is None:
+            raise InvalidInputError("this search result was not written to disk; run spdy.search(..., out=DIR) first")
+        return Path(result.out) / "model"
+    p = Path(result)
+    if (p / "model" / "manifest.json").exists():
+        return p / "model"
+    if (p / "manifest.json").exists():
+        return p
+    raise InvalidInputError(f"{str(p)!r} holds no pruned model (expected OUT/model/manifest.json from 'spdy search -o OUT')")
+
+
+def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``OUT/result.json`` as a dict (``path`` is OUT or the file)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "result.json"
+    d = read_json(p, "search result")
+    if d.get("schema") != RESULT_SCHEMA:
+        raise InvalidInputError(f"{p} is not an spdy search result (schema {d.get('schema')!r})")
+    return d

@@ -1,0 +1,329 @@
+"""The stages before the search: the model bundle, its latency profile, its database, the objective.
+
+``ensure_profile`` and ``ensure_database`` load what was made before or make it:
+a profile is cached per model, grid, backend and hardware fingerprint, a database per
+model, calibration set, grid, method and dense weights, both under :func:`cache_dir`
+(``$SPDY_CACHE``, default ``~/.cache/spdy``). :func:`open_profile`, :func:`open_database`
+and :func:`run_search` are the steps :func:`spdy.search` takes; :class:`Prepared` carries
+what they made to the later stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:  # before torch: torch and the spdy kernels then share one OpenMP pool
+    import spdy.kernels  # noqa: F401
+except ImportError:  # pragma: no cover - numba missing
+    pass
+
+import numpy as np
+from torch import nn
+
+from spdy.errors import InvalidInputError, ProfileMismatchError
+from spdy.grid import DEFAULT_GRID, SparsityGrid
+from spdy.hardware import VOLATILE_KEYS
+from spdy.models.base import ModelBundle, get_module, load_model, resolve_loss
+from spdy.profile import Profile, load_profile, save_profile
+from spdy.types import LatencyTable, LayerSpec
+
+log = logging.getLogger(__name__)
+
+#: ``progress(stage, done, total, info)``: ``stage`` is "profile", "database", "calibrate", "search" or "measure".
+Progress = Callable[[str, int, int, str], None]
+
+
+def cache_dir() -> Path:
+    """Where profiles and databases are cached: ``$SPDY_CACHE`` or ``~/.cache/spdy``."""
+    return Path(os.environ.get("SPDY_CACHE") or Path.home() / ".cache" / "spdy")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name).strip("_")[:60] or "model"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stable_fingerprint(fp: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fp.items() if k not in VOLATILE_KEYS}
+
+
+def profile_cache_path(bundle: ModelBundle, backend: Any, grid: SparsityGrid, specs: Sequence[LayerSpec]) -> Path:
+    """The cached profile's path: model name, layer signature, grid, backend and hardware fingerprint."""
+    key = _digest({"specs": [s.to_json() for s in specs], "grid": grid.to_json(),
+                   "fingerprint": _stable_fingerprint(backend.fingerprint()), "settings": backend.settings()})
+    return cache_dir() / "profiles" / f"{_safe(bundle.name)}-{backend.name}-t{backend.threads}-{key}.json"
+
+
+def database_cache_path(bundle: ModelBundle, grid: SparsityGrid, method: str, specs: Sequence[LayerSpec]) -> Path:
+    """The cached database's folder: model name, calibration set, grid, method and dense weights."""
+    from spdy.database.store import weight_sha256
+
+    weights = [weight_sha256(get_module(bundle.model, s.name).weight) for s in specs]
+    key = _digest({"calibration": bundle.calibration_id, "grid": grid.to_json(), "method": method,
+                   "specs": [s.to_json() for s in specs], "weights": weights})
+    return cache_dir() / "databases" / f"{_safe(bundle.name)}-{method}-{key}"
+
+
+def as_bundle(
+    model: str | ModelBundle | nn.Module,
+    calibration: Sequence[Any] | None = None,
+    *,
+    loss: str | Callable[..., Any] | None = None,
+    forward: Callable[..., Any] | None = None,
+    exclude: Sequence[str] = (),
+    name: str | None = None,
+    **model_kwargs: Any,
+) -> ModelBundle:
+    """A :class:`ModelBundle` from a model spec (``"minilm"``, ``"pkg.mod:factory"``), a bundle,
+    or an ``nn.Module`` with its calibration batches."""
+    if isinstance(model, ModelBundle):
+        bundle = model
+        if calibration is not None:
+            bundle = dataclasses.replace(bundle, calibration=list(calibration), example=None, calibration_id="")
+    elif isinstance(model, str):
+        bundle = load_model(model, exclude=exclude, **model_kwargs)
+        exclude = ()
+        if calibration is not None:
+            bundle = dataclasses.replace(bundle, calibration=list(calibration), example=None, calibration_id="")
+    elif isinstance(model, nn.Module):
+        if calibration is None:
+            raise InvalidInputError(
+                "a torch model needs calibration batches: spdy.search(model, calibration=[batch, ...], ...)"
+            )
+        kw: dict[str, Any] = {"name": name or type(model).__name__, "model": model, "calibration": list(calibration)}
+        if forward is not None:
+            kw["forward"] = forward
+        bundle = ModelBundle(**kw)
+    else:
+        raise InvalidInputError(
+            f"model must be a model name ('minilm'), 'package.module:factory', a ModelBundle or a torch.nn.Module; "
+            f"got {type(model).__name__}"
+        )
+    changes: dict[str, Any] = {}
+    if loss is not None:
+        changes["loss"] = resolve_loss(loss)
+    if forward is not None and not isinstance(model, nn.Module):
+        changes["forward"] = forward
+    if exclude:
+        changes["exclude"] = tuple(bundle.exclude) + tuple(exclude)
+    if name is not None and not isinstance(model, nn.Module):
+        changes["name"] = name
+    return dataclasses.replace(bundle, **changes) if changes else bundle
+
+
+def ensure_profile(
+    bundle: ModelBundle,
+    backend: Any,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    grid: SparsityGrid = DEFAULT_GRID,
+    specs: Sequence[LayerSpec] | None = None,
+    force: bool = False,
+    validate: int = 0,
+    progress: Progress | None = None,
+) -> tuple[Profile, Path, bool]:
+    """Load the profile at ``path`` (or the cached one), or measure and write it there.
+
+    Returns ``(profile, path, measured)``. A profile made for another model or on other
+    hardware raises :class:`ProfileMismatchError` unless ``force``.
+    """
+    from spdy.profilers import profile_model, validate as validate_profile
+
+    specs = list(specs) if specs is not None else bundle.layers()
+    p = Path(path) if path is not None else profile_cache_path(bundle, backend, grid, specs)
+    if p.exists():
+        prof = load_profile(p, specs=specs, fingerprint=backend.fingerprint(), force=force)
+        if prof.backend != backend.name:
+            raise ProfileMismatchError(
+                f"profile {str(p)!r} was measured with backend {prof.backend!r}, not {backend.name!r}; "
+                f"pass --backend {prof.backend} or another --profile"
+            )
+        log.info("using profile %s", p)
+        return prof, p, False
+    log.info("measuring a latency profile of %s on %s (%d layers x %d levels) into %s",
+             bundle.name, backend.name, len(specs), len(grid), p)
+    cb = (lambda d, t, w: progress("profile", d, t, w)) if progress else None
+    prof = profile_model(bundle, backend, grid, specs=specs, progress=cb)
+    if validate:
+        prof = prof.with_validation(validate_profile(prof, bundle, backend, k=validate))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(prof, p)
+    return prof, p, True
+
+
+def ensure_database(
+    bundle: ModelBundle,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    grid: SparsityGrid = DEFAULT_GRID,
+    method: str = "obs",
+    specs: Sequence[LayerSpec] | None = None,
+    progress: bool = False,
+) -> Any:
+    """Open the database at ``path`` (or the cached one), building or resuming it if needed."""
+    from spdy.database import Database, build_database
+
+    specs = list(specs) if specs is not None else bundle.layers()
+    p = Path(path) if path is not None else database_cache_path(bundle, grid, method, specs)
+    if (p / "manifest.json").exists():
+        db = Database.open(p, require_complete=False)
+        if not db.missing:
+            db.check_compatible(bundle, grid)
+            if db.method != method and path is None:
+                raise ProfileMismatchError(f"cached database {p} holds method {db.method!r}, not {method!r}")
+            log.info("using database %s (%s)", p, db.method)
+            return db
+        db.close()
+    log.info("building the %s reconstruction database of %s into %s", method, bundle.name, p)
+    return build_database(bundle, p, grid, method=method, progress=progress)
+
+
+class CalibrationObjective:
+    """``levels -> calibration loss``: stitch a working copy from the database, run the calibration set.
+
+    The dense model's outputs are computed once. A model with BatchNorm gets its running
+    statistics re-estimated after each stitch (``bundle.tune_batchnorm``). Times spent stitching and evaluating
+    are accumulated in ``stitch_s`` and ``loss_s`` (``calls`` evaluations).
+    """
+
+    def __init__(self, bundle: ModelBundle, database: Any, layers: Sequence[str]) -> None:
+        self.bundle = bundle
+        self.db = database
+        self.layers = tuple(layers)
+        t0 = time.perf_counter()
+        self.dense_outputs = bundle.outputs()
+        self.work = copy.deepcopy(bundle.model).eval()
+        self.dense_loss = bundle.calibration_loss(bundle.model, self.dense_outputs)
+        self.dense_s = time.perf_counter() - t0
+        self.stitch_s = self.loss_s = 0.0
+        self.calls = 0
+
+    def __call__(self, levels: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        self.db.stitch(self.work, {n: int(lv) for n, lv in zip(self.layers, levels)})
+        t1 = time.perf_counter()
+        self.bundle.retune_batchnorm(self.work)  # counted in loss_s: one more pass over the calibration set
+        loss = self.bundle.calibration_loss(self.work, self.dense_outputs)
+        self.stitch_s += t1 - t0
+        self.loss_s += time.perf_counter() - t1
+        self.calls += 1
+        return float(loss)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the stages before the search made: the model, the backend it is timed on, its
+    latency profile (``profile_path``: None when given as an object) and its database."""
+
+    bundle: ModelBundle
+    backend: Any
+    profile: Profile
+    profile_path: Path | None
+    database: Any
+
+    @property
+    def table(self) -> LatencyTable:
+        return self.profile.table
+
+
+def open_profile(
+    bundle: ModelBundle,
+    backend: Any,
+    profile: str | os.PathLike[str] | Profile | None,
+    specs: Sequence[LayerSpec],
+    *,
+    grid: SparsityGrid | None,
+    force: bool,
+    progress: Progress | None,
+) -> tuple[Profile, Path | None]:
+    """The profile for :func:`spdy.search`: a given :class:`Profile` (checked against the model
+    and, unless ``force``, the hardware) or :func:`ensure_profile`'s; its grid must be ``grid``."""
+    if isinstance(profile, Profile):
+        prof, prof_path = profile, None
+        prof.check_model(specs)
+        if not force:
+            prof.check_hardware(backend.fingerprint())
+    else:
+        prof, prof_path, _ = ensure_profile(bundle, backend, path=profile, grid=grid or DEFAULT_GRID, specs=specs,
+                                            force=force, progress=progress)
+    table = prof.table
+    if grid is not None and tuple(grid.levels) != tuple(table.grid.levels):
+        raise ProfileMismatchError(f"the profile has a {len(table.grid)}-level grid, not the {len(grid)} levels asked for")
+    return prof, prof_path
+
+
+def open_database(
+    bundle: ModelBundle,
+    table: LatencyTable,
+    database: str | os.PathLike[str] | Any | None,
+    specs: Sequence[LayerSpec],
+    *,
+    method: str,
+    progress: Progress | None,
+) -> Any:
+    """The database for :func:`spdy.search`: an open one (checked against the model) or
+    :func:`ensure_database`'s; its layers must be the profile's."""
+    if database is None or isinstance(database, (str, os.PathLike)):
+        db = ensure_database(bundle, path=database, grid=table.grid, method=method, specs=specs,
+                             progress=progress is not None)
+    else:
+        db = database
+        db.check_compatible(bundle, table.grid)
+    if tuple(db.layers) != tuple(table.layers):
+        raise ProfileMismatchError(
+            f"the database's layers ({len(db.layers)}) differ from the profile's ({len(table.layers)}); "
+            "were they made with the same --exclude?"
+        )
+    return db
+
+
+def run_search(
+    prepared: Prepared,
+    objective: CalibrationObjective,
+    config: Any,
+    *,
+    storage: str | None,
+    study_name: str,
+    correction: Mapping[str, Any] | None,
+    progress: Progress | None,
+) -> tuple[Any, Any, dict[str, float]]:
+    """Run (or resume, or join) the sensitivity search for ``config`` (a
+    :class:`spdy.sensitivity.SearchConfig` whose ``speedup`` is the DP's target).
+
+    The study is signed with what its losses depend on (model, calibration set, database
+    method, profile, schedule), so a study in a shared storage is never continued by a
+    different search; the latency ``correction`` is stored with it for a resumed search.
+    Returns ``(search, result, per-evaluation milliseconds of DP, stitch and loss)``.
+    """
+    from spdy.sensitivity import Schedule, Search
+
+    table = prepared.table
+    signature = {"model": prepared.bundle.name, "calibration": prepared.bundle.calibration_id,
+                 "database_method": prepared.database.method,
+                 "profile": _digest(table.times.round(12).tolist() + [table.base_s]),
+                 "k": Schedule.for_config(len(table.layers), config).k, "delta": config.delta,
+                 "buckets": config.buckets}
+    srch = Search(table, objective, config, storage=storage, study_name=study_name, signature=signature)
+    if correction and "latency_correction" not in srch.study.user_attrs:
+        srch.study.set_user_attr("latency_correction", dict(correction))
+    cb = (lambda d, t, best: progress("search", d, t, f"best loss {best:.4g}")) if progress else None
+    res = srch.run(progress=cb)
+    per_eval: dict[str, float] = {}
+    if objective.calls:
+        per_eval = {"dp": srch.stage_s["dp"] / max(1, objective.calls) * 1e3,
+                    "stitch": objective.stitch_s / objective.calls * 1e3,
+                    "loss": objective.loss_s / objective.calls * 1e3}
+    return srch, res, per_eval
