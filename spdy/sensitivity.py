@@ -24,12 +24,13 @@ the next start, so a killed search resumes without losing or repeating work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,6 @@ from spdy.errors import InvalidInputError
 from spdy.types import LatencyTable, Solution
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STRATEGIES = ("spdy", "tpe", "cmaes", "random")
 Objective = Callable[[np.ndarray], float]
@@ -66,8 +66,7 @@ class SearchConfig:
     stale_after_s: float = 900.0
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.speedup) or self.speedup <= 1:
-            raise InvalidInputError(f"speedup must be greater than 1; got {self.speedup}")
+        dp.parse_speedup(self.speedup)
         if self.strategy not in STRATEGIES:
             raise InvalidInputError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         if self.k is not None and self.k < 1:
@@ -140,6 +139,21 @@ def make_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     return optuna.storages.JournalStorage(backend)
 
 
+@contextlib.contextmanager
+def optuna_warnings_only() -> Iterator[None]:
+    """Within: Optuna logs warnings and errors only (not a line per trial), unless it was set quieter.
+
+    Optuna's level is process-wide, so it is raised only while spdy drives a study and
+    restored afterwards.
+    """
+    prev = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(prev, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(prev)
+
+
 def _sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
     if strategy == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
@@ -184,13 +198,14 @@ class Search:
         dp.warmup()
         # fail fast on an unreachable target, before any storage is touched
         self._solve_prior(None)
-        self.study = optuna.create_study(
-            storage=make_storage(storage),
-            study_name=study_name,
-            direction="minimize",
-            sampler=_sampler(config.strategy, config.seed),
-            load_if_exists=True,
-        )
+        with optuna_warnings_only():
+            self.study = optuna.create_study(
+                storage=make_storage(storage),
+                study_name=study_name,
+                direction="minimize",
+                sampler=_sampler(config.strategy, config.seed),
+                load_if_exists=True,
+            )
         self._check_signature(signature or {})
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._loss_cache: dict[bytes, float] = {}
@@ -305,6 +320,10 @@ class Search:
 
     def run(self, progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
         """Work on the study until it holds ``schedule.total`` evaluations; returns the best."""
+        with optuna_warnings_only():
+            return self._run(progress)
+
+    def _run(self, progress: Callable[[int, int, float], None] | None) -> SearchResult:
         t_start = time.perf_counter()
         while True:
             trial_obj: Any

@@ -206,3 +206,21 @@ def test_refine_at_a_new_budget_is_no_worse_than_the_old_best_coefficients() -> 
     assert s.refine(2.3, evals=10)[2] < objective(s.solve(res.coefficients, 2.3).levels)
     # seeded: the same refinement twice gives the same answer
     assert np.array_equal(s.refine(2.3, evals=10)[0], s.refine(2.3, evals=10)[0])
+
+
+def test_no_process_wide_state_changes_on_import(tmp_path):
+    """Importing spdy's modules leaves Optuna's log level alone; a search raises it only while it drives a study."""
+    import subprocess
+    import sys
+
+    code = (
+        "import optuna, logging\n"
+        "optuna.logging.set_verbosity(optuna.logging.DEBUG)\n"
+        "import spdy.api, spdy.sensitivity, spdy.measure, spdy.stages, spdy.results\n"
+        "assert optuna.logging.get_verbosity() == optuna.logging.DEBUG, optuna.logging.get_verbosity()\n"
+        "from spdy.sensitivity import optuna_warnings_only\n"
+        "with optuna_warnings_only():\n"
+        "    assert optuna.logging.get_verbosity() == optuna.logging.WARNING\n"
+        "assert optuna.logging.get_verbosity() == optuna.logging.DEBUG\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -8,7 +8,6 @@ distance of the mean-pooled embeddings to the dense model's.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,16 +65,15 @@ def lee50_docs() -> list[str]:
 
 
 def load_encoder() -> tuple[nn.Module, Any]:
-    """The MiniLM encoder (no pooler: the embedding is a mean over tokens) and its tokenizer."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """The MiniLM encoder (no pooler: the embedding is a mean over tokens) and its tokenizer.
+
+    Both load from the package's folder only (``local_files_only``: no network access).
+    """
     transformers = _require("transformers")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     path = model_dir()
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path))
-        model = transformers.AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
     except Exception as exc:  # transformers raises many types here
         raise ModelLoadError(f"loading all-MiniLM-L6-v2 from {path} failed: {exc}") from exc
     model.eval()

@@ -50,3 +50,16 @@ def test_lee50_benchmark_on_dense_model() -> None:
     # the dense model agrees with human ratings (a random encoder would be near 0)
     assert 0.5 < r["pearson"] < 0.9 and 0.3 < r["spearman"] < 0.9
     assert minilm.heldout_cosine(model, model, tok, first=295) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_load_encoder_leaves_the_process_alone() -> None:
+    """Loading reads the package's folder only and changes no environment variable or log level."""
+    import logging
+    import os
+
+    pytest.importorskip("transformers")
+    env = dict(os.environ)
+    level = logging.getLogger("transformers").getEffectiveLevel()
+    model, tok = minilm.load_encoder()
+    assert dict(os.environ) == env
+    assert logging.getLogger("transformers").getEffectiveLevel() == level
