@@ -523,8 +523,7 @@ def solve(table: ChoiceTable, errors: np.ndarray, speedup: float, buckets: int =
     are ignored (they may be NaN or inf). Raises :class:`InfeasibleBudgetError` with the
     largest reachable speedup when even the fastest available choices are too slow.
     """
-    if not math.isfinite(speedup) or speedup <= 1.0:
-        raise InvalidInputError(f"speedup must be greater than 1; got {speedup!r}")
+    speedup = dp.parse_speedup(speedup)
     e = np.array(errors, dtype=np.float64)
     if e.shape != table.times.shape:
         raise InvalidInputError(f"error scores have shape {e.shape}; expected {table.times.shape} (layers x choices)")

@@ -1,8 +1,9 @@
 """The ``spdy`` command: a thin layer over the library API.
 
 Each stage module registers its own subcommand with ``register(subparsers)``;
-this file only wires them, sets up logging and turns errors into one clear line
-(a traceback only with ``--debug``).
+this file only wires them, sets up logging and is the one error boundary: every
+:class:`~spdy.errors.SpdyError` and every ``OSError`` (a file that cannot be read or
+written) becomes one line on stderr and exit status 1 (a traceback only with ``--debug``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,11 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """For this command's process: transformers logs errors only and Hugging Face shows no
+    progress bars (read by those libraries when they are first imported)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        _quiet_libraries()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -81,6 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `spdy solve ... | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a file that cannot be read or written
+        if args.debug:
+            raise
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; completed work is kept and the command resumes where it stopped", file=sys.stderr)
         return 130

@@ -181,16 +181,23 @@ def prior_errors(n_layers: int, n_levels: int, coefficients: np.ndarray | None =
 
 
 def parse_speedup(value: str | float) -> float:
-    """Accept ``2.5x``, ``2.5X``, ``2.5`` or a number; require a finite value > 1."""
-    text = str(value).strip()
-    raw = text[:-1] if text[-1:] in ("x", "X") else text
+    """The one check of a speedup target: ``2.5x``, ``2.5X``, ``"2.5"`` or a number, finite and > 1.
+
+    Every entry point (the CLI, :func:`spdy.search`, :func:`solve`, the search's config)
+    checks its target here, so a bad one always gets the same message.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        raw = text[:-1] if text[-1:] in ("x", "X") else text
+    else:
+        raw = value
     try:
         s = float(raw)
-    except ValueError:
-        raise InvalidInputError(f"speedup must be a number like 2.5x or 2.5; got {value!r}") from None
+    except (TypeError, ValueError):
+        s = math.nan
     if not math.isfinite(s) or s <= 1.0:
         raise InvalidInputError(
-            f"speedup must be greater than 1 (e.g. 1.5x); got {value!r}. A speedup of 1 is the dense model."
+            f"speedup must be a number greater than 1, such as 1.5x or 2; got {value!r} (1x is the dense model)"
         )
     return s
 
@@ -258,8 +265,7 @@ def solve_budget(
 
 def solve(table: LatencyTable, errors: np.ndarray, speedup: float, buckets: int = DEFAULT_BUCKETS) -> Solution:
     """The best profile for ``speedup`` over the dense model, counting every layer and the base time."""
-    if not math.isfinite(speedup) or speedup <= 1.0:
-        raise InvalidInputError(f"speedup must be greater than 1; got {speedup!r}")
+    speedup = parse_speedup(speedup)
     e = _check_errors(errors, table.times.shape)
     budget = table.budget_for(speedup)
     max_speedup = table.max_speedup()

@@ -29,6 +29,10 @@ coefficient 1 is used: e[l][i] = (i / (|S| - 1))^2.
 """
 
 
+#: The JSON form of an errors file, as messages describe it.
+JSON_ERRORS_FORM = '{"layer name": [one score per level], ...}'
+
+
 def read_errors(path: str | Path, profile: Profile) -> np.ndarray:
     """Error scores [L, S] for the profile's layers, from JSON (by layer name) or a text matrix."""
     p = Path(path)
@@ -37,12 +41,25 @@ def read_errors(path: str | Path, profile: Profile) -> np.ndarray:
     layers = profile.table.layers
     text = p.read_text(encoding="utf-8")
     if text.lstrip().startswith("{"):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(
+                f"errors file {str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                f"expected {JSON_ERRORS_FORM} or a text matrix; fix the file or pass another --errors"
+            ) from None
         data = data.get("errors", data)
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"errors file {str(p)!r} holds {type(data).__name__} under 'errors'; "
+                                    f"expected {JSON_ERRORS_FORM}")
         missing = [n for n in layers if n not in data]
         if missing:
             raise InvalidInputError(f"errors file {p} has no scores for layers {missing[:5]} (of {len(missing)})")
-        return np.array([data[n] for n in layers], dtype=np.float64)
+        try:
+            return np.array([data[n] for n in layers], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"errors file {str(p)!r} holds scores that are not one number per level for "
+                                    f"every layer; expected {JSON_ERRORS_FORM}") from None
     try:
         arr = np.loadtxt(p, ndmin=2, delimiter="," if "," in text else None)
     except ValueError as exc:

@@ -349,6 +349,11 @@ def load_model(spec: str, *, exclude: Sequence[str] = (), loss: str | None = Non
         bundle = load_minilm(**kwargs)
     elif ":" in spec:
         mod_name, _, fn_name = spec.partition(":")
+        if not all(part.isidentifier() for part in mod_name.split(".")) or not fn_name.isidentifier():
+            raise ModelLoadError(
+                f"model {spec!r} is not of the form 'package.module:factory' (a module path, one colon, a function "
+                "name); pass a built-in name (" + ", ".join(BUILTIN_MODELS) + ") or e.g. spdy.examples.digits:factory"
+            )
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as exc:
