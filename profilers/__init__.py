@@ -26,7 +26,7 @@ from spdy.profilers.base import (  # noqa: E402
     get_backend,
     register,
 )
-from spdy.profilers.profiler import profile_model, validate, validation_error  # noqa: E402
+from spdy.profilers.profiler import profile_model, signed_validation_error, validate, validation_error  # noqa: E402
 
 __all__ = [
     "DENSE",
@@ -44,5 +44,6 @@ __all__ = [
     "profile_model",
     "register",
     "validate",
+    "signed_validation_error",
     "validation_error",
 ]

@@ -332,6 +332,13 @@ class Backend(ABC):
         runtime shares one pool. Default: one pool for everything."""
         return "default"
 
+    def shares_layer_measurements(self) -> bool:
+        """True when a layer's time depends only on its shape group (kind, weight and input shape,
+        bias, geometry; :func:`spdy.profilers.in_model.group_key`) and its pruned weight, not on
+        the model around it: the profiler then times a group's layers in turns rather than each
+        one in full. Backends whose layer runners are standalone modules or sessions qualify."""
+        return True
+
     def dense_time_is_level_independent(self) -> bool:
         """True when the dense kernel's speed does not depend on how many weights are zero,
         so it is timed once per layer rather than at every level."""

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from spdy.errors import InvalidInputError
     from spdy.models.base import load_model
     from spdy.profile import load_profile, save_profile
-    from spdy.profilers import get_backend, profile_model, validate, validation_error
+    from spdy.profilers import get_backend, profile_model, validate
 
     if args.validate < 0:
         raise InvalidInputError(f"--validate must be >= 0; got {args.validate}")
@@ -164,16 +164,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"{stats['discarded']} of {stats['samples'] + stats['discarded']} samples discarded: other processes "
               "competed for the CPU" + (" (gave up waiting; re-run on a quiet machine)" if stats["busy_giveups"] else ""))
     if profile.validation:
-        print(f"{'predicted ms':>13} {'measured ms':>12} {'error':>7}")
-        for r in profile.validation:
-            print(f"{r['predicted_s'] * 1e3:13.2f} {r['measured_s'] * 1e3:12.2f} "
-                  f"{(r['predicted_s'] / r['measured_s'] - 1) * 100:+6.1f}%")
-        err = validation_error(profile.validation)
-        if not math.isnan(err):
-            print(f"median |predicted - measured| / measured: {err * 100:.1f}% over {len(profile.validation)} models")
-        base_now = profile.validation[-1].get("base_measured_s")
-        if base_now:
-            print(f"base model now {base_now * 1e3:.2f} ms vs {t.base_s * 1e3:.2f} ms in the profile "
-                  f"({(base_now / t.base_s - 1) * 100:+.1f}%: the machine's drift since the profile)")
+        _print_validation(profile)
     print(f"wrote {args.output}")
     return 0
+
+
+def _print_validation(profile: Any) -> None:
+    from spdy.profilers import signed_validation_error, validation_error
+
+    t = profile.table
+    print(f"{'predicted':>10} {'measured':>9} {'error':>7}   (speedup over the dense model; error: predicted / measured time - 1)")
+    for r in profile.validation:
+        err = r.get("error", r["predicted_s"] / r["measured_s"] - 1)
+        pred = r.get("predicted_speedup", t.dense_total_s / r["predicted_s"])
+        meas = r.get("measured_speedup", float("nan"))
+        print(f"{pred:9.2f}x {meas:8.2f}x {err * 100:+6.1f}%")
+    err = validation_error(profile.validation)
+    if not math.isnan(err):
+        print(f"median |predicted - measured| / measured: {err * 100:.1f}% (signed: "
+              f"{signed_validation_error(profile.validation) * 100:+.1f}%) over {len(profile.validation)} models")
+    base_now = profile.validation[-1].get("base_measured_s")
+    if base_now:
+        print(f"base model now {base_now * 1e3:.2f} ms vs {t.base_s * 1e3:.2f} ms in the profile "
+              f"({(base_now / t.base_s - 1) * 100:+.1f}%: the machine's drift since the profile)")

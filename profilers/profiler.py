@@ -2,19 +2,25 @@
 
 ``profile_model`` times every prunable layer at every grid level (the fastest kernel
 format the runtime offers at that level) plus the base time, measured in the same
-runtime as the model with every prunable layer replaced by a zero-cost stand-in
-(interleaved with runs of the whole model, so that its caches are as cold as in a
-real forward), so that ``base + sum_l t[l][s_l]`` predicts the whole model's time.
+runtime as the model with every prunable layer replaced by a zero-cost stand-in, so
+that ``base + sum_l t[l][s_l]`` predicts the whole model's time. No time in the table
+depends on when it was measured: levels are kept as ratios to the dense kernel timed
+interleaved with them, and one interleaved measurement of the dense layers, the base
+and the dense model sets the scale. Sparse layers' times are in-model times
+(:mod:`spdy.profilers.in_model`).
 
-``validate`` draws random level vectors, runs each pruned model end to end in that
-runtime (interleaved with one another), and records predicted against measured time.
+``validate`` draws random pruned models, runs each end to end in that runtime
+(interleaved with one another and with the dense model), and records predicted
+against measured time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,14 +29,22 @@ from spdy.errors import InvalidInputError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
-from spdy.profilers.base import DENSE, STANDIN, Backend, LayerChoice, Timing
-from spdy.profilers.pruning import LevelPruner, random_level_vectors
+from spdy.profilers.base import DENSE, NO_KERNEL, STANDIN, Backend, LayerChoice, LevelTiming, Timing
+from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
+from spdy.profilers.pruning import LevelPruner
 from spdy.types import LatencyTable, LayerSpec
 
 log = logging.getLogger(__name__)
 
 #: ``progress(done, total, what)``: called after each step (one per layer, base, validation).
 Progress = Callable[[int, int, str], None]
+#: ``(spec, dense weight, bias, real input)`` of one prunable layer.
+_Layer = tuple[LayerSpec, np.ndarray, "np.ndarray | None", np.ndarray]
+#: Random pruned models the in-model terms are fitted on.
+DEFAULT_FIT_MODELS = 24
+#: The fit's random models are drawn with ``seed + FIT_SEED_OFFSET``, so that :func:`validate`
+#: (``seed``) checks the terms on other models.
+FIT_SEED_OFFSET = 10_000
 
 
 def _weight_bias(bundle: ModelBundle, name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -57,6 +71,165 @@ def model_settings(bundle: ModelBundle, specs: Sequence[LayerSpec]) -> dict[str,
     return out
 
 
+@dataclass
+class _Group:
+    """Layers measured together: one shape group (or one layer, when measurements are not shared)."""
+
+    key: str
+    members: list[int]
+    # per entry (grid levels, then patterns), per format: (ratio to dense, spread) of each pass
+    ratios: list[dict[str, list[tuple[float, float]]]] = field(default_factory=list)
+    dense_pass_s: list[float] = field(default_factory=list)
+
+    def median_ratios(self, entry: int) -> dict[str, tuple[float, float]]:
+        return {f: (float(np.median([r for r, _ in v])), float(np.median([s for _, s in v])))
+                for f, v in self.ratios[entry].items()}
+
+
+def _capture_layers(bundle: ModelBundle, specs: Sequence[LayerSpec]) -> list[_Layer]:
+    from spdy.profilers.torch_backends import capture_layer_io
+
+    io = capture_layer_io(bundle.model, bundle.example, bundle.forward, [s.name for s in specs])
+    layers = []
+    for spec in specs:
+        w, b = _weight_bias(bundle, spec.name)
+        layers.append((spec, w, b, io[spec.name][0].float().numpy()))
+    return layers
+
+
+def _measurement_groups(backend: Backend, specs: Sequence[LayerSpec]) -> list[_Group]:
+    """Shape groups when the backend's layer times do not depend on the model around the layer."""
+    if not backend.shares_layer_measurements():
+        return [_Group(s.name, [i]) for i, s in enumerate(specs)]
+    keys, index = layer_groups(specs)
+    return [_Group(k, [int(i) for i in np.flatnonzero(index == g)]) for g, k in enumerate(keys)]
+
+
+def _n_passes(backend: Backend, groups: Sequence[_Group]) -> int:
+    """The policy's passes; with shared measurements, up to 4x as many (the time saved goes into
+    passes, each timing another member of every group)."""
+    p = max(1, backend.policy.passes)
+    return max(p, min(max(len(g.members) for g in groups), 4 * p))
+
+
+def _time_groups(
+    backend: Backend, layers: Sequence[_Layer], groups: list[_Group], levels: Sequence[float],
+    patterns: Sequence[str], progress: Progress | None, total: int,
+    after_pass: Callable[[int], None] | None = None,
+) -> None:
+    """Every group at every level, in round-robin passes; each pass keeps ratios to the dense
+    kernel timed interleaved with the levels, so a slow minute cancels out."""
+    passes = _n_passes(backend, groups)
+    step = 0
+    for p in range(passes):
+        if p and after_pass is not None:
+            after_pass(p)
+        for g in (groups if p % 2 == 0 else groups[::-1]):
+            spec, w, b, x = layers[g.members[p % len(g.members)]]
+            allowed = None
+            if g.ratios:
+                allowed = [_competitive_formats(g.median_ratios(e), backend.policy.race_ratio)
+                           for e in range(len(g.ratios))]
+            lts = backend.time_layer_levels(spec, w, b, levels, x, allowed, patterns=patterns)
+            _add_ratios(g, lts, backend.layer_call_overhead_s())
+            step += 1
+            if progress is not None:
+                progress(step, total, spec.name)
+
+
+def _add_ratios(g: _Group, lts: Sequence[LevelTiming], overhead: float) -> None:
+    ref = max(lts[0].candidates[DENSE].median_s - overhead, 1e-12)
+    g.dense_pass_s.append(ref)
+    if not g.ratios:
+        g.ratios = [{} for _ in lts]
+    for e, lt in enumerate(lts):
+        for f, t in lt.candidates.items():
+            g.ratios[e].setdefault(f, []).append((max(t.median_s - overhead, 0.0) / ref, t.spread))
+
+
+def _competitive_formats(ratios: dict[str, tuple[float, float]], race_ratio: float) -> tuple[str, ...]:
+    if not ratios:
+        return ()
+    best = min(r for r, _ in ratios.values())
+    return tuple(f for f, (r, _) in ratios.items() if f == DENSE or r <= race_ratio * best)
+
+
+def _anchor(
+    backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
+) -> tuple[np.ndarray, Timing, Timing]:
+    """One long interleaved measurement of every group's dense layer, the base model (stand-ins)
+    and the dense model: the absolute scale of the ratios, all from the same minutes."""
+    runners = []
+    for g in groups:
+        spec, w, b, x = layers[g.members[0]]
+        runners.append(backend.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
+    names = [spec.name for spec, *_ in layers]
+    runners.append(backend.model_runner(bundle, {n: LayerChoice(STANDIN) for n in names}))
+    dense_plan = {}  # the unpruned model, each layer in the fastest format at level 0 (what the table predicts)
+    for g in groups:
+        fmt = min(g.median_ratios(0).items(), key=lambda kv: (kv[1][0], kv[0] != DENSE))[0]
+        for i in g.members:
+            spec, w, b, _ = layers[i]
+            dense_plan[spec.name] = LayerChoice(fmt, w, b, 0.0)
+    runners.append(backend.model_runner(bundle, dense_plan))
+    policy = backend.policy.for_models()
+    timings = backend.measure(runners, policy=replace(policy, min_repeats=2 * policy.min_repeats,
+                                                          max_repeats=2 * policy.max_repeats,
+                                                          max_seconds=2 * policy.max_seconds))
+    overhead = backend.layer_call_overhead_s()
+    dense_layer = np.array([max(t.median_s - overhead, 0.0) for t in timings[:len(groups)]])
+    return dense_layer, timings[-2], timings[-1]
+
+
+def _candidate_times(groups: Sequence[_Group], dense_layer: np.ndarray, n_layers: int
+                     ) -> list[list[dict[str, tuple[float, float]]]]:
+    """``[layer][entry] -> {format: (seconds alone, spread)}``: each group's ratios times its anchored dense time."""
+    out: list[list[dict[str, tuple[float, float]]]] = [[] for _ in range(n_layers)]
+    for g, d in zip(groups, dense_layer):
+        per_entry = [{f: (r * d, s) for f, (r, s) in g.median_ratios(e).items()} for e in range(len(g.ratios))]
+        for i in g.members:
+            out[i] = per_entry
+    return out
+
+
+def _pick(cands: dict[str, tuple[float, float]], terms: InModelTerms | None) -> tuple[str, float, float]:
+    """The fastest format of one entry (in-model time when ``terms`` is given): (format, seconds, spread)."""
+    if not cands:
+        return NO_KERNEL, math.inf, math.nan
+    def cost(f: str) -> float:
+        t = cands[f][0]
+        return t if terms is None or f == DENSE else terms.apply(t)
+    f = min(cands, key=lambda f: (cost(f), f != DENSE))
+    return f, cost(f), cands[f][1]
+
+
+def _table_arrays(cands: Sequence[Sequence[dict[str, tuple[float, float]]]], terms: InModelTerms | None
+                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    picked = [[_pick(c, terms) for c in entries] for entries in cands]
+    times = np.array([[p[1] for p in row] for row in picked])
+    spread = np.array([[p[2] for p in row] for row in picked])
+    formats = [tuple(p[0] for p in row) for row in picked]
+    return times, spread, formats
+
+
+def _consistency(groups: Sequence[_Group], grid: SparsityGrid) -> dict[str, Any]:
+    """Per group: members timed, passes, and how far the passes' ratios (each pass another member,
+    another minute) and raw dense times were apart (max / min)."""
+    out = {}
+    for g in groups:
+        per_level = []
+        for e in range(1, len(grid)):
+            best = min(g.median_ratios(e).items(), key=lambda kv: kv[1][0])[0]
+            rs = [r for r, _ in g.ratios[e][best]]
+            per_level.append(max(rs) / max(min(rs), 1e-12))
+        out[g.key] = {"layers": len(g.members), "passes": len(g.dense_pass_s),
+                      "members_timed": min(len(g.members), len(g.dense_pass_s)),
+                      "ratio_max_over_min": {"median": float(np.median(per_level)) if per_level else 1.0,
+                                             "max": float(np.max(per_level)) if per_level else 1.0},
+                      "dense_pass_max_over_min": float(max(g.dense_pass_s) / min(g.dense_pass_s))}
+    return out
+
+
 def profile_model(
     bundle: ModelBundle,
     backend: Backend,
@@ -64,94 +237,146 @@ def profile_model(
     specs: Sequence[LayerSpec] | None = None,
     progress: Progress | None = None,
     patterns: Sequence[str] | str = (),
+    fit_models: int = DEFAULT_FIT_MODELS,
+    seed: int = 0,
 ) -> Profile:
     """Measure the latency table of ``bundle``'s prunable layers on ``backend``.
 
+    1. Layers of one shape group (:func:`~spdy.profilers.in_model.group_key`) share one
+       measurement when the backend allows it; every pass times one member of every group
+       (another member each pass) at every level, interleaved with its dense kernel, and
+       keeps the *ratios*. Passes run round-robin over the groups.
+    2. Between passes, ``fit_models`` random pruned models in all
+       (:func:`~spdy.profilers.in_model.spanning_level_vectors`) are timed end to end, each
+       round interleaved with the unpruned model: the in-model terms of sparse layers are
+       fitted on them (:mod:`spdy.profilers.in_model`; 0 = off, the table then holds loop times).
+    3. One long interleaved measurement of each group's dense layer, the base model (every
+       prunable layer a stand-in) and the dense model turns the ratios into seconds.
+
     ``patterns`` (``"2:4"``, ...) also times each layer with its weight pruned to that N:M
-    pattern, in the backend's kernels for it (:meth:`Backend.pattern_formats`) or dense,
-    and records it in the profile's ``pattern_times`` (``+inf`` where the backend has no
-    kernel for the pattern on that layer; see :mod:`spdy.choices`).
+    pattern (:meth:`Backend.pattern_formats`) and records it in ``pattern_times``.
     """
     from spdy.choices import parse_patterns
-    from spdy.profilers.torch_backends import capture_layer_io
 
     patterns = parse_patterns(patterns)
     specs = list(specs) if specs is not None else bundle.layers()
-    names = [s.name for s in specs]
     t_start = time.perf_counter()
-    io = capture_layer_io(bundle.model, bundle.example, bundle.forward, names)
-    layers = []
-    for spec in specs:
-        w, b = _weight_bias(bundle, spec.name)
-        layers.append((spec, w, b, io[spec.name][0].float().numpy()))
-    del io
-    passes = max(1, backend.policy.passes)
-    total = len(specs) * passes + 1
-    base_plan = {n: LayerChoice(STANDIN) for n in names}
-    # The base is timed interleaved with the whole unpruned model: alone, its own data stays in
-    # the caches from one call to the next (measured 2.6 ms for MiniLM on spdy-cpu), while
-    # inside a real forward the layers' weights stream through them in between (3.2 ms).
-    context_plan = {spec.name: LayerChoice(DENSE, w, b, 0.0) for spec, w, b, _ in layers}
-    base_runs: list[Timing] = []
-    results = backend.time_layers(
-        layers, grid.levels, on_layer=(lambda d, _t, w: progress(d, total, w)) if progress else None,
-        after_pass=lambda _p: base_runs.append(backend.time_models(bundle, [base_plan, context_plan])[0]),
-        **({"patterns": patterns} if patterns else {}),
-    )
-    S = len(grid)
-    pattern_results = [lts[S:] for lts in results]
-    results = [lts[:S] for lts in results]
-    times = np.array([[lt.time_s for lt in lts] for lts in results])
-    spread = np.array([[lt.spread for lt in lts] for lts in results])
-    formats = [tuple(lt.fmt for lt in lts) for lts in results]
-    pattern_fields: dict[str, Any] = {}
-    if patterns:
-        pattern_fields = {
-            "patterns": patterns,
-            "pattern_times": np.array([[lt.time_s for lt in lts] for lts in pattern_results]),
-            "pattern_spread": np.array([[lt.spread for lt in lts] for lts in pattern_results]),
-            "pattern_formats": tuple(tuple(lt.fmt for lt in lts) for lts in pattern_results),
-        }
-        for k, p in enumerate(patterns):
-            n_kernel = int(np.isfinite(pattern_fields["pattern_times"][:, k]).sum())
-            if n_kernel == 0:
-                log.warning("%s has no %s kernel for any layer of %s; the pattern is not a choice here",
-                            backend.name, p, bundle.name)
-            else:
-                log.info("%s: %d of %d layers have a %s kernel", backend.name, n_kernel, len(specs), p)
-    dense_plan = {}  # the unpruned model, each layer in its fastest format at level 0 (what dense_total_s predicts)
-    for spec, (_, w, b, _), fmts in zip(specs, layers, formats):
-        dense_plan[spec.name] = LayerChoice(fmts[0], w, b, 0.0)
-    # the base: median over the passes (timed after each); the unpruned model once, as a check
-    base_s = float(np.median([t.median_s for t in base_runs]))
-    base_spread = float(np.median([t.spread for t in base_runs]))
-    dense = backend.time_model(bundle, dense_plan)
+    layers = _capture_layers(bundle, specs)
+    groups = _measurement_groups(backend, specs)
+    passes = _n_passes(backend, groups)
+    total = passes * len(groups) + 2
+    fit = _FitRounds(backend, bundle, layers, groups, grid.levels, fit_models, passes, seed)
+    _time_groups(backend, layers, groups, grid.levels, patterns, progress, total, after_pass=fit.round)
+    fit.round(passes)
+    dense_layer, base, dense = _anchor(backend, bundle, layers, groups)
     if progress:
-        progress(total, total, "base")
-    table = LatencyTable(tuple(names), grid, times, base_s, backend.fingerprint())
-    predicted_dense = table.dense_total_s
-    log.info("base %.2f ms (spread %.1f%%); dense model measured %.2f ms, predicted %.2f ms (%+.1f%%)",
-             base_s * 1e3, base_spread * 100, dense.median_s * 1e3, predicted_dense * 1e3,
-             (predicted_dense / dense.median_s - 1) * 100)
-    settings = {
-        **backend.settings(),
-        **model_settings(bundle, specs),
-        "base_spread": base_spread,
-        "base_passes_s": [t.median_s for t in base_runs],
-        "dense_measured_s": dense.median_s,
-        "profile_seconds": round(time.perf_counter() - t_start, 1),
+        progress(total - 1, total, "base and dense model")
+    cands = _candidate_times(groups, dense_layer, len(specs))
+    terms = fit.terms(cands, base.median_s)
+    S = len(grid)
+    times, spread, formats = _table_arrays([c[:S] for c in cands], terms)
+    settings: dict[str, Any] = {
+        **backend.settings(), **model_settings(bundle, specs),
+        "base_spread": base.spread, "dense_measured_s": dense.median_s,
+        "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
+                        "groups": _consistency(groups, grid)},
+        "in_model": terms.to_json(), "profile_seconds": round(time.perf_counter() - t_start, 1),
         "samples": dict(backend.stats),
     }
-    return Profile(
-        table=table,
-        backend=backend.name,
-        model=bundle.name,
-        specs=tuple(specs),
-        settings=settings,
-        spread=spread,
-        formats=tuple(formats),
-        **pattern_fields,
-    )
+    if progress:
+        progress(total, total, "in-model terms")
+    table = LatencyTable(tuple(s.name for s in specs), grid, times, base.median_s, backend.fingerprint())
+    log.info("base %.2f ms; dense model measured %.2f ms, predicted %.2f ms (%+.1f%%)", base.median_s * 1e3,
+             dense.median_s * 1e3, table.dense_total_s * 1e3, (table.dense_total_s / dense.median_s - 1) * 100)
+    return Profile(table=table, backend=backend.name, model=bundle.name, specs=tuple(specs), settings=settings,
+                   spread=spread, formats=tuple(formats),
+                   **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle))
+
+
+class _FitRounds:
+    """The end-to-end measurements the in-model terms are fitted on, spread over the profiling run.
+
+    The random models' kernel formats are the fastest per level after the first pass; each
+    round (after a pass) times a share of the models interleaved with the unpruned model.
+    """
+
+    def __init__(self, backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
+                 levels: Sequence[float], k: int, passes: int, seed: int) -> None:
+        self.backend, self.bundle, self.layers, self.groups, self.levels = backend, bundle, layers, groups, levels
+        self.pruners = [LevelPruner(w) for _s, w, _b, _x in layers]
+        self.vectors = spanning_level_vectors(len(layers), len(levels), k, seed + FIT_SEED_OFFSET) if k > 0 else None
+        self.chunks = np.array_split(np.arange(k), max(1, passes - 1)) if k > 0 else []
+        self.formats: list[list[str]] = []  # [layer][level], fixed at the first round
+        self.ratios: dict[int, list[float]] = {}
+
+    def round(self, p: int) -> None:
+        if self.vectors is None or p - 1 >= len(self.chunks):
+            return
+        if not self.formats:
+            self.formats = [[] for _ in self.layers]
+            for g in self.groups:
+                per_level = [min(g.median_ratios(e).items(), key=lambda kv: (kv[1][0], kv[0] != DENSE))[0]
+                             for e in range(len(self.levels))]
+                for i in g.members:
+                    self.formats[i] = per_level
+        idx = self.chunks[p - 1]
+        if not len(idx) or not any(f != DENSE for row in self.formats for f in row):
+            return
+        plans = [self._plan(np.zeros(len(self.layers), dtype=np.int64))] + [self._plan(self.vectors[i]) for i in idx]
+        timings = self.backend.time_models(self.bundle, plans)
+        for i, t in zip(idx, timings[1:]):
+            self.ratios.setdefault(int(i), []).append(t.median_s / timings[0].median_s)
+
+    def _plan(self, levels: np.ndarray) -> dict[str, LayerChoice]:
+        plan = {}
+        for li, (spec, w, b, _x) in enumerate(self.layers):
+            s = float(self.levels[int(levels[li])])
+            plan[spec.name] = LayerChoice(self.formats[li][int(levels[li])], self.pruners[li].at(s), b, s)
+        return plan
+
+    def terms(self, cands: Sequence[Sequence[dict[str, tuple[float, float]]]], base_s: float) -> InModelTerms:
+        """Fit the terms on the rounds' ratios, with the layers' final loop times."""
+        if not self.ratios or self.vectors is None:
+            return InModelTerms()
+        def feats(levels: np.ndarray) -> np.ndarray:
+            fm = [self.formats[li][int(lv)] for li, lv in enumerate(levels)]
+            t = [cands[li][int(lv)][f][0] for li, (lv, f) in enumerate(zip(levels, fm))]
+            return model_features(t, [f != DENSE for f in fm])
+        keys = sorted(self.ratios)
+        F = np.array([feats(self.vectors[i]) for i in keys])
+        ratio = np.array([float(np.median(self.ratios[i])) for i in keys])
+        return fit_terms(F, feats(np.zeros(len(self.layers), dtype=np.int64)), base_s, ratio)
+
+
+def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, tuple[float, float]]]],
+                    terms: InModelTerms, backend: Backend, bundle: ModelBundle) -> dict[str, Any]:
+    if not patterns:
+        return {}
+    picked = [[_pick(c, terms) for c in entries] for entries in cands]
+    out = {"patterns": tuple(patterns),
+           "pattern_times": np.array([[p[1] for p in row] for row in picked]),
+           "pattern_spread": np.array([[p[2] for p in row] for row in picked]),
+           "pattern_formats": tuple(tuple(p[0] for p in row) for row in picked)}
+    for k, p in enumerate(patterns):
+        n_kernel = int(np.isfinite(out["pattern_times"][:, k]).sum())
+        if n_kernel == 0:
+            log.warning("%s has no %s kernel for any layer of %s; the pattern is not a choice here",
+                        backend.name, p, bundle.name)
+        else:
+            log.info("%s: %d of %d layers have a %s kernel", backend.name, n_kernel, len(cands), p)
+    return out
+
+
+def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile, vectors: np.ndarray
+                        ) -> tuple[np.ndarray, Timing, list[Timing]]:
+    """Each level vector's model timed end to end, interleaved with the dense model (first) and
+    the base model (last): (pruned / dense time ratios, the dense timing, the other timings)."""
+    plans = level_plans(profile, bundle, np.zeros((1, len(profile.table.layers)), dtype=np.int64))
+    plans += level_plans(profile, bundle, vectors)
+    plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
+    timings = backend.time_models(bundle, plans)
+    dense = timings[0]
+    return np.array([t.median_s / dense.median_s for t in timings[1:-1]]), dense, timings[1:]
 
 
 def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray) -> list[dict[str, LayerChoice]]:
@@ -182,11 +407,16 @@ def validate(
 ) -> list[dict[str, float]]:
     """Time ``k`` random pruned models end to end and compare with the profile's predictions.
 
-    Level vectors are uniform over the grid, per layer. Each pruned model uses, per layer,
-    the format the profile chose for that level; the ``k`` models are timed interleaved.
-    The base model (all stand-ins) is timed with them, as a check that the machine runs as
-    fast as when the profile was measured. Returns ``[{"predicted_s", "measured_s",
-    "spread", "base_measured_s"}]``, one per model.
+    Level vectors span the grid (:func:`~spdy.profilers.in_model.spanning_level_vectors`,
+    drawn apart from the models the in-model terms were fitted on). Each pruned model uses,
+    per layer, the format the profile chose for that level; the ``k`` models, the dense
+    model and the base model (all stand-ins) are timed interleaved. Each record holds the
+    absolute times and ``error``: the predicted over the measured time minus 1, both as
+    fractions of the dense model's time (predicted by the profile, measured in the same
+    rounds), so that a machine that runs faster or slower than when it was profiled does
+    not count as an error of the latency model. ``base_measured_s`` over the profile's
+    base shows that drift. Returns ``[{"predicted_s", "measured_s", "predicted_speedup",
+    "measured_speedup", "error", "spread", "dense_measured_s", "base_measured_s"}]``.
     """
     if profile.backend != backend.name:
         raise InvalidInputError(
@@ -196,32 +426,46 @@ def validate(
         return []
     profile.check_model(bundle.layers())
     t = profile.table
-    vectors = random_level_vectors(len(t.layers), len(t.grid), k, seed)
-    plans = level_plans(profile, bundle, vectors)
-    # the base model is timed with them: if the machine's speed drifted since the profile was
-    # measured, base_measured_s / the profile's base shows it
-    *timings, base_now = backend.time_models(bundle, [*plans, {n: LayerChoice(STANDIN) for n in t.layers}])
+    vectors = spanning_level_vectors(len(t.layers), len(t.grid), k, seed)
+    ratios, dense, timings = _interleaved_ratios(backend, bundle, profile, vectors)
+    base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
     records = []
-    for lv, tm in zip(vectors, timings):
-        rec = {"predicted_s": t.predicted_time(lv), "measured_s": tm.median_s, "spread": tm.spread,
-               "base_measured_s": base_now.median_s}
+    for lv, ratio, tm in zip(vectors, ratios, timings):
+        pred = t.predicted_time(lv)
+        rec = {"predicted_s": pred, "measured_s": tm.median_s, "predicted_speedup": t.dense_total_s / pred,
+               "measured_speedup": float(1.0 / ratio), "error": float((pred / t.dense_total_s) / ratio - 1),
+               "spread": tm.spread, "dense_measured_s": dense.median_s, "base_measured_s": base_now.median_s}
         records.append(rec)
-        log.info("random profile: predicted %.2f ms, measured %.2f ms (%+.1f%%)", rec["predicted_s"] * 1e3,
-                 rec["measured_s"] * 1e3, (rec["predicted_s"] / rec["measured_s"] - 1) * 100)
+        log.info("random profile: predicted %.2fx, measured %.2fx (time %+.1f%%)", rec["predicted_speedup"],
+                 rec["measured_speedup"], rec["error"] * 100)
     log.info("base time now %.2f ms, in the profile %.2f ms (%+.1f%%)", base_now.median_s * 1e3, t.base_s * 1e3,
              drift * 100)
     if abs(drift) > 0.1:
         log.warning("the base model runs %+.0f%% %s than when the profile was measured: the machine's speed "
-                    "changed (other load, frequency); predictions are off by about as much", drift * 100,
-                    "slower" if drift > 0 else "faster")
+                    "changed (other load, frequency); absolute times are off by about as much, speedups are not",
+                    drift * 100, "slower" if drift > 0 else "faster")
     if progress:
         progress(k, k, "validation")
     return records
 
 
+def _errors(records: Sequence[dict[str, float]]) -> list[float]:
+    # records of older profiles hold absolute times only
+    return [r["error"] if "error" in r else r["predicted_s"] / r["measured_s"] - 1 for r in records]
+
+
 def validation_error(records: Sequence[dict[str, float]]) -> float:
-    """Median of ``|predicted - measured| / measured`` over the records (nan if none)."""
+    """Median of ``|predicted - measured| / measured`` over the records (nan if none); times as
+    fractions of the dense model's time measured with them, see :func:`validate`."""
     if not records:
         return float("nan")
-    return float(np.median([abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in records]))
+    return float(np.median(np.abs(_errors(records))))
+
+
+def signed_validation_error(records: Sequence[dict[str, float]]) -> float:
+    """Median of ``predicted / measured - 1`` time (as fractions of the dense model's) over the
+    records: negative means the models ran slower than predicted (nan if none)."""
+    if not records:
+        return float("nan")
+    return float(np.median(_errors(records)))

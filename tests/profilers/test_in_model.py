@@ -1,0 +1,122 @@
+"""In-model terms: shape groups, spanning random models and the fit of ``alpha * t + beta``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spdy.errors import InvalidInputError
+from spdy.profilers.in_model import (
+    InModelTerms,
+    fit_terms,
+    group_key,
+    layer_groups,
+    model_features,
+    spanning_level_vectors,
+)
+from spdy.types import LayerSpec
+
+
+def _lin(name: str, out_f: int, in_f: int, bias: bool = True) -> LayerSpec:
+    return LayerSpec(name, "linear", (out_f, in_f), (1, 128, in_f), bias)
+
+
+def test_layers_of_one_shape_share_a_group_and_others_do_not():
+    specs = [_lin("q", 384, 384), _lin("k", 384, 384), _lin("up", 1536, 384), _lin("down", 384, 1536),
+             _lin("q_nobias", 384, 384, bias=False), _lin("q2", 384, 384)]
+    keys, index = layer_groups(specs)
+    assert len(keys) == 4
+    assert index[0] == index[1] == index[5]
+    assert len({index[0], index[2], index[3], index[4]}) == 4
+    conv_a = LayerSpec("c1", "conv2d", (16, 16, 3, 3), (1, 16, 8, 8), True, stride=(1, 1))
+    conv_b = LayerSpec("c2", "conv2d", (16, 16, 3, 3), (1, 16, 8, 8), True, stride=(2, 2))
+    assert group_key(conv_a) != group_key(conv_b)
+
+
+def test_spanning_vectors_cover_the_grid_and_are_seeded():
+    v = spanning_level_vectors(36, 42, 200, seed=3)
+    assert v.shape == (200, 36) and v.min() >= 0 and v.max() <= 41
+    assert np.array_equal(v, spanning_level_vectors(36, 42, 200, seed=3))
+    means = v.mean(axis=1)
+    # some models mostly mildly pruned, some mostly at the top of the grid, some with dense layers kept
+    assert means.min() < 12 and means.max() > 32
+    assert (v == 0).any(axis=1).mean() > 0.3
+    with pytest.raises(InvalidInputError):
+        spanning_level_vectors(3, 1, 2)
+
+
+def _simulate(alpha: float, beta: float, n_models: int, rng: np.random.Generator):
+    """Models of 12 layers: loop times, which layers run sparse kernels, and the end-to-end
+    ratio to the unpruned model that a runtime with these true terms would measure."""
+    base = 2e-3
+    ref_t = np.full(12, 3e-4)
+    ref_sparse = np.zeros(12, dtype=bool)
+    ref_sparse[:4] = True  # some unpruned layers run a sparse format (faster on dense weights)
+    feats, ratios = [], []
+    for _ in range(n_models):
+        t = rng.uniform(2e-5, 3e-4, 12)
+        sparse = rng.random(12) < 0.8
+        f = model_features(t, sparse)
+        true_t = base + f[0] + alpha * f[1] + beta * f[2]
+        true_ref = base + ref_t[~ref_sparse].sum() + alpha * ref_t[ref_sparse].sum() + beta * ref_sparse.sum()
+        feats.append(f)
+        ratios.append(true_t / true_ref)
+    return np.array(feats), model_features(ref_t, ref_sparse), base, np.array(ratios)
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.85, 1.2e-4), (1.3, -1e-5)])
+def test_fit_recovers_the_terms_that_generated_the_measurements(alpha, beta):
+    F, ref, base, ratio = _simulate(alpha, beta, 24, np.random.default_rng(0))
+    terms = fit_terms(F, ref, base, ratio)
+    assert terms.alpha == pytest.approx(alpha, abs=1e-3)
+    assert terms.beta == pytest.approx(beta, abs=2e-7)
+    assert terms.fit["error_after"]["median_abs"] < 1e-4
+
+
+def test_one_disturbed_measurement_does_not_move_the_fit():
+    F, ref, base, ratio = _simulate(0.9, 8e-5, 24, np.random.default_rng(1))
+    ratio[5] *= 1.6  # one model timed while the machine was busy
+    terms = fit_terms(F, ref, base, ratio)
+    assert terms.alpha == pytest.approx(0.9, abs=0.03)
+    assert terms.beta == pytest.approx(8e-5, abs=1e-5)
+
+
+def test_terms_apply_round_trip_and_validate():
+    t = InModelTerms(0.9, 5e-5, {"fitted": True})
+    assert t.apply(1e-4) == pytest.approx(1.4e-4)
+    assert InModelTerms(1.0, -1e-3).apply(1e-4) == 0.0  # never negative
+    assert InModelTerms.from_json(t.to_json()) == t
+    with pytest.raises(InvalidInputError):
+        InModelTerms(0.0, 0.0)
+    with pytest.raises(InvalidInputError):
+        InModelTerms(1.0, float("nan"))
+
+
+def test_profile_shares_shapes_records_groups_and_terms():
+    import torch
+    from torch import nn
+
+    from spdy.models.base import ModelBundle
+    from spdy.profilers import get_backend, profile_model, validate
+
+    from conftest import TEST_POLICY
+
+    from spdy.grid import SparsityGrid
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 16)).eval()
+    bundle = ModelBundle(name="three-linears", model=model, calibration=[torch.randn(64, 384)])
+    be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
+    prof = profile_model(bundle, be, SparsityGrid((0.0, 0.9, 0.99)), fit_models=6)
+    assert any(f != "dense" for row in prof.formats for f in row), "a sparse kernel should win at 99%"
+    t = prof.table.times
+    assert np.array_equal(t[0], t[1]) and prof.formats[0] == prof.formats[1]  # one shape group: one measurement
+    groups = prof.settings["measurement"]["groups"]
+    assert len(groups) == 2 and sorted(g["layers"] for g in groups.values()) == [1, 2]
+    terms = prof.settings["in_model"]
+    assert terms["fit"]["fitted"] and terms["fit"]["models"] == 6 and terms["alpha"] > 0
+    records = validate(prof, bundle, be, k=3, seed=0)
+    for r in records:
+        # the error is the speedup's: predicted over measured time, each over the dense model's
+        assert r["error"] == pytest.approx(r["measured_speedup"] / r["predicted_speedup"] - 1)
+        assert r["dense_measured_s"] > 0
