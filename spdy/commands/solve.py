@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLES = """\
 examples:
-  spdy solve --timings ../shared/reference/spdy-timings/rn50_unstr.txt --speedup 2x
+  spdy solve --timings rn50_unstr.txt --speedup 2x                 # a table in SPDY's published format
   spdy solve --timings profile.json --speedup 2.5x --buckets 100000 --json
   spdy solve --timings profile.json --speedup 3 --errors errors.json
 
