@@ -85,6 +85,10 @@ class _Group:
         return {f: (float(np.median([r for r, _ in v])), float(np.median([s for _, s in v])))
                 for f, v in self.ratios[entry].items()}
 
+    def best_format(self, entry: int) -> str:
+        """The format with the lowest median ratio at ``entry`` (dense on a tie)."""
+        return min(self.median_ratios(entry).items(), key=lambda kv: (kv[1][0], kv[0] != DENSE))[0]
+
 
 def _capture_layers(bundle: ModelBundle, specs: Sequence[LayerSpec]) -> list[_Layer]:
     from spdy.profilers.torch_backends import capture_layer_io
@@ -167,7 +171,7 @@ def _anchor(
     runners.append(backend.model_runner(bundle, {n: LayerChoice(STANDIN) for n in names}))
     dense_plan = {}  # the unpruned model, each layer in the fastest format at level 0 (what the table predicts)
     for g in groups:
-        fmt = min(g.median_ratios(0).items(), key=lambda kv: (kv[1][0], kv[0] != DENSE))[0]
+        fmt = g.best_format(0)
         for i in g.members:
             spec, w, b, _ = layers[i]
             dense_plan[spec.name] = LayerChoice(fmt, w, b, 0.0)
@@ -219,7 +223,7 @@ def _consistency(groups: Sequence[_Group], grid: SparsityGrid) -> dict[str, Any]
     for g in groups:
         per_level = []
         for e in range(1, len(grid)):
-            best = min(g.median_ratios(e).items(), key=lambda kv: kv[1][0])[0]
+            best = g.best_format(e)
             rs = [r for r, _ in g.ratios[e][best]]
             per_level.append(max(rs) / max(min(rs), 1e-12))
         out[g.key] = {"layers": len(g.members), "passes": len(g.dense_pass_s),
@@ -315,8 +319,7 @@ class _FitRounds:
         if not self.formats:
             self.formats = [[] for _ in self.layers]
             for g in self.groups:
-                per_level = [min(g.median_ratios(e).items(), key=lambda kv: (kv[1][0], kv[0] != DENSE))[0]
-                             for e in range(len(self.levels))]
+                per_level = [g.best_format(e) for e in range(len(self.levels))]
                 for i in g.members:
                     self.formats[i] = per_level
         idx = self.chunks[p - 1]

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spdy.profilers.profiler import signed_validation_error, validation_error
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
@@ -52,10 +54,6 @@ def run_profile(args: argparse.Namespace, out: Path) -> dict:
         raise SystemExit(f"spdy profile failed (exit {proc.returncode})")
     d = json.loads(out.read_text())
     return {"wall_s": wall, "profile": d}
-
-
-def validation_error(records: list[dict]) -> float:
-    return float(np.median([abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in records]))
 
 
 def agreement(a: dict, b: dict) -> dict:
@@ -109,8 +107,9 @@ def main() -> int:
             "samples": p["settings"].get("samples"),
             "validation": p["validation"],
             "validation_error": validation_error(p["validation"]) if p["validation"] else None,
-            "signed_validation_error": float(np.median([r_["predicted_s"] / r_["measured_s"] - 1
-                                                        for r_ in p["validation"]])) if p["validation"] else None,
+            "signed_validation_error": signed_validation_error(p["validation"]) if p["validation"] else None,
+            "in_model": p["settings"].get("in_model"),
+            "measurement": p["settings"].get("measurement"),
             "base_drift": (p["validation"][-1].get("base_measured_s", float("nan")) / p["base_s"] - 1)
             if p["validation"] else None,
             "path": str(out),

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 try:  # before torch: torch and the spdy kernels then share one OpenMP pool
     import spdy.kernels  # noqa: F401
 except ImportError:  # pragma: no cover - numba missing
@@ -39,6 +41,16 @@ class Outcome:
     measured_time_s: float | None = None
     measured_speedup: float | None = None
     dense_time_s: float | None = None  # the dense model's time in the same measurement
+    #: every end-to-end speedup measured for this model during the run (one per interleaved round)
+    speedup_samples: tuple[float, ...] = ()
+
+    def speedup_summary(self) -> dict[str, Any] | None:
+        """Median, 10th and 90th percentile and count of :attr:`speedup_samples` (None without any)."""
+        if not self.speedup_samples:
+            return None
+        s = np.asarray(self.speedup_samples)
+        return {"rounds": len(s), "median": float(np.median(s)), "p10": float(np.percentile(s, 10)),
+                "p90": float(np.percentile(s, 90)), "min": float(s.min()), "max": float(s.max())}
 
     def layers(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -57,6 +69,7 @@ class Outcome:
             "predicted_speedup": self.solution.predicted_speedup,
             "predicted_time_s": self.solution.predicted_time_s,
             "measured_speedup": self.measured_speedup,
+            "measured_speedup_samples": self.speedup_summary(),
             "measured_time_s": self.measured_time_s,
             "calibration_loss": self.calibration_loss,
             "layers": self.layers(),
@@ -120,6 +133,7 @@ class SearchOutcome:
             "latency_correction": self.latency_correction,
             "fit": list(self.fit),
             "measured_speedup": self.measured_speedup,
+            "measured_speedup_samples": self.result.speedup_summary(),
             "measured_time_s": self.result.measured_time_s,
             "dense_measured_time_s": self.dense_measured_s,
             "base_drift": self.base_drift,
