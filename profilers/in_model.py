@@ -118,6 +118,36 @@ def model_features(alone: Sequence[float], sparse: Sequence[bool]) -> np.ndarray
     return np.array([t[~on].sum(), t[on].sum(), float(on.sum())])
 
 
+#: Lower bound of the fitted per-call term: a layer's loop time may include a little more per
+#: call than the model pays (call overhead), never milliseconds.
+BETA_MIN_S = -20e-6
+
+
+def _least_squares(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray) -> tuple[float, float]:
+    from scipy.optimize import least_squares
+
+    scale = np.array([1.0, 1e-5])  # beta is fitted in units of 10 us
+
+    def f(p: np.ndarray) -> np.ndarray:
+        t, t_ref = _predict(F, ref, base_s, 1.0 + p[0], p[1] * scale[1])
+        return (t - ratio * t_ref) / t_ref
+
+    lo, hi = [ALPHA_BOUNDS[0] - 1, BETA_MIN_S / scale[1]], [ALPHA_BOUNDS[1] - 1, np.inf]
+    p = least_squares(f, np.zeros(2), bounds=(lo, hi), loss="soft_l1", f_scale=0.01).x
+    return 1.0 + float(p[0]), float(p[1] * scale[1])
+
+
+def _predict(F: np.ndarray, ref: np.ndarray, base_s: float, alpha: float, beta: float) -> tuple[np.ndarray, float]:
+    """Predicted times of the models and of the reference under the terms."""
+    return (base_s + F[:, 0] + alpha * F[:, 1] + beta * F[:, 2],
+            base_s + ref[0] + alpha * ref[1] + beta * ref[2])
+
+
+def _errors(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    t, t_ref = _predict(F, ref, base_s, alpha, beta)
+    return (t / t_ref) / ratio - 1
+
+
 def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measured_ratio: np.ndarray) -> InModelTerms:
     """Fit :class:`InModelTerms` to models timed end to end (see the module docstring).
 
@@ -126,35 +156,43 @@ def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measur
     unpruned model, whose layers may run a sparse format too), timed interleaved. Both
     sides are linear in the terms: ``base + D_k + alpha S_k + beta n_k = ratio_k (base +
     D_ref + alpha S_ref + beta n_ref)``. A soft-L1 loss keeps one disturbed measurement
-    from moving the terms.
-    """
-    from scipy.optimize import least_squares
+    from moving the terms; ``alpha`` is bounded by :data:`ALPHA_BOUNDS`, ``beta`` from below
+    by :data:`BETA_MIN_S`.
 
+    The terms are kept only if they predict models they were not fitted on: fitted on each
+    half of the models (alternate ones), checked on the other half, they must lower the
+    median absolute error there; otherwise the identity is returned (``fit.fitted`` False,
+    with the reason), and the table keeps loop times.
+    """
     F = np.asarray(features, dtype=np.float64).reshape(-1, 3)
     ref = np.asarray(reference, dtype=np.float64)
     ratio = np.asarray(measured_ratio, dtype=np.float64)
-    scale = np.array([1.0, 1e-5])  # beta is fitted in units of 10 us
-
-    def predicted(p: np.ndarray) -> tuple[np.ndarray, float]:
-        a, b = 1.0 + p[0] * scale[0], p[1] * scale[1]
-        return base_s + F[:, 0] + a * F[:, 1] + b * F[:, 2], base_s + ref[0] + a * ref[1] + b * ref[2]
-
-    def f(p: np.ndarray) -> np.ndarray:
-        t, t_ref = predicted(p)
-        return (t - ratio * t_ref) / t_ref
-
-    lo, hi = [ALPHA_BOUNDS[0] - 1, -np.inf], [ALPHA_BOUNDS[1] - 1, np.inf]
-    p = least_squares(f, np.zeros(2), bounds=(lo, hi), loss="soft_l1", f_scale=0.01).x
-    t0, r0 = predicted(np.zeros(2))
-    t1, r1 = predicted(p)
-    fit = {"fitted": True, "models": int(len(F)),
-           "error_before": _summary((t0 / r0) / ratio - 1), "error_after": _summary((t1 / r1) / ratio - 1)}
-    terms = InModelTerms(1.0 + float(p[0] * scale[0]), float(p[1] * scale[1]), fit)
+    before = _errors(F, ref, base_s, ratio, 1.0, 0.0)
+    held_out = np.empty_like(ratio)
+    for part in (0, 1):
+        train, test = np.arange(len(F)) % 2 != part, np.arange(len(F)) % 2 == part
+        if train.sum() < 2:
+            held_out[test] = before[test]
+            continue
+        a, b = _least_squares(F[train], ref, base_s, ratio[train])
+        held_out[test] = _errors(F[test], ref, base_s, ratio[test], a, b)
+    alpha, beta = _least_squares(F, ref, base_s, ratio)
+    fit = {"models": int(len(F)), "alpha": alpha, "beta_s": beta, "error_before": _summary(before),
+           "error_after": _summary(_errors(F, ref, base_s, ratio, alpha, beta)),
+           "error_held_out": _summary(held_out)}
+    fit["fitted"] = bool(fit["error_held_out"]["median_abs"] < fit["error_before"]["median_abs"])
+    if not fit["fitted"]:
+        fit["why"] = "the terms did not predict the held-out half of the models better than loop times"
+        log.warning("in-model terms (alpha %.3f, beta %.1f us) did not predict held-out models better than loop times "
+                    "(median |error| %.1f%% vs %.1f%%): the table keeps loop times", alpha, beta * 1e6,
+                    fit["error_held_out"]["median_abs"] * 100, fit["error_before"]["median_abs"] * 100)
+        return InModelTerms(1.0, 0.0, fit)
     log.info("in-model terms alpha %.3f, beta %.1f us from %d models: median |error| %.1f%% -> %.1f%% "
-             "(signed %+.1f%% -> %+.1f%%)", terms.alpha, terms.beta * 1e6, len(F),
+             "(held out %.1f%%; signed %+.1f%% -> %+.1f%%)", alpha, beta * 1e6, len(F),
              fit["error_before"]["median_abs"] * 100, fit["error_after"]["median_abs"] * 100,
-             fit["error_before"]["median"] * 100, fit["error_after"]["median"] * 100)
-    return terms
+             fit["error_held_out"]["median_abs"] * 100, fit["error_before"]["median"] * 100,
+             fit["error_after"]["median"] * 100)
+    return InModelTerms(alpha, beta, fit)
 
 
 def _summary(err: np.ndarray) -> dict[str, float]:

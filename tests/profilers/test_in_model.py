@@ -114,9 +114,27 @@ def test_profile_shares_shapes_records_groups_and_terms():
     groups = prof.settings["measurement"]["groups"]
     assert len(groups) == 2 and sorted(g["layers"] for g in groups.values()) == [1, 2]
     terms = prof.settings["in_model"]
-    assert terms["fit"]["fitted"] and terms["fit"]["models"] == 6 and terms["alpha"] > 0
+    # fitted on the 6 models; used only if they predicted the held-out half better (a tiny model: either)
+    assert terms["fit"]["models"] == 6 and terms["alpha"] > 0 and "error_held_out" in terms["fit"]
+    assert terms["fit"]["fitted"] or (terms["alpha"], terms["beta_s"]) == (1.0, 0.0)
     records = validate(prof, bundle, be, k=3, seed=0)
     for r in records:
         # the error is the speedup's: predicted over measured time, each over the dense model's
         assert r["error"] == pytest.approx(r["measured_speedup"] / r["predicted_speedup"] - 1)
         assert r["dense_measured_s"] > 0
+
+
+def test_terms_that_do_not_predict_held_out_models_are_not_used():
+    # loop times already right (alpha 1, beta 0), the measurements only noise: a fit can only chase it
+    F, ref, base, ratio = _simulate(1.0, 0.0, 24, np.random.default_rng(2))
+    noisy = ratio * (1 + np.random.default_rng(3).normal(0, 0.03, len(ratio)))
+    terms = fit_terms(F, ref, base, noisy)
+    assert not terms.fit["fitted"] and "held-out" in terms.fit["why"]
+    assert (terms.alpha, terms.beta) == (1.0, 0.0)
+    assert terms.fit["error_held_out"]["median_abs"] >= terms.fit["error_before"]["median_abs"]
+
+
+def test_beta_is_bounded_below():
+    F, ref, base, ratio = _simulate(1.0, -5e-4, 24, np.random.default_rng(4))  # a physically absurd truth
+    terms = fit_terms(F, ref, base, ratio)
+    assert terms.beta >= -20e-6 - 1e-12
