@@ -21,11 +21,10 @@ from spdy.profilers.base import (  # noqa: E402
     Timing,
     TimingPolicy,
     as_numpy,
-    available_backends,
-    backend_names,
-    get_backend,
     register,
 )
+from spdy.profilers.registry import available_backends, backend_names, get_backend  # noqa: E402
+from spdy.profilers.plans import backend_plan, level_plan  # noqa: E402
 from spdy.profilers.profiler import profile_model, signed_validation_error, validate, validation_error  # noqa: E402
 
 __all__ = [
@@ -38,6 +37,8 @@ __all__ = [
     "Timing",
     "TimingPolicy",
     "as_numpy",
+    "backend_plan",
+    "level_plan",
     "available_backends",
     "backend_names",
     "get_backend",

@@ -682,40 +682,6 @@ _REGISTRY: dict[str, type[Backend]] = {}
 
 
 def register(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: make a backend available to :func:`get_backend` under ``cls.name``."""
+    """Class decorator: make a backend available to :func:`spdy.profilers.get_backend` under ``cls.name``."""
     _REGISTRY[cls.name] = cls
     return cls
-
-
-def _load_builtin() -> None:
-    # importing the modules registers their backends
-    from spdy.profilers import ort_cpu, spdy_cpu, torch_backends  # noqa: F401
-
-
-def backend_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def available_backends() -> dict[str, str | None]:
-    """Every known backend and None if it runs here, else why not."""
-    _load_builtin()
-    return {name: cls.unavailable_reason() for name, cls in sorted(_REGISTRY.items())}
-
-
-def get_backend(name: str, threads: int | None = None, policy: TimingPolicy | None = None, **options: Any) -> Backend:
-    """Make the backend ``name`` with ``threads`` threads (default: the usable cores).
-
-    Raises :class:`~spdy.errors.BackendUnavailableError` for an unknown name or one
-    that cannot run on this machine (the message says what to install).
-    """
-    from spdy.errors import BackendUnavailableError
-
-    _load_builtin()
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise BackendUnavailableError(f"unknown latency backend {name!r}; expected one of {', '.join(sorted(_REGISTRY))}")
-    reason = cls.unavailable_reason()
-    if reason:
-        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
-    return cls(threads=threads, policy=policy, **options)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import logging
 import subprocess
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -23,11 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+# CsrLinear, SemiStructuredLinear, move_batch and set_submodule are the runtime's (spdy._modules);
+# importable from here too, where they used to live
+from spdy._modules import CsrLinear, SemiStructuredLinear, move_batch, set_submodule, swap_modules  # noqa: F401
 from spdy.errors import InvalidInputError
 from spdy.profilers.base import DENSE, STANDIN, Backend, LayerChoice, Runner, register
 from spdy.types import LayerSpec
 
 log = logging.getLogger(__name__)
+
+#: compute dtypes of the torch backends (``dtype=``)
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class StandIn(torch.nn.Module):
@@ -44,28 +49,6 @@ class StandIn(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.out
-
-
-def set_submodule(model: Any, name: str, module: Any) -> None:
-    """Replace the submodule called ``name`` (dotted path) by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, child):
-        raise InvalidInputError(f"the model has no layer named {name!r}")
-    setattr(parent, child, module)
-
-
-def move_batch(batch: Any, device: Any, dtype: Any = None) -> Any:
-    """``batch`` (tensor, mapping or tuple) with every tensor on ``device``; floating tensors cast to ``dtype``."""
-    if isinstance(batch, torch.Tensor):
-        if dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=dtype)
-        return batch.to(device=device)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device, dtype) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(v, device, dtype) for v in batch)
-    return batch
 
 
 def capture_layer_io(model: Any, example: Any, forward: Any, names: list[str]) -> dict[str, tuple[Any, Any]]:
@@ -106,7 +89,7 @@ class TorchRuntimeBackend(Backend):
     def torch_dtype(self) -> Any:
         dt = getattr(torch, self.dtype_name, None)
         if not isinstance(dt, torch.dtype):
-            raise InvalidInputError(f"unknown torch dtype {self.dtype_name!r}; use float32, float16 or bfloat16")
+            raise InvalidInputError(f"unknown torch dtype {self.dtype_name!r}; use one of {', '.join(TORCH_DTYPES)}")
         return dt
 
     def _configure_threads(self) -> None:
@@ -169,10 +152,6 @@ class TorchRuntimeBackend(Backend):
         m = copy.deepcopy(model)
         return m.to(device=self.device, dtype=self.torch_dtype).eval().requires_grad_(False)
 
-    def layer_inputs(self, bundle: Any, names: list[str]) -> dict[str, Any]:
-        """The real input of each named layer on the example batch (a tensor on the device)."""
-        return {n: io[0] for n, io in self._layer_io(bundle, names).items() if n in names}
-
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         from spdy.models.base import discover_layers
 
@@ -180,14 +159,16 @@ class TorchRuntimeBackend(Backend):
         specs = {s.name: s for s in discover_layers(bundle.model, bundle.example, bundle.forward)} if choices else {}
         standins = [n for n, c in choices.items() if c.fmt == STANDIN]
         io = self._layer_io(bundle, standins) if standins else {}
+        modules: dict[str, Any] = {}
         for name, choice in choices.items():
             if choice.fmt == STANDIN:
-                set_submodule(model, name, StandIn(io[name][1]))
+                modules[name] = StandIn(io[name][1])
                 continue
             spec = specs.get(name)
             if spec is None:
                 raise InvalidInputError(f"{name!r} is not a prunable layer of model {bundle.name!r}")
-            set_submodule(model, name, self.make_module(spec, choice))
+            modules[name] = self.make_module(spec, choice)
+        swap_modules(model, modules)
         ex = move_batch(bundle.example, self.device, self.torch_dtype)
         fwd = bundle.forward
 
@@ -216,41 +197,6 @@ def dense_module(spec: LayerSpec, choice: LayerChoice) -> Any:
         if b is not None:
             mod.bias.copy_(b)
     return mod.eval().requires_grad_(False)
-
-
-class CsrLinear(torch.nn.Module):
-    """``y = x W^T + b`` with W in torch's CSR format: ``addmm(b, W, x^T)^T``."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            self.weight = weight.to_sparse_csr()
-        self.bias = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.bias is None:
-            y = torch.mm(self.weight, x2.t())
-        else:
-            y = torch.addmm(self.bias.unsqueeze(1), self.weight, x2.t())
-        return y.t().contiguous().reshape(*x.shape[:-1], self.out_features)
-
-
-class SemiStructuredLinear(torch.nn.Module):
-    """``F.linear`` with a 2:4 weight from ``torch.sparse.to_sparse_semi_structured``."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        from torch.sparse import to_sparse_semi_structured
-
-        self.out_features, self.in_features = weight.shape
-        self.weight = torch.nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 @register

@@ -236,8 +236,7 @@ def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured
         settings={"threads": run.backend.threads, "eval_threads": eval_threads, "strategy": cfg.strategy,
                   "seed": cfg.seed, "max_evals": cfg.max_evals, "k": cfg.k, "delta": cfg.delta, "buckets": cfg.buckets,
                   "method": run.database.method, "grid_levels": len(run.table.grid),
-                  "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm),
-                  "speedup_percentile": measured.percentile if measured else None},
+                  "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm)},
         warnings=measured.warnings if measured else (), latency_correction=found.correction,
         dp_target_speedup=found.dp_target, fit=measured.fit if measured else (),
     )
@@ -274,22 +273,22 @@ def apply(
     apply_buffers(model, load_buffers(model_dir))  # BatchNorm statistics re-estimated for the pruned model
     if sparse:
         from spdy import kernels, runtime
+        from spdy._modules import swap_modules
 
         kernels.warmup()  # starts Numba's pool (and turns off the nested OpenMP it enables)
         kernels.set_num_threads(threads if threads is not None else kernels.threads.available_cores())
         kernels.retain_freed_memory()  # as the spdy-cpu profile was measured
+        swaps: dict[str, nn.Module] = {}
         for name, info in manifest["layers"].items():
             mod = get_module(model, name)
             fmt = info.get("format", "auto")
             if fmt == "dense":
                 continue
             if isinstance(mod, nn.Linear):
-                new: nn.Module = runtime.SparseLinear.from_linear(mod, format=fmt if fmt in runtime.FORMATS else "auto")
+                swaps[name] = runtime.SparseLinear.from_linear(mod, format=fmt if fmt in runtime.FORMATS else "auto")
             elif isinstance(mod, nn.Conv2d):
-                new = runtime.SparseConv2d.from_conv(mod, format=fmt if fmt in runtime.CONV_FORMATS else "auto")
-            else:
-                continue
-            model.set_submodule(name, new.eval())
+                swaps[name] = runtime.SparseConv2d.from_conv(mod, format=fmt if fmt in runtime.CONV_FORMATS else "auto")
+        swap_modules(model, {n: m.eval() for n, m in swaps.items()})
     return model
 
 

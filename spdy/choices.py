@@ -37,7 +37,7 @@ Use::
     table = choice_table(profile, database=db)
     sol = solve(table, prior_errors(table, c), speedup)    # or Search(table, objective, config)
     db.stitch(model, sol)                                  # N:M weights included
-    backend.time_models(bundle, [backend_plan(sol, db, bundle.model)])
+    backend.time_models(bundle, [spdy.profilers.backend_plan(sol, db, bundle.model)])
     sol.to_json()["layers"]       # {layer: {"pattern", "sparsity", "level", "format"}}
 """
 
@@ -561,36 +561,3 @@ def solve(table: ChoiceTable, errors: np.ndarray, speedup: float, buckets: int =
         solve_ms=ms,
         formats=None if table.formats is None else tuple(table.formats[i][int(c)] for i, c in enumerate(cols)),
     )
-
-
-def backend_plan(
-    choices: Mapping[str, Choice] | ChoiceSolution,
-    database: Any,
-    model: Any,
-    formats: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """``{layer: profilers.LayerChoice}`` running each layer as chosen, for ``Backend.time_models``.
-
-    Weights come from ``database`` (N:M choices included), biases from ``model``; each
-    layer's kernel format from ``formats`` (default: a :class:`ChoiceSolution`'s own
-    ``formats``; else dense). A format of ``""`` (unavailable) is an error.
-    """
-    from spdy.models.base import get_module
-    from spdy.profilers.base import DENSE as DENSE_FORMAT
-    from spdy.profilers.base import LayerChoice
-
-    if isinstance(choices, ChoiceSolution):
-        if formats is None and choices.formats is not None:
-            formats = dict(zip(choices.layers, choices.formats))
-        choices = choices.as_dict()
-    formats = dict(formats or {})
-    plan = {}
-    for name, c in choices.items():
-        fmt = formats.get(name, DENSE_FORMAT)
-        if not fmt:
-            raise InvalidInputError(f"layer {name!r}: choice {c.label} has no kernel format on this backend")
-        mod = get_module(model, name)
-        bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().float().cpu().numpy().copy()
-        w = np.array(database.weight(name, c), dtype=np.float32)
-        plan[name] = LayerChoice(fmt, w, bias, c.sparsity)
-    return plan

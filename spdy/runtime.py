@@ -26,6 +26,7 @@ from spdy import kernels  # first: shares the OpenMP runtime before torch loads
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from spdy._modules import swap_modules  # noqa: E402
 from spdy.errors import InvalidInputError  # noqa: E402
 from spdy.kernels import (  # noqa: E402
     CONV_FORMATS,
@@ -250,6 +251,7 @@ def sparsify(
 
     chosen: dict[str, str] = {}
     replacement: dict[int, nn.Module] = {}
+    swaps: dict[str, nn.Module] = {}
     for name in targets:
         m = modules[name]
         if id(m) in replacement:
@@ -277,15 +279,10 @@ def sparsify(
                 if fmt not in CONV_FORMATS:
                     raise InvalidInputError(f"layer {name!r} is a Conv2d; format {fmt!r} is not one of {CONV_FORMATS}")
             new = SparseConv2d.from_conv(m, format=fmt)
-        replacement[id(m)] = new
+        replacement[id(m)] = swaps[name] = new
         chosen[name] = fmt
 
-    # replace every reference (a module shared under several names included)
-    for parent in model.modules():
-        # _modules, not named_children(): the latter skips a repeated child
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacement:
-                setattr(parent, child_name, replacement[id(child)])
+    swap_modules(model, swaps)  # every reference, a module shared under several names included
     counts = {f: sum(1 for v in chosen.values() if v == f) for f in sorted(set(chosen.values()))}
     log.info("sparsify: %d layers considered, formats %s", len(chosen), counts)
     return chosen

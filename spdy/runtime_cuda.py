@@ -1,13 +1,13 @@
 """Run a pruned model on an NVIDIA GPU: 2:4 layers on sparse tensor cores, the rest dense (or CSR).
 
->>> from spdy.runtime_cuda import to_gpu_model
+>>> from spdy.runtime_cuda import move_batch, to_gpu_model
 >>> gpu_model = to_gpu_model(model, solution, database=db, dtype="bfloat16")
 >>> with torch.inference_mode():
 ...     out = gpu_model(**move_batch(inputs, "cuda", torch.bfloat16))
 
 Each layer's :class:`~spdy.choices.Choice` decides its module:
 
-* ``2:4`` — :class:`~spdy.profilers.torch_backends.SemiStructuredLinear`: ``F.linear`` with the
+* ``2:4`` — :class:`SemiStructuredLinear`: ``F.linear`` with the
   weight compressed by ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS
   when torch falls back to it). Needs a Linear layer, float16 or bfloat16, and a weight of
   ``out % 32 == 0`` rows and ``in % 64 == 0`` columns (the stricter of torch's two 2:4
@@ -17,7 +17,7 @@ Each layer's :class:`~spdy.choices.Choice` decides its module:
 * ``4:8`` — no torch kernel exists for 4:8 (cuSPARSELt's sparse tensor cores run 2:4 for
   half precision), and a 4:8 weight is not 2:4 in general: the layer runs dense, with its
   4:8 zeros (correct output, no speedup; logged).
-* ``unstructured`` — dense, or torch's CSR (``formats[layer] == "csr"``, e.g. the format the
+* ``unstructured`` — dense, or torch's CSR (:class:`CsrLinear`; ``formats[layer] == "csr"``, e.g. the format the
   profile measured fastest for that level; Linear only).
 * ``dense`` — dense.
 
@@ -38,11 +38,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from spdy._modules import CsrLinear, SemiStructuredLinear, move_batch, swap_modules
 from spdy.choices import DENSE, UNSTRUCTURED, Choice, parse_pattern
 from spdy.errors import BackendUnavailableError, InvalidInputError
 from spdy.models.base import get_module
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "DTYPES", "SEMI_STRUCTURED", "MIN_BLOCK", "CsrLinear", "SemiStructuredLinear", "LayerPlan", "GpuPlan",
+    "resolve_dtype", "semi_structured_problem", "nm_violations", "check_nm", "plan_gpu_model", "to_gpu_model",
+    "move_batch",
+]
 
 #: dtype names accepted by :func:`resolve_dtype`
 DTYPES: dict[str, torch.dtype] = {
@@ -231,7 +238,7 @@ def to_gpu_model(
     With ``database`` (a :class:`~spdy.database.Database`), the chosen weights are stitched in
     first; otherwise the model must already hold them (2:4 weights are checked). The input
     batch must be moved to ``device`` and cast to ``dtype`` by the caller (e.g.
-    :func:`spdy.profilers.torch_backends.move_batch`). Returns a copy unless ``inplace``;
+    :func:`move_batch`). Returns a copy unless ``inplace``;
     the plan is on the result as ``spdy_gpu_plan``.
     """
     if not torch.cuda.is_available():
@@ -240,8 +247,6 @@ def to_gpu_model(
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); run on a machine with an "
             "NVIDIA GPU and a CUDA build of torch"
         )
-    from spdy.profilers.torch_backends import CsrLinear, SemiStructuredLinear, set_submodule
-
     dt = resolve_dtype(dtype)
     chosen = _as_choices(choices)
     if formats is None and getattr(choices, "formats", None) is not None:
@@ -254,6 +259,7 @@ def to_gpu_model(
         if lp.module == MODULE_SEMI:
             check_nm(get_module(m, lp.name).weight, 2, 4, name=f"the weight of layer {lp.name!r}")
     m = m.to(device=device, dtype=dt).eval().requires_grad_(False)
+    modules: dict[str, nn.Module] = {}
     with torch.no_grad():
         for lp in plan.layers:
             if lp.module == MODULE_DENSE:
@@ -262,7 +268,8 @@ def to_gpu_model(
             w = old.weight.detach().contiguous()
             b = None if old.bias is None else old.bias.detach()
             new = SemiStructuredLinear(w, b) if lp.module == MODULE_SEMI else CsrLinear(w, b)
-            set_submodule(m, lp.name, new.eval())
+            modules[lp.name] = new.eval()
+    swap_modules(m, modules)
     m.spdy_gpu_plan = plan  # type: ignore[assignment]
     log.info("GPU model (%s): %s", plan.dtype, ", ".join(f"{k} x{v}" for k, v in sorted(plan.counts().items())))
     return m

@@ -347,17 +347,17 @@ def test_profiles_without_patterns_still_load(tmp_path) -> None:
 def test_backend_plan_runs_each_layer_as_chosen() -> None:
     import torch
 
-    from spdy.profilers import LayerChoice
+    from spdy.profilers import LayerChoice, backend_plan
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4, bias=False))
     weights = {("0", "2:4"): np.full((8, 8), 2.0, np.float32), ("1", 0): np.ones((4, 8), np.float32)}
     db = SimpleNamespace(weight=lambda name, c: weights[(name, c.pattern if c.is_nm else c.level)])
     sol = ChoiceSolution(layers=("0", "1"), levels=np.array([3, 0]), choices=(Choice.nm("2:4"), Choice.dense()),
                          predicted_time_s=1.0, predicted_speedup=1.2, total_error=0.0, formats=("2:4", "dense"))
-    plan = ch.backend_plan(sol, db, model)
+    plan = backend_plan(sol, db, model)
     assert isinstance(plan["0"], LayerChoice) and plan["0"].fmt == "2:4" and plan["0"].sparsity == 0.5
     np.testing.assert_array_equal(plan["0"].weight, weights[("0", "2:4")])
     np.testing.assert_array_equal(plan["0"].bias, model[0].bias.detach().numpy())
     assert plan["1"].fmt == "dense" and plan["1"].bias is None
     with pytest.raises(InvalidInputError, match="no kernel format"):
-        ch.backend_plan({"0": Choice.nm("2:4")}, db, model, formats={"0": ""})
+        backend_plan({"0": Choice.nm("2:4")}, db, model, formats={"0": ""})

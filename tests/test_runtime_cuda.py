@@ -131,7 +131,7 @@ def test_to_gpu_model_without_cuda_says_what_is_missing() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_to_gpu_model_runs_2_4_layers_and_matches_the_masked_dense_model(dtype: torch.dtype) -> None:
-    from spdy.profilers.torch_backends import SemiStructuredLinear
+    from spdy.runtime_cuda import SemiStructuredLinear
 
     torch.manual_seed(0)
     model = Net().eval()

@@ -335,45 +335,43 @@ def _bundle_from_factory_result(name: str, result: Any, **overrides: Any) -> Mod
     return ModelBundle(**kw)
 
 
-BUILTIN_MODELS = ("minilm",)
+#: built-in model names and the factories (``package.module:function``) they load
+BUILTIN_MODELS: dict[str, str] = {"minilm": "spdy.models.minilm:load_minilm"}
 
 
 def load_model(spec: str, *, exclude: Sequence[str] = (), loss: str | None = None, **kwargs: Any) -> ModelBundle:
     """Load a model by name: a built-in (``minilm``) or ``package.module:factory``.
 
-    Extra keyword arguments go to the built-in loader or to the factory.
+    Extra keyword arguments go to the factory (a built-in name is its factory in
+    :data:`BUILTIN_MODELS`).
     """
-    if spec == "minilm":
-        from spdy.models.minilm import load_minilm
-
-        bundle = load_minilm(**kwargs)
-    elif ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        if not all(part.isidentifier() for part in mod_name.split(".")) or not fn_name.isidentifier():
-            raise ModelLoadError(
-                f"model {spec!r} is not of the form 'package.module:factory' (a module path, one colon, a function "
-                "name); pass a built-in name (" + ", ".join(BUILTIN_MODELS) + ") or e.g. spdy.examples.digits:factory"
-            )
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"cannot import module {mod_name!r} for model {spec!r}: {exc}. "
-                "Is the package installed or on PYTHONPATH?"
-            ) from exc
-        fn = getattr(mod, fn_name, None)
-        if not callable(fn):
-            raise ModelLoadError(f"module {mod_name!r} has no callable {fn_name!r} (model spec {spec!r})")
-        try:
-            result = fn(**kwargs)
-        except TypeError as exc:
-            raise ModelLoadError(f"calling factory {spec!r} with {sorted(kwargs)} failed: {exc}") from exc
-        bundle = _bundle_from_factory_result(spec, result)
-    else:
+    factory = BUILTIN_MODELS.get(spec, spec)
+    if ":" not in factory:
         raise ModelLoadError(
             f"unknown model {spec!r}; expected a built-in name ({', '.join(BUILTIN_MODELS)}) "
             "or 'package.module:factory'"
         )
+    mod_name, _, fn_name = factory.partition(":")
+    if not all(part.isidentifier() for part in mod_name.split(".")) or not fn_name.isidentifier():
+        raise ModelLoadError(
+            f"model {spec!r} is not of the form 'package.module:factory' (a module path, one colon, a function "
+            "name); pass a built-in name (" + ", ".join(BUILTIN_MODELS) + ") or e.g. spdy.examples.digits:factory"
+        )
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"cannot import module {mod_name!r} for model {spec!r}: {exc}. "
+            "Is the package installed or on PYTHONPATH?"
+        ) from exc
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ModelLoadError(f"module {mod_name!r} has no callable {fn_name!r} (model spec {spec!r})")
+    try:
+        result = fn(**kwargs)
+    except TypeError as exc:
+        raise ModelLoadError(f"calling factory {spec!r} with {sorted(kwargs)} failed: {exc}") from exc
+    bundle = _bundle_from_factory_result(spec, result)
     if exclude or loss is not None:
         import dataclasses
 
