@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,15 +8,14 @@ import pytest
 import spdy.profilers  # noqa: F401  - import the spdy kernels before torch (one OpenMP runtime)
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
+if str(HERE) not in sys.path:  # the tests here import TEST_POLICY from this file
     sys.path.insert(0, str(HERE))
 
-from spdy.grid import SparsityGrid  # noqa: E402
-from spdy.profilers import QUICK_POLICY, available_backends, get_backend  # noqa: E402
+from spdy.profilers import available_backends, get_backend  # noqa: E402
+from spdy.testing import backends as conformance  # noqa: E402
 
-GRID3 = SparsityGrid((0.0, 0.5, 0.9))
-# short, but with the contention filter off: tests must not wait for a quiet machine
-TEST_POLICY = dataclasses.replace(QUICK_POLICY, max_others=float("inf"))
+GRID3 = conformance.GRID3
+TEST_POLICY = conformance.TEST_POLICY
 
 BACKENDS = sorted(available_backends())
 
@@ -35,13 +33,9 @@ def backend(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="session")
 def tiny_mlp():
-    import profiler_tiny_models
-
-    return profiler_tiny_models.mlp()
+    return conformance.tiny_mlp()
 
 
 @pytest.fixture(scope="session")
 def tiny_conv():
-    import profiler_tiny_models
-
-    return profiler_tiny_models.conv()
+    return conformance.tiny_conv()

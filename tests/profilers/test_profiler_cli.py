@@ -8,7 +8,7 @@ import pytest
 
 from spdy.cli import main
 
-MODEL = "profiler_tiny_models:mlp"
+MODEL = "spdy.testing.models:mlp"
 
 
 def _profile(tmp_path, *extra):

@@ -102,12 +102,12 @@ def test_torch_cuda_offers_2_4_as_its_own_choice_only_where_the_kernel_fits() ->
 
 def test_cli_profile_patterns_flag(tmp_path, capsys) -> None:
     out = tmp_path / "p.json"
-    rc = main(["-q", "profile", "--model", "profiler_tiny_models:mlp", "--backend", "torch-cpu", "--threads", "1",
+    rc = main(["-q", "profile", "--model", "spdy.testing.models:mlp", "--backend", "torch-cpu", "--threads", "1",
                "--grid-levels", "0.9", "--quick", "--patterns", "2:4", "-o", str(out)])
     assert rc == 0
     d = json.loads(out.read_text())
     assert d["patterns"] == ["2:4"] and all(rec["patterns"] == {} for rec in d["layers"])
-    rc = main(["-q", "profile", "--model", "profiler_tiny_models:mlp", "--backend", "ort-cpu", "--dtype", "float16",
+    rc = main(["-q", "profile", "--model", "spdy.testing.models:mlp", "--backend", "ort-cpu", "--dtype", "float16",
                "-o", str(tmp_path / "x.json")])
     assert rc == 1 and "--dtype applies to the torch backends" in capsys.readouterr().err
     assert math.isinf(load_profile(out).pattern_times[0, 0])

@@ -1,4 +1,7 @@
-"""Tiny models for the profiler tests: fast to time, exercising Linear (3-D input) and Conv2d."""
+"""Tiny models for backend tests: fast to time, exercising Linear (3-D input) and Conv2d.
+
+``mlp`` and ``conv`` are ``package.module:factory`` factories too (``spdy.testing.models:mlp``).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ class TinyBlock(nn.Module):
 
 
 class TinyConv(nn.Module):
+    """Two convolutions (the second strided, without bias), global average pooling, a Linear head."""
+
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(4, 16, 3, padding=1)
@@ -36,6 +41,7 @@ class TinyConv(nn.Module):
 
 
 def mlp(tokens: int = 32, seed: int = 0) -> ModelBundle:
+    """:class:`TinyBlock` on one sequence of ``tokens`` tokens (3 Linear layers)."""
     torch.manual_seed(seed)
     model = TinyBlock()
     calib = [torch.randn(1, tokens, 64) for _ in range(2)]
@@ -43,6 +49,7 @@ def mlp(tokens: int = 32, seed: int = 0) -> ModelBundle:
 
 
 def conv(seed: int = 0) -> ModelBundle:
+    """:class:`TinyConv` on one 4x12x12 image (2 Conv2d layers and a Linear)."""
     torch.manual_seed(seed)
     model = TinyConv()
     calib = [torch.randn(1, 4, 12, 12) for _ in range(2)]
