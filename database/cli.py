@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from spdy.commands._common import NO_DEFAULT as _NO_DEFAULT
 from spdy.errors import DatabaseError, InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ error and the encodings per level; --json prints {"errors": {layer: [per level]}
 """
 
 
-# Renders as nothing; keeps the help formatter from appending "(default: None)".
-_NO_DEFAULT = "%(default).0s"
-
-
 def _formatter() -> Any:
     from spdy.cli import HelpFormatter
 
@@ -63,6 +60,8 @@ def _formatter() -> Any:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from spdy.commands._common import add_grid_flag, add_method_flag
+
     fmt = _formatter()
     p = subparsers.add_parser(
         "database",
@@ -84,14 +83,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--model", required=True, help="built-in model name (minilm) or package.module:factory" + _NO_DEFAULT)
     b.add_argument("-o", "--output", required=True, metavar="DIR", help="database folder (created; resumed if it holds a partial build)" + _NO_DEFAULT)
-    b.add_argument("--method", choices=("obs", "exact", "magnitude"), default="obs",
-                   help="obs: SparseGPT-style OBS sweep; exact: OBS masks + exact least-squares refit (about 2.5x slower); magnitude: no refit")
+    add_method_flag(b, "obs: SparseGPT-style OBS sweep; exact: OBS masks + exact least-squares refit (about 2.5x "
+                    "slower); magnitude: no refit")
     b.add_argument("--damp", type=float, default=None,
                    help="diagonal damping as a fraction of mean(diag H) (default: 0.01 for obs, 0 for exact)" + _NO_DEFAULT)
     b.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layer names that stay dense (repeatable)" + _NO_DEFAULT)
-    b.add_argument("--grid-levels", type=int, default=41, metavar="N", help="number of sparse levels after the dense level 0")
-    b.add_argument("--min-sparsity", type=float, default=0.40, help="sparsity of level 1")
-    b.add_argument("--max-sparsity", type=float, default=0.99, help="sparsity of the last level")
+    add_grid_flag(b, "; a single whole number N, the old form, is read as N levels between --min-sparsity and "
+                  "--max-sparsity and is deprecated")
+    b.add_argument("--min-sparsity", type=float, default=0.40, help="sparsity of level 1 of SPDY's grid (no --grid-levels)")
+    b.add_argument("--max-sparsity", type=float, default=0.99, help="sparsity of the last level of SPDY's grid (no --grid-levels)")
     b.add_argument("--threads", type=int, default=None, help="torch and Numba threads (default: torch's choice)" + _NO_DEFAULT)
     b.add_argument("--patterns", default="", metavar="N:M[,N:M]",
                    help="also reconstruct these N:M patterns, e.g. 2:4,4:8 (default: none)" + _NO_DEFAULT)
@@ -125,6 +125,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     import torch
 
+    from spdy.commands._common import grid_from_levels
     from spdy.database.store import build_database
     from spdy.grid import spdy_grid
     from spdy.models.base import load_model
@@ -133,7 +134,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise InvalidInputError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    grid = spdy_grid(args.grid_levels, args.min_sparsity, args.max_sparsity)
+    grid = grid_from_levels(args.grid_levels, spdy_grid(lo=args.min_sparsity, hi=args.max_sparsity),
+                            count_form=lambda n: spdy_grid(n, args.min_sparsity, args.max_sparsity))
     bundle = load_model(args.model, exclude=args.exclude)
     t0 = time.perf_counter()
     db = build_database(

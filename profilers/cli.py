@@ -34,6 +34,7 @@ torch-cuda (NVIDIA GPU), torch-cpu (PyTorch dense and CSR).
 
 def register(subparsers: Any) -> None:
     from spdy.cli import HelpFormatter
+    from spdy.commands._common import add_dtype_flag, add_grid_flag
 
     p = subparsers.add_parser(
         "profile",
@@ -49,8 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--validate", type=int, default=0, metavar="K",
                    help="time K random pruned models end to end and record predicted vs measured")
     p.add_argument("--seed", type=int, default=0, help="seed of the random level vectors for --validate")
-    p.add_argument("--grid-levels", type=float, nargs="+", default=None, metavar="S",
-                   help="sparsity levels to time (0 is added if missing; default: SPDY's 42-level grid)%(default).0s")
+    add_grid_flag(p)
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="layers (glob on the module name) that stay dense; their time goes into the base; repeatable%(default).0s")
     p.add_argument("--passes", type=int, default=None,
@@ -58,25 +58,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="few repeats, one pass: a smoke test, not a profile to trust")
     p.add_argument("--patterns", default="", metavar="N:M[,N:M]",
                    help="also time N:M pattern choices, e.g. 2:4 (where the backend has a kernel)%(default).0s")
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="compute dtype of torch backends (torch-cuda default float16, torch-cpu float32)%(default).0s")
+    add_dtype_flag(p)
     p.add_argument("--from", dest="from_profile", default=None, metavar="PROFILE",
                    help="re-validate this existing profile instead of measuring a new one%(default).0s")
     p.add_argument("--force", action="store_true",
                    help="use a --from profile made for another model signature or on other hardware")
     p.add_argument("-o", "--output", required=True, help="profile JSON to write%(default).0s")
     p.set_defaults(func=run)
-
-
-def _grid(levels: list[float] | None) -> Any:
-    from spdy.grid import DEFAULT_GRID, SparsityGrid
-
-    if not levels:
-        return DEFAULT_GRID
-    lv = sorted(set(float(s) for s in levels))
-    if lv[0] != 0.0:
-        lv = [0.0, *lv]
-    return SparsityGrid(tuple(lv))
 
 
 def _policy(args: argparse.Namespace) -> Any:
@@ -93,27 +81,9 @@ def _policy(args: argparse.Namespace) -> Any:
     return policy
 
 
-class _Bar:
-    """A tqdm bar fed by the library's ``progress(done, total, what)`` callbacks."""
-
-    def __init__(self, desc: str, unit: str) -> None:
-        self.desc, self.unit, self.bar = desc, unit, None
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-        self.bar.set_postfix_str(what[-40:], refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
     import spdy.profilers  # noqa: F401  - first: the spdy kernels must load before torch
+    from spdy.commands._common import ProgressBars, grid_from_levels
     from spdy.errors import InvalidInputError
     from spdy.models.base import load_model
     from spdy.profile import load_profile, save_profile
@@ -136,23 +106,25 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"loaded {args.from_profile}: {len(profile.table.layers)} layers x {len(profile.table.grid)} levels")
     else:
-        grid = _grid(args.grid_levels)
+        grid = grid_from_levels(args.grid_levels)
         print(f"profiling {bundle.name} on {backend.name} ({backend.threads} threads): "
               f"{len(specs)} layers x {len(grid)} levels, {backend.policy.passes} passes")
-        bar = _Bar("profile", "layer")
+        bars = ProgressBars()
         try:
-            profile = profile_model(bundle, backend, grid, specs=specs, progress=bar, patterns=args.patterns)
+            profile = profile_model(bundle, backend, grid, specs=specs, progress=bars.stage("profile"),
+                                    patterns=args.patterns)
         finally:
-            bar.close()
+            bars.close()
         print(f"measured in {time.perf_counter() - t0:.0f} s")
     t = profile.table
     if args.validate:
-        bar = _Bar("validate", "model")
+        bars = ProgressBars()
+        bar = bars.stage("validate")
         bar(0, args.validate, "end-to-end runs")
         try:
             records = validate(profile, bundle, backend, k=args.validate, seed=args.seed, progress=bar)
         finally:
-            bar.close()
+            bars.close()
         profile = profile.with_validation(records)
     save_profile(profile, args.output)
     dense_measured = profile.settings.get("dense_measured_s")

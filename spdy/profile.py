@@ -236,14 +236,32 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
 
 
 def read_reference_timings(path: str | os.PathLike[str]) -> Profile:
-    """Parse SPDY's reference latency text format (see ``shared/reference/README.md``).
+    """Parse SPDY's reference latency text format.
 
-    ``base`` is the dense end-to-end time and ``prunable`` the sum of the dense layer
-    times, so the base time is their difference. Quirks of the published files are
-    handled: a repeated level keeps its first time, and trailing name-only lines
-    (no timings) are ignored.
+    The file holds ``base`` and the dense end-to-end time, ``prunable`` and the sum of
+    the dense layer times, then per layer its name followed by ``<time> <sparsity>``
+    lines, so the base time is the difference of the two totals. Quirks of the published
+    files are handled: a repeated level keeps its first time, and trailing name-only lines
+    (no timings) are ignored. A file whose listed layers do not add up to its ``prunable``
+    total (cut off, or layers missing) is refused: read as it is, it would be a smaller model.
     """
     path = Path(path)
+    total, prunable, entries = _reference_entries(path)
+    grid_levels = sorted({s for _, s in entries[0][1]})
+    _check_reference_total(path, prunable, entries, len(grid_levels))
+    names = [name for name, _ in entries]
+    times = np.array([_reference_row(path, name, vals, grid_levels) for name, vals in entries])
+    if np.any(times < 0):
+        raise InvalidInputError(f"{path}: negative layer times")
+    base = total - prunable
+    if base < 0:
+        raise InvalidInputError(f"{path}: dense total {total} is smaller than the prunable sum {prunable}")
+    table = LatencyTable(names, SparsityGrid(tuple(grid_levels)), times, base, {"source": f"reference:{path.name}"})
+    return Profile(table=table, backend="reference", model=path.stem)
+
+
+def _reference_entries(path: Path) -> tuple[float, float, list[tuple[str, list[tuple[float, float]]]]]:
+    """``(total, prunable, [(layer, [(time, sparsity)])])`` of a reference file; layers without timings dropped."""
     try:
         raw = path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
@@ -276,50 +294,48 @@ def read_reference_timings(path: str | os.PathLike[str]) -> Profile:
     entries = [(n, v) for n, v in entries if v]
     if not entries:
         raise InvalidInputError(f"{path} holds no layer timings")
-    grid_levels: list[float] | None = None
-    names, rows = [], []
-    for name, vals in entries:
-        seen: dict[float, float] = {}
-        for t, s in vals:
-            if s in seen:
-                log.warning("%s: layer %s lists sparsity %.4f twice; keeping the first time", path.name, name, s)
-                continue
-            seen[s] = t
-        levels = sorted(seen)
-        if grid_levels is None:
-            grid_levels = levels
-        extra = set(levels) - set(grid_levels)
-        if extra:
-            raise InvalidInputError(
-                f"{path}: layer {name} has levels {sorted(extra)[:3]} that the first layer's grid lacks"
-            )
-        row = []
-        for s in grid_levels:
-            if s not in seen:
-                # a missing level is estimated by the time of the nearest lower level listed
-                lower = [x for x in levels if x < s]
-                if not lower:
-                    raise InvalidInputError(f"{path}: layer {name} lacks the dense level {s}")
-                log.warning("%s: layer %s has no time for sparsity %.4f; using that of %.4f", path.name, name, s, lower[-1])
-                seen[s] = seen[lower[-1]]
-            row.append(seen[s])
-        names.append(name)
-        rows.append(row)
-    assert grid_levels is not None
-    times = np.array(rows)
-    if np.any(times < 0):
-        raise InvalidInputError(f"{path}: negative layer times")
-    base = total - prunable
-    if base < 0:
-        raise InvalidInputError(f"{path}: dense total {total} is smaller than the prunable sum {prunable}")
-    listed = float(times[:, 0].sum())
-    if abs(listed - prunable) > 1e-3 * prunable:
-        # layers counted in 'prunable' but not listed: their dense time belongs to the base
-        log.warning("%s: 'prunable' (%.6g s) differs from the listed dense layers (%.6g s); the difference "
-                    "counts as base time", path.name, prunable, listed)
-        base = total - listed
-    table = LatencyTable(names, SparsityGrid(tuple(grid_levels)), times, base, {"source": f"reference:{path.name}"})
-    return Profile(table=table, backend="reference", model=path.stem)
+    return total, prunable, entries
+
+
+def _reference_row(path: Path, name: str, vals: list[tuple[float, float]], grid_levels: list[float]) -> list[float]:
+    """One layer's times on the first layer's grid; a missing level takes the time of the nearest lower one."""
+    seen: dict[float, float] = {}
+    for t, s in vals:
+        if s in seen:
+            log.warning("%s: layer %s lists sparsity %.4f twice; keeping the first time", path.name, name, s)
+            continue
+        seen[s] = t
+    levels = sorted(seen)
+    extra = set(levels) - set(grid_levels)
+    if extra:
+        raise InvalidInputError(f"{path}: layer {name} has levels {sorted(extra)[:3]} that the first layer's grid lacks")
+    row = []
+    for s in grid_levels:
+        if s not in seen:
+            lower = [x for x in levels if x < s]
+            if not lower:
+                raise InvalidInputError(f"{path}: layer {name} lacks the dense level {s}")
+            log.warning("%s: layer %s has no time for sparsity %.4f; using that of %.4f", path.name, name, s, lower[-1])
+            seen[s] = seen[lower[-1]]
+        row.append(seen[s])
+    return row
+
+
+def _check_reference_total(path: Path, prunable: float, entries: list[tuple[str, list[tuple[float, float]]]],
+                           n_levels: int) -> None:
+    """Refuse a file whose layers' dense times (each one's first time at sparsity 0) do not add up
+    to its ``prunable`` total."""
+    listed = sum(next((t for t, s in vals if s == 0.0), 0.0) for _, vals in entries)
+    if abs(listed - prunable) <= 1e-3 * prunable:
+        return
+    last, vals = entries[-1]
+    n_last = len({s for _, s in vals})
+    where = f"; its last layer, {last}, has {n_last} of {n_levels} levels" if n_last < n_levels else ""
+    raise InvalidInputError(
+        f"{path}: the dense times of the {len(entries)} layers listed add up to {listed:.6g} s, but 'prunable' says "
+        f"{prunable:.6g} s: the file is cut off or lacks layers{where}. Copy the complete file again (or, for a "
+        "model that leaves layers out, write their sum after 'prunable')"
+    )
 
 
 def load_profile(

@@ -130,3 +130,22 @@ def test_unreadable_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["solve", "--timings", str(folder), "--speedup", "2x"]) == 1
     err = _one_line_error(capsys)
     assert str(folder) in err and "check the path" in err
+
+
+def test_cut_off_reference_timings_are_refused(timings: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cut = tmp_path / "cut.txt"
+    lines = timings.read_text().splitlines()
+    cut.write_text("\n".join(lines[:-4]) + "\n")  # cut off after layer l0
+    assert main(["solve", "--timings", str(cut), "--speedup", "1.5x"]) == 1
+    err = _one_line_error(capsys)
+    assert "the dense times of the 1 layers listed add up to 0.005 s, but 'prunable' says 0.008 s" in err
+    assert "the file is cut off or lacks layers" in err and "Copy the complete file again" in err
+
+
+def test_published_reference_timings_still_load(reference_dir: Path) -> None:
+    from spdy.profile import read_reference_timings
+
+    for path in sorted(reference_dir.glob("*.txt")):
+        t = read_reference_timings(path).table
+        assert len(t.layers) >= 21 and len(t.grid) == 42 and t.base_s > 0, path.name

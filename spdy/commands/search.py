@@ -15,7 +15,6 @@ examples:
   spdy search --model minilm --speedup 2.5x --max-evals 40 --seed 1 -o out/quick
   spdy search --model spdy.examples.digits:factory --speedup 2x -o out/digits
   spdy search --model minilm --speedup 2x --baseline uniform -o out/uniform-2x
-  spdy search --model minilm --speedup 1.8x --speedup-percentile 10 -o out/p10  # 9 rounds in 10 at 1.8x
   # two workers on one search (start the same command twice; the second only evaluates):
   spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 -o out/s1
   spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 --evaluate-only
@@ -38,7 +37,10 @@ the per-layer sparsities and where the time goes.
 
 
 def register(subparsers: Any) -> None:
+    from spdy.baselines import BASELINES
     from spdy.cli import HelpFormatter
+    from spdy.commands._common import add_method_flag
+    from spdy.models.base import LOSSES
     from spdy.sensitivity import STRATEGIES
 
     p = subparsers.add_parser(
@@ -58,8 +60,7 @@ def register(subparsers: Any) -> None:
                    help="latency profile JSON to use, measured into FILE if missing (default: cached)%(default).0s")
     p.add_argument("--database", default=None, metavar="DIR",
                    help="reconstruction database to use, built into DIR if missing (default: cached)%(default).0s")
-    p.add_argument("--method", default="obs", choices=("obs", "exact", "magnitude"),
-                   help="reconstruction method of a database built here")
+    add_method_flag(p, "reconstruction method of a database built here")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage: sqlite:///file.db, an RDB URL, a journal file path, or :memory: "
                    "(default: OUT/search.journal)%(default).0s")
@@ -73,7 +74,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the search (results are reproducible per seed)")
     p.add_argument("--strategy", default="spdy", choices=STRATEGIES,
                    help="spdy = Algorithm 4; tpe, cmaes, random = Optuna samplers over the coefficients")
-    p.add_argument("--baseline", default=None, choices=("uniform", "global"),
+    p.add_argument("--baseline", default=None, choices=BASELINES,
                    help="skip the search and report this one-shot baseline alone%(default).0s")
     p.add_argument("--no-baselines", action="store_true", help="do not evaluate the baselines next to the search")
     p.add_argument("--no-measure", action="store_true", help="skip the end-to-end timing of the pruned models")
@@ -83,16 +84,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fit-evals", type=int, default=16, metavar="N",
                    help="calibration-loss evaluations SPDY spends on each new budget of the fit (the search's best "
                    "coefficients re-tried there, then local steps)")
-    p.add_argument("--speedup-percentile", type=float, default=50.0, metavar="P",
-                   help="which percentile of a model's speedups over the run's interleaved rounds must meet "
-                   "--speedup: 50 = the median; 10 = nine rounds in ten, the machine's slow spells included")
     p.add_argument("--evaluate-only", action="store_true",
                    help="join a shared search as a worker: evaluate trials, write nothing")
     p.add_argument("--eval-threads", type=int, default=None,
                    help="torch threads for the calibration-loss evaluations (default: torch's)%(default).0s")
     p.add_argument("--calibration", type=int, default=None, metavar="N",
                    help="calibration samples for the built-in model (minilm: documents, default 128)%(default).0s")
-    p.add_argument("--loss", default=None, choices=("mse", "cosine", "kl"),
+    p.add_argument("--loss", default=None, choices=tuple(LOSSES),
                    help="calibration loss instead of the model's default (relative MSE to the dense outputs)%(default).0s")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="layers (glob on the module name) that stay dense; repeatable%(default).0s")
@@ -102,38 +100,50 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-class _Bars:
-    """One tqdm bar per stage, fed by the library's ``progress(stage, done, total, info)``."""
-
-    UNITS = {"profile": "layer", "search": "eval", "measure": "step"}
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int, info: str) -> None:
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=self.UNITS.get(stage, "it"), dynamic_ncols=True)
-        if bar.total != total:
-            bar.total = total
-        bar.update(max(0, done - bar.n))
-        bar.set_postfix_str(info[-40:], refresh=True)
-        if done >= total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
     from spdy import dp
-    from spdy.api import Outcome, search
-    from spdy.errors import InvalidInputError
+    from spdy.api import search
+    from spdy.baselines import BASELINES
+    from spdy.commands._common import ProgressBars
     from spdy.measure import MeasureConfig
     from spdy.sensitivity import SearchConfig
+
+    _check_args(args)
+    target = dp.parse_speedup(args.speedup)
+    storage = args.storage
+    if storage is None and args.output:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        storage = str(Path(args.output) / "search.journal")
+    if storage == ":memory:":
+        storage = None
+    model = _model(args)
+    print(f"spdy search: {args.model} to {target:g}x on {args.backend}"
+          + (f" (baseline {args.baseline} only)" if args.baseline else "") + (f", storage {storage}" if storage else ""))
+    bars = ProgressBars()
+    try:
+        res = search(
+            model, speedup=target, backend=args.backend, threads=args.threads, profile=args.profile,
+            database=args.database, method=args.method, storage=storage, study=args.study,
+            config=SearchConfig(speedup=target, k=args.k, delta=args.delta, max_evals=args.max_evals, seed=args.seed,
+                                strategy=args.strategy),
+            measurement=MeasureConfig(measure=not args.no_measure, fit_rounds=args.fit_rounds,
+                                      fit_evals=args.fit_evals),
+            baselines=() if args.no_baselines else BASELINES, only_baseline=args.baseline,
+            evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
+            force=args.force, loss=args.loss, exclude=args.exclude if isinstance(model, str) else (),
+            out=args.output, progress=bars,
+        )
+    finally:
+        bars.close()
+    if args.evaluate_only:
+        print(f"worker done: the study {res.study!r} holds {res.n_evaluations} evaluations; best loss {res.calibration_loss:.5g}")
+        return 0
+    _print_outcome(res, args)
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from spdy.errors import InvalidInputError
 
     if args.output is None and not args.evaluate_only:
         raise InvalidInputError("give an output folder with -o OUT (or --evaluate-only to join a shared search)")
@@ -145,70 +155,43 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--fit-rounds must be >= 0 (0 turns the fit off); got {args.fit_rounds}")
     if args.fit_evals < 1:
         raise InvalidInputError(f"--fit-evals must be >= 1; got {args.fit_evals}")
-    target = dp.parse_speedup(args.speedup)
-    storage = args.storage
-    if storage is None and args.output:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        storage = str(Path(args.output) / "search.journal")
-    if storage == ":memory:":
-        storage = None
-    model_kwargs: dict[str, Any] = {}
-    if args.calibration is not None:
-        if args.model != "minilm":
-            raise InvalidInputError("--calibration applies to the built-in minilm model; a factory chooses its own data")
-        model_kwargs["n_calibration"] = args.calibration
-    model: Any = args.model
-    if model_kwargs:
-        from spdy.models.base import load_model
 
-        model = load_model(args.model, exclude=args.exclude, **model_kwargs)
 
-    print(f"spdy search: {args.model} to {target:g}x on {args.backend}"
-          + (f" (baseline {args.baseline} only)" if args.baseline else "") + (f", storage {storage}" if storage else ""))
-    bars = _Bars()
-    try:
-        res = search(
-            model, speedup=target, backend=args.backend, threads=args.threads, profile=args.profile,
-            database=args.database, method=args.method, storage=storage, study=args.study,
-            config=SearchConfig(speedup=target, k=args.k, delta=args.delta, max_evals=args.max_evals, seed=args.seed,
-                                strategy=args.strategy),
-            measurement=MeasureConfig(measure=not args.no_measure, fit_rounds=args.fit_rounds,
-                                      fit_evals=args.fit_evals, percentile=args.speedup_percentile),
-            baselines=() if args.no_baselines else ("uniform", "global"), only_baseline=args.baseline,
-            evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
-            force=args.force, loss=args.loss, exclude=() if model_kwargs else args.exclude, out=args.output,
-            progress=bars,
-        )
-    finally:
-        bars.close()
-    if args.evaluate_only:
-        print(f"worker done: the study {res.study!r} holds {res.n_evaluations} evaluations; best loss {res.calibration_loss:.5g}")
-        return 0
+def _model(args: argparse.Namespace) -> Any:
+    """``--model`` as the name the API loads, or the loaded bundle when ``--calibration`` sets its data."""
+    from spdy.errors import InvalidInputError
+
+    if args.calibration is None:
+        return args.model
+    if args.model != "minilm":
+        raise InvalidInputError("--calibration applies to the built-in minilm model; a factory chooses its own data")
+    from spdy.models.base import load_model
+
+    return load_model(args.model, exclude=args.exclude, n_calibration=args.calibration)
+
+
+def _print_outcome(res: Any, args: argparse.Namespace) -> None:
+    """The table of SPDY and the baselines, the fit, the stage times and the warnings."""
+    from spdy.api import Outcome
+
     rows: list[tuple[str, Outcome | str]] = [(res.result.method, res.result), *res.baselines.items()]
-    pct = args.speedup_percentile
-    label = "median" if pct == 50 else f"p{pct:g}"
-    print(f"\n{'profile':<10} {'predicted':>10} {'measured':>10} {'p10-p90 (rounds)':>20} {'calib. loss':>12}"
-          f"   (measured: the {label} of every round this model was timed in)")
-    print(f"{'dense':<10} {'1.00x':>10} {'1.00x':>10} {'':>20} {res.dense_loss:12.5g}")
+    print(f"\n{'profile':<10} {'predicted':>10} {'measured':>10} {'calib. loss':>12}")
+    print(f"{'dense':<10} {'1.00x':>10} {'1.00x':>10} {res.dense_loss:12.5g}")
     for name, o in rows:
         if isinstance(o, str):
             print(f"{name:<10} {'infeasible':>10}   {o[:60]}")
             continue
         meas = f"{o.measured_speedup:9.2f}x" if o.measured_speedup is not None else f"{'-':>10}"
-        s = o.speedup_summary()
-        spread = f"{s['p10']:.2f}-{s['p90']:.2f}x ({s['rounds']})" if s else ""
-        print(f"{name:<10} {o.solution.predicted_speedup:9.2f}x {meas} {spread:>20} {o.calibration_loss:12.5g}")
+        print(f"{name:<10} {o.solution.predicted_speedup:9.2f}x {meas} {o.calibration_loss:12.5g}")
     for f in res.fit:
         print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
               f"{f['from_dp_target']:.3f} -> {f['dp_target']:.3f}: measured {f['measured']:.2f}x, loss "
               f"{f['calibration_loss']:.5g}, " + ("taken" if f["accepted"] else "not taken") + f" ({f['why']})")
     if res.dense_measured_s:
         print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
-    st = res.stage_s
-    print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in st.items()))
+    print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_s.items()))
     if res.per_evaluation_ms:
         print(f"per evaluation ({res.n_evaluations}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in res.per_evaluation_ms.items()))
     for w in res.warnings:
         print("\n" + "!" * 78 + f"\nWARNING: {w}\n" + "!" * 78)
     print(f"wrote {args.output}/result.json, {args.output}/model, {args.output}/profile.png")
-    return 0

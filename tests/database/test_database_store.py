@@ -271,6 +271,20 @@ def test_cli_build_ls_verify(tmp_path, capsys) -> None:
     assert "another setup" in capsys.readouterr().err
 
 
+def test_cli_grid_levels_are_sparsities_and_the_old_count_is_deprecated(tmp_path, capsys, caplog) -> None:
+    spec = "tests.database.toy_models:make_mlp"
+    base = ["database", "build", "--model", spec, "--threads", "1", "--no-progress"]
+    assert spdy_main(base + ["-o", str(tmp_path / "a"), "--grid-levels", "0.5", "0.9"]) == 0
+    assert Database.open(tmp_path / "a").grid.levels == (0.0, 0.5, 0.9)
+    assert "deprecated" not in caplog.text
+    assert spdy_main(base + ["-o", str(tmp_path / "b"), "--grid-levels", "3"]) == 0
+    assert len(Database.open(tmp_path / "b").grid) == 4
+    assert "--grid-levels 3 as a count of levels is deprecated: pass the sparsities" in caplog.text
+    capsys.readouterr()
+    assert spdy_main(base + ["-o", str(tmp_path / "c"), "--grid-levels", "0.5", "2"]) == 1
+    assert "--grid-levels takes sparsities in [0, 1), such as 0.5 0.7 0.9; got 2" in capsys.readouterr().err
+
+
 def test_cli_help_has_examples(capsys) -> None:
     for sub in ("build", "verify", "ls"):
         with pytest.raises(SystemExit):
