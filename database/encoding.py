@@ -1,8 +1,7 @@
 """Compact encodings of one pruned weight matrix, chosen per level by storage cost.
 
 For a matrix of ``L`` elements (``rows x cols``), ``nnz = (1 - p) L`` kept values
-of ``n = 32`` bits each (the storage-cost formulas of the pruning lecture notes,
-``../shared/seeds/000_*.txt``):
+of ``n = 32`` bits each cost:
 
 * ``dense``:  ``L n`` bits.
 * ``bitmap``: ``(1 - p) L n + L`` bits: ``packbits`` of the keep mask plus the kept

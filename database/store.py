@@ -35,6 +35,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +154,7 @@ def build_database(
 
     Returns the opened :class:`Database`. Logs progress; ``progress`` shows tqdm bars.
     """
-    if not isinstance(bundle, ModelBundle):
-        raise InvalidInputError(f"bundle must be a spdy ModelBundle; got {type(bundle).__name__} (see spdy.models.load_model)")
-    if method not in METHODS:
-        raise InvalidInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if damp is not None and not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
-        raise InvalidInputError(f"damp must be a finite number >= 0 or None; got {damp!r}")
-    if not isinstance(grid, SparsityGrid):
-        raise InvalidInputError(f"grid must be a SparsityGrid; got {type(grid).__name__}")
-    if blocksize < 1:
-        raise InvalidInputError(f"blocksize must be >= 1; got {blocksize}")
+    _check_build_arguments(bundle, grid, method, damp, blocksize)
     asked_patterns = parse_patterns(patterns)
     damp_used = DEFAULT_DAMP[method] if damp is None else float(damp)
     out = Path(out_dir)
@@ -174,7 +166,39 @@ def build_database(
     specs = bundle.layers()
     modules = {s.name: get_module(bundle.model, s.name) for s in specs}
     hashes = [weight_sha256(modules[s.name].weight) for s in specs]
-    header = {
+    header = _header(bundle, grid, method, damp_used, blocksize)
+    fresh_layers = [{"spec": s.to_json(), "weight_sha256": h, "file": None} for s, h in zip(specs, hashes)]
+    manifest = _open_manifest(out, header, fresh_layers, overwrite)
+    manifest.update(spdy_version=__version__, complete=False)
+    # patterns only accumulate: the stored ones plus the asked ones
+    stored_patterns = tuple(manifest.get("patterns", ()))
+    all_patterns = stored_patterns + tuple(p for p in asked_patterns if p not in stored_patterns)
+    if all_patterns:
+        manifest["patterns"] = list(all_patterns)
+    todo = _layers_to_build(out, manifest, all_patterns)
+    atomic_write_json(out / MANIFEST, manifest)
+    if not todo:
+        log.info("database %s is complete (%d layers); nothing to build", out, len(specs))
+    else:
+        log.info(
+            "building %d of %d layers x %d levels%s with %s (damp %g) into %s",
+            len(todo), len(specs), len(grid), f" + {', '.join(all_patterns)}" if all_patterns else "",
+            method, damp_used, out,
+        )
+    build = _LayerBuild(out, manifest, bundle, specs, modules, hashes, method, grid.as_array(), damp_used,
+                        blocksize, all_patterns)
+    build.run(_hessian_groups(specs, todo, max_hessian_bytes), progress)
+    manifest["complete"] = all(e.get("file") for e in manifest["layers"])
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(out / MANIFEST, manifest)
+    if todo:
+        log.info("built %d layers in %.1f s", len(todo), time.perf_counter() - t_start)
+    return Database.open(out)
+
+
+def _header(bundle: ModelBundle, grid: SparsityGrid, method: str, damp: float, blocksize: int) -> dict[str, Any]:
+    """What a database is made from: a database built from another setup is another database."""
+    return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "spdy_version": __version__,
@@ -185,14 +209,30 @@ def build_database(
         "n_calibration_samples": bundle.n_samples,
         "grid": grid.to_json(),
         "method": method,
-        "damp": damp_used,
+        "damp": damp,
         "blocksize": blocksize,
     }
-    fresh_layers = [{"spec": s.to_json(), "weight_sha256": h, "file": None} for s, h in zip(specs, hashes)]
 
-    manifest_path = out / MANIFEST
+
+def _check_build_arguments(bundle: Any, grid: Any, method: str, damp: float | None, blocksize: int) -> None:
+    if not isinstance(bundle, ModelBundle):
+        raise InvalidInputError(f"bundle must be a spdy ModelBundle; got {type(bundle).__name__} (see spdy.models.load_model)")
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if damp is not None and not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise InvalidInputError(f"damp must be a finite number >= 0 or None; got {damp!r}")
+    if not isinstance(grid, SparsityGrid):
+        raise InvalidInputError(f"grid must be a SparsityGrid; got {type(grid).__name__}")
+    if blocksize < 1:
+        raise InvalidInputError(f"blocksize must be >= 1; got {blocksize}")
+
+
+def _open_manifest(out: Path, header: dict[str, Any], fresh_layers: list[dict[str, Any]],
+                   overwrite: bool) -> dict[str, Any]:
+    """The manifest to build on: the one in ``out`` when it was made for this setup (``header``),
+    else a fresh one. Another setup's database is refused, or deleted with ``overwrite``."""
     manifest: dict[str, Any] | None = None
-    if manifest_path.exists():
+    if (out / MANIFEST).exists():
         try:
             old = _read_manifest(out)
         except DatabaseError as exc:
@@ -213,16 +253,14 @@ def build_database(
                 manifest = old
     if manifest is None:
         manifest = {**header, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": False, "layers": fresh_layers}
-    manifest.update(spdy_version=__version__, complete=False)
-    # patterns only accumulate: the stored ones plus the asked ones
-    stored_patterns = tuple(manifest.get("patterns", ()))
-    all_patterns = stored_patterns + tuple(p for p in asked_patterns if p not in stored_patterns)
-    if all_patterns:
-        manifest["patterns"] = list(all_patterns)
+    return manifest
 
+
+def _layers_to_build(out: Path, manifest: dict[str, Any], patterns: Sequence[str]) -> list[int]:
+    """Indices of the layers without a sound file holding every pattern; their entries are reset."""
     todo = []
     for i, entry in enumerate(manifest["layers"]):
-        lacking = [p for p in all_patterns if p not in (entry.get("patterns") or {})]
+        lacking = [p for p in patterns if p not in (entry.get("patterns") or {})]
         if entry.get("file") and _layer_file_ok(out, entry) and not lacking:
             continue
         if entry.get("file") and lacking:
@@ -231,68 +269,76 @@ def build_database(
             log.warning("layer %s: file %s is missing or damaged; rebuilding it", entry["spec"]["name"], entry["file"])
         entry.update(file=None)
         todo.append(i)
-    atomic_write_json(manifest_path, manifest)
-    if not todo:
-        log.info("database %s is complete (%d layers); nothing to build", out, len(specs))
-    else:
-        log.info(
-            "building %d of %d layers x %d levels%s with %s (damp %g) into %s",
-            len(todo), len(specs), len(grid), f" + {', '.join(all_patterns)}" if all_patterns else "",
-            method, damp_used, out,
-        )
-    sparsities = grid.as_array()
+    return todo
 
-    # Group the layers to build so that their Hessians fit in memory together.
+
+def _hessian_groups(specs: Sequence[LayerSpec], todo: Sequence[int], max_bytes: int) -> list[list[int]]:
+    """The layers to build in groups whose float64 Hessians fit in ``max_bytes`` together."""
     groups: list[list[int]] = []
     used = 0
     for i in todo:
         d = specs[i].matrix_shape[1]
         need = 8 * d * d
-        if groups and used + need <= max_hessian_bytes:
+        if groups and used + need <= max_bytes:
             groups[-1].append(i)
             used += need
         else:
             groups.append([i])
             used = need
+    return groups
 
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"database ({method})", unit="layer", disable=None)  # None: off when not a tty
-    try:
-        for group in groups:
-            t0 = time.perf_counter()
-            stats = capture_hessians(bundle, [specs[i] for i in group], progress=progress)
-            capture_s = time.perf_counter() - t0
-            log.info("captured %d Hessians in %.1f s", len(group), capture_s)
-            for i in group:
-                spec = specs[i]
-                st = stats.pop(spec.name)
-                t1 = time.perf_counter()
-                W = _matrix(modules[spec.name]).to(torch.float32)
-                if all_patterns:
-                    rec = reconstruct(method, W, st.H, sparsities, damp=damp_used, blocksize=blocksize,
-                                      patterns=all_patterns)
-                else:
-                    rec = reconstruct(method, W, st.H, sparsities, damp=damp_used, blocksize=blocksize)
-                entry = _write_layer(out, i, spec, rec, hashes[i])
-                entry.update(n_rows=st.n_rows, seconds=round(time.perf_counter() - t1, 3))
-                manifest["layers"][i] = entry
-                atomic_write_json(manifest_path, manifest)
-                log.debug("layer %s: %.2f s, %d bytes", spec.name, entry["seconds"], entry["bytes"])
-                if bar is not None:
-                    bar.update(1)
-                del st, rec
-    finally:
-        if bar is not None:
-            bar.close()
-    manifest["complete"] = all(e.get("file") for e in manifest["layers"])
-    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic_write_json(manifest_path, manifest)
-    if todo:
-        log.info("built %d layers in %.1f s", len(todo), time.perf_counter() - t_start)
-    return Database.open(out)
+@dataclass(frozen=True)
+class _LayerBuild:
+    """What building one layer needs; :meth:`run` builds groups of layers, one Hessian capture per group."""
+
+    out: Path
+    manifest: dict[str, Any]
+    bundle: ModelBundle
+    specs: Sequence[LayerSpec]
+    modules: dict[str, Any]
+    hashes: Sequence[str]
+    method: str
+    sparsities: np.ndarray
+    damp: float
+    blocksize: int
+    patterns: tuple[str, ...]
+
+    def run(self, groups: list[list[int]], progress: bool) -> None:
+        bar = None
+        if progress and groups:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(g) for g in groups), desc=f"database ({self.method})", unit="layer",
+                       disable=None)  # None: off when not a tty
+        try:
+            for group in groups:
+                t0 = time.perf_counter()
+                stats = capture_hessians(self.bundle, [self.specs[i] for i in group], progress=progress)
+                log.info("captured %d Hessians in %.1f s", len(group), time.perf_counter() - t0)
+                for i in group:
+                    self.layer(i, stats.pop(self.specs[i].name))
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def layer(self, i: int, st: Any) -> None:
+        """Reconstruct layer ``i`` from its Hessian statistics, write it and record it in the manifest."""
+        spec = self.specs[i]
+        t1 = time.perf_counter()
+        W = _matrix(self.modules[spec.name]).to(torch.float32)
+        if self.patterns:
+            rec = reconstruct(self.method, W, st.H, self.sparsities, damp=self.damp, blocksize=self.blocksize,
+                              patterns=self.patterns)
+        else:
+            rec = reconstruct(self.method, W, st.H, self.sparsities, damp=self.damp, blocksize=self.blocksize)
+        entry = _write_layer(self.out, i, spec, rec, self.hashes[i])
+        entry.update(n_rows=st.n_rows, seconds=round(time.perf_counter() - t1, 3))
+        self.manifest["layers"][i] = entry
+        atomic_write_json(self.out / MANIFEST, self.manifest)
+        log.debug("layer %s: %.2f s, %d bytes", spec.name, entry["seconds"], entry["bytes"])
 
 
 def _write_layer(out: Path, index: int, spec: LayerSpec, rec: Any, weight_hash: str) -> dict[str, Any]:

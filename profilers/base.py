@@ -8,7 +8,7 @@ zero-cost stand-in (:meth:`Backend.model_runner`). It never times anything itsel
 spread, so that backends cannot diverge. A backend only says how to read its clock
 (:meth:`Backend._sample`; CUDA events on the GPU, ``perf_counter`` elsewhere).
 
-Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfalls"):
+Timing discipline (each rule keeps one way a timing can lie out of the table):
 
 * thread counts are fixed once, when the backend is made, and recorded;
 * every runner is warmed up; calls shorter than ``min_sample_s`` are batched
@@ -21,8 +21,8 @@ Timing discipline (why it looks like this: ``shared/DESIGN.md``, "Timing pitfall
   dropped early (``race_ratio``): only the fastest format's time is needed;
 * samples taken while other processes used the CPUs (``/proc/stat`` minus this
   process's own CPU time, judged per window of ~0.3 s) are discarded, and timing
-  waits for the others to go quiet: on 2 cores one busy neighbour makes a 2-thread
-  kernel up to 16x slower, and no statistic undoes that;
+  waits for the others to go quiet: a busy neighbour on a small machine slows a
+  multi-threaded kernel by a large factor, and no statistic undoes that;
 * layers are timed in ``passes`` passes over the whole model (alternating order)
   and each level keeps the median of its pass medians, so that a slow spell during
   one layer's turn does not end up in the table.
@@ -76,8 +76,8 @@ class TimingPolicy:
 
     Contention: on Linux, samples are judged in windows of at least ``window_s``; if
     other processes used more than ``max_others`` of all CPUs during a window
-    (:class:`CpuMonitor`), its samples are discarded (on 2 cores one busy neighbour makes
-    a 2-thread kernel up to 16x slower) and timing waits, in ``busy_sleep_s`` steps,
+    (:class:`CpuMonitor`), its samples are discarded (they timed the neighbour as much as
+    the kernel) and timing waits, in ``busy_sleep_s`` steps,
     until the others are quiet. After ``patience_s`` of disturbance over the backend's life, samples are kept
     regardless (with a warning, and counted in ``Backend.stats``). ``max_others = inf`` turns the check off. ``passes`` is the number of passes
     over all layers in :meth:`Backend.time_layers`; ``model_min_repeats`` the least
@@ -383,86 +383,64 @@ class Backend(ABC):
     ) -> list[Timing]:
         n = len(runners)
         monitor = self._monitor
-        inner = [1] * n
+        inner = self._inner_calls(runners, p)
+        race = _Race(n)
+        rounds = 0
+        watch = monitor.available and math.isfinite(p.max_others) and self.stats["busy_wait_s"] < p.patience_s
+        window = monitor.snapshot() if watch else None
+        while not all(race.done):
+            for i, fn in enumerate(runners):
+                if not race.done[i]:
+                    race.pending[i].append(self._sample(fn, inner[i]))
+            rounds += 1
+            if window is not None:
+                now = monitor.snapshot()
+                if now[2] - window[2] < p.window_s:
+                    continue  # judge a window once it is long enough for 10 ms jiffies to mean something
+                if monitor.others_share(window, now) > p.max_others:
+                    window = self._wait_for_quiet(race, window, now, p)
+                    continue
+                window = monitor.snapshot()
+            self.stats["samples"] += race.commit(inner)
+            for i in range(n):
+                if not race.done[i]:
+                    race.judge(i, inner[i], p, rivals, bounds)
+            if on_round is not None:
+                on_round(rounds)
+        self.stats["discarded"] += sum(race.discarded)
+        return [Timing.from_samples(race.samples[i], inner[i], race.dropped[i], race.discarded[i]) for i in range(n)]
+
+    def _inner_calls(self, runners: Sequence[Runner], p: TimingPolicy) -> list[int]:
+        """Calls per sample of each runner (after its warm-up): enough for ``p.min_sample_s``, at most 1000."""
+        inner = [1] * len(runners)
         for i, fn in enumerate(runners):
             t = 0.0
             for _ in range(max(p.warmup_calls, 1)):
                 t = self._sample(fn, 1)
             if p.min_sample_s > 0 and t < p.min_sample_s:
                 inner[i] = max(1, min(1000, math.ceil(p.min_sample_s / max(t, 1e-7))))
-        samples: list[list[float]] = [[] for _ in range(n)]
-        pending: list[list[float]] = [[] for _ in range(n)]  # samples of the current window, not yet judged
-        discarded = [0] * n
-        spent = [0.0] * n
-        done = [False] * n
-        dropped = [False] * n
-        rounds = 0
-        watch = monitor.available and math.isfinite(p.max_others) and self.stats["busy_wait_s"] < p.patience_s
-        window = monitor.snapshot() if watch else None
-        while not all(done):
-            for i, fn in enumerate(runners):
-                if not done[i]:
-                    pending[i].append(self._sample(fn, inner[i]))
-            rounds += 1
-            if window is not None:
-                now = monitor.snapshot()
-                if now[2] - window[2] < p.window_s:
-                    continue  # judge a window once it is long enough for 10 ms jiffies to mean something
-                share = monitor.others_share(window, now)
-                if share > p.max_others:
-                    # another process took CPU time in this window: its samples did not time us alone
-                    for i in range(n):
-                        discarded[i] += len(pending[i])
-                        pending[i].clear()
-                    self.stats["busy_wait_s"] += now[2] - window[2]
-                    while self.stats["busy_wait_s"] < p.patience_s:  # let it run rather than fight it
-                        t_wait = time.perf_counter()
-                        quiet = monitor.others_busy(p.busy_sleep_s) <= p.max_others
-                        self.stats["busy_wait_s"] += time.perf_counter() - t_wait
-                        if quiet:
-                            break
-                    if self.stats["busy_wait_s"] >= p.patience_s:
-                        window = None
-                        self.stats["busy_giveups"] += 1
-                        log.warning("other processes have kept the CPUs busy for %.0f s of this backend's timing; it "
-                                    "goes on without discarding disturbed samples (expect slow, noisy results; re-run "
-                                    "on a quiet machine)", self.stats["busy_wait_s"])
-                    else:
-                        window = monitor.snapshot()
-                    continue
-                window = monitor.snapshot()
-            for i in range(n):
-                if pending[i]:
-                    samples[i] += pending[i]
-                    spent[i] += sum(pending[i]) * inner[i]
-                    self.stats["samples"] += len(pending[i])
-                    pending[i].clear()
-            for i in range(n):
-                if done[i]:
-                    continue
-                k = len(samples[i])
-                if k >= p.max_repeats or (spent[i] >= p.max_seconds and k >= p.min_samples):
-                    done[i] = True
-                    continue
-                if k >= p.min_repeats:
-                    t = Timing.from_samples(samples[i], inner[i])
-                    if t.ci <= p.target_ci:
-                        done[i] = True
-                        continue
-                if k >= p.race_after and math.isfinite(p.race_ratio) and ((rivals and rivals[i]) or bounds):
-                    best = min(
-                        (float(np.median(samples[j])) for j in (rivals[i] if rivals else ())
-                         if len(samples[j]) >= p.race_after),
-                        default=math.inf,
-                    )
-                    if bounds:
-                        best = min(best, bounds[i])
-                    if float(np.median(samples[i])) > p.race_ratio * best:
-                        done[i] = dropped[i] = True
-            if on_round is not None:
-                on_round(rounds)
-        self.stats["discarded"] += sum(discarded)
-        return [Timing.from_samples(samples[i], inner[i], dropped[i], discarded[i]) for i in range(n)]
+        return inner
+
+    def _wait_for_quiet(self, race: _Race, window: Any, now: Any, p: TimingPolicy) -> Any:
+        """Another process took CPU time in this window, so its samples did not time us alone:
+        discard them and let the other process run (rather than fight it) until the CPUs are
+        quiet or the policy's patience is spent. Returns the next window, or None once the
+        patience is spent (timing then goes on without watching)."""
+        race.discard_pending()
+        self.stats["busy_wait_s"] += now[2] - window[2]
+        while self.stats["busy_wait_s"] < p.patience_s:
+            t_wait = time.perf_counter()
+            quiet = self._monitor.others_busy(p.busy_sleep_s) <= p.max_others
+            self.stats["busy_wait_s"] += time.perf_counter() - t_wait
+            if quiet:
+                break
+        if self.stats["busy_wait_s"] < p.patience_s:
+            return self._monitor.snapshot()
+        self.stats["busy_giveups"] += 1
+        log.warning("other processes have kept the CPUs busy for %.0f s of this backend's timing; it "
+                    "goes on without discarding disturbed samples (expect slow, noisy results; re-run "
+                    "on a quiet machine)", self.stats["busy_wait_s"])
+        return None
 
     # ----------------------------------------------------------------- layer and model timing
 
@@ -488,24 +466,55 @@ class Backend(ABC):
         dense. A pattern without a kernel for this layer gets an entry with format
         :data:`NO_KERNEL` and time ``+inf``.
         """
-        from spdy.choices import parse_pattern
-        from spdy.profilers.pruning import LevelPruner, prune_n_m
-
         w = np.ascontiguousarray(weight, dtype=np.float32)
         b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         if tuple(w.shape) != tuple(spec.weight_shape):
             raise InvalidInputError(f"layer {spec.name!r}: weight has shape {w.shape}; the spec says {spec.weight_shape}")
-        pruner = LevelPruner(w)
-        runners: list[Runner] = []
-        keys: list[tuple[int, str]] = []  # (level index, or -1 for the shared dense runner; format)
-        shared_dense = self.dense_time_is_level_independent()
-        if shared_dense:
-            runners.append(self.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
-            keys.append((-1, DENSE))
+        entries, has_kernel = self._level_entries(spec, sparsities, patterns)
+        runners, keys = self._level_runners(spec, w, b, x, entries, has_kernel, allowed)
+        timings = self._time_by_pool(runners, keys)
+        del runners
+        overhead = self.layer_call_overhead_s()
+        shared_dense = (-1, DENSE) in keys
+        out: list[LevelTiming] = []
+        for li, (s, _pat) in enumerate(entries):
+            if not has_kernel[li]:
+                out.append(_no_kernel(s))
+                continue
+            cands = {f: timings[i] for i, (lj, f) in enumerate(keys) if lj == li}
+            if shared_dense:
+                cands[DENSE] = timings[keys.index((-1, DENSE))]
+            out.append(_fastest(float(s), cands, overhead))
+        return out
+
+    def _level_entries(
+        self, spec: LayerSpec, sparsities: Sequence[float], patterns: Sequence[str]
+    ) -> tuple[list[tuple[float, Any]], list[bool]]:
+        """The entries :meth:`time_layer_levels` times: ``(sparsity, None)`` per level, then
+        ``(sparsity, NMPattern)`` per pattern; and whether the backend has a kernel for each."""
+        from spdy.choices import parse_pattern
+
         nm = [parse_pattern(p) for p in patterns]
         entries: list[tuple[float, Any]] = [(float(s), None) for s in sparsities] + [(p.sparsity, p) for p in nm]
         has_kernel = [True] * len(sparsities) + [bool(self.pattern_formats(spec, p.name)) and p.fits(spec.matrix_shape[1])
                                                   for p in nm]
+        return entries, has_kernel
+
+    def _level_runners(
+        self, spec: LayerSpec, w: np.ndarray, b: np.ndarray | None, x: np.ndarray | None,
+        entries: list[tuple[float, Any]], has_kernel: list[bool], allowed: Sequence[Sequence[str]] | None,
+    ) -> tuple[list[Runner], list[tuple[int, str]]]:
+        """A runner per entry and format, keyed ``(entry index, format)``; the dense runner is one,
+        keyed ``(-1, DENSE)``, when its speed does not depend on the zeros."""
+        from spdy.profilers.pruning import LevelPruner, prune_n_m
+
+        pruner = LevelPruner(w)
+        runners: list[Runner] = []
+        keys: list[tuple[int, str]] = []
+        shared_dense = self.dense_time_is_level_independent()
+        if shared_dense:
+            runners.append(self.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
+            keys.append((-1, DENSE))
         for li, (s, pat) in enumerate(entries):
             if not has_kernel[li]:
                 continue
@@ -520,27 +529,36 @@ class Backend(ABC):
                 continue
             wp = pruner.at(s) if pat is None else prune_n_m(w, s, pat.n, pat.m)
             for f in todo:
-                choice = LayerChoice(f, wp, b, float(s))
-                if f == DENSE:
-                    runner = self.layer_runner(spec, choice, x)
-                else:
-                    try:  # a sparse format this runtime cannot run here is skipped, not fatal
-                        runner = self.layer_runner(spec, choice, x)
-                        runner()
-                    except (InvalidInputError, ValueError, TypeError):
-                        raise  # our mistake or the caller's: say so
-                    except Exception as exc:  # runtime errors from torch/ORT kernels (e.g. unsupported dtype)
-                        key = (self.name, spec.kind, f, type(exc).__name__)
-                        if key not in _SKIP_WARNED:
-                            _SKIP_WARNED.add(key)
-                            log.warning("%s: format %r fails for layer %s (%s: %s); it is skipped", self.name, f,
-                                        spec.name, type(exc).__name__, str(exc).splitlines()[0][:200])
-                        continue
-                runners.append(runner)
-                keys.append((li, f))
-        # rivals: the other formats of the same level, and the shared dense runner. Runners of
-        # different thread pools are timed apart (pool_of), each group after the previous one's
-        # idle workers stopped spinning; earlier groups' results bound the later groups' races.
+                runner = self._runner_if_it_runs(spec, LayerChoice(f, wp, b, float(s)), x)
+                if runner is not None:
+                    runners.append(runner)
+                    keys.append((li, f))
+        return runners, keys
+
+    def _runner_if_it_runs(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None) -> Runner | None:
+        """The layer's runner in ``choice.fmt``; None (warned once per kind) for a sparse format the
+        runtime fails to run here. The dense format, and errors of the input, always raise."""
+        if choice.fmt == DENSE:
+            return self.layer_runner(spec, choice, x)
+        try:
+            runner = self.layer_runner(spec, choice, x)
+            runner()
+        except (InvalidInputError, ValueError, TypeError):
+            raise  # our mistake or the caller's: say so
+        except Exception as exc:  # runtime errors from torch/ORT kernels (e.g. unsupported dtype)
+            key = (self.name, spec.kind, choice.fmt, type(exc).__name__)
+            if key not in _SKIP_WARNED:
+                _SKIP_WARNED.add(key)
+                log.warning("%s: format %r fails for layer %s (%s: %s); it is skipped", self.name, choice.fmt,
+                            spec.name, type(exc).__name__, str(exc).splitlines()[0][:200])
+            return None
+        return runner
+
+    def _time_by_pool(self, runners: list[Runner], keys: list[tuple[int, str]]) -> list[Timing]:
+        """Time a layer's runners. Rivals: the other formats of the same entry, and the shared
+        dense runner. Runners of different thread pools are timed apart (:meth:`pool_of`), each
+        group after the previous one's idle workers stopped spinning; earlier groups' results
+        bound the later groups' races."""
         by_level: dict[int, list[int]] = {}
         for i, (li, _) in enumerate(keys):
             by_level.setdefault(li, []).append(i)
@@ -562,24 +580,7 @@ class Backend(ABC):
             got = self.measure([runners[i] for i in members], rivals, bounds=bounds)
             for i, t in zip(members, got):
                 timings[i] = t
-        del runners
-        overhead = self.layer_call_overhead_s()
-        out: list[LevelTiming] = []
-        for li, (s, _pat) in enumerate(entries):
-            if not has_kernel[li]:
-                out.append(_no_kernel(s))
-                continue
-            cands = {f: timings[i] for i, (lj, f) in enumerate(keys) if lj == li}
-            if shared_dense:
-                cands[DENSE] = timings[keys.index((-1, DENSE))]
-            out.append(_fastest(float(s), cands, overhead))
-        return out
-
-    def time_layer(
-        self, spec: LayerSpec, weight: np.ndarray, bias: np.ndarray | None, sparsity: float, x: np.ndarray | None = None
-    ) -> LevelTiming:
-        """Time one layer at one sparsity (the fastest of its formats), one pass."""
-        return self.time_layer_levels(spec, weight, bias, [sparsity], x)[0]
+        return timings  # type: ignore[return-value]
 
     def time_layers(
         self,
@@ -634,6 +635,61 @@ class Backend(ABC):
 
 
 _SKIP_WARNED: set[tuple[str, str, str, str]] = set()
+
+
+class _Race:
+    """The samples of runners timed together (:meth:`Backend.measure`), and which are done.
+
+    A round's samples wait in ``pending`` until the CPU monitor has judged their window;
+    :meth:`commit` keeps them, :meth:`discard_pending` drops them.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.samples: list[list[float]] = [[] for _ in range(n)]
+        self.pending: list[list[float]] = [[] for _ in range(n)]
+        self.discarded = [0] * n
+        self.spent = [0.0] * n
+        self.done = [False] * n
+        self.dropped = [False] * n
+
+    def commit(self, inner: Sequence[int]) -> int:
+        """Keep the pending samples; returns how many."""
+        kept = 0
+        for i, pend in enumerate(self.pending):
+            if pend:
+                self.samples[i] += pend
+                self.spent[i] += sum(pend) * inner[i]
+                kept += len(pend)
+                pend.clear()
+        return kept
+
+    def discard_pending(self) -> None:
+        for i, pend in enumerate(self.pending):
+            self.discarded[i] += len(pend)
+            pend.clear()
+
+    def judge(self, i: int, inner: int, p: TimingPolicy, rivals: Sequence[Sequence[int]] | None,
+              bounds: Sequence[float] | None) -> None:
+        """Runner ``i`` is done once it has enough samples (``max_repeats``, ``max_seconds``) or a
+        tight enough interval (``target_ci``); it is dropped once its median exceeds ``race_ratio``
+        times the best rival's or its bound."""
+        k = len(self.samples[i])
+        if k >= p.max_repeats or (self.spent[i] >= p.max_seconds and k >= p.min_samples):
+            self.done[i] = True
+            return
+        if k >= p.min_repeats and Timing.from_samples(self.samples[i], inner).ci <= p.target_ci:
+            self.done[i] = True
+            return
+        if k >= p.race_after and math.isfinite(p.race_ratio) and ((rivals and rivals[i]) or bounds):
+            best = min(
+                (float(np.median(self.samples[j])) for j in (rivals[i] if rivals else ())
+                 if len(self.samples[j]) >= p.race_after),
+                default=math.inf,
+            )
+            if bounds:
+                best = min(best, bounds[i])
+            if float(np.median(self.samples[i])) > p.race_ratio * best:
+                self.done[i] = self.dropped[i] = True
 
 
 def _no_kernel(sparsity: float) -> LevelTiming:

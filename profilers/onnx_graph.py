@@ -12,7 +12,7 @@ import hashlib
 import io
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +180,26 @@ def export_model(bundle: Any, specs: list[LayerSpec]) -> ExportedModel:
     Layers are found by their weight values (a MatMul/Gemm/Conv whose weight initializer
     equals the layer's weight or its transpose), then the bias Add that follows.
     """
-    import onnx
     import torch
-    from onnx import numpy_helper
 
     names, tensors, rebuild = _flatten_batch(bundle.example)
+    m = _export(bundle, names, tensors, rebuild)
+    graph = _GraphIndex(m.graph)
+    sites = {spec.name: graph.site(bundle, spec) for spec in specs}
+    for n in m.graph.node:
+        if not n.name:
+            raise ModelLoadError("the exported graph has unnamed nodes; cannot rewrite it")
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    with torch.inference_mode():
+        out = bundle.forward(bundle.model, bundle.example)
+    return ExportedModel(m, names, feeds, "output", tuple(out.shape), sites)
+
+
+def _export(bundle: Any, names: list[str], tensors: list[Any], rebuild: Callable[[list[Any]], Any]) -> Any:
+    """The ONNX model of ``bundle``'s forward on its example batch, inputs flattened to ``names``."""
+    import onnx
+    import torch
+
     model, fwd = bundle.model, bundle.forward
 
     class _Wrapper(torch.nn.Module):
@@ -203,46 +218,55 @@ def export_model(bundle: Any, specs: list[LayerSpec]) -> ExportedModel:
                               input_names=names, output_names=["output"], do_constant_folding=True)
     except Exception as exc:  # the exporter raises many types
         raise ModelLoadError(f"exporting model {bundle.name!r} to ONNX failed: {exc}") from exc
-    m = onnx.load_from_string(buf.getvalue())
-    graph = m.graph
-    init_by_key: dict[tuple[tuple[int, ...], str], list[str]] = {}
-    init_arrays: dict[str, np.ndarray] = {}
-    for t in graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.dtype != np.float32 or a.ndim not in (1, 2, 4):
-            continue
-        init_arrays[t.name] = a
-        init_by_key.setdefault(_key(a), []).append(t.name)
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    return onnx.load_from_string(buf.getvalue())
 
-    sites: dict[str, LayerSite] = {}
-    for spec in specs:
-        mod = bundle.model.get_submodule(spec.name)
-        w = mod.weight.detach().cpu().float().numpy()
-        b = None if mod.bias is None else mod.bias.detach().cpu().float().numpy()
+
+class _GraphIndex:
+    """An exported graph's float initializers by value and its nodes by the tensors they read."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import numpy_helper
+
+        self.by_key: dict[tuple[tuple[int, ...], str], list[str]] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        for t in graph.initializer:
+            a = numpy_helper.to_array(t)
+            if a.dtype != np.float32 or a.ndim not in (1, 2, 4):
+                continue
+            self.arrays[t.name] = a
+            self.by_key.setdefault(_key(a), []).append(t.name)
+        self.consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for i in node.input:
+                self.consumers.setdefault(i, []).append(node)
+
+    def _weight_node(self, w: np.ndarray) -> tuple[Any, str] | None:
+        """The one MatMul/Gemm/Conv node that reads ``w`` (or its transpose) alone, and the initializer."""
         keys = [(_key(w), "W")] + ([(_key(np.ascontiguousarray(w.T)), "Wt")] if w.ndim == 2 else [])
-        found = None
         for key, layout in keys:
-            for init in init_by_key.get(key, []):
-                users = consumers.get(init, [])
+            for init in self.by_key.get(key, []):
+                users = self.consumers.get(init, [])
                 if len(users) != 1:
                     continue
                 node = users[0]
-                if node.op_type == "MatMul" and layout == "Wt" and node.input[1] == init:
-                    found = (node, init)
-                elif node.op_type == "Gemm" and node.input[1] == init:
+                if node.op_type not in ("MatMul", "Gemm", "Conv") or node.input[1] != init:
+                    continue
+                if node.op_type == "MatMul" and layout == "Wt":
+                    return node, init
+                if node.op_type == "Gemm":
                     tb = next((a.i for a in node.attribute if a.name == "transB"), 0)
                     if (tb == 1) == (layout == "W"):
-                        found = (node, init)
-                elif node.op_type == "Conv" and layout == "W" and node.input[1] == init:
-                    found = (node, init)
-                if found:
-                    break
-            if found:
-                break
+                        return node, init
+                if node.op_type == "Conv" and layout == "W":
+                    return node, init
+        return None
+
+    def site(self, bundle: Any, spec: LayerSpec) -> LayerSite:
+        """Where layer ``spec`` sits in the graph: its node (and bias Add), input, output and initializers."""
+        mod = bundle.model.get_submodule(spec.name)
+        w = mod.weight.detach().cpu().float().numpy()
+        b = None if mod.bias is None else mod.bias.detach().cpu().float().numpy()
+        found = self._weight_node(w)
         if found is None:
             raise ModelLoadError(
                 f"cannot find layer {spec.name!r} in the exported ONNX graph of {bundle.name!r} (no MatMul/Gemm/Conv "
@@ -253,23 +277,16 @@ def export_model(bundle: Any, specs: list[LayerSpec]) -> ExportedModel:
         if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
             inits.append(node.input[2])
         elif node.op_type == "MatMul" and b is not None:
-            users = consumers.get(y, [])
+            users = self.consumers.get(y, [])
             bias_key = _key(b)
             add = next((u for u in users if u.op_type == "Add" and len(users) == 1
-                        and any(_key(init_arrays[i]) == bias_key for i in u.input if i in init_arrays)), None)
+                        and any(_key(self.arrays[i]) == bias_key for i in u.input if i in self.arrays)), None)
             if add is None:
                 raise ModelLoadError(f"layer {spec.name!r}: its MatMul in the exported graph is not followed by the bias Add")
             site_nodes.append(add.name)
-            inits.append(next(i for i in add.input if i in init_arrays))
+            inits.append(next(i for i in add.input if i in self.arrays))
             y = add.output[0]
-        sites[spec.name] = LayerSite(site_nodes, node.input[0], y, inits)
-    for n in graph.node:
-        if not n.name:
-            raise ModelLoadError("the exported graph has unnamed nodes; cannot rewrite it")
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-    with torch.inference_mode():
-        out = fwd(model, bundle.example)
-    return ExportedModel(m, names, feeds, "output", tuple(out.shape), sites)
+        return LayerSite(site_nodes, node.input[0], y, inits)
 
 
 def rewrite_model(exported: ExportedModel, specs: Mapping[str, LayerSpec], choices: Mapping[str, Any],

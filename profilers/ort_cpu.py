@@ -3,9 +3,9 @@
 Per level, the faster of the dense op (MatMul, which ORT fuses with the bias Add into a
 Gemm; Conv for Conv2d) and ``com.microsoft.SparseToDenseMatMul`` with the weight as a
 COO sparse tensor fed at run time (the op rejects sparse initializers, which ORT
-densifies at load). These are honest timings: on these machines the sparse op only wins
-above ~97% sparsity (``shared/DESIGN.md``). Conv2d layers run dense only (ORT has no
-sparse convolution).
+densifies at load). Both are timed at every level and the faster one is kept, so the
+sparse op appears in a profile only at the (very high) sparsities where it beats the
+dense Gemm. Conv2d layers run dense only (ORT has no sparse convolution).
 
 All sessions share ONNX Runtime's global thread pool, sized once per process to the
 backend's thread count, so that only one pool ever spins (a layer's formats are timed

@@ -87,7 +87,7 @@ def bench_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from spdy.profilers import get_backend
     from spdy.profilers.pruning import prune_n_m
-    from spdy.profilers.torch_backends import SemiStructuredLinear
+    from spdy.runtime_cuda import SemiStructuredLinear
 
     rows = []
     shapes = [("minilm", s) for s in MINILM_SHAPES] + [("bert-base", s) for s in BERT_SHAPES]
@@ -179,21 +179,56 @@ def model_bundle(which: str, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def bench_e2e(which: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import torch
-
     from spdy import choices as ch
+
+    bundle, label = model_bundle(which, args)
+    grid = SMALL_GRID if args.grid == "small" else (0.0,)
+    print(f"\n== {label}: batch {args.batch} x {args.tokens} tokens, {args.dtype}, grid {list(grid)}", flush=True)
+    backend, profile, db, result = _profile_and_database(bundle, label, grid, args, workdir / f"db-{which}")
+    L = result["layers"]
+    table = ch.choice_table(profile, patterns=("2:4",), database=db)
+    col24 = table.column_of(ch.Choice.nm("2:4"))
+    # the hand-made baseline: 2:4 on every layer where the 2:4 kernel beats dense, the rest dense
+    wins = np.array([table.available[i, col24] and table.formats[i][col24] == "2:4" for i in range(L)])
+    all24 = np.where(wins, col24, 0)
+    s24 = table.dense_total_s / table.predicted_time(all24)
+    print(f"all-2:4: {int(wins.sum())} layers 2:4 (the kernel beats dense there), predicted speedup {s24:.3f}x",
+          flush=True)
+    loss_of = _gpu_loss(bundle, db)
+    loss24 = loss_of(table.choices_of(all24))
+    loss48 = loss_of({n: (ch.Choice.nm("4:8") if db.has_pattern(n, "4:8") else ch.Choice.dense()) for n in db.layers})
+    result.update(all_2_4={"predicted_speedup": s24, "loss": loss24, "layers_2_4": int(wins.sum())},
+                  all_4_8_accuracy_only={"loss": loss48, "note": "no 4:8 kernel in torch: would run dense"})
+    if s24 <= 1.0:
+        print(f"all-2:4 is not faster than dense here ({s24:.3f}x): no mixed profile to compare at its speed")
+        result["mixed"] = None
+        return result
+    target, found, search_s = _mixed_search(table, all24, loss_of, args)
+    sol = found.solution
+    print(f"SPDY mixed at {target:.4f}x (all-2:4: {s24:.4f}x): loss {found.loss:.5f} vs all-2:4 {loss24:.5f} "
+          f"({found.loss / loss24:.2f}x), patterns {sol.pattern_counts()}, {found.n_evaluations} evaluations in "
+          f"{search_s:.0f} s; all-4:8 (accuracy only) {loss48:.5f}", flush=True)
+    plans = {"dense": {n: ch.Choice.dense() for n in table.layers}, "all_2_4": table.choices_of(all24), "mixed": sol}
+    e2e, dense_s = _time_gpu_models(bundle, backend, db, plans, {"dense": 1.0, "all_2_4": s24,
+                                                                   "mixed": sol.predicted_speedup}, args)
+    result.update(
+        mixed={"target_speedup": target, "predicted_speedup": sol.predicted_speedup, "loss": found.loss, "patterns": sol.pattern_counts(),
+               "evaluations": found.n_evaluations, "search_s": search_s, "solution": sol.to_json()},
+        end_to_end=e2e,
+        dense_predicted_vs_measured=profile.table.dense_total_s / dense_s,
+    )
+    return result
+
+
+def _profile_and_database(bundle: Any, label: str, levels: tuple[float, ...], args: argparse.Namespace,
+                          db_dir: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The torch-cuda profile (2:4 and 4:8 timed) and the database (2:4 and 4:8 built), with a result record."""
     from spdy.database import build_database
     from spdy.grid import SparsityGrid
     from spdy.profilers import get_backend, profile_model
-    from spdy.profilers.torch_backends import move_batch
-    from spdy.runtime_cuda import to_gpu_model
-    from spdy.sensitivity import Search, SearchConfig
 
-    bundle, label = model_bundle(which, args)
-    grid = SparsityGrid(SMALL_GRID if args.grid == "small" else (0.0,))
+    grid = SparsityGrid(levels)
     backend = get_backend("torch-cuda", policy=gpu_policy(args), dtype=args.dtype)
-    print(f"\n== {label}: batch {args.batch} x {args.tokens} tokens, {args.dtype}, grid {list(grid.levels)}", flush=True)
-
     t0 = time.perf_counter()
     profile = profile_model(bundle, backend, grid, patterns=("2:4", "4:8"))
     profile_s = time.perf_counter() - t0
@@ -203,40 +238,10 @@ def bench_e2e(which: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
           f"{int(np.isfinite(profile.pattern_times[:, 1]).sum())} (torch has none); base {profile.table.base_s * 1e3:.2f} ms, "
           f"dense {profile.table.dense_total_s * 1e3:.2f} ms predicted, {profile.settings['dense_measured_s'] * 1e3:.2f} ms measured",
           flush=True)
-
     t0 = time.perf_counter()
-    db = build_database(bundle, workdir / f"db-{which}", grid=grid, method="obs", patterns=("2:4", "4:8"),
-                        progress=False)
+    db = build_database(bundle, db_dir, grid=grid, method="obs", patterns=("2:4", "4:8"), progress=False)
     db_s = time.perf_counter() - t0
     print(f"database: {L} layers x {len(grid)} levels + 2:4, 4:8 in {db_s:.0f} s (CPU)", flush=True)
-
-    table = ch.choice_table(profile, patterns=("2:4",), database=db)
-    col24 = table.column_of(ch.Choice.nm("2:4"))
-    # the hand-made baseline: 2:4 on every layer where the 2:4 kernel beats dense, the rest dense
-    wins = np.array([table.available[i, col24] and table.formats[i][col24] == "2:4" for i in range(L)])
-    all24 = np.where(wins, col24, 0)
-    s24 = table.dense_total_s / table.predicted_time(all24)
-    print(f"all-2:4: {int(wins.sum())} layers 2:4 (the kernel beats dense there), predicted speedup {s24:.3f}x",
-          flush=True)
-
-    # calibration loss, fp32 on the GPU: one working copy, stitched per evaluation
-    dev = DEVICE
-    cal = [move_batch(b, dev) for b in bundle.calibration]
-    work = copy.deepcopy(bundle.model).to(dev).eval().requires_grad_(False)
-    with torch.inference_mode():
-        dense_out = [bundle.forward(work, b) for b in cal]
-
-    def loss_of(choices: dict[str, ch.Choice]) -> float:
-        db.stitch(work, choices)
-        with torch.inference_mode():
-            vals = [float(bundle.loss(bundle.forward(work, b), ref)) for b, ref in zip(cal, dense_out)]
-        return float(np.mean(vals))
-
-    def objective(levels: np.ndarray) -> float:
-        return loss_of(table.choices_of(levels))
-
-    loss24 = loss_of(table.choices_of(all24))
-    loss48 = loss_of({n: (ch.Choice.nm("4:8") if db.has_pattern(n, "4:8") else ch.Choice.dense()) for n in db.layers})
     result: dict[str, Any] = {
         "model": label, "batch": args.batch, "tokens": args.tokens, "dtype": args.dtype, "grid": list(grid.levels),
         "layers": L, "layers_with_2_4_kernel": n24, "profile_s": profile_s, "database_s": db_s,
@@ -244,57 +249,67 @@ def bench_e2e(which: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         "dense_measured_ms_profile": profile.settings["dense_measured_s"] * 1e3,
         "per_layer_2_4_speedup": {n: float(profile.table.times[i, 0] / profile.pattern_times[i, 0])
                                   for i, n in enumerate(profile.table.layers) if np.isfinite(profile.pattern_times[i, 0])},
-        "all_2_4": {"predicted_speedup": s24, "loss": loss24, "layers_2_4": int(wins.sum())},
-        "all_4_8_accuracy_only": {"loss": loss48, "note": "no 4:8 kernel in torch: would run dense"},
     }
-    if s24 <= 1.0:
-        print(f"all-2:4 is not faster than dense here ({s24:.3f}x): no mixed profile to compare at its speed")
-        result["mixed"] = None
-        return result
+    return backend, profile, db, result
+
+
+def _gpu_loss(bundle: Any, db: Any) -> Any:
+    """``loss_of(choices)``: the calibration loss of the model stitched with ``choices``, fp32 on the GPU
+    (one working copy, stitched per evaluation)."""
+    import torch
+
+    from spdy.runtime_cuda import move_batch
+
+    cal = [move_batch(b, DEVICE) for b in bundle.calibration]
+    work = copy.deepcopy(bundle.model).to(DEVICE).eval().requires_grad_(False)
+    with torch.inference_mode():
+        dense_out = [bundle.forward(work, b) for b in cal]
+
+    def loss_of(choices: dict[str, Any]) -> float:
+        db.stitch(work, choices)
+        with torch.inference_mode():
+            vals = [float(bundle.loss(bundle.forward(work, b), ref)) for b, ref in zip(cal, dense_out)]
+        return float(np.mean(vals))
+
+    return loss_of
+
+
+def _mixed_search(table: Any, all24: np.ndarray, loss_of: Any, args: argparse.Namespace) -> tuple[float, Any, float]:
+    """SPDY over dense / unstructured levels / 2:4 per layer at the predicted speed of all-2:4:
+    ``(target, result, seconds)``."""
+    from spdy.sensitivity import Search, SearchConfig
 
     t0 = time.perf_counter()
     # The DP rounds each layer time up to a bucket (budget / buckets), so a budget of exactly the
     # all-2:4 time may leave the all-2:4 profile itself infeasible. Target the all-2:4 time plus
     # 2 L buckets of slack (0.3 % for BERT-base's 72 layers at 50k buckets): the same speed.
     buckets = 50_000
+    L = len(table.layers)
     layer_time24 = table.predicted_time(all24) - table.base_s
     target = table.dense_total_s / (table.base_s + layer_time24 * (1 + 2 * L / buckets))
     cfg = SearchConfig(speedup=target, max_evals=args.max_evals, seed=args.seed, buckets=buckets)
-    search = Search(table, objective, cfg)
-    found = search.run()
-    search_s = time.perf_counter() - t0
-    sol = found.solution
-    print(f"SPDY mixed at {target:.4f}x (all-2:4: {s24:.4f}x): loss {found.loss:.5f} vs all-2:4 {loss24:.5f} "
-          f"({found.loss / loss24:.2f}x), patterns {sol.pattern_counts()}, {found.n_evaluations} evaluations in "
-          f"{search_s:.0f} s; all-4:8 (accuracy only) {loss48:.5f}", flush=True)
+    found = Search(table, lambda levels: loss_of(table.choices_of(levels)), cfg).run()
+    return target, found, time.perf_counter() - t0
 
-    # end to end: dense, all-2:4 and mixed GPU models, timed interleaved
-    plans = {
-        "dense": {n: ch.Choice.dense() for n in table.layers},
-        "all_2_4": table.choices_of(all24),
-    }
+
+def _time_gpu_models(bundle: Any, backend: Any, db: Any, plans: dict[str, Any], predicted: dict[str, float],
+                     args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """The GPU models of ``plans`` timed end to end, interleaved: per model its record, and the dense time."""
+    from spdy.runtime_cuda import move_batch, to_gpu_model
+
     models = {k: to_gpu_model(bundle.model, v, database=db, dtype=args.dtype) for k, v in plans.items()}
-    models["mixed"] = to_gpu_model(bundle.model, sol, database=db, dtype=args.dtype)
-    ex = move_batch(bundle.example, dev, backend.torch_dtype)
+    ex = move_batch(bundle.example, DEVICE, backend.torch_dtype)
     fwd = bundle.forward
     runners = [lambda m=m: fwd(m, ex) for m in models.values()]
-    timings = backend.measure(runners, policy=backend.policy.for_models())
-    t = dict(zip(models, timings))
-    pred = {"dense": 1.0, "all_2_4": s24, "mixed": sol.predicted_speedup}
+    t = dict(zip(models, backend.measure(runners, policy=backend.policy.for_models())))
     e2e = {}
     for k, tm in t.items():
         measured = t["dense"].median_s / tm.median_s
         e2e[k] = {"measured_ms": tm.median_s * 1e3, "spread": tm.spread, "measured_speedup": measured,
-                  "predicted_speedup": pred[k], "modules": models[k].spdy_gpu_plan.counts()}
-        print(f"  {k:>8}: {tm.median_s * 1e3:8.3f} ms  measured {measured:.3f}x  predicted {pred[k]:.3f}x "
-              f"({(pred[k] / measured - 1) * 100:+.1f}%)", flush=True)
-    result.update(
-        mixed={"target_speedup": target, "predicted_speedup": sol.predicted_speedup, "loss": found.loss, "patterns": sol.pattern_counts(),
-               "evaluations": found.n_evaluations, "search_s": search_s, "solution": sol.to_json()},
-        end_to_end=e2e,
-        dense_predicted_vs_measured=profile.table.dense_total_s / t["dense"].median_s,
-    )
-    return result
+                  "predicted_speedup": predicted[k], "modules": models[k].spdy_gpu_plan.counts()}
+        print(f"  {k:>8}: {tm.median_s * 1e3:8.3f} ms  measured {measured:.3f}x  predicted {predicted[k]:.3f}x "
+              f"({(predicted[k] / measured - 1) * 100:+.1f}%)", flush=True)
+    return e2e, t["dense"].median_s
 
 
 # ----------------------------------------------------------------------------- main

@@ -39,7 +39,7 @@ from spdy.results import Outcome  # noqa: E402
 from spdy.stages import ensure_database, ensure_profile  # noqa: E402
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="1.5,2,2.5,3", help="comma-separated target speedups")
     ap.add_argument("--max-evals", type=int, default=120, help="search evaluations per target (Algorithm 4 in "
@@ -50,7 +50,11 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench_minilm", help="folder for each target's spdy search output")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--md", default=None, help="write the markdown table here")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = _args()
     targets = [float(t.strip().rstrip("x")) for t in args.targets.split(",") if t.strip()]
 
     stages: dict[str, float] = {}
@@ -102,31 +106,10 @@ def main() -> int:
         for k, v in res.stage_s.items():
             stages[f"{target:g}x {k}"] = v
         t0 = time.perf_counter()
-        outcomes: list[Outcome | str] = [res.result, *res.baselines.values()]
-        for o in outcomes:
-            if isinstance(o, str):
-                print(f"  baseline infeasible: {o}")
-                continue
-            pruned = db.stitch(bundle.model, o.solution, inplace=False)
-            rows.append({"profile": o.method, "target": target, "measured_speedup": o.measured_speedup,
-                         "predicted_speedup": o.solution.predicted_speedup, "calibration_loss": o.calibration_loss,
-                         **score(pruned)})
-            del pruned
-            r = rows[-1]
-            print(f"  {r['profile']:<8} measured {r['measured_speedup']:.2f}x  loss {r['calibration_loss']:.5f}  "
-                  f"lee50 {r['lee50_pearson']:.3f}/{r['lee50_spearman']:.3f}  held-out cos {r['heldout_cosine']:.4f}",
-                  flush=True)
+        rows += _score_outcomes(res, target, bundle, db, score)
         stages[f"{target:g}x eval"] = time.perf_counter() - t0
 
-    lines = ["| target | profile | measured speedup | predicted | calibration loss | Lee-50 Pearson | Lee-50 Spearman "
-             "| held-out cosine |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['target']:g}x | {r['profile']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
-                     f"| {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} | {r['lee50_spearman']:.4f} "
-                     f"| {r['heldout_cosine']:.4f} |")
-    for t, msg in infeasible.items():
-        lines.append(f"| {t:g}x | (all) | infeasible | | | | | |")
-    table = "\n".join(lines)
+    table = _markdown(rows, infeasible)
     print("\n" + table)
     print("\nstages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     if args.md:
@@ -136,6 +119,38 @@ def main() -> int:
                            "stages": stages, "searches": searches, "infeasible": {str(k): v for k, v in infeasible.items()}, "profile": str(profile_path),
                            "database": str(db.path)})
     return 0
+
+
+def _score_outcomes(res: Any, target: float, bundle: Any, db: Any, score: Any) -> list[dict[str, Any]]:
+    """A row per feasible outcome of one search (SPDY and the baselines) with its scores."""
+    rows = []
+    outcomes: list[Outcome | str] = [res.result, *res.baselines.values()]
+    for o in outcomes:
+        if isinstance(o, str):
+            print(f"  baseline infeasible: {o}")
+            continue
+        pruned = db.stitch(bundle.model, o.solution, inplace=False)
+        rows.append({"profile": o.method, "target": target, "measured_speedup": o.measured_speedup,
+                     "predicted_speedup": o.solution.predicted_speedup, "calibration_loss": o.calibration_loss,
+                     **score(pruned)})
+        del pruned
+        r = rows[-1]
+        print(f"  {r['profile']:<8} measured {r['measured_speedup']:.2f}x  loss {r['calibration_loss']:.5f}  "
+              f"lee50 {r['lee50_pearson']:.3f}/{r['lee50_spearman']:.3f}  held-out cos {r['heldout_cosine']:.4f}",
+              flush=True)
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], infeasible: dict[float, str]) -> str:
+    lines = ["| target | profile | measured speedup | predicted | calibration loss | Lee-50 Pearson | Lee-50 Spearman "
+             "| held-out cosine |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']:g}x | {r['profile']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
+                     f"| {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} | {r['lee50_spearman']:.4f} "
+                     f"| {r['heldout_cosine']:.4f} |")
+    for t in infeasible:
+        lines.append(f"| {t:g}x | (all) | infeasible | | | | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

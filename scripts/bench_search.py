@@ -92,7 +92,7 @@ def run_workers(n: int, store: str, study: str, cfg_kw: dict[str, Any], n_docs: 
             "torch_threads_seen": [o["torch_threads"] for o in out]}
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--speedup", type=float, default=2.0)
     ap.add_argument("--evals", type=int, default=60, help="evaluations per strategy")
@@ -105,8 +105,11 @@ def main() -> int:
                     "evaluations on MiniLM) and report its wall time and per-evaluation breakdown")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> int:
+    args = _args()
     from spdy.hardware import fingerprint
     from spdy.sensitivity import Search, SearchConfig
 
@@ -125,67 +128,77 @@ def main() -> int:
         rows.append({"strategy": strat, "evaluations": len(losses), "best_loss": res.loss, "wall_s": wall,
                      "best_at": {str(n): curves[strat][min(n, len(losses)) - 1] for n in (10, 20, 40, args.evals)}})
         print(f"{strat:<7} best loss {res.loss:.5f} after {len(losses)} evaluations ({wall:.0f} s)", flush=True)
-    full: dict[str, Any] = {}
-    if args.full:
-        obj.calls, obj.stitch_s, obj.loss_s = 0, 0.0, 0.0
-        t0 = time.perf_counter()
-        s = Search(table, obj, SearchConfig(speedup=args.speedup, seed=args.seed))
-        res = s.run()
-        wall = time.perf_counter() - t0
-        losses = [h["loss"] for h in res.history]
-        curves["spdy-full"] = [float(x) for x in np.minimum.accumulate(losses)]
-        n = max(1, obj.calls)
-        full = {"evaluations": len(losses), "k": s.schedule.k, "d_max": s.schedule.d_max, "wall_s": wall,
-                "best_loss": res.loss, "loss_calls": obj.calls,
-                "per_evaluation_ms": {"dp": s.stage_s["dp"] / len(losses) * 1e3, "stitch": obj.stitch_s / n * 1e3,
-                                      "loss": obj.loss_s / n * 1e3},
-                "best_after_random_phase": curves["spdy-full"][s.schedule.k]}
-        rows.append({"strategy": "spdy-full", "evaluations": len(losses), "best_loss": res.loss, "wall_s": wall,
-                     "best_at": {str(m): curves["spdy-full"][min(m, len(losses)) - 1] for m in (10, 20, 40, args.evals, 101, len(losses))}})
-        print(f"Algorithm 4 in full: {len(losses)} evaluations in {wall:.0f} s, best loss {res.loss:.5f}; "
-              f"per evaluation {full['per_evaluation_ms']}", flush=True)
+    full: dict[str, Any] = _full_search(table, obj, args, curves, rows) if args.full else {}
     ns = sorted({10, 20, 40, args.evals})
     print("\n| strategy | " + " | ".join(f"best after {n}" for n in ns) + " |")
     print("|---|" + "---|" * len(ns))
     for strat, c in curves.items():
         print(f"| {strat} | " + " | ".join(f"{c[min(n, len(c)) - 1]:.5f}" for n in ns) + " |")
-
-    workers: list[dict[str, Any]] = []
-    check: dict[str, Any] = {}
-    if args.worker_evals:
-        del obj
-        cfg_kw = {"speedup": args.speedup, "max_evals": args.worker_evals, "seed": args.seed}
-        walls: list[list[float]] = []
-        checks: list[dict[str, Any]] = []
-        for rep in range(max(1, args.worker_repeats)):
-            # 1 worker x 1 thread, 2 workers x 1 thread (the comparison asked for), and for
-            # reference 1 worker x 2 threads (the same 2 cores used by torch's intra-op threads)
-            with tempfile.TemporaryDirectory() as tmp:
-                walls.append([])
-                for n, th in ((1, 1), (2, 1), (1, 2)):
-                    store = str(Path(tmp) / (f"w{n}.journal" if th == 1 else f"w{n}t{th}.journal"))
-                    r = run_workers(n, store, "bench", cfg_kw, args.calibration, threads=th)
-                    r["repeat"] = rep
-                    workers.append(r)
-                    walls[-1].append(r["search_wall_s"])
-                    print(f"[{rep}] {n} worker(s) x {th} thread(s): search wall {r['search_wall_s']:.1f} s, evaluations "
-                          f"per worker {r['evaluations_per_worker']}, torch threads {r['torch_threads_seen']}", flush=True)
-                checks.append(_check_workers(tmp, table, cfg_kw, args.worker_evals))
-        w = np.array(walls)
-        check = dict(checks[-1])
-        check.update({
-            "every_repeat_unique_and_complete": all(c["numbers_unique_and_complete"] for c in checks),
-            "every_repeat_random_phase_identical": all(c["random_phase_identical"] for c in checks),
-            "repeats": len(walls),
-            "search_wall_s_median": {"1x1": float(np.median(w[:, 0])), "2x1": float(np.median(w[:, 1])),
-                                     "1x2": float(np.median(w[:, 2]))},
-            "speedup_2_over_1": float(np.median(w[:, 0] / w[:, 1])),
-            "speedup_2_over_1x2threads": float(np.median(w[:, 2] / w[:, 1])),
-        })
-        print(check)
+    del obj
+    workers, check = _compare_workers(table, args) if args.worker_evals else ([], {})
     write_json(args.json, {"fingerprint": fingerprint(2), "settings": vars(args), "strategies": rows, "full": full,
                            "curves": curves, "workers": workers, "workers_check": check})
     return 0
+
+
+def _full_search(table: Any, obj: Any, args: argparse.Namespace, curves: dict[str, list[float]],
+                 rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Algorithm 4 in full: its wall time and per-evaluation breakdown (its curve and row added)."""
+    from spdy.sensitivity import Search, SearchConfig
+
+    obj.calls, obj.stitch_s, obj.loss_s = 0, 0.0, 0.0
+    t0 = time.perf_counter()
+    s = Search(table, obj, SearchConfig(speedup=args.speedup, seed=args.seed))
+    res = s.run()
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in res.history]
+    curves["spdy-full"] = [float(x) for x in np.minimum.accumulate(losses)]
+    n = max(1, obj.calls)
+    full = {"evaluations": len(losses), "k": s.schedule.k, "d_max": s.schedule.d_max, "wall_s": wall,
+            "best_loss": res.loss, "loss_calls": obj.calls,
+            "per_evaluation_ms": {"dp": s.stage_s["dp"] / len(losses) * 1e3, "stitch": obj.stitch_s / n * 1e3,
+                                  "loss": obj.loss_s / n * 1e3},
+            "best_after_random_phase": curves["spdy-full"][s.schedule.k]}
+    rows.append({"strategy": "spdy-full", "evaluations": len(losses), "best_loss": res.loss, "wall_s": wall,
+                 "best_at": {str(m): curves["spdy-full"][min(m, len(losses)) - 1] for m in (10, 20, 40, args.evals, 101, len(losses))}})
+    print(f"Algorithm 4 in full: {len(losses)} evaluations in {wall:.0f} s, best loss {res.loss:.5f}; "
+          f"per evaluation {full['per_evaluation_ms']}", flush=True)
+    return full
+
+
+def _compare_workers(table: Any, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """1 worker x 1 thread against 2 workers x 1 thread (and 1 worker x 2 threads), repeated: the runs and the check."""
+    cfg_kw = {"speedup": args.speedup, "max_evals": args.worker_evals, "seed": args.seed}
+    workers: list[dict[str, Any]] = []
+    walls: list[list[float]] = []
+    checks: list[dict[str, Any]] = []
+    for rep in range(max(1, args.worker_repeats)):
+        # 1 worker x 1 thread, 2 workers x 1 thread (the comparison asked for), and for
+        # reference 1 worker x 2 threads (the same 2 cores used by torch's intra-op threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            walls.append([])
+            for n, th in ((1, 1), (2, 1), (1, 2)):
+                store = str(Path(tmp) / (f"w{n}.journal" if th == 1 else f"w{n}t{th}.journal"))
+                r = run_workers(n, store, "bench", cfg_kw, args.calibration, threads=th)
+                r["repeat"] = rep
+                workers.append(r)
+                walls[-1].append(r["search_wall_s"])
+                print(f"[{rep}] {n} worker(s) x {th} thread(s): search wall {r['search_wall_s']:.1f} s, evaluations "
+                      f"per worker {r['evaluations_per_worker']}, torch threads {r['torch_threads_seen']}", flush=True)
+            checks.append(_check_workers(tmp, table, cfg_kw, args.worker_evals))
+    w = np.array(walls)
+    check = dict(checks[-1])
+    check.update({
+        "every_repeat_unique_and_complete": all(c["numbers_unique_and_complete"] for c in checks),
+        "every_repeat_random_phase_identical": all(c["random_phase_identical"] for c in checks),
+        "repeats": len(walls),
+        "search_wall_s_median": {"1x1": float(np.median(w[:, 0])), "2x1": float(np.median(w[:, 1])),
+                                 "1x2": float(np.median(w[:, 2]))},
+        "speedup_2_over_1": float(np.median(w[:, 0] / w[:, 1])),
+        "speedup_2_over_1x2threads": float(np.median(w[:, 2] / w[:, 1])),
+    })
+    print(check)
+    return workers, check
 
 
 def _check_workers(tmp: str, table: Any, cfg_kw: dict[str, Any], n_evals: int) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 A CNN's activations are megabytes each (the digits ResNet: 4 MiB per conv output at batch
 32). With glibc's defaults such a buffer is ``mmap``-ed for one op and returned on free,
 or the top of the heap is trimmed, so the next op page-faults its output in again: every
-layer pays for fresh pages. Measured on the digits ResNet (spdy-cpu, 2 threads, medians of
-4 pairs of processes): dense 37.8 -> 28.1 ms, pruned 28.5 -> 20.0 ms with freed memory kept
-(BENCHMARKS.md section 7). Peak memory is unchanged;
+layer pays for fresh pages, a cost of the same order as the layer's arithmetic for a
+small CNN. Raising glibc's mmap and trim thresholds keeps such buffers on the heap and
+reused. Peak memory is unchanged;
 memory freed after the peak stays with the process (up to ``limit`` bytes at the top of
 the heap) until it exits.
 """

@@ -5,9 +5,8 @@ layer links the system ``libgomp.so.1.0.0``. Loaded side by side they are two
 thread pools whose idle workers spin for milliseconds after each parallel
 region. A pruned model alternates torch ops and sparse kernels every few tens
 of microseconds, so with 2 threads on 2 cores there are 4 busy threads and
-calls stall for whole scheduler slices. Measured on these machines (384x384
-Linear, 128 tokens, 2 threads): 2-24 ms per call with two runtimes, against
-0.24 ms (torch) and 0.07 ms (sparse) with one.
+calls stall for whole scheduler slices: a call that takes a fraction of a
+millisecond with one runtime can take tens of milliseconds with two.
 
 The fix: load the system libgomp (``RTLD_GLOBAL``) *before torch is
 imported*. torch's ``NEEDED libgomp.so.1`` then matches the loaded library by
