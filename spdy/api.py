@@ -236,7 +236,8 @@ def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured
         settings={"threads": run.backend.threads, "eval_threads": eval_threads, "strategy": cfg.strategy,
                   "seed": cfg.seed, "max_evals": cfg.max_evals, "k": cfg.k, "delta": cfg.delta, "buckets": cfg.buckets,
                   "method": run.database.method, "grid_levels": len(run.table.grid),
-                  "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm)},
+                  "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm),
+                  "speedup_percentile": measured.percentile if measured else None},
         warnings=measured.warnings if measured else (), latency_correction=found.correction,
         dp_target_speedup=found.dp_target, fit=measured.fit if measured else (),
     )
