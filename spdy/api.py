@@ -274,7 +274,6 @@ def apply(
     apply_buffers(model, load_buffers(model_dir))  # BatchNorm statistics re-estimated for the pruned model
     if sparse:
         from spdy import kernels, runtime
-        from spdy._modules import swap_modules
 
         kernels.warmup()  # starts Numba's pool (and turns off the nested OpenMP it enables)
         kernels.set_num_threads(threads if threads is not None else kernels.threads.available_cores())
@@ -289,7 +288,7 @@ def apply(
                 swaps[name] = runtime.SparseLinear.from_linear(mod, format=fmt if fmt in runtime.FORMATS else "auto")
             elif isinstance(mod, nn.Conv2d):
                 swaps[name] = runtime.SparseConv2d.from_conv(mod, format=fmt if fmt in runtime.CONV_FORMATS else "auto")
-        swap_modules(model, {n: m.eval() for n, m in swaps.items()})
+        runtime.swap_modules(model, {n: m.eval() for n, m in swaps.items()})
     return model
 
 

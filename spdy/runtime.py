@@ -26,7 +26,7 @@ from spdy import kernels  # first: shares the OpenMP runtime before torch loads
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from spdy._modules import swap_modules  # noqa: E402
+from spdy._modules import swap_modules  # noqa: E402 - also spdy.runtime.swap_modules
 from spdy.errors import InvalidInputError  # noqa: E402
 from spdy.kernels import (  # noqa: E402
     CONV_FORMATS,
@@ -50,6 +50,7 @@ __all__ = [
     "SparseLinear",
     "SparseConv2d",
     "sparsify",
+    "swap_modules",
     "set_num_threads",
     "get_num_threads",
     "openmp_status",
