@@ -80,7 +80,7 @@ class TimingPolicy:
     the kernel) and timing waits, in ``busy_sleep_s`` steps,
     until the others are quiet. After ``patience_s`` of disturbance over the backend's life, samples are kept
     regardless (with a warning, and counted in ``Backend.stats``). ``max_others = inf`` turns the check off. ``passes`` is the number of passes
-    over all layers in :meth:`Backend.time_layers`; ``model_min_repeats`` the least
+    over the model's layers in :func:`spdy.profilers.profile_model`; ``model_min_repeats`` the least
     samples for a whole model.
     """
 
@@ -582,47 +582,6 @@ class Backend(ABC):
                 timings[i] = t
         return timings  # type: ignore[return-value]
 
-    def time_layers(
-        self,
-        layers: Sequence[tuple[LayerSpec, np.ndarray, np.ndarray | None, np.ndarray | None]],
-        sparsities: Sequence[float],
-        on_layer: Callable[[int, int, str], None] | None = None,
-        after_pass: Callable[[int], None] | None = None,
-        patterns: Sequence[str] = (),
-    ) -> list[list[LevelTiming]]:
-        """Time many layers at every sparsity in ``policy.passes`` passes over all layers.
-
-        With ``patterns``, each layer's list has one more entry per pattern after the levels
-        (see :meth:`time_layer_levels`).
-
-        ``layers`` holds ``(spec, weight, bias, input)`` tuples. Each pass times every
-        layer (:meth:`time_layer_levels`), alternating the layer order; a format that lost
-        clearly (``race_ratio``) in the passes so far is not tried again. Per level and
-        format the result is the median of the pass medians, so that a slow spell of the
-        machine during one pass does not end up in the table. ``after_pass(i)`` is called
-        after each pass (the profiler times the base model there).
-        """
-        passes = max(1, self.policy.passes)
-        n = len(layers)
-        per_pass: list[list[list[LevelTiming]]] = [[] for _ in range(n)]  # [layer][pass][level]
-        order = list(range(n))
-        step = 0
-        for p in range(passes):
-            for li in (order if p % 2 == 0 else order[::-1]):
-                spec, w, b, x = layers[li]
-                allowed = None
-                if per_pass[li]:
-                    allowed = [_competitive(_combine(pp0.sparsity, [pp[k] for pp in per_pass[li]]), self.policy.race_ratio)
-                               for k, pp0 in enumerate(per_pass[li][0])]
-                per_pass[li].append(self.time_layer_levels(spec, w, b, sparsities, x, allowed, patterns=patterns))
-                step += 1
-                if on_layer is not None:
-                    on_layer(step, n * passes, spec.name)
-            if after_pass is not None:
-                after_pass(p)
-        overhead = self.layer_call_overhead_s()
-        return [[_combine(pp0.sparsity, [pp[k] for pp in per_pass[li]], overhead) for k, pp0 in enumerate(per_pass[li][0])]
-                for li in range(n)]
 
     def time_models(self, bundle: Any, plans: Sequence[Mapping[str, LayerChoice]]) -> list[Timing]:
         """End-to-end times of several variants of ``bundle``'s model, interleaved."""
@@ -701,35 +660,6 @@ def _fastest(sparsity: float, cands: dict[str, Timing], overhead: float = 0.0) -
     t = max(cands[fmt].median_s - overhead, 0.0)
     return LevelTiming(sparsity, fmt, t, cands[fmt].spread, dict(cands))
 
-
-def _combine(sparsity: float, passes: Sequence[LevelTiming], overhead: float = 0.0) -> LevelTiming:
-    """One level's timing over several passes: per format, the median of the pass medians."""
-    if len(passes) == 1 or not passes[0].candidates:
-        return passes[0]
-    per_fmt: dict[str, list[Timing]] = {}
-    for lt in passes:
-        for f, t in lt.candidates.items():
-            per_fmt.setdefault(f, []).append(t)
-    cands = {}
-    for f, ts in per_fmt.items():
-        cands[f] = Timing(
-            median_s=float(np.median([t.median_s for t in ts])),
-            spread=float(np.median([t.spread for t in ts])),
-            ci=float(np.median([t.ci for t in ts])) / math.sqrt(len(ts)),
-            n=sum(t.n for t in ts),
-            inner=ts[-1].inner,
-            dropped=any(t.dropped for t in ts),
-            discarded=sum(t.discarded for t in ts),
-        )
-    return _fastest(sparsity, cands, overhead)
-
-
-def _competitive(lt: LevelTiming, ratio: float) -> tuple[str, ...]:
-    """Formats of a level whose time so far is within ``ratio`` of the best (dense always kept)."""
-    if not lt.candidates:
-        return ()
-    best = min(t.median_s for t in lt.candidates.values())
-    return tuple(f for f, t in lt.candidates.items() if f == DENSE or t.median_s <= ratio * best)
 
 
 # --------------------------------------------------------------------- registry

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 
 from spdy.errors import InvalidInputError
 from spdy.profilers.base import DENSE, LayerChoice, register
@@ -118,8 +117,6 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             raise InvalidInputError(f"spdy-cpu has no Conv2d format {choice.fmt!r}; expected one of {runtime.CONV_FORMATS}")
         return runtime.SparseConv2d.from_conv(base, format=choice.fmt).eval()
 
-    def _input(self, spec: LayerSpec, x: np.ndarray | Any | None) -> Any:
-        return super()._input(spec, x)
 
 
 def _libgomp() -> Any:

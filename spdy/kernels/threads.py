@@ -3,11 +3,10 @@
 Dense layers and everything between the sparse ones run in torch's OpenMP
 pool; the sparse kernels run in Numba's. Both pools must be sized the same,
 explicitly, or a two-thread run ends up with four busy threads on two cores.
-Measured on these machines: torch's pool and Numba's OpenMP pool alternate
-without slowing each other when both are set to the same count; setting
-``OMP_WAIT_POLICY=PASSIVE`` instead makes both 1.5-60x slower per call (slow
-futex wake-ups in this VM), and Numba's ``workqueue`` layer costs ~100 us per
-parallel call against ~1 us for its ``omp`` layer.
+Sized the same, torch's pool and Numba's OpenMP pool alternate without slowing
+each other. ``OMP_WAIT_POLICY=PASSIVE`` makes both much slower per call (sleeping
+workers are woken by futex for every parallel region), and Numba's ``workqueue``
+layer costs far more per parallel call than its ``omp`` layer, which spdy uses.
 """
 
 from __future__ import annotations

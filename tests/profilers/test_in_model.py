@@ -99,9 +99,8 @@ def test_profile_shares_shapes_records_groups_and_terms():
     from spdy.models.base import ModelBundle
     from spdy.profilers import get_backend, profile_model, validate
 
-    from conftest import TEST_POLICY
-
     from spdy.grid import SparsityGrid
+    from spdy.testing.backends import TEST_POLICY
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 16)).eval()

@@ -10,7 +10,7 @@ import pytest
 
 from spdy.errors import BackendUnavailableError, InvalidInputError
 from spdy.profilers import DENSE, LayerChoice, Timing, TimingPolicy, available_backends, get_backend
-from spdy.profilers.base import Backend, _combine, LevelTiming
+from spdy.profilers.base import Backend
 from spdy.profilers.pruning import LevelPruner, magnitude_prune, prune_n_m, random_level_vectors
 from spdy.types import LayerSpec
 
@@ -147,30 +147,6 @@ def test_quiet_machine_discards_nothing():
     be._monitor = FakeMonitor()
     (t,) = be.measure([FakeRunner([1e-3])])
     assert t.discarded == 0 and be.stats["discarded"] == 0
-
-
-def test_combine_takes_the_median_of_pass_medians():
-    def lt(dense, sparse):
-        c = {DENSE: Timing(dense, 0.1, 0.01, 10, 1), "sparse": Timing(sparse, 0.1, 0.01, 10, 1)}
-        fmt = min(c, key=lambda f: c[f].median_s)
-        return LevelTiming(0.5, fmt, c[fmt].median_s, 0.1, c)
-
-    # one pass hit a slow spell (x10): the median of three passes ignores it
-    out = _combine(0.5, [lt(1.0, 0.5), lt(10.0, 5.0), lt(1.1, 0.6)])
-    assert out.fmt == "sparse" and out.time_s == pytest.approx(0.6)
-    assert out.candidates[DENSE].median_s == pytest.approx(1.1)
-
-
-def test_time_layers_runs_passes_and_keeps_the_fastest_format():
-    spec = LayerSpec("l", "linear", (8, 8), (1, 4, 8))
-    times = {(DENSE, 0.0): [1e-3], ("sparse", 0.5): [0.4e-3], ("sparse", 0.9): [0.1e-3]}
-    be = FakeBackend(dataclasses.replace(POLICY, passes=3), times)
-    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
-    seen = []
-    (res,) = be.time_layers([(spec, w, None, None)], [0.0, 0.5, 0.9], on_layer=lambda d, t, n: seen.append((d, t)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
-    assert [lt.fmt for lt in res] == [DENSE, "sparse", "sparse"]
-    assert [lt.time_s for lt in res] == pytest.approx([1e-3, 0.4e-3, 0.1e-3])
 
 
 def test_policy_is_validated():
