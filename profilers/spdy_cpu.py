@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-
 from spdy.errors import InvalidInputError
 from spdy.profilers.base import DENSE, LayerChoice, register
 from spdy.profilers.torch_backends import TorchRuntimeBackend, dense_module
