@@ -2,9 +2,9 @@
 
 The profiler times each layer alone, in a loop, where its weights and input stay in
 the caches and its thread team stays awake. Inside a forward pass the other layers
-evict both, and torch's operators run between the sparse kernels. On 2 shared cores
-pruned models ran 5-20% slower than the sum of their layers' loop times, while the
-dense model matched; very sparse layers (which SPDY prefers) lost the most.
+evict both, and torch's operators run between the sparse kernels, so a pruned model
+can take longer than the sum of its layers' loop times, and the very sparse layers,
+whose calls are short, lose the most.
 
 So the profile learns the difference from end-to-end measurements: a layer running a
 *sparse* kernel format costs ``alpha * t_alone + beta`` inside the model, where
@@ -15,9 +15,9 @@ fitted by robust least squares on random pruned models timed end to end, each
 interleaved with the unpruned model, so that only the ratio ``pruned / unpruned`` of
 one window enters the fit (:func:`fit_terms`). The profiler spreads those
 measurements over the whole profiling run, as it does the layer timings, so that the
-terms describe the machine's usual state rather than one minute of it. Per-shape
-terms were tried and predicted held-out models no better. The fit is checked on other
-random models by :func:`spdy.profilers.validate`.
+terms describe the machine's usual state rather than one minute of it. The terms are
+shared by all layers: two numbers are what two dozen end-to-end timings can pin down.
+The fit is checked on other random models by :func:`spdy.profilers.validate`.
 
 Layers of one shape group (:func:`group_key`) run the same kernel work, and the
 profiler times them in turns (:func:`layer_groups`).
