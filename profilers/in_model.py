@@ -100,8 +100,12 @@ class InModelTerms:
             raise InvalidInputError(f"in-model terms need a finite alpha > 0 and a finite beta; got {self.alpha}, {self.beta}")
 
     def apply(self, t_alone: float) -> float:
-        """In-model seconds of a sparse layer that took ``t_alone`` in the loop."""
-        return max(0.0, self.alpha * t_alone + self.beta)
+        """In-model seconds of a sparse layer that took ``t_alone`` in the loop.
+
+        Never below ``ALPHA_BOUNDS[0] * t_alone``: a negative ``beta`` (call overhead the loop
+        pays and the model does not) must not make a short call free.
+        """
+        return max(ALPHA_BOUNDS[0] * t_alone, self.alpha * t_alone + self.beta)
 
     def to_json(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta_s": self.beta, "fit": self.fit}

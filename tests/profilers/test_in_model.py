@@ -7,6 +7,7 @@ import pytest
 
 from spdy.errors import InvalidInputError
 from spdy.profilers.in_model import (
+    ALPHA_BOUNDS,
     InModelTerms,
     fit_terms,
     group_key,
@@ -84,7 +85,7 @@ def test_one_disturbed_measurement_does_not_move_the_fit():
 def test_terms_apply_round_trip_and_validate():
     t = InModelTerms(0.9, 5e-5, {"fitted": True})
     assert t.apply(1e-4) == pytest.approx(1.4e-4)
-    assert InModelTerms(1.0, -1e-3).apply(1e-4) == 0.0  # never negative
+    assert InModelTerms(1.0, -1e-3).apply(1e-4) == pytest.approx(ALPHA_BOUNDS[0] * 1e-4)  # a short call is never free
     assert InModelTerms.from_json(t.to_json()) == t
     with pytest.raises(InvalidInputError):
         InModelTerms(0.0, 0.0)
