@@ -43,7 +43,7 @@ from spdy.types import LatencyTable, Solution
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("spdy", "tpe", "cmaes", "random")
+STRATEGIES = ("spdy", "evo", "tpe", "cmaes", "random")
 Objective = Callable[[np.ndarray], float]
 
 

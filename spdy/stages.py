@@ -211,12 +211,19 @@ class CalibrationObjective:
         self.stitch_s = self.loss_s = 0.0
         self.calls = 0
 
-    def __call__(self, levels: np.ndarray) -> float:
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches; ``batches=`` of a call picks some of them by index."""
+        return len(self.bundle.calibration)
+
+    def __call__(self, levels: np.ndarray, batches: Sequence[int] | None = None) -> float:
+        """The calibration loss of ``levels`` on the whole calibration set, or on the batches
+        with the indices ``batches`` (BatchNorm statistics then re-estimated on those alone)."""
         t0 = time.perf_counter()
         self.db.stitch(self.work, {n: int(lv) for n, lv in zip(self.layers, levels)})
         t1 = time.perf_counter()
-        self.bundle.retune_batchnorm(self.work)  # counted in loss_s: one more pass over the calibration set
-        loss = self.bundle.calibration_loss(self.work, self.dense_outputs)
+        self.bundle.retune_batchnorm(self.work, batches)  # counted in loss_s: one more pass over the batches
+        loss = self.bundle.calibration_loss(self.work, self.dense_outputs, batches)
         self.stitch_s += t1 - t0
         self.loss_s += time.perf_counter() - t1
         self.calls += 1
@@ -308,6 +315,7 @@ def run_search(
     different search; the latency ``correction`` is stored with it for a resumed search.
     Returns ``(search, result, per-evaluation milliseconds of DP, stitch and loss)``.
     """
+    from spdy.evo import EvoSearch
     from spdy.sensitivity import Schedule, Search
 
     table = prepared.table
@@ -316,7 +324,8 @@ def run_search(
                  "profile": _digest(table.times.round(12).tolist() + [table.base_s]),
                  "k": Schedule.for_config(len(table.layers), config).k, "delta": config.delta,
                  "buckets": config.buckets}
-    srch = Search(table, objective, config, storage=storage, study_name=study_name, signature=signature)
+    cls = EvoSearch if config.strategy == "evo" else Search
+    srch = cls(table, objective, config, storage=storage, study_name=study_name, signature=signature)
     if correction and "latency_correction" not in srch.study.user_attrs:
         srch.study.set_user_attr("latency_correction", dict(correction))
     cb = (lambda d, t, best: progress("search", d, t, f"best loss {best:.4g}")) if progress else None

@@ -74,7 +74,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--delta", type=float, default=0.1, help="Algorithm 4's delta: largest local step is ceil(delta*L)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (results are reproducible per seed)")
     p.add_argument("--strategy", default="spdy", choices=STRATEGIES,
-                   help="spdy = Algorithm 4; tpe, cmaes, random = Optuna samplers over the coefficients")
+                   help="spdy = Algorithm 4; evo = evolutionary search over the levels themselves (children scored on "
+                   "1/8, then 1/2, then all of the calibration set; --max-evals counts full evaluations); tpe, cmaes, "
+                   "random = Optuna samplers over the coefficients")
     p.add_argument("--baseline", default=None, choices=BASELINES,
                    help="skip the search and report this one-shot baseline alone%(default).0s")
     p.add_argument("--no-baselines", action="store_true", help="do not evaluate the baselines next to the search")

@@ -188,14 +188,22 @@ class ModelBundle:
         m = self.model if model is None else model
         return [self.forward(m, b).detach() for b in self.calibration]
 
+    def _batches(self, batches: Sequence[int] | None) -> list[int]:
+        n = len(self.calibration)
+        idx = list(range(n)) if batches is None else [int(i) for i in batches]
+        if not idx or any(not 0 <= i < n for i in idx):
+            raise InvalidInputError(f"calibration batch indices must be a non-empty subset of 0..{n - 1}; got {idx}")
+        return idx
+
     @torch.no_grad()
-    def retune_batchnorm(self, model: nn.Module) -> nn.Module:
+    def retune_batchnorm(self, model: nn.Module, batches: Sequence[int] | None = None) -> nn.Module:
         """Re-estimate ``model``'s BatchNorm running statistics on the calibration set, in place.
 
         No-op unless ``tune_batchnorm``. Each BatchNorm layer's statistics become the equally
         weighted average over the calibration batches (momentum ``None``) of what it sees
         when the layers before it normalise with batch statistics, as in training; every
-        other module stays in eval mode and ``model`` is left in eval mode.
+        other module stays in eval mode and ``model`` is left in eval mode. ``batches``
+        (indices into the calibration set) restricts it to those batches.
         """
         if not self.tune_batchnorm:
             return model
@@ -206,8 +214,8 @@ class ModelBundle:
                 m.reset_running_stats()
                 m.momentum = None
                 m.train()
-            for b in self.calibration:
-                self.forward(model, b)
+            for i in self._batches(batches):
+                self.forward(model, self.calibration[i])
         finally:
             for n, m in bns.items():
                 m.momentum = momenta[n]
@@ -215,10 +223,13 @@ class ModelBundle:
         return model
 
     @torch.no_grad()
-    def calibration_loss(self, model: nn.Module, dense_outputs: Sequence[torch.Tensor]) -> float:
-        """Sample-weighted mean of ``loss(model(batch), dense(batch))`` over the calibration set."""
+    def calibration_loss(self, model: nn.Module, dense_outputs: Sequence[torch.Tensor],
+                         batches: Sequence[int] | None = None) -> float:
+        """Sample-weighted mean of ``loss(model(batch), dense(batch))`` over the calibration set
+        (or over the calibration batches with the indices ``batches``)."""
         total, n = 0.0, 0
-        for b, ref in zip(self.calibration, dense_outputs):
+        for i in self._batches(batches):
+            b, ref = self.calibration[i], dense_outputs[i]
             k = _batch_size(b)
             total += float(self.loss(self.forward(model, b), ref)) * k
             n += k

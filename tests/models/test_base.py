@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -79,6 +80,24 @@ def test_losses_and_calibration_loss() -> None:
     assert float(cosine_distance(x, 2 * x)) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_divergence(x, x)) == pytest.approx(0.0, abs=1e-6)
     assert float(relative_mse(torch.zeros(5, 7), x)) == pytest.approx(1.0)
+
+
+def test_calibration_loss_on_some_batches() -> None:
+    b = load_model("tests.models.toy_factory:make")
+    dense = b.outputs()
+    pruned = load_model("tests.models.toy_factory:make").model
+    with torch.no_grad():
+        pruned.fc2.weight.mul_(0.5)
+    n = len(b.calibration)
+    assert n >= 2
+    assert b.calibration_loss(pruned, dense, range(n)) == pytest.approx(b.calibration_loss(pruned, dense))
+    one = [b.calibration_loss(pruned, dense, [i]) for i in range(n)]
+    sizes = [len(x) for x in b.calibration]
+    assert b.calibration_loss(pruned, dense) == pytest.approx(np.average(one, weights=sizes))
+    assert b.calibration_loss(pruned, dense, [1]) == pytest.approx(one[1])
+    for bad in ([], [n], [-1]):
+        with pytest.raises(InvalidInputError, match="calibration batch indices"):
+            b.calibration_loss(pruned, dense, bad)
 
 
 def test_calibration_hash_is_stable_and_sensitive() -> None:

@@ -1,0 +1,172 @@
+"""The evolutionary search: budget fitting against brute force, mutation, fidelity schedule, resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from spdy import dp
+from spdy.errors import InvalidInputError
+from spdy.evo import EvoConfig, EvoSearch, fit_budget, layer_times, mutate, solution_for
+from spdy.grid import SparsityGrid
+from spdy.sensitivity import SearchConfig
+from spdy.types import LatencyTable
+
+
+def _table(L: int = 4, S: int = 5, seed: int = 0) -> LatencyTable:
+    rng = np.random.default_rng(seed)
+    dense = rng.uniform(1.0, 3.0, L)
+    frac = np.sort(rng.uniform(0.1, 1.0, (L, S - 1)), axis=1)[:, ::-1]
+    times = np.concatenate([dense[:, None], dense[:, None] * frac], axis=1)
+    grid = SparsityGrid(tuple(np.linspace(0.0, 0.9, S)))
+    return LatencyTable(tuple(f"l{i}" for i in range(L)), grid, times, 1.0, {})
+
+
+class SeparableObjective:
+    """A loss that is a sum of known per-layer errors, plus per-batch noise: the DP with the true
+    errors gives its optimum, so a search can be checked against it."""
+
+    def __init__(self, errors: np.ndarray, n_batches: int = 16, noise: float = 0.02, seed: int = 0) -> None:
+        self.errors, self.n_batches = errors, n_batches
+        self.noise = np.random.default_rng(seed).normal(0.0, noise, n_batches)
+        self.calls: list[int] = []
+
+    def __call__(self, levels: np.ndarray, batches: np.ndarray | None = None) -> float:
+        idx = np.arange(self.n_batches) if batches is None else np.asarray(batches)
+        self.calls.append(len(idx))
+        true = float(self.errors[np.arange(len(levels)), levels].sum())
+        return true * (1.0 + float(self.noise[idx].mean()))
+
+
+def _closest_feasible_brute(levels: np.ndarray, table: LatencyTable, budget: float, w: np.ndarray) -> float:
+    L, S = table.times.shape
+    best = math.inf
+    for lv in itertools.product(range(S), repeat=L):
+        a = np.array(lv)
+        if layer_times(table, a) <= budget:
+            best = min(best, float((w * (a - levels) ** 2).sum()))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_budget_moves_as_little_as_brute_force_then_fills_the_slack(seed: int) -> None:
+    table = _table(seed=seed)
+    rng = np.random.default_rng(seed)
+    L, S = table.times.shape
+    levels = rng.integers(0, 2, L)  # light levels: over most budgets
+    budget = layer_times(table, np.full(L, S - 1)) + rng.uniform(0.2, 0.6) * (
+        layer_times(table, np.zeros(L, dtype=np.int64)) - layer_times(table, np.full(L, S - 1)))
+    held = [0]
+    out = fit_budget(levels, table, budget, rng, held=held, buckets=100_000)
+    assert layer_times(table, out) <= budget
+    w = np.ones(L)
+    w[held] = 4.0
+    # the projection (before the fill, which only lowers free layers) is the closest feasible profile
+    projected = dp.solve_budget(table.times, w[:, None] * (np.arange(S)[None, :] - levels[:, None]) ** 2.0,
+                                budget, 100_000)[0]
+    assert float((w * (projected - levels) ** 2).sum()) == pytest.approx(
+        _closest_feasible_brute(levels, table, budget, w))
+    # after the fill, no free layer can go one level lighter and still fit
+    for li in range(1, L):
+        if out[li] > 0:
+            lighter = out.copy()
+            lighter[li] -= 1
+            assert layer_times(table, lighter) > budget
+
+
+def test_fit_budget_leaves_a_fitting_profile_alone_except_the_fill() -> None:
+    table = _table()
+    L, S = table.times.shape
+    levels = np.full(L, S - 1)
+    budget = layer_times(table, levels) + 1e-9
+    out = fit_budget(levels, table, budget, np.random.default_rng(0))
+    np.testing.assert_array_equal(out, levels)
+
+
+def test_mutate_gives_a_different_child_within_budget() -> None:
+    table = _table(L=8, S=10)
+    rng = np.random.default_rng(1)
+    L, S = table.times.shape
+    budget = table.budget_for(1.6)
+    parent = dp.solve(table, dp.prior_errors(L, S), 1.6).levels
+    cfg = EvoConfig()
+    kids = [mutate(parent, table, budget, rng, cfg)[0] for _ in range(20)]
+    assert all(layer_times(table, k) <= budget for k in kids)
+    assert all(k.min() >= 0 and k.max() < S for k in kids)
+    assert sum(not np.array_equal(k, parent) for k in kids) >= 15
+
+
+def test_fidelity_stages_and_their_cost() -> None:
+    cfg = EvoConfig()
+    assert cfg.stages(16) == [(8, 2), (2, 8), (1, None)]
+    assert cfg.generation_cost(16) == pytest.approx(8 * 2 / 16 + 2 * 8 / 16 + 1)
+    assert cfg.stages(1) == [(8, None)] and cfg.generation_cost(1) == 8
+    assert cfg.stages(None) == [(8, None)]
+    with pytest.raises(InvalidInputError):
+        EvoConfig(offspring=2, survivors=3)
+    with pytest.raises(InvalidInputError):
+        EvoConfig(fidelity=(0.0, 0.5))
+
+
+def _errors(table: LatencyTable, seed: int = 0) -> np.ndarray:
+    L, S = table.times.shape
+    sens = np.random.default_rng(seed).uniform(0.05, 3.0, L)
+    return sens[:, None] * (np.arange(S)[None, :] / (S - 1)) ** 2
+
+
+def test_evo_improves_on_its_seed_and_approaches_the_true_optimum(tmp_path) -> None:
+    table = _table(L=10, S=12, seed=3)
+    errors = _errors(table)
+    obj = SeparableObjective(errors)
+    cfg = SearchConfig(speedup=1.7, max_evals=60, seed=0, strategy="evo")
+    res = EvoSearch(table, obj, cfg).run()
+    seed_levels = dp.solve(table, dp.prior_errors(*table.times.shape), 1.7).levels
+    optimum = dp.solve(table, errors, 1.7).total_error
+    seed_loss = float(errors[np.arange(10), seed_levels].sum())
+    found = float(errors[np.arange(10), res.solution.levels].sum())
+    assert res.solution.predicted_speedup >= 1.7 * (1 - 1e-9)
+    assert found < seed_loss
+    assert found - optimum < 0.5 * (seed_loss - optimum)
+    # max_evals counts full evaluations: a partial one by its share of the batches
+    assert res.n_evaluations <= 60 and sum(obj.calls) / obj.n_batches <= 60 + 1e-9
+    assert any(n < obj.n_batches for n in obj.calls)
+
+
+def test_evo_resumes_and_shares_a_study(tmp_path) -> None:
+    table = _table(L=6, S=8, seed=1)
+    errors = _errors(table, 1)
+    store = str(tmp_path / "s.journal")
+    one = EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.5, max_evals=31, seed=2, strategy="evo"))
+    full = one.run()
+    # the same study in a storage, in two halves and two "workers": same trials, same best
+    half = SearchConfig(speedup=1.5, max_evals=16, seed=2, strategy="evo")
+    EvoSearch(table, SeparableObjective(errors), half, storage=store).run()
+    rest = SearchConfig(speedup=1.5, max_evals=31, seed=2, strategy="evo")
+    second = EvoSearch(table, SeparableObjective(errors), rest, storage=store)
+    res = second.run()
+    assert res.loss == pytest.approx(full.loss)
+    np.testing.assert_array_equal(res.solution.levels, full.solution.levels)
+    again = EvoSearch(table, SeparableObjective(errors), rest, storage=store)
+    calls_before = len(again.objective.calls)
+    again.run()
+    assert len(again.objective.calls) == calls_before  # nothing left to evaluate
+
+
+def test_evo_warm_start_and_refine() -> None:
+    table = _table(L=8, S=10, seed=4)
+    errors = _errors(table, 4)
+    L, S = table.times.shape
+    init = tuple(int(x) for x in np.full(L, S - 1))
+    srch = EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.4, max_evals=10, strategy="evo"),
+                     evo=EvoConfig(init_levels=init))
+    res = srch.run()
+    assert res.history[0]["phase"] == "seed"
+    levels, sol, loss = srch.refine(1.8, evals=8)
+    assert sol.predicted_speedup >= 1.8 * (1 - 1e-9) and np.array_equal(sol.levels, levels)
+    assert solution_for(table, levels).predicted_time_s == pytest.approx(table.predicted_time(levels))
+    with pytest.raises(InvalidInputError):
+        EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.4, strategy="evo"),
+                  evo=EvoConfig(init_levels=(0, 1)))
