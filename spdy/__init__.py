@@ -13,6 +13,7 @@ from spdy.errors import (  # noqa: E402
     NoPrunableLayersError,
     ProfileMismatchError,
     SpdyError,
+    StorageError,
 )
 from spdy.grid import DEFAULT_GRID, SparsityGrid, spdy_grid  # noqa: E402
 
@@ -39,6 +40,7 @@ __all__ = [
     "ProfileMismatchError",
     "BackendUnavailableError",
     "DatabaseError",
+    "StorageError",
     "SparsityGrid",
     "spdy_grid",
     "DEFAULT_GRID",

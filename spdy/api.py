@@ -47,6 +47,7 @@ from spdy.stages import (  # noqa: F401 - re-exported
     ensure_profile, open_database, open_profile, profile_cache_path, run_search,
 )
 from spdy.stages import _safe
+from spdy.storage import make_storage
 
 if TYPE_CHECKING:
     from spdy.sensitivity import SearchConfig
@@ -101,6 +102,8 @@ def search(
     for b in (*baselines, *([only_baseline] if only_baseline else [])):
         if b not in BASELINES:
             raise InvalidInputError(f"unknown baseline {b!r}; expected one of {', '.join(BASELINES)}")
+    if storage is not None and "://" in storage:
+        make_storage(storage)  # a database that cannot be opened fails now, not after the profile and database
     stage: dict[str, float] = {}
     t0 = time.perf_counter()
     bundle = as_bundle(model, calibration, loss=loss, forward=forward, exclude=exclude)

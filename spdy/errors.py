@@ -42,3 +42,7 @@ class BackendUnavailableError(SpdyError, RuntimeError):
 
 class DatabaseError(SpdyError, RuntimeError):
     """The reconstruction database is missing, incomplete or corrupted."""
+
+
+class StorageError(SpdyError, RuntimeError):
+    """The search's Optuna storage (a database server, an SQLite file) cannot be opened or lacks its driver."""

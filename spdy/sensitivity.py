@@ -17,9 +17,15 @@ dense, unstructured levels and 2:4): the DP then runs over its columns with
 :func:`spdy.choices.prior_errors`, and the objective receives one column index per
 layer (map it with ``table.choices_of(levels)``).
 
-A trial left RUNNING by a killed worker (its process is gone, or its heartbeat is
-older than ``stale_after_s``) is reclaimed and evaluated under its own number on
-the next start, so a killed search resumes without losing or repeating work.
+Several workers share a study through its storage (:class:`spdy.storage.SharedStudy`).
+A trial's place in the schedule is its *slot*: its trial number, unless retries took
+numbers in between (:func:`spdy.storage.slots`). Every worker works until each slot
+below the schedule's total holds a COMPLETE trial. A trial whose worker is gone (its
+process has left this host, or its heartbeat is older than ``stale_after_s``) is
+failed and retried by the first worker that sees it; the retry evaluates the same slot,
+and the late result of a worker that was only slow is dropped, so every slot completes
+once. A worker interrupted in a trial (Ctrl-C, an error) retries it on its way out,
+so a killed search resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,12 +43,15 @@ import optuna
 
 from spdy import choices, dp
 from spdy.errors import InvalidInputError
+from spdy.storage import SharedStudy, make_storage
 from spdy.types import LatencyTable, Solution
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("spdy", "evo", "tpe", "cmaes", "random")
 Objective = Callable[[np.ndarray], float]
+#: seconds a worker with no slot left to start waits between looks at the other workers' trials
+POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,9 @@ class SearchConfig:
     With ``max_evals`` below the full schedule and no explicit ``k``, ``k`` shrinks so
     that the random phase and every local-search width still run (a miniature of
     Algorithm 4); trials past the schedule continue the local search with ``d = 1``.
+    ``heartbeat_s`` is how often a worker beats for the trial it evaluates; a trial with
+    no beat for ``stale_after_s`` is retried by another worker (one whose worker process
+    has left this host at once).
     """
 
     speedup: float
@@ -63,7 +73,8 @@ class SearchConfig:
     seed: int = 0
     buckets: int = dp.DEFAULT_BUCKETS
     strategy: str = "spdy"
-    stale_after_s: float = 900.0
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 120.0
 
     def __post_init__(self) -> None:
         dp.parse_speedup(self.speedup)
@@ -75,6 +86,9 @@ class SearchConfig:
             raise InvalidInputError(f"delta must lie in (0, 1]; got {self.delta}")
         if self.max_evals is not None and self.max_evals < 1:
             raise InvalidInputError(f"max_evals must be >= 1; got {self.max_evals}")
+        if not 0 < self.heartbeat_s < self.stale_after_s:
+            raise InvalidInputError(f"heartbeat_s must lie in (0, stale_after_s); got {self.heartbeat_s} and "
+                                    f"stale_after_s {self.stale_after_s}")
 
 
 @dataclass(frozen=True)
@@ -127,18 +141,6 @@ def redraw(c: np.ndarray, d: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def make_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
-    """None (in memory), an RDB URL (``sqlite:///x.db``, ``postgresql://...``) or a journal file path."""
-    if url is None or url == ":memory:":
-        return None
-    if "://" in url:
-        return url
-    backend = optuna.storages.journal.JournalFileBackend(
-        url, lock_obj=optuna.storages.journal.JournalFileOpenLock(url)
-    )
-    return optuna.storages.JournalStorage(backend)
-
-
 @contextlib.contextmanager
 def optuna_warnings_only() -> Iterator[None]:
     """Within: Optuna logs warnings and errors only (not a line per trial), unless it was set quieter.
@@ -152,6 +154,11 @@ def optuna_warnings_only() -> Iterator[None]:
         yield
     finally:
         optuna.logging.set_verbosity(prev)
+
+
+def _slot(t: optuna.trial.FrozenTrial) -> int:
+    """The slot a completed trial evaluated (recorded with it; its number in a study of older spdy)."""
+    return int(t.user_attrs.get("slot", t.number))
 
 
 def _sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -198,16 +205,18 @@ class Search:
         dp.warmup()
         # fail fast on an unreachable target, before any storage is touched
         self._solve_prior(None)
+        self.storage = (make_storage(storage, heartbeat_s=config.heartbeat_s, grace_s=config.stale_after_s)
+                        or optuna.storages.InMemoryStorage())
         with optuna_warnings_only():
             self.study = optuna.create_study(
-                storage=make_storage(storage),
+                storage=self.storage,
                 study_name=study_name,
                 direction="minimize",
                 sampler=_sampler(config.strategy, config.seed),
                 load_if_exists=True,
             )
         self._check_signature(signature or {})
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.shared = SharedStudy(self.study, self.storage, config.heartbeat_s, config.stale_after_s)
         self._loss_cache: dict[bytes, float] = {}
         self.stage_s = {"dp": 0.0, "objective": 0.0}
 
@@ -234,44 +243,8 @@ class Search:
         done = [t for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs]
         if not done:
             return None, math.inf
-        b = min(done, key=lambda t: (t.value, t.number))
+        b = min(done, key=lambda t: (t.value, _slot(t)))
         return np.array(b.user_attrs["c"]), float(b.value)  # type: ignore[arg-type]
-
-    def _is_stale(self, t: optuna.trial.FrozenTrial) -> bool:
-        worker = t.user_attrs.get("worker", "")
-        if "heartbeat" in t.user_attrs:
-            beat = float(t.user_attrs["heartbeat"])  # 0.0: its worker failed and asked for a reclaim
-        else:
-            # just asked for, its worker not yet recorded: as old as the trial, not stale
-            start = t.datetime_start
-            beat = start.timestamp() if start is not None else time.time()
-        host, _, pid = worker.rpartition(":")
-        if worker == self.worker:
-            return False
-        if host == socket.gethostname() and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                pass
-        return time.time() - beat > self.cfg.stale_after_s
-
-    def _claim_stale(self) -> optuna.trial.FrozenTrial | None:
-        for t in self._trials():
-            if t.state == optuna.trial.TrialState.RUNNING and t.number < self.schedule.total and self._is_stale(t):
-                sid = self.study._storage
-                try:
-                    sid.set_trial_user_attr(t._trial_id, "worker", self.worker)
-                    sid.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue  # its worker was alive after all and finished it
-                time.sleep(0.05)
-                again = sid.get_trial(t._trial_id)
-                if again.user_attrs.get("worker") == self.worker and again.state == optuna.trial.TrialState.RUNNING:
-                    log.info("reclaiming trial %d left running by %s", t.number, t.user_attrs.get("worker"))
-                    return again
-        return None
 
     # -- one evaluation ------------------------------------------------------
     def _solve_prior(self, c: np.ndarray | None, speedup: float | None = None) -> Solution | choices.ChoiceSolution:
@@ -288,17 +261,14 @@ class Search:
         self.stage_s["dp"] += time.perf_counter() - t0
         return sol
 
-    def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float | None:
-        """The trial's calibration loss, recorded with its candidate; None if another worker
-        finished the trial meanwhile (a reclaimed trial whose first worker was alive after all)."""
-        storage = self.study._storage
-        tid = trial._trial_id if trial is not None else None  # type: ignore[union-attr]
+    def _evaluate(self, number: int, trial: optuna.trial.Trial) -> float | None:
+        """The calibration loss of slot ``number``, evaluated as ``trial`` and recorded with its
+        candidate; None if another worker failed the trial meanwhile (it took this one for gone)."""
         if self.cfg.strategy == "spdy":
             best_c, _ = self.best()
             c, phase, d = candidate(self.schedule, self.cfg.seed, number, best_c)
         else:
-            assert trial is not None
-            c = np.array([trial.suggest_float(f"c{i}", 0.0, 1.0) for i in range(self.L)])  # type: ignore[attr-defined]
+            c = np.array([trial.suggest_float(f"c{i}", 0.0, 1.0) for i in range(self.L)])
             phase, d = self.cfg.strategy, 0
         sol = self.solve(c)
         key = sol.levels.tobytes()
@@ -313,50 +283,35 @@ class Search:
                  "predicted_speedup": sol.predicted_speedup, "cached": cached}
         try:
             for k, v in attrs.items():
-                storage.set_trial_user_attr(tid, k, v)
+                trial.set_user_attr(k, v)
         except optuna.exceptions.UpdateFinishedTrialError:
             return None
         return loss
 
     def run(self, progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
-        """Work on the study until it holds ``schedule.total`` evaluations; returns the best."""
+        """Work on the study until every slot of the schedule holds a completed trial (waiting
+        for the trials other workers run, retrying those whose workers are gone); returns the best."""
         with optuna_warnings_only():
             return self._run(progress)
 
     def _run(self, progress: Callable[[int, int, float], None] | None) -> SearchResult:
         t_start = time.perf_counter()
         while True:
-            trial_obj: Any
-            stale = self._claim_stale()
-            if stale is not None:
-                number, trial_obj = stale.number, optuna.trial.Trial(self.study, stale._trial_id)
-            else:
-                if self._n_finished_or_running() >= self.schedule.total:
+            total = self.schedule.total
+            self.shared.reclaim(total)
+            got = self.shared.take(total)
+            if got is None:
+                if self.shared.finished(total):
                     break
-                trial_obj = self.study.ask()
-                number = trial_obj.number
-                if number >= self.schedule.total:
-                    trial_obj.set_user_attr("skipped", "over budget")
-                    self.study.tell(trial_obj, state=optuna.trial.TrialState.PRUNED)
-                    break
-            self.study._storage.set_trial_user_attr(trial_obj._trial_id, "worker", self.worker)
-            self.study._storage.set_trial_user_attr(trial_obj._trial_id, "heartbeat", time.time())
-            try:
-                loss = self._evaluate(number, trial_obj)
-            except BaseException:
-                # leave it RUNNING with a dead heartbeat: the next start reclaims it
-                try:
-                    self.study._storage.set_trial_user_attr(trial_obj._trial_id, "heartbeat", 0.0)
-                except Exception:  # noqa: BLE001 - best effort while unwinding
-                    pass
-                raise
-            if loss is None:
-                log.info("trial %d was finished by another worker meanwhile; keeping that result", number)
-            else:
-                # skip_if_finished: the other worker may also finish it between our attrs and this tell
-                self.study.tell(number, loss, skip_if_finished=True)
+                time.sleep(POLL_S)
+                continue
+            trial, slot = got
+            loss = self.shared.evaluate(trial, slot, lambda: self._evaluate(slot, trial))
+            if loss is None or not self.shared.tell(trial, loss):
+                log.info("trial %d (slot %d) was failed by another worker meanwhile; its retry evaluates the slot",
+                         trial.number, slot)
             if progress is not None:
-                progress(self.n_complete(), self.schedule.total, self.best()[1])
+                progress(self.n_complete(), total, self.best()[1])
         self.stage_s["wall"] = time.perf_counter() - t_start
         return self.result()
 
@@ -371,7 +326,7 @@ class Search:
         ``(c, solution, loss)`` of the best. Kept out of the study: it is not resumable.
         """
         done = sorted((t for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs),
-                      key=lambda t: (t.value, t.number))
+                      key=lambda t: (t.value, _slot(t)))
         starts: list[np.ndarray] = []
         for t in done:
             c = np.array(t.user_attrs["c"])
@@ -408,20 +363,15 @@ class Search:
                  len(losses), best[2])
         return best
 
-    def _n_finished_or_running(self) -> int:
-        return sum(
-            1 for t in self._trials()
-            if t.number < self.schedule.total and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        )
-
     def n_complete(self) -> int:
         return sum(1 for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs)
 
     def history(self) -> list[dict[str, Any]]:
+        """The completed evaluations in slot order: ``number`` is the slot, ``trial`` Optuna's trial number."""
         out = []
-        for t in sorted(self._trials(), key=lambda t: t.number):
+        for t in sorted(self._trials(), key=_slot):
             if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs:
-                out.append({"number": t.number, "loss": t.value, "phase": t.user_attrs["phase"],
+                out.append({"number": _slot(t), "trial": t.number, "loss": t.value, "phase": t.user_attrs["phase"],
                             "d": t.user_attrs["d"], "worker": t.user_attrs.get("worker"),
                             "predicted_speedup": t.user_attrs["predicted_speedup"]})
         return out

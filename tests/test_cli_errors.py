@@ -149,3 +149,32 @@ def test_published_reference_timings_still_load(reference_dir: Path) -> None:
     for path in sorted(reference_dir.glob("*.txt")):
         t = read_reference_timings(path).table
         assert len(t.layers) >= 21 and len(t.grid) == 42 and t.base_s > 0, path.name
+
+
+def test_search_with_an_unreachable_storage_fails_before_any_work(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("psycopg")
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://spdy:secret@127.0.0.1:{port}/spdy"
+    assert main(["search", "--model", "spdy.testing.models:mlp", "--speedup", "1.5x", "--storage", url,
+                 "--profile", str(tmp_path / "p.json"), "-o", str(tmp_path / "out")]) == 1
+    err = _one_line_error(capsys)
+    assert f"cannot open the storage 'postgresql://spdy:***@127.0.0.1:{port}/spdy'" in err
+    assert "check that the server runs" in err
+    assert not (tmp_path / "p.json").exists()  # failed before the profile was measured
+
+
+def test_search_with_a_storage_whose_driver_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
+    assert main(["search", "--model", "spdy.testing.models:mlp", "--speedup", "1.5x", "--storage",
+                 "postgresql://db.example/spdy", "-o", str(tmp_path / "out")]) == 1
+    assert _one_line_error(capsys) == ("error: storage 'postgresql://db.example/spdy' needs the database driver "
+                                       "'psycopg', which is not installed: pip install 'spdy[postgres]'")

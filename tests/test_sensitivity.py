@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -88,62 +87,6 @@ def test_search_improves_and_is_reproducible() -> None:
     assert [h["loss"] for h in r3.history] != [h["loss"] for h in r1.history]
 
 
-def test_resume_after_kill(tmp_path: Path) -> None:
-    store = str(tmp_path / "search.journal")
-    ref = Search(table(), objective, cfg()).run()
-    obj = SlowObjective(fail_at=7)
-    with pytest.raises(KeyboardInterrupt):
-        Search(table(), obj, cfg(), storage=store, study_name="s").run()
-    # a new process would have a new pid; a new Search object in this one must not reclaim its own
-    # trial as stale, so pretend the killed worker was another process
-    s2 = Search(table(), SlowObjective(), cfg(), storage=store, study_name="s")
-    s2.worker = "elsewhere:1"
-    res = s2.run()
-    hist = res.history
-    assert [h["number"] for h in hist] == list(range(16))  # nothing lost, nothing twice
-    assert [h["loss"] for h in hist] == [h["loss"] for h in ref.history]
-
-
-def test_a_trial_just_asked_for_is_not_stale(tmp_path: Path) -> None:
-    # between another worker's ask() and its first user attribute, the trial has no worker
-    # and no heartbeat: it must not look abandoned (that race let two workers run trial 0)
-    store = str(tmp_path / "s.journal")
-    a = Search(table(), objective, cfg(), storage=store, study_name="s")
-    a.study.ask()
-    b = Search(table(), objective, cfg(), storage=store, study_name="s")
-    b.worker = "elsewhere:1"
-    assert b._claim_stale() is None
-
-
-def test_reclaimed_trial_finished_meanwhile_keeps_the_first_result(tmp_path: Path) -> None:
-    store = str(tmp_path / "s.journal")
-    a = Search(table(), objective, cfg(), storage=store, study_name="s")
-    t = a.study.ask()
-    a.study._storage.set_trial_user_attr(t._trial_id, "worker", "elsewhere:1")
-    a.study._storage.set_trial_user_attr(t._trial_id, "heartbeat", 0.0)  # looks dead
-
-    class FinishFirst:
-        """The 'dead' worker turns out alive: it finishes trial 0 while b re-evaluates it."""
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def __call__(self, levels: np.ndarray) -> float:
-            self.calls += 1
-            if self.calls == 1:
-                first = {"c": [0.5] * L, "phase": "random", "d": 0, "levels": [0] * L, "predicted_speedup": 2.0}
-                for k, v in first.items():
-                    a.study._storage.set_trial_user_attr(t._trial_id, k, v)
-                a.study.tell(t, 123.0)
-            return objective(levels)
-
-    b = Search(table(), FinishFirst(), cfg(), storage=store, study_name="s")
-    res = b.run()
-    trials = {x.number: x for x in b.study.get_trials()}
-    assert trials[0].value == 123.0
-    assert sorted(h["number"] for h in res.history) == list(range(16))
-
-
 def test_storage_of_another_search_is_refused(tmp_path: Path) -> None:
     store = str(tmp_path / "s.journal")
     Search(table(), objective, cfg(max_evals=3), storage=store, study_name="x").run()
@@ -160,34 +103,6 @@ def test_unreachable_target_fails_fast() -> None:
 def test_optuna_samplers(strategy: str) -> None:
     res = Search(table(), objective, cfg(strategy=strategy, max_evals=8)).run()
     assert res.n_evaluations == 8 and np.isfinite(res.loss)
-
-
-def _worker(store: str, out: str) -> None:
-    s = Search(table(), SlowObjective(delay=0.15), cfg(), storage=store, study_name="shared")
-    s.run()
-    Path(out).write_text("ok")
-
-
-def test_two_workers_share_one_search(tmp_path: Path) -> None:
-    store = str(tmp_path / "shared.journal")
-    ctx = mp.get_context("spawn")
-    t0 = time.perf_counter()
-    procs = [ctx.Process(target=_worker, args=(store, str(tmp_path / f"w{i}"))) for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs)
-    s = Search(table(), objective, cfg(), storage=store, study_name="shared")
-    hist = s.history()
-    assert sorted(h["number"] for h in hist) == list(range(16))
-    assert len({h["worker"] for h in hist}) == 2  # both did work
-    ref = Search(table(), objective, cfg()).run().history
-    # the random phase draws exactly the candidates a single worker draws
-    assert [h["loss"] for h in hist[:6]] == [h["loss"] for h in ref[:6]]
-    # every local trial started from the best result stored before it
-    best_c, best = s.best()
-    assert best <= min(h["loss"] for h in hist[:6])
 
 
 def test_refine_at_a_new_budget_is_no_worse_than_the_old_best_coefficients() -> None:

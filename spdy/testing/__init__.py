@@ -4,4 +4,6 @@
   latency backend, built in or not, must pass it.
 * :mod:`spdy.testing.models` — tiny models (a transformer-like MLP block, a small CNN)
   that the checks profile.
+* :mod:`spdy.testing.postgres` — a throw-away PostgreSQL server for the tests and
+  benchmarks of a search shared through a database.
 """
