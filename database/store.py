@@ -757,7 +757,7 @@ class Database:
 
         A value may be a grid level (int) or a :class:`spdy.choices.Choice` (an N:M pattern
         among them). ``levels`` may also be a :class:`spdy.types.Solution` (its ``layers`` and
-        ``levels``) or a :class:`spdy.choices.ChoiceSolution` (its ``layers`` and ``choices``).
+        ``choices``).
         Layers not named keep their current weights. With ``inplace=False`` a deep copy of
         ``model`` is stitched and returned, and ``model`` is left as it was.
         """

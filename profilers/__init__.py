@@ -24,7 +24,7 @@ from spdy.profilers.base import (  # noqa: E402
     register,
 )
 from spdy.profilers.registry import available_backends, backend_names, get_backend  # noqa: E402
-from spdy.profilers.plans import backend_plan, level_plan  # noqa: E402
+from spdy.profilers.plans import backend_plan  # noqa: E402
 from spdy.profilers.profiler import profile_model, signed_validation_error, validate, validation_error  # noqa: E402
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "TimingPolicy",
     "as_numpy",
     "backend_plan",
-    "level_plan",
     "available_backends",
     "backend_names",
     "get_backend",

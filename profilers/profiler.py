@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from spdy.choices import Choice
 from spdy.errors import InvalidInputError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
 from spdy.profilers.base import DENSE, NO_KERNEL, STANDIN, Backend, LayerChoice, LevelTiming, Timing
 from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
+from spdy.profilers.plans import backend_plan
 from spdy.profilers.pruning import LevelPruner
 from spdy.types import LatencyTable, LayerSpec
 
@@ -384,20 +386,16 @@ def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile,
 
 def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray) -> list[dict[str, LayerChoice]]:
     """For each level vector, every layer magnitude-pruned to its level in the profile's format for it."""
-    t = profile.table
     if profile.formats is None:
         raise InvalidInputError("the profile records no kernel format per level; re-run 'spdy profile' to get one")
-    plans: list[dict[str, LayerChoice]] = [{} for _ in level_vectors]
-    for li, name in enumerate(t.layers):
-        w, b = _weight_bias(bundle, name)
-        pruner = LevelPruner(w)
-        pruned: dict[int, np.ndarray] = {}
-        for plan, lv in zip(plans, level_vectors):
-            i = int(lv[li])
-            if i not in pruned:
-                pruned[i] = pruner.at(t.grid[i])
-            plan[name] = LayerChoice(profile.formats[li][i], pruned[i], b, t.grid[i])
-    return plans
+    pruners: dict[str, LevelPruner] = {}
+
+    def weight(name: str, choice: Choice) -> np.ndarray:
+        if name not in pruners:
+            pruners[name] = LevelPruner(_weight_bias(bundle, name)[0])
+        return pruners[name].at(choice.sparsity)
+
+    return [backend_plan(profile.table.solution(lv), weight, bundle.model) for lv in level_vectors]
 
 
 def validate(

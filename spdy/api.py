@@ -35,7 +35,7 @@ from spdy.errors import InfeasibleBudgetError, InvalidInputError, ProfileMismatc
 from spdy.grid import SparsityGrid
 from spdy.measure import (  # noqa: F401 - re-exported
     FIT_AIM, FIT_BAND, MIN_CORRECTION, SPEEDUP_TOLERANCE, MeasureConfig, Measured, baseline, check_latency, correction_factor,
-    fit_to_measured, latency_correction, lowest_dp_target, measure_and_fit, measure_speedups, with_formats,
+    fit_to_measured, latency_correction, lowest_dp_target, measure_and_fit, measure_speedups,
 )
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
@@ -118,7 +118,7 @@ def search(
     t0 = time.perf_counter()
     db = open_database(bundle, prof.table, database, specs, method=method, progress=progress)
     stage["database"] = time.perf_counter() - t0
-    run = Prepared(bundle, be, prof, prof_path, db)
+    run = Prepared(bundle, be, prof, prof_path, db, prof.table)
     study_name = study or f"{_safe(bundle.name)}-{target:g}x-{cfg.strategy}-seed{cfg.seed}"
     prev_threads = torch.get_num_threads()
     found = _find(run, cfg, mcfg, storage=storage, study_name=study_name, baselines=baselines,
@@ -128,8 +128,7 @@ def search(
         return SearchOutcome(bundle.name, be.name, target, found.best, found.objective.dense_loss,
                              n_evaluations=found.n_evaluations, study=study_name, storage=storage,
                              stage_s=stage, per_evaluation_ms=found.per_evaluation_ms)
-    best = with_formats(prof, found.best)
-    base_out = {k: with_formats(prof, v) if isinstance(v, Outcome) else v for k, v in found.baselines.items()}
+    best, base_out = found.best, found.baselines
     measured = None
     if mcfg.measure:
         measured = measure_and_fit(run, found.objective, target, found.dp_target, best, base_out, mcfg,
@@ -139,7 +138,7 @@ def search(
     stage["total"] = time.perf_counter() - t_all
     outcome = _outcome(run, cfg, found, measured, best, base_out, study_name=study_name, storage=storage,
                        eval_threads=eval_threads or prev_threads, stage=stage)
-    return write_outputs(outcome, bundle, db, prof.table, out) if out is not None else outcome
+    return write_outputs(outcome, bundle, db, run.table, out) if out is not None else outcome
 
 
 def _configs(speedup: float | str | None, config: SearchConfig | None, measurement: MeasureConfig | None,
@@ -186,7 +185,7 @@ def _find(run: Prepared, cfg: SearchConfig, mcfg: MeasureConfig, *, storage: str
         torch.set_num_threads(eval_threads)
     try:
         t0 = time.perf_counter()
-        objective = CalibrationObjective(run.bundle, run.database, run.table.layers)
+        objective = CalibrationObjective(run.bundle, run.database, run.table.layers, run.table.choices)
         stage["dense_outputs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         correction, dp_target = check_latency(run, cfg.speedup, cfg.buckets, mcfg, storage=storage,

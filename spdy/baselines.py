@@ -1,7 +1,9 @@
 """One-shot baselines for the same time budget: uniform and global magnitude.
 
-Both only choose a level per layer; the pruned weights come from the same
-database as SPDY's, so a comparison isolates the choice of profile.
+Both only choose a level of the sparsity grid per layer (the table's first ``|S|``
+columns, see :class:`~spdy.types.LatencyTable`; N:M columns are not theirs to take); the
+pruned weights come from the same database as SPDY's, so a comparison isolates the choice
+of profile.
 """
 
 from __future__ import annotations
@@ -10,25 +12,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from spdy.errors import InfeasibleBudgetError
+from spdy.choices import grid_choices
+from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.types import LatencyTable, Solution
 
 BASELINES = ("uniform", "global")
 
 
-def _solution(table: LatencyTable, levels: np.ndarray, total_error: float = float("nan")) -> Solution:
-    pred = table.predicted_time(levels)
-    return Solution(
-        layers=table.layers,
-        levels=levels,
-        sparsities=table.grid.as_array()[levels],
-        predicted_time_s=pred,
-        predicted_speedup=table.dense_total_s / pred,
-        total_error=total_error,
-    )
-
-
 def _target_time(table: LatencyTable, speedup: float) -> float:
+    if table.choices[:len(table.grid)] != grid_choices(table.grid):
+        raise InvalidInputError("the baselines choose grid levels: the table's first columns must be the grid's levels")
     return table.dense_total_s / speedup * (1 + 1e-12)
 
 
@@ -39,7 +32,7 @@ def uniform(table: LatencyTable, speedup: float) -> Solution:
     for i in range(len(table.grid)):
         levels = np.full(L, i, dtype=np.int64)
         if table.predicted_time(levels) <= target:
-            return _solution(table, levels)
+            return table.solution(levels)
     best = max(table.dense_total_s / table.predicted_time(np.full(L, i)) for i in range(len(table.grid)))
     raise InfeasibleBudgetError(
         f"no single sparsity level reaches {speedup:g}x for every layer; the best uniform level gives {best:.3f}x",
@@ -84,4 +77,4 @@ def global_magnitude(table: LatencyTable, weights: Mapping[str, np.ndarray], spe
     levels = _levels_for_threshold(float(allm[lo]), mags, grid)
     if table.predicted_time(levels) > target:
         levels = top
-    return _solution(table, levels)
+    return table.solution(levels)

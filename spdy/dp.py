@@ -1,10 +1,13 @@
 """The SPDY dynamic-programming solver (paper Algorithm 1), in Numba.
 
-Given per-layer times ``t[l][s]`` and error scores ``e[l][s]`` over the levels of a
-grid, pick one level per layer that minimises ``sum e`` subject to
+Given per-layer times ``t[l][s]`` and error scores ``e[l][s]`` over the columns of a
+:class:`~spdy.types.LatencyTable` (the levels of a sparsity grid, and N:M patterns where
+the table has them), pick one column per layer that minimises ``sum e`` subject to
 ``base + sum t <= T_dense_total / speedup``. Time is discretised into buckets of
 width ``budget / buckets`` and every layer time is rounded **up**, so the chosen
-profile never exceeds the budget under the additive latency model.
+profile never exceeds the budget under the additive latency model. A time of ``+inf``
+marks a choice a layer does not have; it is never picked. :func:`prior_errors` is
+SPDY's error prior over the columns.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import numba
 import numpy as np
@@ -171,13 +175,53 @@ def to_buckets(times: np.ndarray, budget: float, buckets: int) -> np.ndarray:
     return np.maximum(k, 0).astype(np.int64)
 
 
-def prior_errors(n_layers: int, n_levels: int, coefficients: np.ndarray | None = None) -> np.ndarray:
-    """SPDY's error prior ``e[l][i] = c_l * (i / (|S| - 1))^2`` (all ``c_l = 1`` by default)."""
-    ramp = (np.arange(n_levels, dtype=np.float64) / max(n_levels - 1, 1)) ** 2
+def prior_errors(
+    n_layers: int, n_levels: int, coefficients: np.ndarray | None = None, positions: np.ndarray | None = None
+) -> np.ndarray:
+    """SPDY's error prior ``e[l][c] = c_l * (pos_c / (|S| - 1))^2`` (all ``c_l = 1`` by default).
+
+    ``n_levels`` is the grid's size ``|S|``; ``positions`` the grid position of each column,
+    ``[C]`` or ``[L, C]`` (default: the grid's levels, ``0 .. |S| - 1``). A table's own are
+    :meth:`LatencyTable.positions`: an N:M column sits at its sparsity's fractional position
+    on the grid, so under the prior it counts as damaging as unstructured pruning to the same
+    sparsity; the search's coefficients and the calibration loss of the stitched model (its
+    real N:M weights) correct for the difference. :func:`error_equivalent_positions` places
+    it where the layer's reconstruction errors say instead.
+    """
     c = np.ones(n_layers) if coefficients is None else np.asarray(coefficients, dtype=np.float64)
     if c.shape != (n_layers,):
         raise InvalidInputError(f"expected {n_layers} sensitivity coefficients; got shape {c.shape}")
-    return c[:, None] * ramp[None, :]
+    pos = np.arange(n_levels, dtype=np.float64) if positions is None else np.asarray(positions, dtype=np.float64)
+    if not (pos.ndim == 1 or (pos.ndim == 2 and pos.shape[0] == n_layers)) or not np.all(np.isfinite(pos)):
+        raise InvalidInputError(f"positions must be finite, of shape (columns,) or ({n_layers}, columns); got {pos.shape}")
+    ramp = (pos / max(n_levels - 1, 1)) ** 2
+    return c[:, None] * np.broadcast_to(ramp, (n_layers, pos.shape[-1]))
+
+
+def error_equivalent_positions(table: LatencyTable, database: Any) -> np.ndarray:
+    """``[L, C]`` positions (for :func:`prior_errors`) that put each N:M column at the grid
+    position whose unstructured reconstruction error (interpolated over the database's
+    levels) equals the layer's N:M error.
+
+    E.g. a layer whose 2:4 error matches its unstructured error at 62 % gets 2:4 at 62 %'s
+    position. Other columns keep :meth:`LatencyTable.positions`; so do layers without the
+    pattern (the DP never picks them anyway).
+    """
+    base = np.broadcast_to(table.positions(), table.times.shape).copy()
+    idx = {n: i for i, n in enumerate(database.layers)}
+    S = len(table.grid)
+    for c, ch in enumerate(table.choices):
+        if not ch.is_nm or ch.pattern not in database.patterns:
+            continue
+        k = database.patterns.index(ch.pattern)
+        for l, name in enumerate(table.layers):
+            i = idx[name]
+            e_nm = database.pattern_errors[i, k]
+            curve = np.maximum.accumulate(np.nan_to_num(database.errors[i], nan=np.inf))  # monotone for interp
+            if not np.isfinite(e_nm) or not np.all(np.isfinite(curve)):
+                continue
+            base[l, c] = float(np.interp(e_nm, curve, np.arange(S, dtype=np.float64)))
+    return base
 
 
 def parse_speedup(value: str | float) -> float:
@@ -223,7 +267,7 @@ def solve_budget(
     """Levels minimising summed error with ``sum times[l, level_l] <= budget``.
 
     With ``allow_unavailable``, a time of ``+inf`` marks a choice the layer does not have
-    (e.g. an N:M pattern without a kernel, see :mod:`spdy.choices`): it is never picked
+    (e.g. an N:M pattern without a kernel, see :class:`LatencyTable`): it is never picked
     (its bucket count exceeds the budget); every layer needs one finite time.
 
     Returns ``(levels, total_error)``; raises :class:`InfeasibleBudgetError` if no choice fits.
@@ -263,34 +307,46 @@ def solve_budget(
     return levels, float(best)
 
 
+def _table_errors(table: LatencyTable, errors: np.ndarray) -> np.ndarray:
+    """``errors`` checked against ``table``: one finite score per choice a layer has; the
+    scores of choices it does not have (any value, NaN too) become 0, never picked."""
+    e = np.array(errors, dtype=np.float64)
+    if e.shape != table.times.shape:
+        raise InvalidInputError(f"error scores have shape {e.shape}; expected {table.times.shape} (layers x levels, "
+                                "as the timings)")
+    avail = table.available
+    bad = avail & ~np.isfinite(e)
+    if bad.any():
+        i, c = np.argwhere(bad)[0]
+        raise InvalidInputError(f"error scores hold a non-finite value ({e[i, c]}) at layer {i} ({table.layers[i]!r}), "
+                                f"level {c} ({table.choices[c].label}); every choice a layer has needs a finite score")
+    e[~avail] = 0.0
+    return e
+
+
 def solve(table: LatencyTable, errors: np.ndarray, speedup: float, buckets: int = DEFAULT_BUCKETS) -> Solution:
-    """The best profile for ``speedup`` over the dense model, counting every layer and the base time."""
+    """The least-error choice per layer for ``speedup`` over the dense model, counting every layer and the base time.
+
+    ``errors`` is ``[L, C]`` like the table's times (e.g. :func:`prior_errors`); scores of
+    the choices a layer does not have (``+inf`` time) are ignored. Raises
+    :class:`InfeasibleBudgetError` with the largest reachable speedup when even the
+    fastest choices are too slow.
+    """
     speedup = parse_speedup(speedup)
-    e = _check_errors(errors, table.times.shape)
+    e = _table_errors(table, errors)
     budget = table.budget_for(speedup)
     max_speedup = table.max_speedup()
-    if budget <= 0 or float(table.times.min(axis=1).sum()) > budget * (1 + 1e-12):
+    if budget <= 0 or table.fastest_total_s() - table.base_s > budget * (1 + 1e-12):
         raise InfeasibleBudgetError(
             f"a {speedup:g}x speedup is out of reach: with every layer at its fastest level the model takes "
-            f"{table.base_s + float(table.times.min(axis=1).sum()):.6g} s of {table.dense_total_s:.6g} s dense "
+            f"{table.fastest_total_s():.6g} s of {table.dense_total_s:.6g} s dense "
             f"(base time {table.base_s:.6g} s is not prunable), so the largest reachable speedup is {max_speedup:.3f}x. "
             "Ask for less, or exclude fewer layers.",
             max_speedup=max_speedup,
         )
     t0 = time.perf_counter()
-    levels, total = solve_budget(table.times, e, budget, buckets)
-    ms = (time.perf_counter() - t0) * 1e3
-    pred = table.predicted_time(levels)
-    grid = table.grid.as_array()
-    return Solution(
-        layers=table.layers,
-        levels=levels,
-        sparsities=grid[levels],
-        predicted_time_s=pred,
-        predicted_speedup=table.dense_total_s / pred,
-        total_error=total,
-        solve_ms=ms,
-    )
+    levels, total = solve_budget(table.times, e, budget, buckets, allow_unavailable=True)
+    return table.solution(levels, total, (time.perf_counter() - t0) * 1e3)
 
 
 def warmup() -> float:

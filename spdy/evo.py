@@ -142,10 +142,7 @@ def mutate(parent: np.ndarray, table: LatencyTable, budget: float, rng: np.rando
 
 def solution_for(table: LatencyTable, levels: np.ndarray) -> Solution:
     """``levels`` as a :class:`Solution` of ``table`` (total error: none, the levels were searched)."""
-    lv = np.asarray(levels, dtype=np.int64)
-    pred = table.predicted_time(lv)
-    return Solution(layers=table.layers, levels=lv, sparsities=table.grid.as_array()[lv], predicted_time_s=pred,
-                    predicted_speedup=table.dense_total_s / pred, total_error=math.nan)
+    return table.solution(levels)
 
 
 class EvoSearch(Search):
@@ -154,7 +151,7 @@ class EvoSearch(Search):
 
     def __init__(self, table: LatencyTable, objective: Objective, config: SearchConfig, *args: Any,
                  evo: EvoConfig | None = None, **kwargs: Any) -> None:
-        if not np.isfinite(table.times).all():
+        if not table.is_grid:
             raise InvalidInputError("--strategy evo searches grid levels; it does not take N:M pattern choices yet")
         super().__init__(table, objective, config, *args, **kwargs)
         self.evo = evo or EvoConfig()

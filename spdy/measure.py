@@ -29,6 +29,7 @@ import torch
 
 from spdy import dp
 from spdy.baselines import global_magnitude, uniform
+from spdy.choices import Choice
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
@@ -94,23 +95,13 @@ class Measured:
     percentile: float = 50.0  # which percentile of the rounds' speedups ``measured_speedup`` is
 
 
-def _plan(profile: Profile, bundle: ModelBundle, database: Any, levels: Sequence[int] | None) -> dict[str, Any]:
-    """The backend plan running each layer at its level (None: unpruned) in the profile's format."""
-    from spdy.profilers import DENSE, LayerChoice
-
-    t = profile.table
-    plan = {}
-    for li, name in enumerate(t.layers):
-        mod = get_module(bundle.model, name)
-        bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().float().numpy().copy()
-        lv = 0 if levels is None else int(levels[li])
-        fmt = profile.formats[li][lv] if profile.formats is not None else DENSE
-        if levels is None or lv == 0:
-            w = mod.weight.detach().float().numpy().copy()
-        else:
-            w = np.array(database.weight(name, lv), dtype=np.float32)
-        plan[name] = LayerChoice(fmt, w, bias, float(t.grid[lv]))
-    return plan
+def _weights(bundle: ModelBundle, database: Any) -> Callable[[str, Choice], np.ndarray]:
+    """``weight(name, choice)`` of a measured model: the model's own weight where dense, else the database's."""
+    def weight(name: str, choice: Choice) -> np.ndarray:
+        if choice.is_dense:
+            return get_module(bundle.model, name).weight.detach().float().numpy()
+        return database.weight(name, choice)
+    return weight
 
 
 @dataclass(frozen=True)
@@ -139,11 +130,12 @@ def measure_rounds(
 ) -> Rounds:
     """Time the dense model, each solution's pruned model and the base, interleaved, end to end,
     in ``rounds`` full interleaved measurements."""
-    from spdy.profilers import STANDIN, LayerChoice
+    from spdy.profilers import STANDIN, LayerChoice, backend_plan
 
     names = list(solutions)
-    plans = [_plan(profile, bundle, database, None)]
-    plans += [_plan(profile, bundle, database, solutions[n].levels) for n in names]
+    weight = _weights(bundle, database)
+    dense = profile.table.solution(np.zeros(len(profile.table.layers), dtype=np.int64))
+    plans = [backend_plan(s, weight, bundle.model) for s in (dense, *(solutions[n] for n in names))]
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
     arr = np.array([[tm.median_s for tm in backend.time_models(bundle, plans)] for _ in range(max(1, rounds))])
     return Rounds(arr[:, 0], {n: arr[:, 1 + i] for i, n in enumerate(names)}, arr[:, -1])
@@ -418,14 +410,6 @@ def baseline(name: str, table: Any, bundle: ModelBundle, target: float, objectiv
     return Outcome(name, sol, objective(sol.levels))
 
 
-def with_formats(profile: Profile, outcome: Outcome) -> Outcome:
-    """``outcome`` with the kernel format the profile chose for each layer's level (if it records formats)."""
-    if profile.formats is None:
-        return outcome
-    fm = tuple(profile.formats[i][int(lv)] for i, lv in enumerate(outcome.solution.levels))
-    return dataclasses.replace(outcome, formats=fm)
-
-
 def measure_and_fit(
     prepared: Prepared,
     objective: CalibrationObjective,
@@ -499,9 +483,9 @@ def _fit(
         try:
             if name == "__best__" and refine is not None:
                 sol, loss = refine(t)
-                return with_formats(prof, Outcome("spdy", sol, loss))
+                return Outcome("spdy", sol, loss)
             base = only_baseline if name == "__best__" else name
-            return with_formats(prof, baseline(str(base), prof.table, prepared.bundle, t, objective))
+            return baseline(str(base), prof.table, prepared.bundle, t, objective)
         finally:
             torch.set_num_threads(prev)
 

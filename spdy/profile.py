@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spdy.choices import Choice, parse_patterns
 from spdy.errors import InvalidInputError, ProfileMismatchError
 from spdy.grid import SparsityGrid
 from spdy.hardware import fingerprint_differences
@@ -37,6 +39,9 @@ class Profile:
     relative spread of each timing ([L, S], optional), ``formats`` the kernel format the
     runtime uses per layer and level (optional), ``validation`` the predicted vs measured
     end-to-end times of random profiles.
+
+    The table carries ``formats`` as its own (``table.formats``), so every solution of it
+    names the format each layer runs in.
 
     N:M choices (optional, see :mod:`spdy.choices`): ``patterns`` names the patterns the
     backend was asked to time (``"2:4"``, ...); ``pattern_times`` ([L, P] seconds) holds
@@ -62,6 +67,9 @@ class Profile:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "specs", tuple(self.specs))
+        if self.formats is not None:
+            object.__setattr__(self, "table", dataclasses.replace(self.table, formats=self.formats))
+            object.__setattr__(self, "formats", self.table.formats)
         self._check_patterns()
         if self.specs and tuple(s.name for s in self.specs) != self.table.layers:
             raise InvalidInputError("profile specs must name the same layers, in the same order, as the table")
@@ -73,8 +81,6 @@ class Profile:
         object.__setattr__(self, "validation", tuple(dict(v) for v in self.validation))
 
     def _check_patterns(self) -> None:
-        from spdy.choices import parse_patterns
-
         pats = parse_patterns(self.patterns)
         if pats != tuple(self.patterns):
             raise InvalidInputError(f"profile patterns must be canonical and unique ('2:4', ...); got {list(self.patterns)}")
@@ -229,6 +235,66 @@ class Profile:
             pattern_formats=p_formats,
             pattern_spread=p_spread,
         )
+
+
+def choice_table(profile: Profile, patterns: Iterable[str] | str | None = None, *, unstructured: bool = True,
+                 database: Any = None) -> LatencyTable:
+    """The DP's table over dense, the grid's unstructured levels and N:M patterns, from a profile.
+
+    * ``patterns``: which of the profile's per-pattern times (``profile.patterns``) to offer
+      as columns after the grid's levels (default: all it timed); a pattern the profile did
+      not time raises. A layer without a kernel for a pattern gets ``+inf`` there.
+    * ``unstructured=False`` drops the unstructured levels (a dense-or-N:M table).
+    * ``database``: a :class:`~spdy.database.Database`; an N:M choice is offered only to
+      layers for which it holds that pattern (patterns it lacks entirely are dropped, with a
+      warning), so every choice the DP can make can be stitched.
+
+    Without patterns, the result is the profile's own table. Unstructured levels stay
+    columns even where the backend runs them in the dense format (same time as dense,
+    more error): the DP's Pareto filter drops them.
+    """
+    table = profile.table
+    want = _offered_patterns(profile, patterns, database)
+    cols = list(table.choices if unstructured else table.choices[:1])
+    times = [table.times[:, :len(cols)]]
+    fmts = [list(row[:len(cols)]) for row in table.formats] if table.formats is not None else None
+    L = len(table.layers)
+    for p in want:
+        k = profile.patterns.index(p)
+        t = np.array(profile.pattern_times[:, k])  # type: ignore[index]
+        if database is not None:
+            t[[not database.has_pattern(i, p) for i in range(L)]] = np.inf
+        times.append(t[:, None])
+        cols.append(Choice.nm(p))
+        if fmts is not None:
+            pf = profile.pattern_formats
+            for i in range(L):
+                fmts[i].append("" if not np.isfinite(t[i]) else pf[i][k] if pf is not None else "?")
+    if not want and unstructured:
+        return table
+    return LatencyTable(table.layers, table.grid, np.concatenate(times, axis=1), table.base_s, dict(table.fingerprint),
+                        tuple(cols), None if fmts is None else tuple(tuple(row) for row in fmts))
+
+
+def _offered_patterns(profile: Profile, patterns: Iterable[str] | str | None, database: Any) -> tuple[str, ...]:
+    """:func:`choice_table`'s patterns: those asked for (all the profile timed by default) that the database holds."""
+    have = profile.patterns
+    want = have if patterns is None else parse_patterns(patterns)
+    missing = [p for p in want if p not in have]
+    if missing:
+        raise InvalidInputError(
+            f"the profile has no times for pattern(s) {missing} (it has {list(have) or 'none'}); "
+            "re-run 'spdy profile' with --patterns " + ",".join(want)
+        )
+    if database is None:
+        return want
+    if tuple(database.layers) != tuple(profile.table.layers):
+        raise InvalidInputError("the database and the profile list other layers; use a matching pair")
+    dropped = [p for p in want if p not in tuple(database.patterns)]
+    if dropped:
+        log.warning("the database has no %s reconstructions; those choices are left out (build it with "
+                    "--patterns %s)", ", ".join(dropped), ",".join(want))
+    return tuple(p for p in want if p not in dropped)
 
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:

@@ -32,12 +32,12 @@ RESULT_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class Outcome:
-    """One per-layer sparsity profile (SPDY's or a baseline's) and how it did."""
+    """One per-layer sparsity profile (SPDY's or a baseline's) and how it did; each layer's
+    kernel format is its solution's (the profile's format for its choice)."""
 
     method: str
     solution: Solution
     calibration_loss: float
-    formats: tuple[str, ...] = ()
     measured_time_s: float | None = None
     measured_speedup: float | None = None
     dense_time_s: float | None = None  # the dense model's time in the same measurement
@@ -53,13 +53,13 @@ class Outcome:
                 "p90": float(np.percentile(s, 90)), "min": float(s.min()), "max": float(s.max())}
 
     def layers(self) -> dict[str, dict[str, Any]]:
+        """``{layer: {"sparsity", "level", "pattern"[, "format"]}}`` (``level``: the grid level, 0 for N:M)."""
+        sol = self.solution
         out = {}
-        for i, name in enumerate(self.solution.layers):
-            lv = int(self.solution.levels[i])
-            rec: dict[str, Any] = {"sparsity": float(self.solution.sparsities[i]), "level": lv,
-                                   "pattern": "dense" if lv == 0 else "unstructured"}
-            if self.formats:
-                rec["format"] = self.formats[i]
+        for i, (name, c) in enumerate(zip(sol.layers, sol.choices)):
+            rec: dict[str, Any] = {"sparsity": float(sol.sparsities[i]), "level": c.level, "pattern": c.pattern}
+            if sol.formats is not None:
+                rec["format"] = sol.formats[i]
             out[name] = rec
         return out
 
@@ -102,6 +102,7 @@ class SearchOutcome:
     latency_correction: dict[str, Any] | None = None
     dp_target_speedup: float | None = None
     fit: tuple[dict[str, Any], ...] = ()
+    quality: dict[str, Any] | None = None
 
     @property
     def predicted_speedup(self) -> float:
@@ -147,6 +148,7 @@ class SearchOutcome:
             "stage_seconds": self.stage_s,
             "settings": self.settings,
             "warnings": list(self.warnings),
+            "quality": self.quality,
             "fingerprint": self.fingerprint,
         }
 

@@ -161,7 +161,7 @@ def _as_choices(choices: Mapping[str, Choice] | Any) -> dict[str, Choice]:
         out = dict(zip(choices.layers, choices.choices))
     else:
         raise InvalidInputError(
-            f"choices must map layer names to spdy.choices.Choice (or be a ChoiceSolution); got {type(choices).__name__}"
+            f"choices must map layer names to spdy.choices.Choice (or be a Solution); got {type(choices).__name__}"
         )
     bad = [n for n, c in out.items() if not isinstance(c, Choice)]
     if bad:
@@ -178,7 +178,7 @@ def plan_gpu_model(
 ) -> GpuPlan:
     """Decide each named layer's GPU module (no GPU needed; see the module doc).
 
-    ``choices``: ``{layer: Choice}`` or a :class:`~spdy.choices.ChoiceSolution` (then its
+    ``choices``: ``{layer: Choice}`` or a :class:`~spdy.types.Solution` (then its
     ``formats`` are used unless ``formats`` is given). A 2:4 choice on a layer that cannot
     run 2:4 (not Linear, shape not a multiple of the kernel block) raises with
     ``strict``, else runs dense with the reason recorded (and logged).

@@ -12,10 +12,11 @@ several processes (or machines sharing an RDB) can work on one study:
   re-drawn from ``seed`` and ``n``;
 * trials past the budget are not evaluated (told PRUNED, attribute ``skipped``).
 
-The table may also be a :class:`spdy.choices.ChoiceTable` (per-layer choices such as
-dense, unstructured levels and 2:4): the DP then runs over its columns with
-:func:`spdy.choices.prior_errors`, and the objective receives one column index per
-layer (map it with ``table.choices_of(levels)``).
+The table's columns may hold N:M patterns besides the grid's levels (per-layer
+choices such as dense, unstructured levels and 2:4, :func:`spdy.profile.choice_table`):
+the prior then places each column at its position on the grid
+(:meth:`~spdy.types.LatencyTable.positions`), and the objective receives one column
+index per layer (map it with ``table.choices_of(levels)``).
 
 Several workers share a study through its storage (:class:`spdy.storage.SharedStudy`).
 A trial's place in the schedule is its *slot*: its trial number, unless retries took
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from spdy import choices, dp
+from spdy import dp
 from spdy.errors import InvalidInputError
 from spdy.storage import SharedStudy, make_storage
 from spdy.types import LatencyTable, Solution
@@ -173,7 +174,7 @@ def _sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
 class SearchResult:
     """The best trial of a search and its bookkeeping."""
 
-    solution: Solution | choices.ChoiceSolution
+    solution: Solution
     coefficients: np.ndarray
     loss: float
     n_evaluations: int
@@ -187,7 +188,7 @@ class Search:
 
     def __init__(
         self,
-        table: LatencyTable | choices.ChoiceTable,
+        table: LatencyTable,
         objective: Objective,
         config: SearchConfig,
         storage: str | None = None,
@@ -198,7 +199,7 @@ class Search:
         self.table = table
         self.objective = objective
         self.cfg = config
-        self.positions = positions  # ChoiceTable only: prior positions ([C] or [L, C]; see spdy.choices)
+        self.positions = table.positions() if positions is None else positions  # of the columns, for the prior
         self.schedule = Schedule.for_config(len(table.layers), config)
         self.L, self.S = table.times.shape
         self.budget = table.budget_for(config.speedup)
@@ -224,7 +225,7 @@ class Search:
     def _check_signature(self, signature: dict[str, Any]) -> None:
         sig = {"speedup": self.cfg.speedup, "seed": self.cfg.seed, "strategy": self.cfg.strategy,
                "layers": list(self.table.layers), "levels": len(self.table.grid), **signature}
-        if isinstance(self.table, choices.ChoiceTable):
+        if not self.table.is_grid:
             sig["choices"] = [c.label for c in self.table.choices]
         stored = self.study.user_attrs.get("signature")
         if stored is None:
@@ -247,14 +248,12 @@ class Search:
         return np.array(b.user_attrs["c"]), float(b.value)  # type: ignore[arg-type]
 
     # -- one evaluation ------------------------------------------------------
-    def _solve_prior(self, c: np.ndarray | None, speedup: float | None = None) -> Solution | choices.ChoiceSolution:
+    def _solve_prior(self, c: np.ndarray | None, speedup: float | None = None) -> Solution:
         target = self.cfg.speedup if speedup is None else speedup
-        if isinstance(self.table, choices.ChoiceTable):
-            errors = choices.prior_errors(self.table, c, self.positions)
-            return choices.solve(self.table, errors, target, self.cfg.buckets)
-        return dp.solve(self.table, dp.prior_errors(self.L, self.S, c), target, self.cfg.buckets)
+        errors = dp.prior_errors(self.L, len(self.table.grid), c, self.positions)
+        return dp.solve(self.table, errors, target, self.cfg.buckets)
 
-    def solve(self, c: np.ndarray, speedup: float | None = None) -> Solution | choices.ChoiceSolution:
+    def solve(self, c: np.ndarray, speedup: float | None = None) -> Solution:
         """The DP's answer for coefficients ``c``, for the search's target or for ``speedup``."""
         t0 = time.perf_counter()
         sol = self._solve_prior(c, speedup)
@@ -315,7 +314,7 @@ class Search:
         self.stage_s["wall"] = time.perf_counter() - t_start
         return self.result()
 
-    def refine(self, speedup: float, evals: int = 16, top: int = 4) -> tuple[np.ndarray, Solution | choices.ChoiceSolution, float]:
+    def refine(self, speedup: float, evals: int = 16, top: int = 4) -> tuple[np.ndarray, Solution, float]:
         """The best coefficients for another target ``speedup``, from this search's trials.
 
         When the budget moves after the search (the fit to a measured speedup), the best
@@ -338,14 +337,14 @@ class Search:
             raise InvalidInputError("the search has no completed evaluation to refine from")
         losses: dict[bytes, float] = {}
 
-        def score(c: np.ndarray) -> tuple[Solution | choices.ChoiceSolution, float]:
+        def score(c: np.ndarray) -> tuple[Solution, float]:
             sol = self._solve_prior(c, speedup)
             key = sol.levels.tobytes()
             if key not in losses:  # this process may have scored these levels in the search already
                 losses[key] = self._loss_cache[key] if key in self._loss_cache else float(self.objective(sol.levels))
             return sol, losses[key]
 
-        best: tuple[np.ndarray, Solution | choices.ChoiceSolution, float] | None = None
+        best: tuple[np.ndarray, Solution, float] | None = None
         for c in starts[:evals]:
             sol, loss = score(c)
             if best is None or loss < best[2]:

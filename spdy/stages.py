@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - numba missing
 import numpy as np
 from torch import nn
 
+from spdy.choices import Choice
 from spdy.errors import InvalidInputError, ProfileMismatchError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.hardware import VOLATILE_KEYS
@@ -194,15 +195,19 @@ def ensure_database(
 class CalibrationObjective:
     """``levels -> calibration loss``: stitch a working copy from the database, run the calibration set.
 
+    ``levels`` holds one column per layer; ``columns`` (a table's ``choices``) names the
+    :class:`~spdy.choices.Choice` of each column (default: column = grid level).
     The dense model's outputs are computed once. A model with BatchNorm gets its running
     statistics re-estimated after each stitch (``bundle.tune_batchnorm``). Times spent stitching and evaluating
     are accumulated in ``stitch_s`` and ``loss_s`` (``calls`` evaluations).
     """
 
-    def __init__(self, bundle: ModelBundle, database: Any, layers: Sequence[str]) -> None:
+    def __init__(self, bundle: ModelBundle, database: Any, layers: Sequence[str],
+                 columns: Sequence[Choice] | None = None) -> None:
         self.bundle = bundle
         self.db = database
         self.layers = tuple(layers)
+        self.columns = None if columns is None else tuple(columns)
         t0 = time.perf_counter()
         self.dense_outputs = bundle.outputs()
         self.work = copy.deepcopy(bundle.model).eval()
@@ -220,7 +225,8 @@ class CalibrationObjective:
         """The calibration loss of ``levels`` on the whole calibration set, or on the batches
         with the indices ``batches`` (BatchNorm statistics then re-estimated on those alone)."""
         t0 = time.perf_counter()
-        self.db.stitch(self.work, {n: int(lv) for n, lv in zip(self.layers, levels)})
+        cols = self.columns
+        self.db.stitch(self.work, {n: int(lv) if cols is None else cols[int(lv)] for n, lv in zip(self.layers, levels)})
         t1 = time.perf_counter()
         self.bundle.retune_batchnorm(self.work, batches)  # counted in loss_s: one more pass over the batches
         loss = self.bundle.calibration_loss(self.work, self.dense_outputs, batches)
@@ -233,17 +239,15 @@ class CalibrationObjective:
 @dataclass(frozen=True)
 class Prepared:
     """What the stages before the search made: the model, the backend it is timed on, its
-    latency profile (``profile_path``: None when given as an object) and its database."""
+    latency profile (``profile_path``: None when given as an object), its database and the
+    table the search solves over."""
 
     bundle: ModelBundle
     backend: Any
     profile: Profile
     profile_path: Path | None
     database: Any
-
-    @property
-    def table(self) -> LatencyTable:
-        return self.profile.table
+    table: LatencyTable
 
 
 def open_profile(

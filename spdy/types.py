@@ -5,11 +5,14 @@ Shapes and finiteness are validated once, at construction.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from spdy.choices import UNSTRUCTURED, Choice, grid_choices, grid_position
 from spdy.errors import InvalidInputError
 from spdy.grid import SparsityGrid
 
@@ -76,38 +79,51 @@ class LayerSpec:
         )
 
 
-def _as_table(name: str, values: Any, n_layers: int | None = None, n_levels: int | None = None) -> np.ndarray:
+def _as_table(name: str, values: Any, n_layers: int, n_columns: int) -> np.ndarray:
+    """``values`` as a read-only float ``[n_layers, n_columns]`` array without NaN (``+inf`` stays)."""
     try:
         arr = np.array(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{name} must be a numeric layers x levels table; got {type(values).__name__}") from exc
     if arr.ndim != 2:
         raise InvalidInputError(f"{name} must be 2-D (layers x levels); got shape {arr.shape}")
-    if n_layers is not None and arr.shape[0] != n_layers:
+    if arr.shape[0] != n_layers:
         raise InvalidInputError(f"{name} has {arr.shape[0]} layers; expected {n_layers}")
-    if n_levels is not None and arr.shape[1] != n_levels:
-        raise InvalidInputError(f"{name} has {arr.shape[1]} levels per layer; expected {n_levels} (the grid's size)")
-    if not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise InvalidInputError(f"{name} holds a non-finite value at layer {bad[0]}, level {bad[1]}: {arr[tuple(bad)]}")
+    if arr.shape[1] != n_columns:
+        raise InvalidInputError(f"{name} has {arr.shape[1]} levels per layer; expected {n_columns} (one per "
+                                "choice: the grid's levels, then any N:M patterns)")
+    if np.any(np.isnan(arr)):
+        bad = np.argwhere(np.isnan(arr))[0]
+        raise InvalidInputError(f"{name} holds a non-finite value at layer {bad[0]}, level {bad[1]}: nan "
+                                "(+inf marks a choice the layer does not have)")
     arr.setflags(write=False)
     return arr
 
 
 @dataclass(frozen=True)
 class LatencyTable:
-    """Seconds per layer and level, plus the time of everything that is not prunable.
+    """Seconds per layer and choice, plus the time of everything that is not prunable.
 
     ``base_s`` is the measured time of the rest of the model (attention, norms,
-    activations, excluded layers), so that ``base_s + sum(times[l, s_l])``
+    activations, excluded layers), so that ``base_s + sum(times[l, c_l])``
     predicts the whole model's time.
+
+    The columns are ``choices`` (:class:`~spdy.choices.Choice`), the same for every layer:
+    by default the grid's levels (:func:`~spdy.choices.grid_choices`: column ``i`` is level
+    ``i``); a table with N:M patterns (:func:`spdy.profile.choice_table`) has one more
+    column per pattern. Column 0 is the dense choice. ``times[l, c]`` is ``+inf`` where
+    layer ``l`` does not have choice ``c`` (no kernel on the backend, no weight in the
+    database): the DP never picks it. ``formats`` (optional, ``[L][C]``) names the kernel
+    format the backend runs each entry in (``""`` where unavailable).
     """
 
     layers: tuple[str, ...]
     grid: SparsityGrid
-    times: np.ndarray  # [L, S] seconds
+    times: np.ndarray  # [L, C] seconds, +inf = unavailable
     base_s: float
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    choices: tuple[Choice, ...] = ()  # () = the grid's levels
+    formats: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -115,15 +131,47 @@ class LatencyTable:
             raise InvalidInputError("a latency table needs at least one layer; got none")
         if len(set(self.layers)) != len(self.layers):
             raise InvalidInputError("layer names in a latency table must be unique")
-        t = _as_table("times", self.times, len(self.layers), len(self.grid))
+        object.__setattr__(self, "choices", self._checked_choices())
+        t = _as_table("times", self.times, len(self.layers), len(self.choices))
         if np.any(t < 0):
             bad = np.argwhere(t < 0)[0]
             raise InvalidInputError(f"times must be >= 0; layer {self.layers[bad[0]]!r} level {bad[1]} is {t[tuple(bad)]}")
+        if not np.all(np.isfinite(t[:, 0])):
+            bad = int(np.flatnonzero(~np.isfinite(t[:, 0]))[0])
+            raise InvalidInputError(f"layer {self.layers[bad]!r} has no dense time; every layer must be able to stay dense")
         object.__setattr__(self, "times", t)
         base = float(self.base_s)
         if not np.isfinite(base) or base < 0:
             raise InvalidInputError(f"base time must be a finite number >= 0 seconds; got {self.base_s!r}")
         object.__setattr__(self, "base_s", base)
+        if self.formats is not None:
+            fm = tuple(tuple(str(f) for f in row) for row in self.formats)
+            if len(fm) != len(self.layers) or any(len(row) != len(self.choices) for row in fm):
+                raise InvalidInputError(f"formats must be {len(self.layers)} rows of {len(self.choices)} format names")
+            object.__setattr__(self, "formats", fm)
+
+    def _checked_choices(self) -> tuple[Choice, ...]:
+        cols = tuple(self.choices) or grid_choices(self.grid)
+        if any(not isinstance(c, Choice) for c in cols):
+            raise InvalidInputError("the columns of a latency table are spdy.choices.Choice values")
+        if not cols[0].is_dense:
+            raise InvalidInputError(f"column 0 of a latency table must be the dense choice; got {cols[0]}")
+        if len(set(cols)) != len(cols):
+            raise InvalidInputError("the columns (choices) of a latency table must be unique")
+        for c in cols:
+            if c.pattern == UNSTRUCTURED and (c.level >= len(self.grid) or abs(self.grid[c.level] - c.sparsity) > 1e-9):
+                raise InvalidInputError(f"choice {c} is not a level of the table's grid")
+        return cols
+
+    @property
+    def available(self) -> np.ndarray:
+        """``[L, C]`` bool: which choices each layer has."""
+        return np.isfinite(self.times)
+
+    @property
+    def is_grid(self) -> bool:
+        """Whether the columns are the grid's levels alone (column = level)."""
+        return self.choices == grid_choices(self.grid)
 
     @property
     def dense_total_s(self) -> float:
@@ -134,17 +182,74 @@ class LatencyTable:
         """Time left for the prunable layers: ``T_dense_total / speedup - T_base``."""
         return self.dense_total_s / speedup - self.base_s
 
-    def predicted_time(self, levels: np.ndarray) -> float:
+    def predicted_time(self, levels: Sequence[int] | np.ndarray) -> float:
+        """Base plus each layer's time at its column."""
         lv = np.asarray(levels, dtype=np.int64)
         return self.base_s + float(self.times[np.arange(len(self.layers)), lv].sum())
 
+    def fastest_total_s(self) -> float:
+        """Predicted time with every layer at its fastest available choice."""
+        return self.base_s + float(self.times.min(axis=1).sum())
+
     def max_speedup(self) -> float:
-        return self.dense_total_s / (self.base_s + float(self.times.min(axis=1).sum()))
+        fastest = self.fastest_total_s()
+        return self.dense_total_s / fastest if fastest > 0 else math.inf
+
+    def positions(self) -> np.ndarray:
+        """``[C]`` grid positions of the columns (SPDY's prior, :func:`spdy.dp.prior_errors`): the
+        level of a grid column, the fractional position of its sparsity for an N:M pattern."""
+        return np.array([grid_position(self.grid, c.sparsity) if c.is_nm else float(c.level) for c in self.choices])
+
+    def patterns(self) -> tuple[str, ...]:
+        """The N:M patterns among the columns."""
+        return tuple(c.pattern for c in self.choices if c.is_nm)
+
+    def pattern_layers(self) -> dict[str, int]:
+        """``{pattern: how many layers have it}`` for the N:M columns."""
+        avail = self.available
+        return {c.pattern: int(avail[:, k].sum()) for k, c in enumerate(self.choices) if c.is_nm}
+
+    def column_of(self, choice: Choice) -> int:
+        try:
+            return self.choices.index(choice)
+        except ValueError:
+            raise InvalidInputError(f"choice {choice.label} is not a column of this table") from None
+
+    def choices_of(self, columns: Sequence[int] | np.ndarray) -> dict[str, Choice]:
+        """``{layer: Choice}`` for one column index per layer (what :meth:`Database.stitch` takes)."""
+        col = np.asarray(columns, dtype=np.int64)
+        if col.shape != (len(self.layers),):
+            raise InvalidInputError(f"expected one column per layer ({len(self.layers)}); got shape {col.shape}")
+        avail = self.available
+        bad = [self.layers[i] for i, c in enumerate(col) if not (0 <= c < len(self.choices)) or not avail[i, c]]
+        if bad:
+            raise InvalidInputError(f"layers {bad[:5]} get a choice they do not have")
+        return {n: self.choices[int(c)] for n, c in zip(self.layers, col)}
+
+    def solution(self, columns: Sequence[int] | np.ndarray, total_error: float = math.nan,
+                 solve_ms: float = math.nan) -> "Solution":
+        """Each layer at its column, as a :class:`Solution` of this table (its choices, kernel
+        formats and predicted time)."""
+        col = np.asarray(columns, dtype=np.int64)
+        chosen = tuple(self.choices_of(col).values())
+        pred = self.predicted_time(col)
+        return Solution(
+            layers=self.layers, levels=col, sparsities=np.array([c.sparsity for c in chosen]), predicted_time_s=pred,
+            predicted_speedup=self.dense_total_s / pred if pred > 0 else math.inf, total_error=total_error,
+            solve_ms=solve_ms, choices=chosen,
+            formats=None if self.formats is None else tuple(self.formats[i][int(c)] for i, c in enumerate(col)),
+        )
 
 
 @dataclass(frozen=True)
 class Solution:
-    """A DP answer: the level index chosen per layer and what it costs."""
+    """A DP answer: the column chosen per layer and what it costs.
+
+    ``levels`` holds the table's column index per layer (the grid level, for a table over
+    the grid alone); ``choices`` the chosen :class:`~spdy.choices.Choice` per layer (by
+    default read from ``levels`` and ``sparsities`` as grid levels); ``formats`` the
+    backend's kernel format per layer, when the table records formats.
+    """
 
     layers: tuple[str, ...]
     levels: np.ndarray  # [L] int
@@ -153,6 +258,8 @@ class Solution:
     predicted_speedup: float
     total_error: float
     solve_ms: float = float("nan")
+    choices: tuple[Choice, ...] = ()  # () = grid levels, from levels and sparsities
+    formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         lv = np.asarray(self.levels, dtype=np.int64)
@@ -166,15 +273,42 @@ class Solution:
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "levels", lv)
         object.__setattr__(self, "sparsities", sp)
+        chosen = tuple(self.choices) or tuple(Choice.dense() if i == 0 else Choice(UNSTRUCTURED, s, int(i))
+                                              for i, s in zip(lv, sp))
+        if len(chosen) != len(self.layers):
+            raise InvalidInputError(f"a solution needs one choice per layer: {len(self.layers)} layers, {len(chosen)} choices")
+        object.__setattr__(self, "choices", chosen)
+        if self.formats is not None:
+            if len(self.formats) != len(self.layers):
+                raise InvalidInputError(f"a solution needs one format per layer; got {len(self.formats)}")
+            object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
 
     def as_dict(self) -> dict[str, float]:
         """Layer name -> sparsity."""
         return {n: float(s) for n, s in zip(self.layers, self.sparsities)}
 
+    def as_choices(self) -> dict[str, Choice]:
+        """Layer name -> :class:`~spdy.choices.Choice` (what ``Database.stitch`` takes)."""
+        return dict(zip(self.layers, self.choices))
+
+    def pattern_counts(self) -> dict[str, int]:
+        """``{pattern: layers}``: how many layers run dense, unstructured and each N:M pattern."""
+        out: dict[str, int] = {}
+        for c in self.choices:
+            out[c.pattern] = out.get(c.pattern, 0) + 1
+        return out
+
     def to_json(self) -> dict[str, Any]:
+        """``{"layers": {name: {"pattern", "sparsity", "level"[, "format"]}}, "levels": {name: sparsity},
+        "level_index": {name: column}, "patterns", "predicted_time_s", ...}``."""
+        layers = {}
+        for i, (n, c) in enumerate(zip(self.layers, self.choices)):
+            layers[n] = {**c.to_json(), **({"format": self.formats[i]} if self.formats is not None else {})}
         return {
+            "layers": layers,
             "levels": self.as_dict(),
             "level_index": {n: int(i) for n, i in zip(self.layers, self.levels)},
+            "patterns": self.pattern_counts(),
             "predicted_time_s": self.predicted_time_s,
             "predicted_speedup": self.predicted_speedup,
             "total_error": self.total_error,

@@ -93,12 +93,8 @@ def test_bad_speedup_has_one_wording_in_every_command(bad: str, timings: Path, t
 
 
 def test_bad_speedup_has_one_wording_in_the_library(timings: Path) -> None:
-    """dp.parse_speedup is the one check; the DP, the choice DP, the search config and
-    spdy.search all use it."""
-    import numpy as np
-
+    """dp.parse_speedup is the one check; the DP, the search config and spdy.search all use it."""
     import spdy
-    from spdy import choices
     from spdy.profile import load_profile
     from spdy.sensitivity import SearchConfig
 
@@ -110,8 +106,6 @@ def test_bad_speedup_has_one_wording_in_the_library(timings: Path) -> None:
         lambda: SearchConfig(speedup=1.0),
         lambda: spdy.search("minilm", speedup=1.0),
     ]
-    ctable = choices.choice_table(load_profile(timings))
-    calls.append(lambda: choices.solve(ctable, np.zeros(ctable.times.shape), 1.0))
     for call in calls:
         with pytest.raises(InvalidInputError) as info:
             call()

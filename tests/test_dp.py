@@ -3,15 +3,20 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from spdy import dp
+from spdy.choices import Choice
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.grid import SparsityGrid, spdy_grid
-from spdy.profile import load_profile
-from spdy.types import LatencyTable
+from spdy.profile import choice_table, load_profile
+from spdy.types import LatencyTable, Solution
+from tests.pattern_profiles import make_profile
+
+INF = math.inf
 
 
 def brute_force(times: np.ndarray, errors: np.ndarray, budget: float) -> float:
@@ -220,3 +225,153 @@ def test_solve_cli_unreachable_exit_code(reference_dir, capsys) -> None:
 
     assert main(["solve", "--timings", str(reference_dir / "rn50_unstr.txt"), "--speedup", "9x"]) == 1
     assert "largest reachable speedup is 4.34" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ N:M columns and the prior
+
+
+def test_prior_at_a_tables_own_positions_is_spdys_prior_over_its_levels() -> None:
+    t = make_profile(patterns=()).table
+    c = np.array([0.2, 0.7, 1.0])
+    S = len(t.grid)
+    np.testing.assert_array_equal(dp.prior_errors(3, S, c, t.positions()), dp.prior_errors(3, S, c))
+    np.testing.assert_allclose(dp.prior_errors(3, S, c), c[:, None] * (np.arange(S) / (S - 1))[None, :] ** 2)
+
+
+def test_nm_prior_sits_at_its_sparsity_on_the_grid() -> None:
+    grid = SparsityGrid((0.0, 0.3, 0.5, 0.7, 0.9))
+    t = choice_table(make_profile(grid=grid))
+    e = dp.prior_errors(3, len(grid), np.array([1.0, 2.0, 3.0]), t.positions())
+    S = len(grid)
+    # 2:4 and 4:8 at 50 % cost exactly what unstructured level 2 (50 %) costs, per layer
+    np.testing.assert_allclose(e[:, S], e[:, 2])
+    np.testing.assert_allclose(e[:, S + 1], e[:, 2])
+    np.testing.assert_allclose(e[:, 2], np.array([1.0, 2.0, 3.0]) * (2 / 4) ** 2)
+    with pytest.raises(InvalidInputError, match="coefficients"):
+        dp.prior_errors(3, len(grid), np.ones(2), t.positions())
+    with pytest.raises(InvalidInputError, match="positions"):
+        dp.prior_errors(3, len(grid), None, np.ones((2, 3)))
+
+
+def test_error_equivalent_positions_follow_the_database_errors() -> None:
+    grid = SparsityGrid((0.0, 0.3, 0.5, 0.7, 0.9))
+    t = choice_table(make_profile(grid=grid))
+    errors = np.tile(np.array([0.0, 0.01, 0.02, 0.04, 0.08]), (3, 1))
+    db = SimpleNamespace(layers=t.layers, patterns=("2:4",), errors=errors,
+                         pattern_errors=np.array([[np.nan], [0.03], [0.08]]))
+    pos = dp.error_equivalent_positions(t, db)
+    S = len(grid)
+    assert pos.shape == t.times.shape
+    np.testing.assert_allclose(pos[:, :S], np.broadcast_to(np.arange(S, dtype=float), (3, S)))
+    assert pos[0, S] == pytest.approx(2.0)  # no 2:4 in the database for layer 0: sparsity position
+    assert pos[1, S] == pytest.approx(2.5) and pos[2, S] == pytest.approx(4.0)
+    assert pos[1, S + 1] == pytest.approx(2.0)  # 4:8 not in the database: sparsity position
+    e = dp.prior_errors(3, len(grid), None, pos)
+    assert e[2, S] > e[1, S] > e[0, S]
+
+
+def brute_force_available(times: np.ndarray, errors: np.ndarray, budget: float) -> float:
+    """:func:`brute_force` over the finite times only."""
+    L, C = times.shape
+    best = math.inf
+    for combo in itertools.product(range(C), repeat=L):
+        idx = (np.arange(L), np.array(combo))
+        if np.all(np.isfinite(times[idx])) and times[idx].sum() <= budget + 1e-9:
+            best = min(best, errors[idx].sum())
+    return best
+
+
+GRID2 = spdy_grid(2)
+COLUMNS = (Choice.dense(), Choice.unstructured(GRID2, 1), Choice.unstructured(GRID2, 2), Choice.nm("2:4"), Choice.nm("4:8"))
+NM_COLUMNS = (Choice.dense(), Choice.nm("2:4"))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_over_mixed_choices_matches_brute_force(seed: int) -> None:
+    # integer times, base 0 and one bucket per time unit: the DP is exact
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(1, 5))
+    C = len(COLUMNS)
+    times = rng.integers(0, 8, size=(L, C)).astype(float)
+    times[:, 0] = rng.integers(4, 9, size=L)
+    times[:, 1:][rng.random((L, C - 1)) < 0.35] = INF  # choices some layers do not have
+    errors = rng.integers(0, 4, size=(L, C)).astype(float)
+    errors[:, 0] = 0.0
+    table = LatencyTable(tuple(f"l{i}" for i in range(L)), GRID2, times, 0.0, choices=COLUMNS)
+    fastest = table.fastest_total_s()
+    dense = table.dense_total_s
+    if fastest >= dense:
+        with pytest.raises(InfeasibleBudgetError) as info:
+            dp.solve(table, errors, 1.01)
+        assert info.value.max_speedup == pytest.approx(dense / fastest)
+        return
+    budget = float(rng.integers(int(math.ceil(fastest)), int(dense)))  # an integer budget in reach
+    budget = max(budget, 1.0)
+    speedup = dense / budget
+    sol = dp.solve(table, errors, speedup, buckets=int(budget))
+    idx = (np.arange(L), sol.levels)
+    assert np.all(table.available[idx]), "the DP picked a choice a layer does not have"
+    assert times[idx].sum() <= budget + 1e-9
+    assert sol.total_error == pytest.approx(errors[idx].sum())
+    assert sol.total_error == pytest.approx(brute_force_available(times, errors, budget))
+    assert sol.choices == tuple(COLUMNS[int(c)] for c in sol.levels)
+    assert sol.predicted_time_s == pytest.approx(times[idx].sum())
+
+
+def test_solution_names_each_layers_pattern() -> None:
+    prof = make_profile(L=4)
+    t = choice_table(prof, unstructured=False)  # dense or 2:4 (4:8 has no kernel)
+    sol = dp.solve(t, dp.prior_errors(4, len(t.grid), None, t.positions()), 1.25)
+    assert isinstance(sol, Solution)
+    assert {c.pattern for c in sol.choices} <= {"dense", "2:4"}
+    assert sol.choices[0].pattern == "dense"  # layer 0 has no 2:4 kernel
+    assert sol.pattern_counts()["2:4"] >= 1
+    js = json.loads(json.dumps(sol.to_json()))
+    assert set(js["layers"]) == {"l0", "l1", "l2", "l3"}
+    for name, c in sol.as_choices().items():
+        assert js["layers"][name]["pattern"] == c.pattern and js["layers"][name]["sparsity"] == c.sparsity
+        assert js["layers"][name]["format"] == ("2:4" if c.is_nm else "dense")
+    assert js["predicted_speedup"] >= 1.25 and js["patterns"] == sol.pattern_counts()
+
+
+def test_a_layer_without_an_nm_choice_never_gets_one() -> None:
+    rng = np.random.default_rng(3)
+    prof = make_profile(L=5)
+    t = choice_table(prof)
+    S = len(prof.table.grid)
+    errors = dp.prior_errors(5, S, rng.random(5), t.positions())
+    errors[0, S:] = -1.0  # even a "negative error" for layer 0's unavailable N:M columns is ignored
+    for speedup in (1.1, 1.3, 1.6, 2.0):
+        for _ in range(10):
+            e = dp.prior_errors(5, S, rng.random(5), t.positions())
+            e[0, S:] = 0.0
+            sol = dp.solve(t, e, speedup)
+            assert not sol.choices[0].is_nm
+            assert all(c.pattern != "4:8" for c in sol.choices)
+    # a speedup that only 2:4 on layer 0 could reach is out of reach, with the right maximum
+    dense_only = LatencyTable(("a", "b"), GRID2, [[1.0, INF], [1.0, 0.5]], 0.0, choices=NM_COLUMNS)
+    with pytest.raises(InfeasibleBudgetError, match=r"largest reachable speedup is 1\.333x") as info:
+        dp.solve(dense_only, np.zeros((2, 2)), 1.5)
+    assert info.value.max_speedup == pytest.approx(2 / 1.5)
+
+
+def test_solve_refuses_non_finite_scores_of_available_choices() -> None:
+    t = LatencyTable(("a",), GRID2, [[1.0, 0.5]], 0.0, choices=NM_COLUMNS)
+    with pytest.raises(InvalidInputError, match=r"non-finite value \(nan\) at layer 0 \('a'\), level 1 \(2:4\)"):
+        dp.solve(t, np.array([[0.0, np.nan]]), 1.5)
+    # scores of choices a layer does not have are ignored, NaN included
+    t2 = LatencyTable(("a", "b"), GRID2, [[1.0, INF], [1.0, 0.5]], 0.0, choices=NM_COLUMNS)
+    sol = dp.solve(t2, np.array([[0.0, np.nan], [0.0, 0.1]]), 1.2)
+    assert [c.pattern for c in sol.choices] == ["dense", "2:4"]
+
+
+def test_dp_unavailable_times_need_the_flag() -> None:
+    times = np.array([[1.0, INF], [1.0, 0.4]])
+    with pytest.raises(InvalidInputError, match="finite"):
+        dp.solve_budget(times, np.zeros((2, 2)), 1.5)
+    levels, total = dp.solve_budget(times, np.array([[0.0, 0.0], [1.0, 0.5]]), 1.5, allow_unavailable=True)
+    assert levels.tolist() == [0, 1] and total == 0.5
+    with pytest.raises(InvalidInputError, match="no available choice"):
+        dp.solve_budget(np.array([[INF, INF]]), np.zeros((1, 2)), 1.0, allow_unavailable=True)
+    with pytest.raises(InvalidInputError, match="finite"):
+        dp.solve_budget(np.array([[1.0, -INF]]), np.zeros((1, 2)), 1.0, allow_unavailable=True)

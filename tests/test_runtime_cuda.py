@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from spdy.choices import Choice, ChoiceSolution
+from spdy.choices import Choice
 from spdy.errors import BackendUnavailableError, InvalidInputError
 from spdy.grid import spdy_grid
 from spdy.profilers.pruning import magnitude_prune, prune_n_m
@@ -19,6 +19,7 @@ from spdy.runtime_cuda import (
     semi_structured_problem,
     to_gpu_model,
 )
+from spdy.types import Solution
 
 CUDA = torch.cuda.is_available()
 GRID = spdy_grid(4)
@@ -113,10 +114,10 @@ def test_plan_refuses_2_4_where_the_kernel_cannot_run_unless_not_strict(caplog) 
         plan_gpu_model(model, {"up": Choice.nm("2:4")}, dtype="float32")
 
 
-def test_plan_takes_a_choice_solution_with_its_formats() -> None:
-    sol = ChoiceSolution(layers=("up", "down"), levels=np.array([5, 3]),
-                         choices=(Choice.nm("2:4"), Choice.unstructured(GRID, 3)),
-                         predicted_time_s=1.0, predicted_speedup=1.5, total_error=0.1, formats=("2:4", "csr"))
+def test_plan_takes_a_solution_with_its_formats() -> None:
+    sol = Solution(layers=("up", "down"), levels=np.array([5, 3]), sparsities=np.array([0.5, GRID[3]]),
+                   predicted_time_s=1.0, predicted_speedup=1.5, total_error=0.1,
+                   choices=(Choice.nm("2:4"), Choice.unstructured(GRID, 3)), formats=("2:4", "csr"))
     plan = plan_gpu_model(Net(), sol)
     assert [lp.module for lp in plan.layers] == ["2:4", "csr"]
 

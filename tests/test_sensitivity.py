@@ -10,7 +10,10 @@ from spdy import dp
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.grid import spdy_grid
 from spdy.sensitivity import Schedule, Search, SearchConfig, candidate
-from spdy.types import LatencyTable
+from spdy.choices import Choice
+from spdy.profile import choice_table
+from spdy.types import LatencyTable, Solution
+from tests.pattern_profiles import make_profile
 
 L = 6
 GRID = spdy_grid(9)
@@ -139,3 +142,24 @@ def test_no_process_wide_state_changes_on_import(tmp_path):
         "assert optuna.logging.get_verbosity() == optuna.logging.DEBUG\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_search_runs_over_a_table_with_nm_columns(tmp_path: Path) -> None:
+    t = choice_table(make_profile(L=4))
+    seen = []
+
+    def objective(levels: np.ndarray) -> float:
+        chosen = t.choices_of(levels)  # column indices -> Choice per layer
+        seen.append(chosen)
+        return sum(c.sparsity ** 2 * (1 + i) for i, c in enumerate(chosen.values()))
+
+    store = str(tmp_path / "s.journal")
+    res = Search(t, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1), storage=store, study_name="s").run()
+    assert isinstance(res.solution, Solution) and res.n_evaluations == 12
+    assert res.solution.predicted_speedup >= 1.3
+    assert all(isinstance(c, Choice) for chosen in seen for c in chosen.values())
+    assert not res.solution.choices[0].is_nm
+    # the study is signed with the columns: the same study over the grid alone is another search
+    with pytest.raises(InvalidInputError, match="choices"):
+        Search(make_profile(L=4).table, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1), storage=store,
+               study_name="s")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import TEST_POLICY
 
-from spdy import choices as ch
+from spdy.choices import Choice
 from spdy.cli import main
 from spdy.grid import SparsityGrid
-from spdy.profile import load_profile, save_profile
+from spdy.profile import choice_table, load_profile, save_profile
 from spdy.profilers import DENSE, LayerChoice, get_backend, profile_model
 from spdy.profilers.base import NO_KERNEL
 from spdy.profilers.torch_backends import TorchCpuBackend, TorchCudaBackend
@@ -69,8 +69,8 @@ def test_profile_times_patterns_where_the_backend_has_a_kernel(tiny_mlp, tmp_pat
     save_profile(prof, tmp_path / "p.json")
     back = load_profile(tmp_path / "p.json")
     np.testing.assert_array_equal(back.pattern_times, prof.pattern_times)
-    table = ch.choice_table(back)
-    assert table.choices[-2:] == (ch.Choice.nm("2:4"), ch.Choice.nm("4:8"))
+    table = choice_table(back)
+    assert table.choices[-2:] == (Choice.nm("2:4"), Choice.nm("4:8"))
     assert table.available[:, -2].all() and not table.available[:, -1].any()
 
 
