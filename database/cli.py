@@ -60,7 +60,7 @@ def _formatter() -> Any:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from spdy.commands._common import add_grid_flag, add_method_flag
+    from spdy.commands._common import add_grid_flag, add_method_flag, add_patterns_flag
 
     fmt = _formatter()
     p = subparsers.add_parser(
@@ -93,8 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--min-sparsity", type=float, default=0.40, help="sparsity of level 1 of SPDY's grid (no --grid-levels)")
     b.add_argument("--max-sparsity", type=float, default=0.99, help="sparsity of the last level of SPDY's grid (no --grid-levels)")
     b.add_argument("--threads", type=int, default=None, help="torch and Numba threads (default: torch's choice)" + _NO_DEFAULT)
-    b.add_argument("--patterns", default="", metavar="N:M[,N:M]",
-                   help="also reconstruct these N:M patterns, e.g. 2:4,4:8 (default: none)" + _NO_DEFAULT)
+    add_patterns_flag(b, "also reconstruct these N:M patterns, e.g. 2:4,4:8 (default: none)")
     b.add_argument("--overwrite", action="store_true", help="replace a database for another setup in DIR")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)

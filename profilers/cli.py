@@ -34,7 +34,7 @@ torch-cuda (NVIDIA GPU), torch-cpu (PyTorch dense and CSR).
 
 def register(subparsers: Any) -> None:
     from spdy.cli import HelpFormatter
-    from spdy.commands._common import add_dtype_flag, add_grid_flag
+    from spdy.commands._common import add_dtype_flag, add_grid_flag, add_patterns_flag
 
     p = subparsers.add_parser(
         "profile",
@@ -56,8 +56,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--passes", type=int, default=None,
                    help="passes over all layers; each level's time is the median over passes (default: 3)%(default).0s")
     p.add_argument("--quick", action="store_true", help="few repeats, one pass: a smoke test, not a profile to trust")
-    p.add_argument("--patterns", default="", metavar="N:M[,N:M]",
-                   help="also time N:M pattern choices, e.g. 2:4 (where the backend has a kernel)%(default).0s")
+    add_patterns_flag(p, "also time N:M pattern choices, e.g. 2:4 (where the backend has a kernel)")
     add_dtype_flag(p)
     p.add_argument("--from", dest="from_profile", default=None, metavar="PROFILE",
                    help="re-validate this existing profile instead of measuring a new one%(default).0s")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from spdy import dp
-from spdy.baselines import BASELINES
+from spdy.baselines import BASELINES, check_names
 from spdy.errors import InfeasibleBudgetError, InvalidInputError, ProfileMismatchError, SpdyError
 from spdy.grid import SparsityGrid
 from spdy.measure import (  # noqa: F401 - re-exported
@@ -43,25 +43,26 @@ from spdy.results import (  # noqa: F401 - re-exported
     RESULT_SCHEMA, RESULT_SCHEMA_VERSION, Outcome, SearchOutcome, load_result, result_model_dir, write_outputs,
 )
 from spdy.stages import (  # noqa: F401 - re-exported
-    CalibrationObjective, Prepared, Progress, as_bundle, cache_dir, database_cache_path, ensure_database,
-    ensure_profile, open_database, open_profile, profile_cache_path, run_search,
+    CalibrationObjective, Prepared, Progress, as_bundle, cache_dir, check_reachable, database_cache_path,
+    default_study_name, ensure_database, ensure_profile, open_database, open_profile, profile_cache_path, run_search,
+    search_table,
 )
-from spdy.stages import _safe
 from spdy.storage import make_storage
 
 if TYPE_CHECKING:
+    from spdy.profilers import Backend
     from spdy.sensitivity import SearchConfig
 
 log = logging.getLogger(__name__)
 
 #: The keyword settings :func:`search` turns into its :class:`SearchConfig` and :class:`MeasureConfig`.
-SEARCH_SETTINGS = ("max_evals", "k", "delta", "seed", "strategy", "buckets")
+SEARCH_SETTINGS = ("max_evals", "k", "delta", "seed", "strategy", "buckets", "patterns")
 MEASURE_SETTINGS = tuple(f.name for f in dataclasses.fields(MeasureConfig))
 
 
 def search(
     model: str | ModelBundle | nn.Module = "minilm", calibration: Sequence[Any] | None = None,
-    speedup: float | str | None = None, *, backend: str = "spdy-cpu", threads: int | None = None,
+    speedup: float | str | None = None, *, backend: str | Backend = "spdy-cpu", threads: int | None = None,
     profile: str | os.PathLike[str] | Profile | None = None, database: str | os.PathLike[str] | Any | None = None,
     method: str = "obs", grid: SparsityGrid | None = None, storage: str | None = None, study: str | None = None,
     config: SearchConfig | None = None, measurement: MeasureConfig | None = None,
@@ -76,6 +77,7 @@ def search(
     * ``model``: ``"minilm"``, ``"package.module:factory"``, a :class:`ModelBundle`, or an
       ``nn.Module`` together with ``calibration`` (a list of input batches).
     * ``speedup``: the target (``2``, ``"2.5x"``); default ``config.speedup``, else 2.
+    * ``backend``: a name, or a backend made with options (``get_backend("torch-cuda", dtype=...)``).
     * ``profile`` / ``database``: paths (or loaded objects); missing ones are measured/built
       and cached under :func:`cache_dir`.
     * ``storage`` / ``study``: Optuna storage (None: in memory; ``sqlite:///f.db``, an RDB URL
@@ -87,7 +89,7 @@ def search(
     * ``measurement``: the latency check, the end-to-end measurement and the fit to it
       (:class:`spdy.measure.MeasureConfig`).
     * ``**settings``: shorthands for single fields of the two: ``max_evals``, ``k``, ``delta``,
-      ``seed``, ``strategy``, ``buckets`` (search) and ``measure``, ``measure_rounds``,
+      ``seed``, ``strategy``, ``buckets``, ``patterns`` (search) and ``measure``, ``measure_rounds``,
       ``fit_rounds``, ``fit_evals``, ``calibrate`` (measurement); they override ``config``
       and ``measurement``.
     * ``only_baseline``: skip the search and report that baseline (``uniform``/``global``).
@@ -99,9 +101,7 @@ def search(
     t_all = time.perf_counter()
     cfg, mcfg = _configs(speedup, config, measurement, settings)
     target = cfg.speedup
-    for b in (*baselines, *([only_baseline] if only_baseline else [])):
-        if b not in BASELINES:
-            raise InvalidInputError(f"unknown baseline {b!r}; expected one of {', '.join(BASELINES)}")
+    check_names((*baselines, *([only_baseline] if only_baseline else [])))
     if storage is not None and "://" in storage:
         make_storage(storage)  # a database that cannot be opened fails now, not after the profile and database
     stage: dict[str, float] = {}
@@ -109,17 +109,16 @@ def search(
     bundle = as_bundle(model, calibration, loss=loss, forward=forward, exclude=exclude)
     specs = bundle.layers()
     stage["load_model"] = time.perf_counter() - t0
-    be = get_backend(backend, threads=threads, policy=timing)
+    be = get_backend(backend, threads=threads, policy=timing) if isinstance(backend, str) else backend
     t0 = time.perf_counter()
-    prof, prof_path = open_profile(bundle, be, profile, specs, grid=grid, force=force, progress=progress)
+    prof, prof_path = open_profile(bundle, be, profile, specs, grid=grid, force=force, progress=progress, patterns=cfg.patterns)
     stage["profile"] = time.perf_counter() - t0
-    # fail fast on an unreachable target, before the database is built
-    dp.solve(prof.table, dp.prior_errors(len(prof.table.layers), len(prof.table.grid)), target, cfg.buckets)
+    check_reachable(prof, cfg.patterns, target, cfg.buckets)  # fail fast, before the database is built
     t0 = time.perf_counter()
-    db = open_database(bundle, prof.table, database, specs, method=method, progress=progress)
+    db = open_database(bundle, prof.table, database, specs, method=method, progress=progress, patterns=cfg.patterns)
     stage["database"] = time.perf_counter() - t0
-    run = Prepared(bundle, be, prof, prof_path, db, prof.table)
-    study_name = study or f"{_safe(bundle.name)}-{target:g}x-{cfg.strategy}-seed{cfg.seed}"
+    run = Prepared(bundle, be, prof, prof_path, db, search_table(prof, cfg.patterns, db))
+    study_name = study or default_study_name(bundle, cfg)
     prev_threads = torch.get_num_threads()
     found = _find(run, cfg, mcfg, storage=storage, study_name=study_name, baselines=baselines,
                   only_baseline=only_baseline, evaluate_only=evaluate_only, eval_threads=eval_threads,
@@ -239,7 +238,8 @@ def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured
                   "seed": cfg.seed, "max_evals": cfg.max_evals, "k": cfg.k, "delta": cfg.delta, "buckets": cfg.buckets,
                   "method": run.database.method, "grid_levels": len(run.table.grid),
                   "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm),
-                  "speedup_percentile": measured.percentile if measured else None},
+                  "speedup_percentile": measured.percentile if measured else None,
+                  "patterns": {p: run.table.pattern_layers().get(p, 0) for p in cfg.patterns}},
         warnings=measured.warnings if measured else (), latency_correction=found.correction,
         dp_target_speedup=found.dp_target, fit=measured.fit if measured else (),
     )

@@ -8,7 +8,7 @@ of profile.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -17,6 +17,13 @@ from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.types import LatencyTable, Solution
 
 BASELINES = ("uniform", "global")
+
+
+def check_names(names: Iterable[str]) -> None:
+    """Raise :class:`InvalidInputError` for a name that is not one of :data:`BASELINES`."""
+    for b in names:
+        if b not in BASELINES:
+            raise InvalidInputError(f"unknown baseline {b!r}; expected one of {', '.join(BASELINES)}")
 
 
 def _target_time(table: LatencyTable, speedup: float) -> float:

@@ -26,6 +26,8 @@ Use::
     db.stitch(model, sol)                                  # N:M weights included
     backend.time_models(bundle, [spdy.profilers.backend_plan(sol, db, bundle.model)])
     sol.to_json()["layers"]       # {layer: {"pattern", "sparsity", "level", "format"}}
+
+or ``spdy.search(..., patterns="2:4")``, which does all of it.
 """
 
 from __future__ import annotations

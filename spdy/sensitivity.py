@@ -43,6 +43,7 @@ import numpy as np
 import optuna
 
 from spdy import dp
+from spdy.choices import parse_patterns
 from spdy.errors import InvalidInputError
 from spdy.storage import SharedStudy, make_storage
 from spdy.types import LatencyTable, Solution
@@ -65,6 +66,9 @@ class SearchConfig:
     ``heartbeat_s`` is how often a worker beats for the trial it evaluates; a trial with
     no beat for ``stale_after_s`` is retried by another worker (one whose worker process
     has left this host at once).
+    ``patterns`` (``"2:4"``, ``("2:4", "4:8")``) are N:M choices :func:`spdy.search` offers
+    each layer besides the grid's levels, where the backend times them and the database
+    holds their weights.
     """
 
     speedup: float
@@ -76,9 +80,11 @@ class SearchConfig:
     strategy: str = "spdy"
     heartbeat_s: float = 30.0
     stale_after_s: float = 120.0
+    patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         dp.parse_speedup(self.speedup)
+        object.__setattr__(self, "patterns", parse_patterns(self.patterns))
         if self.strategy not in STRATEGIES:
             raise InvalidInputError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         if self.k is not None and self.k < 1:

@@ -1,11 +1,12 @@
 """The stages before the search: the model bundle, its latency profile, its database, the objective.
 
 ``ensure_profile`` and ``ensure_database`` load what was made before or make it:
-a profile is cached per model, grid, backend and hardware fingerprint, a database per
-model, calibration set, grid, method and dense weights, both under :func:`cache_dir`
-(``$SPDY_CACHE``, default ``~/.cache/spdy``). :func:`open_profile`, :func:`open_database`
-and :func:`run_search` are the steps :func:`spdy.search` takes; :class:`Prepared` carries
-what they made to the later stages.
+a profile is cached per model, grid, N:M patterns, backend and hardware fingerprint, a
+database per model, calibration set, grid, method and dense weights (its N:M patterns
+are added to it when a search asks for more), both under :func:`cache_dir`
+(``$SPDY_CACHE``, default ``~/.cache/spdy``). :func:`open_profile`, :func:`open_database`,
+:func:`search_table` and :func:`run_search` are the steps :func:`spdy.search` takes;
+:class:`Prepared` carries what they made to the later stages.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ except ImportError:  # pragma: no cover - numba missing
 import numpy as np
 from torch import nn
 
+from spdy import dp
 from spdy.choices import Choice
 from spdy.errors import InvalidInputError, ProfileMismatchError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.hardware import VOLATILE_KEYS
 from spdy.models.base import ModelBundle, get_module, load_model, resolve_loss
-from spdy.profile import Profile, load_profile, save_profile
+from spdy.profile import Profile, choice_table, load_profile, save_profile
 from spdy.types import LatencyTable, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,19 @@ def _stable_fingerprint(fp: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fp.items() if k not in VOLATILE_KEYS}
 
 
-def profile_cache_path(bundle: ModelBundle, backend: Any, grid: SparsityGrid, specs: Sequence[LayerSpec]) -> Path:
-    """The cached profile's path: model name, layer signature, grid, backend and hardware fingerprint."""
+def default_study_name(bundle: ModelBundle, config: Any) -> str:
+    """The study of a search without ``study=``: model, target, strategy, seed and N:M patterns
+    (``config`` a :class:`~spdy.sensitivity.SearchConfig`)."""
+    return f"{_safe(bundle.name)}-{config.speedup:g}x-{config.strategy}-seed{config.seed}" + "".join(
+        f"-{p}" for p in config.patterns)
+
+
+def profile_cache_path(bundle: ModelBundle, backend: Any, grid: SparsityGrid, specs: Sequence[LayerSpec],
+                       patterns: Sequence[str] = ()) -> Path:
+    """The cached profile's path: model name, layer signature, grid, N:M patterns, backend and hardware fingerprint."""
     key = _digest({"specs": [s.to_json() for s in specs], "grid": grid.to_json(),
-                   "fingerprint": _stable_fingerprint(backend.fingerprint()), "settings": backend.settings()})
+                   "fingerprint": _stable_fingerprint(backend.fingerprint()), "settings": backend.settings(),
+                   **({"patterns": list(patterns)} if patterns else {})})
     return cache_dir() / "profiles" / f"{_safe(bundle.name)}-{backend.name}-t{backend.threads}-{key}.json"
 
 
@@ -135,16 +146,18 @@ def ensure_profile(
     force: bool = False,
     validate: int = 0,
     progress: Progress | None = None,
+    patterns: Sequence[str] = (),
 ) -> tuple[Profile, Path, bool]:
     """Load the profile at ``path`` (or the cached one), or measure and write it there.
 
     Returns ``(profile, path, measured)``. A profile made for another model or on other
-    hardware raises :class:`ProfileMismatchError` unless ``force``.
+    hardware raises :class:`ProfileMismatchError` unless ``force``. A profile measured
+    here also times the N:M ``patterns`` (:func:`~spdy.profilers.profile_model`).
     """
     from spdy.profilers import profile_model, validate as validate_profile
 
     specs = list(specs) if specs is not None else bundle.layers()
-    p = Path(path) if path is not None else profile_cache_path(bundle, backend, grid, specs)
+    p = Path(path) if path is not None else profile_cache_path(bundle, backend, grid, specs, patterns)
     if p.exists():
         prof = load_profile(p, specs=specs, fingerprint=backend.fingerprint(), force=force)
         if prof.backend != backend.name:
@@ -157,7 +170,7 @@ def ensure_profile(
     log.info("measuring a latency profile of %s on %s (%d layers x %d levels) into %s",
              bundle.name, backend.name, len(specs), len(grid), p)
     cb = (lambda d, t, w: progress("profile", d, t, w)) if progress else None
-    prof = profile_model(bundle, backend, grid, specs=specs, progress=cb)
+    prof = profile_model(bundle, backend, grid, specs=specs, progress=cb, patterns=patterns)
     if validate:
         prof = prof.with_validation(validate_profile(prof, bundle, backend, k=validate))
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -173,15 +186,17 @@ def ensure_database(
     method: str = "obs",
     specs: Sequence[LayerSpec] | None = None,
     progress: bool = False,
+    patterns: Sequence[str] = (),
 ) -> Any:
-    """Open the database at ``path`` (or the cached one), building or resuming it if needed."""
+    """Open the database at ``path`` (or the cached one), building or resuming it if needed;
+    a database without some of the N:M ``patterns`` gets them added."""
     from spdy.database import Database, build_database
 
     specs = list(specs) if specs is not None else bundle.layers()
     p = Path(path) if path is not None else database_cache_path(bundle, grid, method, specs)
     if (p / "manifest.json").exists():
         db = Database.open(p, require_complete=False)
-        if not db.missing:
+        if not db.missing and set(patterns) <= set(db.patterns):
             db.check_compatible(bundle, grid)
             if db.method != method and path is None:
                 raise ProfileMismatchError(f"cached database {p} holds method {db.method!r}, not {method!r}")
@@ -189,7 +204,7 @@ def ensure_database(
             return db
         db.close()
     log.info("building the %s reconstruction database of %s into %s", method, bundle.name, p)
-    return build_database(bundle, p, grid, method=method, progress=progress)
+    return build_database(bundle, p, grid, method=method, progress=progress, patterns=patterns)
 
 
 class CalibrationObjective:
@@ -240,7 +255,7 @@ class CalibrationObjective:
 class Prepared:
     """What the stages before the search made: the model, the backend it is timed on, its
     latency profile (``profile_path``: None when given as an object), its database and the
-    table the search solves over."""
+    table the search solves over (:func:`search_table`)."""
 
     bundle: ModelBundle
     backend: Any
@@ -259,9 +274,11 @@ def open_profile(
     grid: SparsityGrid | None,
     force: bool,
     progress: Progress | None,
+    patterns: Sequence[str] = (),
 ) -> tuple[Profile, Path | None]:
     """The profile for :func:`spdy.search`: a given :class:`Profile` (checked against the model
-    and, unless ``force``, the hardware) or :func:`ensure_profile`'s; its grid must be ``grid``."""
+    and, unless ``force``, the hardware) or :func:`ensure_profile`'s (timing the N:M ``patterns``
+    too when it measures one); its grid must be ``grid``."""
     if isinstance(profile, Profile):
         prof, prof_path = profile, None
         prof.check_model(specs)
@@ -269,7 +286,7 @@ def open_profile(
             prof.check_hardware(backend.fingerprint())
     else:
         prof, prof_path, _ = ensure_profile(bundle, backend, path=profile, grid=grid or DEFAULT_GRID, specs=specs,
-                                            force=force, progress=progress)
+                                            force=force, progress=progress, patterns=patterns)
     table = prof.table
     if grid is not None and tuple(grid.levels) != tuple(table.grid.levels):
         raise ProfileMismatchError(f"the profile has a {len(table.grid)}-level grid, not the {len(grid)} levels asked for")
@@ -284,12 +301,13 @@ def open_database(
     *,
     method: str,
     progress: Progress | None,
+    patterns: Sequence[str] = (),
 ) -> Any:
     """The database for :func:`spdy.search`: an open one (checked against the model) or
-    :func:`ensure_database`'s; its layers must be the profile's."""
+    :func:`ensure_database`'s (with the N:M ``patterns``); its layers must be the profile's."""
     if database is None or isinstance(database, (str, os.PathLike)):
         db = ensure_database(bundle, path=database, grid=table.grid, method=method, specs=specs,
-                             progress=progress is not None)
+                             progress=progress is not None, patterns=patterns)
     else:
         db = database
         db.check_compatible(bundle, table.grid)
@@ -299,6 +317,32 @@ def open_database(
             "were they made with the same --exclude?"
         )
     return db
+
+
+def check_reachable(profile: Profile, patterns: Sequence[str], target: float, buckets: int) -> None:
+    """Raise :class:`~spdy.errors.InfeasibleBudgetError` unless the DP reaches ``target`` over the
+    profile's grid levels and ``patterns`` (before the database is built)."""
+    table = choice_table(profile, patterns)
+    dp.solve(table, dp.prior_errors(len(table.layers), len(table.grid), None, table.positions()), target, buckets)
+
+
+def search_table(profile: Profile, patterns: Sequence[str], database: Any = None) -> LatencyTable:
+    """The table the search solves over: the profile's grid levels, then a column per N:M
+    pattern (:func:`~spdy.profile.choice_table`) for the layers where the backend timed a
+    kernel for it and the ``database`` holds its weight. A pattern no layer has is logged as
+    not a choice on this backend and left out: the search is then the grid's alone."""
+    table = choice_table(profile, patterns, database=database)
+    offered = table.pattern_layers()
+    for p, n in offered.items():
+        if n:
+            log.info("N:M %s is a choice for %d of %d layers", p, n, len(table.layers))
+            continue
+        timed = int(np.isfinite(profile.pattern_times[:, profile.patterns.index(p)]).sum())  # type: ignore[index]
+        why = (f"backend {profile.backend} has no {p} kernel for any layer" if not timed else
+               f"the database holds no {p} weight for the {timed} layers with a {p} kernel")
+        log.warning("N:M %s is not a choice in this search: %s", p, why)
+    keep = [p for p, n in offered.items() if n]
+    return table if len(keep) == len(offered) else choice_table(profile, keep, database=database)
 
 
 def run_search(

@@ -163,3 +163,10 @@ def test_search_runs_over_a_table_with_nm_columns(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="choices"):
         Search(make_profile(L=4).table, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1), storage=store,
                study_name="s")
+
+
+def test_config_patterns_are_canonical() -> None:
+    assert SearchConfig(speedup=2.0, patterns="2:4, 4:8,2:4").patterns == ("2:4", "4:8")
+    assert SearchConfig(speedup=2.0).patterns == ()
+    with pytest.raises(InvalidInputError, match="N:M pattern"):
+        SearchConfig(speedup=2.0, patterns="2/4")

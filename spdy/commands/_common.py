@@ -33,6 +33,11 @@ def add_dtype_flag(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of torch backends (torch-cuda default float16, torch-cpu float32)" + NO_DEFAULT)
 
 
+def add_patterns_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """``--patterns N:M[,N:M]``: N:M semi-structured patterns (read by :func:`spdy.choices.parse_patterns`)."""
+    p.add_argument("--patterns", default="", metavar="N:M[,N:M]", help=help + NO_DEFAULT)
+
+
 def add_grid_flag(p: argparse.ArgumentParser, extra_help: str = "") -> None:
     """``--grid-levels S [S ...]``: the sparsities of the grid (see :func:`grid_from_levels`)."""
     p.add_argument("--grid-levels", type=float, nargs="+", default=None, metavar="S",

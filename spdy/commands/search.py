@@ -16,6 +16,7 @@ examples:
   spdy search --model spdy.examples.digits:factory --speedup 2x -o out/digits
   spdy search --model minilm --speedup 2x --baseline uniform -o out/uniform-2x
   spdy search --model minilm --speedup 1.8x --speedup-percentile 10 -o out/p10  # 9 rounds in 10 at 1.8x
+  spdy search --model minilm --backend torch-cuda --patterns 2:4 --speedup 1.5x -o out/gpu-2_4  # 2:4 per layer
   # two workers on one search (start the same command twice; the second only evaluates):
   spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 -o out/s1
   spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 --evaluate-only
@@ -40,7 +41,7 @@ the per-layer sparsities and where the time goes.
 def register(subparsers: Any) -> None:
     from spdy.baselines import BASELINES
     from spdy.cli import HelpFormatter
-    from spdy.commands._common import add_method_flag
+    from spdy.commands._common import add_method_flag, add_patterns_flag
     from spdy.models.base import LOSSES
     from spdy.sensitivity import STRATEGIES
 
@@ -77,6 +78,8 @@ def register(subparsers: Any) -> None:
                    help="spdy = Algorithm 4; evo = evolutionary search over the levels themselves (children scored on "
                    "1/8, then 1/2, then all of the calibration set; --max-evals counts full evaluations); tpe, cmaes, "
                    "random = Optuna samplers over the coefficients")
+    add_patterns_flag(p, "also offer each layer these N:M patterns, e.g. 2:4, where the backend has a kernel for "
+                      "them (the profile times them and the database reconstructs them)")
     p.add_argument("--baseline", default=None, choices=BASELINES,
                    help="skip the search and report this one-shot baseline alone%(default).0s")
     p.add_argument("--no-baselines", action="store_true", help="do not evaluate the baselines next to the search")
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             model, speedup=target, backend=args.backend, threads=args.threads, profile=args.profile,
             database=args.database, method=args.method, storage=storage, study=args.study,
             config=SearchConfig(speedup=target, k=args.k, delta=args.delta, max_evals=args.max_evals, seed=args.seed,
-                                strategy=args.strategy),
+                                strategy=args.strategy, patterns=args.patterns),
             measurement=MeasureConfig(measure=not args.no_measure, fit_rounds=args.fit_rounds,
                                       fit_evals=args.fit_evals, percentile=args.speedup_percentile),
             baselines=() if args.no_baselines else BASELINES, only_baseline=args.baseline,
@@ -198,6 +201,7 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
         print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
               f"{f['from_dp_target']:.3f} -> {f['dp_target']:.3f}: measured {f['measured']:.2f}x, loss "
               f"{f['calibration_loss']:.5g}, " + ("taken" if f["accepted"] else "not taken") + f" ({f['why']})")
+    _print_patterns(res)
     if res.dense_measured_s:
         print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
     print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_s.items()))
@@ -206,3 +210,16 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     for w in res.warnings:
         print("\n" + "!" * 78 + f"\nWARNING: {w}\n" + "!" * 78)
     print(f"wrote {args.output}/result.json, {args.output}/model, {args.output}/profile.png")
+
+
+def _print_patterns(res: Any) -> None:
+    """One line per N:M pattern asked for: how many layers had it as a choice, how many took it."""
+    offered = res.settings.get("patterns") or {}
+    counts = res.result.solution.pattern_counts()
+    n_layers = len(res.result.solution.layers)
+    for p, n in offered.items():
+        if n == 0:
+            print(f"N:M {p}: not a choice on {res.backend} (no layer has a {p} kernel there, or a {p} weight in the "
+                  "database); the search used the grid's levels alone")
+        else:
+            print(f"N:M {p}: a choice for {n} of {n_layers} layers, taken by {counts.get(p, 0)}")

@@ -1,4 +1,5 @@
-"""N:M pattern choices in profiles: timing where a backend has a kernel, +inf where it has none."""
+"""N:M pattern choices: timed in profiles where a backend has a kernel (+inf where it has none), and
+offered per layer by ``spdy search --patterns`` end to end."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 import torch
 from conftest import TEST_POLICY
 
+import spdy
 from spdy.choices import Choice
 from spdy.cli import main
+from spdy.database import Database, build_database
 from spdy.grid import SparsityGrid
 from spdy.profile import choice_table, load_profile, save_profile
 from spdy.profilers import DENSE, LayerChoice, get_backend, profile_model
@@ -111,3 +114,102 @@ def test_cli_profile_patterns_flag(tmp_path, capsys) -> None:
                "-o", str(tmp_path / "x.json")])
     assert rc == 1 and "--dtype applies to the torch backends" in capsys.readouterr().err
     assert math.isinf(load_profile(out).pattern_times[0, 0])
+
+
+# --------------------------------------------------------------------------- spdy search --patterns
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A cache of this test's own."""
+    monkeypatch.setenv("SPDY_CACHE", str(tmp_path / "cache"))
+
+
+def test_search_takes_nm_choices_where_they_are_cheaper(tiny_mlp, tmp_path, cache, caplog,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    prof = profile_model(tiny_mlp, CsrNMBackend(threads=1, policy=TEST_POLICY), GRID, patterns="2:4", fit_models=0)
+    # a 2:4 kernel twice as fast as the 90 % level, with less error under the prior: wherever
+    # pruning pays, the DP takes 2:4
+    cheap = np.where(np.isfinite(prof.pattern_times), 0.5 * prof.table.times[:, -1:], np.inf)
+    prof = dataclasses.replace(prof, pattern_times=cheap)
+    target = 1 + 0.6 * (choice_table(prof).max_speedup() - 1)
+    db = build_database(tiny_mlp, tmp_path / "db", GRID, patterns="2:4")
+    timed: list[np.ndarray] = []
+    make_module = CsrNMBackend.make_module
+
+    def recording(self: CsrNMBackend, spec: LayerSpec, choice: LayerChoice) -> Any:
+        if choice.sparsity == 0.5:
+            timed.append(np.array(choice.weight))
+        return make_module(self, spec, choice)
+
+    monkeypatch.setattr(CsrNMBackend, "make_module", recording)
+    with caplog.at_level(logging.INFO, logger="spdy"):
+        # a backend object, as scripts/bench_gpu.py passes its torch-cuda backend with a dtype
+        res = spdy.search(tiny_mlp, speedup=target, backend=CsrNMBackend(threads=1, policy=TEST_POLICY), profile=prof,
+                          database=db, patterns="2:4", max_evals=6, seed=0, calibrate=False, fit_rounds=0,
+                          measure_rounds=1, out=tmp_path / "out")
+    L = len(prof.table.layers)
+    assert "N:M 2:4 is a choice for 3 of 3 layers" in caplog.text
+    assert res.settings["patterns"] == {"2:4": L}
+    taken = [n for n, rec in res.layers.items() if rec["pattern"] == "2:4"]
+    assert taken, res.layers
+    for n in taken:  # in the format the profile timed 2:4 in (csr, or dense where that was faster)
+        fmt = prof.pattern_formats[prof.table.layers.index(n)][0]
+        assert res.layers[n] == {"sparsity": 0.5, "level": 0, "pattern": "2:4", "format": fmt}
+    assert res.predicted_speedup >= target and res.measured_speedup is not None
+    # the measured model ran the database's 2:4 weights; the written model holds them
+    assert timed and all(nm_violations(w, 2, 4) == 0 for w in timed)
+    dense = dict(tiny_mlp.model.named_modules())
+    written = spdy.apply(type(tiny_mlp.model)(), tmp_path / "out")
+    for n in taken:
+        w = dict(written.named_modules())[n].weight.detach().numpy()
+        np.testing.assert_array_equal(w, db.weight(n, Choice.nm("2:4")))
+        assert nm_violations(w, 2, 4) == 0 and not np.array_equal(w, dense[n].weight.detach().numpy())
+
+
+def _cpu_profile_where_pruning_pays(bundle: Any) -> tuple[Any, float]:
+    """A torch-cpu profile of ``bundle`` with 2:4 timed (no kernel: +inf), its 90 % level made
+    0.3 x dense (CSR on a layer this small is no faster than dense), and a target it reaches."""
+    prof = profile_model(bundle, get_backend("torch-cpu", threads=1, policy=TEST_POLICY), GRID, patterns="2:4",
+                         fit_models=0)
+    times = np.array(prof.table.times)
+    times[:, 1] = 0.3 * times[:, 0]
+    prof = dataclasses.replace(prof, table=dataclasses.replace(prof.table, times=times))
+    return prof, 1 + 0.5 * (prof.table.max_speedup() - 1)
+
+
+def test_search_says_a_pattern_without_a_kernel_is_not_a_choice(tiny_mlp, tmp_path, cache, caplog) -> None:
+    prof, target = _cpu_profile_where_pruning_pays(tiny_mlp)
+    assert np.all(np.isinf(prof.pattern_times))
+    db = build_database(tiny_mlp, tmp_path / "db", GRID, patterns="2:4")
+    with caplog.at_level(logging.WARNING):
+        res = spdy.search(tiny_mlp, speedup=target, backend="torch-cpu", threads=1, profile=prof, database=db,
+                          timing=TEST_POLICY, patterns="2:4", max_evals=4, seed=0, measure=False)
+    assert "N:M 2:4 is not a choice in this search: backend torch-cpu has no 2:4 kernel for any layer" in caplog.text
+    assert res.settings["patterns"] == {"2:4": 0}
+    assert all(rec["pattern"] in ("dense", "unstructured") for rec in res.layers.values())
+    plain = spdy.search(tiny_mlp, speedup=target, backend="torch-cpu", threads=1, profile=prof, database=db,
+                        timing=TEST_POLICY, max_evals=4, seed=0, measure=False)
+    assert plain.layers == res.layers  # the same search as over the grid alone
+    evo = spdy.search(tiny_mlp, speedup=target, backend="torch-cpu", threads=1, profile=prof, database=db,
+                      timing=TEST_POLICY, patterns="2:4", strategy="evo", max_evals=2, seed=0, measure=False)
+    assert evo.settings["patterns"] == {"2:4": 0}  # a strategy over grid levels alone takes such a search too
+
+
+def test_cli_search_patterns_flag(tmp_path, capsys, cache) -> None:
+    from spdy.stages import as_bundle
+
+    prof, target = _cpu_profile_where_pruning_pays(as_bundle("spdy.testing.models:mlp"))
+    save_profile(prof, tmp_path / "p.json")
+    rc = main(["-q", "search", "--model", "spdy.testing.models:mlp", "--backend", "torch-cpu", "--threads", "1",
+               "--profile", str(tmp_path / "p.json"), "--patterns", "2:4", "--speedup", f"{target:.4f}x", "--max-evals", "3",
+               "--no-measure", "--no-baselines", "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "N:M 2:4: not a choice on torch-cpu (no layer has a 2:4 kernel there" in out
+    db = Database.open(next((tmp_path / "cache" / "databases").iterdir()))
+    assert db.patterns == ("2:4",)  # the database built for the search holds the pattern
+    rc = main(["-q", "search", "--model", "spdy.testing.models:mlp", "--backend", "torch-cpu", "--threads", "1",
+               "--profile", str(tmp_path / "p.json"), "--patterns", "4:8", "--speedup", f"{target:.4f}x",
+               "-o", str(tmp_path / "out2")])
+    assert rc == 1 and "no times for pattern(s) ['4:8']" in capsys.readouterr().err
