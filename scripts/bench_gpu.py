@@ -8,16 +8,18 @@ without CUDA it exits at once with a message. Three parts:
    dense ``F.linear`` against the same weight pruned 2:4 and compressed with
    ``torch.sparse.to_sparse_semi_structured``, in float16 and bfloat16. Interleaved CUDA-event
    timings (the profiler's discipline: ``Backend.measure``), median and spread.
-2. **e2e** — per model (MiniLM, and a BERT-base-sized BERT with random weights): a torch-cuda
-   profile with the 2:4 pattern (``profile_model(..., patterns=("2:4",))``) and a small
-   unstructured grid (CSR where it wins), a reconstruction database with 2:4 and 4:8
-   (OBS, on the CPU), then
+2. **e2e** — per model (MiniLM, and a BERT-base-sized BERT with random weights), through the
+   API: a torch-cuda profile with the 2:4 and 4:8 patterns and a small unstructured grid
+   (CSR where it wins) and a reconstruction database with 2:4 and 4:8 (OBS, on the CPU),
+   both by ``ensure_profile`` / ``ensure_database``, then
    * **all-2:4**: every layer where the 2:4 kernel beats dense in 2:4, the rest dense;
-   * **SPDY mixed**: the SPDY search (DP over dense / unstructured levels / 2:4 per layer,
-     calibration loss of the stitched model) at the *same predicted speed* as all-2:4;
-   * the calibration loss of both (fp32, on the GPU; MiniLM: cosine distance of the
-     embeddings to the dense model's), and of all-4:8 (no 4:8 kernel exists in torch:
-     accuracy only, it would run dense);
+   * **SPDY mixed**: ``spdy.search(..., patterns="2:4")`` (DP over dense / unstructured levels
+     / 2:4 per layer, calibration loss of the stitched model on the CPU, spdy's own
+     end-to-end measurement on the GPU) at the *same predicted speed* as all-2:4, its
+     written result loaded back by ``spdy.apply``;
+   * the calibration loss of all three on one evaluator (fp32, on the GPU; MiniLM: cosine
+     distance of the embeddings to the dense model's), and of all-4:8 (no 4:8 kernel exists
+     in torch: accuracy only, it would run dense);
    * the dense, all-2:4 and mixed models built by ``spdy.runtime_cuda.to_gpu_model`` and
      timed end to end, interleaved: measured against predicted speedup.
 
@@ -46,6 +48,9 @@ from typing import Any
 
 import numpy as np
 
+import spdy
+from spdy.choices import Choice
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
@@ -53,6 +58,8 @@ MINILM_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
 BERT_SHAPES = [(768, 768), (3072, 768), (768, 3072)]
 SMALL_GRID = (0.0, 0.7, 0.9, 0.95)
 DEVICE = "cuda"
+#: time buckets of the mixed search's DP (finer than the default: the target is the all-2:4 time itself)
+BUCKETS = 50_000
 
 log = logging.getLogger("bench_gpu")
 
@@ -179,58 +186,61 @@ def model_bundle(which: str, args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def bench_e2e(which: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from spdy import choices as ch
+    """One model: all-2:4 against SPDY's mixed choice at the same predicted speed (``spdy.search``
+    with ``patterns="2:4"``), their calibration losses, and the models timed end to end."""
+    from spdy.profile import choice_table
+    from spdy.profilers import get_backend
 
     bundle, label = model_bundle(which, args)
     grid = SMALL_GRID if args.grid == "small" else (0.0,)
     print(f"\n== {label}: batch {args.batch} x {args.tokens} tokens, {args.dtype}, grid {list(grid)}", flush=True)
-    backend, profile, db, result = _profile_and_database(bundle, label, grid, args, workdir / f"db-{which}")
-    L = result["layers"]
-    table = ch.choice_table(profile, patterns=("2:4",), database=db)
-    col24 = table.column_of(ch.Choice.nm("2:4"))
-    # the hand-made baseline: 2:4 on every layer where the 2:4 kernel beats dense, the rest dense
-    wins = np.array([table.available[i, col24] and table.formats[i][col24] == "2:4" for i in range(L)])
-    all24 = np.where(wins, col24, 0)
-    s24 = table.dense_total_s / table.predicted_time(all24)
-    print(f"all-2:4: {int(wins.sum())} layers 2:4 (the kernel beats dense there), predicted speedup {s24:.3f}x",
-          flush=True)
+    backend = get_backend("torch-cuda", policy=gpu_policy(args), dtype=args.dtype)
+    profile, db, result = _profile_and_database(bundle, label, backend, grid, args, workdir / which)
+    table = choice_table(profile, patterns=("2:4",), database=db)
+    all24, s24 = _all_2_4(table)
     loss_of = _gpu_loss(bundle, db)
     loss24 = loss_of(table.choices_of(all24))
-    loss48 = loss_of({n: (ch.Choice.nm("4:8") if db.has_pattern(n, "4:8") else ch.Choice.dense()) for n in db.layers})
-    result.update(all_2_4={"predicted_speedup": s24, "loss": loss24, "layers_2_4": int(wins.sum())},
+    loss48 = loss_of({n: (Choice.nm("4:8") if db.has_pattern(n, "4:8") else Choice.dense()) for n in db.layers})
+    result.update(all_2_4={"predicted_speedup": s24, "loss": loss24, "layers_2_4": int((all24 != 0).sum())},
                   all_4_8_accuracy_only={"loss": loss48, "note": "no 4:8 kernel in torch: would run dense"})
     if s24 <= 1.0:
         print(f"all-2:4 is not faster than dense here ({s24:.3f}x): no mixed profile to compare at its speed")
         result["mixed"] = None
         return result
-    target, found, search_s = _mixed_search(table, all24, loss_of, args)
-    sol = found.solution
-    print(f"SPDY mixed at {target:.4f}x (all-2:4: {s24:.4f}x): loss {found.loss:.5f} vs all-2:4 {loss24:.5f} "
-          f"({found.loss / loss24:.2f}x), patterns {sol.pattern_counts()}, {found.n_evaluations} evaluations in "
-          f"{search_s:.0f} s; all-4:8 (accuracy only) {loss48:.5f}", flush=True)
-    plans = {"dense": {n: ch.Choice.dense() for n in table.layers}, "all_2_4": table.choices_of(all24), "mixed": sol}
-    e2e, dense_s = _time_gpu_models(bundle, backend, db, plans, {"dense": 1.0, "all_2_4": s24,
-                                                                   "mixed": sol.predicted_speedup}, args)
+    target, res, search_s = _mixed_search(bundle, profile, db, table, all24, args, workdir / which / "out")
+    sol = res.result.solution
+    loss = loss_of(sol.as_choices())
+    print(f"SPDY mixed at {target:.4f}x (all-2:4: {s24:.4f}x): loss {loss:.5f} vs all-2:4 {loss24:.5f} "
+          f"({loss / loss24:.2f}x), patterns {sol.pattern_counts()}, {res.n_evaluations} evaluations in "
+          f"{search_s:.0f} s, measured by spdy.search {res.measured_speedup:.3f}x; all-4:8 (accuracy only) "
+          f"{loss48:.5f}", flush=True)
+    mixed = spdy.apply(copy.deepcopy(bundle.model), res)  # the written result, loaded as a user would
+    choices24 = table.choices_of(all24)
+    models = {"dense": (bundle.model, {n: Choice.dense() for n in table.layers}),
+              "all_2_4": (db.stitch(bundle.model, choices24, inplace=False), choices24), "mixed": (mixed, sol)}
+    e2e, dense_s = _time_gpu_models(bundle, backend, models, {"dense": 1.0, "all_2_4": s24,
+                                                              "mixed": sol.predicted_speedup}, args)
     result.update(
-        mixed={"target_speedup": target, "predicted_speedup": sol.predicted_speedup, "loss": found.loss, "patterns": sol.pattern_counts(),
-               "evaluations": found.n_evaluations, "search_s": search_s, "solution": sol.to_json()},
+        mixed={"target_speedup": target, "predicted_speedup": sol.predicted_speedup, "loss": loss,
+               "search_loss": res.calibration_loss, "measured_speedup_spdy": res.measured_speedup,
+               "patterns": sol.pattern_counts(), "evaluations": res.n_evaluations, "search_s": search_s,
+               "solution": sol.to_json()},
         end_to_end=e2e,
         dense_predicted_vs_measured=profile.table.dense_total_s / dense_s,
     )
     return result
 
 
-def _profile_and_database(bundle: Any, label: str, levels: tuple[float, ...], args: argparse.Namespace,
-                          db_dir: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """The torch-cuda profile (2:4 and 4:8 timed) and the database (2:4 and 4:8 built), with a result record."""
-    from spdy.database import build_database
+def _profile_and_database(bundle: Any, label: str, backend: Any, levels: tuple[float, ...], args: argparse.Namespace,
+                          workdir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The torch-cuda profile (2:4 and 4:8 timed) and the database (2:4 and 4:8 built, OBS on the
+    CPU) in ``workdir``, by the API's stages, with a result record."""
+    from spdy.api import ensure_database, ensure_profile
     from spdy.grid import SparsityGrid
-    from spdy.profilers import get_backend, profile_model
 
     grid = SparsityGrid(levels)
-    backend = get_backend("torch-cuda", policy=gpu_policy(args), dtype=args.dtype)
     t0 = time.perf_counter()
-    profile = profile_model(bundle, backend, grid, patterns=("2:4", "4:8"))
+    profile, _, _ = ensure_profile(bundle, backend, path=workdir / "profile.json", grid=grid, patterns=("2:4", "4:8"))
     profile_s = time.perf_counter() - t0
     L = len(profile.table.layers)
     n24 = int(np.isfinite(profile.pattern_times[:, 0]).sum())
@@ -239,7 +249,7 @@ def _profile_and_database(bundle: Any, label: str, levels: tuple[float, ...], ar
           f"dense {profile.table.dense_total_s * 1e3:.2f} ms predicted, {profile.settings['dense_measured_s'] * 1e3:.2f} ms measured",
           flush=True)
     t0 = time.perf_counter()
-    db = build_database(bundle, db_dir, grid=grid, method="obs", patterns=("2:4", "4:8"), progress=False)
+    db = ensure_database(bundle, path=workdir / "db", grid=grid, method="obs", patterns=("2:4", "4:8"))
     db_s = time.perf_counter() - t0
     print(f"database: {L} layers x {len(grid)} levels + 2:4, 4:8 in {db_s:.0f} s (CPU)", flush=True)
     result: dict[str, Any] = {
@@ -250,7 +260,19 @@ def _profile_and_database(bundle: Any, label: str, levels: tuple[float, ...], ar
         "per_layer_2_4_speedup": {n: float(profile.table.times[i, 0] / profile.pattern_times[i, 0])
                                   for i, n in enumerate(profile.table.layers) if np.isfinite(profile.pattern_times[i, 0])},
     }
-    return backend, profile, db, result
+    return profile, db, result
+
+
+def _all_2_4(table: Any) -> tuple[np.ndarray, float]:
+    """The hand-made baseline: 2:4 on every layer where the 2:4 kernel beats dense, the rest dense;
+    its columns and predicted speedup."""
+    col24 = table.column_of(Choice.nm("2:4"))
+    wins = np.array([table.available[i, col24] and table.formats[i][col24] == "2:4" for i in range(len(table.layers))])
+    all24 = np.where(wins, col24, 0)
+    s24 = table.dense_total_s / table.predicted_time(all24)
+    print(f"all-2:4: {int(wins.sum())} layers 2:4 (the kernel beats dense there), predicted speedup {s24:.3f}x",
+          flush=True)
+    return all24, s24
 
 
 def _gpu_loss(bundle: Any, db: Any) -> Any:
@@ -274,39 +296,43 @@ def _gpu_loss(bundle: Any, db: Any) -> Any:
     return loss_of
 
 
-def _mixed_search(table: Any, all24: np.ndarray, loss_of: Any, args: argparse.Namespace) -> tuple[float, Any, float]:
-    """SPDY over dense / unstructured levels / 2:4 per layer at the predicted speed of all-2:4:
-    ``(target, result, seconds)``."""
-    from spdy.sensitivity import Search, SearchConfig
+def _mixed_search(bundle: Any, profile: Any, db: Any, table: Any, all24: np.ndarray, args: argparse.Namespace,
+                  out: Path) -> tuple[float, Any, float]:
+    """``spdy.search`` over dense / unstructured levels / 2:4 per layer at the predicted speed of
+    all-2:4, measured by spdy on the GPU as it goes (no latency check, no fit: the target is the
+    comparison's): ``(target, outcome, seconds)``. The torch-cuda backend is made anew: building
+    the database set torch's thread count, which the backend's fingerprint holds."""
+    from spdy.profilers import get_backend
 
     t0 = time.perf_counter()
+    backend = get_backend("torch-cuda", policy=gpu_policy(args), dtype=args.dtype)
     # The DP rounds each layer time up to a bucket (budget / buckets), so a budget of exactly the
     # all-2:4 time may leave the all-2:4 profile itself infeasible. Target the all-2:4 time plus
     # 2 L buckets of slack (0.3 % for BERT-base's 72 layers at 50k buckets): the same speed.
-    buckets = 50_000
-    L = len(table.layers)
     layer_time24 = table.predicted_time(all24) - table.base_s
-    target = table.dense_total_s / (table.base_s + layer_time24 * (1 + 2 * L / buckets))
-    cfg = SearchConfig(speedup=target, max_evals=args.max_evals, seed=args.seed, buckets=buckets)
-    found = Search(table, lambda levels: loss_of(table.choices_of(levels)), cfg).run()
-    return target, found, time.perf_counter() - t0
+    target = table.dense_total_s / (table.base_s + layer_time24 * (1 + 2 * len(table.layers) / BUCKETS))
+    res = spdy.search(bundle, speedup=target, backend=backend, profile=profile, database=db, patterns="2:4",
+                      max_evals=args.max_evals, seed=args.seed, buckets=BUCKETS, calibrate=False, fit_rounds=0,
+                      baselines=(), out=out)
+    return target, res, time.perf_counter() - t0
 
 
-def _time_gpu_models(bundle: Any, backend: Any, db: Any, plans: dict[str, Any], predicted: dict[str, float],
+def _time_gpu_models(bundle: Any, backend: Any, models: dict[str, tuple[Any, Any]], predicted: dict[str, float],
                      args: argparse.Namespace) -> tuple[dict[str, Any], float]:
-    """The GPU models of ``plans`` timed end to end, interleaved: per model its record, and the dense time."""
+    """``models`` (name -> (model with its weights, its choices)) on the GPU, timed end to end,
+    interleaved: per model its record, and the dense time."""
     from spdy.runtime_cuda import move_batch, to_gpu_model
 
-    models = {k: to_gpu_model(bundle.model, v, database=db, dtype=args.dtype) for k, v in plans.items()}
+    gpu = {k: to_gpu_model(m, c, dtype=args.dtype) for k, (m, c) in models.items()}
     ex = move_batch(bundle.example, DEVICE, backend.torch_dtype)
     fwd = bundle.forward
-    runners = [lambda m=m: fwd(m, ex) for m in models.values()]
-    t = dict(zip(models, backend.measure(runners, policy=backend.policy.for_models())))
+    runners = [lambda m=m: fwd(m, ex) for m in gpu.values()]
+    t = dict(zip(gpu, backend.measure(runners, policy=backend.policy.for_models())))
     e2e = {}
     for k, tm in t.items():
         measured = t["dense"].median_s / tm.median_s
         e2e[k] = {"measured_ms": tm.median_s * 1e3, "spread": tm.spread, "measured_speedup": measured,
-                  "predicted_speedup": predicted[k], "modules": models[k].spdy_gpu_plan.counts()}
+                  "predicted_speedup": predicted[k], "modules": gpu[k].spdy_gpu_plan.counts()}
         print(f"  {k:>8}: {tm.median_s * 1e3:8.3f} ms  measured {measured:.3f}x  predicted {predicted[k]:.3f}x "
               f"({(predicted[k] / measured - 1) * 100:+.1f}%)", flush=True)
     return e2e, t["dense"].median_s
