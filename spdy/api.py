@@ -39,6 +39,7 @@ from spdy.measure import (  # noqa: F401 - re-exported
 )
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
+from spdy.quality import assess
 from spdy.results import (  # noqa: F401 - re-exported
     RESULT_SCHEMA, RESULT_SCHEMA_VERSION, Outcome, SearchOutcome, load_result, result_model_dir, write_outputs,
 )
@@ -224,6 +225,8 @@ def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured
     """The :class:`SearchOutcome` of a search that went through every stage."""
     if measured is not None:
         best, base_out = measured.best, measured.baselines
+    quality = assess(found.objective, run.table, best.solution.levels, cfg.speedup)
+    warnings = (*(measured.warnings if measured else ()), *([quality.message(cfg.speedup)] if quality.far else []))
     return SearchOutcome(
         model=run.bundle.name, backend=run.backend.name, target_speedup=cfg.speedup, result=best,
         dense_loss=found.objective.dense_loss, baselines=base_out,
@@ -240,7 +243,7 @@ def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured
                   "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm),
                   "speedup_percentile": measured.percentile if measured else None,
                   "patterns": {p: run.table.pattern_layers().get(p, 0) for p in cfg.patterns}},
-        warnings=measured.warnings if measured else (), latency_correction=found.correction,
+        warnings=warnings, latency_correction=found.correction, quality=quality.to_json(),
         dp_target_speedup=found.dp_target, fit=measured.fit if measured else (),
     )
 

@@ -25,10 +25,12 @@ from spdy.errors import (
     ProfileMismatchError,
 )
 from spdy.grid import SparsityGrid
+from spdy.profile import load_profile
 from spdy.profilers import QUICK_POLICY, get_backend
+from spdy.quality import FAR_RATIO, MIN_TOP1
 from spdy.sensitivity import make_storage
 
-GRID = SparsityGrid((0.0, 0.5, 0.7, 0.8, 0.9, 0.95))
+GRID = SparsityGrid((0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99))
 POLICY = dataclasses.replace(QUICK_POLICY, max_others=float("inf"))  # tests must not wait for a quiet machine
 
 
@@ -171,6 +173,18 @@ def _stored_trials(store: str) -> dict[str, int]:
     storage = make_storage(store)
     return {s.study_name: len(optuna.load_study(study_name=s.study_name, storage=storage).trials)
             for s in optuna.get_all_study_summaries(storage)}
+
+
+def test_quality_guard_fires_on_a_wrecking_target_and_names_a_safer_one(bundle, profile_path, tmp_path):
+    mild = _search(bundle, profile_path, tmp_path, measure=False, baselines=(), max_evals=4)
+    assert mild.to_json()["quality"]["far"] is False and not mild.warnings
+    assert mild.to_json()["quality"]["top1_agreement"] > 0.9  # a classifier (KL loss): top-1 is reported
+    top = load_profile(profile_path).table.max_speedup()
+    hard = _search(bundle, profile_path, tmp_path, speedup=0.995 * top, measure=False, baselines=(), max_evals=4)
+    q = hard.to_json()["quality"]
+    assert q["far"] is True and (q["loss_over_constant"] >= FAR_RATIO or q["top1_agreement"] < MIN_TOP1)
+    assert 1.0 < q["largest_target_uniform_keeps"] < 0.995 * top
+    assert any("far from the dense one" in w and "ask for at most" in w for w in hard.warnings)
 
 
 def test_baseline_alone(bundle, profile_path, tmp_path):
