@@ -33,3 +33,26 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def minilm_scorer(bundle: Any) -> Callable[[Any], dict[str, float]]:
+    """``model -> held-out scores`` of a pruned MiniLM: Lee-50 Pearson / Spearman correlation with the
+    human similarity ratings, and the mean cosine similarity to the dense model's embeddings on the
+    lee_background documents after the ``bundle``'s calibration documents."""
+    import torch
+
+    from spdy.models.minilm import embed, lee50_correlations, lee_background_docs, load_encoder
+
+    _, tok = load_encoder()
+    start = bundle.meta.get("offset", 0) + bundle.meta.get("n_calibration", 128)
+    heldout = lee_background_docs()[start:]
+    with torch.no_grad():
+        dense = embed(bundle.model, tok, heldout)
+
+    def score(model: Any) -> dict[str, float]:
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(embed(model, tok, heldout), dense, dim=-1).mean()
+        lee = lee50_correlations(model, tok)
+        return {"lee50_pearson": lee["pearson"], "lee50_spearman": lee["spearman"], "heldout_cosine": float(cos)}
+
+    return score

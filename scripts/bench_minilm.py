@@ -25,15 +25,13 @@ from typing import Any
 
 import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime for torch and the kernels
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import minilm_scorer, write_json  # noqa: E402
 
 from spdy.api import search  # noqa: E402
 from spdy.errors import InfeasibleBudgetError  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
-from spdy.models.minilm import embed, lee50_correlations, lee_background_docs  # noqa: E402
 from spdy.profilers import get_backend  # noqa: E402
 from spdy.results import Outcome  # noqa: E402
 from spdy.stages import ensure_database, ensure_profile  # noqa: E402
@@ -60,9 +58,6 @@ def main() -> int:
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     bundle = load_model("minilm", n_calibration=args.calibration)
-    from spdy.models.minilm import load_encoder
-
-    _, tok = load_encoder()
     backend = get_backend("spdy-cpu", threads=args.threads)
     stages["load"] = time.perf_counter() - t0
 
@@ -76,15 +71,7 @@ def main() -> int:
     stages["database"] = time.perf_counter() - t0
     stages["database (sum of layer builds)"] = float(sum(e.get("seconds", 0.0) for e in db.manifest["layers"]))
 
-    heldout = lee_background_docs()[args.calibration:]
-    with torch.no_grad():
-        dense_held = embed(bundle.model, tok, heldout)
-
-    def score(model: torch.nn.Module) -> dict[str, float]:
-        with torch.no_grad():
-            cos = torch.nn.functional.cosine_similarity(embed(model, tok, heldout), dense_held, dim=-1).mean()
-        lee = lee50_correlations(model, tok)
-        return {"lee50_pearson": lee["pearson"], "lee50_spearman": lee["spearman"], "heldout_cosine": float(cos)}
+    score = minilm_scorer(bundle)
 
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = [{"profile": "dense", "target": 1.0, "measured_speedup": 1.0,

@@ -1,0 +1,185 @@
+"""Algorithm 4 against the evolutionary search on MiniLM, at equal numbers of full loss evaluations.
+
+For each target (predicted speedup on the cached spdy-cpu profile, no latency check or
+fit, so every method answers the same budget), seed and evaluation budget ``B``:
+
+* ``spdy``: Algorithm 4 in miniature for ``B`` evaluations;
+* ``evo``: the evolutionary search (``--strategy evo``); a partial evaluation counts by
+  its share of the calibration batches, and the result at ``B`` is the best trial whose
+  cumulative cost is at most ``B`` (the search's trials do not depend on its budget);
+* ``spdy+evo``: Algorithm 4 for ``B/2`` evaluations, then evo from its best levels for
+  the rest (its seed trial re-scores those levels and counts);
+* ``uniform`` and ``global`` (one evaluation each) for reference.
+
+The loss is computed on the first ``--calibration`` documents (default 64 of the 128
+the database was built on, to keep the comparison affordable on 2 cores). Every final
+profile is scored on that calibration loss and on held-out data: Lee-50
+Pearson correlation with human similarity ratings and the mean cosine similarity to the
+dense embeddings on the lee_background documents not used for calibration. Wall time
+per search is reported, but the machine is shared, so only the losses are comparable.
+
+    python scripts/bench_evo.py [--targets 2] [--budgets 40,120] [--seeds 0,1,2] [--json FILE]
+    python scripts/bench_evo.py --merge seed0.json,seed1.json,seed2.json --json all.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime for torch and the kernels
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import minilm_scorer, write_json  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="2", help="comma-separated predicted speedups")
+    ap.add_argument("--budgets", default="40,120", help="comma-separated numbers of full loss evaluations")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=1, help="threads of the cached spdy-cpu profile")
+    ap.add_argument("--eval-threads", type=int, default=2, help="torch threads for the loss evaluations")
+    ap.add_argument("--calibration", type=int, default=64,
+                    help="calibration documents the loss is computed on (the first of the 128 the database was built on)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", default=None, metavar="FILES",
+                    help="comma-separated JSON files of earlier runs (e.g. one per seed): print their rows as one "
+                    "table (and write them to --json) instead of running")
+    return ap.parse_args()
+
+
+def _row(method: str, target: float, seed: int, budget: int, levels: np.ndarray, loss: float, evals: float,
+         wall: float, table: Any, scores: dict[str, float]) -> dict[str, Any]:
+    return {"method": method, "target": target, "seed": seed, "budget": budget, "evaluations": evals,
+            "calibration_loss": loss, "predicted_speedup": table.dense_total_s / table.predicted_time(levels),
+            "wall_s": wall, "levels": [int(x) for x in levels], **scores}
+
+
+def _evo_prefix(srch: Any, budget: float) -> tuple[np.ndarray, float, float]:
+    """The best trial of an evo search among those whose cumulative cost is at most ``budget``."""
+    spent, used, best = 0.0, 0.0, None
+    for t in sorted(srch._done(), key=lambda t: t.number):
+        spent += t.user_attrs["evaluations"]
+        if spent > budget + 1e-9:
+            break
+        used = spent
+        if best is None or t.value < best[1]:
+            best = (np.array(t.user_attrs["levels"]), float(t.value))
+    assert best is not None
+    return best[0], best[1], used
+
+
+def _runs(table: Any, obj: Any, target: float, seed: int, budgets: list[int], score: Any) -> list[dict[str, Any]]:
+    from spdy.evo import EvoConfig, EvoSearch
+    from spdy.sensitivity import Search, SearchConfig
+
+    rows = []
+    for b in budgets:
+        t0 = time.perf_counter()
+        res = Search(table, obj, SearchConfig(speedup=target, max_evals=b, seed=seed)).run()
+        rows.append(_row("spdy", target, seed, b, res.solution.levels, res.loss, b, time.perf_counter() - t0, table,
+                         score(res.solution.levels)))
+        print(f"  spdy     B={b:<4} loss {res.loss:.5f}", flush=True)
+    t0 = time.perf_counter()
+    evo = EvoSearch(table, obj, SearchConfig(speedup=target, max_evals=max(budgets), seed=seed, strategy="evo"))
+    evo.run()
+    wall = time.perf_counter() - t0
+    for b in budgets:
+        levels, loss, spent = _evo_prefix(evo, b)
+        rows.append(_row("evo", target, seed, b, levels, loss, spent, wall * spent / evo.evaluations(), table,
+                         score(levels)))
+        print(f"  evo      B={b:<4} loss {loss:.5f} ({spent:.1f} evaluations)", flush=True)
+    for b in budgets:
+        t0 = time.perf_counter()
+        first = Search(table, obj, SearchConfig(speedup=target, max_evals=b // 2, seed=seed)).run()
+        init = tuple(int(x) for x in first.solution.levels)
+        warm = EvoSearch(table, obj, SearchConfig(speedup=target, max_evals=b - b // 2, seed=seed, strategy="evo"),
+                         evo=EvoConfig(init_levels=init))
+        res = warm.run()
+        spent = b // 2 + warm.evaluations()
+        rows.append(_row("spdy+evo", target, seed, b, res.solution.levels, res.loss, spent, time.perf_counter() - t0,
+                         table, score(res.solution.levels)))
+        print(f"  spdy+evo B={b:<4} loss {res.loss:.5f} ({spent:.1f} evaluations)", flush=True)
+    return rows
+
+
+def _baselines(table: Any, obj: Any, bundle: Any, target: float, score: Any) -> list[dict[str, Any]]:
+    from spdy.measure import baseline
+
+    rows = []
+    for name in ("uniform", "global"):
+        o = baseline(name, table, bundle, target, obj)
+        rows.append(_row(name, target, -1, 1, o.solution.levels, o.calibration_loss, 1, 0.0, table,
+                         score(o.solution.levels)))
+        print(f"  {name:<8} loss {o.calibration_loss:.5f}", flush=True)
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    keys = sorted({(r["target"], r["method"], r["budget"]) for r in rows})
+    lines = ["| target | method | full evaluations | calibration loss (mean ± sd) | Lee-50 Pearson | held-out cosine "
+             "| seeds |", "|---|---|---|---|---|---|---|"]
+    for target, method, budget in keys:
+        rs = [r for r in rows if (r["target"], r["method"], r["budget"]) == (target, method, budget)]
+        def ms(k: str, f: str) -> str:
+            v = np.array([r[k] for r in rs])
+            return f"{v.mean():{f}} ± {v.std(ddof=1) if len(v) > 1 else 0.0:{f}}"
+        lines.append(f"| {target:g}x | {method} | {budget} | {ms('calibration_loss', '.4f')} | "
+                     f"{ms('lee50_pearson', '.4f')} | {ms('heldout_cosine', '.4f')} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = _args()
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        rows = [r for run in runs for r in run["rows"] if r["seed"] >= 0 or run is runs[0]]
+        md = _markdown(rows)
+        print(md)
+        write_json(args.json, {"fingerprint": runs[0]["fingerprint"], "merged": args.merge.split(","),
+                               "settings": [run["settings"] for run in runs], "rows": rows, "table": md})
+        return 0
+    from spdy.models.base import load_model
+    from spdy.profilers import get_backend
+    from spdy.stages import CalibrationObjective, ensure_database, ensure_profile
+
+    bundle = load_model("minilm")
+    backend = get_backend("spdy-cpu", threads=args.threads)
+    profile, path, _ = ensure_profile(bundle, backend)
+    table = profile.table
+    db = ensure_database(bundle, grid=table.grid)
+    torch.set_num_threads(args.eval_threads)
+    per_batch = len(bundle.calibration[0]["input_ids"])
+    small = dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, args.calibration // per_batch)])
+    obj = CalibrationObjective(small, db, table.layers)
+    score_model = minilm_scorer(bundle)
+
+    def score(levels: np.ndarray) -> dict[str, float]:
+        return score_model(db.stitch(bundle.model, {n: int(lv) for n, lv in zip(table.layers, levels)}, inplace=False))
+
+    rows: list[dict[str, Any]] = []
+    budgets = [int(b) for b in args.budgets.split(",")]
+    for target in [float(t) for t in args.targets.split(",")]:
+        print(f"=== {target:g}x (predicted, profile {path}) ===", flush=True)
+        rows += _baselines(table, obj, bundle, target, score)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            print(f" seed {seed}", flush=True)
+            rows += _runs(table, obj, target, seed, budgets, score)
+    md = _markdown(rows)
+    print("\n" + md)
+    write_json(args.json, {"fingerprint": backend.fingerprint(), "settings": vars(args), "profile": str(path),
+                           "rows": rows, "table": md})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
