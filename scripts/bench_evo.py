@@ -97,6 +97,7 @@ def _runs(table: Any, obj: Any, target: float, seed: int, budgets: list[int], sc
         levels, loss, spent = _evo_prefix(evo, b)
         rows.append(_row("evo", target, seed, b, levels, loss, spent, wall * spent / evo.evaluations(), table,
                          score(levels)))
+        rows[-1]["trial_losses"] = [h["loss"] for h in evo.history()]  # every generation's winner, in order
         print(f"  evo      B={b:<4} loss {loss:.5f} ({spent:.1f} evaluations)", flush=True)
     for b in budgets:
         t0 = time.perf_counter()
