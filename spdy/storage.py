@@ -49,7 +49,7 @@ SQLITE_BUSY_S = 60.0
 #: seconds to wait for a PostgreSQL server that does not answer
 CONNECT_TIMEOUT_S = 10
 #: attempts at opening an RDB storage while other workers create its tables at the same time
-OPEN_TRIES = 5
+OPEN_TRIES = 8
 #: how to install the driver module SQLAlchemy could not import, by module name
 DRIVERS = {"psycopg": "pip install 'spdy[postgres]'", "psycopg2": "pip install psycopg2-binary",
            "MySQLdb": "pip install mysqlclient", "pymysql": "pip install PyMySQL"}
@@ -117,13 +117,14 @@ def _open_rdb(url: str, heartbeat_s: float | None, grace_s: float | None) -> opt
             raise StorageError(f"storage {shown_url(url)!r} is not a database URL SQLAlchemy knows ({_first_line(exc)}); "
                                "give sqlite:///FILE, postgresql://USER@HOST/DB, mysql://... or a journal file path") from None
         except sqlalchemy.exc.OperationalError as exc:
-            if "locked" in str(exc) and attempt + 1 < OPEN_TRIES:
+            # SQLite: another worker holds the lock or created the same table a moment ago
+            if ("locked" in str(exc) or "already exists" in str(exc)) and attempt + 1 < OPEN_TRIES:
                 time.sleep(0.2 * (attempt + 1))
                 continue
             raise StorageError(f"cannot open the storage {shown_url(url)!r}: {_first_line(exc.orig or exc)}; check that "
                                "the server runs and the URL (user, password, host, port, database) is right") from None
         except sqlalchemy.exc.DBAPIError as exc:
-            # another worker created the same tables at the same moment: open again, they exist now
+            # PostgreSQL: another worker created the same tables at the same moment: open again, they exist now
             if attempt + 1 < OPEN_TRIES:
                 log.debug("opening %s again after %s", shown_url(url), _first_line(exc))
                 time.sleep(0.2 * (attempt + 1))

@@ -222,13 +222,17 @@ def test_an_unreachable_server_is_one_line_without_the_password() -> None:
     assert "secret" not in msg and "***" in msg and len(msg.splitlines()) == 1
 
 
-def test_workers_opening_a_new_database_at_once_all_get_it(postgres_url: str) -> None:
-    """Optuna creates its tables on first open; workers that race for it open it all the same."""
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        opened = list(pool.map(lambda _: make_storage(postgres_url, heartbeat_s=1, grace_s=3), range(4)))
-    assert all(isinstance(s, optuna.storages.RDBStorage) for s in opened)
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_workers_opening_a_new_database_at_once_all_get_it(kind: str, tmp_path: Path,
+                                                          request: pytest.FixtureRequest) -> None:
+    """Optuna creates its tables on first open; processes that race for it open it all the same."""
+    url = f"sqlite:///{tmp_path / 'new.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    code = f"from spdy.storage import make_storage; make_storage({url!r}, heartbeat_s=1, grace_s=3)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
 
 
 # -- one process, every storage ------------------------------------------------------
