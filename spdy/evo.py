@@ -41,7 +41,7 @@ import optuna
 
 from spdy import dp
 from spdy.errors import InvalidInputError
-from spdy.sensitivity import Objective, Search, SearchConfig, SearchResult
+from spdy.sensitivity import Objective, Search, SearchConfig, SearchResult, distinct_starts
 from spdy.types import LatencyTable, Solution
 
 log = logging.getLogger(__name__)
@@ -270,16 +270,9 @@ class EvoSearch(Search):
         until ``evals`` full evaluations in all. Kept out of the study: not resumable."""
         budget = self.table.budget_for(dp.parse_speedup(speedup))
         rng = np.random.default_rng([self.cfg.seed, 0x5EF1, int(round(speedup * 1e6))])
-        starts: list[np.ndarray] = []
-        for t in sorted(self._done(), key=lambda t: (t.value, t.number)):
-            lv = fit_budget(np.array(t.user_attrs["levels"], dtype=np.int64), self.table, budget, rng,
-                            buckets=self.cfg.buckets)
-            if not any(np.array_equal(lv, s) for s in starts):
-                starts.append(lv)
-            if len(starts) >= max(1, top):
-                break
-        if not starts:
-            raise InvalidInputError("the search has no completed evaluation to refine from")
+        done = sorted(self._done(), key=lambda t: (t.value, t.number))
+        starts = distinct_starts((fit_budget(np.array(t.user_attrs["levels"], dtype=np.int64), self.table, budget, rng,
+                                             buckets=self.cfg.buckets) for t in done), top)
         best = min(((lv, self._full_loss(lv)) for lv in starts[:evals]), key=lambda p: p[1])
         spent = float(min(evals, len(starts)))
         while spent + self.gen_cost <= evals:

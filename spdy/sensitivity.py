@@ -35,7 +35,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +174,19 @@ def _sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
     if strategy == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def distinct_starts(vectors: Iterable[np.ndarray], top: int) -> list[np.ndarray]:
+    """The first ``top`` distinct vectors (at least one) of ``vectors``, in order, to refine from."""
+    starts: list[np.ndarray] = []
+    for v in vectors:
+        if not any(np.array_equal(v, s) for s in starts):
+            starts.append(v)
+        if len(starts) >= max(1, top):
+            break
+    if not starts:
+        raise InvalidInputError("the search has no completed evaluation to refine from")
+    return starts
 
 
 @dataclass
@@ -332,15 +345,7 @@ class Search:
         """
         done = sorted((t for t in self._trials() if t.state == optuna.trial.TrialState.COMPLETE and "c" in t.user_attrs),
                       key=lambda t: (t.value, _slot(t)))
-        starts: list[np.ndarray] = []
-        for t in done:
-            c = np.array(t.user_attrs["c"])
-            if not any(np.array_equal(c, s) for s in starts):
-                starts.append(c)
-            if len(starts) >= max(1, top):
-                break
-        if not starts:
-            raise InvalidInputError("the search has no completed evaluation to refine from")
+        starts = distinct_starts((np.array(t.user_attrs["c"]) for t in done), top)
         losses: dict[bytes, float] = {}
 
         def score(c: np.ndarray) -> tuple[Solution, float]:
