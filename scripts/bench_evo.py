@@ -67,7 +67,9 @@ def _row(method: str, target: float, seed: int, budget: int, levels: np.ndarray,
 def _evo_prefix(srch: Any, budget: float) -> tuple[np.ndarray, float, float]:
     """The best trial of an evo search among those whose cumulative cost is at most ``budget``."""
     spent, used, best = 0.0, 0.0, None
-    for t in sorted(srch._done(), key=lambda t: t.number):
+    from spdy.sensitivity import _slot
+
+    for t in sorted(srch._done(), key=_slot):
         spent += t.user_attrs["evaluations"]
         if spent > budget + 1e-9:
             break

@@ -41,7 +41,7 @@ import optuna
 
 from spdy import dp
 from spdy.errors import InvalidInputError
-from spdy.sensitivity import Objective, Search, SearchConfig, SearchResult, distinct_starts
+from spdy.sensitivity import Objective, Search, SearchConfig, SearchResult, _slot, distinct_starts
 from spdy.types import LatencyTable, Solution
 
 log = logging.getLogger(__name__)
@@ -172,17 +172,17 @@ class EvoSearch(Search):
         done = self._done()
         if not done:
             return None, math.inf
-        b = min(done, key=lambda t: (t.value, t.number))
+        b = min(done, key=lambda t: (t.value, _slot(t)))
         return np.array(b.user_attrs["levels"], dtype=np.int64), float(b.value)  # type: ignore[arg-type]
 
     def n_complete(self) -> int:
         return len(self._done())
 
     def history(self) -> list[dict[str, Any]]:
-        return [{"number": t.number, "loss": t.value, "phase": t.user_attrs["phase"], "d": t.user_attrs["d"],
-                 "evaluations": t.user_attrs["evaluations"], "worker": t.user_attrs.get("worker"),
+        return [{"number": _slot(t), "trial": t.number, "loss": t.value, "phase": t.user_attrs["phase"],
+                 "d": t.user_attrs["d"], "evaluations": t.user_attrs["evaluations"], "worker": t.user_attrs.get("worker"),
                  "predicted_speedup": t.user_attrs["predicted_speedup"]}
-                for t in sorted(self._done(), key=lambda t: t.number)]
+                for t in sorted(self._done(), key=_slot)]
 
     def evaluations(self) -> float:
         """Full loss evaluations the completed trials cost."""
@@ -241,8 +241,6 @@ class EvoSearch(Search):
         return pool[0][0], loss, pool[0][1]
 
     def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float | None:
-        storage = self.study._storage
-        tid = trial._trial_id if trial is not None else None  # type: ignore[union-attr]
         budget = self.budget
         parent, _ = self.best()
         if number == 0 or parent is None:
@@ -259,7 +257,7 @@ class EvoSearch(Search):
                  "predicted_speedup": self.table.dense_total_s / pred, "cached": False}
         try:
             for k, v in attrs.items():
-                storage.set_trial_user_attr(tid, k, v)
+                trial.set_user_attr(k, v)  # type: ignore[union-attr]
         except optuna.exceptions.UpdateFinishedTrialError:
             return None
         return loss
@@ -270,7 +268,7 @@ class EvoSearch(Search):
         until ``evals`` full evaluations in all. Kept out of the study: not resumable."""
         budget = self.table.budget_for(dp.parse_speedup(speedup))
         rng = np.random.default_rng([self.cfg.seed, 0x5EF1, int(round(speedup * 1e6))])
-        done = sorted(self._done(), key=lambda t: (t.value, t.number))
+        done = sorted(self._done(), key=lambda t: (t.value, _slot(t)))
         starts = distinct_starts((fit_budget(np.array(t.user_attrs["levels"], dtype=np.int64), self.table, budget, rng,
                                              buckets=self.cfg.buckets) for t in done), top)
         best = min(((lv, self._full_loss(lv)) for lv in starts[:evals]), key=lambda p: p[1])

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -170,3 +175,44 @@ def test_evo_warm_start_and_refine() -> None:
     with pytest.raises(InvalidInputError):
         EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.4, strategy="evo"),
                   evo=EvoConfig(init_levels=(0, 1)))
+
+
+# -- two worker processes on one study, every storage ------------------------------------
+
+
+class SlowEvo(EvoSearch):
+    """An evo search whose every loss takes 50 ms, as a real model's would."""
+
+    def _score(self, levels: np.ndarray, batches: np.ndarray | None) -> float:
+        time.sleep(0.05)
+        return super()._score(levels, batches)
+
+
+EVO_TRIALS = 5
+
+
+def evo_work(store: str) -> None:
+    """One worker process of a shared evo search on ``tests.test_storage``'s table and loss."""
+    from tests.test_storage import FAST_BEATS, STUDY, objective, table
+
+    cfg = SearchConfig(speedup=2.0, max_evals=1 + 8 * (EVO_TRIALS - 1), seed=3, strategy="evo", **FAST_BEATS)
+    res = SlowEvo(table(), objective, cfg, storage=store, study_name=STUDY).run()
+    print(json.dumps({"evaluations": res.n_evaluations, "best": res.loss}), flush=True)
+
+
+def test_two_evo_workers_share_a_study(shared_storage: str) -> None:
+    from tests.test_storage import ROOT, check_every_slot_once
+
+    code = f"from tests.test_evo import evo_work; evo_work({shared_storage!r})"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    reports = []
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, f"worker {p.pid} exited with {p.returncode}"
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    done = check_every_slot_once(shared_storage, EVO_TRIALS)
+    assert all(t.user_attrs["phase"] == ("seed" if s == 0 else "evo") for s, t in done.items())
+    assert reports[0]["best"] == reports[1]["best"] == min(t.value for t in done.values())
+    assert all(r["evaluations"] == 1 + 8 * (EVO_TRIALS - 1) for r in reports)  # no batches: children scored in full

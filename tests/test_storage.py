@@ -163,7 +163,7 @@ def kill(p: subprocess.Popen[str]) -> None:
     p.wait()  # reaped: its pid is gone from this host
 
 
-def check_every_slot_once(store: str) -> dict[int, optuna.trial.FrozenTrial]:
+def check_every_slot_once(store: str, total: int = TOTAL) -> dict[int, optuna.trial.FrozenTrial]:
     """Each slot of the schedule completed by exactly one trial (none past it); slot -> that trial."""
     ts = trials(store)
     slot_of = slots(ts)
@@ -171,7 +171,7 @@ def check_every_slot_once(store: str) -> dict[int, optuna.trial.FrozenTrial]:
     for t in ts:
         if t.state == COMPLETE:
             done.setdefault(slot_of[t.number], []).append(t)
-    assert sorted(done) == list(range(TOTAL)), sorted(done)
+    assert sorted(done) == list(range(total)), sorted(done)
     assert all(len(v) == 1 for v in done.values()), {s: [t.number for t in v] for s, v in done.items() if len(v) > 1}
     return {s: v[0] for s, v in done.items()}
 
