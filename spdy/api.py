@@ -225,7 +225,7 @@ def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured
     """The :class:`SearchOutcome` of a search that went through every stage."""
     if measured is not None:
         best, base_out = measured.best, measured.baselines
-    quality = assess(found.objective, run.table, best.solution.levels, cfg.speedup)
+    quality = assess(found.objective, run.table, best.solution.levels, best.calibration_loss, cfg.speedup)
     warnings = (*(measured.warnings if measured else ()), *([quality.message(cfg.speedup)] if quality.far else []))
     return SearchOutcome(
         model=run.bundle.name, backend=run.backend.name, target_speedup=cfg.speedup, result=best,

@@ -140,11 +140,6 @@ def mutate(parent: np.ndarray, table: LatencyTable, budget: float, rng: np.rando
     return fit_budget(child, table, budget, rng, held, buckets), moves
 
 
-def solution_for(table: LatencyTable, levels: np.ndarray) -> Solution:
-    """``levels`` as a :class:`Solution` of ``table`` (total error: none, the levels were searched)."""
-    return table.solution(levels)
-
-
 class EvoSearch(Search):
     """One worker of an evolutionary search (see the module docstring); the same study,
     storage, resume and result as :class:`~spdy.sensitivity.Search`."""
@@ -192,7 +187,7 @@ class EvoSearch(Search):
         levels, loss = self.best()
         if levels is None:
             raise InvalidInputError("the search has no completed evaluation yet")
-        return SearchResult(solution=solution_for(self.table, levels), coefficients=np.array([]), loss=loss,
+        return SearchResult(solution=self.table.solution(levels), coefficients=np.array([]), loss=loss,
                             n_evaluations=int(round(self.evaluations())), study_name=self.study.study_name,
                             history=self.history(), timings_s=dict(self.stage_s))
 
@@ -204,15 +199,9 @@ class EvoSearch(Search):
                               buckets=self.cfg.buckets)
         return self._solve_prior(None).levels.astype(np.int64)
 
-    def _full_loss(self, levels: np.ndarray) -> float:
-        key = levels.tobytes()
-        if key not in self._loss_cache:
-            self._loss_cache[key] = float(self.objective(levels))
-        return self._loss_cache[key]
-
     def _score(self, levels: np.ndarray, batches: np.ndarray | None) -> float:
         if batches is None:
-            return self._full_loss(levels)
+            return self.loss(levels)[0]
         return float(self.objective(levels, batches=batches))  # type: ignore[call-arg]
 
     def generation(self, parent: np.ndarray, rng: np.random.Generator, budget: float) -> tuple[np.ndarray, float, int]:
@@ -245,7 +234,7 @@ class EvoSearch(Search):
         parent, _ = self.best()
         if number == 0 or parent is None:
             levels, phase, moves, cost = self._seed_levels(budget), "seed", 0, 1.0
-            loss = self._full_loss(levels)
+            loss = self.loss(levels)[0]
         else:
             rng = np.random.default_rng([self.cfg.seed, 0xE70, number])
             levels, loss, moves = self.generation(parent, rng, budget)
@@ -271,7 +260,7 @@ class EvoSearch(Search):
         done = sorted(self._done(), key=lambda t: (t.value, _slot(t)))
         starts = distinct_starts((fit_budget(np.array(t.user_attrs["levels"], dtype=np.int64), self.table, budget, rng,
                                              buckets=self.cfg.buckets) for t in done), top)
-        best = min(((lv, self._full_loss(lv)) for lv in starts[:evals]), key=lambda p: p[1])
+        best = min(((lv, self.loss(lv)[0]) for lv in starts[:evals]), key=lambda p: p[1])
         spent = float(min(evals, len(starts)))
         while spent + self.gen_cost <= evals:
             child, loss, _ = self.generation(best[0], rng, budget)
@@ -279,4 +268,4 @@ class EvoSearch(Search):
             if loss < best[1]:
                 best = (child, loss)
         log.info("refine at %.4gx: %.1f evaluations, best loss %.5g", speedup, spent, best[1])
-        return best[0], solution_for(self.table, best[0]), best[1]
+        return best[0], self.table.solution(best[0]), best[1]

@@ -18,6 +18,7 @@ beats uniform pruning at equal speed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -112,17 +113,16 @@ def top1_agreement(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]
     return hits / max(total, 1)
 
 
-def assess(objective: Any, table: Any, levels: np.ndarray, target: float) -> Quality:
-    """The :class:`Quality` of ``levels`` on ``objective``'s calibration set (a
-    :class:`~spdy.stages.CalibrationObjective`), with the largest safe target when it is far."""
+def assess(objective: Any, table: Any, levels: np.ndarray, loss: float, target: float) -> Quality:
+    """The :class:`Quality` of ``levels``, whose calibration loss on ``objective`` (a
+    :class:`~spdy.stages.CalibrationObjective`) is ``loss``, with the largest safe target when it is far."""
     from spdy.baselines import uniform
     from spdy.errors import InfeasibleBudgetError
 
-    bundle = objective.bundle
-    loss = float(objective(levels))  # leaves objective.work stitched (and BatchNorm re-estimated) at ``levels``
-    const = constant_loss(bundle, objective.dense_outputs)
-    top1 = top1_agreement(bundle.outputs(objective.work), objective.dense_outputs) if is_classifier(bundle) else None
-    q = Quality(loss, const, top1)
+    bundle, dense = objective.bundle, objective.dense_outputs
+    classifier = is_classifier(bundle)
+    const = constant_loss(bundle, dense)
+    q = Quality(float(loss), const, top1_agreement(objective.outputs(levels), dense) if classifier else None)
     if not q.far:
         return q
     lo, hi = 1.0, float(target)
@@ -134,8 +134,8 @@ def assess(objective: Any, table: Any, levels: np.ndarray, target: float) -> Qua
             hi = mid
             continue
         ok = Quality(float(objective(sol.levels)), const,
-                     top1_agreement(bundle.outputs(objective.work), objective.dense_outputs) if top1 is not None else None)
+                     top1_agreement(objective.outputs(sol.levels), dense) if classifier else None)
         lo, hi = (mid, hi) if not ok.far else (lo, mid)
-    best = lo if lo > 1.0 else None
-    log.warning("%s", Quality(loss, const, top1, best).message(target))
-    return Quality(loss, const, top1, best)
+    q = dataclasses.replace(q, largest_target=lo if lo > 1.0 else None)
+    log.warning("%s", q.message(target))
+    return q

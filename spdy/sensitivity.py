@@ -279,6 +279,16 @@ class Search:
         self.stage_s["dp"] += time.perf_counter() - t0
         return sol
 
+    def loss(self, levels: np.ndarray) -> tuple[float, bool]:
+        """The calibration loss of ``levels`` and whether this worker had scored them before."""
+        key = np.asarray(levels).tobytes()
+        cached = key in self._loss_cache
+        if not cached:
+            t0 = time.perf_counter()
+            self._loss_cache[key] = float(self.objective(levels))
+            self.stage_s["objective"] += time.perf_counter() - t0
+        return self._loss_cache[key], cached
+
     def _evaluate(self, number: int, trial: optuna.trial.Trial) -> float | None:
         """The calibration loss of slot ``number``, evaluated as ``trial`` and recorded with its
         candidate; None if another worker failed the trial meanwhile (it took this one for gone)."""
@@ -289,12 +299,7 @@ class Search:
             c = np.array([trial.suggest_float(f"c{i}", 0.0, 1.0) for i in range(self.L)])
             phase, d = self.cfg.strategy, 0
         sol = self.solve(c)
-        key = sol.levels.tobytes()
-        t0 = time.perf_counter()
-        cached = key in self._loss_cache
-        loss = self._loss_cache[key] if cached else float(self.objective(sol.levels))
-        self._loss_cache[key] = loss
-        self.stage_s["objective"] += time.perf_counter() - t0
+        loss, cached = self.loss(sol.levels)
         if not math.isfinite(loss):
             raise InvalidInputError(f"the calibration loss of trial {number} is {loss}; check the model and loss")
         attrs = {"c": [float(x) for x in c], "phase": phase, "d": d, "levels": [int(x) for x in sol.levels],
@@ -352,7 +357,7 @@ class Search:
             sol = self._solve_prior(c, speedup)
             key = sol.levels.tobytes()
             if key not in losses:  # this process may have scored these levels in the search already
-                losses[key] = self._loss_cache[key] if key in self._loss_cache else float(self.objective(sol.levels))
+                losses[key] = self.loss(sol.levels)[0]
             return sol, losses[key]
 
         best: tuple[np.ndarray, Solution, float] | None = None

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - numba missing
     pass
 
 import numpy as np
+import torch
 from torch import nn
 
 from spdy import dp
@@ -240,8 +241,7 @@ class CalibrationObjective:
         """The calibration loss of ``levels`` on the whole calibration set, or on the batches
         with the indices ``batches`` (BatchNorm statistics then re-estimated on those alone)."""
         t0 = time.perf_counter()
-        cols = self.columns
-        self.db.stitch(self.work, {n: int(lv) if cols is None else cols[int(lv)] for n, lv in zip(self.layers, levels)})
+        self._stitch(levels)
         t1 = time.perf_counter()
         self.bundle.retune_batchnorm(self.work, batches)  # counted in loss_s: one more pass over the batches
         loss = self.bundle.calibration_loss(self.work, self.dense_outputs, batches)
@@ -249,6 +249,16 @@ class CalibrationObjective:
         self.loss_s += time.perf_counter() - t1
         self.calls += 1
         return float(loss)
+
+    def outputs(self, levels: np.ndarray) -> list[torch.Tensor]:
+        """The outputs of the model pruned to ``levels`` on every calibration batch."""
+        self._stitch(levels)
+        self.bundle.retune_batchnorm(self.work)
+        return self.bundle.outputs(self.work)
+
+    def _stitch(self, levels: np.ndarray) -> None:
+        cols = self.columns
+        self.db.stitch(self.work, {n: int(lv) if cols is None else cols[int(lv)] for n, lv in zip(self.layers, levels)})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 
 from spdy import dp
 from spdy.errors import InvalidInputError
-from spdy.evo import EvoConfig, EvoSearch, fit_budget, layer_times, mutate, solution_for
+from spdy.evo import EvoConfig, EvoSearch, fit_budget, layer_times, mutate
 from spdy.grid import SparsityGrid
 from spdy.sensitivity import SearchConfig
 from spdy.types import LatencyTable
@@ -171,7 +171,7 @@ def test_evo_warm_start_and_refine() -> None:
     assert res.history[0]["phase"] == "seed"
     levels, sol, loss = srch.refine(1.8, evals=8)
     assert sol.predicted_speedup >= 1.8 * (1 - 1e-9) and np.array_equal(sol.levels, levels)
-    assert solution_for(table, levels).predicted_time_s == pytest.approx(table.predicted_time(levels))
+    assert table.solution(levels).predicted_time_s == pytest.approx(table.predicted_time(levels))
     with pytest.raises(InvalidInputError):
         EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.4, strategy="evo"),
                   evo=EvoConfig(init_levels=(0, 1)))
