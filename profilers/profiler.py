@@ -261,11 +261,17 @@ def profile_model(
 
     ``patterns`` (``"2:4"``, ...) also times each layer with its weight pruned to that N:M
     pattern (:meth:`Backend.pattern_formats`) and records it in ``pattern_times``.
+
+    Everything is timed on the model's inference form (:attr:`ModelBundle.inference`: the
+    BatchNorms that follow a layer folded into it, ``settings["batchnorm_folded"]``), so the
+    base holds no BatchNorm a deployment would not run.
     """
     from spdy.choices import parse_patterns
 
     patterns = parse_patterns(patterns)
-    specs = list(specs) if specs is not None else bundle.layers()
+    folds = bundle.batchnorm_folds
+    specs = bundle.inference_layers(specs)
+    bundle = bundle.inference  # the model as it is deployed: BatchNorms folded (ModelBundle.inference)
     t_start = time.perf_counter()
     layers = _capture_layers(bundle, specs)
     groups = _measurement_groups(backend, specs)
@@ -287,6 +293,7 @@ def profile_model(
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
         "in_model": terms.to_json(), "profile_seconds": round(time.perf_counter() - t_start, 1),
+        "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),
     }
     if progress:
@@ -389,6 +396,7 @@ def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray
     if profile.formats is None:
         raise InvalidInputError("the profile records no kernel format per level; re-run 'spdy profile' to get one")
     pruners: dict[str, LevelPruner] = {}
+    bundle = bundle.inference
 
     def weight(name: str, choice: Choice) -> np.ndarray:
         if name not in pruners:
@@ -425,6 +433,7 @@ def validate(
         )
     if k < 1:
         return []
+    bundle = bundle.inference  # timed as the profile was: BatchNorms folded
     profile.check_model(bundle.layers())
     t = profile.table
     vectors = spanning_level_vectors(len(t.layers), len(t.grid), k, seed)

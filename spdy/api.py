@@ -254,14 +254,21 @@ def apply(
     *,
     sparse: bool = False,
     threads: int | None = None,
+    fold: bool = True,
 ) -> nn.Module:
-    """Load a search result's pruned weights into ``model`` in place and return it.
+    """Load a search result's pruned weights into ``model`` in place and return the model in the
+    form it was timed in.
 
-    With ``sparse=True`` the pruned layers are also swapped for spdy's sparse CPU
-    modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
-    so that the model runs as fast as was measured; ``threads`` sets the thread count.
+    The pruned weights (and re-estimated BatchNorm statistics) go into ``model`` itself. When the
+    result was timed with BatchNorms folded into the layers before them (CNNs; the manifest's
+    ``batchnorm_folds``), the return value is a folded copy (:func:`spdy.fold.fold_batchnorm`)
+    and ``model`` keeps its BatchNorm layers; otherwise, or with ``fold=False``, it is ``model``.
+    With ``sparse=True`` the pruned layers of the returned model are also swapped for spdy's
+    sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
+    so that it runs as fast as was measured; ``threads`` sets the thread count.
     """
-    from spdy.export import apply_buffers, apply_weights, load_buffers, load_pruned
+    from spdy.export import apply_buffers, apply_weights, load_buffers, load_folds, load_pruned
+    from spdy.fold import fold_batchnorm
 
     if isinstance(model, ModelBundle):
         model = model.model
@@ -277,6 +284,9 @@ def apply(
                                        f"({manifest.get('model')!r})") from None
     apply_weights(model, weights)
     apply_buffers(model, load_buffers(model_dir))  # BatchNorm statistics re-estimated for the pruned model
+    folds = load_folds(manifest)
+    if fold and folds:
+        model = fold_batchnorm(model, folds)  # after the statistics: the fold uses the pruned model's
     if sparse:
         from spdy import kernels, runtime
 

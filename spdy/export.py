@@ -6,6 +6,8 @@ out x in*kh*kw); ``OUT/model/manifest.json`` the shapes, levels and provenance.
 Layers that stay dense are not stored: the original model supplies them.
 Buffers re-estimated for the pruned model (BatchNorm running statistics) are
 stored as ``buffer:<module>.<buffer>`` and listed under ``buffers`` in the manifest.
+The manifest's ``batchnorm_folds`` lists the ``[layer, BatchNorm]`` pairs the model was
+timed with folded (:mod:`spdy.fold`); ``spdy.apply`` folds them (:func:`load_folds`).
 """
 
 from __future__ import annotations
@@ -100,6 +102,17 @@ def load_buffers(model_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         return {}
     t = load_file(str(d / "weights.safetensors"))
     return {n: t[f"buffer:{n}"] for n in names}
+
+
+def load_folds(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The BatchNorm folds (:class:`spdy.fold.FoldPair`) a pruned model's manifest records; none
+    for a model written before folding (it was timed unfolded)."""
+    from spdy.fold import FoldPair
+
+    folds = manifest.get("batchnorm_folds", [])
+    if not isinstance(folds, list):
+        raise InvalidInputError(f"the manifest's batchnorm_folds must be a list of [layer, BatchNorm]; got {folds!r}")
+    return tuple(FoldPair.from_json(p) for p in folds)
 
 
 @torch.no_grad()

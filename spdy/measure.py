@@ -96,11 +96,14 @@ class Measured:
 
 
 def _weights(bundle: ModelBundle, database: Any) -> Callable[[str, Choice], np.ndarray]:
-    """``weight(name, choice)`` of a measured model: the model's own weight where dense, else the database's."""
+    """``weight(name, choice)`` of a measured model in its inference form: the folded model's own
+    weight where dense, else the database's, scaled as the fold scales it (the zeros stay)."""
+    folded = bundle.inference.model
+
     def weight(name: str, choice: Choice) -> np.ndarray:
         if choice.is_dense:
-            return get_module(bundle.model, name).weight.detach().float().numpy()
-        return database.weight(name, choice)
+            return get_module(folded, name).weight.detach().float().numpy()
+        return bundle.inference_weight(name, database.weight(name, choice))
     return weight
 
 
@@ -129,15 +132,17 @@ def measure_rounds(
     rounds: int = 1,
 ) -> Rounds:
     """Time the dense model, each solution's pruned model and the base, interleaved, end to end,
-    in ``rounds`` full interleaved measurements."""
+    in ``rounds`` full interleaved measurements; all in the inference form the profile timed
+    (:attr:`ModelBundle.inference`, BatchNorms folded)."""
     from spdy.profilers import STANDIN, LayerChoice, backend_plan
 
     names = list(solutions)
     weight = _weights(bundle, database)
+    timed = bundle.inference
     dense = profile.table.solution(np.zeros(len(profile.table.layers), dtype=np.int64))
-    plans = [backend_plan(s, weight, bundle.model) for s in (dense, *(solutions[n] for n in names))]
+    plans = [backend_plan(s, weight, timed.model) for s in (dense, *(solutions[n] for n in names))]
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
-    arr = np.array([[tm.median_s for tm in backend.time_models(bundle, plans)] for _ in range(max(1, rounds))])
+    arr = np.array([[tm.median_s for tm in backend.time_models(timed, plans)] for _ in range(max(1, rounds))])
     return Rounds(arr[:, 0], {n: arr[:, 1 + i] for i, n in enumerate(names)}, arr[:, -1])
 
 

@@ -73,10 +73,13 @@ def default_study_name(bundle: ModelBundle, config: Any) -> str:
 
 def profile_cache_path(bundle: ModelBundle, backend: Any, grid: SparsityGrid, specs: Sequence[LayerSpec],
                        patterns: Sequence[str] = ()) -> Path:
-    """The cached profile's path: model name, layer signature, grid, N:M patterns, backend and hardware fingerprint."""
+    """The cached profile's path: model name, layer signature, grid, N:M patterns, backend, hardware
+    fingerprint and the BatchNorms folded in the timed model (:attr:`ModelBundle.inference`)."""
+    folds = bundle.batchnorm_folds
     key = _digest({"specs": [s.to_json() for s in specs], "grid": grid.to_json(),
                    "fingerprint": _stable_fingerprint(backend.fingerprint()), "settings": backend.settings(),
-                   **({"patterns": list(patterns)} if patterns else {})})
+                   **({"patterns": list(patterns)} if patterns else {}),
+                   **({"batchnorm_folded": [p.to_json() for p in folds]} if folds else {})})
     return cache_dir() / "profiles" / f"{_safe(bundle.name)}-{backend.name}-t{backend.threads}-{key}.json"
 
 
@@ -300,6 +303,11 @@ def open_profile(
     table = prof.table
     if grid is not None and tuple(grid.levels) != tuple(table.grid.levels):
         raise ProfileMismatchError(f"the profile has a {len(table.grid)}-level grid, not the {len(grid)} levels asked for")
+    folded = [p.to_json() for p in bundle.batchnorm_folds]
+    if prof.settings.get("batchnorm_folded", []) != folded:
+        log.warning("the profile was measured with %d BatchNorm layers folded, the model is timed with %d folded "
+                    "(ModelBundle.inference): its base time is off by those BatchNorms until it is measured again",
+                    len(prof.settings.get("batchnorm_folded", [])), len(folded))
     return prof, prof_path
 
 

@@ -436,3 +436,56 @@ def test_stored_correction_is_none_only_for_a_missing_study(tmp_path):
         _stored_correction(f"sqlite:///{tmp_path}/missing-dir/x.db", "s")
     assert not isinstance(info.value, KeyError)
 
+
+
+class BNConv(nn.Module):
+    """conv-BatchNorm-ReLU twice, global average pooling, a Linear: a CNN whose BatchNorms fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(16, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+        self.c2, self.b2 = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def bn_cnn_factory() -> dict:
+    torch.manual_seed(0)
+    model = BNConv()
+    data = torch.randn(32, 16, 12, 12)
+    model.train()
+    with torch.no_grad():  # running statistics of the data, not the defaults
+        model(data)
+    calib = [data[i:i + 8] for i in range(0, 32, 8)]
+    return {"model": model.eval(), "calibration": calib, "loss": "kl"}
+
+
+def test_a_cnn_is_profiled_timed_and_deployed_with_its_batchnorms_folded(tmp_path):
+    bundle = as_bundle("tests.test_api:bn_cnn_factory")
+    assert [p.to_json() for p in bundle.batchnorm_folds] == [["c1", "b1"], ["c2", "b2"]]
+    out, prof_path = tmp_path / "out", tmp_path / "cnn.json"
+    spdy.search(bundle, speedup=1.1, threads=1, profile=prof_path, database=tmp_path / "db", grid=GRID, max_evals=3,
+                timing=POLICY, baselines=(), fit_rounds=0, measure_rounds=1, out=out)
+    prof = load_profile(prof_path)
+    assert prof.settings["batchnorm_folded"] == [["c1", "b1"], ["c2", "b2"]]
+    assert all(s.has_bias for s in prof.specs)  # the folded convolutions were timed with their bias
+    assert json.loads((out / "model" / "manifest.json").read_text())["batchnorm_folds"] == [["c1", "b1"], ["c2", "b2"]]
+    model = bn_cnn_factory()["model"]
+    folded = spdy.apply(model, out)
+    assert folded is not model and isinstance(model.b1, nn.BatchNorm2d) and isinstance(folded.b1, nn.Identity)
+    x = bundle.calibration[0]
+    with torch.no_grad():  # model: pruned weights and re-estimated statistics, unfolded; folded: the same, folded
+        ref = model(x)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    assert any((getattr(model, name).weight == 0).any() for name in ("c1", "c2", "fc"))  # something was pruned
+    for name in ("c1", "c2"):
+        assert torch.equal(getattr(folded, name).weight == 0, getattr(model, name).weight == 0)
+    unfolded = bn_cnn_factory()["model"]
+    assert spdy.apply(unfolded, out, fold=False) is unfolded
+    sparse = spdy.apply(bn_cnn_factory()["model"], out, sparse=True, threads=1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,9 @@ name such as ``minilm``.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import functools
 import hashlib
 import importlib
 import logging
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from spdy.errors import InvalidInputError, ModelLoadError, NoPrunableLayersError
+from spdy.fold import FoldPair, find_foldable, fold_batchnorm, folded_specs, scaled_weight
 from spdy.types import LayerSpec
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,12 @@ class ModelBundle:
       companion of one-shot pruning of CNNs: pruning shifts the activation statistics
       the stored ones were taken on). ``None`` (default): on when the model has
       BatchNorm layers that track running statistics.
+    * ``fold_batchnorm``: profile, time and deploy the model in its inference form
+      (:attr:`inference`): every BatchNorm that directly follows a Conv2d or Linear folded
+      into that layer (:mod:`spdy.fold`), as a deployment runtime runs it. The database and
+      the calibration loss still use ``model`` as it is, so that the BatchNorm statistics
+      of pruned copies can be re-estimated; folding scales whole output channels, so a
+      pruned layer keeps its zeros and its time. False: time the model unfolded.
     """
 
     name: str
@@ -156,6 +165,7 @@ class ModelBundle:
     calibration_id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     tune_batchnorm: bool | None = None
+    fold_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -173,6 +183,38 @@ class ModelBundle:
         if self.tune_batchnorm is None:
             object.__setattr__(self, "tune_batchnorm", bool(batchnorm_modules(self.model)))
         self.model.eval()
+
+    @functools.cached_property
+    def batchnorm_folds(self) -> tuple[FoldPair, ...]:
+        """The BatchNorms that fold into the layer before them (found on ``example``; empty
+        without ``fold_batchnorm``)."""
+        if not self.fold_batchnorm or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return ()
+        return find_foldable(self.model, lambda m: self.forward(m, self.example))
+
+    @functools.cached_property
+    def inference(self) -> ModelBundle:
+        """This bundle with the model in its inference form (BatchNorms folded, on a copy made
+        at the first access): what the profile times and ``spdy.apply`` returns. The bundle
+        itself when nothing folds."""
+        folds = self.batchnorm_folds
+        if not folds:
+            return self
+        log.info("%s: timing the inference form, %d BatchNorm layers folded into the layers before them",
+                 self.name, len(folds))
+        return dataclasses.replace(self, model=fold_batchnorm(self.model, folds), fold_batchnorm=False,
+                                   tune_batchnorm=False)
+
+    def inference_layers(self, specs: Sequence[LayerSpec] | None = None) -> list[LayerSpec]:
+        """The prunable layers (``specs``, default :meth:`layers`) as the inference form has them
+        (a layer a BatchNorm folds into has a bias)."""
+        return folded_specs(self.layers() if specs is None else specs, self.batchnorm_folds)
+
+    def inference_weight(self, name: str, weight: np.ndarray) -> np.ndarray:
+        """A weight of layer ``name`` (e.g. a pruned one from the database) as the inference form
+        holds it: scaled by the folded BatchNorm's dense statistics (the weight itself when none folds)."""
+        norm = {p.layer: p.norm for p in self.batchnorm_folds}.get(name)
+        return weight if norm is None else scaled_weight(weight, self.model.get_submodule(norm))
 
     @property
     def n_samples(self) -> int:
