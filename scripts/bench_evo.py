@@ -1,4 +1,4 @@
-"""Algorithm 4 against the evolutionary search on MiniLM, at equal numbers of full loss evaluations.
+"""Algorithm 4 against the evolutionary search, at equal numbers of full loss evaluations.
 
 For each target (predicted speedup on the cached spdy-cpu profile, no latency check or
 fit, so every method answers the same budget), seed and evaluation budget ``B``:
@@ -9,16 +9,24 @@ fit, so every method answers the same budget), seed and evaluation budget ``B``:
   cumulative cost is at most ``B`` (the search's trials do not depend on its budget);
 * ``spdy+evo``: Algorithm 4 for ``B/2`` evaluations, then evo from its best levels for
   the rest (its seed trial re-scores those levels and counts);
+* ``evo-small`` (with ``--small``): evo whose children make one move of one level
+  (EvoPress's level switch: one layer a level harder, another a level lighter);
 * ``uniform`` and ``global`` (one evaluation each) for reference.
 
-The loss is computed on the first ``--calibration`` documents (default 64 of the 128
+``--model minilm`` (default): 
+the loss is computed on the first ``--calibration`` documents (default 64 of the 128
 the database was built on, to keep the comparison affordable on 2 cores). Every final
 profile is scored on that calibration loss and on held-out data: Lee-50
 Pearson correlation with human similarity ratings and the mean cosine similarity to the
-dense embeddings on the lee_background documents not used for calibration. Wall time
-per search is reported, but the machine is shared, so only the losses are comparable.
+dense embeddings on the lee_background documents not used for calibration.
+``--model digits``: the digits ResNet (``spdy.examples.digits:factory``, KL loss on its
+512 calibration images), scored on the held-out 20% of the digits: accuracy and top-1
+agreement with the dense model (BatchNorm statistics re-estimated on the calibration
+images, as the search does). Wall time per search is reported, but the machine is
+shared, so only the losses are comparable.
 
     python scripts/bench_evo.py [--targets 2] [--budgets 40,120] [--seeds 0,1,2] [--json FILE]
+    python scripts/bench_evo.py --model digits --targets 1.5,2 --budgets 40,150,500 --small
     python scripts/bench_evo.py --merge seed0.json,seed1.json,seed2.json --json all.json
 """
 
@@ -43,6 +51,9 @@ from _common import minilm_scorer, write_json  # noqa: E402
 
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("minilm", "digits"), default="minilm")
+    ap.add_argument("--small", action="store_true", help="also run evo with one-level, one-move children (evo-small)")
+    ap.add_argument("--methods", default="spdy,evo,spdy+evo", help="comma-separated: spdy, evo, spdy+evo")
     ap.add_argument("--targets", default="2", help="comma-separated predicted speedups")
     ap.add_argument("--budgets", default="40,120", help="comma-separated numbers of full loss evaluations")
     ap.add_argument("--seeds", default="0,1,2")
@@ -80,28 +91,43 @@ def _evo_prefix(srch: Any, budget: float) -> tuple[np.ndarray, float, float]:
     return best[0], best[1], used
 
 
-def _runs(table: Any, obj: Any, target: float, seed: int, budgets: list[int], score: Any) -> list[dict[str, Any]]:
+def _evo_rows(name: str, table: Any, obj: Any, target: float, seed: int, budgets: list[int], score: Any,
+              evo_cfg: Any) -> list[dict[str, Any]]:
+    from spdy.evo import EvoSearch
+    from spdy.sensitivity import SearchConfig
+
+    rows = []
+    t0 = time.perf_counter()
+    evo = EvoSearch(table, obj, SearchConfig(speedup=target, max_evals=max(budgets), seed=seed, strategy="evo"),
+                    evo=evo_cfg)
+    evo.run()
+    wall = time.perf_counter() - t0
+    for b in budgets:
+        levels, loss, spent = _evo_prefix(evo, b)
+        rows.append(_row(name, target, seed, b, levels, loss, spent, wall * spent / evo.evaluations(), table,
+                         score(levels)))
+        rows[-1]["trial_losses"] = [h["loss"] for h in evo.history()]  # every generation's winner, in order
+        print(f"  {name:<9}B={b:<4} loss {loss:.5f} ({spent:.1f} evaluations)", flush=True)
+    return rows
+
+
+def _runs(table: Any, obj: Any, target: float, seed: int, budgets: list[int], score: Any,
+          methods: list[str]) -> list[dict[str, Any]]:
     from spdy.evo import EvoConfig, EvoSearch
     from spdy.sensitivity import Search, SearchConfig
 
     rows = []
-    for b in budgets:
+    for b in budgets if "spdy" in methods else []:
         t0 = time.perf_counter()
         res = Search(table, obj, SearchConfig(speedup=target, max_evals=b, seed=seed)).run()
         rows.append(_row("spdy", target, seed, b, res.solution.levels, res.loss, b, time.perf_counter() - t0, table,
                          score(res.solution.levels)))
         print(f"  spdy     B={b:<4} loss {res.loss:.5f}", flush=True)
-    t0 = time.perf_counter()
-    evo = EvoSearch(table, obj, SearchConfig(speedup=target, max_evals=max(budgets), seed=seed, strategy="evo"))
-    evo.run()
-    wall = time.perf_counter() - t0
-    for b in budgets:
-        levels, loss, spent = _evo_prefix(evo, b)
-        rows.append(_row("evo", target, seed, b, levels, loss, spent, wall * spent / evo.evaluations(), table,
-                         score(levels)))
-        rows[-1]["trial_losses"] = [h["loss"] for h in evo.history()]  # every generation's winner, in order
-        print(f"  evo      B={b:<4} loss {loss:.5f} ({spent:.1f} evaluations)", flush=True)
-    for b in budgets:
+    if "evo" in methods:
+        rows += _evo_rows("evo", table, obj, target, seed, budgets, score, EvoConfig())
+    if "evo-small" in methods:
+        rows += _evo_rows("evo-small", table, obj, target, seed, budgets, score, EvoConfig(max_step=1, max_moves=1))
+    for b in budgets if "spdy+evo" in methods else []:
         t0 = time.perf_counter()
         first = Search(table, obj, SearchConfig(speedup=target, max_evals=b // 2, seed=seed)).run()
         init = tuple(int(x) for x in first.solution.levels)
@@ -127,18 +153,65 @@ def _baselines(table: Any, obj: Any, bundle: Any, target: float, score: Any) -> 
     return rows
 
 
+SCORES = {"minilm": (("lee50_pearson", "Lee-50 Pearson"), ("heldout_cosine", "held-out cosine")),
+          "digits": (("heldout_accuracy", "held-out accuracy"), ("heldout_agreement", "held-out top-1 agreement"))}
+
+
 def _markdown(rows: list[dict[str, Any]]) -> str:
+    cols = SCORES["digits" if "heldout_accuracy" in rows[0] else "minilm"]
     keys = sorted({(r["target"], r["method"], r["budget"]) for r in rows})
-    lines = ["| target | method | full evaluations | calibration loss (mean ± sd) | Lee-50 Pearson | held-out cosine "
-             "| seeds |", "|---|---|---|---|---|---|---|"]
+    lines = ["| target | method | full evaluations | calibration loss (mean ± sd) | " + " | ".join(c[1] for c in cols)
+             + " | seeds |", "|---|---|---|---|" + "---|" * len(cols) + "---|"]
     for target, method, budget in keys:
         rs = [r for r in rows if (r["target"], r["method"], r["budget"]) == (target, method, budget)]
         def ms(k: str, f: str) -> str:
             v = np.array([r[k] for r in rs])
             return f"{v.mean():{f}} ± {v.std(ddof=1) if len(v) > 1 else 0.0:{f}}"
         lines.append(f"| {target:g}x | {method} | {budget} | {ms('calibration_loss', '.4f')} | "
-                     f"{ms('lee50_pearson', '.4f')} | {ms('heldout_cosine', '.4f')} | {len(rs)} |")
+                     + " | ".join(ms(c[0], ".4f") for c in cols) + f" | {len(rs)} |")
     return "\n".join(lines)
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Path, Any]:
+    """(bundle, backend, table, objective, profile path, held-out scorer of levels) for ``args.model``."""
+    from spdy.models.base import load_model
+    from spdy.profilers import get_backend
+    from spdy.stages import CalibrationObjective, ensure_database, ensure_profile
+
+    if args.model == "digits":
+        from spdy.examples.digits import accuracy, factory, load_digits_split
+
+        bundle = factory()
+    else:
+        bundle = load_model("minilm")
+    backend = get_backend("spdy-cpu", threads=args.threads)
+    profile, path, _ = ensure_profile(bundle, backend)
+    table = profile.table
+    db = ensure_database(bundle, grid=table.grid)
+    torch.set_num_threads(args.eval_threads)
+    if args.model == "digits":
+        obj = CalibrationObjective(bundle, db, table.layers)
+        _, _, xte, yte = load_digits_split()
+        with torch.no_grad():
+            dense_top1 = bundle.model(xte).argmax(-1)
+
+        def score(levels: np.ndarray) -> dict[str, float]:
+            model = bundle.retune_batchnorm(
+                db.stitch(bundle.model, {n: int(lv) for n, lv in zip(table.layers, levels)}, inplace=False))
+            with torch.no_grad():
+                agree = float((model(xte).argmax(-1) == dense_top1).float().mean())
+            return {"heldout_accuracy": accuracy(model, xte, yte), "heldout_agreement": agree}
+
+        return bundle, backend, table, obj, path, score
+    per_batch = len(bundle.calibration[0]["input_ids"])
+    small = dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, args.calibration // per_batch)])
+    obj = CalibrationObjective(small, db, table.layers)
+    score_model = minilm_scorer(bundle)
+
+    def score_minilm(levels: np.ndarray) -> dict[str, float]:
+        return score_model(db.stitch(bundle.model, {n: int(lv) for n, lv in zip(table.layers, levels)}, inplace=False))
+
+    return bundle, backend, table, obj, path, score_minilm
 
 
 def main() -> int:
@@ -151,24 +224,8 @@ def main() -> int:
         write_json(args.json, {"fingerprint": runs[0]["fingerprint"], "merged": args.merge.split(","),
                                "settings": [run["settings"] for run in runs], "rows": rows, "table": md})
         return 0
-    from spdy.models.base import load_model
-    from spdy.profilers import get_backend
-    from spdy.stages import CalibrationObjective, ensure_database, ensure_profile
-
-    bundle = load_model("minilm")
-    backend = get_backend("spdy-cpu", threads=args.threads)
-    profile, path, _ = ensure_profile(bundle, backend)
-    table = profile.table
-    db = ensure_database(bundle, grid=table.grid)
-    torch.set_num_threads(args.eval_threads)
-    per_batch = len(bundle.calibration[0]["input_ids"])
-    small = dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, args.calibration // per_batch)])
-    obj = CalibrationObjective(small, db, table.layers)
-    score_model = minilm_scorer(bundle)
-
-    def score(levels: np.ndarray) -> dict[str, float]:
-        return score_model(db.stitch(bundle.model, {n: int(lv) for n, lv in zip(table.layers, levels)}, inplace=False))
-
+    bundle, backend, table, obj, path, score = _setup(args)
+    methods = args.methods.split(",") + (["evo-small"] if args.small else [])
     rows: list[dict[str, Any]] = []
     budgets = [int(b) for b in args.budgets.split(",")]
     for target in [float(t) for t in args.targets.split(",")]:
@@ -176,7 +233,7 @@ def main() -> int:
         rows += _baselines(table, obj, bundle, target, score)
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f" seed {seed}", flush=True)
-            rows += _runs(table, obj, target, seed, budgets, score)
+            rows += _runs(table, obj, target, seed, budgets, score, methods)
     md = _markdown(rows)
     print("\n" + md)
     write_json(args.json, {"fingerprint": backend.fingerprint(), "settings": vars(args), "profile": str(path),
