@@ -76,3 +76,49 @@ def test_the_fit_holds_the_asked_percentile_to_the_target():
     assert o.solution.predicted_speedup == pytest.approx(2.4)
     assert len(o.speedup_samples) == 3  # a new model starts its own pool
     assert o.measured_speedup == pytest.approx(np.percentile([2.4 * 1.15, 2.4, 2.4 * 0.85], 10))
+
+
+def test_measured_models_run_in_the_inference_form():
+    """measure_rounds times the model with its BatchNorms folded, as the profile did: dense layers
+    with the folded weight and bias, pruned ones with the database's zeros, scaled as the fold scales."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from spdy.grid import SparsityGrid
+    from spdy.measure import measure_rounds
+    from spdy.models.base import ModelBundle, batchnorm_modules
+    from spdy.types import LatencyTable
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+    bundle = ModelBundle("cnn", model.eval(), [torch.randn(2, 3, 6, 6)])
+    table = LatencyTable(("0", "4"), SparsityGrid((0.0, 0.5)), np.full((2, 2), 1e-3), 1e-3)
+
+    class HalfPruned:  # a database: every weight with its smaller half zeroed
+        def weight(self, name, choice):
+            w = model.get_submodule(name).weight.detach().numpy()
+            return np.where(np.abs(w) > np.median(np.abs(w)), w, 0.0).astype(np.float32)
+
+    class Recorder:
+        def time_models(self, b, plans):
+            self.bundle, self.plans = b, plans
+            return [SimpleNamespace(median_s=1.0) for _ in plans]
+
+    rec = Recorder()
+    measure_rounds(SimpleNamespace(table=table), bundle, rec, HalfPruned(), {"p": table.solution(np.array([1, 1]))})
+    assert rec.bundle is bundle.inference and not batchnorm_modules(rec.bundle.model)
+    folded = bundle.inference.model[0]
+    dense, pruned = rec.plans[0]["0"], rec.plans[1]["0"]
+    np.testing.assert_allclose(dense.weight, folded.weight.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(dense.bias, folded.bias.detach().numpy(), rtol=1e-6)
+    db_w = HalfPruned().weight("0", None)
+    assert ((pruned.weight == 0) == (db_w == 0)).all() and (db_w == 0).mean() == 0.5
+    scale = (folded.weight.detach().numpy() / model[0].weight.detach().numpy())[:, :1, :1, :1]
+    np.testing.assert_allclose(pruned.weight, db_w * scale, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pruned.bias, folded.bias.detach().numpy(), rtol=1e-6)
