@@ -47,6 +47,7 @@ def test_chelsea_is_a_cat_and_coffee_an_espresso(model, photos) -> None:
 def test_factory_bundle(photos) -> None:
     bundle = E.factory(n_calibration=4, batch_size=2, example_batch=2)
     assert bundle.name == "efficientnet-lite0" and len(bundle.calibration) == 2
+    assert bundle.tune_batchnorm is False  # the photographs are too few for BatchNorm statistics
     assert tuple(bundle.example.shape) == (2, 3, E.SIZE, E.SIZE)
     specs = bundle.layers()
     # stem, 15 expansions, 16 projections, head, classifier; the depthwise convolutions stay dense
