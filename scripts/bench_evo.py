@@ -19,8 +19,8 @@ the database was built on, to keep the comparison affordable on 2 cores). Every 
 profile is scored on that calibration loss and on held-out data: Lee-50
 Pearson correlation with human similarity ratings and the mean cosine similarity to the
 dense embeddings on the lee_background documents not used for calibration.
-``--model digits``: the digits ResNet (``spdy.examples.digits:factory``, KL loss on its
-512 calibration images), scored on the held-out 20% of the digits: accuracy and top-1
+``--model digits``: the digits ResNet (``spdy.examples.digits:factory``, KL loss on the
+first 256 of its 512 calibration images), scored on the held-out 20% of the digits: accuracy and top-1
 agreement with the dense model (BatchNorm statistics re-estimated on the calibration
 images, as the search does). Wall time per search is reported, but the machine is
 shared, so only the losses are comparable.
@@ -58,9 +58,12 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--budgets", default="40,120", help="comma-separated numbers of full loss evaluations")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=1, help="threads of the cached spdy-cpu profile")
+    ap.add_argument("--profile", default=None, help="use this profile JSON (even one made for an earlier form of the "
+                    "model: the comparison is at predicted speedups on one fixed table) instead of the cached one")
     ap.add_argument("--eval-threads", type=int, default=2, help="torch threads for the loss evaluations")
-    ap.add_argument("--calibration", type=int, default=64,
-                    help="calibration documents the loss is computed on (the first of the 128 the database was built on)")
+    ap.add_argument("--calibration", type=int, default=None,
+                    help="calibration samples the loss is computed on, the first of those the database was built on "
+                    "(default: minilm 64 of 128 documents, digits 256 of 512 images)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", default=None, metavar="FILES",
                     help="comma-separated JSON files of earlier runs (e.g. one per seed): print their rows as one "
@@ -185,12 +188,18 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Path, Any]:
     else:
         bundle = load_model("minilm")
     backend = get_backend("spdy-cpu", threads=args.threads)
-    profile, path, _ = ensure_profile(bundle, backend)
+    if args.profile:
+        profile, path, _ = ensure_profile(bundle, backend, path=args.profile, force=True)
+    else:
+        profile, path, _ = ensure_profile(bundle, backend)
     table = profile.table
     db = ensure_database(bundle, grid=table.grid)
     torch.set_num_threads(args.eval_threads)
+    n_cal = args.calibration or (256 if args.model == "digits" else 64)
     if args.model == "digits":
-        obj = CalibrationObjective(bundle, db, table.layers)
+        per = len(bundle.calibration[0])
+        obj = CalibrationObjective(dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, n_cal // per)]),
+                                   db, table.layers)
         _, _, xte, yte = load_digits_split()
         with torch.no_grad():
             dense_top1 = bundle.model(xte).argmax(-1)
@@ -204,7 +213,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Path, Any]:
 
         return bundle, backend, table, obj, path, score
     per_batch = len(bundle.calibration[0]["input_ids"])
-    small = dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, args.calibration // per_batch)])
+    small = dataclasses.replace(bundle, calibration=bundle.calibration[: max(1, n_cal // per_batch)])
     obj = CalibrationObjective(small, db, table.layers)
     score_model = minilm_scorer(bundle)
 
