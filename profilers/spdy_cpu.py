@@ -4,7 +4,9 @@ A pruned model runs in PyTorch with its prunable layers swapped for
 :class:`spdy.runtime.SparseLinear` / :class:`spdy.runtime.SparseConv2d` (the rest of
 the model, and dense layers, stay torch). Each level is timed in every kernel format
 the runtime offers (:data:`spdy.kernels.FORMATS`: ``dense`` = torch's own
-``nn.Linear``, ``csr``, ``bcsr4``; :data:`spdy.kernels.CONV_FORMATS` for Conv2d)
+``nn.Linear``, ``csr``, ``bcsr1x4``, ``bcsr4x1``, and on more than one thread the same
+sparse kernels on the calling thread alone, ``csr-1t`` etc.; :data:`spdy.kernels.CONV_FORMATS`
+for Conv2d)
 and the fastest is kept. Level 0 (unpruned) is timed in every format too, so the
 dense baseline is the fastest way this runtime runs the unpruned layer.
 
@@ -95,9 +97,11 @@ class SpdyCpuBackend(TorchRuntimeBackend):
 
         if spec.kind == "linear":
             out_f, in_f = spec.weight_shape
-            # blocked formats need whole blocks: bcsr1x4 4 inputs, bcsr4x1 4 outputs
+            # blocked formats need whole blocks: bcsr1x4 4 inputs, bcsr4x1 4 outputs; the serial
+            # (-1t) formats are other formats only when the runtime has more than one thread
             return tuple(f for f in kernels.FORMATS
-                         if not (f == "bcsr1x4" and in_f % 4) and not (f == "bcsr4x1" and out_f % 4))
+                         if not (f.startswith("bcsr1x4") and in_f % 4) and not (f.startswith("bcsr4x1") and out_f % 4)
+                         and not (kernels.is_serial(f) and self.threads <= 1))
         if sparsity > 0:
             return tuple(kernels.CONV_FORMATS)
         return (DENSE,)

@@ -34,7 +34,15 @@ import numpy as np  # noqa: E402
 
 from spdy.kernels._alloc import allocator_status, retain_freed_memory  # noqa: E402
 from spdy.kernels.conv import CONV_FORMATS, PreparedConv2d, choose_conv_format, conv2d, prepare_conv2d  # noqa: E402
-from spdy.kernels.linear import FORMATS, PreparedLinear, choose_format, linear, panel_width, prepare_linear  # noqa: E402
+from spdy.kernels.linear import (  # noqa: E402
+    FORMATS,
+    PreparedLinear,
+    choose_format,
+    is_serial,
+    linear,
+    panel_width,
+    prepare_linear,
+)
 from spdy.kernels.threads import (  # noqa: E402
     get_num_threads,
     limit_openmp_nesting,
@@ -44,6 +52,7 @@ from spdy.kernels.threads import (  # noqa: E402
 
 __all__ = [
     "FORMATS",
+    "is_serial",
     "CONV_FORMATS",
     "PreparedLinear",
     "PreparedConv2d",

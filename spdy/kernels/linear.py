@@ -19,6 +19,11 @@ Formats (:data:`FORMATS`):
     vector loaded feeds four rows, so it is 1.6-2x faster than ``csr`` per
     nonzero (measured); exact for any weight, fast when the mask is 4x1-blocked.
     Needs ``out_features % 4 == 0``.
+``csr-1t``, ``bcsr1x4-1t``, ``bcsr4x1-1t``
+    the same kernels on the calling thread alone, whatever the thread count:
+    no OpenMP region to fork and join. A short kernel (tens of microseconds) on
+    two threads waits for both at every call; on a loaded machine that wait is
+    what it loses most, and a serial call loses only its own share of the CPU.
 
 Prepare a weight once at load time (:func:`prepare_linear`), then call the
 result (or :func:`linear`) on activations of shape ``[..., in_features]``.
@@ -42,8 +47,16 @@ from spdy.kernels._workspace import scratch
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("dense", "csr", "bcsr1x4", "bcsr4x1")
-"""Every weight format the kernels implement (``"auto"`` picks one of them)."""
+SERIAL = "-1t"
+"""Suffix of a sparse format that runs on the calling thread alone (e.g. ``csr-1t``)."""
+
+FORMATS: tuple[str, ...] = ("dense", "csr", "bcsr1x4", "bcsr4x1", "csr-1t", "bcsr1x4-1t", "bcsr4x1-1t")
+"""Every weight format the kernels implement (``"auto"`` picks one of the first four)."""
+
+
+def is_serial(format: str) -> bool:
+    """True for the formats that run on the calling thread alone (:data:`SERIAL`)."""
+    return format.endswith(SERIAL)
 
 PANEL_MIN, PANEL_MAX, PANEL_NNZ = 128, 768, 20
 """Panel width rule (see :func:`panel_width`)."""
@@ -72,7 +85,8 @@ class PreparedLinear:
     Attributes: ``format`` (one of :data:`FORMATS`), ``out_features``,
     ``in_features``, ``nnz`` (nonzero weights of the original), ``stored``
     (weights the format multiplies, explicit zeros of blocks included),
-    ``bias`` (fp32 [out], zeros when the layer had none) and ``has_bias``.
+    ``bias`` (fp32 [out], zeros when the layer had none), ``has_bias`` and
+    ``serial`` (the kernel runs on the calling thread alone: a ``-1t`` format).
     """
 
     format: str
@@ -84,6 +98,10 @@ class PreparedLinear:
     has_bias: bool
     dense: np.ndarray | None = field(default=None, repr=False)
     sparse: SparsePayload | None = field(default=None, repr=False)
+
+    @property
+    def serial(self) -> bool:
+        return is_serial(self.format)
 
     @property
     def sparsity(self) -> float:
@@ -261,7 +279,7 @@ def prepare_linear(
         raise InvalidInputError(f"panel must be a positive int; got {panel!r}")
     if format == "dense":
         return PreparedLinear("dense", O, K, nnz, O * K, b, has_bias, dense=W)
-    payload = _panel_csr(W, blocked={"csr": 0, "bcsr1x4": 1, "bcsr4x1": 2}[format], panel=panel)
+    payload = _panel_csr(W, blocked={"csr": 0, "bcsr1x4": 1, "bcsr4x1": 2}[format.removesuffix(SERIAL)], panel=panel)
     return PreparedLinear(format, O, K, nnz, int(payload.val.size), b, has_bias, sparse=payload)
 
 
@@ -296,7 +314,7 @@ def linear(x: np.ndarray, prepared: PreparedLinear, out: np.ndarray | None = Non
     s = prepared.sparse
     assert s is not None
     Tp = _spmm.padded_tokens_py(T)
-    nthreads = numba.get_num_threads()
+    nthreads = 1 if prepared.serial else numba.get_num_threads()
     XP, YP = scratch(0, Tp * K + 64), scratch(1, Tp * O + 64)
     if nthreads == 1:
         _spmm.linear_forward_serial(

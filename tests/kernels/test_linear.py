@@ -45,7 +45,7 @@ def _check(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, fmt: str, **kw) -
     ],
 )
 def test_linear_matches_dense(fmt: str, tokens: int, o: int, i: int, sparsity: float, threads: int) -> None:
-    if (fmt == "bcsr1x4" and i % 4) or (fmt == "bcsr4x1" and o % 4):
+    if (fmt.startswith("bcsr1x4") and i % 4) or (fmt.startswith("bcsr4x1") and o % 4):
         pytest.skip(f"{fmt} needs the blocked dimension divisible by 4")
     rng = np.random.default_rng(tokens * 1000 + o + i)
     w = _weight(rng, o, i, sparsity)
@@ -165,3 +165,30 @@ def test_panel_width_rule() -> None:
     assert panel_width(0.02, 1536) == 768
     assert panel_width(0.0, 10) == 10
     assert 1 <= panel_width(1.0, 3) <= 3
+
+
+def test_serial_formats_never_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``-1t`` format runs the serial kernel even when the runtime has several threads; the
+    parallel entry point is never called (and the result is the same as the parallel format's)."""
+    from spdy.kernels import _spmm
+
+    rng = np.random.default_rng(5)
+    w = _weight(rng, 64, 96, 0.9)
+    x = rng.standard_normal((40, 96)).astype(np.float32)
+    before = K.get_num_threads()
+    K.set_num_threads(2)
+    try:
+        want = K.linear(x, K.prepare_linear(w, None, format="csr"))
+
+        def forked(*args: object) -> None:
+            raise AssertionError("a serial format entered the parallel kernel")
+
+        monkeypatch.setattr(_spmm, "linear_forward", forked)
+        for fmt in ("csr-1t", "bcsr1x4-1t", "bcsr4x1-1t"):
+            p = K.prepare_linear(w, None, format=fmt)
+            assert p.serial and p.format == fmt and K.is_serial(fmt)
+            np.testing.assert_allclose(K.linear(x, p), want, rtol=0, atol=1e-4)
+        with pytest.raises(AssertionError, match="parallel kernel"):
+            K.linear(x, K.prepare_linear(w, None, format="csr"))
+    finally:
+        K.set_num_threads(before)
