@@ -270,6 +270,26 @@ def obs(
     block_sizes = np.array([out * (min(d, (b + 1) * blocksize) - b * blocksize) for b in range(nblocks)], dtype=np.float64)
     Zb = np.stack([_largest_remainder(int(z), block_sizes) for z in Z])  # [A, nblocks]
 
+    WT, MT, loss = _sweep_levels(W32, U, dead_np, Zb, blocksize)
+
+    # Pruned weights are exactly zero (masked_fill above); back to [A, out, d], level by level
+    # (a level's [out, d] at a time: no second all-levels copy next to WT and weights).
+    for a, s in enumerate(active):
+        weights[int(s)].copy_(WT[:, a * out : (a + 1) * out].t())
+        pruned[int(s)].copy_(MT[:, a * out : (a + 1) * out].t())
+    del WT, MT  # the sweep's all-levels buffers go before the error pass
+
+    errors[active] = _sweep_errors(W, H, [weights[int(s)] for s in active], loss.reshape(A, out).sum(1), factor)
+    return weights, pruned, errors
+
+
+def _sweep_levels(W32: torch.Tensor, U: torch.Tensor, dead_np: np.ndarray, Zb: np.ndarray,
+                  blocksize: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """:func:`obs`'s column sweep of all ``A = len(Zb)`` levels at once: ``(WT [d, A*out] float32,
+    MT [d, A*out] bool, loss [A*out])``, level ``a`` in columns ``a*out .. (a+1)*out``; ``Zb[a, b]``
+    is level ``a``'s number of zeros in block ``b``."""
+    out, d = W32.shape
+    A, nblocks = Zb.shape
     # Transposed layout: column i of every row of every level is the contiguous row WT[i].
     WT = W32.t().contiguous().repeat(1, A)  # [d, A*out]
     MT = torch.zeros((d, A * out), dtype=torch.bool)
@@ -304,22 +324,27 @@ def obs(
             sweep_block(W1.numpy(), M1t.numpy(), U1.contiguous().numpy(), E1.numpy(), loss)
         if i2 < d:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
-
-    # Pruned weights are exactly zero (masked_fill above); back to [A, out, d].
-    weights[active] = WT.view(d, A, out).permute(1, 2, 0)
-    pruned[active] = MT.view(d, A, out).permute(1, 2, 0)
-
-    errors[active] = _sweep_errors(W, H, weights[active], loss.reshape(A, out).sum(1), factor)
-    return weights, pruned, errors
+    return WT, MT, loss
 
 
-def _sweep_errors(W: torch.Tensor, H: torch.Tensor, weights: torch.Tensor, loss: np.ndarray, factor: InverseFactor) -> np.ndarray:
-    """True relative errors of swept ``weights [A, out, d]`` from their damped sweep losses ``[A]``
-    (see :func:`obs`: ``D H D^T = sum e^2 - shift ||D||^2 - ||D_dead||^2``)."""
+def _sweep_errors(W: torch.Tensor, H: torch.Tensor, weights: Sequence[torch.Tensor], loss: np.ndarray,
+                  factor: InverseFactor) -> np.ndarray:
+    """True relative errors of swept weights (``[out, d]`` each) from their damped sweep losses ``[A]``
+    (see :func:`obs`: ``D H D^T = sum e^2 - shift ||D||^2 - ||D_dead||^2``).
+
+    One level at a time: the temporaries are one ``[out, d]`` difference, never ``[A, out, d]``
+    (on a 4096 x 1024 layer at 41 levels those were several GiB).
+    """
     dead = factor.dead
-    D = W.detach().to(torch.float32).unsqueeze(0) - weights  # [A, out, d]
-    sq = D.square().sum((1, 2), dtype=torch.float64).numpy()
-    sq_dead = D[:, :, dead].square().sum((1, 2), dtype=torch.float64).numpy() if bool(dead.any()) else 0.0
+    any_dead = bool(dead.any())
+    W32 = W.detach().to(torch.float32)
+    sq = np.empty(len(weights), dtype=np.float64)
+    sq_dead = np.zeros(len(weights), dtype=np.float64)
+    for a, w in enumerate(weights):
+        D = W32 - w
+        sq[a] = float(D.square().sum(dtype=torch.float64))
+        if any_dead:
+            sq_dead[a] = float(D[:, dead].square().sum(dtype=torch.float64))
     num = loss - factor.shift * sq - sq_dead
     W64 = W.detach().to(torch.float64)
     denom = float(((W64 @ H.to(torch.float64)) * W64).sum())
@@ -390,7 +415,7 @@ def obs_nm(
             WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
     weights = WT.t().contiguous()
     pruned = MT.t().contiguous()
-    err = _sweep_errors(W, H, weights.unsqueeze(0), np.array([loss.sum()]), factor)
+    err = _sweep_errors(W, H, [weights], np.array([loss.sum()]), factor)
     return weights, pruned, float(err[0])
 
 
