@@ -583,9 +583,11 @@ class Backend(ABC):
         return timings  # type: ignore[return-value]
 
 
-    def time_models(self, bundle: Any, plans: Sequence[Mapping[str, LayerChoice]]) -> list[Timing]:
-        """End-to-end times of several variants of ``bundle``'s model, interleaved."""
-        runners = [self.model_runner(bundle, plan) for plan in plans]
+    def time_models(self, bundle: Any, plans: Sequence[Mapping[str, LayerChoice]],
+                    extra: Sequence[Runner] = ()) -> list[Timing]:
+        """End-to-end times of several variants of ``bundle``'s model, interleaved (and of the
+        ``extra`` runners, which must run in this backend's thread pool, after them)."""
+        runners = [self.model_runner(bundle, plan) for plan in plans] + list(extra)
         return self.measure(runners, policy=self.policy.for_models())
 
     def time_model(self, bundle: Any, plan: Mapping[str, LayerChoice]) -> Timing:

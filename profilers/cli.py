@@ -22,7 +22,9 @@ The profile holds, per prunable layer and sparsity level, the time of the fastes
 kernel format the backend's runtime offers, plus the base time (everything else,
 measured with each prunable layer replaced by a zero-cost stand-in). --validate K
 draws K random per-layer levels, runs each pruned model end to end and records
-predicted against measured time in the profile. --from re-validates an existing
+predicted against measured time in the profile; the same round times the dense
+model in torch eager and in ONNX Runtime (exported, graph optimisations on, the
+same thread count), and each model's speedup over both is recorded and printed. --from re-validates an existing
 profile; one made for another model or on other hardware is refused unless --force.
 --patterns also times each layer with an N:M weight (2:4: N kept of every M
 consecutive inputs) where the backend has a kernel for it (torch-cuda: 2:4 on
@@ -117,11 +119,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"measured in {time.perf_counter() - t0:.0f} s")
     t = profile.table
     if args.validate:
+        from spdy.profilers.dense_runtimes import LABELS, dense_runtimes
+
+        runtimes = dense_runtimes(backend, bundle.inference)
+        for rt, why in runtimes.unavailable.items():
+            print(f"{LABELS[rt]} is not measured: {why}")
         bars = ProgressBars()
         bar = bars.stage("validate")
         bar(0, args.validate, "end-to-end runs")
         try:
-            records = validate(profile, bundle, backend, k=args.validate, seed=args.seed, progress=bar)
+            records = validate(profile, bundle, backend, k=args.validate, seed=args.seed, progress=bar,
+                               runtimes=runtimes)
         finally:
             bars.close()
         profile = profile.with_validation(records)
@@ -142,14 +150,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_validation(profile: Any) -> None:
     from spdy.profilers import signed_validation_error, validation_error
+    from spdy.profilers.dense_runtimes import LABELS, RUNTIMES
 
     t = profile.table
-    print(f"{'predicted':>10} {'measured':>9} {'error':>7}   (speedup over the dense model; error: predicted / measured time - 1)")
+    over = [rt for rt in RUNTIMES if f"speedup_over_{rt}" in profile.validation[0]]
+    print(f"{'predicted':>10} {'measured':>9} {'error':>7}" + "".join(f" {'vs ' + LABELS[rt]:>16}" for rt in over)
+          + "   (predicted, measured: speedup over the dense plan; error: predicted / measured time - 1)")
     for r in profile.validation:
         err = r.get("error", r["predicted_s"] / r["measured_s"] - 1)
         pred = r.get("predicted_speedup", t.dense_total_s / r["predicted_s"])
         meas = r.get("measured_speedup", float("nan"))
-        print(f"{pred:9.2f}x {meas:8.2f}x {err * 100:+6.1f}%")
+        print(f"{pred:9.2f}x {meas:8.2f}x {err * 100:+6.1f}%" + "".join(f" {r[f'speedup_over_{rt}']:15.2f}x" for rt in over))
+    if over:
+        r = profile.validation[-1]
+        print("dense model in the same round: " + ", ".join(
+            [f"the dense plan {r['dense_measured_s'] * 1e3:.2f} ms"] + [f"{LABELS[rt]} {r[f'{rt}_dense_s'] * 1e3:.2f} ms"
+                                                                          for rt in over]))
     err = validation_error(profile.validation)
     if not math.isnan(err):
         print(f"median |predicted - measured| / measured: {err * 100:.1f}% (signed: "

@@ -8,6 +8,7 @@ alone is exactly the layer that runs in the model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -180,19 +181,30 @@ def export_model(bundle: Any, specs: list[LayerSpec]) -> ExportedModel:
     Layers are found by their weight values (a MatMul/Gemm/Conv whose weight initializer
     equals the layer's weight or its transpose), then the bias Add that follows.
     """
+    exported = export_dense(bundle)
+    graph = _GraphIndex(exported.model.graph)
+    sites = {spec.name: graph.site(bundle, spec) for spec in specs}
+    for n in exported.model.graph.node:
+        if not n.name:
+            raise ModelLoadError("the exported graph has unnamed nodes; cannot rewrite it")
+    return dataclasses.replace(exported, sites=sites)
+
+
+def export_dense(bundle: Any) -> ExportedModel:
+    """``bundle``'s model exported on its example batch as it is (no layer located): the dense
+    model a user would run in ONNX Runtime. Raises :class:`~spdy.errors.ModelLoadError` when
+    the exporter fails or the model's output is not one tensor."""
     import torch
 
     names, tensors, rebuild = _flatten_batch(bundle.example)
-    m = _export(bundle, names, tensors, rebuild)
-    graph = _GraphIndex(m.graph)
-    sites = {spec.name: graph.site(bundle, spec) for spec in specs}
-    for n in m.graph.node:
-        if not n.name:
-            raise ModelLoadError("the exported graph has unnamed nodes; cannot rewrite it")
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
     with torch.inference_mode():
         out = bundle.forward(bundle.model, bundle.example)
-    return ExportedModel(m, names, feeds, "output", tuple(out.shape), sites)
+    if not isinstance(out, torch.Tensor):
+        raise ModelLoadError(f"model {bundle.name!r} returns a {type(out).__name__}, not one tensor; spdy runs "
+                             "only single-output models in ONNX Runtime")
+    m = _export(bundle, names, tensors, rebuild)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    return ExportedModel(m, names, feeds, "output", tuple(out.shape), {})
 
 
 def _export(bundle: Any, names: list[str], tensors: list[Any], rebuild: Callable[[list[Any]], Any]) -> Any:

@@ -30,7 +30,7 @@ import numpy as np
 
 from spdy.errors import InvalidInputError
 from spdy.profilers.base import DENSE, STANDIN, Backend, LayerChoice, Runner, register
-from spdy.profilers.onnx_graph import COO, ExportedModel, export_model, output_shape, rewrite_model, single_layer_model
+from spdy.profilers.onnx_graph import COO, ExportedModel, export_dense, export_model, output_shape, rewrite_model, single_layer_model
 from spdy.types import LayerSpec
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,12 @@ class OrtCpuBackend(Backend):
             got = (exported, {"specs": {s.name: s for s in specs}, "outputs": outs})
             self._exports[bundle.model] = got
         return got
+
+    def dense_runner(self, bundle: Any) -> Runner:
+        """``bundle``'s model exported as it is and run dense: what a user deploys in ONNX Runtime
+        (no layer is located or rewritten, so any exportable single-output model runs)."""
+        exported = export_dense(bundle)
+        return self._bound_runner(exported.model, dict(exported.inputs), exported.output_name, exported.output_shape)
 
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         exported, info = self._export(bundle)

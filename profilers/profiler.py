@@ -31,6 +31,7 @@ from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
 from spdy.profilers.base import DENSE, NO_KERNEL, STANDIN, Backend, LayerChoice, LevelTiming, Timing
+from spdy.profilers.dense_runtimes import DenseRuntimes, time_with_runtimes
 from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
 from spdy.profilers.plans import backend_plan
 from spdy.profilers.pruning import LevelPruner
@@ -379,16 +380,18 @@ def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, 
     return out
 
 
-def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile, vectors: np.ndarray
-                        ) -> tuple[np.ndarray, Timing, list[Timing]]:
+def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile, vectors: np.ndarray,
+                        runtimes: DenseRuntimes | None = None) -> tuple[np.ndarray, Timing, list[Timing], dict[str, Timing]]:
     """Each level vector's model timed end to end, interleaved with the dense model (first) and
-    the base model (last): (pruned / dense time ratios, the dense timing, the other timings)."""
+    the base model (last), and the dense ``runtimes`` in the same round
+    (:func:`~spdy.profilers.dense_runtimes.time_with_runtimes`): (pruned / dense time ratios,
+    the dense timing, the other timings, ``{runtime: dense timing}``)."""
     plans = level_plans(profile, bundle, np.zeros((1, len(profile.table.layers)), dtype=np.int64))
     plans += level_plans(profile, bundle, vectors)
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
-    timings = backend.time_models(bundle, plans)
+    (timings,), (by_runtime,) = time_with_runtimes(backend, bundle, plans, runtimes, rounds=1)
     dense = timings[0]
-    return np.array([t.median_s / dense.median_s for t in timings[1:-1]]), dense, timings[1:]
+    return np.array([t.median_s / dense.median_s for t in timings[1:-1]]), dense, timings[1:], by_runtime
 
 
 def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray) -> list[dict[str, LayerChoice]]:
@@ -413,19 +416,24 @@ def validate(
     k: int = 5,
     seed: int = 0,
     progress: Progress | None = None,
+    runtimes: DenseRuntimes | None = None,
 ) -> list[dict[str, float]]:
     """Time ``k`` random pruned models end to end and compare with the profile's predictions.
 
     Level vectors span the grid (:func:`~spdy.profilers.in_model.spanning_level_vectors`,
     drawn apart from the models the in-model terms were fitted on). Each pruned model uses,
     per layer, the format the profile chose for that level; the ``k`` models, the dense
-    model and the base model (all stand-ins) are timed interleaved. Each record holds the
+    model and the base model (all stand-ins) are timed interleaved, and the dense model in each of
+    ``runtimes`` (torch eager, ONNX Runtime; :func:`~spdy.profilers.dense_runtimes.dense_runtimes`
+    of the inference form) in the same round. Each record holds the
     absolute times and ``error``: the predicted over the measured time minus 1, both as
     fractions of the dense model's time (predicted by the profile, measured in the same
     rounds), so that a machine that runs faster or slower than when it was profiled does
     not count as an error of the latency model. ``base_measured_s`` over the profile's
     base shows that drift. Returns ``[{"predicted_s", "measured_s", "predicted_speedup",
-    "measured_speedup", "error", "spread", "dense_measured_s", "base_measured_s"}]``.
+    "measured_speedup", "error", "spread", "dense_measured_s", "base_measured_s"}]``, with
+    ``"<runtime>_dense_s"`` and ``"speedup_over_<runtime>"`` (the pruned model's speedup over
+    the dense model in that runtime) for each of ``runtimes``.
     """
     if profile.backend != backend.name:
         raise InvalidInputError(
@@ -437,7 +445,7 @@ def validate(
     profile.check_model(bundle.layers())
     t = profile.table
     vectors = spanning_level_vectors(len(t.layers), len(t.grid), k, seed)
-    ratios, dense, timings = _interleaved_ratios(backend, bundle, profile, vectors)
+    ratios, dense, timings, by_runtime = _interleaved_ratios(backend, bundle, profile, vectors, runtimes)
     base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
     records = []
@@ -446,6 +454,9 @@ def validate(
         rec = {"predicted_s": pred, "measured_s": tm.median_s, "predicted_speedup": t.dense_total_s / pred,
                "measured_speedup": float(1.0 / ratio), "error": float((pred / t.dense_total_s) / ratio - 1),
                "spread": tm.spread, "dense_measured_s": dense.median_s, "base_measured_s": base_now.median_s}
+        for rt, rt_t in by_runtime.items():
+            rec[f"{rt}_dense_s"] = rt_t.median_s
+            rec[f"speedup_over_{rt}"] = rt_t.median_s / tm.median_s
         records.append(rec)
         log.info("random profile: predicted %.2fx, measured %.2fx (time %+.1f%%)", rec["predicted_speedup"],
                  rec["measured_speedup"], rec["error"] * 100)

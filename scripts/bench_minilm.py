@@ -2,7 +2,9 @@
 
 For each target speedup: the SPDY search plus both one-shot baselines, all from the
 same reconstruction database and latency profile (spdy-cpu, 1 x 128 tokens), each
-pruned model timed end to end against the dense one (interleaved), and scored on
+pruned model timed end to end against the dense one in torch eager, in ONNX Runtime and
+in spdy's dense plan (side by side, round by round; the target is over ``--reference``,
+default the faster of torch eager and ONNX Runtime), and scored on
 
 * calibration loss (cosine distance to the dense embeddings, the 128 calibration docs);
 * Lee-50: Pearson / Spearman correlation of embedding cosine similarity with the
@@ -10,7 +12,7 @@ pruned model timed end to end against the dense one (interleaved), and scored on
 * held-out cosine: mean cosine similarity to the dense embeddings on the
   lee_background.cor documents not used for calibration (172 docs).
 
-    python scripts/bench_minilm.py [--targets 1.5,2,2.5,3] [--max-evals 120] [--json FILE] [--md FILE]
+    python scripts/bench_minilm.py [--targets 1.5,2,2.5,3] [--max-evals 120] [--reference fastest] [--json FILE] [--md FILE]
 
 Prints a markdown table and writes JSON (``fingerprint``, ``rows``, ``stages``).
 """
@@ -44,6 +46,8 @@ def _args() -> argparse.Namespace:
                     "miniature; 0 = the full default, k=100)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", default="fastest", choices=("fastest", "torch", "onnxruntime"),
+                    help="the dense runtime the targets are over")
     ap.add_argument("--calibration", type=int, default=128, help="calibration documents (the rest are held out)")
     ap.add_argument("--out", default="out/bench_minilm", help="folder for each target's spdy search output")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -74,7 +78,7 @@ def main() -> int:
     score = minilm_scorer(bundle)
 
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = [{"profile": "dense", "target": 1.0, "measured_speedup": 1.0,
+    rows: list[dict[str, Any]] = [{"profile": "dense", "target": 1.0, "measured_speedup": None,
                                    "predicted_speedup": 1.0, "calibration_loss": 0.0, **score(bundle.model)}]
     stages["eval dense"] = time.perf_counter() - t0
     searches = {}
@@ -83,7 +87,7 @@ def main() -> int:
         print(f"\n=== target {target:g}x ===", flush=True)
         try:
             res = search(bundle, speedup=target, backend="spdy-cpu", threads=args.threads, profile=profile_path,
-                         database=db, max_evals=args.max_evals or None, seed=args.seed,
+                         database=db, max_evals=args.max_evals or None, seed=args.seed, reference=args.reference,
                          out=Path(args.out) / f"{target:g}x")
         except InfeasibleBudgetError as exc:
             print(f"  infeasible: {exc}")
@@ -117,26 +121,43 @@ def _score_outcomes(res: Any, target: float, bundle: Any, db: Any, score: Any) -
             print(f"  baseline infeasible: {o}")
             continue
         pruned = db.stitch(bundle.model, o.solution, inplace=False)
-        rows.append({"profile": o.method, "target": target, "measured_speedup": o.measured_speedup,
+        rows.append({"profile": o.method, "target": target, "reference": (res.reference or {}).get("runtime"),
+                     "measured_speedup": o.measured_speedup,
+                     **{f"vs_{rt}": o.runtime_speedups.get(rt) for rt in RUNTIMES_REPORTED},
+                     **{f"vs_{rt}_p10_p90": [s["p10"], s["p90"]] for rt in RUNTIMES_REPORTED
+                        if (s := o.speedup_summary(rt))},
                      "predicted_speedup": o.solution.predicted_speedup, "calibration_loss": o.calibration_loss,
                      **score(pruned)})
         del pruned
         r = rows[-1]
-        print(f"  {r['profile']:<8} measured {r['measured_speedup']:.2f}x  loss {r['calibration_loss']:.5f}  "
+        print(f"  {r['profile']:<8} measured {r['measured_speedup']:.2f}x over {r['reference']} ("
+              + ", ".join(f"{rt} {r[f'vs_{rt}']:.2f}x" for rt in RUNTIMES_REPORTED if r.get(f"vs_{rt}")) + ")"
+              + f"  loss {r['calibration_loss']:.5f}  "
               f"lee50 {r['lee50_pearson']:.3f}/{r['lee50_spearman']:.3f}  held-out cos {r['heldout_cosine']:.4f}",
               flush=True)
     return rows
 
 
+#: the dense runtimes each pruned model's speedup is reported over
+RUNTIMES_REPORTED = ("torch", "onnxruntime", "dense_plan")
+
+
 def _markdown(rows: list[dict[str, Any]], infeasible: dict[float, str]) -> str:
-    lines = ["| target | profile | measured speedup | predicted | calibration loss | Lee-50 Pearson | Lee-50 Spearman "
-             "| held-out cosine |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | profile | measured speedup (over) | vs torch eager | vs ONNX Runtime | vs dense plan "
+             "| predicted (dense plan) | calibration loss | Lee-50 Pearson | Lee-50 Spearman | held-out cosine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def x(v: Any) -> str:
+        return f"{v:.2f}x" if v is not None else ""
+
     for r in rows:
-        lines.append(f"| {r['target']:g}x | {r['profile']} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x "
-                     f"| {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} | {r['lee50_spearman']:.4f} "
-                     f"| {r['heldout_cosine']:.4f} |")
+        over = f" ({r['reference']})" if r.get("reference") else ""
+        lines.append(f"| {r['target']:g}x | {r['profile']} | {x(r['measured_speedup'])}{over} "
+                     + "".join(f"| {x(r.get(f'vs_{rt}'))} " for rt in RUNTIMES_REPORTED)
+                     + f"| {r['predicted_speedup']:.2f}x | {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} "
+                     f"| {r['lee50_spearman']:.4f} | {r['heldout_cosine']:.4f} |")
     for t in infeasible:
-        lines.append(f"| {t:g}x | (all) | infeasible | | | | | |")
+        lines.append(f"| {t:g}x | (all) | infeasible | | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from spdy.errors import (  # noqa: E402
     ModelLoadError,
     NoPrunableLayersError,
     ProfileMismatchError,
+    ReferenceUnavailableError,
     SpdyError,
     StorageError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "NoPrunableLayersError",
     "ProfileMismatchError",
     "BackendUnavailableError",
+    "ReferenceUnavailableError",
     "DatabaseError",
     "StorageError",
     "SparsityGrid",

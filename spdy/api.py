@@ -6,9 +6,11 @@
 profile end to end, the sensitivity search (DP -> stitch -> calibration loss,
 every evaluation an Optuna trial), the one-shot baselines for the same budget,
 and an end-to-end measurement of the pruned models on the backend with a fit to
-it. It returns a :class:`SearchOutcome`; with ``out`` it also writes
-``result.json``, the pruned weights (``model/``) and a plot. The stages live in
-:mod:`spdy.stages`, :mod:`spdy.measure` and :mod:`spdy.results` (importable from here too).
+it, every measurement next to the dense model in torch eager and ONNX Runtime (the
+target is a speedup over the ``reference`` among them, :mod:`spdy.reference`). It
+returns a :class:`SearchOutcome`; with ``out`` it also writes ``result.json``, the
+pruned weights (``model/``) and a plot. The stages live in :mod:`spdy.stages`,
+:mod:`spdy.pipeline`, :mod:`spdy.measure` and :mod:`spdy.results` (importable from here too).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 try:  # before torch: torch and the spdy kernels then share one OpenMP pool
@@ -31,15 +32,16 @@ from torch import nn
 
 from spdy import dp
 from spdy.baselines import BASELINES, check_names
-from spdy.errors import InfeasibleBudgetError, InvalidInputError, ProfileMismatchError, SpdyError
+from spdy.errors import InvalidInputError, ProfileMismatchError, SpdyError
 from spdy.grid import SparsityGrid
 from spdy.measure import (  # noqa: F401 - re-exported
     FIT_AIM, FIT_BAND, MIN_CORRECTION, SPEEDUP_TOLERANCE, MeasureConfig, Measured, baseline, check_latency, correction_factor,
-    fit_to_measured, latency_correction, lowest_dp_target, measure_and_fit, measure_speedups,
+    fit_to_measured, latency_correction, lowest_dp_target, measure_and_fit, measure_speedups, reachable_over,
 )
 from spdy.models.base import ModelBundle, get_module
+from spdy.pipeline import find, search_outcome
 from spdy.profile import Profile
-from spdy.quality import assess
+from spdy.reference import FASTEST, REFERENCES, check_reference, open_runtimes  # noqa: F401 - re-exported
 from spdy.results import (  # noqa: F401 - re-exported
     RESULT_SCHEMA, RESULT_SCHEMA_VERSION, Outcome, SearchOutcome, load_result, result_model_dir, write_outputs,
 )
@@ -66,7 +68,7 @@ def search(
     speedup: float | str | None = None, *, backend: str | Backend = "spdy-cpu", threads: int | None = None,
     profile: str | os.PathLike[str] | Profile | None = None, database: str | os.PathLike[str] | Any | None = None,
     method: str = "obs", grid: SparsityGrid | None = None, storage: str | None = None, study: str | None = None,
-    config: SearchConfig | None = None, measurement: MeasureConfig | None = None,
+    config: SearchConfig | None = None, measurement: MeasureConfig | None = None, reference: str = FASTEST,
     baselines: Sequence[str] = BASELINES, only_baseline: str | None = None, evaluate_only: bool = False,
     eval_threads: int | None = None, force: bool = False, timing: Any = None,
     loss: str | Callable[..., Any] | None = None, forward: Callable[..., Any] | None = None,
@@ -77,7 +79,9 @@ def search(
 
     * ``model``: ``"minilm"``, ``"package.module:factory"``, a :class:`ModelBundle`, or an
       ``nn.Module`` together with ``calibration`` (a list of input batches).
-    * ``speedup``: the target (``2``, ``"2.5x"``); default ``config.speedup``, else 2.
+    * ``speedup``: the target (``2``, ``"2.5x"``); default ``config.speedup``, else 2. A speedup over
+      the dense model in ``reference`` (:mod:`spdy.reference`): ``"fastest"`` (the faster of torch
+      eager and ONNX Runtime, measured here), ``"torch"`` or ``"onnxruntime"``.
     * ``backend``: a name, or a backend made with options (``get_backend("torch-cuda", dtype=...)``).
     * ``profile`` / ``database``: paths (or loaded objects); missing ones are measured/built
       and cached under :func:`cache_dir`.
@@ -102,6 +106,7 @@ def search(
     t_all = time.perf_counter()
     cfg, mcfg = _configs(speedup, config, measurement, settings)
     target = cfg.speedup
+    check_reference(reference)
     check_names((*baselines, *([only_baseline] if only_baseline else [])))
     if storage is not None and "://" in storage:
         make_storage(storage)  # a database that cannot be opened fails now, not after the profile and database
@@ -111,19 +116,21 @@ def search(
     specs = bundle.layers()
     stage["load_model"] = time.perf_counter() - t0
     be = get_backend(backend, threads=threads, policy=timing) if isinstance(backend, str) else backend
+    runtimes = open_runtimes(be, bundle.inference, reference) if mcfg.measure else None  # torch eager, ONNX Runtime
     t0 = time.perf_counter()
     prof, prof_path = open_profile(bundle, be, profile, specs, grid=grid, force=force, progress=progress, patterns=cfg.patterns)
     stage["profile"] = time.perf_counter() - t0
-    check_reachable(prof, cfg.patterns, target, cfg.buckets)  # fail fast, before the database is built
+    ref = reachable_over(prof, bundle, be, runtimes, reference, cfg.patterns, target, cfg.buckets,  # before the database
+                         rounds=mcfg.measure_rounds)
     t0 = time.perf_counter()
     db = open_database(bundle, prof.table, database, specs, method=method, progress=progress, patterns=cfg.patterns)
     stage["database"] = time.perf_counter() - t0
     run = Prepared(bundle, be, prof, prof_path, db, search_table(prof, cfg.patterns, db))
-    study_name = study or default_study_name(bundle, cfg)
+    study_name = study or default_study_name(bundle, cfg) + ("" if reference == FASTEST else f"-vs-{reference}")
     prev_threads = torch.get_num_threads()
-    found = _find(run, cfg, mcfg, storage=storage, study_name=study_name, baselines=baselines,
-                  only_baseline=only_baseline, evaluate_only=evaluate_only, eval_threads=eval_threads,
-                  progress=progress, stage=stage)
+    found = find(run, cfg, mcfg, storage=storage, study_name=study_name, baselines=baselines,
+                 only_baseline=only_baseline, evaluate_only=evaluate_only, eval_threads=eval_threads,
+                 progress=progress, stage=stage, reference=ref, runtimes=runtimes)
     if evaluate_only and only_baseline is None:
         return SearchOutcome(bundle.name, be.name, target, found.best, found.objective.dense_loss,
                              n_evaluations=found.n_evaluations, study=study_name, storage=storage,
@@ -133,11 +140,11 @@ def search(
     if mcfg.measure:
         measured = measure_and_fit(run, found.objective, target, found.dp_target, best, base_out, mcfg,
                                    searcher=found.searcher, only_baseline=only_baseline, eval_threads=eval_threads,
-                                   progress=progress)
+                                   progress=progress, reference=found.reference, runtimes=runtimes)
         stage.update(measured.stage_s)
     stage["total"] = time.perf_counter() - t_all
-    outcome = _outcome(run, cfg, found, measured, best, base_out, study_name=study_name, storage=storage,
-                       eval_threads=eval_threads or prev_threads, stage=stage)
+    outcome = search_outcome(run, cfg, found, measured, best, base_out, study_name=study_name, storage=storage,
+                             eval_threads=eval_threads or prev_threads, stage=stage)
     return write_outputs(outcome, bundle, db, run.table, out) if out is not None else outcome
 
 
@@ -159,93 +166,6 @@ def _configs(speedup: float | str | None, config: SearchConfig | None, measureme
            else SearchConfig(speedup=target, **search_kw))
     mcfg = dataclasses.replace(measurement or MeasureConfig(), **{k: v for k, v in settings.items() if k in MEASURE_SETTINGS})
     return cfg, mcfg
-
-
-@dataclass(frozen=True)
-class _Found:
-    """What :func:`_find` found: SPDY's answer (or the baseline asked for alone) and the baselines, unmeasured."""
-
-    objective: CalibrationObjective
-    correction: dict[str, Any] | None
-    dp_target: float
-    best: Outcome
-    baselines: dict[str, Outcome | str]
-    searcher: Any | None
-    n_evaluations: int
-    per_evaluation_ms: dict[str, float]
-
-
-def _find(run: Prepared, cfg: SearchConfig, mcfg: MeasureConfig, *, storage: str | None, study_name: str,
-          baselines: Sequence[str], only_baseline: str | None, evaluate_only: bool, eval_threads: int | None,
-          progress: Progress | None, stage: dict[str, float]) -> _Found:
-    """The stages that evaluate losses, on ``eval_threads`` torch threads: the dense outputs, the
-    latency check, the search (or ``only_baseline``) and the baselines; their times go to ``stage``."""
-    prev_threads = torch.get_num_threads()
-    if eval_threads is not None:
-        torch.set_num_threads(eval_threads)
-    try:
-        t0 = time.perf_counter()
-        objective = CalibrationObjective(run.bundle, run.database, run.table.layers, run.table.choices)
-        stage["dense_outputs"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        correction, dp_target = check_latency(run, cfg.speedup, cfg.buckets, mcfg, storage=storage,
-                                              study_name=study_name, resume=only_baseline is None, progress=progress)
-        stage["calibrate"] = time.perf_counter() - t0
-        if eval_threads is not None:
-            # timing the models set the backend's thread count (torch's too): evaluate with eval_threads
-            torch.set_num_threads(eval_threads)
-        t0 = time.perf_counter()
-        srch, n_evals, per_eval = None, 0, {}
-        if only_baseline is None:
-            srch, res, per_eval = run_search(run, objective, dataclasses.replace(cfg, speedup=dp_target),
-                                             storage=storage, study_name=study_name, correction=correction,
-                                             progress=progress)
-            n_evals, best = res.n_evaluations, Outcome("spdy", res.solution, res.loss)
-        else:
-            best = baseline(only_baseline, run.table, run.bundle, dp_target, objective)
-        stage["search"] = time.perf_counter() - t0 if only_baseline is None else 0.0
-        base_out: dict[str, Outcome | str] = {}
-        if not (evaluate_only and only_baseline is None):
-            t0 = time.perf_counter()
-            for name in ([] if only_baseline else baselines):
-                try:
-                    base_out[name] = baseline(name, run.table, run.bundle, dp_target, objective)
-                except InfeasibleBudgetError as exc:
-                    base_out[name] = str(exc)
-                    log.warning("baseline %s: %s", name, exc)
-            stage["baselines"] = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(prev_threads)
-    return _Found(objective, correction, dp_target, best, base_out, srch, n_evals, per_eval)
-
-
-def _outcome(run: Prepared, cfg: SearchConfig, found: _Found, measured: Measured | None, best: Outcome,
-             base_out: dict[str, Outcome | str], *, study_name: str, storage: str | None, eval_threads: int,
-             stage: dict[str, float]) -> SearchOutcome:
-    """The :class:`SearchOutcome` of a search that went through every stage."""
-    if measured is not None:
-        best, base_out = measured.best, measured.baselines
-    quality = assess(found.objective, run.table, best.solution.levels, best.calibration_loss, cfg.speedup)
-    warnings = (*(measured.warnings if measured else ()), *([quality.message(cfg.speedup)] if quality.far else []))
-    return SearchOutcome(
-        model=run.bundle.name, backend=run.backend.name, target_speedup=cfg.speedup, result=best,
-        dense_loss=found.objective.dense_loss, baselines=base_out,
-        dense_measured_s=measured.dense_s if measured else None, base_drift=measured.drift if measured else None,
-        n_evaluations=found.n_evaluations, study=study_name, storage=storage,
-        profile_path=str(run.profile_path) if run.profile_path else None,
-        database_path=str(getattr(run.database, "path", "")) or None,
-        stage_s={k: round(v, 3) for k, v in stage.items()},
-        per_evaluation_ms={k: round(v, 3) for k, v in found.per_evaluation_ms.items()},
-        fingerprint=run.backend.fingerprint(),
-        settings={"threads": run.backend.threads, "eval_threads": eval_threads, "strategy": cfg.strategy,
-                  "seed": cfg.seed, "max_evals": cfg.max_evals, "k": cfg.k, "delta": cfg.delta, "buckets": cfg.buckets,
-                  "method": run.database.method, "grid_levels": len(run.table.grid),
-                  "calibration_samples": run.bundle.n_samples, "batchnorm_tuning": bool(run.bundle.tune_batchnorm),
-                  "speedup_percentile": measured.percentile if measured else None,
-                  "patterns": {p: run.table.pattern_layers().get(p, 0) for p in cfg.patterns}},
-        warnings=warnings, latency_correction=found.correction, quality=quality.to_json(),
-        dp_target_speedup=found.dp_target, fit=measured.fit if measured else (),
-    )
 
 
 def apply(

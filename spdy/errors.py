@@ -46,3 +46,7 @@ class DatabaseError(SpdyError, RuntimeError):
 
 class StorageError(SpdyError, RuntimeError):
     """The search's Optuna storage (a database server, an SQLite file) cannot be opened or lacks its driver."""
+
+
+class ReferenceUnavailableError(BackendUnavailableError):
+    """The dense runtime a speedup was asked against (``--reference onnxruntime``) cannot run the model here."""

@@ -7,6 +7,12 @@ After the search, :func:`measure_and_fit` times the dense model, SPDY's answer a
 baselines end to end (:func:`measure_speedups`), and :func:`fit_to_measured` re-solves
 the models that measured outside ``FIT_BAND`` x the target. :class:`MeasureConfig`
 holds the settings of all three.
+
+Every one of these measurements also times the dense model in torch eager and ONNX Runtime
+(:mod:`spdy.profilers.dense_runtimes`): the target is a speedup over the reference among them
+(:mod:`spdy.reference`), the latency check measures the reference's time ratio to the dense
+plan that the DP's target is converted with, and the fit holds the speedup over the
+reference to the target.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from spdy.choices import Choice
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
+from spdy.profilers.dense_runtimes import DENSE_PLAN, DenseRuntimes, time_with_runtimes
+from spdy.reference import FASTEST, MIN_DP_TARGET, Reference
 from spdy.results import Outcome
-from spdy.stages import CalibrationObjective, Prepared, Progress
+from spdy.stages import CalibrationObjective, Prepared, Progress, check_reachable
 from spdy.types import Solution
 
 log = logging.getLogger(__name__)
@@ -87,12 +95,14 @@ class Measured:
 
     best: Outcome
     baselines: dict[str, Outcome | str]
-    dense_s: float | None
+    dense_s: float | None  # the dense plan's median time
     drift: float
     fit: tuple[dict[str, Any], ...]
     stage_s: dict[str, float]
     warnings: tuple[str, ...]
     percentile: float = 50.0  # which percentile of the rounds' speedups ``measured_speedup`` is
+    reference: Reference | None = None  # what ``measured_speedup`` is over
+    dense_runtime_s: dict[str, float] = dataclasses.field(default_factory=dict)  # median dense time per runtime
 
 
 def _weights(bundle: ModelBundle, database: Any) -> Callable[[str, Choice], np.ndarray]:
@@ -109,31 +119,50 @@ def _weights(bundle: ModelBundle, database: Any) -> Callable[[str, Choice], np.n
 
 @dataclass(frozen=True)
 class Rounds:
-    """End-to-end times of the dense model, pruned models and the base, one row per interleaved round."""
+    """End-to-end times of the dense model (the backend's dense plan, and ``runtimes``: torch eager,
+    ONNX Runtime), pruned models and the base, one row per round. Speedups are over ``reference``."""
 
-    dense_s: np.ndarray  # [rounds]
+    dense_s: np.ndarray  # [rounds], the dense plan
     times: dict[str, np.ndarray]  # name -> [rounds]
     base_s: np.ndarray  # [rounds]
+    runtimes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # runtime -> [rounds]
+    reference: str = DENSE_PLAN
 
-    def speedups(self, name: str) -> np.ndarray:
-        """Each round's dense time over the pruned time (a slow spell hits both sides of a ratio alike)."""
-        return self.dense_s / self.times[name]
+    def dense_times(self, runtime: str | None = None) -> np.ndarray:
+        """Each round's dense time in ``runtime`` (default: the reference)."""
+        runtime = runtime or self.reference
+        return self.dense_s if runtime == DENSE_PLAN else self.runtimes[runtime]
+
+    def speedups(self, name: str, runtime: str | None = None) -> np.ndarray:
+        """Each round's dense time (over ``runtime``, default the reference) over the pruned time
+        (a slow spell hits both sides of a ratio alike)."""
+        return self.dense_times(runtime) / self.times[name]
+
+    def speedups_by_runtime(self, name: str) -> dict[str, np.ndarray]:
+        """:meth:`speedups` over every dense runtime measured, the dense plan included."""
+        return {rt: self.speedups(name, rt) for rt in (*self.runtimes, DENSE_PLAN)}
+
+    def dense_medians(self) -> dict[str, float]:
+        return {rt: float(np.median(self.dense_times(rt))) for rt in (DENSE_PLAN, *self.runtimes)}
 
     def time(self, name: str) -> float:
         return float(np.median(self.times[name]))
 
     @property
     def dense(self) -> float:
+        """The dense plan's median time."""
         return float(np.median(self.dense_s))
 
 
 def measure_rounds(
     profile: Profile, bundle: ModelBundle, backend: Any, database: Any, solutions: Mapping[str, Solution],
-    rounds: int = 1,
+    rounds: int = 1, runtimes: DenseRuntimes | None = None, reference: str = DENSE_PLAN,
 ) -> Rounds:
     """Time the dense model, each solution's pruned model and the base, interleaved, end to end,
     in ``rounds`` full interleaved measurements; all in the inference form the profile timed
-    (:attr:`ModelBundle.inference`, BatchNorms folded)."""
+    (:attr:`ModelBundle.inference`, BatchNorms folded). The dense ``runtimes`` (torch eager,
+    ONNX Runtime; built for that inference form) are timed in the same rounds
+    (:func:`~spdy.profilers.dense_runtimes.time_with_runtimes`); speedups are over ``reference``."""
     from spdy.profilers import STANDIN, LayerChoice, backend_plan
 
     names = list(solutions)
@@ -142,8 +171,12 @@ def measure_rounds(
     dense = profile.table.solution(np.zeros(len(profile.table.layers), dtype=np.int64))
     plans = [backend_plan(s, weight, timed.model) for s in (dense, *(solutions[n] for n in names))]
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
-    arr = np.array([[tm.median_s for tm in backend.time_models(timed, plans)] for _ in range(max(1, rounds))])
-    return Rounds(arr[:, 0], {n: arr[:, 1 + i] for i, n in enumerate(names)}, arr[:, -1])
+    per_plan, per_runtime = time_with_runtimes(backend, timed, plans, runtimes, rounds)
+    arr = np.array([[tm.median_s for tm in row] for row in per_plan])
+    rt = {n: np.array([r[n].median_s for r in per_runtime]) for n in per_runtime[0]} if per_runtime else {}
+    if reference != DENSE_PLAN and reference not in rt:
+        raise InvalidInputError(f"the reference {reference!r} was not measured (runtimes: {sorted(rt)})")
+    return Rounds(arr[:, 0], {n: arr[:, 1 + i] for i, n in enumerate(names)}, arr[:, -1], rt, reference)
 
 
 def measure_speedups(
@@ -157,13 +190,42 @@ def measure_speedups(
 
 
 def pooled(outcome: Outcome, time_s: float, samples: Sequence[float], dense_s: float, percentile: float,
-           keep: bool) -> Outcome:
-    """``outcome`` with a new measurement: its speedup samples pooled with the earlier ones
-    (``keep``: the same model measured again) or started afresh, and ``measured_speedup``
-    the ``percentile`` of the pool."""
+           keep: bool, by_runtime: Mapping[str, Sequence[float]] | None = None) -> Outcome:
+    """``outcome`` with a new measurement: its speedup samples (over the reference; ``by_runtime``:
+    over each dense runtime) pooled with the earlier ones (``keep``: the same model measured
+    again) or started afresh, and ``measured_speedup`` the ``percentile`` of the pool (and
+    ``runtime_speedups`` those of each runtime's pool)."""
     pool = (tuple(outcome.speedup_samples) if keep else ()) + tuple(float(s) for s in samples)
+    new = {rt: tuple(float(x) for x in v) for rt, v in (by_runtime or {}).items()}
+    old = dict(outcome.runtime_samples) if keep else {}
+    rt_pools = {rt: tuple(old.get(rt, ())) + new.get(rt, ()) for rt in {**old, **new}}
     return dataclasses.replace(outcome, measured_time_s=time_s, dense_time_s=dense_s, speedup_samples=pool,
-                               measured_speedup=float(np.percentile(pool, percentile)))
+                               measured_speedup=float(np.percentile(pool, percentile)), runtime_samples=rt_pools,
+                               runtime_speedups={rt: float(np.percentile(v, percentile)) for rt, v in rt_pools.items()})
+
+
+def reachable_over(profile: Profile, bundle: ModelBundle, backend: Any, runtimes: DenseRuntimes | None, asked: str,
+                   patterns: Sequence[str], target: float, buckets: int, rounds: int = 3) -> Reference:
+    """Before the database is built: the reference ``asked`` for, its time ratio to the dense plan
+    measured side by side in ``rounds`` rounds of the dense models (unmeasured without ``runtimes``), and
+    whether the profile reaches ``target`` over it; :class:`InfeasibleBudgetError` with the largest
+    target over the reference otherwise. The latency check measures the ratio again for the DP."""
+    ref = Reference.unmeasured(asked)
+    if runtimes is not None:
+        r = measure_rounds(profile, bundle, backend, None, {}, rounds=rounds, runtimes=runtimes)
+        ref = Reference.from_rounds(asked, r.dense_s, r.runtimes, runtimes.unavailable)
+        log.info("speedups %s", ref.describe())
+    try:
+        check_reachable(profile, patterns, ref.dp_speedup(target), buckets)
+    except InfeasibleBudgetError as exc:
+        if not ref.measured or exc.max_speedup is None:
+            raise
+        top = ref.over_reference(exc.max_speedup)
+        raise InfeasibleBudgetError(
+            f"{target:g}x over {ref.label} is out of reach: the profile reaches at most {exc.max_speedup:.3f}x over the "
+            f"dense plan, and {ref.label} runs the dense model in {ref.ratio:.2f}x the dense plan's time (measured side "
+            f"by side), so at most {top:.2f}x over {ref.label}. Ask for at most {top:.2f}x.", max_speedup=top) from None
+    return ref
 
 
 #: The lowest latency correction applied (the DP never aims more than 10% below the target).
@@ -182,7 +244,7 @@ def correction_factor(ratios: Sequence[float]) -> float:
 
 def latency_correction(
     profile: Profile, bundle: ModelBundle, backend: Any, database: Any, target: float, buckets: int = dp.DEFAULT_BUCKETS,
-    rounds: int = 3,
+    rounds: int = 3, *, runtimes: DenseRuntimes | None = None, reference: str = FASTEST, probes: bool = True,
 ) -> tuple[float, dict[str, Any]]:
     """How much the additive latency model over-predicts the speedup of models pruned for ``target``.
 
@@ -199,22 +261,37 @@ def latency_correction(
       predicted (seen on faster machines of the same kind: 5-13% faster): the DP may aim lower
       and keep accuracy, but only by the least optimistic of the two, so that noise in one
       check does not push the measured speedup under the target.
+
+    ``target`` is a speedup over the dense plan (the DP's terms). With ``runtimes``, the same
+    rounds time the dense model in torch eager and ONNX Runtime, and ``info["reference"]`` is
+    the :class:`~spdy.reference.Reference` asked for (``reference``), with its time ratio to the
+    dense plan measured side by side. ``probes=False`` times no pruned model (factor 1).
     """
     table = profile.table
-    sols = {"prior": dp.solve(table, dp.prior_errors(len(table.layers), len(table.grid)), target, buckets)}
-    try:
-        sols["uniform"] = uniform(table, target)
-    except InfeasibleBudgetError:
-        pass
-    dense_s, times, base_s, _ = measure_speedups(profile, bundle, backend, database, sols, rounds=rounds)
+    sols = {}
+    if probes:
+        sols["prior"] = dp.solve(table, dp.prior_errors(len(table.layers), len(table.grid)), target, buckets)
+        try:
+            sols["uniform"] = uniform(table, target)
+        except InfeasibleBudgetError:
+            pass
+    r = measure_rounds(profile, bundle, backend, database, sols, rounds=rounds, runtimes=runtimes)
+    dense_s, base_s = r.dense, float(np.median(r.base_s))
     dense_ratio = dense_s / table.dense_total_s
-    ratios = {n: (times[n] / sol.predicted_time_s) / dense_ratio for n, sol in sols.items()}
+    ratios = {n: (r.time(n) / sol.predicted_time_s) / dense_ratio for n, sol in sols.items()}
     q = correction_factor(list(ratios.values()))
-    info = {"factor": q, "ratios": ratios, "rounds": rounds, "dense_measured_s": dense_s, "dense_predicted_s": table.dense_total_s,
-            "base_measured_s": base_s, "base_profile_s": table.base_s,
-            "pruned": {n: {"measured_s": times[n], "predicted_s": sols[n].predicted_time_s} for n in sols}}
-    log.info("latency model check at %.3gx: pruned/dense measured-to-predicted ratios %s -> correction %.3f",
-             target, {n: round(r, 3) for n, r in ratios.items()}, q)
+    info: dict[str, Any] = {
+        "factor": q, "ratios": ratios, "rounds": rounds, "dense_measured_s": dense_s,
+        "dense_predicted_s": table.dense_total_s, "base_measured_s": base_s, "base_profile_s": table.base_s,
+        "pruned": {n: {"measured_s": r.time(n), "predicted_s": sols[n].predicted_time_s} for n in sols}}
+    if runtimes is not None:
+        ref = Reference.from_rounds(reference, r.dense_s, r.runtimes, runtimes.unavailable)
+        info["reference"] = ref.to_json()
+        log.info("speedups %s", ref.describe())
+    if probes:
+        log.info("latency model check at %.3gx over the dense plan: pruned/dense measured-to-predicted ratios %s -> "
+                 "correction %.3f",
+                 target, {n: round(x, 3) for n, x in ratios.items()}, q)
     return q, info
 
 
@@ -222,6 +299,21 @@ def lowest_dp_target(target: float) -> float:
     """The lowest DP target aimed at for ``target`` when pruned models run faster than
     predicted (the latency check, the fit): never more than half of the asked-for gain."""
     return 1.0 + (target - 1.0) / 2
+
+
+def dp_target_for(target: float, factor: float, reference: Reference) -> float:
+    """The DP's target (a speedup over the dense plan) for ``target`` over ``reference``, with the
+    latency correction ``factor``: ``target * factor`` (at least :func:`lowest_dp_target` when the
+    factor lowers it) over the reference, divided by the reference's time ratio to the dense plan."""
+    over_ref = max(target * factor, lowest_dp_target(target)) if factor < 1 else target * factor
+    return reference.dp_speedup(over_ref)
+
+
+def largest_target(max_speedup: float, factor: float, reference: Reference) -> float:
+    """The largest target over ``reference`` whose DP target (:func:`dp_target_for`) a profile that
+    reaches ``max_speedup`` over the dense plan can still meet."""
+    top = max_speedup * reference.ratio
+    return top / factor if factor >= 1 else min(top / factor, 2 * top - 1)
 
 
 #: A pruned model measured within ``FIT_BAND`` x the target is kept as it is; outside it,
@@ -239,6 +331,7 @@ def fit_to_measured(
     max_speedup: float,
     rounds: int = 2,
     percentile: float = 50.0,
+    reference_ratio: float = 1.0,
 ) -> tuple[dict[str, Outcome], dict[str, float], list[dict[str, Any]]]:
     """Close the loop on each pruned model's measured speedup.
 
@@ -246,7 +339,9 @@ def fit_to_measured(
     the model the search picks can still measure a few percent off (machine noise, a
     different mix of kernels). Here each measured ``outcome`` outside ``FIT_BAND`` x
     ``target`` is solved again by its own method (``resolve``) for its DP target scaled
-    by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2, max_speedup]``.
+    by ``FIT_AIM * target / measured``, clipped to ``[1 + (target - 1) / 2, max_speedup]`` (the lower
+    end divided by ``reference_ratio``: measured speedups are over a reference runtime whose dense
+    time is that ratio of the dense plan's, DP targets over the dense plan; at least ``MIN_DP_TARGET``).
     Each round measures every proposal *together with the model it would replace*,
     interleaved with the dense model, and decides on that measurement alone, so that one
     slow spell of a shared machine cannot move a model on its own:
@@ -261,7 +356,8 @@ def fit_to_measured(
     ``resolve(name, dp_target)`` returns the unmeasured outcome (solution and calibration
     loss) for that budget (for SPDY, :meth:`spdy.sensitivity.Search.refine`);
     ``measure({key: solution})`` returns ``{key: (time_s, speedup, dense_time_s)}``, or with a
-    fourth item, that measurement's per-round speedups. A model kept pools them with its
+    fourth item, that measurement's per-round speedups (and a fifth: ``{runtime: per-round
+    speedups}`` over each dense runtime). A model kept pools them with its
     earlier ones and its measured speedup becomes their ``percentile`` (:func:`pooled`);
     the decision itself rests on the ``percentile`` of this measurement's speedups alone.
     Returns the outcomes, their DP targets and one record per proposal.
@@ -271,7 +367,7 @@ def fit_to_measured(
     log_: list[dict[str, Any]] = []
     too_loose: dict[str, float] = {}  # per model: the loosest DP target that measured short
     for rnd in range(max(0, rounds)):
-        proposals = _fit_proposals(target, outs, dpt, too_loose, resolve, max_speedup)
+        proposals = _fit_proposals(target, outs, dpt, too_loose, resolve, max_speedup, reference_ratio)
         if not proposals:
             break
         sols: dict[str, Solution] = {}
@@ -304,17 +400,19 @@ def _remeasured(o: Outcome, got: Sequence[Any], percentile: float, keep: bool) -
     measurement's own speedup (the ``percentile`` of its rounds)."""
     t_s, sp, dense_s = got[0], got[1], got[2]
     samples = got[3] if len(got) > 3 else (sp,)
-    return pooled(o, t_s, samples, dense_s, percentile, keep), float(np.percentile(samples, percentile))
+    by_runtime = got[4] if len(got) > 4 else None
+    return (pooled(o, t_s, samples, dense_s, percentile, keep, by_runtime=by_runtime),
+            float(np.percentile(samples, percentile)))
 
 
 def _fit_proposals(
     target: float, outs: Mapping[str, Outcome], dpt: Mapping[str, float], too_loose: Mapping[str, float],
-    resolve: Callable[[str, float], Outcome], max_speedup: float,
+    resolve: Callable[[str, float], Outcome], max_speedup: float, reference_ratio: float = 1.0,
 ) -> dict[str, tuple[float, Outcome]]:
     """One round's proposals of :func:`fit_to_measured`: ``{name: (new DP target, unmeasured outcome)}``
     for each model measured outside the band whose re-solved levels differ from its current ones."""
     low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
-    floor = lowest_dp_target(target)
+    floor = max(lowest_dp_target(target) / reference_ratio, MIN_DP_TARGET)
     proposals: dict[str, tuple[float, Outcome]] = {}
     for name, o in outs.items():
         s = o.measured_speedup
@@ -359,34 +457,70 @@ def check_latency(
     study_name: str,
     resume: bool,
     progress: Progress | None,
+    reference: Reference | None = None,
+    runtimes: DenseRuntimes | None = None,
 ) -> tuple[dict[str, Any] | None, float]:
     """The latency check before the search and the DP target it gives: ``(correction, dp_target)``.
 
     With ``resume``, a correction stored with the study (a resumed or shared search) is
-    reused; else, with ``settings.calibrate`` and ``settings.measure``, it is measured by
-    :func:`latency_correction`. The DP aims at ``target`` times its factor, but never below
-    :func:`lowest_dp_target`; a factor that puts the DP's target past the profile's reach
-    raises :class:`InfeasibleBudgetError` with the largest target that can be asked for.
+    reused; else, with ``settings.measure``, it is measured by :func:`latency_correction`
+    (the pruned probes only with ``settings.calibrate``; the dense ``runtimes`` always, and
+    ``correction["reference"]`` is the reference asked for, measured there). ``reference``
+    says which one is asked for, and holds an earlier estimate of its ratio to the dense
+    plan that sets the probes' target (default: nothing measured, the dense plan). The DP aims
+    at :func:`dp_target_for`; a DP target past the profile's reach raises
+    :class:`InfeasibleBudgetError` with the largest target that can be asked for.
     """
     table = prepared.table
+    ref = reference or Reference.unmeasured(FASTEST)
     correction = _stored_correction(storage, study_name) if resume else None
-    if correction is None and settings.calibrate and settings.measure:
+    if correction is not None:
+        _check_stored_reference(correction, ref, runtimes, study_name)
+    elif settings.measure and (settings.calibrate or runtimes is not None):
         if progress:
             progress("calibrate", 0, 1, "latency model vs end-to-end")
         q, correction = latency_correction(prepared.profile, prepared.bundle, prepared.backend, prepared.database,
-                                           target, buckets)
+                                           ref.dp_speedup(target), buckets, runtimes=runtimes, reference=ref.asked,
+                                           probes=settings.calibrate)
         if progress:
             progress("calibrate", 1, 1, f"x{q:.3f}")
     q = float(correction["factor"]) if correction else 1.0
-    dp_target = max(target * q, lowest_dp_target(target)) if q < 1 else target * q
-    if q > 1 and dp_target > table.max_speedup():
+    if correction and "reference" in correction:
+        ref = Reference.from_json(correction["reference"])
+    dp_target = dp_target_for(target, q, ref)
+    if dp_target > table.max_speedup():
+        top = largest_target(table.max_speedup(), q, ref)
+        why = [f"{ref.label} runs the dense model in {ref.ratio:.2f}x the dense plan's time (measured side by side)"
+               ] if ref.measured else []
+        if q != 1:
+            why.append(f"pruned models ran {q:.2f}x {'slower' if q > 1 else 'faster'} than the latency model predicts")
         raise InfeasibleBudgetError(
-            f"{target:g}x is out of reach end to end: pruned models ran {q:.2f}x slower than the latency model "
-            f"predicts, so the DP would need {dp_target:.3f}x of a profile that reaches at most "
-            f"{table.max_speedup():.3f}x. Ask for at most {table.max_speedup() / q:.2f}x.",
-            max_speedup=table.max_speedup() / q,
+            f"{target:g}x over {ref.label} is out of reach end to end: {' and '.join(why) or 'the profile says so'}, "
+            f"so the DP would need {dp_target:.3f}x over the dense plan of a profile that reaches at most "
+            f"{table.max_speedup():.3f}x. Ask for at most {top:.2f}x.",
+            max_speedup=top,
         )
     return correction, dp_target
+
+
+def _check_stored_reference(correction: Mapping[str, Any], ref: Reference, runtimes: DenseRuntimes | None,
+                            study_name: str) -> None:
+    """A stored correction must have been measured against the reference asked for now."""
+    stored = correction.get("reference")
+    if stored is None:
+        if not ref.measured:
+            return
+        raise InvalidInputError(
+            f"the study {study_name!r} was calibrated with speedups over the dense plan, not over a dense reference "
+            f"runtime (--reference {ref.asked}); start a new study (another -o folder, or --study NAME)")
+    if stored.get("asked") != ref.asked:
+        raise InvalidInputError(
+            f"the study {study_name!r} holds a search for speedups over --reference {stored.get('asked')}; pass "
+            f"--reference {stored.get('asked')} to resume or join it, or start a new study (another -o folder, or --study)")
+    if runtimes is not None and stored.get("runtime") not in (DENSE_PLAN, *runtimes.runtimes):
+        raise InvalidInputError(
+            f"the study {study_name!r} states speedups over {stored.get('label')}, which cannot run this model here "
+            f"({runtimes.unavailable.get(str(stored.get('runtime')), '')}); start a new study")
 
 
 def _stored_correction(storage: str | None, study_name: str) -> dict[str, Any] | None:
@@ -428,25 +562,33 @@ def measure_and_fit(
     only_baseline: str | None,
     eval_threads: int | None,
     progress: Progress | None,
+    reference: Reference | None = None,
+    runtimes: DenseRuntimes | None = None,
 ) -> Measured:
     """Time the dense model, SPDY's answer ``best`` and the ``baselines`` end to end, then fit
     them to their measurements (:func:`fit_to_measured`, ``settings.fit_rounds`` times at most).
 
-    SPDY's answer for a new budget comes from ``searcher`` (:meth:`spdy.sensitivity.Search.refine`);
-    without one (``only_baseline``), ``best`` is that baseline and re-solves by its rule.
-    A model measured below ``SPEEDUP_TOLERANCE`` x ``target`` is explained in a warning.
+    Every measurement also times the dense ``runtimes``; speedups are over ``reference`` (from
+    the latency check; default the dense plan), whose time ratio to the dense plan converts
+    the fit's targets into the DP's terms. SPDY's answer for a new budget comes from ``searcher``
+    (:meth:`spdy.sensitivity.Search.refine`); without one (``only_baseline``), ``best`` is that
+    baseline and re-solves by its rule. A model measured below ``SPEEDUP_TOLERANCE`` x ``target``
+    is explained in a warning.
     """
     prof, table = prepared.profile, prepared.table
+    ref = reference or Reference.unmeasured(FASTEST)
     stage: dict[str, float] = {}
     t0 = time.perf_counter()
     if progress:
         progress("measure", 0, 1, "dense and pruned models end to end")
     sols = {"__best__": best.solution, **{n: o.solution for n, o in baselines.items() if isinstance(o, Outcome)}}
-    r = measure_rounds(prof, prepared.bundle, prepared.backend, prepared.database, sols, rounds=settings.measure_rounds)
+    r = measure_rounds(prof, prepared.bundle, prepared.backend, prepared.database, sols, rounds=settings.measure_rounds,
+                       runtimes=runtimes, reference=ref.runtime)
     drift = float(np.median(r.base_s)) / table.base_s - 1 if table.base_s > 0 else float("nan")
 
     def measured(o: Outcome, key: str) -> Outcome:
-        return pooled(o, r.time(key), r.speedups(key), r.dense, settings.percentile, keep=False)
+        return pooled(o, r.time(key), r.speedups(key), r.dense, settings.percentile, keep=False,
+                      by_runtime=r.speedups_by_runtime(key))
 
     best = measured(best, "__best__")
     base_out = {n: measured(o, n) if isinstance(o, Outcome) else o for n, o in baselines.items()}
@@ -456,23 +598,25 @@ def measure_and_fit(
         t0 = time.perf_counter()
         refine = (lambda t: searcher.refine(t, evals=settings.fit_evals)[1:]) if searcher is not None else None
         best, base_out, fit_log = _fit(prepared, objective, target, best, base_out, dp_target, settings, refine,
-                                       only_baseline, eval_threads)
+                                       only_baseline, eval_threads, runtimes, ref)
         if fit_log:
             stage["fit"] = time.perf_counter() - t0
     if progress:
         progress("measure", 1, 1, f"{best.measured_speedup:.2f}x")
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ref.warnings()
     if best.measured_speedup is not None and best.measured_speedup < SPEEDUP_TOLERANCE * target:
-        msg = _explain_shortfall(target, best, best.dense_time_s, prof, drift)
-        warnings = (msg,)
+        msg = _explain_shortfall(target, best, best.dense_time_s, prof, drift, ref)
+        warnings += (msg,)
         log.warning(msg)
-    return Measured(best, base_out, best.dense_time_s, drift, tuple(fit_log), stage, warnings, settings.percentile)
+    return Measured(best, base_out, best.dense_time_s, drift, tuple(fit_log), stage, warnings, settings.percentile,
+                    ref, r.dense_medians())
 
 
 def _fit(
     prepared: Prepared, objective: CalibrationObjective, target: float, best: Outcome,
     base_out: dict[str, Outcome | str], dp_target: float, settings: MeasureConfig,
     refine: Callable[[float], tuple[Solution, float]] | None, only_baseline: str | None, eval_threads: int | None,
+    runtimes: DenseRuntimes | None = None, reference: Reference | None = None,
 ) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
     """:func:`fit_to_measured` on the search's answer and the baselines (each by its own measurement).
 
@@ -494,24 +638,31 @@ def _fit(
         finally:
             torch.set_num_threads(prev)
 
-    def measure(sols: dict[str, Solution]) -> dict[str, tuple[float, float, float, np.ndarray]]:
+    ref = reference or Reference.unmeasured(FASTEST)
+
+    def measure(sols: dict[str, Solution]) -> dict[str, tuple[Any, ...]]:
         r = measure_rounds(prof, prepared.bundle, prepared.backend, prepared.database, sols,
-                           rounds=settings.measure_rounds)
-        return {n: (r.time(n), float(np.median(r.speedups(n))), r.dense, r.speedups(n)) for n in sols}
+                           rounds=settings.measure_rounds, runtimes=runtimes, reference=ref.runtime)
+        return {n: (r.time(n), float(np.median(r.speedups(n))), r.dense, r.speedups(n), r.speedups_by_runtime(n))
+                for n in sols}
 
     outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
-                                       prof.table.max_speedup(), settings.fit_rounds, settings.percentile)
+                                       prof.table.max_speedup(), settings.fit_rounds, settings.percentile,
+                                       reference_ratio=ref.ratio)
     for rec in fit_log:
         rec["loss_evaluation_budget"] = settings.fit_evals if rec["method"] == "spdy" and refine is not None else 1
     best = outs.pop("__best__")
     return best, {n: outs.get(n, o) for n, o in base_out.items()}, fit_log
 
 
-def _explain_shortfall(target: float, outcome: Outcome, dense_s: float, profile: Profile, drift: float) -> str:
+def _explain_shortfall(target: float, outcome: Outcome, dense_s: float, profile: Profile, drift: float,
+                       reference: Reference | None = None) -> str:
     t = profile.table
     pred, meas = outcome.solution.predicted_time_s, outcome.measured_time_s or float("nan")
+    over = f" over {reference.label}" if reference is not None and reference.measured else ""
     parts = [
-        f"measured speedup {outcome.measured_speedup:.2f}x is below {SPEEDUP_TOLERANCE:.0%} of the {target:g}x target.",
+        f"measured speedup {outcome.measured_speedup:.2f}x{over} is below {SPEEDUP_TOLERANCE:.0%} of the {target:g}x "
+        "target.",
         f"The pruned model took {meas * 1e3:.2f} ms against {pred * 1e3:.2f} ms predicted ({(meas / pred - 1) * 100:+.1f}%),"
         f" the dense model {dense_s * 1e3:.2f} ms against {t.dense_total_s * 1e3:.2f} ms predicted"
         f" ({(dense_s / t.dense_total_s - 1) * 100:+.1f}%).",

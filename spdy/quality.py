@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,9 +113,13 @@ def top1_agreement(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]
     return hits / max(total, 1)
 
 
-def assess(objective: Any, table: Any, levels: np.ndarray, loss: float, target: float) -> Quality:
+def assess(objective: Any, table: Any, levels: np.ndarray, loss: float, target: float,
+           to_dp: Callable[[float], float] | None = None) -> Quality:
     """The :class:`Quality` of ``levels``, whose calibration loss on ``objective`` (a
-    :class:`~spdy.stages.CalibrationObjective`) is ``loss``, with the largest safe target when it is far."""
+    :class:`~spdy.stages.CalibrationObjective`) is ``loss``, with the largest safe target when it is far.
+
+    ``to_dp`` turns a target into a speedup over the table's dense plan (the reference's time
+    ratio, :meth:`spdy.reference.Reference.dp_speedup`); default: the target itself."""
     from spdy.baselines import uniform
     from spdy.errors import InfeasibleBudgetError
 
@@ -129,7 +133,7 @@ def assess(objective: Any, table: Any, levels: np.ndarray, loss: float, target: 
     for _ in range(BISECT_STEPS):
         mid = (lo + hi) / 2
         try:
-            sol = uniform(table, mid)
+            sol = uniform(table, to_dp(mid) if to_dp is not None else mid)
         except InfeasibleBudgetError:
             hi = mid
             continue

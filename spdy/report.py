@@ -27,10 +27,10 @@ def plot_profile(table: LatencyTable, solution: Solution, path: str | os.PathLik
     ax1.set_ylabel("sparsity")
     ax1.set_ylim(0, 1)
     ax1.legend(loc="upper left", fontsize=8, ncol=3)
-    ax1.set_title(title or f"SPDY profile: predicted {solution.predicted_speedup:.2f}x")
+    ax1.set_title(title or f"SPDY profile: predicted {solution.predicted_speedup:.2f}x", fontsize=9)
     dense_ms = table.times[:, 0] * 1e3
     chosen_ms = table.times[x, solution.levels] * 1e3
-    ax2.bar(x - 0.2, dense_ms, width=0.4, color="lightgray", label=f"dense (total {table.dense_total_s * 1e3:.1f} ms)")
+    ax2.bar(x - 0.2, dense_ms, width=0.4, color="lightgray", label=f"dense plan (total {table.dense_total_s * 1e3:.1f} ms)")
     ax2.bar(x + 0.2, chosen_ms, width=0.4, color="tab:orange",
             label=f"pruned (total {solution.predicted_time_s * 1e3:.1f} ms)")
     ax2.set_ylabel("layer time (ms)")

@@ -27,7 +27,8 @@ from spdy.models.base import ModelBundle, batchnorm_state
 from spdy.types import Solution
 
 RESULT_SCHEMA = "spdy.search-result"
-RESULT_SCHEMA_VERSION = 1
+#: 2: ``measured_speedup`` is over the reference dense runtime (``reference``), not over the dense plan
+RESULT_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,30 @@ class Outcome:
     solution: Solution
     calibration_loss: float
     measured_time_s: float | None = None
+    #: over the reference dense runtime (the search's ``reference``)
     measured_speedup: float | None = None
-    dense_time_s: float | None = None  # the dense model's time in the same measurement
-    #: every end-to-end speedup measured for this model during the run (one per interleaved round)
+    dense_time_s: float | None = None  # the dense plan's time in the same measurement
+    #: every end-to-end speedup over the reference measured for this model during the run (one per round)
     speedup_samples: tuple[float, ...] = ()
+    #: the same over each dense runtime measured (``torch``, ``onnxruntime``, ``dense_plan``)
+    runtime_samples: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: the percentile of each runtime's samples that ``measured_speedup`` is of the reference's
+    runtime_speedups: dict[str, float] = field(default_factory=dict)
 
-    def speedup_summary(self) -> dict[str, Any] | None:
-        """Median, 10th and 90th percentile and count of :attr:`speedup_samples` (None without any)."""
-        if not self.speedup_samples:
+    def speedup_summary(self, runtime: str | None = None) -> dict[str, Any] | None:
+        """Median, 10th and 90th percentile and count of :attr:`speedup_samples` (or of ``runtime``'s
+        samples; None without any)."""
+        samples = self.speedup_samples if runtime is None else self.runtime_samples.get(runtime, ())
+        if not samples:
             return None
-        s = np.asarray(self.speedup_samples)
+        s = np.asarray(samples)
         return {"rounds": len(s), "median": float(np.median(s)), "p10": float(np.percentile(s, 10)),
                 "p90": float(np.percentile(s, 90)), "min": float(s.min()), "max": float(s.max())}
+
+    def speedups_by_runtime(self) -> dict[str, dict[str, Any]]:
+        """``{runtime: {"speedup", "rounds", "median", "p10", "p90", "min", "max"}}`` over each dense runtime."""
+        return {rt: {"speedup": self.runtime_speedups.get(rt), **(self.speedup_summary(rt) or {})}
+                for rt in self.runtime_samples}
 
     def layers(self) -> dict[str, dict[str, Any]]:
         """``{layer: {"sparsity", "level", "pattern"[, "format"]}}`` (``level``: the grid level, 0 for N:M)."""
@@ -70,6 +83,7 @@ class Outcome:
             "predicted_time_s": self.solution.predicted_time_s,
             "measured_speedup": self.measured_speedup,
             "measured_speedup_samples": self.speedup_summary(),
+            "measured_speedup_by_runtime": self.speedups_by_runtime(),
             "measured_time_s": self.measured_time_s,
             "calibration_loss": self.calibration_loss,
             "layers": self.layers(),
@@ -103,6 +117,10 @@ class SearchOutcome:
     dp_target_speedup: float | None = None
     fit: tuple[dict[str, Any], ...] = ()
     quality: dict[str, Any] | None = None
+    #: what ``measured_speedup`` is over (:meth:`spdy.reference.Reference.to_json`)
+    reference: dict[str, Any] | None = None
+    #: the dense model's median time in each runtime during the final measurement
+    dense_runtime_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def predicted_speedup(self) -> float:
@@ -129,14 +147,17 @@ class SearchOutcome:
             "backend": self.backend,
             "method": self.result.method,
             "target_speedup": self.target_speedup,
+            "reference": self.reference,
             "predicted_speedup": self.predicted_speedup,
             "dp_target_speedup": self.dp_target_speedup,
             "latency_correction": self.latency_correction,
             "fit": list(self.fit),
             "measured_speedup": self.measured_speedup,
             "measured_speedup_samples": self.result.speedup_summary(),
+            "measured_speedup_by_runtime": self.result.speedups_by_runtime(),
             "measured_time_s": self.result.measured_time_s,
             "dense_measured_time_s": self.dense_measured_s,
+            "dense_measured_time_s_by_runtime": self.dense_runtime_s,
             "base_drift": self.base_drift,
             "calibration_loss": {"dense": self.dense_loss, "pruned": self.calibration_loss},
             "layers": self.layers,
@@ -172,12 +193,34 @@ def write_outputs(outcome: SearchOutcome, bundle: ModelBundle, database: Any, ta
     })
     del pruned
     bases = {n: b.solution for n, b in outcome.baselines.items() if isinstance(b, Outcome)}
-    meas = f", measured {outcome.measured_speedup:.2f}x" if outcome.measured_speedup else ""
-    plot_profile(table, outcome.result.solution, o / "profile.png", baselines=bases,
-                 title=f"{outcome.model} on {outcome.backend}: target {outcome.target_speedup:g}x, "
-                       f"predicted {outcome.predicted_speedup:.2f}x{meas}")
+    plot_profile(table, outcome.result.solution, o / "profile.png", baselines=bases, title=plot_title(outcome))
     atomic_write_json(o / "result.json", outcome.to_json())
     return outcome
+
+
+def plot_title(outcome: SearchOutcome) -> str:
+    """The plot's title: the target and its reference, the measured speedup over each dense
+    runtime (the reference first) with its 10th-90th percentile over the rounds, and the prediction."""
+    import textwrap
+
+    from spdy.profilers.dense_runtimes import DENSE_PLAN, LABELS
+
+    ref = outcome.reference or {}
+    label = ref.get("label") or f"the {LABELS[DENSE_PLAN]}"
+    asked = f" (--reference {ref['asked']})" if ref.get("asked") else ""
+    head = f"{outcome.model} on {outcome.backend}: target {outcome.target_speedup:g}x over {label}{asked}"
+    by = outcome.result.speedups_by_runtime()
+    order = sorted(by, key=lambda rt: rt != ref.get("runtime"))
+    parts = [f"{LABELS.get(rt, rt)} {by[rt]['speedup']:.2f}x (p10-p90 {by[rt]['p10']:.2f}-{by[rt]['p90']:.2f})"
+             for rt in order if by[rt].get("speedup") is not None]
+    if parts:
+        body = "measured over " + ", ".join(parts)
+    else:
+        body = f"measured {outcome.measured_speedup:.2f}x over {label}" if outcome.measured_speedup else "not measured"
+    body += f"; predicted {outcome.predicted_speedup:.2f}x over the {LABELS[DENSE_PLAN]}"
+    nbsp = "\u00a0"  # keeps each runtime's figures on one line
+    return "\n".join([head, *(line.replace(nbsp, " ") for line in textwrap.wrap(
+        body.replace(" (p10-p90 ", f"{nbsp}(p10-p90{nbsp}"), 90, break_on_hyphens=False))])
 
 
 def result_model_dir(result: SearchOutcome | str | os.PathLike[str]) -> Path:

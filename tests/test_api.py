@@ -135,8 +135,23 @@ def test_search_writes_result_model_and_plot(bundle, profile_path, tmp_path):
     assert res.latency_correction is not None
     q = res.latency_correction["factor"]
     assert q >= spdy.api.MIN_CORRECTION
-    want = max(1.25 * q, 1.125) if q < 1 else 1.25 * q
-    assert d["dp_target_speedup"] == pytest.approx(want)
+    # the target is over the faster of torch eager and ONNX Runtime; the DP's is over the dense plan,
+    # converted by the reference's time ratio to it, measured side by side in the latency check
+    ref = d["reference"]
+    assert ref == res.latency_correction["reference"] and d["settings"]["reference"] == "fastest"
+    ratios = ref["ratios_to_dense_plan"]
+    assert set(ratios) == {"torch", "onnxruntime"} and ref["runtime"] == min(ratios, key=ratios.get)
+    assert ref["ratio_to_dense_plan"] == ratios[ref["runtime"]] and ref["label"] in ("torch eager", "ONNX Runtime")
+    want = (max(1.25 * q, 1.125) if q < 1 else 1.25 * q) / ref["ratio_to_dense_plan"]
+    assert d["dp_target_speedup"] == pytest.approx(max(want, 1.01))
+    # the speedup over each dense runtime, with its spread; the reference's is the measured speedup
+    for o in (d, *d["baselines"].values()):
+        by = o["measured_speedup_by_runtime"]
+        assert set(by) == {"torch", "onnxruntime", "dense_plan"}
+        assert by[ref["runtime"]]["speedup"] == pytest.approx(o["measured_speedup"])
+        assert all(v["p10"] <= v["median"] <= v["p90"] and v["rounds"] >= 3 for v in by.values())
+    assert set(d["dense_measured_time_s_by_runtime"]) == {"torch", "onnxruntime", "dense_plan"}
+    assert d["schema_version"] == 2 and not any("cannot run" in w for w in d["warnings"])
 
 
 @pytest.mark.parametrize(("ratios", "factor"), [
@@ -216,8 +231,8 @@ def test_profile_or_database_for_another_model_is_refused(bundle, profile_path, 
     _search(bundle, profile_path, tmp_path, measure=False, baselines=(), max_evals=2)  # builds tmp/../db
     other_prof = tmp_path / "p256.json"
     ensure_profile(other, get_backend("spdy-cpu", threads=1, policy=POLICY), path=other_prof, grid=GRID)
-    with pytest.raises(ProfileMismatchError):
-        _search(other, other_prof, tmp_path, speedup=1.05)  # same database folder, another model
+    with pytest.raises(ProfileMismatchError):  # (unmeasured: ONNX Runtime runs this model 2x faster than torch)
+        _search(other, other_prof, tmp_path, speedup=1.05, measure=False)  # same database folder, another model
 
 
 def test_profile_from_other_hardware_is_refused(bundle, profile_path, tmp_path):
@@ -253,6 +268,67 @@ def test_cli_search_and_help(profile_path, tmp_path, capsys):
     assert (out / "search.journal").exists()
     assert main(["search", "--model", "tests.test_api:mlp_factory", "--speedup", "0.5"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.fixture
+def quick_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`spdy search` in-process with the tests' short timing policy (the CLI's own is the full one,
+    which waits for a quiet machine)."""
+    import spdy.profilers
+
+    real = spdy.profilers.get_backend
+    monkeypatch.setattr(spdy.profilers, "get_backend", lambda name, threads=None, policy=None, **kw:
+                        real(name, threads=threads, policy=policy or POLICY, **kw))
+
+
+def test_cli_reference_torch_is_held_to_the_target_and_printed(profile_path, tmp_path, capsys, quick_cli):
+    out = tmp_path / "vs-torch"
+    rc = main(["search", "--model", "tests.test_api:mlp_factory", "--speedup", "1.25x", "--threads", "1",
+               "--profile", str(profile_path), "--database", str(tmp_path / "db"), "--max-evals", "4",
+               "--fit-rounds", "0", "--no-baselines", "--reference", "torch", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    d = load_result(out)
+    ref = d["reference"]
+    assert ref["asked"] == "torch" and ref["runtime"] == "torch" and d["settings"]["reference"] == "torch"
+    assert d["dp_target_speedup"] == pytest.approx(max(1.25 * d["latency_correction"]["factor"] / ref["ratio_to_dense_plan"],
+                                                       1.01))
+    by = d["measured_speedup_by_runtime"]
+    assert by["torch"]["speedup"] == pytest.approx(d["measured_speedup"]) and "onnxruntime" in by
+    assert d["search"]["study"].endswith("-vs-torch")  # a study of its own: the target means another thing
+    assert "over torch eager" in printed and "vs ONNX Runtime" in printed and "vs torch eager" in printed
+    with pytest.raises(SystemExit):
+        main(["search", "--model", "minilm", "--speedup", "2x", "--reference", "tensorrt", "-o", str(out)])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_without_onnxruntime_the_reference_falls_back_to_torch_or_is_an_error(profile_path, tmp_path, capsys,
+                                                                               monkeypatch, quick_cli):
+    from spdy.errors import ModelLoadError, ReferenceUnavailableError
+    from spdy.profilers.ort_cpu import OrtCpuBackend
+
+    def cannot_export(self, bundle):
+        raise ModelLoadError(f"exporting model {bundle.name!r} to ONNX failed: aten::erfinv is not supported")
+
+    monkeypatch.setattr(OrtCpuBackend, "dense_runner", cannot_export)
+    args = ["search", "--model", "tests.test_api:mlp_factory", "--speedup", "1.25x", "--threads", "1", "--profile",
+            str(profile_path), "--database", str(tmp_path / "db"), "--max-evals", "2", "--fit-rounds", "0",
+            "--no-baselines"]
+    assert main([*args, "--reference", "onnxruntime", "-o", str(tmp_path / "ort")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --reference onnxruntime: ONNX Runtime cannot run this model") and "erfinv" in err
+    assert "Traceback" not in err and not (tmp_path / "ort" / "result.json").exists()
+    with pytest.raises(ReferenceUnavailableError):
+        spdy.search("tests.test_api:mlp_factory", speedup=1.25, reference="onnxruntime", threads=1,
+                    profile=profile_path, timing=POLICY)
+    out = tmp_path / "fallback"
+    assert main([*args, "-o", str(out)]) == 0
+    d = load_result(out)
+    assert d["reference"]["runtime"] == "torch" and "erfinv" in d["reference"]["unavailable"]["onnxruntime"]
+    assert set(d["measured_speedup_by_runtime"]) == {"torch", "dense_plan"}
+    (warning,) = [w for w in d["warnings"] if "ONNX Runtime" in w]
+    assert "cannot run this model" in warning and "over torch eager" in warning
+    assert "WARNING: ONNX Runtime cannot run this model" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- fit_to_measured

@@ -16,10 +16,16 @@ examples:
   spdy search --model spdy.examples.digits:factory --speedup 2x -o out/digits
   spdy search --model minilm --speedup 2x --baseline uniform -o out/uniform-2x
   spdy search --model minilm --speedup 1.8x --speedup-percentile 10 -o out/p10  # 9 rounds in 10 at 1.8x
+  spdy search --model minilm --speedup 2x --reference torch -o out/vs-torch  # 2x over torch eager
   spdy search --model minilm --backend torch-cuda --patterns 2:4 --speedup 1.5x -o out/gpu-2_4  # 2:4 per layer
   # two workers on one search (start the same command twice; the second only evaluates):
   spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 -o out/s1
   spdy search --model minilm --speedup 2x --storage sqlite:///spdy.db --study s1 --evaluate-only
+
+--speedup is a speedup over the dense model in the --reference runtime, measured here
+side by side with the pruned model: by default the faster of torch eager and ONNX
+Runtime (the model exported, graph optimisations on, the same thread count); torch
+eager where ONNX Runtime cannot run the model (a warning says so).
 
 A missing latency profile or reconstruction database is measured/built first and
 cached under $SPDY_CACHE (default ~/.cache/spdy) per model, calibration set and
@@ -27,7 +33,8 @@ hardware; --profile and --database use (or create) the given files instead.
 Without --storage the search is kept in OUT/search.journal: re-running the same
 command resumes a killed search where it stopped.
 
-OUT/result.json holds the target, predicted and measured speedup, the calibration
+OUT/result.json holds the target and its reference, the predicted speedup (over the
+backend's dense plan) and the measured speedup over each dense runtime, the calibration
 loss (dense and pruned), the per-layer sparsities, the uniform and global-magnitude
 baselines for the same budget, stage timings and the hardware fingerprint,
 and "fit": models measured more than 1% short of the target (or 3% over) are
@@ -43,6 +50,7 @@ def register(subparsers: Any) -> None:
     from spdy.cli import HelpFormatter
     from spdy.commands._common import add_method_flag, add_patterns_flag
     from spdy.models.base import LOSSES
+    from spdy.reference import REFERENCES
     from spdy.sensitivity import STRATEGIES
 
     p = subparsers.add_parser(
@@ -54,7 +62,12 @@ def register(subparsers: Any) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default="minilm", help="built-in model name (minilm) or package.module:factory")
-    p.add_argument("--speedup", required=True, help="target end-to-end speedup over the dense model, e.g. 2.5x or 2.5")
+    p.add_argument("--speedup", required=True,
+                   help="target end-to-end speedup over the dense model in the --reference runtime, e.g. 2.5x or 2.5")
+    p.add_argument("--reference", default="fastest", choices=REFERENCES,
+                   help="the dense runtime --speedup is over: fastest = the faster of torch eager and ONNX Runtime "
+                   "(torch eager where ONNX Runtime cannot run the model); torch = torch eager; onnxruntime = ONNX "
+                   "Runtime (an error where it cannot run the model)")
     p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, ort-cpu, torch-cuda or torch-cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the runtime being profiled and measured (default: the usable cores)%(default).0s")
@@ -126,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if storage == ":memory:":
         storage = None
     model = _model(args)
-    print(f"spdy search: {args.model} to {target:g}x on {args.backend}"
+    print(f"spdy search: {args.model} to {target:g}x over {_REFERENCE_WORDS[args.reference]} on {args.backend}"
           + (f" (baseline {args.baseline} only)" if args.baseline else "") + (f", storage {storage}" if storage else ""))
     bars = ProgressBars()
     try:
@@ -137,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
                                 strategy=args.strategy, patterns=args.patterns),
             measurement=MeasureConfig(measure=not args.no_measure, fit_rounds=args.fit_rounds,
                                       fit_evals=args.fit_evals, percentile=args.speedup_percentile),
+            reference=args.reference,
             baselines=() if args.no_baselines else BASELINES, only_baseline=args.baseline,
             evaluate_only=args.evaluate_only, eval_threads=args.eval_threads,
             force=args.force, loss=args.loss, exclude=args.exclude if isinstance(model, str) else (),
@@ -149,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_outcome(res, args)
     return 0
+
+
+_REFERENCE_WORDS = {"fastest": "the fastest dense runtime", "torch": "torch eager", "onnxruntime": "ONNX Runtime"}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -182,13 +199,21 @@ def _model(args: argparse.Namespace) -> Any:
 def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     """The table of SPDY and the baselines, the fit, the stage times and the warnings."""
     from spdy.api import Outcome
+    from spdy.profilers.dense_runtimes import DENSE_PLAN, LABELS, RUNTIMES
+    from spdy.reference import Reference
 
+    ref = Reference.from_json(res.reference) if res.reference else None
     rows: list[tuple[str, Outcome | str]] = [(res.result.method, res.result), *res.baselines.items()]
     pct = args.speedup_percentile
     label = "median" if pct == 50 else f"p{pct:g}"
-    print(f"\n{'profile':<10} {'predicted':>10} {'measured':>10} {'p10-p90 (rounds)':>20} {'calib. loss':>12}"
-          f"   (measured: the {label} of every round this model was timed in)")
-    print(f"{'dense':<10} {'1.00x':>10} {'1.00x':>10} {'':>20} {res.dense_loss:12.5g}")
+    first = ref.runtime if ref else DENSE_PLAN
+    over = sorted((rt for rt in (*RUNTIMES, DENSE_PLAN) if rt in res.result.runtime_samples), key=lambda rt: rt != first)
+    if ref is not None:
+        print(f"\nspeedups {ref.describe()}")
+    print(f"\n{'profile':<10} {'measured':>10} {'p10-p90 (rounds)':>20}"
+          + "".join(f" {'vs ' + LABELS[rt]:>18}" for rt in over)
+          + f" {'predicted*':>11} {'calib. loss':>12}")
+    print(f"{'dense':<10} {'':>10} {'':>20}" + "".join(f" {'':>18}" for _ in over) + f" {'1.00x':>11} {res.dense_loss:12.5g}")
     for name, o in rows:
         if isinstance(o, str):
             print(f"{name:<10} {'infeasible':>10}   {o[:60]}")
@@ -196,13 +221,20 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
         meas = f"{o.measured_speedup:9.2f}x" if o.measured_speedup is not None else f"{'-':>10}"
         s = o.speedup_summary()
         spread = f"{s['p10']:.2f}-{s['p90']:.2f}x ({s['rounds']})" if s else ""
-        print(f"{name:<10} {o.solution.predicted_speedup:9.2f}x {meas} {spread:>20} {o.calibration_loss:12.5g}")
+        cols = "".join(f" {_with_spread(o, rt):>18}" for rt in over)
+        print(f"{name:<10} {meas} {spread:>20}{cols} {o.solution.predicted_speedup:10.2f}x {o.calibration_loss:12.5g}")
+    print(f"(measured: the {label} of every round this model was timed in, over {ref.label if ref else 'the dense plan'}; "
+          "vs each dense runtime the same, p10-p90 in brackets; *predicted: the latency model's, over the dense plan)")
     for f in res.fit:
         print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
               f"{f['from_dp_target']:.3f} -> {f['dp_target']:.3f}: measured {f['measured']:.2f}x, loss "
               f"{f['calibration_loss']:.5g}, " + ("taken" if f["accepted"] else "not taken") + f" ({f['why']})")
     _print_patterns(res)
-    if res.dense_measured_s:
+    if res.dense_runtime_s:
+        print("dense model measured: " + ", ".join(f"{LABELS[rt]} {t * 1e3:.2f} ms" for rt, t in res.dense_runtime_s.items())
+              + f" (the {LABELS[DENSE_PLAN]}: {res.backend}'s own, every layer unpruned in the format the profile found "
+              "fastest)")
+    elif res.dense_measured_s:
         print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
     print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_s.items()))
     if res.per_evaluation_ms:
@@ -210,6 +242,13 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     for w in res.warnings:
         print("\n" + "!" * 78 + f"\nWARNING: {w}\n" + "!" * 78)
     print(f"wrote {args.output}/result.json, {args.output}/model, {args.output}/profile.png")
+
+
+def _with_spread(o: Any, runtime: str) -> str:
+    """``o``'s speedup over ``runtime`` and its 10th-90th percentile over the rounds."""
+    s = o.speedup_summary(runtime)
+    sp = o.runtime_speedups.get(runtime)
+    return f"{sp:.2f}x ({s['p10']:.2f}-{s['p90']:.2f})" if s and sp is not None else "-"
 
 
 def _print_patterns(res: Any) -> None:

@@ -28,6 +28,11 @@ def test_profile_writes_a_validated_profile(tmp_path, capsys):
     assert d["settings"]["threads"] == 1 and d["fingerprint"]["threads"] == 1
     text = capsys.readouterr().out
     assert "median |predicted - measured| / measured" in text and "wrote" in text
+    # each validated model's speedup over the dense model in torch eager and in ONNX Runtime, same round
+    for rec in d["validation"]:
+        for rt in ("torch", "onnxruntime"):
+            assert rec[f"speedup_over_{rt}"] == pytest.approx(rec[f"{rt}_dense_s"] / rec["measured_s"])
+    assert "vs torch eager" in text and "vs ONNX Runtime" in text and "dense model in the same round" in text
 
 
 def test_from_revalidates_and_refuses_other_hardware_unless_forced(tmp_path, capsys):

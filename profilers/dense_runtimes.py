@@ -1,0 +1,170 @@
+"""The dense runtimes a user would deploy instead of a pruned model: torch eager and ONNX Runtime.
+
+A backend's own unpruned plan (level 0 of the profile, each layer in the fastest format
+found for it; on ``spdy-cpu`` that can be a sparse kernel on the unpruned weight) is what
+the latency table predicts against, but not what a user compares with. :func:`dense_runtimes`
+builds a runner of the dense model in
+
+* ``torch``: torch eager, the model as it is timed (its inference form: BatchNorms
+  folded, as ONNX Runtime folds them too) with torch's own ``nn.Linear``/``nn.Conv2d``, on
+  the backend's device and dtype and with its thread count;
+* ``onnxruntime``: the same model exported to ONNX and run by ONNX Runtime's CPU provider
+  (graph optimisations ``all``, the backend's thread count, one session with its own pool).
+
+A model ONNX Runtime cannot export or run (or whose output there is not torch's) leaves
+``onnxruntime`` out, with the reason in :attr:`DenseRuntimes.unavailable`.
+
+:func:`time_with_runtimes` times a backend's plans and these runners together, round by
+round. A runner of another thread pool than the backend's (ONNX Runtime's pool next to
+torch's and Numba's OpenMP pool, or torch next to ``ort-cpu``) never runs call by call
+between the backend's runners: idle workers of one pool would spin while the other pool
+works (:meth:`Backend.pool_of`). It is timed in a block of its own, between the backend's
+blocks, after ``pool_rest_s``; the blocks alternate order from round to round, so that
+each round's ratio of the two is taken seconds apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spdy.errors import SpdyError
+from spdy.profilers.base import Backend, LayerChoice, Runner, Timing, as_numpy
+
+log = logging.getLogger(__name__)
+
+TORCH = "torch"
+ONNXRUNTIME = "onnxruntime"
+#: the backend's own unpruned plan (what the latency table predicts against)
+DENSE_PLAN = "dense_plan"
+#: the dense runtimes a user could deploy instead, in the order they are reported
+RUNTIMES = (TORCH, ONNXRUNTIME)
+LABELS = {TORCH: "torch eager", ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan"}
+#: ONNX Runtime's output may differ from torch's by this much (relative to the largest output value)
+OUTPUT_RTOL = 1e-2
+
+
+@dataclass(frozen=True)
+class DenseRuntime:
+    """One dense runtime's runner. ``timer`` is None when it runs in the backend's own thread
+    pool (timed interleaved with the backend's plans), else the backend that times it apart."""
+
+    name: str
+    runner: Runner
+    timer: Backend | None = None
+
+
+@dataclass(frozen=True)
+class DenseRuntimes:
+    """The dense runtimes that run a model here, and why the others do not."""
+
+    runtimes: Mapping[str, DenseRuntime] = field(default_factory=dict)
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+
+
+def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
+    """Runners of ``bundle``'s dense model in torch eager and in ONNX Runtime, next to ``backend``.
+
+    ``bundle`` is the model as the backend times it (:attr:`~spdy.models.base.ModelBundle.inference`).
+    Torch eager always runs; ONNX Runtime is left out, with the reason, when the backend is not
+    on the CPU, when onnx/onnxruntime are missing, or when the model does not export, run or
+    give torch's output there.
+    """
+    from spdy.profilers.torch_backends import TorchCpuBackend, TorchRuntimeBackend
+
+    runtimes: dict[str, DenseRuntime] = {}
+    unavailable: dict[str, str] = {}
+    if isinstance(backend, TorchRuntimeBackend):
+        runtimes[TORCH] = DenseRuntime(TORCH, backend.model_runner(bundle, {}))  # no layer swapped: torch's own
+    else:
+        tb = TorchCpuBackend(threads=backend.threads, policy=backend.policy)
+        runtimes[TORCH] = DenseRuntime(TORCH, tb.model_runner(bundle, {}), tb)
+    try:
+        runtimes[ONNXRUNTIME] = _onnxruntime(backend, bundle, runtimes[TORCH].runner)
+    except _Unavailable as exc:
+        unavailable[ONNXRUNTIME] = str(exc)
+        log.info("ONNX Runtime is not measured as a dense reference for %s: %s", getattr(bundle, "name", "the model"), exc)
+    return DenseRuntimes(runtimes, unavailable)
+
+
+class _Unavailable(Exception):
+    """Why a dense runtime cannot run the model (internal: becomes an entry of ``unavailable``)."""
+
+
+def _onnxruntime(backend: Backend, bundle: Any, torch_runner: Runner) -> DenseRuntime:
+    from spdy.profilers.ort_cpu import OrtCpuBackend
+
+    if getattr(backend, "device", "cpu") != "cpu":
+        raise _Unavailable(f"the {backend.name} backend runs on {backend.device}; ONNX Runtime's CPU provider is "
+                           "no reference for it")
+    reason = OrtCpuBackend.unavailable_reason()
+    if reason:
+        raise _Unavailable(reason)
+    try:
+        if isinstance(backend, OrtCpuBackend):
+            ort, timer = backend, None
+        else:  # one session, its own pool (or the process's global one, where an ort-cpu backend made it)
+            ort = timer = OrtCpuBackend(threads=backend.threads, policy=backend.policy, shared_pool=False)
+        runner = ort.dense_runner(bundle)
+        got = as_numpy(runner())
+    except SpdyError as exc:
+        raise _Unavailable(str(exc)) from None
+    except Exception as exc:  # ONNX Runtime's own errors (unsupported op, type, shape)
+        raise _Unavailable(f"ONNX Runtime cannot run the exported model ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    want = as_numpy(torch_runner())
+    if got.shape != want.shape:
+        raise _Unavailable(f"ONNX Runtime's output has shape {got.shape}, torch's {want.shape}")
+    scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
+    off = float(np.max(np.abs(got - want))) / scale if want.size else 0.0
+    if not off <= OUTPUT_RTOL:
+        raise _Unavailable(f"ONNX Runtime's output differs from torch's by {off:.2g} of its largest value: the export "
+                           "does not compute the same model")
+    return DenseRuntime(ONNXRUNTIME, runner, timer)
+
+
+def time_with_runtimes(
+    backend: Backend,
+    bundle: Any,
+    plans: Sequence[Mapping[str, LayerChoice]],
+    runtimes: DenseRuntimes | None,
+    rounds: int = 1,
+) -> tuple[list[list[Timing]], list[dict[str, Timing]]]:
+    """``rounds`` rounds, each timing ``bundle``'s model under every plan (interleaved, as
+    :meth:`Backend.time_models`) and each dense runtime of ``runtimes``: those of the
+    backend's pool interleaved with the plans, the others in a block of their own next to
+    the plans' block (see the module docstring). Returns per round the plans' timings and
+    ``{runtime: timing}``."""
+    same = [r for r in (runtimes.runtimes.values() if runtimes else ()) if r.timer is None]
+    apart = [r for r in (runtimes.runtimes.values() if runtimes else ()) if r.timer is not None]
+    out_plans: list[list[Timing]] = []
+    out_runtimes: list[dict[str, Timing]] = []
+    for i in range(max(1, rounds)):
+        got: dict[str, Timing] = {}
+        if apart and i % 2:
+            got.update(_time_apart(backend, apart))
+        timings = (backend.time_models(bundle, plans, extra=[r.runner for r in same]) if same
+                   else backend.time_models(bundle, plans))
+        if apart and not i % 2:
+            got.update(_time_apart(backend, apart))
+        got.update({r.name: t for r, t in zip(same, timings[len(plans):])})
+        out_plans.append(list(timings[:len(plans)]))
+        out_runtimes.append({n: got[n] for n in RUNTIMES if n in got})
+    return out_plans, out_runtimes
+
+
+def _time_apart(backend: Backend, apart: Sequence[DenseRuntime]) -> dict[str, Timing]:
+    """The runtimes of other pools, each alone, after the previous pool's idle workers stopped spinning."""
+    got = {}
+    for r in apart:
+        if r.timer is None:
+            continue
+        time.sleep(backend.pool_rest_s)
+        got[r.name] = r.timer.measure([r.runner], policy=r.timer.policy.for_models())[0]
+    time.sleep(backend.pool_rest_s)
+    return got

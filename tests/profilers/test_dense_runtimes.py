@@ -1,0 +1,96 @@
+"""The dense runtimes a pruned model is compared with: torch eager and ONNX Runtime, timed apart by pool."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from conftest import TEST_POLICY
+from torch import nn
+
+from spdy.models.base import ModelBundle
+from spdy.profilers import as_numpy, get_backend
+from spdy.profilers.dense_runtimes import ONNXRUNTIME, TORCH, DenseRuntime, DenseRuntimes, dense_runtimes, time_with_runtimes
+from spdy.profilers.ort_cpu import OrtCpuBackend
+from spdy.profilers.torch_backends import TorchCpuBackend
+
+
+class ErfinvMLP(nn.Module):
+    """A user model with an op (erfinv) that ONNX's opset 17 exporter does not support."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.erfinv(0.5 * torch.tanh(self.fc1(x))))
+
+
+def test_both_runtimes_run_the_dense_model_and_onnxruntime_gets_its_own_pool(tiny_mlp):
+    be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
+    rts = dense_runtimes(be, tiny_mlp)
+    assert set(rts.runtimes) == {TORCH, ONNXRUNTIME} and not rts.unavailable
+    assert rts.runtimes[TORCH].timer is None  # torch's pool is the spdy kernels' (one OpenMP runtime)
+    ort = rts.runtimes[ONNXRUNTIME].timer
+    assert isinstance(ort, OrtCpuBackend) and ort.threads == 1
+    with torch.inference_mode():
+        want = tiny_mlp.model(tiny_mlp.example).numpy()
+    for r in rts.runtimes.values():
+        np.testing.assert_allclose(as_numpy(r.runner()), want, rtol=1e-4, atol=1e-5)
+
+
+def test_next_to_ort_cpu_torch_eager_is_the_one_timed_apart(tiny_mlp):
+    be = get_backend("ort-cpu", threads=1, policy=TEST_POLICY, shared_pool=False)
+    rts = dense_runtimes(be, tiny_mlp)
+    assert rts.runtimes[ONNXRUNTIME].timer is None
+    assert isinstance(rts.runtimes[TORCH].timer, TorchCpuBackend)
+
+
+def test_a_model_onnxruntime_cannot_export_is_left_out_with_the_reason():
+    torch.manual_seed(0)
+    bundle = ModelBundle(name="erfinv-mlp", model=ErfinvMLP().eval(), calibration=[torch.randn(8, 16)])
+    rts = dense_runtimes(get_backend("spdy-cpu", threads=1, policy=TEST_POLICY), bundle)
+    assert set(rts.runtimes) == {TORCH}
+    assert "erfinv" in rts.unavailable[ONNXRUNTIME]
+
+
+class _Recorder:
+    """A backend that records what each measure() call timed together."""
+
+    pool_rest_s = 0.0
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.policy = name, log, TEST_POLICY
+
+    def time_models(self, bundle, plans, extra=()):
+        self.log.append((self.name, [f"plan{i}" for i in range(len(plans))] + [r() for r in extra]))
+        return [SimpleNamespace(median_s=1.0 + i) for i in range(len(plans) + len(extra))]
+
+    def measure(self, runners, policy=None):
+        self.log.append((self.name, [r() for r in runners]))
+        return [SimpleNamespace(median_s=0.5) for _ in runners]
+
+
+def test_a_runtime_of_another_pool_is_timed_in_its_own_block_alternating_sides():
+    log: list = []
+    backend, ort = _Recorder("backend", log), _Recorder("ort", log)
+    rts = DenseRuntimes({TORCH: DenseRuntime(TORCH, lambda: TORCH), ONNXRUNTIME: DenseRuntime(ONNXRUNTIME, lambda: "ort", ort)})
+    per_plan, per_runtime = time_with_runtimes(backend, None, [{}, {}], rts, rounds=3)
+    assert log == [("backend", ["plan0", "plan1", TORCH]), ("ort", ["ort"]),
+                   ("ort", ["ort"]), ("backend", ["plan0", "plan1", TORCH]),
+                   ("backend", ["plan0", "plan1", TORCH]), ("ort", ["ort"])]
+    assert [t.median_s for t in per_plan[0]] == [1.0, 2.0]
+    assert {n: t.median_s for n, t in per_runtime[1].items()} == {TORCH: 3.0, ONNXRUNTIME: 0.5}
+    # without runtimes: the plans alone, as Backend.time_models times them
+    log.clear()
+    per_plan, per_runtime = time_with_runtimes(backend, None, [{}], None, rounds=2)
+    assert log == [("backend", ["plan0"])] * 2 and per_runtime == [{}, {}]
+
+
+def test_measured_side_by_side_on_a_real_backend(tiny_mlp):
+    be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
+    rts = dense_runtimes(be, tiny_mlp)
+    per_plan, per_runtime = time_with_runtimes(be, tiny_mlp, [{}], rts, rounds=2)
+    assert len(per_plan) == 2 and all(len(p) == 1 for p in per_plan)
+    assert all(set(r) == {TORCH, ONNXRUNTIME} and all(t.median_s > 0 for t in r.values()) for r in per_runtime)
