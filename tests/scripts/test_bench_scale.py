@@ -23,7 +23,7 @@ def test_bench_scale_tiny_shape_runs_every_stage(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = json.loads(out.read_text())
-    assert d["fingerprint"]["threads"] == 1 and d["calibration"]["kind"] == "random"
+    assert d["fingerprint"]["threads"] == 1 and d["settings"]["calibration"]["kind"] == "random"
     tiny = d["shapes"]["tiny"]
     assert tiny["prunable_layers"] == 12
     st = tiny["stages"]
