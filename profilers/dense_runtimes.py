@@ -148,8 +148,7 @@ def time_with_runtimes(
         got: dict[str, Timing] = {}
         if apart and i % 2:
             got.update(_time_apart(backend, apart))
-        timings = (backend.time_models(bundle, plans, extra=[r.runner for r in same]) if same
-                   else backend.time_models(bundle, plans))
+        timings = backend.time_models(bundle, plans, extra=[r.runner for r in same])
         if apart and not i % 2:
             got.update(_time_apart(backend, apart))
         got.update({r.name: t for r, t in zip(same, timings[len(plans):])})
@@ -162,8 +161,7 @@ def _time_apart(backend: Backend, apart: Sequence[DenseRuntime]) -> dict[str, Ti
     """The runtimes of other pools, each alone, after the previous pool's idle workers stopped spinning."""
     got = {}
     for r in apart:
-        if r.timer is None:
-            continue
+        assert r.timer is not None
         time.sleep(backend.pool_rest_s)
         got[r.name] = r.timer.measure([r.runner], policy=r.timer.policy.for_models())[0]
     time.sleep(backend.pool_rest_s)

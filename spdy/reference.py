@@ -51,9 +51,14 @@ def open_runtimes(backend: Any, bundle: Any, asked: str) -> DenseRuntimes:
     runtimes = dense_runtimes(backend, bundle)
     check_available(check_reference(asked), runtimes)
     for name, why in runtimes.unavailable.items():
-        log.warning("%s cannot run this model here, so it is not a reference (%s)%s", LABELS[name], why,
-                    f"; speedups are stated over {LABELS[TORCH]}" if asked == FASTEST else "")
+        log.warning("%s", _unavailable_line(name, why, LABELS[TORCH] if asked == FASTEST else None))
     return runtimes
+
+
+def _unavailable_line(name: str, why: str, stated_over: str | None) -> str:
+    """A dense runtime that cannot run the model, and (``stated_over``) what speedups are stated over instead."""
+    return (f"{LABELS[name]} cannot run this model here, so it is not a reference ({why})"
+            + (f"; speedups are stated over {stated_over}" if stated_over else ""))
 
 
 def check_available(asked: str, runtimes: DenseRuntimes) -> None:
@@ -132,9 +137,8 @@ class Reference:
         """One line per dense runtime that could not run the model (and what that means for the target)."""
         out = []
         for name, why in self.unavailable.items():
-            fell_back = self.asked == FASTEST and self.runtime != name
-            out.append(f"{LABELS[name]} cannot run this model here, so it is not a reference ({why})"
-                       + (f"; speedups are stated over {self.label}" if fell_back and self.measured else ""))
+            fell_back = self.asked == FASTEST and self.runtime != name and self.measured
+            out.append(_unavailable_line(name, why, self.label if fell_back else None))
         return tuple(out)
 
     def describe(self) -> str:
