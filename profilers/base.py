@@ -657,8 +657,27 @@ def _no_kernel(sparsity: float) -> LevelTiming:
     return LevelTiming(float(sparsity), NO_KERNEL, math.inf, math.nan, {})
 
 
+#: How much slower (in the loop) a format that runs on the calling thread alone may be and
+#: still be preferred to a multi-threaded one (:func:`format_rank`).
+SERIAL_PREFERENCE = 0.05
+#: The suffix of the formats that run on the calling thread alone (``spdy.kernels.linear.SERIAL``).
+SERIAL_SUFFIX = "-1t"
+
+
+def format_rank(fmt: str, seconds: float) -> tuple[float, bool]:
+    """Sort key of a kernel format timed at ``seconds``: the fastest first, dense on a tie.
+
+    A serial format (:data:`SERIAL_SUFFIX`) counts :data:`SERIAL_PREFERENCE` faster than
+    it was timed. On a loaded machine a thread team waits for its slowest thread at every
+    call, so a short multi-threaded kernel loses more than its serial twin; where the loop
+    times are close, the serial one is the better bet inside the model. The time recorded
+    for the format chosen is its own, undiscounted.
+    """
+    return (seconds * (1.0 - SERIAL_PREFERENCE) if fmt.endswith(SERIAL_SUFFIX) else seconds, fmt != DENSE)
+
+
 def _fastest(sparsity: float, cands: dict[str, Timing], overhead: float = 0.0) -> LevelTiming:
-    fmt = min(cands, key=lambda f: (cands[f].median_s, f != DENSE))
+    fmt = min(cands, key=lambda f: format_rank(f, cands[f].median_s))
     t = max(cands[fmt].median_s - overhead, 0.0)
     return LevelTiming(sparsity, fmt, t, cands[fmt].spread, dict(cands))
 

@@ -30,7 +30,7 @@ from spdy.errors import InvalidInputError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
-from spdy.profilers.base import DENSE, NO_KERNEL, STANDIN, Backend, LayerChoice, LevelTiming, Timing
+from spdy.profilers.base import DENSE, NO_KERNEL, STANDIN, Backend, LayerChoice, LevelTiming, Timing, format_rank
 from spdy.profilers.dense_runtimes import DenseRuntimes, time_with_runtimes
 from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
 from spdy.profilers.plans import backend_plan
@@ -89,8 +89,8 @@ class _Group:
                 for f, v in self.ratios[entry].items()}
 
     def best_format(self, entry: int) -> str:
-        """The format with the lowest median ratio at ``entry`` (dense on a tie)."""
-        return min(self.median_ratios(entry).items(), key=lambda kv: (kv[1][0], kv[0] != DENSE))[0]
+        """The format with the lowest median ratio at ``entry`` (:func:`~spdy.profilers.base.format_rank`)."""
+        return min(self.median_ratios(entry).items(), key=lambda kv: format_rank(kv[0], kv[1][0]))[0]
 
 
 def _capture_layers(bundle: ModelBundle, specs: Sequence[LayerSpec]) -> list[_Layer]:
@@ -206,7 +206,7 @@ def _pick(cands: dict[str, tuple[float, float]], terms: InModelTerms | None) -> 
     def cost(f: str) -> float:
         t = cands[f][0]
         return t if terms is None or f == DENSE else terms.apply(t)
-    f = min(cands, key=lambda f: (cost(f), f != DENSE))
+    f = min(cands, key=lambda f: format_rank(f, cost(f)))
     return f, cost(f), cands[f][1]
 
 

@@ -215,3 +215,22 @@ def test_random_level_vectors_are_seeded_and_in_range():
     a = random_level_vectors(36, 42, 5, seed=3)
     assert a.shape == (5, 36) and a.min() >= 0 and a.max() < 42
     assert (a == random_level_vectors(36, 42, 5, seed=3)).all()
+
+
+def _timing(s: float) -> Timing:
+    return Timing(median_s=s, spread=0.01, ci=0.01, n=10, inner=1)
+
+
+def test_a_serial_format_within_the_preference_is_kept_with_its_own_time():
+    from spdy.kernels.linear import SERIAL
+    from spdy.profilers.base import SERIAL_PREFERENCE, SERIAL_SUFFIX, _fastest, format_rank
+
+    assert SERIAL_SUFFIX == SERIAL  # the kernels' name for the formats that run on the calling thread
+    close = {DENSE: _timing(2e-4), "csr": _timing(1.00e-4), "csr-1t": _timing(1.00e-4 * (1 + SERIAL_PREFERENCE / 2))}
+    got = _fastest(0.9, close)
+    assert got.fmt == "csr-1t" and got.time_s == pytest.approx(close["csr-1t"].median_s)  # not the discounted time
+    far = {**close, "csr-1t": _timing(1.00e-4 * (1 + 2 * SERIAL_PREFERENCE))}
+    assert _fastest(0.9, far).fmt == "csr"
+    # dense wins a tie with any sparse format; without a serial one the fastest wins
+    assert min([("csr", 1e-4), (DENSE, 1e-4)], key=lambda kv: format_rank(*kv))[0] == DENSE
+    assert min([("bcsr1x4", 0.9e-4), ("csr", 1e-4)], key=lambda kv: format_rank(*kv))[0] == "bcsr1x4"
