@@ -320,6 +320,9 @@ def largest_target(max_speedup: float, factor: float, reference: Reference) -> f
 #: :func:`fit_to_measured` re-solves its budget, aiming at ``FIT_AIM`` x the target.
 FIT_BAND = (0.99, 1.03)
 FIT_AIM = 1.01
+#: How much more a shortfall under :data:`FIT_BAND` weighs than an overshoot over it when the
+#: fit compares a too-slow model with a tighter proposal (:func:`_fit_verdict`).
+SHORTFALL_WEIGHT = 3.0
 
 
 def fit_to_measured(
@@ -348,7 +351,10 @@ def fit_to_measured(
 
     * the current model re-measures within the band: it stays (the first measurement was
       off), with the new measurement;
-    * it re-measures too slow: the tighter proposal is taken if it measures faster;
+    * it re-measures too slow: the tighter proposal is taken if it measures faster and lands
+      nearer the band, a shortfall under it weighing ``SHORTFALL_WEIGHT`` times an overshoot
+      over it (a model 0.5% short is not traded for one 15% over: the proposal was sized
+      from the first, lower reading);
     * it re-measures too fast: a looser proposal is taken only if it measures at least
       ``FIT_BAND[0]`` x ``target`` (else the next round tries halfway between the two); a
       tighter one (made from a reading that was too slow) never.
@@ -439,12 +445,22 @@ def _fit_verdict(low: float, high: float, current: float, proposed: float, new_t
     if low <= current <= high:
         return False, "the current model re-measured within the band"
     if current < low:
-        accepted = new_t > cur_t and proposed > current
-        return accepted, "faster than the current model" if accepted else "not faster than the current model"
+        if not (new_t > cur_t and proposed > current):
+            return False, "not faster than the current model"
+        if _band_miss(proposed, low, high) >= _band_miss(current, low, high):
+            return False, "overshoots the band more than the current model falls short"
+        return True, "faster than the current model"
     # too fast: only a looser budget that still meets the target replaces it
     accepted = new_t < cur_t and proposed >= low
     return accepted, ("still meets the target" if accepted else
                       "too slow" if new_t < cur_t else "the current model re-measured faster than the target")
+
+
+def _band_miss(speedup: float, low: float, high: float) -> float:
+    """How far ``speedup`` lies outside ``[low, high]``, relative; a shortfall weighs ``SHORTFALL_WEIGHT``."""
+    if speedup < low:
+        return SHORTFALL_WEIGHT * (low / speedup - 1)
+    return max(speedup / high - 1, 0.0)
 
 
 def check_latency(
