@@ -582,7 +582,8 @@ def measure_and_fit(
     runtimes: DenseRuntimes | None = None,
 ) -> Measured:
     """Time the dense model, SPDY's answer ``best`` and the ``baselines`` end to end, then fit
-    them to their measurements (:func:`fit_to_measured`, ``settings.fit_rounds`` times at most).
+    SPDY's answer to its measurements (:func:`fit_to_measured`, ``settings.fit_rounds`` times at
+    most) and solve the baselines for the DP target it ended at (:func:`_fit`).
 
     Every measurement also times the dense ``runtimes``; speedups are over ``reference`` (from
     the latency check; default the dense plan), whose time ratio to the dense plan converts
@@ -634,12 +635,16 @@ def _fit(
     refine: Callable[[float], tuple[Solution, float]] | None, only_baseline: str | None, eval_threads: int | None,
     runtimes: DenseRuntimes | None = None, reference: Reference | None = None,
 ) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
-    """:func:`fit_to_measured` on the search's answer and the baselines (each by its own measurement).
+    """:func:`fit_to_measured` on the search's answer, then the baselines at its final DP target.
 
     SPDY's answer for a new budget comes from ``refine`` (:meth:`spdy.sensitivity.Search.refine`:
-    the search's best coefficients re-evaluated and locally searched at that budget)."""
+    the search's best coefficients re-evaluated and locally searched at that budget). When the
+    fit moved it, each baseline is solved for the DP target it ended at and measured side by
+    side with it (:func:`_match_baselines`): the comparison is at one budget and one moment of
+    the machine, rather than each method chasing its own readings of a machine whose speed
+    swings by 20% within minutes."""
     prof = prepared.profile
-    outs: dict[str, Outcome] = {"__best__": best, **{n: o for n, o in base_out.items() if isinstance(o, Outcome)}}
+    outs: dict[str, Outcome] = {"__best__": best}
 
     def resolve(name: str, t: float) -> Outcome:
         prev = torch.get_num_threads()
@@ -662,13 +667,51 @@ def _fit(
         return {n: (r.time(n), float(np.median(r.speedups(n))), r.dense, r.speedups(n), r.speedups_by_runtime(n))
                 for n in sols}
 
-    outs, _, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
-                                       prof.table.max_speedup(), settings.fit_rounds, settings.percentile,
-                                       reference_ratio=ref.ratio)
+    outs, dpt, fit_log = fit_to_measured(target, outs, {n: dp_target for n in outs}, resolve, measure,
+                                         prof.table.max_speedup(), settings.fit_rounds, settings.percentile,
+                                         reference_ratio=ref.ratio)
+    best = outs.pop("__best__")
+    base_out, best, matched = _match_baselines(best, dpt["__best__"], dp_target, base_out, resolve, measure,
+                                               settings.percentile)
+    fit_log += matched
     for rec in fit_log:
         rec["loss_evaluation_budget"] = settings.fit_evals if rec["method"] == "spdy" and refine is not None else 1
-    best = outs.pop("__best__")
-    return best, {n: outs.get(n, o) for n, o in base_out.items()}, fit_log
+    return best, base_out, fit_log
+
+
+def _match_baselines(
+    best: Outcome, best_t: float, dp_target: float, base_out: dict[str, Outcome | str],
+    resolve: Callable[[str, float], Outcome], measure: Callable[[dict[str, Solution]], Mapping[str, tuple[Any, ...]]],
+    percentile: float,
+) -> tuple[dict[str, Outcome | str], Outcome, list[dict[str, Any]]]:
+    """Each baseline solved for ``best_t`` (the DP target SPDY's answer ended at; they were
+    solved for ``dp_target``), measured side by side with SPDY's answer: (baselines, SPDY's
+    answer with that measurement pooled, one record per baseline with ``"matched": True``).
+    Nothing to do when the fit left the DP target where it was."""
+    names = [n for n, o in base_out.items() if isinstance(o, Outcome)]
+    if not names or abs(best_t - dp_target) <= 1e-9 * dp_target:
+        return base_out, best, []
+    solved: dict[str, Outcome] = {}
+    for n in names:
+        try:
+            solved[n] = resolve(n, best_t)
+        except InfeasibleBudgetError as exc:
+            log.warning("%s cannot be solved for SPDY's final DP target %.3f (%s); it keeps %.3f", n, best_t, exc,
+                        dp_target)
+    if not solved:
+        return base_out, best, []
+    got = measure({"__best__": best.solution, **{n: o.solution for n, o in solved.items()}})
+    best, _ = _remeasured(best, got["__best__"], percentile, keep=True)
+    out, records = dict(base_out), []
+    for n, o in solved.items():
+        out[n], sp = _remeasured(o, got[n], percentile, keep=False)
+        records.append({"round": None, "method": n, "matched": True, "from_dp_target": dp_target, "dp_target": best_t,
+                        "from_measured": base_out[n].measured_speedup, "remeasured": None, "measured": sp,
+                        "predicted": o.solution.predicted_speedup, "calibration_loss": o.calibration_loss,
+                        "accepted": True, "why": "solved for SPDY's final DP target, measured side by side with it"})
+        log.info("%s solved for SPDY's final DP target %.3f: measured %.3fx, loss %.5g", n, best_t, sp,
+                 o.calibration_loss)
+    return out, best, records
 
 
 def _explain_shortfall(target: float, outcome: Outcome, dense_s: float, profile: Profile, drift: float,

@@ -134,7 +134,12 @@ def test_search_writes_result_model_and_plot(wide_bundle, wide_profile_path, tmp
     def miss(x: float) -> float:  # a shortfall under the band weighs SHORTFALL_WEIGHT times an overshoot
         return spdy.measure.SHORTFALL_WEIGHT * (lo / x - 1) if x < lo else max(x / hi - 1, 0.0)
 
-    for f in d["fit"]:  # decided on the side-by-side measurement of the current model and the proposal
+    fits = [f for f in d["fit"] if not f.get("matched")]
+    assert all(f["method"] == "spdy" for f in fits)  # the fit moves SPDY's answer; the baselines follow its DP target
+    for f in d["fit"]:
+        if f.get("matched"):
+            assert f["dp_target"] == pytest.approx(final_dp_target("spdy")) and f["method"] in ("uniform", "global")
+    for f in fits:  # decided on the side-by-side measurement of the current model and the proposal
         cur, new = f["remeasured"], f["measured"]
         tighter = f["dp_target"] > f["from_dp_target"]
         assert f["accepted"] == ((cur < lo and tighter and new > cur and miss(new) < miss(cur))
