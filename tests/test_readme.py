@@ -35,7 +35,7 @@ def test_own_model_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     res, model = scope["res"], scope["model"]
     result = json.loads((tmp_path / "out" / "mlp" / "result.json").read_text())
-    assert result["target_speedup"] == pytest.approx(1.5)
+    assert result["target_speedup"] == pytest.approx(1.5) and result["reference"]["asked"] == "torch"
     assert res.measured_speedup > 1.0
     # spdy.apply put the stored weights in place: each layer's zeros match its sparsity.
     for name, layer in result["layers"].items():
