@@ -18,10 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
 
 from spdy.api import as_bundle
 from spdy.database import Database
@@ -72,10 +76,7 @@ def main() -> None:
         out["models"][n] = m
         print(f"{n:<20} {m['predicted_speedup']:>8.3f}x {m['speedup_median']:>8.3f}x {m['p10']:>5.2f}-{m['p90']:<5.2f} "
               f"{m['speedup_median'] / m['predicted_speedup']:>9.3f} {m['time_over_uniform_median']:>12.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

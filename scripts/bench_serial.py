@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 import time
 from pathlib import Path
 
 import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
 
 from spdy.api import as_bundle
 from spdy.baselines import uniform
@@ -97,10 +100,7 @@ def main() -> None:
         out["models"][f"{t} parallel"]["over_serial"] = q.tolist()
         print(f"{t}: {serial_in_profile[t]}/{len(table.layers)} layers serial in the profile; multi-threaded over "
               f"serial time per round: median {np.median(q):.3f} ({q.min():.3f}-{q.max():.3f})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
