@@ -37,9 +37,9 @@ OUT/result.json holds the target and its reference, the predicted speedup (over 
 backend's dense plan) and the measured speedup over each dense runtime, the calibration
 loss (dense and pruned), the per-layer sparsities, the uniform and global-magnitude
 baselines for the same budget, stage timings and the hardware fingerprint,
-and "fit": models measured more than 1% short of the target (or 3% over) are
-solved again for a budget corrected by their own measurement and re-measured
-(--fit-rounds, default 2);
+and "fit": SPDY's model, measured more than 1% short of the target (or 3% over), is
+solved again for a budget corrected by its own measurement and re-measured
+(--fit-rounds, default 2); the baselines then follow the budget it ended at;
 OUT/model the pruned weights (spdy.apply(model, OUT) loads them); OUT/profile.png
 the per-layer sparsities and where the time goes.
 """
@@ -98,8 +98,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-baselines", action="store_true", help="do not evaluate the baselines next to the search")
     p.add_argument("--no-measure", action="store_true", help="skip the end-to-end timing of the pruned models")
     p.add_argument("--fit-rounds", type=int, default=2, metavar="N",
-                   help="after measuring, re-solve pruned models that measured more than 1%% short of the target "
-                   "(or 3%% over it) for a budget corrected by their own measurement, at most N times (0 = off)")
+                   help="after measuring, re-solve SPDY's model if it measured more than 1%% short of the target "
+                   "(or 3%% over it) for a budget corrected by its own measurement, at most N times (0 = off); the "
+                   "baselines then follow its budget")
     p.add_argument("--fit-evals", type=int, default=16, metavar="N",
                    help="calibration-loss evaluations SPDY spends on each new budget of the fit (the search's best "
                    "coefficients re-tried there, then local steps)")
