@@ -122,7 +122,7 @@ def _runs(table: Any, obj: Any, target: float, seed: int, budgets: list[int], sc
     rows = []
     for b in budgets if "spdy" in methods else []:
         t0 = time.perf_counter()
-        res = Search(table, obj, SearchConfig(speedup=target, max_evals=b, seed=seed)).run()
+        res = Search(table, obj, SearchConfig(speedup=target, max_evals=b, seed=seed, strategy="spdy")).run()
         rows.append(_row("spdy", target, seed, b, res.solution.levels, res.loss, b, time.perf_counter() - t0, table,
                          score(res.solution.levels)))
         print(f"  spdy     B={b:<4} loss {res.loss:.5f}", flush=True)
@@ -132,7 +132,7 @@ def _runs(table: Any, obj: Any, target: float, seed: int, budgets: list[int], sc
         rows += _evo_rows("evo-small", table, obj, target, seed, budgets, score, EvoConfig(max_step=1, max_moves=1))
     for b in budgets if "spdy+evo" in methods else []:
         t0 = time.perf_counter()
-        first = Search(table, obj, SearchConfig(speedup=target, max_evals=b // 2, seed=seed)).run()
+        first = Search(table, obj, SearchConfig(speedup=target, max_evals=b // 2, seed=seed, strategy="spdy")).run()
         init = tuple(int(x) for x in first.solution.levels)
         warm = EvoSearch(table, obj, SearchConfig(speedup=target, max_evals=b - b // 2, seed=seed, strategy="evo"),
                          evo=EvoConfig(init_levels=init))

@@ -111,7 +111,8 @@ def _args() -> argparse.Namespace:
 def main() -> int:
     args = _args()
     from spdy.hardware import fingerprint
-    from spdy.sensitivity import Search, SearchConfig
+    from spdy.evo import make_search
+    from spdy.sensitivity import SearchConfig
 
     torch.set_num_threads(2)
     table, obj, _ = _setup(args.calibration)
@@ -120,7 +121,7 @@ def main() -> int:
     for strat in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         obj.calls = 0
         t0 = time.perf_counter()
-        s = Search(table, obj, SearchConfig(speedup=args.speedup, max_evals=args.evals, seed=args.seed, strategy=strat))
+        s = make_search(table, obj, SearchConfig(speedup=args.speedup, max_evals=args.evals, seed=args.seed, strategy=strat))
         res = s.run()
         wall = time.perf_counter() - t0
         losses = [h["loss"] for h in res.history]
@@ -148,7 +149,7 @@ def _full_search(table: Any, obj: Any, args: argparse.Namespace, curves: dict[st
 
     obj.calls, obj.stitch_s, obj.loss_s = 0, 0.0, 0.0
     t0 = time.perf_counter()
-    s = Search(table, obj, SearchConfig(speedup=args.speedup, seed=args.seed))
+    s = Search(table, obj, SearchConfig(speedup=args.speedup, seed=args.seed, strategy="spdy"))
     res = s.run()
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in res.history]
@@ -168,7 +169,7 @@ def _full_search(table: Any, obj: Any, args: argparse.Namespace, curves: dict[st
 
 def _compare_workers(table: Any, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """1 worker x 1 thread against 2 workers x 1 thread (and 1 worker x 2 threads), repeated: the runs and the check."""
-    cfg_kw = {"speedup": args.speedup, "max_evals": args.worker_evals, "seed": args.seed}
+    cfg_kw = {"speedup": args.speedup, "max_evals": args.worker_evals, "seed": args.seed, "strategy": "spdy"}
     workers: list[dict[str, Any]] = []
     walls: list[list[float]] = []
     checks: list[dict[str, Any]] = []

@@ -178,7 +178,7 @@ def summarize(st: Storages, url: str, study: str, total: int, k: int) -> dict[st
 def run_storage(kind: str, args: argparse.Namespace, n_layers: int, postgres: Any) -> list[dict[str, Any]]:
     from spdy.sensitivity import Schedule, SearchConfig
 
-    cfg_kw = {"speedup": args.speedup, "max_evals": args.evals, "seed": 0}
+    cfg_kw = {"speedup": args.speedup, "max_evals": args.evals, "seed": 0, "strategy": "spdy"}
     sched = Schedule.for_config(n_layers, SearchConfig(**cfg_kw))
     out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -269,3 +269,91 @@ class EvoSearch(Search):
                 best = (child, loss)
         log.info("refine at %.4gx: %.1f evaluations, best loss %.5g", speedup, spent, best[1])
         return best[0], self.table.solution(best[0]), best[1]
+
+
+class HybridSearch:
+    """``--strategy spdy+evo``: Algorithm 4 for the first half of the evaluations, then the
+    evolutionary search seeded with Algorithm 4's best levels for the rest.
+
+    The two phases are two studies in one storage: ``study_name`` (Algorithm 4) and
+    ``study_name + "-evo"``, signed with the first one's name. Every worker finishes the
+    first phase (waiting for the others' trials, as :meth:`Search.run` does) before it
+    seeds the second from the same best levels, so a killed search resumes in either
+    phase and several workers share both. Evo's seed trial re-scores those levels from
+    the first phase's cache and counts as one evaluation.
+    """
+
+    def __init__(self, table: LatencyTable, objective: Objective, config: SearchConfig, storage: str | None = None,
+                 study_name: str = "spdy", signature: dict[str, Any] | None = None,
+                 positions: np.ndarray | None = None) -> None:
+        from spdy.sensitivity import Schedule
+
+        total = config.max_evals if config.max_evals is not None else \
+            Schedule.for_config(len(table.layers), dataclasses.replace(config, strategy="spdy")).total
+        if total < 2:
+            raise InvalidInputError(f"--strategy spdy+evo needs at least 2 evaluations (half each way); got {total}")
+        self.table, self.objective, self.cfg = table, objective, config
+        self.first_evals, self.rest_evals = total // 2, total - total // 2
+        self._evo_args = (storage, f"{study_name}-evo", {**(signature or {}), "after": study_name}, positions)
+        self.first = Search(table, objective, dataclasses.replace(config, strategy="spdy", max_evals=self.first_evals),
+                            storage, study_name, signature, positions)
+        self.second: EvoSearch | None = None
+
+    @property
+    def study(self) -> optuna.Study:
+        return self.first.study
+
+    @property
+    def stage_s(self) -> dict[str, float]:
+        parts = [self.first.stage_s] + ([self.second.stage_s] if self.second is not None else [])
+        return {k: sum(p.get(k, 0.0) for p in parts) for k in {k for p in parts for k in p}}
+
+    def _evo(self, init: np.ndarray) -> EvoSearch:
+        storage, name, signature, positions = self._evo_args
+        cfg = dataclasses.replace(self.cfg, strategy="evo", max_evals=self.rest_evals)
+        evo = EvoSearch(self.table, self.objective, cfg, storage=storage, study_name=name, positions=positions,
+                        signature={**signature, "init_levels": [int(x) for x in init]},
+                        evo=EvoConfig(init_levels=tuple(int(x) for x in init)))
+        evo._loss_cache = self.first._loss_cache  # the seed trial re-scores Algorithm 4's best from the cache
+        return evo
+
+    def run(self, progress: Any = None) -> SearchResult:
+        first_total = self.first.schedule.total
+        res1 = self.first.run(progress=progress)
+        self.second = self._evo(res1.solution.levels)
+        total = first_total + self.second.schedule.total
+        cb = (lambda d, _t, best: progress(first_total + d, total, min(best, res1.loss))) if progress else None
+        res2 = self.second.run(progress=cb)
+        return self._combine(res1, res2)
+
+    def _combine(self, res1: SearchResult, res2: SearchResult) -> SearchResult:
+        history = res1.history + [{**h, "number": h["number"] + self.first.schedule.total} for h in res2.history]
+        best = res2 if res2.loss <= res1.loss else res1
+        return SearchResult(solution=best.solution, coefficients=res1.coefficients, loss=best.loss,
+                            n_evaluations=res1.n_evaluations + res2.n_evaluations, study_name=res1.study_name,
+                            history=history, timings_s=dict(self.stage_s))
+
+    def result(self) -> SearchResult:
+        if self.second is None:
+            return self.first.result()
+        return self._combine(self.first.result(), self.second.result())
+
+    def n_complete(self) -> int:
+        return self.first.n_complete() + (self.second.n_complete() if self.second is not None else 0)
+
+    def history(self) -> list[dict[str, Any]]:
+        return self.result().history
+
+    def refine(self, speedup: float, evals: int = 16, top: int = 4) -> tuple[np.ndarray, Solution, float]:
+        """The best levels for another target ``speedup`` (:meth:`EvoSearch.refine` of the second
+        phase, whose trials start from the first phase's best)."""
+        if self.second is None:
+            raise InvalidInputError("the search has not reached its evolutionary phase; run it first")
+        return self.second.refine(speedup, evals, top)
+
+
+def make_search(table: LatencyTable, objective: Objective, config: SearchConfig, **kwargs: Any) -> Any:
+    """The search that runs ``config.effective_strategy``: :class:`EvoSearch`, :class:`HybridSearch` or
+    :class:`~spdy.sensitivity.Search` (Algorithm 4 and Optuna's samplers); ``kwargs`` go to it."""
+    cls = {"evo": EvoSearch, "spdy+evo": HybridSearch}.get(config.effective_strategy, Search)
+    return cls(table, objective, config, **kwargs)

@@ -67,7 +67,7 @@ def _stable_fingerprint(fp: Mapping[str, Any]) -> dict[str, Any]:
 def default_study_name(bundle: ModelBundle, config: Any) -> str:
     """The study of a search without ``study=``: model, target, strategy, seed and N:M patterns
     (``config`` a :class:`~spdy.sensitivity.SearchConfig`)."""
-    return f"{_safe(bundle.name)}-{config.speedup:g}x-{config.strategy}-seed{config.seed}" + "".join(
+    return f"{_safe(bundle.name)}-{config.speedup:g}x-{config.effective_strategy}-seed{config.seed}" + "".join(
         f"-{p}" for p in config.patterns)
 
 
@@ -381,8 +381,8 @@ def run_search(
     different search; the latency ``correction`` is stored with it for a resumed search.
     Returns ``(search, result, per-evaluation milliseconds of DP, stitch and loss)``.
     """
-    from spdy.evo import EvoSearch
-    from spdy.sensitivity import Schedule, Search
+    from spdy.evo import make_search
+    from spdy.sensitivity import Schedule
 
     table = prepared.table
     signature = {"model": prepared.bundle.name, "calibration": prepared.bundle.calibration_id,
@@ -390,8 +390,7 @@ def run_search(
                  "profile": _digest(table.times.round(12).tolist() + [table.base_s]),
                  "k": Schedule.for_config(len(table.layers), config).k, "delta": config.delta,
                  "buckets": config.buckets}
-    cls = EvoSearch if config.strategy == "evo" else Search
-    srch = cls(table, objective, config, storage=storage, study_name=study_name, signature=signature)
+    srch = make_search(table, objective, config, storage=storage, study_name=study_name, signature=signature)
     if correction and "latency_correction" not in srch.study.user_attrs:
         srch.study.set_user_attr("latency_correction", dict(correction))
     cb = (lambda d, t, best: progress("search", d, t, f"best loss {best:.4g}")) if progress else None

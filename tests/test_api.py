@@ -146,6 +146,8 @@ def test_search_writes_result_model_and_plot(wide_bundle, wide_profile_path, tmp
         assert f["accepted"] == ((cur < lo and tighter and new > cur and miss(new) < miss(cur))
                                  or (cur > hi and not tighter and new >= lo))
     assert d["calibration_loss"]["dense"] == pytest.approx(0.0, abs=1e-6)
+    # the default strategy, at 8 evaluations Algorithm 4 (too few for generations of evo)
+    assert d["settings"]["strategy"] == "spdy" and d["settings"]["strategy_asked"] == "auto"
     assert d["search"]["evaluations"] == 8
     assert set(d["search"]["per_evaluation_ms"]) == {"dp", "stitch", "loss"}
     assert (out / "profile.png").stat().st_size > 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -15,9 +16,9 @@ import pytest
 
 from spdy import dp
 from spdy.errors import InvalidInputError
-from spdy.evo import EvoConfig, EvoSearch, fit_budget, layer_times, mutate
+from spdy.evo import EvoConfig, EvoSearch, HybridSearch, fit_budget, layer_times, make_search, mutate
 from spdy.grid import SparsityGrid
-from spdy.sensitivity import SearchConfig
+from spdy.sensitivity import AUTO_EVO_BELOW, AUTO_EVO_FROM, Search, SearchConfig, resolve_strategy
 from spdy.types import LatencyTable
 
 
@@ -175,6 +176,55 @@ def test_evo_warm_start_and_refine() -> None:
     with pytest.raises(InvalidInputError):
         EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.4, strategy="evo"),
                   evo=EvoConfig(init_levels=(0, 1)))
+
+
+# -- the default strategy and Algorithm 4 then evo ------------------------------------------
+
+
+def test_auto_is_evo_for_short_searches_and_spdy_then_evo_for_long_ones() -> None:
+    assert resolve_strategy("auto", 40) == "evo" and resolve_strategy("auto", AUTO_EVO_BELOW - 1) == "evo"
+    assert resolve_strategy("auto", AUTO_EVO_FROM) == "evo" and resolve_strategy("auto", AUTO_EVO_FROM - 1) == "spdy"
+    assert resolve_strategy("auto", AUTO_EVO_BELOW) == "spdy+evo" and resolve_strategy("auto", None) == "spdy+evo"
+    assert resolve_strategy("auto", 40, ("2:4",)) == "spdy"  # evo searches grid levels only
+    assert resolve_strategy("tpe", 40) == "tpe"
+    cfg = SearchConfig(speedup=2.0, max_evals=40)
+    assert cfg.strategy == "auto" and cfg.effective_strategy == "evo"
+    assert dataclasses.replace(cfg, max_evals=200).effective_strategy == "spdy+evo"  # resolved by the budget it has
+    table, errors = _table(L=6, S=8, seed=1), _errors(_table(L=6, S=8, seed=1), 1)
+    kinds = {st: type(make_search(table, SeparableObjective(errors), SearchConfig(speedup=1.5, max_evals=20, strategy=st)))
+             for st in ("auto", "evo", "spdy", "spdy+evo", "random")}
+    assert kinds == {"auto": EvoSearch, "evo": EvoSearch, "spdy": Search, "spdy+evo": HybridSearch, "random": Search}
+    with pytest.raises(InvalidInputError, match="make_search"):
+        Search(table, SeparableObjective(errors), SearchConfig(speedup=1.5, max_evals=20))
+
+
+def test_spdy_then_evo_never_loses_algorithm_4s_best_and_resumes(tmp_path) -> None:
+    table = _table(L=10, S=12, seed=3)
+    errors = _errors(table)
+    cfg = SearchConfig(speedup=1.7, max_evals=40, seed=1, strategy="spdy+evo")
+    store = str(tmp_path / "s.journal")
+    obj = SeparableObjective(errors)
+    hyb = HybridSearch(table, obj, cfg, storage=store, study_name="h")
+    res = hyb.run()
+    alg4 = Search(table, SeparableObjective(errors), SearchConfig(speedup=1.7, max_evals=20, seed=1, strategy="spdy")).run()
+    # the first half is Algorithm 4 with the same seed and budget; evo starts from its best
+    assert hyb.first.result().loss == pytest.approx(alg4.loss)
+    assert res.loss <= alg4.loss and res.solution.predicted_speedup >= 1.7 * (1 - 1e-9)
+    phases = [h["phase"] for h in res.history]
+    assert phases[0] == "random" and "seed" in phases and phases[-1] == "evo"
+    assert [h["number"] for h in res.history] == sorted(h["number"] for h in res.history)
+    # 20 of Algorithm 4, then the seed (scored from the cache: no call) and generations within the other 20
+    assert 20 < res.n_evaluations <= 40 and sum(obj.calls) / obj.n_batches <= 39 + 1e-9
+    seed = next(h for h in res.history if h["phase"] == "seed")
+    assert seed["loss"] == pytest.approx(alg4.loss)
+    # resumed on the same storage: both phases are done, nothing is evaluated again
+    again_obj = SeparableObjective(errors)
+    again = HybridSearch(table, again_obj, cfg, storage=store, study_name="h").run()
+    assert again.loss == pytest.approx(res.loss) and again_obj.calls == []
+    levels, sol, _loss = hyb.refine(1.9, evals=6)
+    assert sol.predicted_speedup >= 1.9 * (1 - 1e-9) and np.array_equal(sol.levels, levels)
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        HybridSearch(table, obj, SearchConfig(speedup=1.7, max_evals=1, strategy="spdy+evo"))
 
 
 # -- two worker processes on one study, every storage ------------------------------------

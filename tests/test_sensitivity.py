@@ -51,7 +51,7 @@ class SlowObjective:
 
 
 def cfg(**kw) -> SearchConfig:
-    base = dict(speedup=2.0, k=5, delta=0.3, seed=3)
+    base = dict(speedup=2.0, k=5, delta=0.3, seed=3, strategy="spdy")
     base.update(kw)
     return SearchConfig(**base)
 
@@ -154,14 +154,14 @@ def test_search_runs_over_a_table_with_nm_columns(tmp_path: Path) -> None:
         return sum(c.sparsity ** 2 * (1 + i) for i, c in enumerate(chosen.values()))
 
     store = str(tmp_path / "s.journal")
-    res = Search(t, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1), storage=store, study_name="s").run()
+    res = Search(t, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1, strategy="spdy"), storage=store, study_name="s").run()
     assert isinstance(res.solution, Solution) and res.n_evaluations == 12
     assert res.solution.predicted_speedup >= 1.3
     assert all(isinstance(c, Choice) for chosen in seen for c in chosen.values())
     assert not res.solution.choices[0].is_nm
     # the study is signed with the columns: the same study over the grid alone is another search
     with pytest.raises(InvalidInputError, match="choices"):
-        Search(make_profile(L=4).table, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1), storage=store,
+        Search(make_profile(L=4).table, objective, SearchConfig(speedup=1.3, max_evals=12, seed=1, strategy="spdy"), storage=store,
                study_name="s")
 
 

@@ -67,7 +67,7 @@ class Interrupted:
 
 def cfg(**kw: Any) -> SearchConfig:
     """Algorithm 4 in miniature: 6 random trials, then 2 x 5 local ones (16 in all)."""
-    return SearchConfig(**{"speedup": 2.0, "k": 5, "delta": 0.3, "seed": 3, **FAST_BEATS, **kw})
+    return SearchConfig(**{"speedup": 2.0, "k": 5, "delta": 0.3, "seed": 3, "strategy": "spdy", **FAST_BEATS, **kw})
 
 
 TOTAL = 16
@@ -423,7 +423,7 @@ def test_evaluate_only_workers_of_the_cli_share_a_search_on_postgresql(mlp_files
     profile, db = mlp_files
     cmd = [sys.executable, "-m", "spdy.cli", "search", "--model", "tests.test_storage:mlp", "--speedup", "1.5x",
            "--threads", "1", "--eval-threads", "1", "--profile", str(profile), "--database", str(db),
-           "--storage", postgres_url, "--study", "cli", "--max-evals", "8", "--no-measure"]
+           "--storage", postgres_url, "--study", "cli", "--max-evals", "8", "--strategy", "spdy", "--no-measure"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SPDY_CACHE": str(tmp_path / "cache")}
     procs = [subprocess.Popen([*cmd, "--evaluate-only"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

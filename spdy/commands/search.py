@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     from spdy.commands._common import add_method_flag, add_patterns_flag
     from spdy.models.base import LOSSES
     from spdy.reference import REFERENCES
-    from spdy.sensitivity import STRATEGIES
+    from spdy.sensitivity import AUTO_EVO_BELOW, AUTO_EVO_FROM, STRATEGIES
 
     p = subparsers.add_parser(
         "search",
@@ -82,15 +82,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--study", default=None, help="study name; processes with the same storage and study share one "
                    "search (default: derived from model, target, strategy and seed)%(default).0s")
     p.add_argument("--max-evals", type=int, default=None, metavar="N",
-                   help="evaluations in all (default: Algorithm 4 in full, k=100: 1 + k + ceil(delta*L)*k)%(default).0s")
+                   help="full loss evaluations in all (default: the size of Algorithm 4 in full, k=100: "
+                   "1 + k + ceil(delta*L)*k)%(default).0s")
     p.add_argument("--k", type=int, default=None,
                    help="Algorithm 4's k (random candidates, tries per local-search width)%(default).0s")
     p.add_argument("--delta", type=float, default=0.1, help="Algorithm 4's delta: largest local step is ceil(delta*L)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (results are reproducible per seed)")
-    p.add_argument("--strategy", default="spdy", choices=STRATEGIES,
-                   help="spdy = Algorithm 4; evo = evolutionary search over the levels themselves (children scored on "
-                   "1/8, then 1/2, then all of the calibration set; --max-evals counts full evaluations); tpe, cmaes, "
-                   "random = Optuna samplers over the coefficients")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="auto (default) = evo from %d to %d evaluations, spdy+evo from there (and for the full "
+                   "default budget), spdy below %d or with N:M patterns; spdy = Algorithm 4; evo = evolutionary search over the levels "
+                   "themselves (children scored on 1/8, then 1/2, then all of the calibration set; --max-evals counts "
+                   "full evaluations); spdy+evo = Algorithm 4 for half the evaluations, then evo from its best; tpe, "
+                   "cmaes, random = Optuna samplers over the coefficients" % (AUTO_EVO_FROM, AUTO_EVO_BELOW - 1, AUTO_EVO_FROM))
     add_patterns_flag(p, "also offer each layer these N:M patterns, e.g. 2:4, where the backend has a kernel for "
                       "them (the profile times them and the database reconstructs them)")
     p.add_argument("--baseline", default=None, choices=BASELINES,
@@ -242,6 +245,11 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     elif res.dense_measured_s:
         print(f"dense model measured {res.dense_measured_s * 1e3:.2f} ms on {res.backend}")
     print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.stage_s.items()))
+    strategy = res.settings.get("strategy")
+    if strategy and res.n_evaluations:
+        asked = res.settings.get("strategy_asked")
+        print(f"search: {strategy}" + (f" (--strategy {asked})" if asked and asked != strategy else "")
+              + f", {res.n_evaluations} full loss evaluations")
     if res.per_evaluation_ms:
         print(f"per evaluation ({res.n_evaluations}): " + ", ".join(f"{k} {v:.1f} ms" for k, v in res.per_evaluation_ms.items()))
     for w in res.warnings:
