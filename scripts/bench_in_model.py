@@ -1,0 +1,196 @@
+"""Does a layer run slower inside the model than alone? The same modules, both ways, interleaved.
+
+Takes a search's ``result.json`` (``--result``), its profile and database, and builds the
+models it wrote (``--models``: ``spdy``, ``uniform``, ``global``, and ``dense`` for the
+dense plan) in the profile's kernel formats. Per round, each model runs ``--calls`` forward
+passes with a timer around every prunable layer (forward hooks), then every one of its
+layer modules, the very object the model called, runs alone in a loop on the input it was
+given in the model. Both times come from the same minute, so the machine's drift cancels.
+Prints per model and per (format, sparsity class) the in-model time, the loop time and
+their ratio, and each class's loop time now over the profile's entry (the drift since the
+profile). ``--json FILE`` writes the numbers with the hardware fingerprint.
+
+Then the drift itself: ``--drift SECONDS`` times one 1536x384 Linear (128 tokens) in torch's
+dense GEMM and in spdy's formats at two sparsities, interleaved, every few seconds, and
+reports how far each format's time over torch's moves.
+
+    python scripts/bench_in_model.py --result OUT/result.json --profile P.json --database DB \\
+        [--models spdy,uniform,global,dense] [--rounds 10] [--drift 240] [--json scripts/results/bench_in_model.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
+
+from spdy import runtime
+from spdy.api import as_bundle
+from spdy.database import Database
+from spdy.measure import _weights
+from spdy.models.base import get_module
+from spdy.profile import load_profile
+from spdy.profilers import backend_plan, get_backend
+
+
+def sparsity_class(s: float) -> str:
+    return "0" if s == 0 else "<0.8" if s < 0.8 else "<0.95" if s < 0.95 else ">=0.95"
+
+
+def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_calls: int = 20
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: median seconds inside the forward pass, median seconds alone in a loop."""
+    mods = {n: get_module(run.model, n) for n in names}
+    given: dict[str, Any] = {}
+    start: dict[str, float] = {}
+    inside: dict[str, list[float]] = {n: [] for n in names}
+    alone: dict[str, list[float]] = {n: [] for n in names}
+
+    def pre(name: str) -> Any:
+        def hook(_m: Any, args: tuple[Any, ...]) -> None:
+            given[name] = args[0]
+            start[name] = time.perf_counter()
+        return hook
+
+    def post(name: str) -> Any:
+        def hook(_m: Any, _a: Any, _o: Any) -> None:
+            inside[name].append(time.perf_counter() - start[name])
+        return hook
+
+    handles = [h for n, m in mods.items() for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+    try:
+        with torch.inference_mode():
+            run()
+            for v in inside.values():
+                v.clear()
+            for _ in range(rounds):
+                for _ in range(calls):
+                    run()
+                for n, m in mods.items():
+                    x = given[n]
+                    for _ in range(3):
+                        m(x)
+                    t0 = time.perf_counter()
+                    for _ in range(loop_calls):
+                        m(x)
+                    alone[n].append((time.perf_counter() - t0) / loop_calls)
+    finally:
+        for h in handles:
+            h.remove()
+    return (np.array([np.median(inside[n]) for n in names]), np.array([np.median(alone[n]) for n in names]))
+
+
+def drift(seconds: float, threads: int) -> dict[str, Any]:
+    """Each format's time over torch's dense GEMM, one 1536x384 layer, every few seconds."""
+    runtime.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 384, generator=gen)
+
+    def layer(sparsity: float, fmt: str) -> Any:
+        lin = torch.nn.Linear(384, 1536)
+        with torch.no_grad():
+            w = lin.weight
+            if sparsity:
+                w[w.abs() <= w.abs().flatten().kthvalue(int(sparsity * w.numel())).values] = 0
+        return lin if fmt == "torch" else runtime.SparseLinear.from_linear(lin, format=fmt)
+
+    mods = {"torch dense": layer(0, "torch"), "bcsr4x1 0%": layer(0, "bcsr4x1"), "bcsr4x1 80%": layer(0.8, "bcsr4x1"),
+            "csr 80%": layer(0.8, "csr"), "csr-1t 80%": layer(0.8, "csr-1t"), "csr 93%": layer(0.93, "csr"),
+            "csr-1t 93%": layer(0.93, "csr-1t")}
+
+    def per_call(m: Any, n: int = 15) -> float:
+        m(x)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m(x)
+        return (time.perf_counter() - t0) / n
+
+    windows = []
+    end = time.time() + seconds
+    with torch.inference_mode():
+        while time.time() < end:
+            reps: dict[str, list[float]] = {k: [] for k in mods}
+            for _ in range(5):
+                for k, m in mods.items():
+                    reps[k].append(per_call(m))
+            windows.append({k: statistics.median(v) for k, v in reps.items()})
+            time.sleep(3)
+    ratios = {k: [w[k] / w["torch dense"] for w in windows] for k in mods if k != "torch dense"}
+    out = {"windows": windows, "torch_dense_s": {"min": min(w["torch dense"] for w in windows),
+                                                 "max": max(w["torch dense"] for w in windows)},
+           "over_torch_dense": {k: {"median": statistics.median(r), "min": min(r), "max": max(r),
+                                    "max_over_min": max(r) / min(r)} for k, r in ratios.items()}}
+    print(f"\ndrift over {seconds:.0f} s ({len(windows)} windows; torch dense {out['torch_dense_s']['min'] * 1e6:.0f}-"
+          f"{out['torch_dense_s']['max'] * 1e6:.0f} us):")
+    for k, s in out["over_torch_dense"].items():
+        print(f"  {k:12s} / torch dense: median {s['median']:.3f}, {s['min']:.3f}-{s['max']:.3f} (max/min {s['max_over_min']:.2f})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--result", required=True, type=Path, help="a spdy search result.json (MiniLM)")
+    ap.add_argument("--profile", required=True, help="the profile that search used")
+    ap.add_argument("--database", required=True, type=Path, help="the database that search used")
+    ap.add_argument("--models", default="spdy,uniform,global,dense")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=8, help="forward passes per round")
+    ap.add_argument("--drift", type=float, default=0.0, metavar="SECONDS", help="then time the drift this long")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    res = json.loads(args.result.read_text())
+    prof = load_profile(args.profile)
+    t = prof.table
+    threads = int(prof.settings.get("threads") or res["settings"]["threads"])
+    bundle = as_bundle(res["model"])
+    backend = get_backend(prof.backend, threads=threads)
+    db = Database.open(args.database)
+    weight = _weights(bundle, db)
+    per_model: dict[str, Any] = {}
+    for name in args.models.split(","):
+        layers = res["layers"] if name in ("spdy", "dense") else res["baselines"][name]["layers"]
+        levels = np.array([0 if name == "dense" else layers[n]["level"] for n in t.layers])
+        sol = t.solution(levels)
+        run = backend.model_runner(bundle.inference, backend_plan(sol, weight, bundle.inference.model))
+        inside, alone = in_model_vs_loop(run, list(t.layers), args.rounds, args.calls)
+        profiled = np.array([t.times[i, lv] for i, lv in enumerate(levels)])
+        classes: dict[str, dict[str, Any]] = {}
+        for i, f in enumerate(sol.formats):
+            c = classes.setdefault(f"{f} {sparsity_class(t.grid.levels[levels[i]])}", {"layers": 0, "in_model_s": 0.0,
+                                                                                         "alone_s": 0.0, "profile_s": 0.0})
+            c["layers"] += 1
+            c["in_model_s"] += float(inside[i])
+            c["alone_s"] += float(alone[i])
+            c["profile_s"] += float(profiled[i])
+        print(f"\n{name}: the layers {inside.sum() * 1e3:.2f} ms in the model, {alone.sum() * 1e3:.2f} ms alone "
+              f"(in/alone {inside.sum() / alone.sum():.3f}); the profile's entries {profiled.sum() * 1e3:.2f} ms")
+        for k, c in sorted(classes.items()):
+            c["in_over_alone"] = c["in_model_s"] / c["alone_s"]
+            c["alone_over_profile"] = c["alone_s"] / c["profile_s"]
+            print(f"  {k:18s} {c['layers']:2d} layers: in the model {c['in_model_s'] * 1e3:6.2f} ms, alone "
+                  f"{c['alone_s'] * 1e3:6.2f} ms (in/alone {c['in_over_alone']:.3f}); alone now / profile "
+                  f"{c['alone_over_profile']:.2f}")
+        per_model[name] = {"in_model_s": inside.tolist(), "alone_s": alone.tolist(), "profile_s": profiled.tolist(),
+                           "formats": list(sol.formats), "levels": levels.tolist(), "classes": classes,
+                           "in_over_alone": float(inside.sum() / alone.sum())}
+    payload: dict[str, Any] = {"fingerprint": backend.fingerprint(), "result": str(args.result),
+                               "profile": str(args.profile), "rounds": args.rounds, "calls": args.calls,
+                               "models": per_model}
+    if args.drift > 0:
+        payload["drift"] = drift(args.drift, threads)
+    write_json(str(args.json) if args.json else None, payload)
+
+
+if __name__ == "__main__":
+    main()
