@@ -75,7 +75,7 @@ class ProgressBars:
     closes when its stage is done, the rest at :meth:`close`.
     """
 
-    UNITS = {"profile": "layer", "validate": "model", "search": "eval", "measure": "step"}
+    UNITS = {"profile": "layer", "validate": "model", "search": "trial", "measure": "step"}  # a trial of evo is a generation
 
     def __init__(self) -> None:
         self.bars: dict[str, Any] = {}
