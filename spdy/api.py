@@ -91,8 +91,9 @@ def search(
       baselines, measurements or outputs).
     * ``config``: the search budget (:class:`spdy.sensitivity.SearchConfig`; its ``speedup``
       is replaced by the target); the default strategy is ``auto``
-      (:func:`spdy.sensitivity.resolve_strategy`: the evolutionary search below 100
-      evaluations, Algorithm 4 then evo from there) with the budget of Algorithm 4 in full.
+      (:func:`spdy.sensitivity.resolve_strategy`: the evolutionary search for 10-99
+      evaluations, Algorithm 4 then evo from 100, Algorithm 4 below 10) with the budget of
+      Algorithm 4 in full.
     * ``measurement``: the latency check, the end-to-end measurement and the fit to it
       (:class:`spdy.measure.MeasureConfig`).
     * ``**settings``: shorthands for single fields of the two: ``max_evals``, ``k``, ``delta``,

@@ -75,7 +75,8 @@ class ProgressBars:
     closes when its stage is done, the rest at :meth:`close`.
     """
 
-    UNITS = {"profile": "layer", "validate": "model", "search": "trial", "measure": "step"}  # a trial of evo is a generation
+    #: a search's trial is one evaluation of Algorithm 4, one generation of evo
+    UNITS = {"profile": "layer", "validate": "model", "search": "trial", "measure": "step"}
 
     def __init__(self) -> None:
         self.bars: dict[str, Any] = {}
