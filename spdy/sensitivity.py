@@ -115,7 +115,8 @@ def resolve_strategy(strategy: str, max_evals: int | None, patterns: Sequence[st
 
     Measured at equal numbers of full loss evaluations (BENCHMARKS.md, MiniLM at 2x and the
     digits CNN at 1.5x and 2x, three seeds): at 40 evaluations the evolutionary search had the
-    lower mean loss on both models; at 120-150 Algorithm 4 for half the budget, then evo from
+    lower mean loss in 4 of 5 cases (MiniLM 1.5x and 2x, digits 1.5x and 2x; not MiniLM
+    2.5x, where Algorithm 4 was 1.8% lower); at 120-150 Algorithm 4 for half the budget, then evo from
     its best levels (``spdy+evo``), had a mean loss no higher than Algorithm 4's in every case,
     while evo alone stalled on MiniLM, and at 500 (digits) ``spdy+evo`` had the lowest loss in
     every seed. So ``auto`` is ``evo`` below :data:`AUTO_EVO_BELOW` evaluations and
