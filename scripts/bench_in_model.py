@@ -6,7 +6,8 @@ dense plan) in the profile's kernel formats. Per round, each model runs ``--call
 passes with a timer around every prunable layer (forward hooks), then every one of its
 layer modules, the very object the model called, runs alone in a loop on the input it was
 given in the model. Both times come from the same minute, so the machine's drift cancels.
-Prints per model and per (format, sparsity class) the in-model time, the loop time and
+The forward pass minus its layers is the rest (the base as the model runs it), printed
+next to the profile's base (timed with every prunable layer a stand-in). Prints per model and per (format, sparsity class) the in-model time, the loop time and
 their ratio, and each class's loop time now over the profile's entry (the drift since the
 profile). ``--json FILE`` writes the numbers with the hardware fingerprint.
 
@@ -49,13 +50,15 @@ def sparsity_class(s: float) -> str:
 
 
 def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_calls: int = 20
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer: median seconds inside the forward pass, median seconds alone in a loop."""
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per layer: median seconds inside the forward pass, median seconds alone in a loop; and the
+    median seconds of a whole forward pass (timers included)."""
     mods = {n: get_module(run.model, n) for n in names}
     given: dict[str, Any] = {}
     start: dict[str, float] = {}
     inside: dict[str, list[float]] = {n: [] for n in names}
     alone: dict[str, list[float]] = {n: [] for n in names}
+    passes: list[float] = []
 
     def pre(name: str) -> Any:
         def hook(_m: Any, args: tuple[Any, ...]) -> None:
@@ -76,7 +79,9 @@ def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_c
                 v.clear()
             for _ in range(rounds):
                 for _ in range(calls):
+                    t0 = time.perf_counter()
                     run()
+                    passes.append(time.perf_counter() - t0)
                 for n, m in mods.items():
                     x = given[n]
                     for _ in range(3):
@@ -88,7 +93,8 @@ def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_c
     finally:
         for h in handles:
             h.remove()
-    return (np.array([np.median(inside[n]) for n in names]), np.array([np.median(alone[n]) for n in names]))
+    return (np.array([np.median(inside[n]) for n in names]), np.array([np.median(alone[n]) for n in names]),
+            float(np.median(passes)))
 
 
 def drift(seconds: float, threads: int) -> dict[str, Any]:
@@ -163,7 +169,7 @@ def main() -> None:
         levels = np.array([0 if name == "dense" else layers[n]["level"] for n in t.layers])
         sol = t.solution(levels)
         run = backend.model_runner(bundle.inference, backend_plan(sol, weight, bundle.inference.model))
-        inside, alone = in_model_vs_loop(run, list(t.layers), args.rounds, args.calls)
+        inside, alone, whole = in_model_vs_loop(run, list(t.layers), args.rounds, args.calls)
         profiled = np.array([t.times[i, lv] for i, lv in enumerate(levels)])
         classes: dict[str, dict[str, Any]] = {}
         for i, f in enumerate(sol.formats):
@@ -174,7 +180,9 @@ def main() -> None:
             c["alone_s"] += float(alone[i])
             c["profile_s"] += float(profiled[i])
         print(f"\n{name}: the layers {inside.sum() * 1e3:.2f} ms in the model, {alone.sum() * 1e3:.2f} ms alone "
-              f"(in/alone {inside.sum() / alone.sum():.3f}); the profile's entries {profiled.sum() * 1e3:.2f} ms")
+              f"(in/alone {inside.sum() / alone.sum():.3f}); the profile's entries {profiled.sum() * 1e3:.2f} ms; "
+              f"the rest of the forward pass {(whole - inside.sum()) * 1e3:.2f} ms (the profile's base "
+              f"{t.base_s * 1e3:.2f} ms)")
         for k, c in sorted(classes.items()):
             c["in_over_alone"] = c["in_model_s"] / c["alone_s"]
             c["alone_over_profile"] = c["alone_s"] / c["profile_s"]
@@ -183,7 +191,8 @@ def main() -> None:
                   f"{c['alone_over_profile']:.2f}")
         per_model[name] = {"in_model_s": inside.tolist(), "alone_s": alone.tolist(), "profile_s": profiled.tolist(),
                            "formats": list(sol.formats), "levels": levels.tolist(), "classes": classes,
-                           "in_over_alone": float(inside.sum() / alone.sum())}
+                           "in_over_alone": float(inside.sum() / alone.sum()), "forward_pass_s": whole,
+                           "rest_of_pass_s": whole - float(inside.sum()), "profile_base_s": t.base_s}
     payload: dict[str, Any] = {"fingerprint": backend.fingerprint(), "result": str(args.result),
                                "profile": str(args.profile), "rounds": args.rounds, "calls": args.calls,
                                "models": per_model}
