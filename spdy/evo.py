@@ -232,18 +232,22 @@ class EvoSearch(Search):
     def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float | None:
         budget = self.budget
         parent, _ = self.best()
-        if number == 0 or parent is None:
+        if number == 0:
             levels, phase, moves, cost = self._seed_levels(budget), "seed", 0, 1.0
             loss = self.loss(levels)[0]
         else:
+            if parent is None:  # another worker is still scoring the seed: it is the only parent there can be
+                parent = self._seed_levels(budget)
             rng = np.random.default_rng([self.cfg.seed, 0xE70, number])
             levels, loss, moves = self.generation(parent, rng, budget)
             phase, cost = "evo", self.gen_cost
         if not math.isfinite(loss):
             raise InvalidInputError(f"the calibration loss of trial {number} is {loss}; check the model and loss")
         pred = self.table.predicted_time(levels)
-        attrs = {"levels": [int(x) for x in levels], "phase": phase, "d": moves, "evaluations": cost,
-                 "predicted_speedup": self.table.dense_total_s / pred, "cached": False}
+        # "levels" last: a trial counts as done once it has them (_done), so a worker that reads the
+        # trial between two of these writes never sees it done without the rest
+        attrs = {"phase": phase, "d": moves, "evaluations": cost, "predicted_speedup": self.table.dense_total_s / pred,
+                 "cached": False, "levels": [int(x) for x in levels]}
         try:
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)  # type: ignore[union-attr]

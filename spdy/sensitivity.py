@@ -339,8 +339,9 @@ class Search:
         loss, cached = self.loss(sol.levels)
         if not math.isfinite(loss):
             raise InvalidInputError(f"the calibration loss of trial {number} is {loss}; check the model and loss")
-        attrs = {"c": [float(x) for x in c], "phase": phase, "d": d, "levels": [int(x) for x in sol.levels],
-                 "predicted_speedup": sol.predicted_speedup, "cached": cached}
+        # "c" last: a trial counts as done once it has it (best, n_complete, history)
+        attrs = {"phase": phase, "d": d, "levels": [int(x) for x in sol.levels],
+                 "predicted_speedup": sol.predicted_speedup, "cached": cached, "c": [float(x) for x in c]}
         try:
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)

@@ -266,3 +266,48 @@ def test_two_evo_workers_share_a_study(shared_storage: str) -> None:
     assert all(t.user_attrs["phase"] == ("seed" if s == 0 else "evo") for s, t in done.items())
     assert reports[0]["best"] == reports[1]["best"] == min(t.value for t in done.values())
     assert all(r["evaluations"] == 1 + 8 * (EVO_TRIALS - 1) for r in reports)  # no batches: children scored in full
+
+
+def slow_objective(levels: np.ndarray) -> float:
+    """``tests.test_storage``'s loss, taking 20 ms as a real model's would."""
+    from tests.test_storage import objective
+
+    time.sleep(0.02)
+    return objective(levels)
+
+
+HYBRID_EVALS = 30  # 15 of Algorithm 4, then the seed and one generation of 8 (no batches: 8 children in full)
+
+
+def hybrid_work(store: str) -> None:
+    """One worker process of a shared ``spdy+evo`` search."""
+    from tests.test_storage import FAST_BEATS, STUDY, table
+
+    cfg = SearchConfig(speedup=2.0, max_evals=HYBRID_EVALS, seed=3, strategy="spdy+evo", **FAST_BEATS)
+    res = HybridSearch(table(), slow_objective, cfg, storage=store, study_name=STUDY).run()
+    print(json.dumps({"evaluations": res.n_evaluations, "best": res.loss}), flush=True)
+
+
+def test_two_workers_share_both_phases_of_spdy_then_evo(shared_storage: str) -> None:
+    import optuna
+
+    from spdy.storage import make_storage, slots
+    from tests.test_storage import COMPLETE, ROOT, STUDY, check_every_slot_once
+
+    code = f"from tests.test_evo import hybrid_work; hybrid_work({shared_storage!r})"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    reports = []
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, f"worker {p.pid} exited with {p.returncode}"
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    first = check_every_slot_once(shared_storage, HYBRID_EVALS // 2)  # Algorithm 4's study: each slot once
+    evo = optuna.load_study(study_name=f"{STUDY}-evo", storage=make_storage(shared_storage)).get_trials()
+    evo_slots = slots(evo)
+    done = sorted(evo_slots[t.number] for t in evo if t.state == COMPLETE)
+    assert done == [0, 1]  # the seed (Algorithm 4's best) and one generation, each once
+    best = min(min(t.value for t in first.values()), min(t.value for t in evo if t.state == COMPLETE))
+    assert reports[0]["best"] == reports[1]["best"] == best
+    assert reports[0]["evaluations"] == reports[1]["evaluations"] == HYBRID_EVALS // 2 + 1 + 8
