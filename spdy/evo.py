@@ -337,17 +337,6 @@ class HybridSearch:
                             n_evaluations=res1.n_evaluations + res2.n_evaluations, study_name=res1.study_name,
                             history=history, timings_s=dict(self.stage_s))
 
-    def result(self) -> SearchResult:
-        if self.second is None:
-            return self.first.result()
-        return self._combine(self.first.result(), self.second.result())
-
-    def n_complete(self) -> int:
-        return self.first.n_complete() + (self.second.n_complete() if self.second is not None else 0)
-
-    def history(self) -> list[dict[str, Any]]:
-        return self.result().history
-
     def refine(self, speedup: float, evals: int = 16, top: int = 4) -> tuple[np.ndarray, Solution, float]:
         """The best levels for another target ``speedup`` (:meth:`EvoSearch.refine` of the second
         phase, whose trials start from the first phase's best)."""

@@ -250,10 +250,11 @@ def evo_work(store: str) -> None:
     print(json.dumps({"evaluations": res.n_evaluations, "best": res.loss}), flush=True)
 
 
-def test_two_evo_workers_share_a_study(shared_storage: str) -> None:
-    from tests.test_storage import ROOT, check_every_slot_once
+def two_workers(work: str, store: str) -> list[dict]:
+    """Run ``tests.test_evo.<work>(store)`` in two processes at once; their JSON reports."""
+    from tests.test_storage import ROOT
 
-    code = f"from tests.test_evo import evo_work; evo_work({shared_storage!r})"
+    code = f"from tests.test_evo import {work}; {work}({store!r})"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -262,6 +263,13 @@ def test_two_evo_workers_share_a_study(shared_storage: str) -> None:
         out, _ = p.communicate(timeout=180)
         assert p.returncode == 0, f"worker {p.pid} exited with {p.returncode}"
         reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+def test_two_evo_workers_share_a_study(shared_storage: str) -> None:
+    from tests.test_storage import check_every_slot_once
+
+    reports = two_workers("evo_work", shared_storage)
     done = check_every_slot_once(shared_storage, EVO_TRIALS)
     assert all(t.user_attrs["phase"] == ("seed" if s == 0 else "evo") for s, t in done.items())
     assert reports[0]["best"] == reports[1]["best"] == min(t.value for t in done.values())
@@ -292,17 +300,9 @@ def test_two_workers_share_both_phases_of_spdy_then_evo(shared_storage: str) -> 
     import optuna
 
     from spdy.storage import make_storage, slots
-    from tests.test_storage import COMPLETE, ROOT, STUDY, check_every_slot_once
+    from tests.test_storage import COMPLETE, STUDY, check_every_slot_once
 
-    code = f"from tests.test_evo import hybrid_work; hybrid_work({shared_storage!r})"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    reports = []
-    for p in procs:
-        out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, f"worker {p.pid} exited with {p.returncode}"
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+    reports = two_workers("hybrid_work", shared_storage)
     first = check_every_slot_once(shared_storage, HYBRID_EVALS // 2)  # Algorithm 4's study: each slot once
     evo = optuna.load_study(study_name=f"{STUDY}-evo", storage=make_storage(shared_storage)).get_trials()
     evo_slots = slots(evo)
