@@ -8,6 +8,8 @@ import math
 import time
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 EXAMPLES = """\
@@ -170,6 +172,14 @@ def _print_validation(profile: Any) -> None:
     if not math.isnan(err):
         print(f"median |predicted - measured| / measured: {err * 100:.1f}% (signed: "
               f"{signed_validation_error(profile.validation) * 100:+.1f}%) over {len(profile.validation)} models")
+    shift = profile.validation[-1].get("state_shift")
+    if shift is not None:
+        same = [r["error_same_state"] for r in profile.validation]
+        print(f"state probes: models the profile timed now take {shift:.3f}x the share of the dense plan they took "
+              f"then (the machine's state moved {abs(shift - 1) * 100:.1f}%"
+              f"{', toward sparse kernels' if shift < 1 else ', against sparse kernels' if shift > 1 else ''}); "
+              f"with that taken out: median {float(np.median(np.abs(same))) * 100:.1f}% "
+              f"(signed {float(np.median(same)) * 100:+.1f}%)")
     base_now = profile.validation[-1].get("base_measured_s")
     if base_now:
         print(f"base model now {base_now * 1e3:.2f} ms vs {t.base_s * 1e3:.2f} ms in the profile "

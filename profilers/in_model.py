@@ -1,23 +1,29 @@
-"""In-model terms: how a sparse layer's time inside the model differs from its time alone.
+"""In-model terms: how a layer's time inside the model differs from its time alone.
 
 The profiler times each layer alone, in a loop, where its weights and input stay in
-the caches and its thread team stays awake. Inside a forward pass the other layers
-evict both, and torch's operators run between the sparse kernels, so a pruned model
-can take longer than the sum of its layers' loop times, and the very sparse layers,
-whose calls are short, lose the most.
+the caches and its thread team stays awake, and the base with every prunable layer a
+stand-in that returns a stored output. Inside a forward pass both change. Measured side
+by side, a layer costs inside the model what it costs alone; the *rest* of the pass
+(attention, normalisation, residuals) does not cost the stand-in base: the layers'
+weights stream through the caches and evict its activations, and on two threads a
+kernel that ran on the calling thread alone leaves the other thread asleep for the
+next torch operator to wake. So the unpruned model runs slower than the base plus its
+layers, and a pruned one less so.
 
-So the profile learns the difference from end-to-end measurements: a layer running a
-*sparse* kernel format costs ``alpha * t_alone + beta`` inside the model, where
-``alpha`` scales the kernel's streaming work and ``beta`` is a fixed cost per call
-(thread hand-over between torch's operators and the kernels, relayout, dispatch).
-Dense layers keep their loop time, which the dense model confirms. The two terms are
-fitted by robust least squares on random pruned models timed end to end, each
-interleaved with the unpruned model, so that only the ratio ``pruned / unpruned`` of
-one window enters the fit (:func:`fit_terms`). The profiler spreads those
-measurements over the whole profiling run, as it does the layer timings, so that the
-terms describe the machine's usual state rather than one minute of it. The terms are
-shared by all layers: two numbers are what two dozen end-to-end timings can pin down.
-The fit is checked on other random models by :func:`spdy.profilers.validate`.
+The profile learns this from end-to-end measurements. A layer that took ``t`` in the
+loop costs ``t`` (dense format) or ``alpha * t + beta`` (sparse format), plus ``call``
+per layer call, ``gamma`` per million weights it keeps, and ``delta`` if its kernel runs
+on the calling thread alone. Every term is per layer, so the table stays additive and
+the DP can use it. The terms are fitted by robust least squares on random pruned models
+timed end to end, each interleaved with the unpruned model, so that only the ratio
+``pruned / unpruned`` of one window enters the fit, plus one absolute equation: the
+unpruned model timed in the same long window as the base and the dense layers
+(:func:`fit_terms`). The profiler spreads the random models over the whole profiling
+run, as it does the layer timings, so that the terms describe the machine's usual state
+rather than one minute of it. Three forms compete (the sparse kernels' ``alpha, beta``;
+the rest's ``call, gamma, delta``; all five) on how well they predict the models they
+were not fitted on, and loop times stay if none predicts them better. The fit is checked
+on other random models by :func:`spdy.profilers.validate`.
 
 Layers of one shape group (:func:`group_key`) run the same kernel work, and the
 profiler times them in turns (:func:`layer_groups`).
@@ -89,114 +95,191 @@ def spanning_level_vectors(n_layers: int, n_levels: int, k: int, seed: int = 0) 
 
 @dataclass(frozen=True)
 class InModelTerms:
-    """The in-model cost of a layer running a sparse kernel: ``alpha * t_alone + beta`` seconds."""
+    """What a layer costs inside the model beyond its loop time (see the module docstring).
+
+    A layer that took ``t`` seconds alone costs ``t`` (dense format) or ``alpha * t + beta``
+    (sparse format) plus ``call`` (every layer call), ``gamma`` per million weights it keeps
+    and ``delta`` if its kernel runs on the calling thread alone.
+    """
 
     alpha: float = 1.0
     beta: float = 0.0  # seconds per sparse layer call
     fit: dict[str, Any] = field(default_factory=lambda: {"fitted": False})
+    call: float = 0.0  # seconds per layer call, any format
+    gamma: float = 0.0  # seconds per million kept weights
+    delta: float = 0.0  # seconds per serial-kernel call
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)) or self.alpha <= 0:
-            raise InvalidInputError(f"in-model terms need a finite alpha > 0 and a finite beta; got {self.alpha}, {self.beta}")
+        vals = (self.alpha, self.beta, self.call, self.gamma, self.delta)
+        if not all(math.isfinite(v) for v in vals) or self.alpha <= 0:
+            raise InvalidInputError(f"in-model terms need a finite alpha > 0 and finite other terms; got {vals}")
 
-    def apply(self, t_alone: float) -> float:
-        """In-model seconds of a sparse layer that took ``t_alone`` in the loop.
+    def apply(self, t_alone: float, sparse: bool = True, kept_mweights: float = 0.0, serial: bool = False) -> float:
+        """In-model seconds of a layer that took ``t_alone`` in the loop.
 
-        Never below ``ALPHA_BOUNDS[0] * t_alone``: a negative ``beta`` (call overhead the loop
-        pays and the model does not) must not make a short call free.
+        A sparse layer's share is never below ``ALPHA_BOUNDS[0] * t_alone``: a negative ``beta``
+        (call overhead the loop pays and the model does not) must not make a short call free;
+        nor is the total below that.
         """
-        return max(ALPHA_BOUNDS[0] * t_alone, self.alpha * t_alone + self.beta)
+        t = max(ALPHA_BOUNDS[0] * t_alone, self.alpha * t_alone + self.beta) if sparse else t_alone
+        t += self.call + self.gamma * kept_mweights + (self.delta if serial else 0.0)
+        return max(ALPHA_BOUNDS[0] * t_alone, t)
 
     def to_json(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta_s": self.beta, "fit": self.fit}
+        return {"alpha": self.alpha, "beta_s": self.beta, "call_s": self.call, "gamma_s_per_mweight": self.gamma,
+                "delta_s": self.delta, "fit": self.fit}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "InModelTerms":
-        return cls(float(d["alpha"]), float(d["beta_s"]), dict(d.get("fit", {})))
+        return cls(float(d["alpha"]), float(d["beta_s"]), dict(d.get("fit", {})), float(d.get("call_s", 0.0)),
+                   float(d.get("gamma_s_per_mweight", 0.0)), float(d.get("delta_s", 0.0)))
 
 
-def model_features(alone: Sequence[float], sparse: Sequence[bool]) -> np.ndarray:
-    """``[dense-format loop seconds, sparse-format loop seconds, sparse layer count]`` of one model."""
+def model_features(alone: Sequence[float], sparse: Sequence[bool], kept_mweights: Sequence[float] | None = None,
+                   serial: Sequence[bool] | None = None) -> np.ndarray:
+    """``[dense-format loop s, sparse-format loop s, sparse calls, layer calls, kept Mweights, serial calls]``."""
     t = np.asarray(alone, dtype=np.float64)
     on = np.asarray(sparse, dtype=bool)
-    return np.array([t[~on].sum(), t[on].sum(), float(on.sum())])
+    kept = np.zeros(len(t)) if kept_mweights is None else np.asarray(kept_mweights, dtype=np.float64)
+    ser = np.zeros(len(t), dtype=bool) if serial is None else np.asarray(serial, dtype=bool)
+    return np.array([t[~on].sum(), t[on].sum(), float(on.sum()), float(len(t)), kept.sum(), float(ser.sum())])
 
 
-#: Lower bound of the fitted per-call term: a layer's loop time may include a little more per
+#: Lower bound of the fitted per-call terms: a layer's loop time may include a little more per
 #: call than the model pays (call overhead), never milliseconds.
 BETA_MIN_S = -20e-6
+#: The fitted parameters: (name, unit the solver works in, lower bound, upper bound, identity value).
+_PARAMS = (("alpha", 1.0, ALPHA_BOUNDS[0], ALPHA_BOUNDS[1], 1.0),
+           ("beta", 1e-5, BETA_MIN_S, np.inf, 0.0),
+           ("call", 1e-5, BETA_MIN_S, np.inf, 0.0),
+           ("gamma", 1e-3, 0.0, np.inf, 0.0),
+           ("delta", 1e-5, BETA_MIN_S, np.inf, 0.0))
+#: The forms the fit chooses between, by how well each predicts models it was not fitted on:
+#: loop times; the sparse kernels' own terms; the rest of the pass (per call, per kept weight, per
+#: serial call); both.
+FORMS: dict[str, tuple[str, ...]] = {"sparse-call": ("alpha", "beta"), "rest": ("call", "gamma", "delta"),
+                                     "both": ("alpha", "beta", "call", "gamma", "delta")}
+#: Weight of the anchor's row (the dense model, timed with the base and the layers in one long
+#: window) against one random model's.
+ANCHOR_WEIGHT = 3.0
 
 
-def _least_squares(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray) -> tuple[float, float]:
+def _coefficients(p: dict[str, float]) -> np.ndarray:
+    """The features' coefficients: ``time = base + F @ coefficients``."""
+    return np.array([1.0, p["alpha"], p["beta"], p["call"], p["gamma"], p["delta"]])
+
+
+def _identity() -> dict[str, float]:
+    return {name: ident for name, _u, _lo, _hi, ident in _PARAMS}
+
+
+def _least_squares(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray,
+                   anchor: tuple[np.ndarray, float] | None, names: Sequence[str]) -> dict[str, float]:
     from scipy.optimize import least_squares
 
-    scale = np.array([1.0, 1e-5])  # beta is fitted in units of 10 us
+    spec = [row for row in _PARAMS if row[0] in names]
+    unit = np.array([u for _n, u, _lo, _hi, _i in spec])
 
-    def f(p: np.ndarray) -> np.ndarray:
-        t, t_ref = _predict(F, ref, base_s, 1.0 + p[0], p[1] * scale[1])
-        return (t - ratio * t_ref) / t_ref
+    def params(x: np.ndarray) -> dict[str, float]:
+        p = _identity()
+        p.update({n: float(v) for (n, *_), v in zip(spec, x * unit)})
+        return p
 
-    lo, hi = [ALPHA_BOUNDS[0] - 1, BETA_MIN_S / scale[1]], [ALPHA_BOUNDS[1] - 1, np.inf]
-    p = least_squares(f, np.zeros(2), bounds=(lo, hi), loss="soft_l1", f_scale=0.01).x
-    return 1.0 + float(p[0]), float(p[1] * scale[1])
+    def f(x: np.ndarray) -> np.ndarray:
+        c = _coefficients(params(x))
+        t, t_ref = base_s + F @ c, base_s + ref @ c
+        res = (t - ratio * t_ref) / t_ref
+        if anchor is not None:
+            res = np.append(res, ANCHOR_WEIGHT * ((base_s + anchor[0] @ c) / anchor[1] - 1))
+        return res
+
+    x0 = np.array([i for _n, _u, _lo, _hi, i in spec]) / unit
+    lo = np.array([lo for _n, _u, lo, _hi, _i in spec]) / unit
+    hi = np.array([hi for _n, _u, _lo, hi, _i in spec]) / unit
+    return params(least_squares(f, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.01).x)
 
 
-def _predict(F: np.ndarray, ref: np.ndarray, base_s: float, alpha: float, beta: float) -> tuple[np.ndarray, float]:
-    """Predicted times of the models and of the reference under the terms."""
-    return (base_s + F[:, 0] + alpha * F[:, 1] + beta * F[:, 2],
-            base_s + ref[0] + alpha * ref[1] + beta * ref[2])
+def _errors(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray, p: dict[str, float]) -> np.ndarray:
+    c = _coefficients(p)
+    return ((base_s + F @ c) / (base_s + ref @ c)) / ratio - 1
 
 
-def _errors(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    t, t_ref = _predict(F, ref, base_s, alpha, beta)
-    return (t / t_ref) / ratio - 1
+def _usable(names: Sequence[str], F: np.ndarray, ref: np.ndarray, anchor: tuple[np.ndarray, float] | None) -> tuple[str, ...]:
+    """The parameters whose features vary somewhere (no serial kernel: no ``delta``)."""
+    rows = np.vstack([F, ref] + ([anchor[0]] if anchor is not None else []))
+    col = {"alpha": 1, "beta": 2, "call": 3, "gamma": 4, "delta": 5}
+    return tuple(n for n in names if np.any(rows[:, col[n]] != 0))
 
 
-def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measured_ratio: np.ndarray) -> InModelTerms:
+def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measured_ratio: np.ndarray,
+              anchor: tuple[np.ndarray, float] | None = None) -> InModelTerms:
     """Fit :class:`InModelTerms` to models timed end to end (see the module docstring).
 
     ``features[k]`` (:func:`model_features`) describes model ``k``; ``measured_ratio[k]`` is
     its measured time over that of the reference model (``reference``, its features: the
     unpruned model, whose layers may run a sparse format too), timed interleaved. Both
-    sides are linear in the terms: ``base + D_k + alpha S_k + beta n_k = ratio_k (base +
-    D_ref + alpha S_ref + beta n_ref)``. A soft-L1 loss keeps one disturbed measurement
-    from moving the terms; ``alpha`` is bounded by :data:`ALPHA_BOUNDS`, ``beta`` from below
-    by :data:`BETA_MIN_S`.
+    sides are linear in the terms: ``base + F_k . c = ratio_k (base + F_ref . c)`` with
+    ``c = (1, alpha, beta, call, gamma, delta)``. ``anchor`` = (features, measured seconds) of
+    the dense model timed in the same window as ``base_s`` and the loop times adds one
+    absolute equation. A soft-L1 loss keeps one disturbed measurement from moving the terms;
+    the bounds are :data:`ALPHA_BOUNDS` and :data:`BETA_MIN_S` (per-call terms), ``gamma >= 0``.
 
-    The terms are kept only if they predict models they were not fitted on: fitted on each
-    half of the models (alternate ones), checked on the other half, they must lower the
-    median absolute error there; otherwise the identity is returned (``fit.fitted`` False,
-    with the reason), and the table keeps loop times.
+    Each of :data:`FORMS` is fitted on each half of the models (alternate ones, the anchor in
+    both) and checked on the other half; the form with the lowest median absolute error there
+    is kept, refitted on all models, if that error is below the loop times' own. Otherwise the
+    identity is returned (``fit.fitted`` False, with the reason), and the table keeps loop times.
     """
-    F = np.asarray(features, dtype=np.float64).reshape(-1, 3)
+    F = np.asarray(features, dtype=np.float64).reshape(len(measured_ratio), -1)
     ref = np.asarray(reference, dtype=np.float64)
+    if F.shape[1] == 3:  # [dense s, sparse s, sparse calls] only
+        F, ref = np.pad(F, ((0, 0), (0, 3))), np.pad(ref, (0, 3))
+    if anchor is not None:
+        anchor = (np.asarray(anchor[0], dtype=np.float64), float(anchor[1]))
     ratio = np.asarray(measured_ratio, dtype=np.float64)
-    before = _errors(F, ref, base_s, ratio, 1.0, 0.0)
-    held_out = np.empty_like(ratio)
-    for part in (0, 1):
-        train, test = np.arange(len(F)) % 2 != part, np.arange(len(F)) % 2 == part
-        if train.sum() < 2:
-            held_out[test] = before[test]
+    before = _errors(F, ref, base_s, ratio, _identity())
+    held: dict[str, np.ndarray] = {}
+    for form, names in FORMS.items():
+        names = _usable(names, F, ref, anchor)
+        if not names:
             continue
-        a, b = _least_squares(F[train], ref, base_s, ratio[train])
-        held_out[test] = _errors(F[test], ref, base_s, ratio[test], a, b)
-    alpha, beta = _least_squares(F, ref, base_s, ratio)
-    fit = {"models": int(len(F)), "alpha": alpha, "beta_s": beta, "error_before": _summary(before),
-           "error_after": _summary(_errors(F, ref, base_s, ratio, alpha, beta)),
-           "error_held_out": _summary(held_out)}
+        held_out = np.empty_like(ratio)
+        for part in (0, 1):
+            train, test = np.arange(len(F)) % 2 != part, np.arange(len(F)) % 2 == part
+            if train.sum() < 2:
+                held_out[test] = before[test]
+                continue
+            p = _least_squares(F[train], ref, base_s, ratio[train], anchor, names)
+            held_out[test] = _errors(F[test], ref, base_s, ratio[test], p)
+        held[form] = held_out
+    form = min(held, key=lambda k: float(np.median(np.abs(held[k]))), default=None)
+    data = {"features": F.tolist(), "reference": ref.tolist(), "ratios": ratio.tolist(), "base_s": base_s,
+            "anchor": None if anchor is None else [anchor[0].tolist(), anchor[1]]}
+    fit: dict[str, Any] = {"models": int(len(F)), "error_before": _summary(before),
+                           "held_out_by_form": {k: _summary(v)["median_abs"] for k, v in held.items()}, "data": data}
+    if form is None:
+        fit.update(fitted=False, why="no term has a feature that varies between the models")
+        return InModelTerms(fit=fit)
+    p = _least_squares(F, ref, base_s, ratio, anchor, _usable(FORMS[form], F, ref, anchor))
+    fit.update(form=form, **p, error_after=_summary(_errors(F, ref, base_s, ratio, p)),
+               error_held_out=_summary(held[form]))
+    if anchor is not None:
+        c = _coefficients(p)
+        fit["anchor_error"] = {"before": float((base_s + anchor[0] @ _coefficients(_identity())) / anchor[1] - 1),
+                               "after": float((base_s + anchor[0] @ c) / anchor[1] - 1)}
     fit["fitted"] = bool(fit["error_held_out"]["median_abs"] < fit["error_before"]["median_abs"])
     if not fit["fitted"]:
         fit["why"] = "the terms did not predict the held-out half of the models better than loop times"
-        log.warning("in-model terms (alpha %.3f, beta %.1f us) did not predict held-out models better than loop times "
-                    "(median |error| %.1f%% vs %.1f%%): the table keeps loop times", alpha, beta * 1e6,
+        log.warning("in-model terms (%s) did not predict held-out models better than loop times "
+                    "(median |error| %.1f%% vs %.1f%%): the table keeps loop times", form,
                     fit["error_held_out"]["median_abs"] * 100, fit["error_before"]["median_abs"] * 100)
-        return InModelTerms(1.0, 0.0, fit)
-    log.info("in-model terms alpha %.3f, beta %.1f us from %d models: median |error| %.1f%% -> %.1f%% "
-             "(held out %.1f%%; signed %+.1f%% -> %+.1f%%)", alpha, beta * 1e6, len(F),
+        return InModelTerms(fit=fit)
+    log.info("in-model terms (%s): alpha %.3f, beta %.1f us, call %.1f us, %.2f ms per M kept weights, serial "
+             "%.1f us, from %d models: median |error| %.1f%% -> %.1f%% (held out %.1f%%; signed %+.1f%% -> %+.1f%%)",
+             form, p["alpha"], p["beta"] * 1e6, p["call"] * 1e6, p["gamma"] * 1e3, p["delta"] * 1e6, len(F),
              fit["error_before"]["median_abs"] * 100, fit["error_after"]["median_abs"] * 100,
              fit["error_held_out"]["median_abs"] * 100, fit["error_before"]["median"] * 100,
              fit["error_after"]["median"] * 100)
-    return InModelTerms(alpha, beta, fit)
+    return InModelTerms(p["alpha"], p["beta"], fit, p["call"], p["gamma"], p["delta"])
 
 
 def _summary(err: np.ndarray) -> dict[str, float]:

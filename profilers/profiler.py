@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,7 +30,7 @@ from spdy.errors import InvalidInputError
 from spdy.grid import DEFAULT_GRID, SparsityGrid
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
-from spdy.profilers.base import DENSE, NO_KERNEL, STANDIN, Backend, LayerChoice, LevelTiming, Timing, format_rank
+from spdy.profilers.base import DENSE, NO_KERNEL, SERIAL_SUFFIX, STANDIN, Backend, LayerChoice, LevelTiming, Timing, format_rank
 from spdy.profilers.dense_runtimes import DenseRuntimes, time_with_runtimes
 from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
 from spdy.profilers.plans import backend_plan
@@ -48,6 +48,8 @@ DEFAULT_FIT_MODELS = 24
 #: The fit's random models are drawn with ``seed + FIT_SEED_OFFSET``, so that :func:`validate`
 #: (``seed``) checks the terms on other models.
 FIT_SEED_OFFSET = 10_000
+#: Fit models that :func:`validate` times again to measure how the machine's state moved since the profile.
+STATE_PROBES = 4
 
 
 def _weight_bias(bundle: ModelBundle, name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -172,12 +174,9 @@ def _anchor(
         runners.append(backend.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
     names = [spec.name for spec, *_ in layers]
     runners.append(backend.model_runner(bundle, {n: LayerChoice(STANDIN) for n in names}))
-    dense_plan = {}  # the unpruned model, each layer in the fastest format at level 0 (what the table predicts)
-    for g in groups:
-        fmt = g.best_format(0)
-        for i in g.members:
-            spec, w, b, _ = layers[i]
-            dense_plan[spec.name] = LayerChoice(fmt, w, b, 0.0)
+    # the unpruned model, each layer in the fastest format at level 0 (what the table predicts)
+    dense_plan = {spec.name: LayerChoice(fmt, w, b, 0.0)
+                  for (spec, w, b, _x), fmt in zip(layers, _anchor_formats(groups, len(layers)))}
     runners.append(backend.model_runner(bundle, dense_plan))
     policy = backend.policy.for_models()
     timings = backend.measure(runners, policy=replace(policy, min_repeats=2 * policy.min_repeats,
@@ -186,6 +185,15 @@ def _anchor(
     overhead = backend.layer_call_overhead_s()
     dense_layer = np.array([max(t.median_s - overhead, 0.0) for t in timings[:len(groups)]])
     return dense_layer, timings[-2], timings[-1]
+
+
+def _anchor_formats(groups: Sequence[_Group], n_layers: int) -> list[str]:
+    """Per layer: its group's fastest format at level 0 in the loop (how the anchor runs the unpruned model)."""
+    out = [DENSE] * n_layers
+    for g in groups:
+        for i in g.members:
+            out[i] = g.best_format(0)
+    return out
 
 
 def _candidate_times(groups: Sequence[_Group], dense_layer: np.ndarray, n_layers: int
@@ -199,20 +207,33 @@ def _candidate_times(groups: Sequence[_Group], dense_layer: np.ndarray, n_layers
     return out
 
 
-def _pick(cands: dict[str, tuple[float, float]], terms: InModelTerms | None) -> tuple[str, float, float]:
+def _kept(layers: Sequence[_Layer], levels: Sequence[float], patterns: Sequence[str]) -> np.ndarray:
+    """``[layer, entry]`` millions of weights each entry keeps (grid levels, then N:M patterns)."""
+    from spdy.choices import parse_pattern
+
+    density = [1.0 - float(s) for s in levels] + [parse_pattern(p).n / parse_pattern(p).m for p in patterns]
+    return np.array([[d * w.size / 1e6 for d in density] for _s, w, _b, _x in layers])
+
+
+def _serial(fmt: str) -> bool:
+    return fmt.endswith(SERIAL_SUFFIX)
+
+
+def _pick(cands: dict[str, tuple[float, float]], terms: InModelTerms | None, kept: float = 0.0
+          ) -> tuple[str, float, float]:
     """The fastest format of one entry (in-model time when ``terms`` is given): (format, seconds, spread)."""
     if not cands:
         return NO_KERNEL, math.inf, math.nan
     def cost(f: str) -> float:
         t = cands[f][0]
-        return t if terms is None or f == DENSE else terms.apply(t)
+        return t if terms is None else terms.apply(t, f != DENSE, kept, _serial(f))
     f = min(cands, key=lambda f: format_rank(f, cost(f)))
     return f, cost(f), cands[f][1]
 
 
-def _table_arrays(cands: Sequence[Sequence[dict[str, tuple[float, float]]]], terms: InModelTerms | None
-                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
-    picked = [[_pick(c, terms) for c in entries] for entries in cands]
+def _table_arrays(cands: Sequence[Sequence[dict[str, tuple[float, float]]]], terms: InModelTerms | None,
+                  kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    picked = [[_pick(c, terms, kept[li, e]) for e, c in enumerate(entries)] for li, entries in enumerate(cands)]
     times = np.array([[p[1] for p in row] for row in picked])
     spread = np.array([[p[2] for p in row] for row in picked])
     formats = [tuple(p[0] for p in row) for row in picked]
@@ -285,9 +306,10 @@ def profile_model(
     if progress:
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
-    terms = fit.terms(cands, base.median_s)
+    kept = _kept(layers, grid.levels, patterns)
+    terms = fit.terms(cands, base.median_s, kept, (_anchor_formats(groups, len(specs)), dense.median_s))
     S = len(grid)
-    times, spread, formats = _table_arrays([c[:S] for c in cands], terms)
+    times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S])
     settings: dict[str, Any] = {
         **backend.settings(), **model_settings(bundle, specs),
         "base_spread": base.spread, "dense_measured_s": dense.median_s,
@@ -304,7 +326,7 @@ def profile_model(
              dense.median_s * 1e3, table.dense_total_s * 1e3, (table.dense_total_s / dense.median_s - 1) * 100)
     return Profile(table=table, backend=backend.name, model=bundle.name, specs=tuple(specs), settings=settings,
                    spread=spread, formats=tuple(formats),
-                   **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle))
+                   **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle, kept[:, S:]))
 
 
 class _FitRounds:
@@ -347,25 +369,41 @@ class _FitRounds:
             plan[spec.name] = LayerChoice(self.formats[li][int(levels[li])], self.pruners[li].at(s), b, s)
         return plan
 
-    def terms(self, cands: Sequence[Sequence[dict[str, tuple[float, float]]]], base_s: float) -> InModelTerms:
-        """Fit the terms on the rounds' ratios, with the layers' final loop times."""
+    def terms(self, cands: Sequence[Sequence[dict[str, tuple[float, float]]]], base_s: float, kept: np.ndarray,
+              anchor: tuple[Sequence[str], float]) -> InModelTerms:
+        """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchor`` = (the
+        formats of the unpruned model timed with the base, its measured seconds)."""
         if not self.ratios or self.vectors is None:
             return InModelTerms()
-        def feats(levels: np.ndarray) -> np.ndarray:
-            fm = [self.formats[li][int(lv)] for li, lv in enumerate(levels)]
+
+        def feats(levels: np.ndarray, fm: Sequence[str]) -> np.ndarray:
             t = [cands[li][int(lv)][f][0] for li, (lv, f) in enumerate(zip(levels, fm))]
-            return model_features(t, [f != DENSE for f in fm])
+            return model_features(t, [f != DENSE for f in fm], [kept[li, int(lv)] for li, lv in enumerate(levels)],
+                                  [_serial(f) for f in fm])
+
+        def at(levels: np.ndarray) -> np.ndarray:
+            return feats(levels, [self.formats[li][int(lv)] for li, lv in enumerate(levels)])
+
         keys = sorted(self.ratios)
-        F = np.array([feats(self.vectors[i]) for i in keys])
+        zeros = np.zeros(len(self.layers), dtype=np.int64)
+        F = np.array([at(self.vectors[i]) for i in keys])
         ratio = np.array([float(np.median(self.ratios[i])) for i in keys])
-        return fit_terms(F, feats(np.zeros(len(self.layers), dtype=np.int64)), base_s, ratio)
+        terms = fit_terms(F, at(zeros), base_s, ratio, (feats(zeros, anchor[0]), anchor[1]))
+        return replace(terms, fit={**terms.fit, "probes": self.probes(keys[:STATE_PROBES], ratio[:STATE_PROBES])})
+
+    def probes(self, keys: Sequence[int], ratios: np.ndarray) -> dict[str, Any]:
+        """Some of the fit's models as they were timed (levels, formats, the reference's formats and
+        their ratios): :func:`validate` times them again to see how far the machine's state moved."""
+        return {"levels": [self.vectors[i].tolist() for i in keys],
+                "formats": [[self.formats[li][int(lv)] for li, lv in enumerate(self.vectors[i])] for i in keys],
+                "reference_formats": [row[0] for row in self.formats], "ratios": [float(r) for r in ratios]}
 
 
 def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, tuple[float, float]]]],
-                    terms: InModelTerms, backend: Backend, bundle: ModelBundle) -> dict[str, Any]:
+                    terms: InModelTerms, backend: Backend, bundle: ModelBundle, kept: np.ndarray) -> dict[str, Any]:
     if not patterns:
         return {}
-    picked = [[_pick(c, terms) for c in entries] for entries in cands]
+    picked = [[_pick(c, terms, kept[li, e]) for e, c in enumerate(entries)] for li, entries in enumerate(cands)]
     out = {"patterns": tuple(patterns),
            "pattern_times": np.array([[p[1] for p in row] for row in picked]),
            "pattern_spread": np.array([[p[2] for p in row] for row in picked]),
@@ -381,17 +419,45 @@ def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, 
 
 
 def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile, vectors: np.ndarray,
-                        runtimes: DenseRuntimes | None = None) -> tuple[np.ndarray, Timing, list[Timing], dict[str, Timing]]:
-    """Each level vector's model timed end to end, interleaved with the dense model (first) and
-    the base model (last), and the dense ``runtimes`` in the same round
+                        runtimes: DenseRuntimes | None = None, extra: Sequence[Mapping[str, LayerChoice]] = ()
+                        ) -> tuple[np.ndarray, Timing, list[Timing], dict[str, Timing], list[Timing]]:
+    """Each level vector's model timed end to end, interleaved with the dense model (first), the
+    ``extra`` plans and the base model (last), and the dense ``runtimes`` in the same round
     (:func:`~spdy.profilers.dense_runtimes.time_with_runtimes`): (pruned / dense time ratios,
-    the dense timing, the other timings, ``{runtime: dense timing}``)."""
+    the dense timing, the pruned models' timings then the base's, ``{runtime: dense timing}``,
+    the extra plans' timings)."""
     plans = level_plans(profile, bundle, np.zeros((1, len(profile.table.layers)), dtype=np.int64))
     plans += level_plans(profile, bundle, vectors)
+    plans += list(extra)
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
     (timings,), (by_runtime,) = time_with_runtimes(backend, bundle, plans, runtimes, rounds=1)
     dense = timings[0]
-    return np.array([t.median_s / dense.median_s for t in timings[1:-1]]), dense, timings[1:], by_runtime
+    pruned = timings[1:1 + len(vectors)]
+    return (np.array([t.median_s / dense.median_s for t in pruned]), dense, pruned + [timings[-1]], by_runtime,
+            timings[1 + len(vectors):-1])
+
+
+def _probe_plans(profile: Profile, bundle: ModelBundle) -> tuple[list[dict[str, LayerChoice]], np.ndarray]:
+    """The profile's state probes (:data:`STATE_PROBES` of the fit's models, as they were timed):
+    plans (their reference first) and the ratios they measured then; none for older profiles."""
+    probes = profile.settings.get("in_model", {}).get("fit", {}).get("probes")
+    if not probes or not probes.get("levels"):
+        return [], np.array([])
+    names = profile.table.layers
+    grid = profile.table.grid.levels
+    bundle = bundle.inference
+    pruners = {n: LevelPruner(_weight_bias(bundle, n)[0]) for n in names}
+
+    def plan(levels: Sequence[int], formats: Sequence[str]) -> dict[str, LayerChoice]:
+        out = {}
+        for n, lv, fmt in zip(names, levels, formats):
+            s = float(grid[int(lv)])
+            out[n] = LayerChoice(fmt, pruners[n].at(s), _weight_bias(bundle, n)[1], s)
+        return out
+
+    plans = [plan([0] * len(names), probes["reference_formats"])]
+    plans += [plan(lv, fm) for lv, fm in zip(probes["levels"], probes["formats"])]
+    return plans, np.asarray(probes["ratios"], dtype=np.float64)
 
 
 def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray) -> list[dict[str, LayerChoice]]:
@@ -434,6 +500,14 @@ def validate(
     "measured_speedup", "error", "spread", "dense_measured_s", "base_measured_s"}]``, with
     ``"<runtime>_dense_s"`` and ``"speedup_over_<runtime>"`` (the pruned model's speedup over
     the dense model in that runtime) for each of ``runtimes``.
+
+    The same round times again some of the models the in-model terms were fitted on, exactly as
+    the profile timed them (:data:`STATE_PROBES`, with their reference). ``state_shift`` is the
+    median of their time ratio to the reference now over then: below 1, pruned models run
+    relatively faster than while the profile was measured; the machine's state moved (a neighbour's
+    load, memory bandwidth), not the model. ``error_same_state`` is ``error`` with that taken out,
+    ``(1 + error) * state_shift - 1``: the latency model's own error (both absent for a profile
+    without probes: no sparse kernel won, or an older profile).
     """
     if profile.backend != backend.name:
         raise InvalidInputError(
@@ -445,21 +519,30 @@ def validate(
     profile.check_model(bundle.layers())
     t = profile.table
     vectors = spanning_level_vectors(len(t.layers), len(t.grid), k, seed)
-    ratios, dense, timings, by_runtime = _interleaved_ratios(backend, bundle, profile, vectors, runtimes)
+    probes, then = _probe_plans(profile, bundle)
+    ratios, dense, timings, by_runtime, probed = _interleaved_ratios(backend, bundle, profile, vectors, runtimes, probes)
     base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
+    shift = (float(np.median([p.median_s / probed[0].median_s for p in probed[1:]] / then)) if len(then)
+             else float("nan"))
     records = []
     for lv, ratio, tm in zip(vectors, ratios, timings):
         pred = t.predicted_time(lv)
+        error = float((pred / t.dense_total_s) / ratio - 1)
         rec = {"predicted_s": pred, "measured_s": tm.median_s, "predicted_speedup": t.dense_total_s / pred,
-               "measured_speedup": float(1.0 / ratio), "error": float((pred / t.dense_total_s) / ratio - 1),
+               "measured_speedup": float(1.0 / ratio), "error": error,
                "spread": tm.spread, "dense_measured_s": dense.median_s, "base_measured_s": base_now.median_s}
+        if len(then):
+            rec.update(state_shift=shift, error_same_state=(1 + error) * shift - 1)
         for rt, rt_t in by_runtime.items():
             rec[f"{rt}_dense_s"] = rt_t.median_s
             rec[f"speedup_over_{rt}"] = rt_t.median_s / tm.median_s
         records.append(rec)
         log.info("random profile: predicted %.2fx, measured %.2fx (time %+.1f%%)", rec["predicted_speedup"],
                  rec["measured_speedup"], rec["error"] * 100)
+    if len(then):
+        log.info("the profile's %d state probes now run at %.3f of the time relative to the unpruned model that "
+                 "they ran at in the profile", len(then), shift)
     log.info("base time now %.2f ms, in the profile %.2f ms (%+.1f%%)", base_now.median_s * 1e3, t.base_s * 1e3,
              drift * 100)
     if abs(drift) > 0.1:

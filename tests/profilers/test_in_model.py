@@ -82,11 +82,64 @@ def test_one_disturbed_measurement_does_not_move_the_fit():
     assert terms.beta == pytest.approx(8e-5, abs=1e-5)
 
 
+def _simulate_rest(call: float, gamma: float, delta: float, n_models: int, rng: np.random.Generator,
+                   noise: float = 0.0):
+    """Models of 12 layers whose rest of the pass grows per call, per kept weight and per serial
+    kernel (the truth), measured as ratios to the unpruned model, plus the anchor: the unpruned
+    model's absolute time."""
+    base, numel = 2e-3, np.full(12, 0.15)  # 0.15 M weights per layer
+    truth = np.array([1.0, 1.0, 0.0, call, gamma, delta])
+
+    def model(t, sparse, sparsity, serial):
+        return model_features(t, sparse, (1 - sparsity) * numel, serial)
+
+    ref = model(np.full(12, 3e-4), np.zeros(12, bool), np.zeros(12), np.zeros(12, bool))
+    t_ref = base + ref @ truth
+    feats, ratios = [], []
+    for _ in range(n_models):
+        s = rng.uniform(0.5, 0.99, 12) * (rng.random(12) < 0.8)
+        sparse = s > 0
+        t = np.where(sparse, 3e-4 * (1 - s) * rng.uniform(0.6, 1.6, 12), 3e-4)  # kernels' own speed varies
+        f = model(t, sparse, s, sparse & (rng.random(12) < 0.5))
+        feats.append(f)
+        ratios.append((base + f @ truth) / t_ref * (1 + rng.normal(0, noise)))
+    return np.array(feats), ref, base, np.array(ratios), (ref, t_ref)
+
+
+def test_fit_learns_the_rest_of_the_pass_and_prefers_that_form():
+    F, ref, base, ratio, anchor = _simulate_rest(4e-5, 1.5e-3, 3e-5, 24, np.random.default_rng(5))
+    terms = fit_terms(F, ref, base, ratio, anchor)
+    assert terms.fit["fitted"] and terms.fit["form"] in ("rest", "both")
+    assert terms.fit["error_after"]["median_abs"] < 1e-3
+    assert terms.alpha == pytest.approx(1.0, abs=0.02) and abs(terms.beta) < 2e-6
+    assert terms.call == pytest.approx(4e-5, rel=0.05)
+    assert terms.gamma == pytest.approx(1.5e-3, rel=0.05)
+    assert terms.delta == pytest.approx(3e-5, rel=0.05)
+    assert abs(terms.fit["anchor_error"]["after"]) < 1e-3 < abs(terms.fit["anchor_error"]["before"])
+    # the table's unpruned layer (0.15 M weights, dense format) now carries its share of the rest
+    assert terms.apply(3e-4, sparse=False, kept_mweights=0.15) == pytest.approx(3e-4 + 4e-5 + 1.5e-3 * 0.15, rel=0.05)
+    assert set(terms.fit["held_out_by_form"]) == {"sparse-call", "rest", "both"}
+    assert InModelTerms.from_json(terms.to_json()) == terms
+
+
+def test_the_anchor_alone_cannot_make_a_noisy_fit_stick():
+    # the rest is real, but the ratios are too noisy for any form to predict held-out models better
+    F, ref, base, ratio, anchor = _simulate_rest(0.0, 5e-5, 0.0, 24, np.random.default_rng(6), noise=0.08)
+    terms = fit_terms(F, ref, base, ratio, anchor)
+    if not terms.fit["fitted"]:
+        assert (terms.alpha, terms.beta, terms.call, terms.gamma, terms.delta) == (1.0, 0.0, 0.0, 0.0, 0.0)
+    else:  # kept only because it predicted the held-out half better
+        assert terms.fit["error_held_out"]["median_abs"] < terms.fit["error_before"]["median_abs"]
+
+
 def test_terms_apply_round_trip_and_validate():
     t = InModelTerms(0.9, 5e-5, {"fitted": True})
     assert t.apply(1e-4) == pytest.approx(1.4e-4)
     assert InModelTerms(1.0, -1e-3).apply(1e-4) == pytest.approx(ALPHA_BOUNDS[0] * 1e-4)  # a short call is never free
     assert InModelTerms.from_json(t.to_json()) == t
+    assert InModelTerms.from_json({"alpha": 0.9, "beta_s": 5e-5}) == InModelTerms(0.9, 5e-5, {})  # older profiles
+    assert InModelTerms(1.0, 0.0, call=1e-5, gamma=2e-3, delta=3e-5).apply(1e-4, False, 0.5, True) == pytest.approx(
+        1e-4 + 1e-5 + 1e-3 + 3e-5)
     with pytest.raises(InvalidInputError):
         InModelTerms(0.0, 0.0)
     with pytest.raises(InvalidInputError):
@@ -117,11 +170,17 @@ def test_profile_shares_shapes_records_groups_and_terms():
     # fitted on the 6 models; used only if they predicted the held-out half better (a tiny model: either)
     assert terms["fit"]["models"] == 6 and terms["alpha"] > 0 and "error_held_out" in terms["fit"]
     assert terms["fit"]["fitted"] or (terms["alpha"], terms["beta_s"]) == (1.0, 0.0)
+    probes = terms["fit"]["probes"]  # some fit models as timed, for validate to time again
+    assert len(probes["levels"]) == len(probes["formats"]) == len(probes["ratios"]) == 4
+    assert len(probes["reference_formats"]) == 3 and all(len(f) == 3 for f in probes["formats"])
     records = validate(prof, bundle, be, k=3, seed=0)
     for r in records:
         # the error is the speedup's: predicted over measured time, each over the dense model's
         assert r["error"] == pytest.approx(r["measured_speedup"] / r["predicted_speedup"] - 1)
         assert r["dense_measured_s"] > 0
+        # the probes' shift is one number per round, and the same-state error takes it out
+        assert 0.2 < r["state_shift"] < 5 and r["state_shift"] == records[0]["state_shift"]
+        assert r["error_same_state"] == pytest.approx((1 + r["error"]) * r["state_shift"] - 1)
 
 
 def test_terms_that_do_not_predict_held_out_models_are_not_used():
