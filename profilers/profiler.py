@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 #: ``(spec, dense weight, bias, real input)`` of one prunable layer.
 _Layer = tuple[LayerSpec, np.ndarray, "np.ndarray | None", np.ndarray]
+#: One format's candidate time at one entry: (seconds, spread[, (seconds over even passes, over odd)]).
+_Cand = tuple[Any, ...]
 #: Random pruned models the in-model terms are fitted on.
 DEFAULT_FIT_MODELS = 24
 #: The fit's random models are drawn with ``seed + FIT_SEED_OFFSET``, so that :func:`validate`
@@ -89,6 +91,14 @@ class _Group:
     def median_ratios(self, entry: int) -> dict[str, tuple[float, float]]:
         return {f: (float(np.median([r for r, _ in v])), float(np.median([s for _, s in v])))
                 for f, v in self.ratios[entry].items()}
+
+    def half_medians(self, entry: int) -> dict[str, tuple[float, float]]:
+        """Per format: the median ratio over the even passes and over the odd ones (one pass: twice that)."""
+        out = {}
+        for f, v in self.ratios[entry].items():
+            r = np.array([x for x, _ in v])
+            out[f] = (float(np.median(r[0::2])), float(np.median(r[1::2] if len(r) > 1 else r)))
+        return out
 
     def best_format(self, entry: int) -> str:
         """The format with the lowest median ratio at ``entry`` (:func:`~spdy.profilers.base.format_rank`)."""
@@ -197,11 +207,16 @@ def _anchor_formats(groups: Sequence[_Group], n_layers: int) -> list[str]:
 
 
 def _candidate_times(groups: Sequence[_Group], dense_layer: np.ndarray, n_layers: int
-                     ) -> list[list[dict[str, tuple[float, float]]]]:
-    """``[layer][entry] -> {format: (seconds alone, spread)}``: each group's ratios times its anchored dense time."""
-    out: list[list[dict[str, tuple[float, float]]]] = [[] for _ in range(n_layers)]
+                     ) -> list[list[dict[str, _Cand]]]:
+    """``[layer][entry] -> {format: (seconds alone, spread, (seconds over the even passes, over the odd))}``:
+    each group's ratios times its anchored dense time."""
+    out: list[list[dict[str, _Cand]]] = [[] for _ in range(n_layers)]
     for g, d in zip(groups, dense_layer):
-        per_entry = [{f: (r * d, s) for f, (r, s) in g.median_ratios(e).items()} for e in range(len(g.ratios))]
+        per_entry = []
+        for e in range(len(g.ratios)):
+            halves = g.half_medians(e)
+            per_entry.append({f: (r * d, s, (halves[f][0] * d, halves[f][1] * d))
+                              for f, (r, s) in g.median_ratios(e).items()})
         for i in g.members:
             out[i] = per_entry
     return out
@@ -219,19 +234,32 @@ def _serial(fmt: str) -> bool:
     return fmt.endswith(SERIAL_SUFFIX)
 
 
-def _pick(cands: dict[str, tuple[float, float]], terms: InModelTerms | None, kept: float = 0.0
-          ) -> tuple[str, float, float]:
-    """The fastest format of one entry (in-model time when ``terms`` is given): (format, seconds, spread)."""
+def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0) -> tuple[str, float, float]:
+    """The fastest format of one entry (in-model time when ``terms`` is given): (format, seconds, spread).
+
+    The format is the fastest over all passes. Its time is cross-fitted: the format picked on the
+    even passes timed by the odd ones, and the other way round, averaged. The fastest of a few
+    noisy estimates is biased low (the pick favours the format whose passes happened to read
+    low); a pick's time read from passes that did not make the pick is not.
+    """
     if not cands:
         return NO_KERNEL, math.inf, math.nan
-    def cost(f: str) -> float:
-        t = cands[f][0]
+
+    def cost(f: str, t: float) -> float:
         return t if terms is None else terms.apply(t, f != DENSE, kept, _serial(f))
-    f = min(cands, key=lambda f: format_rank(f, cost(f)))
-    return f, cost(f), cands[f][1]
+
+    def fastest(which: Callable[[_Cand], float]) -> str:
+        return min(cands, key=lambda f: format_rank(f, cost(f, which(cands[f]))))
+
+    f = fastest(lambda c: c[0])
+    if any(len(c) < 3 for c in cands.values()):
+        return f, cost(f, cands[f][0]), cands[f][1]
+    even, odd = fastest(lambda c: c[2][0]), fastest(lambda c: c[2][1])
+    t = 0.5 * (cost(even, cands[even][2][1]) + cost(odd, cands[odd][2][0]))
+    return f, t, cands[f][1]
 
 
-def _table_arrays(cands: Sequence[Sequence[dict[str, tuple[float, float]]]], terms: InModelTerms | None,
+def _table_arrays(cands: Sequence[Sequence[dict[str, _Cand]]], terms: InModelTerms | None,
                   kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
     picked = [[_pick(c, terms, kept[li, e]) for e, c in enumerate(entries)] for li, entries in enumerate(cands)]
     times = np.array([[p[1] for p in row] for row in picked])
@@ -369,7 +397,7 @@ class _FitRounds:
             plan[spec.name] = LayerChoice(self.formats[li][int(levels[li])], self.pruners[li].at(s), b, s)
         return plan
 
-    def terms(self, cands: Sequence[Sequence[dict[str, tuple[float, float]]]], base_s: float, kept: np.ndarray,
+    def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, kept: np.ndarray,
               anchor: tuple[Sequence[str], float]) -> InModelTerms:
         """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchor`` = (the
         formats of the unpruned model timed with the base, its measured seconds)."""
@@ -399,7 +427,7 @@ class _FitRounds:
                 "reference_formats": [row[0] for row in self.formats], "ratios": [float(r) for r in ratios]}
 
 
-def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, tuple[float, float]]]],
+def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, _Cand]]],
                     terms: InModelTerms, backend: Backend, bundle: ModelBundle, kept: np.ndarray) -> dict[str, Any]:
     if not patterns:
         return {}

@@ -234,3 +234,23 @@ def test_a_serial_format_within_the_preference_is_kept_with_its_own_time():
     # dense wins a tie with any sparse format; without a serial one the fastest wins
     assert min([("csr", 1e-4), (DENSE, 1e-4)], key=lambda kv: format_rank(*kv))[0] == DENSE
     assert min([("bcsr1x4", 0.9e-4), ("csr", 1e-4)], key=lambda kv: format_rank(*kv))[0] == "bcsr1x4"
+
+
+def test_a_picked_format_is_timed_by_passes_that_did_not_pick_it():
+    from spdy.profilers.profiler import _Group, _candidate_times, _pick
+
+    rng = np.random.default_rng(0)
+    # two formats of the same true speed (0.5 of dense), each pass reading +-20%: the fastest
+    # median of the two is biased low, the cross-fitted time is not
+    biased, crossed = [], []
+    for _ in range(300):
+        g = _Group("g", [0])
+        g.ratios = [{DENSE: [(1.0, 0.0)] * 12},
+                    {f: [(0.5 * rng.uniform(0.8, 1.2), 0.0) for _ in range(12)] for f in ("csr", "bcsr4x1")}]
+        cands = _candidate_times([g], np.array([1.0]), 1)[0][1]
+        fmt, t, _spread = _pick(cands, None)
+        assert fmt == min(cands, key=lambda f: cands[f][0])  # deployed: the fastest over all passes
+        biased.append(cands[fmt][0])
+        crossed.append(t)
+        assert _pick(_candidate_times([g], np.array([1.0]), 1)[0][0], None) == ("dense", 1.0, 0.0)
+    assert np.mean(biased) < 0.49 < np.mean(crossed) < 0.51
