@@ -50,6 +50,10 @@ DEFAULT_FIT_MODELS = 24
 #: The fit's random models are drawn with ``seed + FIT_SEED_OFFSET``, so that :func:`validate`
 #: (``seed``) checks the terms on other models.
 FIT_SEED_OFFSET = 10_000
+#: The way tables are measured and fitted; cached profiles of another version are measured again.
+#: 2: in-model terms for the rest of the pass with the unpruned model as an equation, state
+#: probes, cross-fitted entries.
+LATENCY_MODEL_VERSION = 2
 #: Fit models that :func:`validate` times again to measure how the machine's state moved since the profile.
 STATE_PROBES = 4
 
@@ -339,7 +343,7 @@ def profile_model(
     S = len(grid)
     times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S])
     settings: dict[str, Any] = {
-        **backend.settings(), **model_settings(bundle, specs),
+        **backend.settings(), **model_settings(bundle, specs), "latency_model_version": LATENCY_MODEL_VERSION,
         "base_spread": base.spread, "dense_measured_s": dense.median_s,
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},

@@ -74,9 +74,12 @@ def default_study_name(bundle: ModelBundle, config: Any) -> str:
 def profile_cache_path(bundle: ModelBundle, backend: Any, grid: SparsityGrid, specs: Sequence[LayerSpec],
                        patterns: Sequence[str] = ()) -> Path:
     """The cached profile's path: model name, layer signature, grid, N:M patterns, backend, hardware
-    fingerprint and the BatchNorms folded in the timed model (:attr:`ModelBundle.inference`)."""
+    fingerprint, the BatchNorms folded in the timed model (:attr:`ModelBundle.inference`) and the
+    latency model's version (a profile cached by an older spdy is measured again)."""
+    from spdy.profilers.profiler import LATENCY_MODEL_VERSION
+
     folds = bundle.batchnorm_folds
-    key = _digest({"specs": [s.to_json() for s in specs], "grid": grid.to_json(),
+    key = _digest({"specs": [s.to_json() for s in specs], "grid": grid.to_json(), "latency_model": LATENCY_MODEL_VERSION,
                    "fingerprint": _stable_fingerprint(backend.fingerprint()), "settings": backend.settings(),
                    **({"patterns": list(patterns)} if patterns else {}),
                    **({"batchnorm_folded": [p.to_json() for p in folds]} if folds else {})})
@@ -169,6 +172,13 @@ def ensure_profile(
                 f"profile {str(p)!r} was measured with backend {prof.backend!r}, not {backend.name!r}; "
                 f"pass --backend {prof.backend} or another --profile"
             )
+        from spdy.profilers.profiler import LATENCY_MODEL_VERSION
+
+        version = prof.settings.get("latency_model_version", 1)
+        if version != LATENCY_MODEL_VERSION:
+            log.warning("profile %s was measured by latency model version %s, this spdy's is %s: its table misses "
+                        "what the newer one measures; re-run 'spdy profile' to use it", p, version,
+                        LATENCY_MODEL_VERSION)
         log.info("using profile %s", p)
         return prof, p, False
     log.info("measuring a latency profile of %s on %s (%d layers x %d levels) into %s",
