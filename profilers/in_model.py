@@ -154,6 +154,8 @@ _PARAMS = (("alpha", 1.0, ALPHA_BOUNDS[0], ALPHA_BOUNDS[1], 1.0),
            ("call", 1e-5, BETA_MIN_S, np.inf, 0.0),
            ("gamma", 1e-3, 0.0, np.inf, 0.0),
            ("delta", 1e-5, BETA_MIN_S, np.inf, 0.0))
+#: The second starting point of the fit: every term at a plausible size.
+_START = {"alpha": 1.0, "beta": 1e-5, "call": 1e-5, "gamma": 1e-4, "delta": 1e-5}
 #: The forms the fit chooses between, by how well each predicts models it was not fitted on:
 #: loop times; the sparse kernels' own terms; the rest of the pass (per call, per kept weight, per
 #: serial call); both.
@@ -193,10 +195,14 @@ def _least_squares(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndar
             res = np.append(res, ANCHOR_WEIGHT * ((base_s + anchor[0] @ c) / anchor[1] - 1))
         return res
 
-    x0 = np.array([i for _n, _u, _lo, _hi, i in spec]) / unit
     lo = np.array([lo for _n, _u, lo, _hi, _i in spec]) / unit
     hi = np.array([hi for _n, _u, _lo, hi, _i in spec]) / unit
-    return params(least_squares(f, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.01).x)
+    # the identity sits on gamma's bound, where the solver does not leave it: start inside the
+    # bounds, from the identity and from a point with every term at work, and keep the better fit
+    starts = [np.array([i for _n, _u, _lo, _hi, i in spec]) / unit, np.array([_START[n] for n, *_ in spec]) / unit]
+    fits = [least_squares(f, np.clip(x0, lo + 1e-3, hi - 1e-3), bounds=(lo, hi), loss="soft_l1", f_scale=0.01)
+            for x0 in starts]
+    return params(min(fits, key=lambda r: r.cost).x)
 
 
 def _errors(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray, p: dict[str, float]) -> np.ndarray:

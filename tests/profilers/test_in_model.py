@@ -197,3 +197,24 @@ def test_beta_is_bounded_below():
     F, ref, base, ratio = _simulate(1.0, -5e-4, 24, np.random.default_rng(4))  # a physically absurd truth
     terms = fit_terms(F, ref, base, ratio)
     assert terms.beta >= -20e-6 - 1e-12
+
+
+def test_the_rest_form_leaves_loop_times_when_a_real_profile_asks_it_to():
+    """On a real 2-thread MiniLM profile's fit data the unpruned model ran 11% over base plus its
+    layers; a solver started at the identity (gamma on its bound) stayed there. The fit must reach
+    the anchor and fit the random models no worse than loop times do."""
+    import json
+    from pathlib import Path
+
+    from spdy.profilers import in_model
+
+    d = json.loads((Path(__file__).parent / "data" / "minilm_t2_fit.json").read_text())
+    F, ref, ratio = np.array(d["features"]), np.array(d["reference"]), np.array(d["ratios"])
+    anchor = (np.array(d["anchor"][0]), d["anchor"][1])
+    p = in_model._least_squares(F, ref, d["base_s"], ratio, anchor, in_model.FORMS["rest"])
+    c = in_model._coefficients(p)
+    assert (d["base_s"] + anchor[0] @ c) / anchor[1] - 1 == pytest.approx(0.0, abs=0.01)  # loop times: -11%
+    assert p["call"] > 0 and p["gamma"] > 0
+    loop = in_model._errors(F, ref, d["base_s"], ratio, in_model._identity())
+    fitted = in_model._errors(F, ref, d["base_s"], ratio, p)
+    assert np.median(np.abs(fitted)) <= np.median(np.abs(loop)) + 0.005
