@@ -15,8 +15,13 @@ Then the drift itself: ``--drift SECONDS`` times one 1536x384 Linear (128 tokens
 dense GEMM and in spdy's formats at two sparsities, interleaved, every few seconds, and
 reports how far each format's time over torch's moves.
 
+``--random K`` takes instead the dense plan and the first ``K`` random models that ``spdy
+profile --validate`` draws (``--seed``), magnitude-pruned, in the profile's formats; each model
+is then printed with its predicted time and the stand-in base timed right after it.
+
     python scripts/bench_in_model.py --result OUT/result.json --profile P.json --database DB \\
         [--models spdy,uniform,global,dense] [--rounds 10] [--drift 240] [--json scripts/results/bench_in_model.json]
+    python scripts/bench_in_model.py --profile P.json --random 4 [--rounds 6] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ from spdy.database import Database
 from spdy.measure import _weights
 from spdy.models.base import get_module
 from spdy.profile import load_profile
-from spdy.profilers import backend_plan, get_backend
+from spdy.profilers import LayerChoice, backend_plan, get_backend
+from spdy.profilers.base import STANDIN
+from spdy.profilers.in_model import spanning_level_vectors
+from spdy.profilers.profiler import level_plans
 
 
 def sparsity_class(s: float) -> str:
@@ -97,6 +105,18 @@ def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_c
             float(np.median(passes)))
 
 
+def base_time(run: Any, calls: int) -> float:
+    """Median seconds of the stand-in base model's forward pass."""
+    with torch.inference_mode():
+        run()
+        got = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            run()
+            got.append(time.perf_counter() - t0)
+    return float(np.median(got))
+
+
 def drift(seconds: float, threads: int) -> dict[str, Any]:
     """Each format's time over torch's dense GEMM, one 1536x384 layer, every few seconds."""
     runtime.set_num_threads(threads)
@@ -146,30 +166,46 @@ def drift(seconds: float, threads: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--result", required=True, type=Path, help="a spdy search result.json (MiniLM)")
+    ap.add_argument("--result", type=Path, help="a spdy search result.json (MiniLM)")
     ap.add_argument("--profile", required=True, help="the profile that search used")
-    ap.add_argument("--database", required=True, type=Path, help="the database that search used")
+    ap.add_argument("--database", type=Path, help="the database that search used")
+    ap.add_argument("--random", type=int, default=0, metavar="K",
+                    help="instead of a search's models: the dense plan and the first K random models of "
+                         "'spdy profile --validate' (magnitude-pruned, the profile's formats)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --random models (validate's --seed)")
     ap.add_argument("--models", default="spdy,uniform,global,dense")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calls", type=int, default=8, help="forward passes per round")
     ap.add_argument("--drift", type=float, default=0.0, metavar="SECONDS", help="then time the drift this long")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    res = json.loads(args.result.read_text())
+    if not args.random and (args.result is None or args.database is None):
+        ap.error("give --result and --database (a search's models), or --random K")
     prof = load_profile(args.profile)
     t = prof.table
+    res = json.loads(args.result.read_text()) if not args.random else {"model": prof.model, "settings": {}}
     threads = int(prof.settings.get("threads") or res["settings"]["threads"])
     bundle = as_bundle(res["model"])
     backend = get_backend(prof.backend, threads=threads)
-    db = Database.open(args.database)
-    weight = _weights(bundle, db)
+    if args.random:
+        vectors = np.vstack([np.zeros((1, len(t.layers)), dtype=np.int64),
+                             spanning_level_vectors(len(t.layers), len(t.grid), args.random, args.seed)])
+        models = {("dense" if i == 0 else f"random{i - 1}"): (lv, plan) for i, (lv, plan) in
+                  enumerate(zip(vectors, level_plans(prof, bundle, vectors)))}
+    else:
+        weight = _weights(bundle, Database.open(args.database))
+        models = {}
+        for name in args.models.split(","):
+            layers = res["layers"] if name in ("spdy", "dense") else res["baselines"][name]["layers"]
+            levels = np.array([0 if name == "dense" else layers[n]["level"] for n in t.layers])
+            models[name] = (levels, backend_plan(t.solution(levels), weight, bundle.inference.model))
     per_model: dict[str, Any] = {}
-    for name in args.models.split(","):
-        layers = res["layers"] if name in ("spdy", "dense") else res["baselines"][name]["layers"]
-        levels = np.array([0 if name == "dense" else layers[n]["level"] for n in t.layers])
+    base_run = backend.model_runner(bundle.inference, {n: LayerChoice(STANDIN) for n in t.layers})
+    for name, (levels, plan) in models.items():
         sol = t.solution(levels)
-        run = backend.model_runner(bundle.inference, backend_plan(sol, weight, bundle.inference.model))
+        run = backend.model_runner(bundle.inference, plan)
         inside, alone, whole = in_model_vs_loop(run, list(t.layers), args.rounds, args.calls)
+        base_now = base_time(base_run, args.rounds * args.calls)
         profiled = np.array([t.times[i, lv] for i, lv in enumerate(levels)])
         classes: dict[str, dict[str, Any]] = {}
         for i, f in enumerate(sol.formats):
@@ -181,8 +217,9 @@ def main() -> None:
             c["profile_s"] += float(profiled[i])
         print(f"\n{name}: the layers {inside.sum() * 1e3:.2f} ms in the model, {alone.sum() * 1e3:.2f} ms alone "
               f"(in/alone {inside.sum() / alone.sum():.3f}); the profile's entries {profiled.sum() * 1e3:.2f} ms; "
-              f"the rest of the forward pass {(whole - inside.sum()) * 1e3:.2f} ms (the profile's base "
-              f"{t.base_s * 1e3:.2f} ms)")
+              f"the rest of the forward pass {(whole - inside.sum()) * 1e3:.2f} ms (the base with stand-ins now "
+              f"{base_now * 1e3:.2f} ms, in the profile {t.base_s * 1e3:.2f} ms); the pass {whole * 1e3:.2f} ms, "
+              f"predicted {t.predicted_time(levels) * 1e3:.2f} ms")
         for k, c in sorted(classes.items()):
             c["in_over_alone"] = c["in_model_s"] / c["alone_s"]
             c["alone_over_profile"] = c["alone_s"] / c["profile_s"]
@@ -192,7 +229,8 @@ def main() -> None:
         per_model[name] = {"in_model_s": inside.tolist(), "alone_s": alone.tolist(), "profile_s": profiled.tolist(),
                            "formats": list(sol.formats), "levels": levels.tolist(), "classes": classes,
                            "in_over_alone": float(inside.sum() / alone.sum()), "forward_pass_s": whole,
-                           "rest_of_pass_s": whole - float(inside.sum()), "profile_base_s": t.base_s}
+                           "rest_of_pass_s": whole - float(inside.sum()), "profile_base_s": t.base_s,
+                           "base_now_s": base_now, "predicted_s": t.predicted_time(levels)}
     payload: dict[str, Any] = {"fingerprint": backend.fingerprint(), "result": str(args.result),
                                "profile": str(args.profile), "rounds": args.rounds, "calls": args.calls,
                                "models": per_model}
