@@ -161,8 +161,8 @@ _START = {"alpha": 1.0, "beta": 1e-5, "call": 1e-5, "gamma": 1e-4, "delta": 1e-5
 #: serial call); both.
 FORMS: dict[str, tuple[str, ...]] = {"sparse-call": ("alpha", "beta"), "rest": ("call", "gamma", "delta"),
                                      "both": ("alpha", "beta", "call", "gamma", "delta")}
-#: Weight of the anchor's row (the dense model, timed with the base and the layers in one long
-#: window) against one random model's.
+#: Weight of an anchor's row (a model timed with the base and the layers in one long window)
+#: against one random model's.
 ANCHOR_WEIGHT = 3.0
 
 
@@ -176,7 +176,7 @@ def _identity() -> dict[str, float]:
 
 
 def _least_squares(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray,
-                   anchor: tuple[np.ndarray, float] | None, names: Sequence[str]) -> dict[str, float]:
+                   anchors: Sequence[tuple[np.ndarray, float]], names: Sequence[str]) -> dict[str, float]:
     from scipy.optimize import least_squares
 
     spec = [row for row in _PARAMS if row[0] in names]
@@ -191,8 +191,8 @@ def _least_squares(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndar
         c = _coefficients(params(x))
         t, t_ref = base_s + F @ c, base_s + ref @ c
         res = (t - ratio * t_ref) / t_ref
-        if anchor is not None:
-            res = np.append(res, ANCHOR_WEIGHT * ((base_s + anchor[0] @ c) / anchor[1] - 1))
+        if len(anchors):
+            res = np.append(res, [ANCHOR_WEIGHT * ((base_s + a @ c) / t - 1) for a, t in anchors])
         return res
 
     lo = np.array([lo for _n, _u, lo, _hi, _i in spec]) / unit
@@ -210,27 +210,28 @@ def _errors(F: np.ndarray, ref: np.ndarray, base_s: float, ratio: np.ndarray, p:
     return ((base_s + F @ c) / (base_s + ref @ c)) / ratio - 1
 
 
-def _usable(names: Sequence[str], F: np.ndarray, ref: np.ndarray, anchor: tuple[np.ndarray, float] | None) -> tuple[str, ...]:
+def _usable(names: Sequence[str], F: np.ndarray, ref: np.ndarray, anchors: Sequence[tuple[np.ndarray, float]]
+            ) -> tuple[str, ...]:
     """The parameters whose features vary somewhere (no serial kernel: no ``delta``)."""
-    rows = np.vstack([F, ref] + ([anchor[0]] if anchor is not None else []))
+    rows = np.vstack([F, ref] + [a for a, _t in anchors])
     col = {"alpha": 1, "beta": 2, "call": 3, "gamma": 4, "delta": 5}
     return tuple(n for n in names if np.any(rows[:, col[n]] != 0))
 
 
 def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measured_ratio: np.ndarray,
-              anchor: tuple[np.ndarray, float] | None = None) -> InModelTerms:
+              anchors: Sequence[tuple[np.ndarray, float]] = ()) -> InModelTerms:
     """Fit :class:`InModelTerms` to models timed end to end (see the module docstring).
 
     ``features[k]`` (:func:`model_features`) describes model ``k``; ``measured_ratio[k]`` is
     its measured time over that of the reference model (``reference``, its features: the
     unpruned model, whose layers may run a sparse format too), timed interleaved. Both
     sides are linear in the terms: ``base + F_k . c = ratio_k (base + F_ref . c)`` with
-    ``c = (1, alpha, beta, call, gamma, delta)``. ``anchor`` = (features, measured seconds) of
-    the dense model timed in the same window as ``base_s`` and the loop times adds one
-    absolute equation. A soft-L1 loss keeps one disturbed measurement from moving the terms;
+    ``c = (1, alpha, beta, call, gamma, delta)``. Each of ``anchors`` = (features, measured
+    seconds) of a model timed in the same window as ``base_s`` and the loop times (the unpruned
+    model, and uniformly pruned ones) adds one absolute equation. A soft-L1 loss keeps one disturbed measurement from moving the terms;
     the bounds are :data:`ALPHA_BOUNDS` and :data:`BETA_MIN_S` (per-call terms), ``gamma >= 0``.
 
-    Each of :data:`FORMS` is fitted on each half of the models (alternate ones, the anchor in
+    Each of :data:`FORMS` is fitted on each half of the models (alternate ones, the anchors in
     both) and checked on the other half; the form with the lowest median absolute error there
     is kept, refitted on all models, if that error is below the loop times' own. Otherwise the
     identity is returned (``fit.fitted`` False, with the reason), and the table keeps loop times.
@@ -239,13 +240,12 @@ def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measur
     ref = np.asarray(reference, dtype=np.float64)
     if F.shape[1] == 3:  # [dense s, sparse s, sparse calls] only
         F, ref = np.pad(F, ((0, 0), (0, 3))), np.pad(ref, (0, 3))
-    if anchor is not None:
-        anchor = (np.asarray(anchor[0], dtype=np.float64), float(anchor[1]))
+    anchors = [(np.asarray(a, dtype=np.float64), float(t)) for a, t in anchors]
     ratio = np.asarray(measured_ratio, dtype=np.float64)
     before = _errors(F, ref, base_s, ratio, _identity())
     held: dict[str, np.ndarray] = {}
     for form, names in FORMS.items():
-        names = _usable(names, F, ref, anchor)
+        names = _usable(names, F, ref, anchors)
         if not names:
             continue
         held_out = np.empty_like(ratio)
@@ -254,24 +254,24 @@ def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measur
             if train.sum() < 2:
                 held_out[test] = before[test]
                 continue
-            p = _least_squares(F[train], ref, base_s, ratio[train], anchor, names)
+            p = _least_squares(F[train], ref, base_s, ratio[train], anchors, names)
             held_out[test] = _errors(F[test], ref, base_s, ratio[test], p)
         held[form] = held_out
     form = min(held, key=lambda k: float(np.median(np.abs(held[k]))), default=None)
     data = {"features": F.tolist(), "reference": ref.tolist(), "ratios": ratio.tolist(), "base_s": base_s,
-            "anchor": None if anchor is None else [anchor[0].tolist(), anchor[1]]}
+            "anchors": [[a.tolist(), t] for a, t in anchors]}
     fit: dict[str, Any] = {"models": int(len(F)), "error_before": _summary(before),
                            "held_out_by_form": {k: _summary(v)["median_abs"] for k, v in held.items()}, "data": data}
     if form is None:
         fit.update(fitted=False, why="no term has a feature that varies between the models")
         return InModelTerms(fit=fit)
-    p = _least_squares(F, ref, base_s, ratio, anchor, _usable(FORMS[form], F, ref, anchor))
+    p = _least_squares(F, ref, base_s, ratio, anchors, _usable(FORMS[form], F, ref, anchors))
     fit.update(form=form, **p, error_after=_summary(_errors(F, ref, base_s, ratio, p)),
                error_held_out=_summary(held[form]))
-    if anchor is not None:
-        c = _coefficients(p)
-        fit["anchor_error"] = {"before": float((base_s + anchor[0] @ _coefficients(_identity())) / anchor[1] - 1),
-                               "after": float((base_s + anchor[0] @ c) / anchor[1] - 1)}
+    if anchors:
+        c, c0 = _coefficients(p), _coefficients(_identity())
+        fit["anchor_error"] = {"before": [float((base_s + a @ c0) / t - 1) for a, t in anchors],
+                               "after": [float((base_s + a @ c) / t - 1) for a, t in anchors]}
     fit["fitted"] = bool(fit["error_held_out"]["median_abs"] < fit["error_before"]["median_abs"])
     if not fit["fitted"]:
         fit["why"] = "the terms did not predict the held-out half of the models better than loop times"

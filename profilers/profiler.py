@@ -51,9 +51,11 @@ DEFAULT_FIT_MODELS = 24
 #: (``seed``) checks the terms on other models.
 FIT_SEED_OFFSET = 10_000
 #: The way tables are measured and fitted; cached profiles of another version are measured again.
-#: 2: in-model terms for the rest of the pass with the unpruned model as an equation, state
-#: probes, cross-fitted entries.
+#: 2: in-model terms for the rest of the pass with the unpruned and two uniformly pruned models
+#: as equations, state probes, cross-fitted entries.
 LATENCY_MODEL_VERSION = 2
+#: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
+ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Fit models that :func:`validate` times again to measure how the machine's state moved since the profile.
 STATE_PROBES = 4
 
@@ -177,36 +179,52 @@ def _competitive_formats(ratios: dict[str, tuple[float, float]], race_ratio: flo
     return tuple(f for f, (r, _) in ratios.items() if f == DENSE or r <= race_ratio * best)
 
 
+def _anchor_entries(levels: Sequence[float]) -> list[int]:
+    """The grid levels of the anchor's models: the unpruned model, and uniform ones near each of
+    :data:`ANCHOR_SPARSITIES` (distinct, above 0)."""
+    out = [0]
+    for s in ANCHOR_SPARSITIES:
+        e = int(np.argmin([abs(float(x) - s) for x in levels]))
+        if e > 0 and e not in out:
+            out.append(e)
+    return out
+
+
 def _anchor(
-    backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
-) -> tuple[np.ndarray, Timing, Timing]:
-    """One long interleaved measurement of every group's dense layer, the base model (stand-ins)
-    and the dense model: the absolute scale of the ratios, all from the same minutes."""
+    backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group], levels: Sequence[float],
+) -> tuple[np.ndarray, Timing, list[tuple[int, Timing]]]:
+    """One long interleaved measurement of every group's dense layer, the base model (stand-ins),
+    the unpruned model and uniformly pruned ones (:func:`_anchor_entries`), each layer in the
+    fastest format at its level: the absolute scale of the ratios, and what the rest of the
+    pass costs in whole models, all from the same minutes. Returns the dense layers' seconds,
+    the base's timing and ``[(grid level, timing)]`` of the models (the unpruned one first)."""
     runners = []
     for g in groups:
         spec, w, b, x = layers[g.members[0]]
         runners.append(backend.layer_runner(spec, LayerChoice(DENSE, w, b, 0.0), x))
     names = [spec.name for spec, *_ in layers]
     runners.append(backend.model_runner(bundle, {n: LayerChoice(STANDIN) for n in names}))
-    # the unpruned model, each layer in the fastest format at level 0 (what the table predicts)
-    dense_plan = {spec.name: LayerChoice(fmt, w, b, 0.0)
-                  for (spec, w, b, _x), fmt in zip(layers, _anchor_formats(groups, len(layers)))}
-    runners.append(backend.model_runner(bundle, dense_plan))
+    entries = _anchor_entries(levels)
+    for e in entries:
+        s = float(levels[e])
+        plan = {spec.name: LayerChoice(fmt, LevelPruner(w).at(s) if s else w, b, s)
+                for (spec, w, b, _x), fmt in zip(layers, _anchor_formats(groups, len(layers), e))}
+        runners.append(backend.model_runner(bundle, plan))
     policy = backend.policy.for_models()
     timings = backend.measure(runners, policy=replace(policy, min_repeats=2 * policy.min_repeats,
                                                           max_repeats=2 * policy.max_repeats,
                                                           max_seconds=2 * policy.max_seconds))
     overhead = backend.layer_call_overhead_s()
     dense_layer = np.array([max(t.median_s - overhead, 0.0) for t in timings[:len(groups)]])
-    return dense_layer, timings[-2], timings[-1]
+    return dense_layer, timings[len(groups)], list(zip(entries, timings[len(groups) + 1:]))
 
 
-def _anchor_formats(groups: Sequence[_Group], n_layers: int) -> list[str]:
-    """Per layer: its group's fastest format at level 0 in the loop (how the anchor runs the unpruned model)."""
+def _anchor_formats(groups: Sequence[_Group], n_layers: int, entry: int = 0) -> list[str]:
+    """Per layer: its group's fastest format at ``entry`` in the loop (how the anchor runs that model)."""
     out = [DENSE] * n_layers
     for g in groups:
         for i in g.members:
-            out[i] = g.best_format(0)
+            out[i] = g.best_format(entry)
     return out
 
 
@@ -311,7 +329,8 @@ def profile_model(
        round interleaved with the unpruned model: the in-model terms of sparse layers are
        fitted on them (:mod:`spdy.profilers.in_model`; 0 = off, the table then holds loop times).
     3. One long interleaved measurement of each group's dense layer, the base model (every
-       prunable layer a stand-in) and the dense model turns the ratios into seconds.
+       prunable layer a stand-in), the dense model and two uniformly pruned ones turns the
+       ratios into seconds; the models' times are equations of the in-model fit.
 
     ``patterns`` (``"2:4"``, ...) also times each layer with its weight pruned to that N:M
     pattern (:meth:`Backend.pattern_formats`) and records it in ``pattern_times``.
@@ -334,17 +353,20 @@ def profile_model(
     fit = _FitRounds(backend, bundle, layers, groups, grid.levels, fit_models, passes, seed)
     _time_groups(backend, layers, groups, grid.levels, patterns, progress, total, after_pass=fit.round)
     fit.round(passes)
-    dense_layer, base, dense = _anchor(backend, bundle, layers, groups)
+    dense_layer, base, anchored = _anchor(backend, bundle, layers, groups, grid.levels)
+    dense = anchored[0][1]
     if progress:
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
     kept = _kept(layers, grid.levels, patterns)
-    terms = fit.terms(cands, base.median_s, kept, (_anchor_formats(groups, len(specs)), dense.median_s))
+    terms = fit.terms(cands, base.median_s, kept,
+                      [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored])
     S = len(grid)
     times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S])
     settings: dict[str, Any] = {
         **backend.settings(), **model_settings(bundle, specs), "latency_model_version": LATENCY_MODEL_VERSION,
         "base_spread": base.spread, "dense_measured_s": dense.median_s,
+        "anchor_models": [{"sparsity": float(grid.levels[e]), "measured_s": t.median_s} for e, t in anchored],
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
         "in_model": terms.to_json(), "profile_seconds": round(time.perf_counter() - t_start, 1),
@@ -402,9 +424,9 @@ class _FitRounds:
         return plan
 
     def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, kept: np.ndarray,
-              anchor: tuple[Sequence[str], float]) -> InModelTerms:
-        """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchor`` = (the
-        formats of the unpruned model timed with the base, its measured seconds)."""
+              anchors: Sequence[tuple[int, Sequence[str], float]]) -> InModelTerms:
+        """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchors`` =
+        [(grid level, the formats, measured seconds)] of the models timed with the base."""
         if not self.ratios or self.vectors is None:
             return InModelTerms()
 
@@ -420,7 +442,8 @@ class _FitRounds:
         zeros = np.zeros(len(self.layers), dtype=np.int64)
         F = np.array([at(self.vectors[i]) for i in keys])
         ratio = np.array([float(np.median(self.ratios[i])) for i in keys])
-        terms = fit_terms(F, at(zeros), base_s, ratio, (feats(zeros, anchor[0]), anchor[1]))
+        terms = fit_terms(F, at(zeros), base_s, ratio,
+                          [(feats(np.full(len(self.layers), e), fm), t) for e, fm, t in anchors])
         return replace(terms, fit={**terms.fit, "probes": self.probes(keys[:STATE_PROBES], ratio[:STATE_PROBES])})
 
     def probes(self, keys: Sequence[int], ratios: np.ndarray) -> dict[str, Any]:

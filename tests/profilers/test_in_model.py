@@ -103,7 +103,7 @@ def _simulate_rest(call: float, gamma: float, delta: float, n_models: int, rng: 
         f = model(t, sparse, s, sparse & (rng.random(12) < 0.5))
         feats.append(f)
         ratios.append((base + f @ truth) / t_ref * (1 + rng.normal(0, noise)))
-    return np.array(feats), ref, base, np.array(ratios), (ref, t_ref)
+    return np.array(feats), ref, base, np.array(ratios), [(ref, t_ref)]
 
 
 def test_fit_learns_the_rest_of_the_pass_and_prefers_that_form():
@@ -115,7 +115,7 @@ def test_fit_learns_the_rest_of_the_pass_and_prefers_that_form():
     assert terms.call == pytest.approx(4e-5, rel=0.05)
     assert terms.gamma == pytest.approx(1.5e-3, rel=0.05)
     assert terms.delta == pytest.approx(3e-5, rel=0.05)
-    assert abs(terms.fit["anchor_error"]["after"]) < 1e-3 < abs(terms.fit["anchor_error"]["before"])
+    assert abs(terms.fit["anchor_error"]["after"][0]) < 1e-3 < abs(terms.fit["anchor_error"]["before"][0])
     # the table's unpruned layer (0.15 M weights, dense format) now carries its share of the rest
     assert terms.apply(3e-4, sparse=False, kept_mweights=0.15) == pytest.approx(3e-4 + 4e-5 + 1.5e-3 * 0.15, rel=0.05)
     assert set(terms.fit["held_out_by_form"]) == {"sparse-call", "rest", "both"}
@@ -170,6 +170,10 @@ def test_profile_shares_shapes_records_groups_and_terms():
     # fitted on the 6 models; used only if they predicted the held-out half better (a tiny model: either)
     assert terms["fit"]["models"] == 6 and terms["alpha"] > 0 and "error_held_out" in terms["fit"]
     assert terms["fit"]["fitted"] or (terms["alpha"], terms["beta_s"]) == (1.0, 0.0)
+    # the unpruned model and uniform ones near 70% and 95% timed with the base: one equation each
+    assert [a["sparsity"] for a in prof.settings["anchor_models"]] == [0.0, 0.9, 0.99]
+    assert prof.settings["anchor_models"][0]["measured_s"] == prof.settings["dense_measured_s"]
+    assert len(terms["fit"]["anchor_error"]["before"]) == 3 and len(terms["fit"]["data"]["anchors"]) == 3
     probes = terms["fit"]["probes"]  # some fit models as timed, for validate to time again
     assert len(probes["levels"]) == len(probes["formats"]) == len(probes["ratios"]) == 4
     assert len(probes["reference_formats"]) == 3 and all(len(f) == 3 for f in probes["formats"])
@@ -211,7 +215,7 @@ def test_the_rest_form_leaves_loop_times_when_a_real_profile_asks_it_to():
     d = json.loads((Path(__file__).parent / "data" / "minilm_t2_fit.json").read_text())
     F, ref, ratio = np.array(d["features"]), np.array(d["reference"]), np.array(d["ratios"])
     anchor = (np.array(d["anchor"][0]), d["anchor"][1])
-    p = in_model._least_squares(F, ref, d["base_s"], ratio, anchor, in_model.FORMS["rest"])
+    p = in_model._least_squares(F, ref, d["base_s"], ratio, [anchor], in_model.FORMS["rest"])
     c = in_model._coefficients(p)
     assert (d["base_s"] + anchor[0] @ c) / anchor[1] - 1 == pytest.approx(0.0, abs=0.01)  # loop times: -11%
     assert p["call"] > 0 and p["gamma"] > 0
