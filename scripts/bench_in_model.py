@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import time_calls, write_json  # noqa: E402
 
 from spdy import runtime
 from spdy.api import as_bundle
@@ -108,13 +108,7 @@ def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_c
 def base_time(run: Any, calls: int) -> float:
     """Median seconds of the stand-in base model's forward pass."""
     with torch.inference_mode():
-        run()
-        got = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            run()
-            got.append(time.perf_counter() - t0)
-    return float(np.median(got))
+        return float(np.median(time_calls(run, calls)))
 
 
 def drift(seconds: float, threads: int) -> dict[str, Any]:
