@@ -25,7 +25,14 @@ from spdy.profilers.base import (  # noqa: E402
 )
 from spdy.profilers.registry import available_backends, backend_names, get_backend  # noqa: E402
 from spdy.profilers.plans import backend_plan  # noqa: E402
-from spdy.profilers.profiler import profile_model, signed_validation_error, validate, validation_error  # noqa: E402
+from spdy.profilers.profiler import (  # noqa: E402
+    profile_model,
+    signed_validation_error,
+    state_probe_plans,
+    state_shift,
+    validate,
+    validation_error,
+)
 
 __all__ = [
     "DENSE",
@@ -43,6 +50,8 @@ __all__ = [
     "get_backend",
     "profile_model",
     "register",
+    "state_probe_plans",
+    "state_shift",
     "validate",
     "signed_validation_error",
     "validation_error",

@@ -492,7 +492,7 @@ def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile,
             timings[1 + len(vectors):-1])
 
 
-def _probe_plans(profile: Profile, bundle: ModelBundle) -> tuple[list[dict[str, LayerChoice]], np.ndarray]:
+def state_probe_plans(profile: Profile, bundle: ModelBundle) -> tuple[list[dict[str, LayerChoice]], np.ndarray]:
     """The profile's state probes (:data:`STATE_PROBES` of the fit's models, as they were timed):
     plans (their reference first) and the ratios they measured then; none for older profiles."""
     probes = profile.settings.get("in_model", {}).get("fit", {}).get("probes")
@@ -528,6 +528,13 @@ def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray
         return pruners[name].at(choice.sparsity)
 
     return [backend_plan(profile.table.solution(lv), weight, bundle.model) for lv in level_vectors]
+
+
+def state_shift(probe_s: Sequence[float], then: np.ndarray) -> float:
+    """How far the machine's state moved since the profile: the median over the state probes of
+    their time ratio to their reference now (``probe_s``: the reference's seconds first, then the
+    probes', all timed in one round) over the ratio they had in the profile (``then``)."""
+    return float(np.median(np.asarray(probe_s[1:], dtype=np.float64) / probe_s[0] / then))
 
 
 def validate(
@@ -574,12 +581,11 @@ def validate(
     profile.check_model(bundle.layers())
     t = profile.table
     vectors = spanning_level_vectors(len(t.layers), len(t.grid), k, seed)
-    probes, then = _probe_plans(profile, bundle)
+    probes, then = state_probe_plans(profile, bundle)
     ratios, dense, timings, by_runtime, probed = _interleaved_ratios(backend, bundle, profile, vectors, runtimes, probes)
     base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
-    shift = (float(np.median([p.median_s / probed[0].median_s for p in probed[1:]] / then)) if len(then)
-             else float("nan"))
+    shift = state_shift([p.median_s for p in probed], then) if len(then) else float("nan")
     records = []
     for lv, ratio, tm in zip(vectors, ratios, timings):
         pred = t.predicted_time(lv)

@@ -127,6 +127,7 @@ class Rounds:
     base_s: np.ndarray  # [rounds]
     runtimes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # runtime -> [rounds]
     reference: str = DENSE_PLAN
+    extra_s: np.ndarray | None = None  # [rounds, extra plans]
 
     def dense_times(self, runtime: str | None = None) -> np.ndarray:
         """Each round's dense time in ``runtime`` (default: the reference)."""
@@ -157,12 +158,14 @@ class Rounds:
 def measure_rounds(
     profile: Profile, bundle: ModelBundle, backend: Any, database: Any, solutions: Mapping[str, Solution],
     rounds: int = 1, runtimes: DenseRuntimes | None = None, reference: str = DENSE_PLAN,
+    extra: Sequence[Mapping[str, Any]] = (),
 ) -> Rounds:
     """Time the dense model, each solution's pruned model and the base, interleaved, end to end,
     in ``rounds`` full interleaved measurements; all in the inference form the profile timed
     (:attr:`ModelBundle.inference`, BatchNorms folded). The dense ``runtimes`` (torch eager,
     ONNX Runtime; built for that inference form) are timed in the same rounds
-    (:func:`~spdy.profilers.dense_runtimes.time_with_runtimes`); speedups are over ``reference``."""
+    (:func:`~spdy.profilers.dense_runtimes.time_with_runtimes`); speedups are over ``reference``.
+    ``extra`` backend plans are timed in the same rounds too (``Rounds.extra_s``)."""
     from spdy.profilers import STANDIN, LayerChoice, backend_plan
 
     names = list(solutions)
@@ -170,13 +173,15 @@ def measure_rounds(
     timed = bundle.inference
     dense = profile.table.solution(np.zeros(len(profile.table.layers), dtype=np.int64))
     plans = [backend_plan(s, weight, timed.model) for s in (dense, *(solutions[n] for n in names))]
+    plans += list(extra)
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
     per_plan, per_runtime = time_with_runtimes(backend, timed, plans, runtimes, rounds)
     arr = np.array([[tm.median_s for tm in row] for row in per_plan])
     rt = {n: np.array([r[n].median_s for r in per_runtime]) for n in per_runtime[0]} if per_runtime else {}
     if reference != DENSE_PLAN and reference not in rt:
         raise InvalidInputError(f"the reference {reference!r} was not measured (runtimes: {sorted(rt)})")
-    return Rounds(arr[:, 0], {n: arr[:, 1 + i] for i, n in enumerate(names)}, arr[:, -1], rt, reference)
+    return Rounds(arr[:, 0], {n: arr[:, 1 + i] for i, n in enumerate(names)}, arr[:, -1], rt, reference,
+                  arr[:, 1 + len(names):-1] if extra else None)
 
 
 def measure_speedups(
@@ -228,6 +233,9 @@ def reachable_over(profile: Profile, bundle: ModelBundle, backend: Any, runtimes
     return ref
 
 
+#: How far the machine's state may move since the profile (:func:`spdy.profilers.state_shift`)
+#: before the latency check warns.
+STATE_SHIFT_WARN = 0.1
 #: The lowest latency correction applied (the DP never aims more than 10% below the target).
 MIN_CORRECTION = 0.9
 
@@ -266,6 +274,9 @@ def latency_correction(
     rounds time the dense model in torch eager and ONNX Runtime, and ``info["reference"]`` is
     the :class:`~spdy.reference.Reference` asked for (``reference``), with its time ratio to the
     dense plan measured side by side. ``probes=False`` times no pruned model (factor 1).
+    With ``probes``, the same rounds also time the profile's state probes
+    (:func:`~spdy.profilers.state_probe_plans`): ``info["state_shift"]`` says how far the
+    machine's state moved since the profile, with a warning past :data:`STATE_SHIFT_WARN`.
     """
     table = profile.table
     sols = {}
@@ -275,7 +286,10 @@ def latency_correction(
             sols["uniform"] = uniform(table, target)
         except InfeasibleBudgetError:
             pass
-    r = measure_rounds(profile, bundle, backend, database, sols, rounds=rounds, runtimes=runtimes)
+    from spdy.profilers import state_probe_plans, state_shift
+
+    state, then = state_probe_plans(profile, bundle) if probes else ([], np.array([]))
+    r = measure_rounds(profile, bundle, backend, database, sols, rounds=rounds, runtimes=runtimes, extra=state)
     dense_s, base_s = r.dense, float(np.median(r.base_s))
     dense_ratio = dense_s / table.dense_total_s
     ratios = {n: (r.time(n) / sol.predicted_time_s) / dense_ratio for n, sol in sols.items()}
@@ -292,6 +306,15 @@ def latency_correction(
         log.info("latency model check at %.3gx over the dense plan: pruned/dense measured-to-predicted ratios %s -> "
                  "correction %.3f",
                  target, {n: round(x, 3) for n, x in ratios.items()}, q)
+    if r.extra_s is not None:
+        shift = float(np.median([state_shift(row, then) for row in r.extra_s]))
+        info["state_shift"] = shift
+        if abs(shift - 1) > STATE_SHIFT_WARN:
+            log.warning("the models the profile timed as state probes now take %.2fx the share of the dense model "
+                        "they took while it was measured: the machine is in another state (a neighbour's load, "
+                        "memory bandwidth), and the table's trade-offs between layers were priced in the old one. "
+                        "The latency check corrects the speed; for the trade-offs, profile again in the state you "
+                        "deploy in (spdy profile --force, or delete the cached profile)", shift)
     return q, info
 
 

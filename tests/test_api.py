@@ -167,6 +167,11 @@ def test_search_writes_result_model_and_plot(wide_bundle, wide_profile_path, tmp
     assert res.latency_correction is not None
     q = res.latency_correction["factor"]
     assert q >= spdy.api.MIN_CORRECTION
+    # the check timed the profile's state probes (some of its fit models) again
+    from spdy.profile import load_profile
+
+    assert load_profile(d["profile"]).settings["in_model"]["fit"]["probes"]["levels"]
+    assert 0.2 < res.latency_correction["state_shift"] < 5
     # the target is over the faster of torch eager and ONNX Runtime; the DP's is over the dense plan,
     # converted by the reference's time ratio to it, measured side by side in the latency check
     ref = d["reference"]
