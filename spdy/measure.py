@@ -709,7 +709,9 @@ def _match_baselines(
 ) -> tuple[dict[str, Outcome | str], Outcome, list[dict[str, Any]]]:
     """Each baseline solved for ``best_t`` (the DP target SPDY's answer ended at; they were
     solved for ``dp_target``), measured side by side with SPDY's answer: (baselines, SPDY's
-    answer with that measurement pooled, one record per baseline with ``"matched": True``).
+    answer with that measurement pooled, one record per baseline with ``"matched": True`` and
+    ``"spdy_measured_same_rounds"``: SPDY's speedup in those rounds alone, the like-for-like
+    comparison when the machine's speed moved during the run).
     Nothing to do when the fit left the DP target where it was."""
     names = [n for n, o in base_out.items() if isinstance(o, Outcome)]
     if not names or abs(best_t - dp_target) <= 1e-9 * dp_target:
@@ -724,12 +726,13 @@ def _match_baselines(
     if not solved:
         return base_out, best, []
     got = measure({"__best__": best.solution, **{n: o.solution for n, o in solved.items()}})
-    best, _ = _remeasured(best, got["__best__"], percentile, keep=True)
+    best, best_sp = _remeasured(best, got["__best__"], percentile, keep=True)
     out, records = dict(base_out), []
     for n, o in solved.items():
         out[n], sp = _remeasured(o, got[n], percentile, keep=False)
         records.append({"round": None, "method": n, "matched": True, "from_dp_target": dp_target, "dp_target": best_t,
                         "from_measured": base_out[n].measured_speedup, "remeasured": None, "measured": sp,
+                        "spdy_measured_same_rounds": best_sp,
                         "predicted": o.solution.predicted_speedup, "calibration_loss": o.calibration_loss,
                         "accepted": True, "why": "solved for SPDY's final DP target, measured side by side with it"})
         log.info("%s solved for SPDY's final DP target %.3f: measured %.3fx, loss %.5g", n, best_t, sp,

@@ -122,3 +122,23 @@ def test_measured_models_run_in_the_inference_form():
     scale = (folded.weight.detach().numpy() / model[0].weight.detach().numpy())[:, :1, :1, :1]
     np.testing.assert_allclose(pruned.weight, db_w * scale, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(pruned.bias, folded.bias.detach().numpy(), rtol=1e-6)
+
+
+def test_matched_baselines_record_spdy_in_the_same_rounds():
+    """SPDY's answer was timed earlier in a slow spell; the baseline, solved for its DP target,
+    is timed side by side with it later: the record keeps SPDY's speed in those rounds alone."""
+    from spdy.measure import _match_baselines
+
+    best = pooled(_outcome(2.0), 0.5, [1.2, 1.2, 1.2], 1.0, 50.0, keep=False)
+    baseline = dataclasses.replace(_outcome(1.9), method="uniform")
+
+    def measure(sols):
+        speed = {"__best__": 1.6, "uniform": 1.7}
+        return {k: (1.0 / speed[k], speed[k], 1.0, np.full(3, speed[k])) for k in sols}
+
+    out, best2, records = _match_baselines(best, 2.2, 2.0, {"uniform": baseline},
+                                           lambda n, t: dataclasses.replace(_outcome(t), method=n), measure, 50.0)
+    (rec,) = records
+    assert rec["matched"] and rec["measured"] == pytest.approx(1.7)
+    assert rec["spdy_measured_same_rounds"] == pytest.approx(1.6)
+    assert best2.measured_speedup == pytest.approx(1.4)  # the pool still holds the slow spell

@@ -232,8 +232,10 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
           "vs each dense runtime the same, p10-p90 in brackets; *predicted: the latency model's, over the dense plan)")
     for f in res.fit:
         if f.get("matched"):
+            same = f.get("spdy_measured_same_rounds")
             print(f"{f['method']}: solved for SPDY's final DP target {f['dp_target']:.3f} (was {f['from_dp_target']:.3f}) "
-                  f"and measured side by side with it: {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}")
+                  f"and measured side by side with it: {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}"
+                  + (f" (SPDY in the same rounds: {same:.2f}x)" if same is not None else ""))
             continue
         print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
               f"{f['from_dp_target']:.3f} -> {f['dp_target']:.3f}: measured {f['measured']:.2f}x, loss "
