@@ -105,6 +105,29 @@ def in_model_vs_loop(run: Any, names: list[str], rounds: int, calls: int, loop_c
             float(np.median(passes)))
 
 
+def search_models(prof: Any, bundle: Any, res: dict[str, Any], database: Path, names: list[str]
+                  ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """``{name: (levels, backend plan)}`` of a search's models (``spdy``, ``uniform``, ``global``,
+    ``dense`` for the dense plan), with the database's weights in the profile's formats."""
+    t = prof.table
+    weight = _weights(bundle, Database.open(database))
+    models = {}
+    for name in names:
+        layers = res["layers"] if name in ("spdy", "dense") else res["baselines"][name]["layers"]
+        levels = np.array([0 if name == "dense" else layers[n]["level"] for n in t.layers])
+        models[name] = (levels, backend_plan(t.solution(levels), weight, bundle.inference.model))
+    return models
+
+
+def random_models(prof: Any, bundle: Any, k: int, seed: int) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """The dense plan and the first ``k`` random models of ``spdy profile --validate --seed SEED``."""
+    t = prof.table
+    vectors = np.vstack([np.zeros((1, len(t.layers)), dtype=np.int64),
+                         spanning_level_vectors(len(t.layers), len(t.grid), k, seed)])
+    return {("dense" if i == 0 else f"random{i - 1}"): (lv, plan)
+            for i, (lv, plan) in enumerate(zip(vectors, level_plans(prof, bundle, vectors)))}
+
+
 def base_time(run: Any, calls: int) -> float:
     """Median seconds of the stand-in base model's forward pass."""
     with torch.inference_mode():
@@ -182,17 +205,9 @@ def main() -> None:
     bundle = as_bundle(res["model"])
     backend = get_backend(prof.backend, threads=threads)
     if args.random:
-        vectors = np.vstack([np.zeros((1, len(t.layers)), dtype=np.int64),
-                             spanning_level_vectors(len(t.layers), len(t.grid), args.random, args.seed)])
-        models = {("dense" if i == 0 else f"random{i - 1}"): (lv, plan) for i, (lv, plan) in
-                  enumerate(zip(vectors, level_plans(prof, bundle, vectors)))}
+        models = random_models(prof, bundle, args.random, args.seed)
     else:
-        weight = _weights(bundle, Database.open(args.database))
-        models = {}
-        for name in args.models.split(","):
-            layers = res["layers"] if name in ("spdy", "dense") else res["baselines"][name]["layers"]
-            levels = np.array([0 if name == "dense" else layers[n]["level"] for n in t.layers])
-            models[name] = (levels, backend_plan(t.solution(levels), weight, bundle.inference.model))
+        models = search_models(prof, bundle, res, args.database, args.models.split(","))
     per_model: dict[str, Any] = {}
     base_run = backend.model_runner(bundle.inference, {n: LayerChoice(STANDIN) for n in t.layers})
     for name, (levels, plan) in models.items():
