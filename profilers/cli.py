@@ -52,7 +52,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, ort-cpu, torch-cuda or torch-cpu")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: the usable cores)%(default).0s")
     p.add_argument("--validate", type=int, default=0, metavar="K",
-                   help="time K random pruned models end to end and record predicted vs measured")
+                   help="time K random pruned models end to end and record predicted vs measured; the same "
+                        "round times the profile's state probes again, to tell the machine's drift from the "
+                        "table's error")
     p.add_argument("--seed", type=int, default=0, help="seed of the random level vectors for --validate")
     add_grid_flag(p)
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
