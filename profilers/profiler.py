@@ -5,13 +5,14 @@ format the runtime offers at that level) plus the base time, measured in the sam
 runtime as the model with every prunable layer replaced by a zero-cost stand-in, so
 that ``base + sum_l t[l][s_l]`` predicts the whole model's time. No time in the table
 depends on when it was measured: levels are kept as ratios to the dense kernel timed
-interleaved with them, and one interleaved measurement of the dense layers, the base
-and the dense model sets the scale. Sparse layers' times are in-model times
-(:mod:`spdy.profilers.in_model`).
+interleaved with them, and one interleaved measurement of the dense layers, the base,
+the dense model and two uniformly pruned ones sets the scale. An entry's time is
+cross-fitted (the format picked on half of the passes, timed by the others) and an
+in-model time (:mod:`spdy.profilers.in_model`).
 
 ``validate`` draws random pruned models, runs each end to end in that runtime
-(interleaved with one another and with the dense model), and records predicted
-against measured time.
+(interleaved with one another, with the dense model and with the profile's state
+probes), and records predicted against measured time.
 """
 
 from __future__ import annotations
@@ -326,8 +327,7 @@ def profile_model(
        keeps the *ratios*. Passes run round-robin over the groups.
     2. Between passes, ``fit_models`` random pruned models in all
        (:func:`~spdy.profilers.in_model.spanning_level_vectors`) are timed end to end, each
-       round interleaved with the unpruned model: the in-model terms of sparse layers are
-       fitted on them (:mod:`spdy.profilers.in_model`; 0 = off, the table then holds loop times).
+       round interleaved with the unpruned model: the in-model terms are fitted on them (:mod:`spdy.profilers.in_model`; 0 = off, the table then holds loop times).
     3. One long interleaved measurement of each group's dense layer, the base model (every
        prunable layer a stand-in), the dense model and two uniformly pruned ones turns the
        ratios into seconds; the models' times are equations of the in-model fit.
