@@ -16,9 +16,9 @@ per layer call, ``gamma`` per million weights it keeps, and ``delta`` if its ker
 on the calling thread alone. Every term is per layer, so the table stays additive and
 the DP can use it. The terms are fitted by robust least squares on random pruned models
 timed end to end, each interleaved with the unpruned model, so that only the ratio
-``pruned / unpruned`` of one window enters the fit, plus one absolute equation: the
-unpruned model timed in the same long window as the base and the dense layers
-(:func:`fit_terms`). The profiler spreads the random models over the whole profiling
+``pruned / unpruned`` of one window enters the fit, plus absolute equations: the
+unpruned model and two uniformly pruned ones, timed in the same long window as the base
+and the dense layers (:func:`fit_terms`). The profiler spreads the random models over the whole profiling
 run, as it does the layer timings, so that the terms describe the machine's usual state
 rather than one minute of it. Three forms compete (the sparse kernels' ``alpha, beta``;
 the rest's ``call, gamma, delta``; all five) on how well they predict the models they
@@ -214,7 +214,7 @@ def _usable(names: Sequence[str], F: np.ndarray, ref: np.ndarray, anchors: Seque
             ) -> tuple[str, ...]:
     """The parameters whose features vary somewhere (no serial kernel: no ``delta``)."""
     rows = np.vstack([F, ref] + [a for a, _t in anchors])
-    col = {"alpha": 1, "beta": 2, "call": 3, "gamma": 4, "delta": 5}
+    col = {n: i + 1 for i, (n, *_) in enumerate(_PARAMS)}  # the column each parameter multiplies
     return tuple(n for n in names if np.any(rows[:, col[n]] != 0))
 
 
@@ -228,8 +228,9 @@ def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measur
     sides are linear in the terms: ``base + F_k . c = ratio_k (base + F_ref . c)`` with
     ``c = (1, alpha, beta, call, gamma, delta)``. Each of ``anchors`` = (features, measured
     seconds) of a model timed in the same window as ``base_s`` and the loop times (the unpruned
-    model, and uniformly pruned ones) adds one absolute equation. A soft-L1 loss keeps one disturbed measurement from moving the terms;
-    the bounds are :data:`ALPHA_BOUNDS` and :data:`BETA_MIN_S` (per-call terms), ``gamma >= 0``.
+    model, and uniformly pruned ones) adds one absolute equation. A soft-L1 loss keeps one
+    disturbed measurement from moving the terms; the bounds are :data:`ALPHA_BOUNDS` and
+    :data:`BETA_MIN_S` (per-call terms), ``gamma >= 0``.
 
     Each of :data:`FORMS` is fitted on each half of the models (alternate ones, the anchors in
     both) and checked on the other half; the form with the lowest median absolute error there
@@ -238,8 +239,6 @@ def fit_terms(features: np.ndarray, reference: np.ndarray, base_s: float, measur
     """
     F = np.asarray(features, dtype=np.float64).reshape(len(measured_ratio), -1)
     ref = np.asarray(reference, dtype=np.float64)
-    if F.shape[1] == 3:  # [dense s, sparse s, sparse calls] only
-        F, ref = np.pad(F, ((0, 0), (0, 3))), np.pad(ref, (0, 3))
     anchors = [(np.asarray(a, dtype=np.float64), float(t)) for a, t in anchors]
     ratio = np.asarray(measured_ratio, dtype=np.float64)
     before = _errors(F, ref, base_s, ratio, _identity())

@@ -249,7 +249,8 @@ def _kept(layers: Sequence[_Layer], levels: Sequence[float], patterns: Sequence[
     """``[layer, entry]`` millions of weights each entry keeps (grid levels, then N:M patterns)."""
     from spdy.choices import parse_pattern
 
-    density = [1.0 - float(s) for s in levels] + [parse_pattern(p).n / parse_pattern(p).m for p in patterns]
+    nm = [parse_pattern(p) for p in patterns]
+    density = [1.0 - float(s) for s in levels] + [q.n / q.m for q in nm]
     return np.array([[d * w.size / 1e6 for d in density] for _s, w, _b, _x in layers])
 
 
@@ -327,7 +328,8 @@ def profile_model(
        keeps the *ratios*. Passes run round-robin over the groups.
     2. Between passes, ``fit_models`` random pruned models in all
        (:func:`~spdy.profilers.in_model.spanning_level_vectors`) are timed end to end, each
-       round interleaved with the unpruned model: the in-model terms are fitted on them (:mod:`spdy.profilers.in_model`; 0 = off, the table then holds loop times).
+       round interleaved with the unpruned model: the in-model terms are fitted on them
+       (:mod:`spdy.profilers.in_model`; 0 = off, the table then holds loop times).
     3. One long interleaved measurement of each group's dense layer, the base model (every
        prunable layer a stand-in), the dense model and two uniformly pruned ones turns the
        ratios into seconds; the models' times are equations of the in-model fit.
@@ -458,11 +460,9 @@ def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, 
                     terms: InModelTerms, backend: Backend, bundle: ModelBundle, kept: np.ndarray) -> dict[str, Any]:
     if not patterns:
         return {}
-    picked = [[_pick(c, terms, kept[li, e]) for e, c in enumerate(entries)] for li, entries in enumerate(cands)]
-    out = {"patterns": tuple(patterns),
-           "pattern_times": np.array([[p[1] for p in row] for row in picked]),
-           "pattern_spread": np.array([[p[2] for p in row] for row in picked]),
-           "pattern_formats": tuple(tuple(p[0] for p in row) for row in picked)}
+    times, spread, formats = _table_arrays(cands, terms, kept)
+    out = {"patterns": tuple(patterns), "pattern_times": times, "pattern_spread": spread,
+           "pattern_formats": tuple(formats)}
     for k, p in enumerate(patterns):
         n_kernel = int(np.isfinite(out["pattern_times"][:, k]).sum())
         if n_kernel == 0:
@@ -501,13 +501,14 @@ def state_probe_plans(profile: Profile, bundle: ModelBundle) -> tuple[list[dict[
     names = profile.table.layers
     grid = profile.table.grid.levels
     bundle = bundle.inference
-    pruners = {n: LevelPruner(_weight_bias(bundle, n)[0]) for n in names}
+    weights = {n: _weight_bias(bundle, n) for n in names}
+    pruners = {n: LevelPruner(w) for n, (w, _b) in weights.items()}
 
     def plan(levels: Sequence[int], formats: Sequence[str]) -> dict[str, LayerChoice]:
         out = {}
         for n, lv, fmt in zip(names, levels, formats):
             s = float(grid[int(lv)])
-            out[n] = LayerChoice(fmt, pruners[n].at(s), _weight_bias(bundle, n)[1], s)
+            out[n] = LayerChoice(fmt, pruners[n].at(s), weights[n][1], s)
         return out
 
     plans = [plan([0] * len(names), probes["reference_formats"])]

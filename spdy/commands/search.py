@@ -92,8 +92,8 @@ def register(subparsers: Any) -> None:
                    help="auto = evo from %d to %d evaluations, spdy+evo from there (and for the full "
                    "default budget), spdy below %d or with N:M patterns; spdy = Algorithm 4; evo = evolutionary "
                    "search over the levels themselves (children scored on 1/8, then 1/2, then all of the "
-                   "calibration set; --max-evals counts full evaluations); spdy+evo = Algorithm 4 for half the evaluations, then evo from its best; tpe, "
-                   "cmaes, random = Optuna samplers over the coefficients"
+                   "calibration set; --max-evals counts full evaluations); spdy+evo = Algorithm 4 for half the "
+                   "evaluations, then evo from its best; tpe, cmaes, random = Optuna samplers over the coefficients"
                    % (AUTO_EVO_FROM, AUTO_EVO_BELOW - 1, AUTO_EVO_FROM))
     add_patterns_flag(p, "also offer each layer these N:M patterns, e.g. 2:4, where the backend has a kernel for "
                       "them (the profile times them and the database reconstructs them)")
