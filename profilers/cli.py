@@ -31,8 +31,9 @@ profile; one made for another model or on other hardware is refused unless --for
 --patterns also times each layer with an N:M weight (2:4: N kept of every M
 consecutive inputs) where the backend has a kernel for it (torch-cuda: 2:4 on
 Linear layers in float16/bfloat16; no backend has a 4:8 kernel).
-Backends: spdy-cpu (spdy's sparse CPU kernels), ort-cpu (ONNX Runtime CPU),
-torch-cuda (NVIDIA GPU), torch-cpu (PyTorch dense and CSR).
+Backends: spdy-cpu (spdy's sparse CPU kernels), spdy-cpu-compiled (the same, the rest
+of the model compiled by torch.compile), ort-cpu (ONNX Runtime CPU), torch-cuda
+(NVIDIA GPU), torch-cpu (PyTorch dense and CSR).
 """
 
 
@@ -49,7 +50,7 @@ def register(subparsers: Any) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="built-in model name (minilm) or package.module:factory%(default).0s")
-    p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, ort-cpu, torch-cuda or torch-cpu")
+    p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, spdy-cpu-compiled, ort-cpu, torch-cuda or torch-cpu")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: the usable cores)%(default).0s")
     p.add_argument("--validate", type=int, default=0, metavar="K",
                    help="time K random pruned models end to end and record predicted vs measured; the same "

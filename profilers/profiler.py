@@ -53,8 +53,9 @@ DEFAULT_FIT_MODELS = 24
 FIT_SEED_OFFSET = 10_000
 #: The way tables are measured and fitted; cached profiles of another version are measured again.
 #: 2: in-model terms for the rest of the pass with the unpruned and two uniformly pruned models
-#: as equations, state probes, cross-fitted entries.
-LATENCY_MODEL_VERSION = 2
+#: as equations, state probes, cross-fitted entries. 3: the ``dnnl`` format (oneDNN-packed dense
+#: weights) among spdy-cpu's formats, and the spdy-cpu-compiled backend.
+LATENCY_MODEL_VERSION = 3
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Fit models that :func:`validate` times again to measure how the machine's state moved since the profile.

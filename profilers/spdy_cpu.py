@@ -21,12 +21,17 @@ before torch (``spdy.profilers`` does so); the fingerprint records whether that 
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from spdy.errors import InvalidInputError
-from spdy.profilers.base import DENSE, LayerChoice, register
-from spdy.profilers.torch_backends import TorchRuntimeBackend, dense_module
+from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
+from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
 log = logging.getLogger(__name__)
@@ -86,11 +91,11 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         }
 
     def pool_of(self, fmt: str) -> str:
-        """Dense layers run in torch's pool, the others in Numba's: unless spdy.kernels made them
+        """Dense layers (``dense``, ``dnnl``) run in torch's pool, the others in Numba's: unless spdy.kernels made them
         one OpenMP runtime, they are timed apart (see :meth:`Backend.pool_of`)."""
         if self._shared_openmp:
             return "default"
-        return "torch" if fmt == DENSE else "numba"
+        return "torch" if fmt in (DENSE, "dnnl") else "numba"
 
     def layer_formats(self, spec: LayerSpec, sparsity: float) -> tuple[str, ...]:
         from spdy import kernels
@@ -120,6 +125,154 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             raise InvalidInputError(f"spdy-cpu has no Conv2d format {choice.fmt!r}; expected one of {runtime.CONV_FORMATS}")
         return runtime.SparseConv2d.from_conv(base, format=choice.fmt).eval()
 
+
+
+@register
+class SpdyCompiledBackend(SpdyCpuBackend):
+    """``spdy-cpu`` with the model compiled by ``torch.compile`` (:func:`spdy.runtime.compile`).
+
+    The layers are the same kernels; everything around them (attention, normalisation,
+    activations, residual adds) runs as Inductor's fused C++ code instead of one torch op at
+    a time. Each layer runs as the ``spdy::call`` op, as in the compiled model, so layer times
+    include its dispatch.
+
+    One model is compiled per process and model: every prunable layer becomes a slot (one
+    ``spdy::call`` whose module is looked up when it runs), and each runner puts its modules
+    into the slots before it runs. The base is the same graph with :class:`StandIn` modules
+    in the slots. ``model_runner(bundle, {})`` is torch eager, unswapped and uncompiled: the
+    dense reference a user compares with.
+    """
+
+    name = "spdy-cpu-compiled"
+    description = "spdy-cpu with the rest of the model compiled by torch.compile (Inductor C++), layers as one op each"
+
+    def __init__(self, threads: int | None = None, policy: Any = None) -> None:
+        super().__init__(threads=threads, policy=policy)
+        self._slot_models: "weakref.WeakKeyDictionary[Any, _SlotModel]" = weakref.WeakKeyDictionary()
+
+    def runtime_fingerprint(self) -> dict[str, Any]:
+        import torch._inductor.config as inductor_config
+
+        return {**super().runtime_fingerprint(), "compiled": "torch.compile inductor, static shapes",
+                "inductor_cpp_threads": inductor_config.cpp.threads}
+
+    def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
+        import torch
+
+        from spdy import runtime
+
+        mod = self.make_module(spec, choice)
+        inp = self._input(spec, x)
+        if not isinstance(mod, (runtime.SparseLinear, runtime.SparseConv2d)):
+            def run() -> Any:
+                return mod(inp)
+        else:
+            handle, shape = mod._handle, mod._out_shape(inp)
+            call = torch.ops.spdy.call
+
+            def run() -> Any:
+                return call(inp, handle, shape)  # the op the compiled model calls
+
+        run.module = mod  # type: ignore[attr-defined]
+        return run
+
+    def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
+        import torch
+
+        from spdy.models.base import discover_layers
+
+        if not choices:
+            return super().model_runner(bundle, choices)  # torch eager, the reference
+        slots = self._slot_models.get(bundle.model)
+        if slots is None:
+            specs = discover_layers(bundle.model, bundle.example, bundle.forward)
+            io = self._layer_io(bundle, [s.name for s in specs])
+            slots = self._slot_models[bundle.model] = _SlotModel(
+                self._device_model(bundle.model), {s.name: s for s in specs}, io, bundle)
+        modules: dict[str, Any] = {}
+        for name, choice in choices.items():
+            spec = slots.specs.get(name)
+            if spec is None:
+                raise InvalidInputError(f"{name!r} is not a prunable layer of model {bundle.name!r}")
+            modules[name] = (StandIn(slots.io[name][1]) if choice.fmt == STANDIN
+                             else self.make_module(spec, choice))
+        return slots.runner(modules)
+
+
+class _SlotModel:
+    """A model compiled once with a slot in place of each prunable layer (see :class:`SpdyCompiledBackend`)."""
+
+    def __init__(self, model: Any, specs: Mapping[str, LayerSpec], io: Mapping[str, tuple[Any, Any]], bundle: Any) -> None:
+        import torch
+
+        from spdy import runtime
+        from spdy.profilers.torch_backends import move_batch, swap_modules
+
+        self.specs = dict(specs)
+        self.io = io
+        self.slots = {n: _Slot(model.get_submodule(n), tuple(io[n][1].shape)) for n in specs}
+        swap_modules(model, dict(self.slots))
+        self.originals = {n: s.target for n, s in self.slots.items()}
+        self.example = move_batch(bundle.example, "cpu", torch.float32)
+        self.forward = bundle.forward
+        self.model = model
+        self.compiled = runtime.compile(model)
+        with torch.inference_mode():
+            self.forward(self.compiled, self.example)  # compiles now, not inside a timing
+
+    def runner(self, modules: Mapping[str, Any]) -> Runner:
+        import torch
+
+        assign = [(self.slots[n], modules.get(n, self.originals[n])) for n in self.slots]
+        compiled, fwd, ex = self.compiled, self.forward, self.example
+
+        def run() -> Any:
+            for slot, mod in assign:
+                slot.set_target(mod)
+            with torch.inference_mode():
+                return fwd(compiled, ex)
+
+        run.model = self.model  # type: ignore[attr-defined]
+        run.modules = dict(modules)  # type: ignore[attr-defined]
+        return run
+
+
+@functools.cache
+def _slot_class() -> type:
+    from spdy import runtime
+
+    class Slot(runtime._Compilable):
+        """One prunable layer of a :class:`_SlotModel`: runs whatever module :attr:`target` holds.
+
+        The target is kept outside the module tree (not a submodule), so the compiled graph
+        neither sees nor guards on it."""
+
+        def __init__(self, target: Any, out_shape: tuple[int, ...]) -> None:
+            super().__init__()
+            self.set_target(target)
+            self.out_shape = list(out_shape)
+
+        def set_target(self, module: Any) -> None:
+            object.__setattr__(self, "target", module)
+
+        def _out_shape(self, x: Any) -> list[int]:
+            return self.out_shape
+
+        def _run(self, x: Any) -> Any:
+            return self.target(x)
+
+        def forward(self, x: Any) -> Any:
+            import torch
+
+            if torch.compiler.is_compiling():
+                return torch.ops.spdy.call(x, self._handle, self.out_shape)
+            return self.target(x)
+
+    return Slot
+
+
+def _Slot(target: Any, out_shape: tuple[int, ...]) -> Any:
+    return _slot_class()(target, out_shape)
 
 
 def _libgomp() -> Any:

@@ -188,7 +188,10 @@ def apply(
     and ``model`` keeps its BatchNorm layers; otherwise, or with ``fold=False``, it is ``model``.
     With ``sparse=True`` the pruned layers of the returned model are also swapped for spdy's
     sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
-    so that it runs as fast as was measured; ``threads`` sets the thread count.
+    so that it runs as fast as was measured; ``threads`` sets the thread count. A result timed
+    on ``spdy-cpu-compiled`` comes back compiled (:func:`spdy.runtime.compile`: the model
+    compiles at its first call, and again for each new input shape); ``model`` itself is the
+    uncompiled module inside it.
     """
     from spdy.export import apply_buffers, apply_weights, load_buffers, load_folds, load_pruned
     from spdy.fold import fold_batchnorm
@@ -227,6 +230,9 @@ def apply(
             elif isinstance(mod, nn.Conv2d):
                 swaps[name] = runtime.SparseConv2d.from_conv(mod, format=fmt if fmt in runtime.CONV_FORMATS else "auto")
         runtime.swap_modules(model, {n: m.eval() for n, m in swaps.items()})
+        if manifest.get("backend") == "spdy-cpu-compiled":
+            # timed compiled: the same here (the model compiles at its first call)
+            return runtime.compile(model)
     return model
 
 

@@ -18,7 +18,10 @@ torch and the kernels share one OpenMP thread pool; see
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from spdy import kernels  # first: shares the OpenMP runtime before torch loads
@@ -55,7 +58,72 @@ __all__ = [
     "get_num_threads",
     "openmp_status",
     "layer_formats",
+    "compile",
 ]
+
+
+# ---------------------------------------------------------------------------- torch.compile
+#
+# Under torch.compile each sparse module is one call of the custom op ``spdy::call``, opaque
+# to the compiler: the graph does not break at it, and Inductor fuses and compiles everything
+# around it (attention, LayerNorm, GELU, residual adds). The op finds the module by an integer
+# handle: a compiled graph holds no Python objects, and ``handle`` is a constant of the graph.
+
+_CALLS: dict[int, "weakref.ref[Any]"] = {}
+_HANDLES = itertools.count(1)
+
+
+def _register_call(module: Any) -> int:
+    """A handle under which ``spdy::call`` runs ``module._run`` (dropped with the module)."""
+    handle = next(_HANDLES)
+    _CALLS[handle] = weakref.ref(module)
+    weakref.finalize(module, _CALLS.pop, handle, None)
+    return handle
+
+
+@torch.library.custom_op("spdy::call", mutates_args=())
+def _call(x: torch.Tensor, handle: int, out_shape: Sequence[int]) -> torch.Tensor:
+    ref = _CALLS.get(handle)
+    module = ref() if ref is not None else None
+    if module is None:
+        raise InvalidInputError(f"spdy::call: no live sparse module has handle {handle}; the compiled model "
+                                "outlived the modules it was compiled with. Compile the model again.")
+    return module._run(x)
+
+
+@_call.register_fake
+def _call_fake(x: torch.Tensor, handle: int, out_shape: Sequence[int]) -> torch.Tensor:
+    return x.new_empty(list(out_shape))
+
+
+class _Compilable(nn.Module):
+    """A module that runs as ``spdy::call`` under torch.compile and as ``_run`` otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handle = _register_call(self)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _out_shape(self, x: torch.Tensor) -> list[int]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a layer kept dense runs torch's own op, which the compiler sees and may fuse
+        if torch.compiler.is_compiling() and getattr(self, "_dense_w", None) is None:
+            return torch.ops.spdy.call(x, self._handle, self._out_shape(x))
+        return self._run(x)
+
+    # a copy (deepcopy, pickle) is another module and gets its own handle
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_handle", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._handle = _register_call(self)
 
 
 def _check_input(x: Any, module: str) -> torch.Tensor:
@@ -73,7 +141,7 @@ def _check_input(x: Any, module: str) -> torch.Tensor:
     return x.detach().contiguous()
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_Compilable):
     """Inference-only ``nn.Linear`` on a prepared weight (:class:`spdy.kernels.PreparedLinear`).
 
     ``format`` is the kernel format in use; ``weight`` and ``bias`` rebuild
@@ -87,7 +155,7 @@ class SparseLinear(nn.Module):
         self.prepared = prepared
         self.in_features = prepared.in_features
         self.out_features = prepared.out_features
-        self._dense_w = torch.from_numpy(prepared.dense) if prepared.dense is not None else None
+        self._dense_w = torch.from_numpy(prepared.dense) if prepared.format == "dense" else None
         self._dense_b = torch.from_numpy(prepared.bias) if prepared.has_bias else None
 
     @classmethod
@@ -118,12 +186,17 @@ class SparseLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return torch.from_numpy(self.prepared.bias.copy()) if self.prepared.has_bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _out_shape(self, x: torch.Tensor) -> list[int]:
+        return [*x.shape[:-1], self.out_features]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, "SparseLinear")
         if x.shape[-1:] != (self.in_features,):
             raise InvalidInputError(f"SparseLinear expects {self.in_features} input features; got shape {tuple(x.shape)}")
         if self._dense_w is not None:
             return torch.nn.functional.linear(x, self._dense_w, self._dense_b)
+        if self.prepared.format == "dnnl":
+            return kernels.dnnl_linear(x, self.prepared)
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
         kernels.linear(x.numpy(), self.prepared, out=y.numpy())
         return y
@@ -135,7 +208,7 @@ class SparseLinear(nn.Module):
         )
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_Compilable):
     """Inference-only ``nn.Conv2d`` (zero padding) on a prepared weight (:class:`spdy.kernels.PreparedConv2d`)."""
 
     def __init__(self, prepared: PreparedConv2d) -> None:
@@ -183,7 +256,11 @@ class SparseConv2d(nn.Module):
     def sparsity(self) -> float:
         return self.prepared.sparsity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _out_shape(self, x: torch.Tensor) -> list[int]:
+        Ho, Wo = self.prepared.output_size(x.shape[-2], x.shape[-1])
+        return [*x.shape[:-3], self.out_channels, Ho, Wo]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, "SparseConv2d")
         if self._dense_w is not None:
             return torch.nn.functional.conv2d(x, self._dense_w, self._dense_b, self.stride, self.padding, self.dilation, self.groups)
@@ -287,6 +364,22 @@ def sparsify(
     counts = {f: sum(1 for v in chosen.values() if v == f) for f in sorted(set(chosen.values()))}
     log.info("sparsify: %d layers considered, formats %s", len(chosen), counts)
     return chosen
+
+
+def compile(model: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile(model)`` (Inductor, static shapes) with every sparse module one opaque op.
+
+    The part of the model that is not a sparse layer (attention, normalisation, activations,
+    residual adds) is compiled by Inductor's C++ backend, and the sparse layers run spdy's
+    kernels as they do eagerly. Compilation happens at the first call (seconds to a minute,
+    cached on disk by torch for the next process) and again for each new input shape. Raises
+    :class:`~spdy.errors.InvalidInputError` for what is not an ``nn.Module``; ``options`` go to
+    ``torch.compile`` (e.g. ``fullgraph=True``).
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"compile needs an nn.Module; got {type(model).__name__}")
+    options.setdefault("dynamic", False)
+    return torch.compile(model, **options)
 
 
 def layer_formats(model: nn.Module) -> dict[str, str]:

@@ -618,3 +618,19 @@ def test_a_cnn_is_profiled_timed_and_deployed_with_its_batchnorms_folded(tmp_pat
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_result_timed_compiled_is_applied_compiled(bundle, tmp_path_factory, tmp_path):
+    p = tmp_path_factory.mktemp("prof") / "mlp-compiled.json"
+    ensure_profile(bundle, get_backend("spdy-cpu-compiled", threads=1, policy=POLICY), path=p, grid=GRID)
+    out = tmp_path / "out"
+    _search(bundle, p, tmp_path, backend="spdy-cpu-compiled", measure=False, baselines=(), out=out)
+    assert load_result(out)["backend"] == "spdy-cpu-compiled"
+    fresh = mlp_factory()["model"]
+    spdy.apply(fresh, out)
+    deployed = spdy.apply(mlp_factory()["model"], out, sparse=True, threads=1)
+    assert isinstance(deployed, torch._dynamo.eval_frame.OptimizedModule)  # torch.compile's wrapper
+    assert any(isinstance(m, spdy.runtime.SparseLinear) for m in deployed.modules())
+    x = bundle.calibration[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(x), fresh(x), rtol=1e-4, atol=1e-4)

@@ -191,3 +191,59 @@ def test_minilm_all_linear_90_percent_matches_dense_masked() -> None:
         torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, atol=1e-4, rtol=0)
         torch.testing.assert_close(b.pooler_output, a.pooler_output, atol=1e-4, rtol=0)
     runtime.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _pruned_block() -> nn.Module:
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 1), nn.Flatten(),
+                      nn.Linear(16 * 8 * 8, 64), nn.GELU(), nn.Linear(64, 10), nn.LayerNorm(10)).eval()
+    with torch.no_grad():
+        for layer in m:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                layer.weight[torch.rand_like(layer.weight) < 0.8] = 0
+    return m
+
+
+def test_compiled_sparse_model_is_one_graph_and_matches_eager() -> None:
+    m = _pruned_block()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        ref = m(x)
+    formats = runtime.sparsify(m, format="csr")
+    assert set(formats.values()) == {"csr"}
+    with torch.inference_mode():
+        eager = m(x)
+    explained = torch._dynamo.explain(m)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = runtime.compile(m, fullgraph=True)  # fullgraph: a break would raise
+    with torch.inference_mode():
+        got = compiled(x)
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(got, eager, atol=1e-5)
+
+
+def test_copies_of_sparse_modules_have_their_own_handle_and_a_dead_one_is_a_clear_error() -> None:
+    lin = nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight[torch.rand_like(lin.weight) < 0.9] = 0
+    a = runtime.SparseLinear.from_linear(lin, format="csr")
+    b = copy.deepcopy(a)
+    assert a._handle != b._handle
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        want = lin(x)
+        assert torch.allclose(torch.ops.spdy.call(x, b._handle, [4, 16]), want, atol=1e-5)
+        handle = a._handle
+        del a
+        import gc
+
+        gc.collect()
+        with pytest.raises(InvalidInputError, match="no live sparse module"):
+            torch.ops.spdy.call(x, handle, [4, 16])
+
+
+def test_compile_refuses_what_is_not_a_module() -> None:
+    with pytest.raises(InvalidInputError, match="nn.Module"):
+        runtime.compile("model")  # type: ignore[arg-type]

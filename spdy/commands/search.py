@@ -68,7 +68,7 @@ def register(subparsers: Any) -> None:
                    help="the dense runtime --speedup is over: fastest = the faster of torch eager and ONNX Runtime "
                    "(torch eager where ONNX Runtime cannot run the model); torch = torch eager; onnxruntime = ONNX "
                    "Runtime (an error where it cannot run the model)")
-    p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, ort-cpu, torch-cuda or torch-cpu")
+    p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, spdy-cpu-compiled, ort-cpu, torch-cuda or torch-cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the runtime being profiled and measured (default: the usable cores)%(default).0s")
     p.add_argument("--profile", default=None, metavar="FILE",

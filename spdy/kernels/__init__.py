@@ -35,9 +35,11 @@ import numpy as np  # noqa: E402
 from spdy.kernels._alloc import allocator_status, retain_freed_memory  # noqa: E402
 from spdy.kernels.conv import CONV_FORMATS, PreparedConv2d, choose_conv_format, conv2d, prepare_conv2d  # noqa: E402
 from spdy.kernels.linear import (  # noqa: E402
+    DNNL,
     FORMATS,
     PreparedLinear,
     choose_format,
+    dnnl_linear,
     is_serial,
     linear,
     panel_width,
@@ -52,6 +54,8 @@ from spdy.kernels.threads import (  # noqa: E402
 
 __all__ = [
     "FORMATS",
+    "DNNL",
+    "dnnl_linear",
     "is_serial",
     "CONV_FORMATS",
     "PreparedLinear",
