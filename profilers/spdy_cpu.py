@@ -177,8 +177,6 @@ class SpdyCompiledBackend(SpdyCpuBackend):
         return run
 
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
-        import torch
-
         from spdy.models.base import discover_layers
 
         if not choices:

@@ -192,3 +192,20 @@ def test_serial_formats_never_fork(monkeypatch: pytest.MonkeyPatch) -> None:
             K.linear(x, K.prepare_linear(w, None, format="csr"))
     finally:
         K.set_num_threads(before)
+
+
+@pytest.mark.skipif(not K.DNNL, reason="torch without oneDNN: no dnnl format")
+def test_dnnl_weight_is_packed_once_and_copies_pack_their_own() -> None:
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(5)
+    w = _weight(rng, 48, 40, 0.0)
+    b = rng.standard_normal(48).astype(np.float32)
+    p = K.prepare_linear(w, b, format="dnnl", tokens=20)
+    assert p.dnnl_weight() is p.dnnl_weight()  # packed at load time, kept
+    x = rng.standard_normal((2, 20, 40)).astype(np.float32)  # leading dims and another row count
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    for q in (p, copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        np.testing.assert_allclose(K.linear(x, q), ref, atol=1e-4, rtol=0)
+    assert "_dnnl" not in p.__getstate__()  # the packed tensor is not what a copy carries
