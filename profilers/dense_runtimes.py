@@ -1,4 +1,4 @@
-"""The dense runtimes a user would deploy instead of a pruned model: torch eager and ONNX Runtime.
+"""The dense runtimes a user would deploy instead of a pruned model: torch eager, torch.compile and ONNX Runtime.
 
 A backend's own unpruned plan (level 0 of the profile, each layer in the fastest format
 found for it; on ``spdy-cpu`` that can be a sparse kernel on the unpruned weight) is what
@@ -8,11 +8,14 @@ builds a runner of the dense model in
 * ``torch``: torch eager, the model as it is timed (its inference form: BatchNorms
   folded, as ONNX Runtime folds them too) with torch's own ``nn.Linear``/``nn.Conv2d``, on
   the backend's device and dtype and with its thread count;
+* ``torch_compile``: the same torch model compiled by ``torch.compile`` (Inductor's C++
+  backend, static shapes), on the CPU only; it compiles when the runner is made (seconds;
+  on the digits-sized test models about one);
 * ``onnxruntime``: the same model exported to ONNX and run by ONNX Runtime's CPU provider
   (graph optimisations ``all``, the backend's thread count, one session with its own pool).
 
-A model ONNX Runtime cannot export or run (or whose output there is not torch's) leaves
-``onnxruntime`` out, with the reason in :attr:`DenseRuntimes.unavailable`.
+A model torch.compile or ONNX Runtime cannot compile, export or run (or whose output there
+is not torch eager's) leaves that runtime out, with the reason in :attr:`DenseRuntimes.unavailable`.
 
 :func:`time_with_runtimes` times a backend's plans and these runners together, round by
 round. A runner of another thread pool than the backend's (ONNX Runtime's pool next to
@@ -39,12 +42,13 @@ from spdy.profilers.base import Backend, LayerChoice, Runner, Timing, as_numpy
 log = logging.getLogger(__name__)
 
 TORCH = "torch"
+TORCH_COMPILE = "torch_compile"
 ONNXRUNTIME = "onnxruntime"
 #: the backend's own unpruned plan (what the latency table predicts against)
 DENSE_PLAN = "dense_plan"
 #: the dense runtimes a user could deploy instead, in the order they are reported
-RUNTIMES = (TORCH, ONNXRUNTIME)
-LABELS = {TORCH: "torch eager", ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan"}
+RUNTIMES = (TORCH, TORCH_COMPILE, ONNXRUNTIME)
+LABELS = {TORCH: "torch eager", TORCH_COMPILE: "torch.compile", ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan"}
 #: ONNX Runtime's output may differ from torch's by this much (relative to the largest output value)
 OUTPUT_RTOL = 1e-2
 
@@ -68,12 +72,12 @@ class DenseRuntimes:
 
 
 def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
-    """Runners of ``bundle``'s dense model in torch eager and in ONNX Runtime, next to ``backend``.
+    """Runners of ``bundle``'s dense model in torch eager, torch.compile and ONNX Runtime, next to ``backend``.
 
     ``bundle`` is the model as the backend times it (:attr:`~spdy.models.base.ModelBundle.inference`).
-    Torch eager always runs; ONNX Runtime is left out, with the reason, when the backend is not
-    on the CPU, when onnx/onnxruntime are missing, or when the model does not export, run or
-    give torch's output there.
+    Torch eager always runs; torch.compile and ONNX Runtime are left out, with the reason, when
+    the backend is not on the CPU (torch.compile: not in float32), when onnx/onnxruntime are
+    missing, or when the model does not compile, export or run there or gives another output.
     """
     from spdy.profilers.torch_backends import TorchCpuBackend, TorchRuntimeBackend
 
@@ -85,6 +89,11 @@ def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
         tb = TorchCpuBackend(threads=backend.threads, policy=backend.policy)
         runtimes[TORCH] = DenseRuntime(TORCH, tb.model_runner(bundle, {}), tb)
     try:
+        runtimes[TORCH_COMPILE] = _torch_compile(backend, bundle, runtimes[TORCH])
+    except _Unavailable as exc:
+        unavailable[TORCH_COMPILE] = str(exc)
+        log.info("torch.compile is not measured as a dense reference for %s: %s", getattr(bundle, "name", "the model"), exc)
+    try:
         runtimes[ONNXRUNTIME] = _onnxruntime(backend, bundle, runtimes[TORCH].runner)
     except _Unavailable as exc:
         unavailable[ONNXRUNTIME] = str(exc)
@@ -94,6 +103,43 @@ def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
 
 class _Unavailable(Exception):
     """Why a dense runtime cannot run the model (internal: becomes an entry of ``unavailable``)."""
+
+
+def _torch_compile(backend: Backend, bundle: Any, eager: DenseRuntime) -> DenseRuntime:
+    import copy
+
+    import torch
+
+    from spdy.profilers.torch_backends import move_batch
+
+    if getattr(backend, "device", "cpu") != "cpu" or getattr(backend, "dtype_name", "float32") != "float32":
+        raise _Unavailable("measured as a dense reference on the CPU in float32 only")
+    model = copy.deepcopy(bundle.model).float().eval().requires_grad_(False)
+    ex = move_batch(bundle.example, "cpu", torch.float32)
+    fwd = bundle.forward
+    try:
+        compiled = torch.compile(model, dynamic=False)
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return fwd(compiled, ex)
+
+        got = as_numpy(run())  # compiles here, not in a timing
+    except Exception as exc:  # the compiler's own errors (unsupported op, C++ build)
+        raise _Unavailable(f"torch.compile cannot compile the model ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    _check_same_output(got, as_numpy(eager.runner()), "torch.compile")
+    return DenseRuntime(TORCH_COMPILE, run, eager.timer)
+
+
+def _check_same_output(got: np.ndarray, want: np.ndarray, label: str) -> None:
+    if got.shape != want.shape:
+        raise _Unavailable(f"{label}'s output has shape {got.shape}, torch's {want.shape}")
+    scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
+    off = float(np.max(np.abs(got - want))) / scale if want.size else 0.0
+    if not off <= OUTPUT_RTOL:
+        raise _Unavailable(f"{label}'s output differs from torch's by {off:.2g} of its largest value: it does "
+                           "not compute the same model")
 
 
 def _onnxruntime(backend: Backend, bundle: Any, torch_runner: Runner) -> DenseRuntime:
@@ -117,14 +163,7 @@ def _onnxruntime(backend: Backend, bundle: Any, torch_runner: Runner) -> DenseRu
     except Exception as exc:  # ONNX Runtime's own errors (unsupported op, type, shape)
         raise _Unavailable(f"ONNX Runtime cannot run the exported model ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-    want = as_numpy(torch_runner())
-    if got.shape != want.shape:
-        raise _Unavailable(f"ONNX Runtime's output has shape {got.shape}, torch's {want.shape}")
-    scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
-    off = float(np.max(np.abs(got - want))) / scale if want.size else 0.0
-    if not off <= OUTPUT_RTOL:
-        raise _Unavailable(f"ONNX Runtime's output differs from torch's by {off:.2g} of its largest value: the export "
-                           "does not compute the same model")
+    _check_same_output(got, as_numpy(torch_runner()), "ONNX Runtime")
     return DenseRuntime(ONNXRUNTIME, runner, timer)
 
 

@@ -6,7 +6,7 @@
 profile end to end, the sensitivity search (DP -> stitch -> calibration loss,
 every evaluation an Optuna trial), the one-shot baselines for the same budget,
 and an end-to-end measurement of the pruned models on the backend with a fit to
-it, every measurement next to the dense model in torch eager and ONNX Runtime (the
+it, every measurement next to the dense model in torch eager, torch.compile and ONNX Runtime (the
 target is a speedup over the ``reference`` among them, :mod:`spdy.reference`). It
 returns a :class:`SearchOutcome`; with ``out`` it also writes ``result.json``, the
 pruned weights (``model/``) and a plot. The stages live in :mod:`spdy.stages`,

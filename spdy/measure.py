@@ -8,7 +8,7 @@ baselines end to end (:func:`measure_speedups`), and :func:`fit_to_measured` re-
 the models that measured outside ``FIT_BAND`` x the target. :class:`MeasureConfig`
 holds the settings of all three.
 
-Every one of these measurements also times the dense model in torch eager and ONNX Runtime
+Every one of these measurements also times the dense model in torch eager, torch.compile and ONNX Runtime
 (:mod:`spdy.profilers.dense_runtimes`): the target is a speedup over the reference among them
 (:mod:`spdy.reference`), the latency check measures the reference's time ratio to the dense
 plan that the DP's target is converted with, and the fit holds the speedup over the
@@ -271,7 +271,7 @@ def latency_correction(
       check does not push the measured speedup under the target.
 
     ``target`` is a speedup over the dense plan (the DP's terms). With ``runtimes``, the same
-    rounds time the dense model in torch eager and ONNX Runtime, and ``info["reference"]`` is
+    rounds time the dense model in torch eager, torch.compile and ONNX Runtime, and ``info["reference"]`` is
     the :class:`~spdy.reference.Reference` asked for (``reference``), with its time ratio to the
     dense plan measured side by side. ``probes=False`` times no pruned model (factor 1).
     With ``probes``, the same rounds also time the profile's state probes

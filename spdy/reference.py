@@ -3,12 +3,15 @@
 ``spdy search --speedup 2x`` asks for a pruned model twice as fast as the dense model in
 the reference runtime (:data:`REFERENCES`, ``--reference``):
 
-* ``fastest`` (the default): the faster of torch eager and ONNX Runtime, as measured here;
+* ``fastest`` (the default): the fastest of torch eager, torch.compile and ONNX Runtime, as
+  measured here;
 * ``torch``: torch eager, for users who deploy the model in eager torch;
+* ``torch_compile``: the model compiled by ``torch.compile`` (CPU, float32);
 * ``onnxruntime``: ONNX Runtime (an error where it cannot run the model).
 
-Both run the dense model as :mod:`spdy.profilers.dense_runtimes` describes. Where ONNX
-Runtime cannot run the model, ``fastest`` falls back to torch eager, with a warning.
+Each runs the dense model as :mod:`spdy.profilers.dense_runtimes` describes. Where
+torch.compile or ONNX Runtime cannot run the model, ``fastest`` is the fastest of the others,
+with a warning.
 
 The latency table predicts speedups over the backend's own dense plan, so the DP's target
 is the target divided by the reference's :attr:`Reference.ratio`: the reference's dense time
@@ -26,13 +29,22 @@ from typing import Any
 import numpy as np
 
 from spdy.errors import InvalidInputError, ReferenceUnavailableError
-from spdy.profilers.dense_runtimes import DENSE_PLAN, LABELS, ONNXRUNTIME, RUNTIMES, TORCH, DenseRuntimes, dense_runtimes
+from spdy.profilers.dense_runtimes import (
+    DENSE_PLAN,
+    LABELS,
+    ONNXRUNTIME,
+    RUNTIMES,
+    TORCH,
+    TORCH_COMPILE,
+    DenseRuntimes,
+    dense_runtimes,
+)
 
 log = logging.getLogger(__name__)
 
 FASTEST = "fastest"
 #: the choices of ``--reference``
-REFERENCES = (FASTEST, TORCH, ONNXRUNTIME)
+REFERENCES = (FASTEST, TORCH, TORCH_COMPILE, ONNXRUNTIME)
 #: the DP never aims below this, even where the dense plan alone is faster than the reference
 MIN_DP_TARGET = 1.01
 
@@ -50,8 +62,10 @@ def open_runtimes(backend: Any, bundle: Any, asked: str) -> DenseRuntimes:
     times it); :class:`ReferenceUnavailableError` when the one ``asked`` for cannot run it."""
     runtimes = dense_runtimes(backend, bundle)
     check_available(check_reference(asked), runtimes)
+    left = [LABELS[n] for n in RUNTIMES if n in runtimes.runtimes]
+    stated_over = (left[0] if len(left) == 1 else "the fastest of " + " and ".join(left)) if asked == FASTEST else None
     for name, why in runtimes.unavailable.items():
-        log.warning("%s", _unavailable_line(name, why, LABELS[TORCH] if asked == FASTEST else None))
+        log.warning("%s", _unavailable_line(name, why, stated_over))
     return runtimes
 
 
@@ -147,7 +161,7 @@ class Reference:
             return "over the dense plan (nothing measured end to end)"
         order = sorted(self.dense_s, key=lambda n: (n != self.runtime, n == DENSE_PLAN))
         times = ", ".join(f"{LABELS[n]} {self.dense_s[n] * 1e3:.2f} ms" for n in order)
-        how = f"--reference {self.asked}" + (": the faster of torch eager and ONNX Runtime" if self.asked == FASTEST else "")
+        how = f"--reference {self.asked}" + (": the fastest of torch eager, torch.compile and ONNX Runtime" if self.asked == FASTEST else "")
         return f"over {self.label} ({how}); the dense model measured: {times}"
 
     def to_json(self) -> dict[str, Any]:

@@ -177,17 +177,17 @@ def test_search_writes_result_model_and_plot(wide_bundle, wide_profile_path, tmp
     ref = d["reference"]
     assert ref == res.latency_correction["reference"] and d["settings"]["reference"] == "fastest"
     ratios = ref["ratios_to_dense_plan"]
-    assert set(ratios) == {"torch", "onnxruntime"} and ref["runtime"] == min(ratios, key=ratios.get)
-    assert ref["ratio_to_dense_plan"] == ratios[ref["runtime"]] and ref["label"] in ("torch eager", "ONNX Runtime")
+    assert set(ratios) == {"torch", "torch_compile", "onnxruntime"} and ref["runtime"] == min(ratios, key=ratios.get)
+    assert ref["ratio_to_dense_plan"] == ratios[ref["runtime"]] and ref["label"] in ("torch eager", "torch.compile", "ONNX Runtime")
     want = (max(1.25 * q, 1.125) if q < 1 else 1.25 * q) / ref["ratio_to_dense_plan"]
     assert d["dp_target_speedup"] == pytest.approx(max(want, 1.01))
     # the speedup over each dense runtime, with its spread; the reference's is the measured speedup
     for o in (d, *d["baselines"].values()):
         by = o["measured_speedup_by_runtime"]
-        assert set(by) == {"torch", "onnxruntime", "dense_plan"}
+        assert set(by) == {"torch", "torch_compile", "onnxruntime", "dense_plan"}
         assert by[ref["runtime"]]["speedup"] == pytest.approx(o["measured_speedup"])
         assert all(v["p10"] <= v["median"] <= v["p90"] and v["rounds"] >= 3 for v in by.values())
-    assert set(d["dense_measured_time_s_by_runtime"]) == {"torch", "onnxruntime", "dense_plan"}
+    assert set(d["dense_measured_time_s_by_runtime"]) == {"torch", "torch_compile", "onnxruntime", "dense_plan"}
     assert d["schema_version"] == 2 and not any("cannot run" in w for w in d["warnings"])
 
 
@@ -361,10 +361,13 @@ def test_without_onnxruntime_the_reference_falls_back_to_torch_or_is_an_error(pr
     out = tmp_path / "fallback"
     assert main([*args, "-o", str(out)]) == 0
     d = load_result(out)
-    assert d["reference"]["runtime"] == "torch" and "erfinv" in d["reference"]["unavailable"]["onnxruntime"]
-    assert set(d["measured_speedup_by_runtime"]) == {"torch", "dense_plan"}
+    # the fastest of the two torch runtimes that run it
+    assert d["reference"]["runtime"] in ("torch", "torch_compile")
+    assert "erfinv" in d["reference"]["unavailable"]["onnxruntime"]
+    assert set(d["measured_speedup_by_runtime"]) == {"torch", "torch_compile", "dense_plan"}
     (warning,) = [w for w in d["warnings"] if "ONNX Runtime" in w]
-    assert "cannot run this model" in warning and "over torch eager" in warning
+    label = {"torch": "torch eager", "torch_compile": "torch.compile"}[d["reference"]["runtime"]]
+    assert "cannot run this model" in warning and f"over {label}" in warning
     assert "WARNING: ONNX Runtime cannot run this model" in capsys.readouterr().out
 
 

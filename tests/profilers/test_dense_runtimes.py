@@ -1,4 +1,4 @@
-"""The dense runtimes a pruned model is compared with: torch eager and ONNX Runtime, timed apart by pool."""
+"""The dense runtimes a pruned model is compared with: torch eager, torch.compile and ONNX Runtime, timed apart by pool."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from torch import nn
 
 from spdy.models.base import ModelBundle
 from spdy.profilers import as_numpy, get_backend
-from spdy.profilers.dense_runtimes import ONNXRUNTIME, TORCH, DenseRuntime, DenseRuntimes, dense_runtimes, time_with_runtimes
+from spdy.profilers.dense_runtimes import (
+    ONNXRUNTIME,
+    TORCH,
+    TORCH_COMPILE,
+    DenseRuntime,
+    DenseRuntimes,
+    dense_runtimes,
+    time_with_runtimes,
+)
 from spdy.profilers.ort_cpu import OrtCpuBackend
 from spdy.profilers.torch_backends import TorchCpuBackend
 
@@ -27,11 +35,16 @@ class ErfinvMLP(nn.Module):
         return self.fc2(torch.erfinv(0.5 * torch.tanh(self.fc1(x))))
 
 
-def test_both_runtimes_run_the_dense_model_and_onnxruntime_gets_its_own_pool(tiny_mlp):
+def test_every_runtime_runs_the_dense_model_and_onnxruntime_gets_its_own_pool(tiny_mlp):
     be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
     rts = dense_runtimes(be, tiny_mlp)
-    assert set(rts.runtimes) == {TORCH, ONNXRUNTIME} and not rts.unavailable
-    assert rts.runtimes[TORCH].timer is None  # torch's pool is the spdy kernels' (one OpenMP runtime)
+    assert set(rts.runtimes) == {TORCH, TORCH_COMPILE, ONNXRUNTIME} and not rts.unavailable
+    # torch's pool is the spdy kernels' (one OpenMP runtime), compiled or not
+    assert rts.runtimes[TORCH].timer is None and rts.runtimes[TORCH_COMPILE].timer is None
+    # the compiled runner is torch.compile's wrapper of a copy, not the eager model
+    compiled = rts.runtimes[TORCH_COMPILE].runner
+    assert any(isinstance(c.cell_contents, torch._dynamo.eval_frame.OptimizedModule)
+               for c in compiled.__closure__ or ())
     ort = rts.runtimes[ONNXRUNTIME].timer
     assert isinstance(ort, OrtCpuBackend) and ort.threads == 1
     with torch.inference_mode():
@@ -45,13 +58,14 @@ def test_next_to_ort_cpu_torch_eager_is_the_one_timed_apart(tiny_mlp):
     rts = dense_runtimes(be, tiny_mlp)
     assert rts.runtimes[ONNXRUNTIME].timer is None
     assert isinstance(rts.runtimes[TORCH].timer, TorchCpuBackend)
+    assert rts.runtimes[TORCH_COMPILE].timer is rts.runtimes[TORCH].timer  # torch's pool, apart from ORT's
 
 
 def test_a_model_onnxruntime_cannot_export_is_left_out_with_the_reason():
     torch.manual_seed(0)
     bundle = ModelBundle(name="erfinv-mlp", model=ErfinvMLP().eval(), calibration=[torch.randn(8, 16)])
     rts = dense_runtimes(get_backend("spdy-cpu", threads=1, policy=TEST_POLICY), bundle)
-    assert set(rts.runtimes) == {TORCH}
+    assert set(rts.runtimes) == {TORCH, TORCH_COMPILE}
     assert "erfinv" in rts.unavailable[ONNXRUNTIME]
 
 
@@ -93,4 +107,5 @@ def test_measured_side_by_side_on_a_real_backend(tiny_mlp):
     rts = dense_runtimes(be, tiny_mlp)
     per_plan, per_runtime = time_with_runtimes(be, tiny_mlp, [{}], rts, rounds=2)
     assert len(per_plan) == 2 and all(len(p) == 1 for p in per_plan)
-    assert all(set(r) == {TORCH, ONNXRUNTIME} and all(t.median_s > 0 for t in r.values()) for r in per_runtime)
+    assert all(set(r) == {TORCH, TORCH_COMPILE, ONNXRUNTIME} and all(t.median_s > 0 for t in r.values())
+               for r in per_runtime)
