@@ -69,9 +69,9 @@ def global_magnitude(table: LatencyTable, weights: Mapping[str, np.ndarray], spe
     lo, hi = 0, len(allm) - 1
     top = _levels_for_threshold(float(np.nextafter(allm[hi], np.inf)), mags, grid)
     if table.predicted_time(top) > target:
+        most = table.dense_total_s / table.predicted_time(top)
         raise InfeasibleBudgetError(
-            f"global magnitude pruning cannot reach {speedup:g}x with this grid "
-            f"(at most {table.dense_total_s / table.predicted_time(top):.3f}x)",
+            f"global magnitude pruning cannot reach {speedup:g}x with this grid (at most {most:.3f}x)", max_speedup=most,
         )
     # smallest index whose threshold meets the budget (time is monotone non-increasing in tau
     # only up to latency noise, so the bisection gives a threshold that meets it, not the least)

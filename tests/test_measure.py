@@ -142,3 +142,31 @@ def test_matched_baselines_record_spdy_in_the_same_rounds():
     assert rec["matched"] and rec["measured"] == pytest.approx(1.7)
     assert rec["spdy_measured_same_rounds"] == pytest.approx(1.6)
     assert best2.measured_speedup == pytest.approx(1.4)  # the pool still holds the slow spell
+
+
+def test_a_baseline_short_of_spdys_final_target_is_matched_at_the_most_it_reaches():
+    """SPDY's fit raised its DP target past what uniform reaches (2.618 vs 2.613 in a MiniLM run):
+    uniform is solved for its own most, not left at the old target, and the record says so."""
+    from spdy.errors import InfeasibleBudgetError
+    from spdy.measure import _match_baselines
+
+    best = pooled(_outcome(2.6), 0.5, [1.9, 1.9, 1.9], 1.0, 50.0, keep=False)
+    old = dataclasses.replace(_outcome(1.9), method="uniform")
+    asked: list[float] = []
+
+    def resolve(n, t):
+        asked.append(t)
+        if t > 2.5:
+            raise InfeasibleBudgetError("out of reach", max_speedup=2.5)
+        return dataclasses.replace(_outcome(t), method=n)
+
+    def measure(sols):
+        return {k: (0.5, 2.0, 1.0, np.full(3, 2.0)) for k in sols}
+
+    out, _, (rec,) = _match_baselines(best, 2.6, 1.9, {"uniform": old}, resolve, measure, 50.0)
+    assert asked[0] == 2.6 and asked[1] == pytest.approx(2.5)
+    assert rec["dp_target"] == pytest.approx(2.5) and rec["spdy_dp_target"] == 2.6
+    assert "short of SPDY's final DP target" in rec["why"]
+    # a baseline whose most is no nearer than its old target keeps it
+    out, _, records = _match_baselines(best, 2.6, 2.55, {"uniform": old}, resolve, measure, 50.0)
+    assert records == [] and out["uniform"] is old

@@ -233,8 +233,10 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     for f in res.fit:
         if f.get("matched"):
             same = f.get("spdy_measured_same_rounds")
-            print(f"{f['method']}: solved for SPDY's final DP target {f['dp_target']:.3f} (was {f['from_dp_target']:.3f}) "
-                  f"and measured side by side with it: {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}"
+            spdy_t = f.get("spdy_dp_target", f["dp_target"])
+            short = "" if abs(spdy_t - f["dp_target"]) <= 1e-9 * spdy_t else f" (SPDY's: {spdy_t:.3f}, out of its reach)"
+            print(f"{f['method']}: solved for DP target {f['dp_target']:.3f}{short} (was {f['from_dp_target']:.3f}) "
+                  f"and measured side by side with SPDY's model: {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}"
                   + (f" (SPDY in the same rounds: {same:.2f}x)" if same is not None else ""))
             continue
         print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
