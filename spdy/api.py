@@ -202,6 +202,14 @@ def apply(
         raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     model_dir = result_model_dir(result)
     weights, manifest = load_pruned(model_dir)
+    from spdy.export import hardware_differences
+    from spdy.hardware import fingerprint as hardware_fingerprint
+
+    moved = hardware_differences(manifest, hardware_fingerprint())
+    if moved:
+        log.warning("this pruned model was searched and timed on another machine (%s): its speedup and the kernel "
+                    "format of each layer were measured there, not here; run spdy search on this machine for a "
+                    "profile of its own", "; ".join(moved))
     for name in weights:
         try:
             get_module(model, name)

@@ -8,10 +8,15 @@ Buffers re-estimated for the pruned model (BatchNorm running statistics) are
 stored as ``buffer:<module>.<buffer>`` and listed under ``buffers`` in the manifest.
 The manifest's ``batchnorm_folds`` lists the ``[layer, BatchNorm]`` pairs the model was
 timed with folded (:mod:`spdy.fold`); ``spdy.apply`` folds them (:func:`load_folds`).
+``weights_sha256`` is the SHA-256 of ``weights.safetensors``: loading checks it, so a file
+changed or cut short since spdy wrote it is an error, not a silently different model; the
+search's ``fingerprint`` (the machine and runtime it was timed on) lets loading on another
+machine warn (:func:`hardware_differences`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -71,21 +76,53 @@ def save_pruned(model: nn.Module, layers: Mapping[str, dict[str, Any]], out_dir:
         entries[name] = {**info, "shape": list(w.shape), "nnz": int(np.count_nonzero(w))}
     with tempfile.TemporaryDirectory() as tmp:
         save_file(tensors, f"{tmp}/w.safetensors")
-        atomic_write_bytes(out / "weights.safetensors", Path(f"{tmp}/w.safetensors").read_bytes())
+        data = Path(f"{tmp}/w.safetensors").read_bytes()
+        atomic_write_bytes(out / "weights.safetensors", data)
     atomic_write_json(out / "manifest.json", {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-                                              "layers": entries, "buffers": sorted(buffers or {}), **(meta or {})})
+                                              "layers": entries, "buffers": sorted(buffers or {}),
+                                              "weights_sha256": hashlib.sha256(data).hexdigest(), **(meta or {})})
     return out
+
+
+def _checked_weights(d: Path, man: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``weights.safetensors`` of the pruned model in ``d``, after checking it against the manifest's
+    checksum (manifests written before checksums have none and are not checked)."""
+    from safetensors.numpy import load
+
+    path = d / "weights.safetensors"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc}. Re-run the search to write it again.") from None
+    want = man.get("weights_sha256")
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise InvalidInputError(
+            f"{path} does not match the checksum in its manifest: it was changed or cut short after spdy wrote it. "
+            "Restore the file or re-run the search.")
+    return load(data)
+
+
+#: the fingerprint keys that say which machine a result was timed on
+MACHINE_KEYS = ("cpu_model", "machine", "logical_cores", "usable_cores")
+
+
+def hardware_differences(manifest: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """How the machine a pruned model was timed on (its manifest's ``fingerprint``) differs from
+    ``current`` (:func:`spdy.hardware.fingerprint`); empty when it does not, or is not recorded."""
+    then = manifest.get("fingerprint")
+    if not isinstance(then, Mapping):
+        return []
+    return [f"{k}: timed on {then.get(k)!r}, this machine has {current.get(k)!r}"
+            for k in MACHINE_KEYS if k in then and then.get(k) != current.get(k)]
 
 
 def load_pruned(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Dense fp32 weights (zeros where pruned) per stored layer, and the manifest."""
-    from safetensors.numpy import load_file
-
     d = Path(model_dir)
     man = read_json(d / "manifest.json", "pruned-model manifest")
     if man.get("schema") != SCHEMA or man.get("schema_version") != SCHEMA_VERSION:
         raise InvalidInputError(f"{d} is not an spdy pruned model of schema version {SCHEMA_VERSION}")
-    t = load_file(str(d / "weights.safetensors"))
+    t = _checked_weights(d, man)
     weights = {}
     for name, e in man["layers"].items():
         weights[name] = _from_csr(t[f"{name}.crow"], t[f"{name}.col"], t[f"{name}.val"], tuple(e["shape"]))
@@ -94,13 +131,12 @@ def load_pruned(model_dir: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
 
 def load_buffers(model_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The buffers stored with a pruned model (``<module>.<buffer>`` -> array); empty if none."""
-    from safetensors.numpy import load_file
-
     d = Path(model_dir)
-    names = read_json(d / "manifest.json", "pruned-model manifest").get("buffers", [])
+    man = read_json(d / "manifest.json", "pruned-model manifest")
+    names = man.get("buffers", [])
     if not names:
         return {}
-    t = load_file(str(d / "weights.safetensors"))
+    t = _checked_weights(d, man)
     return {n: t[f"buffer:{n}"] for n in names}
 
 

@@ -189,7 +189,7 @@ def write_outputs(outcome: SearchOutcome, bundle: ModelBundle, database: Any, ta
         "model": outcome.model, "backend": outcome.backend, "target_speedup": outcome.target_speedup,
         "predicted_speedup": outcome.predicted_speedup, "measured_speedup": outcome.measured_speedup,
         "method": outcome.result.method, "calibration_id": bundle.calibration_id,
-        "batchnorm_folds": [p.to_json() for p in bundle.batchnorm_folds],
+        "batchnorm_folds": [p.to_json() for p in bundle.batchnorm_folds], "fingerprint": outcome.fingerprint,
     })
     del pruned
     bases = {n: b.solution for n, b in outcome.baselines.items() if isinstance(b, Outcome)}

@@ -637,3 +637,22 @@ def test_a_result_timed_compiled_is_applied_compiled(bundle, tmp_path_factory, t
     x = bundle.calibration[0]
     with torch.inference_mode():
         torch.testing.assert_close(deployed(x), fresh(x), rtol=1e-4, atol=1e-4)
+
+
+def test_applying_a_result_timed_on_another_machine_warns(bundle, profile_path, tmp_path, caplog):
+    import json
+
+    out = tmp_path / "out"
+    _search(bundle, profile_path, tmp_path, measure=False, baselines=(), out=out)
+    man_path = out / "model" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    assert man["fingerprint"]["cpu_model"]  # the machine it was timed on is recorded
+    with caplog.at_level("WARNING", logger="spdy.api"):
+        spdy.apply(mlp_factory()["model"], out)
+    assert not [r for r in caplog.records if "another machine" in r.getMessage()]
+    man["fingerprint"]["cpu_model"] = "Some Other CPU"
+    man_path.write_text(json.dumps(man))
+    with caplog.at_level("WARNING", logger="spdy.api"):
+        spdy.apply(mlp_factory()["model"], out)
+    (warning,) = [r.getMessage() for r in caplog.records if "another machine" in r.getMessage()]
+    assert "Some Other CPU" in warning and "run spdy search on this machine" in warning

@@ -51,3 +51,41 @@ def test_buffers_roundtrip(tmp_path) -> None:
     assert load_buffers(tmp_path / "n") == {}
     with pytest.raises(ProfileMismatchError, match="lacks"):
         apply_buffers(nn.Sequential(nn.Linear(3, 3)), got)
+
+
+def test_a_changed_or_truncated_weights_file_is_refused_by_its_checksum(tmp_path) -> None:
+    import json
+
+    from spdy.errors import InvalidInputError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight[model[0].weight.abs() < 0.1] = 0
+    save_pruned(model, {"0": {"sparsity": 0.4, "level": 4}}, tmp_path / "m")
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert len(man["weights_sha256"]) == 64
+    load_pruned(tmp_path / "m")  # intact: loads
+    path = tmp_path / "m" / "weights.safetensors"
+    data = path.read_bytes()
+    for bad in (data[:-7], data[:-1] + bytes([data[-1] ^ 1])):  # cut short; one bit flipped
+        path.write_bytes(bad)
+        with pytest.raises(InvalidInputError, match="checksum"):
+            load_pruned(tmp_path / "m")
+    # a manifest written before checksums has none: not checked
+    path.write_bytes(data)
+    del man["weights_sha256"]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(man))
+    assert set(load_pruned(tmp_path / "m")[0]) == {"0"}
+
+
+def test_hardware_differences_name_the_machine_a_model_was_timed_on() -> None:
+    from spdy.export import hardware_differences
+    from spdy.hardware import fingerprint
+
+    here = fingerprint(threads=2)
+    assert hardware_differences({"fingerprint": here}, fingerprint()) == []  # threads are the user's choice
+    assert hardware_differences({}, here) == []  # not recorded (older results)
+    other = dict(here, cpu_model="Some Other CPU", logical_cores=64)
+    diffs = hardware_differences({"fingerprint": other}, here)
+    assert len(diffs) == 2 and "Some Other CPU" in diffs[0] + diffs[1] and "64" in diffs[0] + diffs[1]
