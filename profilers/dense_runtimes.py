@@ -8,6 +8,9 @@ builds a runner of the dense model in
 * ``torch``: torch eager, the model as it is timed (its inference form: BatchNorms
   folded, as ONNX Runtime folds them too) with torch's own ``nn.Linear``/``nn.Conv2d``, on
   the backend's device and dtype and with its thread count;
+* ``torch_channels_last``: torch eager with the model and its input in the ``channels_last``
+  memory format (NHWC, what oneDNN's convolutions prefer on the CPU); only for a model with
+  convolutions that takes one 4-D image batch, and not listed at all for others;
 * ``torch_compile``: the same torch model compiled by ``torch.compile`` (Inductor's C++
   backend, static shapes), on the CPU only; it compiles when the runner is made (seconds;
   on the digits-sized test models about one);
@@ -42,13 +45,15 @@ from spdy.profilers.base import Backend, LayerChoice, Runner, Timing, as_numpy
 log = logging.getLogger(__name__)
 
 TORCH = "torch"
+TORCH_CHANNELS_LAST = "torch_channels_last"
 TORCH_COMPILE = "torch_compile"
 ONNXRUNTIME = "onnxruntime"
 #: the backend's own unpruned plan (what the latency table predicts against)
 DENSE_PLAN = "dense_plan"
 #: the dense runtimes a user could deploy instead, in the order they are reported
-RUNTIMES = (TORCH, TORCH_COMPILE, ONNXRUNTIME)
-LABELS = {TORCH: "torch eager", TORCH_COMPILE: "torch.compile", ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan"}
+RUNTIMES = (TORCH, TORCH_CHANNELS_LAST, TORCH_COMPILE, ONNXRUNTIME)
+LABELS = {TORCH: "torch eager", TORCH_CHANNELS_LAST: "torch eager channels_last", TORCH_COMPILE: "torch.compile",
+          ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan"}
 #: ONNX Runtime's output may differ from torch's by this much (relative to the largest output value)
 OUTPUT_RTOL = 1e-2
 
@@ -88,6 +93,11 @@ def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
     else:
         tb = TorchCpuBackend(threads=backend.threads, policy=backend.policy)
         runtimes[TORCH] = DenseRuntime(TORCH, tb.model_runner(bundle, {}), tb)
+    if _is_cnn(backend, bundle):
+        try:
+            runtimes[TORCH_CHANNELS_LAST] = _torch_channels_last(bundle, runtimes[TORCH])
+        except _Unavailable as exc:
+            unavailable[TORCH_CHANNELS_LAST] = str(exc)
     try:
         runtimes[TORCH_COMPILE] = _torch_compile(backend, bundle, runtimes[TORCH])
     except _Unavailable as exc:
@@ -103,6 +113,37 @@ def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
 
 class _Unavailable(Exception):
     """Why a dense runtime cannot run the model (internal: becomes an entry of ``unavailable``)."""
+
+
+def _is_cnn(backend: Backend, bundle: Any) -> bool:
+    """A model with convolutions that takes one 4-D image batch, timed on the CPU in float32."""
+    import torch
+
+    return (getattr(backend, "device", "cpu") == "cpu" and getattr(backend, "dtype_name", "float32") == "float32"
+            and isinstance(bundle.example, torch.Tensor) and bundle.example.dim() == 4
+            and any(isinstance(m, torch.nn.Conv2d) for m in bundle.model.modules()))
+
+
+def _torch_channels_last(bundle: Any, eager: DenseRuntime) -> DenseRuntime:
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(bundle.model).float().eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    ex = bundle.example.float().contiguous(memory_format=torch.channels_last)
+    fwd = bundle.forward
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return fwd(model, ex)
+
+    try:
+        got = as_numpy(run())
+    except Exception as exc:  # an op without a channels_last kernel, a layout the model cannot take
+        raise _Unavailable(f"the model does not run in channels_last ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    _check_same_output(got, as_numpy(eager.runner()), "torch eager in channels_last")
+    return DenseRuntime(TORCH_CHANNELS_LAST, run, eager.timer)
 
 
 def _torch_compile(backend: Backend, bundle: Any, eager: DenseRuntime) -> DenseRuntime:

@@ -46,7 +46,7 @@ def _args() -> argparse.Namespace:
                     "miniature; 0 = the full default, k=100)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reference", default="fastest", choices=("fastest", "torch", "torch_compile", "onnxruntime"),
+    ap.add_argument("--reference", default="fastest", choices=("fastest", "torch", "torch_channels_last", "torch_compile", "onnxruntime"),
                     help="the dense runtime the targets are over")
     ap.add_argument("--calibration", type=int, default=128, help="calibration documents (the rest are held out)")
     ap.add_argument("--out", default="out/bench_minilm", help="folder for each target's spdy search output")

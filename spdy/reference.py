@@ -3,9 +3,11 @@
 ``spdy search --speedup 2x`` asks for a pruned model twice as fast as the dense model in
 the reference runtime (:data:`REFERENCES`, ``--reference``):
 
-* ``fastest`` (the default): the fastest of torch eager, torch.compile and ONNX Runtime, as
-  measured here;
+* ``fastest`` (the default): the fastest of the dense runtimes measured here (torch eager, for
+  CNNs torch eager in ``channels_last``, torch.compile and ONNX Runtime);
 * ``torch``: torch eager, for users who deploy the model in eager torch;
+* ``torch_channels_last``: torch eager in the ``channels_last`` memory format (CNNs that take
+  one image batch only);
 * ``torch_compile``: the model compiled by ``torch.compile`` (CPU, float32);
 * ``onnxruntime``: ONNX Runtime (an error where it cannot run the model).
 
@@ -35,6 +37,7 @@ from spdy.profilers.dense_runtimes import (
     ONNXRUNTIME,
     RUNTIMES,
     TORCH,
+    TORCH_CHANNELS_LAST,
     TORCH_COMPILE,
     DenseRuntimes,
     dense_runtimes,
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 FASTEST = "fastest"
 #: the choices of ``--reference``
-REFERENCES = (FASTEST, TORCH, TORCH_COMPILE, ONNXRUNTIME)
+REFERENCES = (FASTEST, TORCH, TORCH_CHANNELS_LAST, TORCH_COMPILE, ONNXRUNTIME)
 #: the DP never aims below this, even where the dense plan alone is faster than the reference
 MIN_DP_TARGET = 1.01
 
@@ -81,6 +84,10 @@ def check_available(asked: str, runtimes: DenseRuntimes) -> None:
         raise ReferenceUnavailableError(
             f"--reference {asked}: {LABELS[asked]} cannot run this model here ({runtimes.unavailable[asked]}). "
             f"Use --reference {TORCH} (or {FASTEST}, which then falls back to torch eager)")
+    if asked == TORCH_CHANNELS_LAST and runtimes.runtimes and asked not in runtimes.runtimes:
+        raise ReferenceUnavailableError(
+            f"--reference {asked}: {LABELS[asked]} is measured only for a model with convolutions that takes one "
+            f"4-D image batch, on the CPU in float32; this one is not. Use --reference {TORCH} or {FASTEST}")
 
 
 @dataclass(frozen=True)

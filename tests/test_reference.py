@@ -45,7 +45,7 @@ def test_without_onnxruntime_fastest_falls_back_to_torch_and_says_so():
     with pytest.raises(ReferenceUnavailableError, match="erfinv.*--reference torch"):
         check_available("onnxruntime", DenseRuntimes({}, why))
     check_available("fastest", DenseRuntimes({}, why))  # falls back, no error
-    with pytest.raises(InvalidInputError, match="fastest, torch, torch_compile, onnxruntime"):
+    with pytest.raises(InvalidInputError, match="fastest, torch, torch_channels_last, torch_compile, onnxruntime"):
         check_reference("tensorrt")
 
 

@@ -65,9 +65,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--speedup", required=True,
                    help="target end-to-end speedup over the dense model in the --reference runtime, e.g. 2.5x or 2.5")
     p.add_argument("--reference", default="fastest", choices=REFERENCES,
-                   help="the dense runtime --speedup is over: fastest = the fastest of torch eager, torch.compile "
-                   "and ONNX Runtime (of those that run the model); torch = torch eager; torch_compile = "
-                   "torch.compile; onnxruntime = ONNX Runtime (an error where it cannot run the model)")
+                   help="the dense runtime --speedup is over: fastest = the fastest of torch eager, torch eager in "
+                   "channels_last (CNNs), torch.compile and ONNX Runtime (of those that run the model); torch = "
+                   "torch eager; torch_channels_last = torch eager in channels_last; torch_compile = torch.compile; "
+                   "onnxruntime = ONNX Runtime (an error where it cannot run the model)")
     p.add_argument("--backend", default="spdy-cpu", help="latency backend: spdy-cpu, spdy-cpu-compiled, ort-cpu, torch-cuda or torch-cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the runtime being profiled and measured (default: the usable cores)%(default).0s")

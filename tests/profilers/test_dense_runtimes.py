@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from conftest import TEST_POLICY
 from torch import nn
@@ -14,6 +15,7 @@ from spdy.profilers import as_numpy, get_backend
 from spdy.profilers.dense_runtimes import (
     ONNXRUNTIME,
     TORCH,
+    TORCH_CHANNELS_LAST,
     TORCH_COMPILE,
     DenseRuntime,
     DenseRuntimes,
@@ -109,3 +111,24 @@ def test_measured_side_by_side_on_a_real_backend(tiny_mlp):
     assert len(per_plan) == 2 and all(len(p) == 1 for p in per_plan)
     assert all(set(r) == {TORCH, TORCH_COMPILE, ONNXRUNTIME} and all(t.median_s > 0 for t in r.values())
                for r in per_runtime)
+
+
+def test_a_cnn_is_also_timed_in_channels_last_and_an_mlp_is_not(tiny_conv, tiny_mlp):
+    from spdy.errors import ReferenceUnavailableError
+    from spdy.reference import check_available
+
+    be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
+    rts = dense_runtimes(be, tiny_conv)
+    assert TORCH_CHANNELS_LAST in rts.runtimes and rts.runtimes[TORCH_CHANNELS_LAST].timer is None
+    with torch.inference_mode():
+        want = tiny_conv.forward(tiny_conv.model, tiny_conv.example).numpy()
+    np.testing.assert_allclose(as_numpy(rts.runtimes[TORCH_CHANNELS_LAST].runner()), want, rtol=1e-4, atol=1e-5)
+    # the runner's model really is in channels_last (its first convolution's weight)
+    cells = [c.cell_contents for c in rts.runtimes[TORCH_CHANNELS_LAST].runner.__closure__ or ()]
+    (model,) = [c for c in cells if isinstance(c, nn.Module)]
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1
+    mlp = dense_runtimes(be, tiny_mlp)
+    assert TORCH_CHANNELS_LAST not in mlp.runtimes and TORCH_CHANNELS_LAST not in mlp.unavailable  # not listed at all
+    with pytest.raises(ReferenceUnavailableError, match="4-D image batch"):
+        check_available(TORCH_CHANNELS_LAST, mlp)
