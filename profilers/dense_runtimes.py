@@ -115,21 +115,35 @@ class _Unavailable(Exception):
     """Why a dense runtime cannot run the model (internal: becomes an entry of ``unavailable``)."""
 
 
+def _why(exc: Exception) -> str:
+    """An exception's type and the first line of its message (a runtime's errors run long)."""
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def _cpu_float32(backend: Backend) -> bool:
+    return getattr(backend, "device", "cpu") == "cpu" and getattr(backend, "dtype_name", "float32") == "float32"
+
+
+def _dense_copy(bundle: Any) -> Any:
+    """A float32 inference copy of ``bundle``'s model for a torch dense runtime of its own."""
+    import copy
+
+    return copy.deepcopy(bundle.model).float().eval().requires_grad_(False)
+
+
 def _is_cnn(backend: Backend, bundle: Any) -> bool:
     """A model with convolutions that takes one 4-D image batch, timed on the CPU in float32."""
     import torch
 
-    return (getattr(backend, "device", "cpu") == "cpu" and getattr(backend, "dtype_name", "float32") == "float32"
-            and isinstance(bundle.example, torch.Tensor) and bundle.example.dim() == 4
+    return (_cpu_float32(backend) and isinstance(bundle.example, torch.Tensor) and bundle.example.dim() == 4
             and any(isinstance(m, torch.nn.Conv2d) for m in bundle.model.modules()))
 
 
 def _torch_channels_last(bundle: Any, eager: DenseRuntime) -> DenseRuntime:
-    import copy
-
     import torch
 
-    model = copy.deepcopy(bundle.model).float().eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    model = _dense_copy(bundle).to(memory_format=torch.channels_last)
     ex = bundle.example.float().contiguous(memory_format=torch.channels_last)
     fwd = bundle.forward
 
@@ -140,22 +154,19 @@ def _torch_channels_last(bundle: Any, eager: DenseRuntime) -> DenseRuntime:
     try:
         got = as_numpy(run())
     except Exception as exc:  # an op without a channels_last kernel, a layout the model cannot take
-        raise _Unavailable(f"the model does not run in channels_last ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise _Unavailable(f"the model does not run in channels_last ({_why(exc)})") from None
     _check_same_output(got, as_numpy(eager.runner()), "torch eager in channels_last")
     return DenseRuntime(TORCH_CHANNELS_LAST, run, eager.timer)
 
 
 def _torch_compile(backend: Backend, bundle: Any, eager: DenseRuntime) -> DenseRuntime:
-    import copy
-
     import torch
 
     from spdy.profilers.torch_backends import move_batch
 
-    if getattr(backend, "device", "cpu") != "cpu" or getattr(backend, "dtype_name", "float32") != "float32":
+    if not _cpu_float32(backend):
         raise _Unavailable("measured as a dense reference on the CPU in float32 only")
-    model = copy.deepcopy(bundle.model).float().eval().requires_grad_(False)
+    model = _dense_copy(bundle)
     ex = move_batch(bundle.example, "cpu", torch.float32)
     fwd = bundle.forward
     try:
@@ -167,8 +178,7 @@ def _torch_compile(backend: Backend, bundle: Any, eager: DenseRuntime) -> DenseR
 
         got = as_numpy(run())  # compiles here, not in a timing
     except Exception as exc:  # the compiler's own errors (unsupported op, C++ build)
-        raise _Unavailable(f"torch.compile cannot compile the model ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise _Unavailable(f"torch.compile cannot compile the model ({_why(exc)})") from None
     _check_same_output(got, as_numpy(eager.runner()), "torch.compile")
     return DenseRuntime(TORCH_COMPILE, run, eager.timer)
 
@@ -202,8 +212,7 @@ def _onnxruntime(backend: Backend, bundle: Any, torch_runner: Runner) -> DenseRu
     except SpdyError as exc:
         raise _Unavailable(str(exc)) from None
     except Exception as exc:  # ONNX Runtime's own errors (unsupported op, type, shape)
-        raise _Unavailable(f"ONNX Runtime cannot run the exported model ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise _Unavailable(f"ONNX Runtime cannot run the exported model ({_why(exc)})") from None
     _check_same_output(got, as_numpy(torch_runner()), "ONNX Runtime")
     return DenseRuntime(ONNXRUNTIME, runner, timer)
 

@@ -208,7 +208,8 @@ class _SlotModel:
 
         self.specs = dict(specs)
         self.io = io
-        self.slots = {n: _Slot(model.get_submodule(n), tuple(io[n][1].shape)) for n in specs}
+        slot = _slot_class()
+        self.slots = {n: slot(model.get_submodule(n), tuple(io[n][1].shape)) for n in specs}
         swap_modules(model, dict(self.slots))
         self.originals = {n: s.target for n, s in self.slots.items()}
         self.example = move_batch(bundle.example, "cpu", torch.float32)
@@ -259,18 +260,7 @@ def _slot_class() -> type:
         def _run(self, x: Any) -> Any:
             return self.target(x)
 
-        def forward(self, x: Any) -> Any:
-            import torch
-
-            if torch.compiler.is_compiling():
-                return torch.ops.spdy.call(x, self._handle, self.out_shape)
-            return self.target(x)
-
     return Slot
-
-
-def _Slot(target: Any, out_shape: tuple[int, ...]) -> Any:
-    return _slot_class()(target, out_shape)
 
 
 def _libgomp() -> Any:

@@ -11,8 +11,9 @@ weights, the ``dnnl`` format). Each model runs in
 * ``compiled``: the ``spdy-cpu-compiled`` backend's (the rest of the model compiled by
   Inductor's C++ backend, each sparse layer one ``spdy::call`` op),
 
-and the base (every prunable layer a stand-in) in both. All of them, torch eager dense and
-torch.compile dense (the whole model in one graph, no slots) are timed interleaved call by
+and the base (every prunable layer a stand-in) in both. All of them and the dense runtimes of
+torch's pool (torch eager; torch.compile, the whole model in one graph, no slots; for a CNN
+torch eager in channels_last) are timed interleaved call by
 call, round by round, ONNX Runtime dense in a block of its own next to them (its own thread
 pool, as :mod:`spdy.profilers.dense_runtimes` times it). Every number printed is a median
 over rounds of a ratio taken within one round. ``--json FILE`` writes them with the hardware
@@ -40,7 +41,7 @@ from _common import write_json  # noqa: E402
 from spdy import kernels  # noqa: E402
 from spdy.models.minilm import load_minilm  # noqa: E402
 from spdy.profilers import STANDIN, LayerChoice, get_backend  # noqa: E402
-from spdy.profilers.dense_runtimes import ONNXRUNTIME, TORCH, TORCH_COMPILE, _time_apart, dense_runtimes  # noqa: E402
+from spdy.profilers.dense_runtimes import LABELS, ONNXRUNTIME, RUNTIMES, TORCH, _time_apart, dense_runtimes  # noqa: E402
 from spdy.profilers.pruning import LevelPruner  # noqa: E402
 from spdy.stages import as_bundle  # noqa: E402
 
@@ -87,7 +88,7 @@ def main() -> None:
     runtimes = dense_runtimes(eager, bundle)
     keys = list(plans)
     got: dict[str, dict[str, list[float]]] = {k: {"eager": [], "compiled": []} for k in keys}
-    dense: dict[str, list[float]] = {TORCH: [], TORCH_COMPILE: [], ONNXRUNTIME: []}
+    dense: dict[str, list[float]] = {rt: [] for rt in RUNTIMES if rt in runtimes.runtimes}
     eager_runs = [eager.model_runner(bundle, p) for p in plans.values()]
     same = [rt for rt in runtimes.runtimes.values() if rt.timer is None]  # torch eager: this pool
     apart = [rt for rt in runtimes.runtimes.values() if rt.timer is not None]  # ONNX Runtime: its own
@@ -117,9 +118,8 @@ def main() -> None:
 
     ref = dense[ONNXRUNTIME] if dense[ONNXRUNTIME] else dense[TORCH]
     ref_name = ONNXRUNTIME if dense[ONNXRUNTIME] else TORCH
-    print(f"\n{bundle.name}, {args.threads} thread(s), median of {args.rounds} rounds; "
-          f"torch eager dense {med(dense[TORCH]) * 1e3:.2f} ms, torch.compile dense (the whole model in one "
-          f"graph) {med(dense[TORCH_COMPILE]) * 1e3:.2f} ms, ONNX Runtime dense {med(dense[ONNXRUNTIME]) * 1e3:.2f} ms")
+    print(f"\n{bundle.name}, {args.threads} thread(s), median of {args.rounds} rounds; dense: "
+          + ", ".join(f"{LABELS[rt]} {med(v) * 1e3:.2f} ms" for rt, v in dense.items()))
     print(f"{'model':<8} {'eager ms':>9} {'compiled ms':>12} {'compiled/eager':>15} "
           f"{'eager over ' + ref_name:>24} {'compiled over ' + ref_name:>27}")
     rows = {}

@@ -193,8 +193,9 @@ def apply(
     compiles at its first call, and again for each new input shape); ``model`` itself is the
     uncompiled module inside it.
     """
-    from spdy.export import apply_buffers, apply_weights, load_buffers, load_folds, load_pruned
+    from spdy.export import apply_buffers, apply_weights, hardware_differences, load_buffers, load_folds, load_pruned
     from spdy.fold import fold_batchnorm
+    from spdy.hardware import fingerprint as hardware_fingerprint
 
     if isinstance(model, ModelBundle):
         model = model.model
@@ -202,9 +203,6 @@ def apply(
         raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     model_dir = result_model_dir(result)
     weights, manifest = load_pruned(model_dir)
-    from spdy.export import hardware_differences
-    from spdy.hardware import fingerprint as hardware_fingerprint
-
     moved = hardware_differences(manifest, hardware_fingerprint())
     if moved:
         log.warning("this pruned model was searched and timed on another machine (%s): its speedup and the kernel "

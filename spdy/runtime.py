@@ -97,7 +97,10 @@ def _call_fake(x: torch.Tensor, handle: int, out_shape: Sequence[int]) -> torch.
 
 
 class _Compilable(nn.Module):
-    """A module that runs as ``spdy::call`` under torch.compile and as ``_run`` otherwise."""
+    """A module that runs as ``spdy::call`` under torch.compile and as ``_run`` otherwise
+    (one with a dense torch weight, ``_dense_w``, runs torch's own op either way)."""
+
+    _dense_w: torch.Tensor | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,7 +114,7 @@ class _Compilable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a layer kept dense runs torch's own op, which the compiler sees and may fuse
-        if torch.compiler.is_compiling() and getattr(self, "_dense_w", None) is None:
+        if torch.compiler.is_compiling() and self._dense_w is None:
             return torch.ops.spdy.call(x, self._handle, self._out_shape(x))
         return self._run(x)
 

@@ -123,17 +123,18 @@ class PreparedLinear:
     def serial(self) -> bool:
         return is_serial(self.format)
 
-    def dnnl_weight(self) -> torch.Tensor:
-        """The weight packed in oneDNN's layout (the ``dnnl`` format), packed at first use and
-        kept; copies and pickles pack again rather than carry it."""
-        packed = self.__dict__.get("_dnnl")
-        if packed is None:
+    def dnnl_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight packed in oneDNN's layout (the ``dnnl`` format) and the bias as a tensor,
+        made at first use and kept; copies and pickles pack again rather than carry them."""
+        got = self.__dict__.get("_dnnl")
+        if got is None:
             if self.dense is None:
                 raise InvalidInputError(f"a {self.format!r} weight has no dense copy to pack for oneDNN")
             tokens = int(self.__dict__.get("_dnnl_tokens") or DNNL_TOKENS)
-            packed = torch.ops.mkldnn._reorder_linear_weight(torch.from_numpy(self.dense), tokens)
-            object.__setattr__(self, "_dnnl", packed)
-        return packed
+            got = (torch.ops.mkldnn._reorder_linear_weight(torch.from_numpy(self.dense), tokens),
+                   torch.from_numpy(self.bias) if self.has_bias else None)
+            object.__setattr__(self, "_dnnl", got)
+        return got
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -181,11 +182,8 @@ class PreparedLinear:
 
 def dnnl_linear(x: torch.Tensor, prepared: PreparedLinear) -> torch.Tensor:
     """``x W^T + b`` of a ``dnnl`` weight on a float32 torch tensor ``[..., in_features]`` (a new tensor)."""
-    bias = prepared.__dict__.get("_dnnl_bias")
-    if bias is None and prepared.has_bias:
-        bias = torch.from_numpy(prepared.bias)
-        object.__setattr__(prepared, "_dnnl_bias", bias)
-    return torch.ops.mkldnn._linear_pointwise(x, prepared.dnnl_weight(), bias, "none", [], "")
+    packed, bias = prepared.dnnl_weight()
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def token_waste(tokens: int | None) -> float:
