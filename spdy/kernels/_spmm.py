@@ -18,9 +18,12 @@ Layout and blocking, from measurements on a 2-core Zen 5 (see
   stay in L1 while all output rows sweep over them; partial sums go through
   the (L1/L2 resident) tile of ``Y^T``. Without panels the kernel is bound by
   L2->L1 bandwidth (~65-90 GFLOP/s instead of ~120-140).
-* Threads split the output rows into contiguous chunks of equal work (nonzeros
-  plus a per-row constant), rounded to 16 rows so that the final transposition
-  back to [T, O] never shares a cache line between threads.
+* Threads split the token tiles (:func:`tiles_forward`): each packs, multiplies
+  and writes its own tiles, so nothing one core wrote is read by another. Only
+  when there are fewer tiles than threads do the threads of one tile split its
+  output rows, into contiguous chunks of equal work (nonzeros plus a per-row
+  constant) rounded to 16 rows so that the transposition back to [T, O] never
+  shares a cache line between threads.
 
 Weight format (``panel-CSR``): nonzeros sorted by (panel, row, column);
 ``ptr[p * O + o] : ptr[p * O + o + 1]`` are the nonzeros of row ``o`` in panel
@@ -37,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from spdy.kernels._simd import copy_n, ld, transpose16, vbroadcast, vfma, vload, vstore
+from spdy.kernels._simd import copy_n, ld, transpose16, vbroadcast, vfma, vload, vstore, zero_n
 
 TILE = 64  # tokens per full register tile: 4 vectors of 16 lanes
 LANES = 16
@@ -206,9 +209,8 @@ def _row16_b4(col, val, k0, k1, mult, X, xb, Y, yb, first, b):
 
 
 @njit(**_INLINE)
-def _pack_block(x, T, K, XP, t0, Lt, i0, l0):
-    """One 16x16 block of X[t0+l0 : +16, i0 : +16] into the tile [K, Lt] at XP[t0*K:]."""
-    base = t0 * K
+def _pack_block(x, T, K, XP, base, t0, Lt, i0, l0):
+    """One 16x16 block of X[t0+l0 : +16, i0 : +16] into the tile [K, Lt] at XP[base:]."""
     if i0 + LANES <= K and t0 + l0 + LANES <= T:
         transpose16(x, (t0 + l0) * K + i0, K, XP, base + i0 * Lt + l0, Lt)
     else:
@@ -480,6 +482,27 @@ def _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
 
 
 @njit(**_JIT)
+def _tile_rows(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt, blocked):
+    """Rows r0:r1 of one token tile of width ``Lt`` into YP[yb + o*Lt:], in the weight's format."""
+    if blocked == 2:
+        _tile4x1(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+    elif blocked == 0:
+        if Lt == 64:
+            _tile64(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        elif Lt == 32:
+            _tile32(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        else:
+            _tile16(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+    else:
+        if Lt == 64:
+            _tile64_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        elif Lt == 32:
+            _tile32_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        else:
+            _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+
+
+@njit(**_JIT)
 def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, out_mode, plane, grid_w, valid_w, r0, r1):
     """Rows r0:r1 of Y = X W^T + b for every token tile: one thread's share of a call.
 
@@ -505,22 +528,7 @@ def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y
             xb = t0
             mult = 1
         yb = t0 * O
-        if blocked == 2:
-            _tile4x1(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
-        elif blocked == 0:
-            if Lt == 64:
-                _tile64(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
-            elif Lt == 32:
-                _tile32(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
-            else:
-                _tile16(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
-        else:
-            if Lt == 64:
-                _tile64_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
-            elif Lt == 32:
-                _tile32_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
-            else:
-                _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
+        _tile_rows(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt, blocked)
         if out_mode == 0:
             _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
         else:
@@ -528,40 +536,109 @@ def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y
         t0 += Lt
 
 
-@njit(parallel=True, **_JIT)
-def linear_forward(x, T, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, XP, YP, y, nthreads):
-    """A whole Linear call in one dispatch: relay X into token tiles
-    (``XP[t0*K + j*Lt + l] = X[t0 + l, j]``, zero past T), multiply, write Y [T, O].
-
-    ``x`` and ``y`` are the flattened [T, K] input and [T, O] output; ``XP``
-    and ``YP`` 64-byte aligned scratch of at least padded_tokens(T) * K and
-    padded_tokens(T) * O floats; ``nthreads`` the caller's Numba thread count.
-    """
-    n_tiles = (T + TILE - 1) // TILE
-    nib = (K + LANES - 1) // LANES
-    for item in prange(n_tiles * nib):
-        tile = item // nib
-        i0 = (item - tile * nib) * LANES
-        t0 = tile * TILE
-        Lt = tile_width(T, t0)
-        for l0 in range(0, Lt, LANES):
-            _pack_block(x, T, K, XP, t0, Lt, i0, l0)
-    bounds = _row_chunks(row_cost, O, nthreads)
-    for c in prange(nthreads):
-        r0 = bounds[c]
-        r1 = bounds[c + 1]
-        if r1 > r0:
-            _spmm_rows(XP, True, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, 0, 0, 1, 1, r0, r1)
-
-
 @njit(**_JIT)
 def linear_forward_serial(x, T, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, XP, YP, y):
-    """:func:`linear_forward` for one thread, without OpenMP regions (~1 us each)."""
+    """A whole Linear call on the calling thread, without an OpenMP region (~1 us each):
+    relay X into token tiles (``XP[t0*K + j*Lt + l] = X[t0 + l, j]``, zero past T),
+    multiply, write Y [T, O]. ``x``/``y`` are the flattened [T, K] input and [T, O]
+    output; ``XP``/``YP`` 64-byte aligned scratch of at least padded_tokens(T) * K
+    and padded_tokens(T) * O floats."""
     n_tiles = (T + TILE - 1) // TILE
     for tile in range(n_tiles):
         t0 = tile * TILE
         Lt = tile_width(T, t0)
         for i0 in range(0, K, LANES):
             for l0 in range(0, Lt, LANES):
-                _pack_block(x, T, K, XP, t0, Lt, i0, l0)
+                _pack_block(x, T, K, XP, t0 * K, t0, Lt, i0, l0)
     _spmm_rows(XP, True, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, 0, 0, 1, 1, 0, O)
+
+
+@njit(**_INLINE)
+def _pack_channel_major(x, HW, K, XP, xs, t0, nl, Lt):
+    """Tokens t0 .. t0+nl of X stored channel-major per image (x [N, K, HW], token
+    t = pixel t % HW of image t // HW) into the tile [K, Lt] at XP[xs:], zero past nl."""
+    l = 0
+    while l < nl:
+        t = t0 + l
+        n = t // HW
+        p = t - n * HW
+        run = min(nl - l, HW - p)
+        src = n * K * HW + p
+        for j in range(K):
+            copy_n(XP, xs + j * Lt + l, x, src + j * HW, run)
+        l += run
+    if nl < Lt:
+        for j in range(K):
+            zero_n(XP, xs + j * Lt + nl, Lt - nl)
+
+
+@njit(**_INLINE)
+def _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1):
+    """Rows r0:r1 of the tile at YP[yb + o*Lt:] into y [N, O, HW] (token t = pixel t % HW of image t // HW)."""
+    l = 0
+    while l < nl:
+        t = t0 + l
+        n = t // HW
+        p = t - n * HW
+        run = min(nl - l, HW - p)
+        dst = n * O * HW + p
+        for o in range(r0, r1):
+            copy_n(y, dst + o * HW, YP, yb + o * Lt + l, run)
+        l += run
+
+
+@njit(parallel=True, **_JIT)
+def tiles_forward(x, channel_major, N, HW, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, XP, YP, y, nthreads):
+    """Y = X W^T + b, the token tiles split between threads: one dispatch, nothing shared.
+
+    With at least as many tiles as threads, each thread takes a contiguous run
+    of tiles and computes every output row of each: it packs the tile into its
+    own [K, Lt] buffer, multiplies into its own [O, Lt] buffer and writes that
+    out, so both buffers stay in its core's L1/L2 and it reads only its share
+    of X. With fewer tiles than threads, the threads of one tile split its
+    rows (equal work, :func:`_row_chunks`), each packing its own copy of the
+    tile. Splitting only the rows, every thread reads the tile another core
+    packed, across the cores' caches: measured 1.2-5x slower on two threads
+    at 128 tokens, most at high sparsity and wide inputs.
+
+    ``channel_major``: x is [N, K, HW] and y [N, O, HW] (a 1x1 convolution in
+    NCHW; tiles run across image boundaries); otherwise x is [T, K] and y
+    [T, O] with T = N * HW. ``XP``/``YP``: 64-byte aligned scratch of at
+    least ``nthreads * K * TILE`` / ``nthreads * O * TILE`` floats.
+    """
+    T = N * HW
+    n_tiles = (T + TILE - 1) // TILE
+    per_tile = max(1, nthreads // n_tiles)
+    bounds = _row_chunks(row_cost, O, per_tile)
+    for c in prange(nthreads):
+        if per_tile == 1:
+            lo = n_tiles * c // nthreads
+            hi = n_tiles * (c + 1) // nthreads
+            r0 = 0
+            r1 = O
+        else:
+            lo = c // per_tile
+            hi = min(lo + 1, n_tiles)
+            r0 = bounds[c - lo * per_tile]
+            r1 = bounds[c - lo * per_tile + 1]
+        xs = c * K * TILE
+        ys = c * O * TILE
+        for tile in range(lo, hi):
+            if r1 <= r0:
+                break
+            t0 = tile * TILE
+            Lt = tile_width(T, t0)
+            nl = min(Lt, T - t0)
+            if channel_major:
+                _pack_channel_major(x, HW, K, XP, xs, t0, nl, Lt)
+            else:
+                for i0 in range(0, K, LANES):
+                    for l0 in range(0, Lt, LANES):
+                        _pack_block(x, T, K, XP, xs, t0, Lt, i0, l0)
+            # the thread's [O, Lt] buffer holds rows r0:r1 from its start
+            yb = ys - r0 * Lt
+            _tile_rows(col, val, ptr, n_panels, O, r0, r1, Lt, XP, xs, YP, yb, bias, Lt, blocked)
+            if channel_major:
+                _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1)
+            else:
+                _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)

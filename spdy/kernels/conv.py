@@ -2,7 +2,9 @@
 
 Formats: ``dense`` (torch's conv2d, what an unpruned ``nn.Conv2d`` runs) and
 ``csr`` (the Numba kernels of :mod:`spdy.kernels._conv`: implicit GEMM without
-im2col, strides handled by splitting the input into stride phases). The blocked formats are
+im2col, strides handled by splitting the input into stride phases; a 1x1
+convolution with stride 1 over at least 64 pixels per thread runs as a Linear
+layer over the pixels, the tiles of pixels split between threads). The blocked formats are
 not offered for convolutions.
 """
 
@@ -23,7 +25,7 @@ from spdy.errors import InvalidInputError
 from spdy.kernels import _conv, _spmm
 from spdy.kernels._checks import as_bias, as_weight, check_out
 from spdy.kernels._workspace import scratch
-from spdy.kernels.linear import ROW_OVERHEAD, panel_width, token_waste
+from spdy.kernels.linear import ROW_OVERHEAD, PreparedLinear, panel_width, prepare_linear, token_waste
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class PreparedConv2d:
     has_bias: bool
     dense: np.ndarray | None = field(default=None, repr=False)
     triplets: _Triplets | None = field(default=None, repr=False)
+    pointwise: PreparedLinear | None = field(default=None, repr=False)
     _plans: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -248,7 +251,11 @@ def prepare_conv2d(
         raise InvalidInputError(f"format {format!r} supports groups=1 only; got groups={groups}. Use format='dense'.")
     o, c, dy, dx = np.nonzero(Wt)
     trip = _Triplets(o=o.astype(np.int64), c=c.astype(np.int64), dy=dy.astype(np.int64), dx=dx.astype(np.int64), v=Wt[o, c, dy, dx])
-    return PreparedConv2d(format=format, triplets=trip, **common)
+    pointwise = None
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        # a 1x1 convolution is a Linear layer over the pixels
+        pointwise = prepare_linear(Wt.reshape(O, Cg), b if has_bias else None, format="csr")
+    return PreparedConv2d(format=format, triplets=trip, pointwise=pointwise, **common)
 
 
 def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = None) -> np.ndarray:
@@ -280,6 +287,17 @@ def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = Non
         )
         y.reshape(N, O, Ho, Wo)[...] = res.numpy()
         return y
+    nthreads = numba.get_num_threads()
+    pwise = prepared.pointwise
+    if pwise is not None and N * H * W >= nthreads * _spmm.TILE:
+        # every thread gets a tile of pixels of its own (fewer pixels: the row split below)
+        s = pwise.sparse
+        assert s is not None
+        _spmm.tiles_forward(
+            x4.reshape(-1), True, N, H * W, C, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
+            scratch(0, nthreads * C * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y.reshape(-1), nthreads,
+        )
+        return y
     (sh, sw), (ph, pw) = prepared.stride, prepared.padding
     plan = prepared._plan(H, W)
     Hq, Wq, _, _ = _geometry(prepared, H, W)
@@ -287,6 +305,6 @@ def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = Non
     _conv.conv_implicit(
         x4.reshape(-1), N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, plan.ptr, plan.n_panels, plan.col, plan.val,
         prepared.bias, plan.row_cost, scratch(0, sh * sw * C * Hq * Wq + _spmm.TILE + Wq), scratch(1, Tp * O + 64),
-        y.reshape(-1), numba.get_num_threads(),
+        y.reshape(-1), nthreads,
     )
     return y

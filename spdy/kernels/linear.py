@@ -365,16 +365,17 @@ def linear(x: np.ndarray, prepared: PreparedLinear, out: np.ndarray | None = Non
         return y
     s = prepared.sparse
     assert s is not None
-    Tp = _spmm.padded_tokens_py(T)
     nthreads = 1 if prepared.serial else numba.get_num_threads()
-    XP, YP = scratch(0, Tp * K + 64), scratch(1, Tp * O + 64)
     if nthreads == 1:
+        Tp = _spmm.padded_tokens_py(T)
         _spmm.linear_forward_serial(
-            x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost, XP, YP, y2.reshape(-1)
+            x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
+            scratch(0, Tp * K + 64), scratch(1, Tp * O + 64), y2.reshape(-1),
         )
     else:
-        _spmm.linear_forward(
-            x2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost, XP, YP,
-            y2.reshape(-1), nthreads,
+        _spmm.tiles_forward(
+            x2.reshape(-1), False, 1, T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
+            scratch(0, nthreads * K * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y2.reshape(-1),
+            nthreads,
         )
     return y

@@ -32,6 +32,9 @@ def _ref(x, w, b, stride, padding, dilation, groups=1) -> np.ndarray:
         (1, 4, 5, 13, 12, 5, 3, 2, 1, 0.6),  # stride 3
         (1, 9, 7, 40, 37, (2, 4), 2, (0, 3), (2, 1), 0.8),  # stride-2 vectorized path, asymmetric everything
         (1, 64, 64, 20, 20, 3, 1, 1, 1, 0.95),
+        (3, 24, 40, 7, 7, 1, 1, 0, 1, 0.8),  # 1x1 over 147 pixels: tiles across images (Linear path)
+        (2, 17, 33, 15, 11, 1, 1, 0, 1, 0.6),  # 1x1, odd sizes, last tile partial
+        (4, 32, 16, 4, 4, 1, 1, 0, 2, 0.0),  # 1x1 with dilation (irrelevant), 64 pixels
     ],
 )
 def test_conv_matches_torch(fmt, n, c, o, h, w, k, stride, padding, dilation, sparsity, threads) -> None:
@@ -92,3 +95,31 @@ def test_conv_auto_rule() -> None:
     assert K.choose_conv_format(w80, pixels=1) == "dense"  # 16x rounding waste
     assert K.choose_conv_format(w80, groups=2) == "dense"
     assert K.prepare_conv2d(w80).format == "csr"
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n,hw", [(1, 20), (1, 64), (2, 49), (3, 100), (5, 64)])
+def test_pixel_tiles_split_any_thread_count(nthreads: int, n: int, hw: int) -> None:
+    """The 1x1 kernel's split of tiles and rows between ``nthreads`` work items, against torch:
+    more items than tiles (rows split within a tile), fewer, and tiles across images."""
+    from spdy.kernels import _spmm
+    from spdy.kernels._workspace import aligned_empty
+
+    rng = np.random.default_rng(nthreads * 100 + n * 10 + hw)
+    c, o = 40, 72
+    wt = (rng.standard_normal((o, c)) * (rng.random((o, c)) >= 0.7)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, c, hw)).astype(np.float32)
+    for channel_major in (True, False):
+        pl = K.prepare_linear(wt, b, format="csr")
+        s = pl.sparse
+        xin = x if channel_major else np.ascontiguousarray(x.transpose(0, 2, 1))
+        y = np.full((n, o, hw) if channel_major else (n, hw, o), np.nan, np.float32)
+        _spmm.tiles_forward(
+            xin.reshape(-1), channel_major, n, hw, c, o, s.ptr, s.n_panels, s.col, s.val, s.blocked, pl.bias, s.row_cost,
+            aligned_empty(nthreads * c * _spmm.TILE + 64), aligned_empty(nthreads * o * _spmm.TILE + 64), y.reshape(-1),
+            nthreads,
+        )
+        ref = np.einsum("oc,nct->not", wt.astype(np.float64), x) + b[:, None]
+        got = y if channel_major else y.transpose(0, 2, 1)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)

@@ -183,7 +183,7 @@ def test_serial_formats_never_fork(monkeypatch: pytest.MonkeyPatch) -> None:
         def forked(*args: object) -> None:
             raise AssertionError("a serial format entered the parallel kernel")
 
-        monkeypatch.setattr(_spmm, "linear_forward", forked)
+        monkeypatch.setattr(_spmm, "tiles_forward", forked)
         for fmt in ("csr-1t", "bcsr1x4-1t", "bcsr4x1-1t"):
             p = K.prepare_linear(w, None, format=fmt)
             assert p.serial and p.format == fmt and K.is_serial(fmt)
@@ -209,3 +209,27 @@ def test_dnnl_weight_is_packed_once_and_copies_pack_their_own() -> None:
     for q in (p, copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
         np.testing.assert_allclose(K.linear(x, q), ref, atol=1e-4, rtol=0)
     assert "_dnnl" not in p.__getstate__()  # the packed tensor is not what a copy carries
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bcsr1x4", "bcsr4x1"])
+@pytest.mark.parametrize("nthreads", [2, 3, 4, 5])
+@pytest.mark.parametrize("tokens", [1, 50, 64, 128, 200])
+def test_token_tiles_split_any_thread_count(fmt: str, nthreads: int, tokens: int) -> None:
+    """The parallel kernel for more work items than the pool has threads (a bigger machine's
+    split): tiles per thread, or the rows of one tile between several threads."""
+    from spdy.kernels import _spmm
+    from spdy.kernels._workspace import aligned_empty
+
+    rng = np.random.default_rng(nthreads * 1000 + tokens)
+    w = _weight(rng, 96, 80, 0.8)
+    b = rng.standard_normal(96).astype(np.float32)
+    x = rng.standard_normal((tokens, 80)).astype(np.float32)
+    p = K.prepare_linear(w, b, format=fmt)
+    s = p.sparse
+    y = np.full((tokens, 96), np.nan, np.float32)
+    _spmm.tiles_forward(
+        x.reshape(-1), False, 1, tokens, 80, 96, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, s.row_cost,
+        aligned_empty(nthreads * 80 * _spmm.TILE + 64), aligned_empty(nthreads * 96 * _spmm.TILE + 64), y.reshape(-1),
+        nthreads,
+    )
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64) + b, atol=1e-4, rtol=0)
