@@ -56,8 +56,9 @@ FIT_SEED_OFFSET = 10_000
 #: as equations, state probes, cross-fitted entries. 3: the ``dnnl`` format (oneDNN-packed dense
 #: weights) among spdy-cpu's formats, and the spdy-cpu-compiled backend. 4: the parallel sparse
 #: kernels split token tiles between threads (sparse layers on 2 threads up to 4x faster), and
-#: sparse 1x1 convolutions run as Linear layers over the pixels.
-LATENCY_MODEL_VERSION = 4
+#: sparse 1x1 convolutions run as Linear layers over the pixels. 5: the implicit conv kernel splits
+#: images (or pixel tiles) between threads, not output rows.
+LATENCY_MODEL_VERSION = 5
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Fit models that :func:`validate` times again to measure how the machine's state moved since the profile.

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from spdy.kernels._simd import copy_n, deinterleave2, ld, zero_n
-from spdy.kernels._spmm import TILE, _JIT, _row_chunks, _spmm_rows
+from spdy.kernels._spmm import TILE, _JIT, _row_chunks, _tile_rows, _unpack_rows_channel_major, tile_width
 
 
 @njit(inline="always", **_JIT)
@@ -63,61 +63,107 @@ def _phase_rows2(x, src_row, W, pw, Xq, dst0, dst1, Wq):
         j += 1
 
 
+@njit(**_JIT)
+def _pack_image(x, xn, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs):
+    """Image ``x[xn:]`` [C, H, W] zero-padded and split into its sh*sw stride phases at Xq[xs:]:
+    ``Xq[xs + ((a*sw + b)*C + c)*Hq*Wq + i*Wq + j] = xpad[c, i*sh + a, j*sw + b]``."""
+    plane = Hq * Wq
+    if sh == 1 and sw == 1 and ph == 0 and pw == 0 and Hq == H and Wq == W:
+        # no padding, no phases (1x1 convs): the planes are the input itself
+        copy_n(Xq, xs, x, xn, C * H * W)
+    elif sw == 2:
+        for q in range(sh * C):
+            a = q // C
+            c = q - a * C
+            for i in range(Hq):
+                yy = i * sh + a - ph
+                d0 = xs + ((a * sw) * C + c) * plane + i * Wq
+                d1 = xs + ((a * sw + 1) * C + c) * plane + i * Wq
+                if yy < 0 or yy >= H:
+                    zero_n(Xq, d0, Wq)
+                    zero_n(Xq, d1, Wq)
+                else:
+                    _phase_rows2(x, xn + (c * H + yy) * W, W, pw, Xq, d0, d1, Wq)
+    else:
+        for q in range(sh * sw * C):
+            ab = q // C
+            c = q - ab * C
+            a = ab // sw
+            b = ab - a * sw
+            base = xs + q * plane
+            for i in range(Hq):
+                yy = i * sh + a - ph
+                dst = base + i * Wq
+                if yy < 0 or yy >= H:
+                    zero_n(Xq, dst, Wq)
+                else:
+                    _phase_row(x, xn + (c * H + yy) * W, W, pw, sw, b, Xq, dst, Wq)
+
+
+def phase_buffer_size(C: int, sh: int, sw: int, Hq: int, Wq: int) -> int:
+    """Floats of one thread's phase-plane buffer (with the slack the last tile reads), a multiple of 16."""
+    n = sh * sw * C * Hq * Wq + TILE + Wq
+    return -(-n // 16) * 16
+
+
 @njit(parallel=True, **_JIT)
-def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panels, col, val, bias, row_cost, Xq, YP, y, nthreads):
+def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panels, col, val, bias, row_cost, Xq, xq_size,
+                  YP, y, nthreads):
     """Sparse conv of N images, any stride, no im2col: x [N, C, H, W] -> y [N, O, Ho, Wo] (flattened).
 
-    The zero-padded input is split into sh*sw stride phases,
-    ``Xq[((a*sw + b)*C + c)*Hq*Wq + i*Wq + j] = xpad[c, i*sh + a, j*sw + b]``;
+    The zero-padded input is split into sh*sw stride phases (:func:`_pack_image`);
     tap (dy, dx) of channel c then reads phase ((dy*dh) % sh, (dx*dw) % sw)
     shifted by ((dy*dh) // sh, (dx*dw) // sw), a contiguous run for a run of
     output pixels numbered ``t = oy*Wq + ox`` (pixels with ox >= Wo are
     computed and dropped). ``col`` holds each nonzero's element offset.
-    ``Xq``: scratch of at least sh*sw*C*Hq*Wq + TILE + Wq floats; ``YP``:
-    padded_tokens(Ho*Wq) * O floats.
+
+    Nothing one thread writes is read by another: with at least as many images
+    as threads each thread packs and convolves whole images; with fewer, every
+    thread packs each image into its own buffer and takes a run of its pixel
+    tiles (or, with fewer tiles than threads, a chunk of one tile's output
+    rows). ``Xq``: scratch of ``nthreads * xq_size`` floats
+    (:func:`phase_buffer_size`); ``YP``: ``nthreads * O * TILE`` floats.
     """
     T = Ho * Wq
     plane = Hq * Wq
-    n_planes = sh * sw * C
-    slack_start = n_planes * plane
-    slack_end = min(Xq.size, slack_start + TILE + Wq)
-    Xq[slack_start:slack_end] = np.float32(0.0)
-    bounds = _row_chunks(row_cost, O, nthreads)
-    for n in range(N):
-        xn = n * C * H * W
-        if sh == 1 and sw == 1 and ph == 0 and pw == 0 and Hq == H and Wq == W:
-            # no padding, no phases (1x1 convs): the planes are the input itself
-            copy_n(Xq, 0, x, xn, C * H * W)
-        elif sw == 2:
-            for q in prange(sh * C):
-                a = q // C
-                c = q - a * C
-                for i in range(Hq):
-                    yy = i * sh + a - ph
-                    d0 = ((a * sw) * C + c) * plane + i * Wq
-                    d1 = ((a * sw + 1) * C + c) * plane + i * Wq
-                    if yy < 0 or yy >= H:
-                        zero_n(Xq, d0, Wq)
-                        zero_n(Xq, d1, Wq)
-                    else:
-                        _phase_rows2(x, xn + (c * H + yy) * W, W, pw, Xq, d0, d1, Wq)
+    n_tiles = (T + TILE - 1) // TILE
+    by_image = N >= nthreads
+    per_tile = 1 if by_image else max(1, nthreads // n_tiles)
+    bounds = _row_chunks(row_cost, O, per_tile)
+    slack = sh * sw * C * plane
+    for c in prange(nthreads):
+        xs = c * xq_size
+        ys = c * O * TILE
+        Xq[xs + slack : xs + xq_size] = np.float32(0.0)
+        if by_image:
+            n_lo = N * c // nthreads
+            n_hi = N * (c + 1) // nthreads
+            lo = 0
+            hi = n_tiles
+            r0 = 0
+            r1 = O
         else:
-            for q in prange(n_planes):
-                ab = q // C
-                c = q - ab * C
-                a = ab // sw
-                b = ab - a * sw
-                base = q * plane
-                for i in range(Hq):
-                    yy = i * sh + a - ph
-                    dst = base + i * Wq
-                    if yy < 0 or yy >= H:
-                        zero_n(Xq, dst, Wq)
-                    else:
-                        _phase_row(x, xn + (c * H + yy) * W, W, pw, sw, b, Xq, dst, Wq)
-        yn = y[n * O * Ho * Wo : (n + 1) * O * Ho * Wo]
-        for ci in prange(nthreads):
-            r0 = bounds[ci]
-            r1 = bounds[ci + 1]
-            if r1 > r0:
-                _spmm_rows(Xq, False, T, C, O, ptr, n_panels, col, val, 0, bias, YP, yn, 1, Ho * Wo, Wq, Wo, r0, r1)
+            n_lo = 0
+            n_hi = N
+            if per_tile == 1:
+                lo = n_tiles * c // nthreads
+                hi = n_tiles * (c + 1) // nthreads
+                r0 = 0
+                r1 = O
+            else:
+                lo = c // per_tile
+                hi = min(lo + 1, n_tiles)
+                r0 = bounds[c - lo * per_tile]
+                r1 = bounds[c - lo * per_tile + 1]
+        if hi <= lo or r1 <= r0:
+            n_hi = n_lo
+        for n in range(n_lo, n_hi):
+            _pack_image(x, n * C * H * W, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs)
+            yn = n * O * Ho * Wo
+            for tile in range(lo, hi):
+                t0 = tile * TILE
+                Lt = tile_width(T, t0)
+                # the thread's [O, Lt] buffer holds rows r0:r1 from its start
+                yb = ys - r0 * Lt
+                _tile_rows(col, val, ptr, n_panels, O, r0, r1, 1, Xq, xs + t0, YP, yb, bias, Lt, 0)
+                _unpack_rows_channel_major(YP, yb, Lt, y[yn:], t0, T, r0, r1, Ho * Wo, Wq, Wo)

@@ -301,10 +301,10 @@ def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = Non
     (sh, sw), (ph, pw) = prepared.stride, prepared.padding
     plan = prepared._plan(H, W)
     Hq, Wq, _, _ = _geometry(prepared, H, W)
-    Tp = _spmm.padded_tokens_py(Ho * Wq)
+    xq_size = _conv.phase_buffer_size(C, sh, sw, Hq, Wq)
     _conv.conv_implicit(
         x4.reshape(-1), N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, plan.ptr, plan.n_panels, plan.col, plan.val,
-        prepared.bias, plan.row_cost, scratch(0, sh * sw * C * Hq * Wq + _spmm.TILE + Wq), scratch(1, Tp * O + 64),
+        prepared.bias, plan.row_cost, scratch(0, nthreads * xq_size), xq_size, scratch(1, nthreads * O * _spmm.TILE + 64),
         y.reshape(-1), nthreads,
     )
     return y

@@ -123,3 +123,31 @@ def test_pixel_tiles_split_any_thread_count(nthreads: int, n: int, hw: int) -> N
         ref = np.einsum("oc,nct->not", wt.astype(np.float64), x) + b[:, None]
         got = y if channel_major else y.transpose(0, 2, 1)
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3, 5])
+@pytest.mark.parametrize("n,hw,stride", [(1, 5, 1), (1, 23, 2), (2, 12, 1), (4, 9, 2), (6, 17, 1)])
+def test_implicit_split_any_thread_count(nthreads: int, n: int, hw: int, stride: int) -> None:
+    """The 3x3 kernel's split between ``nthreads`` work items, against torch: images per
+    thread, pixel tiles per thread, and one tile's rows across threads (1 image, 1 tile)."""
+    from spdy.kernels import _conv, _spmm
+    from spdy.kernels._workspace import aligned_empty
+    from spdy.kernels.conv import _geometry
+
+    rng = np.random.default_rng(nthreads * 100 + n * 10 + hw)
+    c, o = 6, 40
+    wt = (rng.standard_normal((o, c, 3, 3)) * (rng.random((o, c, 3, 3)) >= 0.6)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, c, hw, hw + 2)).astype(np.float32)
+    p = K.prepare_conv2d(wt, b, stride=stride, padding=1, format="csr")
+    H, W = x.shape[2:]
+    plan = p._plan(H, W)
+    Hq, Wq, Ho, Wo = _geometry(p, H, W)
+    xq_size = _conv.phase_buffer_size(c, stride, stride, Hq, Wq)
+    y = np.full((n, o, Ho, Wo), np.nan, np.float32)
+    _conv.conv_implicit(
+        x.reshape(-1), n, c, H, W, stride, stride, 1, 1, Hq, Wq, Ho, Wo, o, plan.ptr, plan.n_panels, plan.col, plan.val,
+        p.bias, plan.row_cost, aligned_empty(nthreads * xq_size), xq_size, aligned_empty(nthreads * o * _spmm.TILE + 64),
+        y.reshape(-1), nthreads,
+    )
+    np.testing.assert_allclose(y, _ref(x, wt, b, stride, 1, 1), atol=1e-4, rtol=0)
