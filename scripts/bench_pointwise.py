@@ -6,8 +6,9 @@ magnitude-pruned; per shape, interleaved in rounds in one process:
 
 * ``dense``: torch's conv2d on NCHW (oneDNN);
 * ``dense_cl``: the same with input and weight in ``channels_last``;
-* ``implicit@s``: spdy's implicit-GEMM conv kernel (the path of 3x3 convolutions: one image
-  at a time, the output rows split between threads);
+* ``implicit@s``: spdy's implicit-GEMM conv kernel (the path of 3x3 convolutions: images, or
+  pixel tiles of one image, split between threads; until the commit after 9006748 it took one
+  image at a time and split the output rows);
 * ``pixels@s``: what ``spdy.kernels.conv2d`` runs for a sparse 1x1 conv: a Linear over the
   pixels, tiles of 64 pixels (across images) split between threads.
 
@@ -64,10 +65,12 @@ def implicit(x: np.ndarray, p, y: np.ndarray) -> None:
     N, C, H, W = x.shape
     plan = p._plan(H, W)
     Hq, Wq, Ho, Wo = _geometry(p, H, W)
+    nthreads = numba.get_num_threads()
+    xq_size = _conv.phase_buffer_size(C, 1, 1, Hq, Wq)
     _conv.conv_implicit(
         x.reshape(-1), N, C, H, W, 1, 1, 0, 0, Hq, Wq, Ho, Wo, p.out_channels, plan.ptr, plan.n_panels, plan.col,
-        plan.val, p.bias, plan.row_cost, scratch(0, C * Hq * Wq + _spmm.TILE + Wq),
-        scratch(1, _spmm.padded_tokens_py(Ho * Wq) * p.out_channels + 64), y.reshape(-1), numba.get_num_threads(),
+        plan.val, p.bias, plan.row_cost, scratch(0, nthreads * xq_size), xq_size,
+        scratch(1, nthreads * p.out_channels * _spmm.TILE + 64), y.reshape(-1), nthreads,
     )
 
 

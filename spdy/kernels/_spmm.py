@@ -483,7 +483,11 @@ def _tile16_b4(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
 
 @njit(**_JIT)
 def _tile_rows(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt, blocked):
-    """Rows r0:r1 of one token tile of width ``Lt`` into YP[yb + o*Lt:], in the weight's format."""
+    """Rows r0:r1 of one token tile of width ``Lt`` into YP[yb + o*Lt:], in the weight's format.
+
+    A separate, non-parallel function on purpose: inside a Numba parfor body
+    LLVM reloads the array pointers around every row.
+    """
     if blocked == 2:
         _tile4x1(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt)
     elif blocked == 0:
@@ -503,36 +507,20 @@ def _tile_rows(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, L
 
 
 @njit(**_JIT)
-def _spmm_rows(XP, tiled, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, out_mode, plane, grid_w, valid_w, r0, r1):
-    """Rows r0:r1 of Y = X W^T + b for every token tile: one thread's share of a call.
+def _spmm_rows(XP, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, r0, r1):
+    """Rows r0:r1 of Y = X W^T + b for every token tile of the packed X, written to y [T, O].
 
-    ``tiled``: X is in the token-tile layout (``XP[t0*K + j*Lt + l] = X[t0+l, j]``,
-    see :func:`linear_forward`; ``col`` holds columns, offset = t0*K + col*Lt);
-    otherwise X is one token-contiguous buffer and ``col`` holds element
-    offsets (offset = t0 + col, the implicit convolution). ``blocked``: 0 = one
-    weight per entry, 1 = 1x4 blocks (4 inputs), 2 = 4x1 blocks (4 output
-    rows; O a multiple of 4). ``out_mode``: 0 writes ``y`` as [T, O] (tokens
-    major, a Linear's output), 1 as [O, rows, valid_w] (a convolution's NCHW
-    output, see :func:`_unpack_rows_channel_major`).
-
-    A separate, non-parallel function on purpose: inside a Numba parfor body
-    LLVM reloads the array pointers around every row.
+    X is in the token-tile layout (``XP[t0*K + j*Lt + l] = X[t0+l, j]``, see
+    :func:`linear_forward_serial`; ``col`` holds columns, offset = t0*K + col*Lt).
+    ``blocked``: 0 = one weight per entry, 1 = 1x4 blocks (4 inputs), 2 = 4x1
+    blocks (4 output rows; O a multiple of 4).
     """
     t0 = 0
     while t0 < T:
         Lt = tile_width(T, t0)
-        if tiled:
-            xb = t0 * K
-            mult = Lt
-        else:
-            xb = t0
-            mult = 1
         yb = t0 * O
-        _tile_rows(col, val, ptr, n_panels, O, r0, r1, mult, XP, xb, YP, yb, bias, Lt, blocked)
-        if out_mode == 0:
-            _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
-        else:
-            _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, valid_w)
+        _tile_rows(col, val, ptr, n_panels, O, r0, r1, Lt, XP, t0 * K, YP, yb, bias, Lt, blocked)
+        _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
         t0 += Lt
 
 
@@ -550,7 +538,7 @@ def linear_forward_serial(x, T, K, O, ptr, n_panels, col, val, blocked, bias, ro
         for i0 in range(0, K, LANES):
             for l0 in range(0, Lt, LANES):
                 _pack_block(x, T, K, XP, t0 * K, t0, Lt, i0, l0)
-    _spmm_rows(XP, True, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, 0, 0, 1, 1, 0, O)
+    _spmm_rows(XP, T, K, O, ptr, n_panels, col, val, blocked, bias, YP, y, 0, O)
 
 
 @njit(**_INLINE)
