@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from spdy.kernels._simd import copy_n, deinterleave2, ld, zero_n
-from spdy.kernels._spmm import TILE, _JIT, _row_chunks, _tile_rows, _unpack_rows_channel_major, tile_width
+from spdy.kernels._spmm import TILE, _JIT, _row_chunks, _tile_rows, _unpack_rows_channel_major, _work_share, tile_width
 
 
 @njit(inline="always", **_JIT)
@@ -145,16 +145,7 @@ def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panel
         else:
             n_lo = 0
             n_hi = N
-            if per_tile == 1:
-                lo = n_tiles * c // nthreads
-                hi = n_tiles * (c + 1) // nthreads
-                r0 = 0
-                r1 = O
-            else:
-                lo = c // per_tile
-                hi = min(lo + 1, n_tiles)
-                r0 = bounds[c - lo * per_tile]
-                r1 = bounds[c - lo * per_tile + 1]
+            lo, hi, r0, r1 = _work_share(c, nthreads, n_tiles, per_tile, bounds, O)
         if hi <= lo or r1 <= r0:
             n_hi = n_lo
         for n in range(n_lo, n_hi):

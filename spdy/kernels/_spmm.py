@@ -542,15 +542,32 @@ def linear_forward_serial(x, T, K, O, ptr, n_panels, col, val, blocked, bias, ro
 
 
 @njit(**_INLINE)
+def _segment(t0, l, nl, HW):
+    """(image, pixel, run) of token t0 + l of a tile of nl tokens over images of HW pixels:
+    the run is how many of the tile's tokens from there lie in that image."""
+    t = t0 + l
+    n = t // HW
+    p = t - n * HW
+    return n, p, min(nl - l, HW - p)
+
+
+@njit(**_INLINE)
+def _work_share(c, nthreads, n_tiles, per_tile, bounds, O):
+    """(first tile, end tile, first row, end row) of work item ``c`` of ``nthreads``: a run of
+    tiles with every row (``per_tile == 1``), or one tile's chunk ``bounds`` of its rows."""
+    if per_tile == 1:
+        return n_tiles * c // nthreads, n_tiles * (c + 1) // nthreads, 0, O
+    lo = c // per_tile
+    return lo, min(lo + 1, n_tiles), bounds[c - lo * per_tile], bounds[c - lo * per_tile + 1]
+
+
+@njit(**_INLINE)
 def _pack_channel_major(x, HW, K, XP, xs, t0, nl, Lt):
     """Tokens t0 .. t0+nl of X stored channel-major per image (x [N, K, HW], token
     t = pixel t % HW of image t // HW) into the tile [K, Lt] at XP[xs:], zero past nl."""
     l = 0
     while l < nl:
-        t = t0 + l
-        n = t // HW
-        p = t - n * HW
-        run = min(nl - l, HW - p)
+        n, p, run = _segment(t0, l, nl, HW)
         src = n * K * HW + p
         for j in range(K):
             copy_n(XP, xs + j * Lt + l, x, src + j * HW, run)
@@ -565,10 +582,7 @@ def _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1):
     """Rows r0:r1 of the tile at YP[yb + o*Lt:] into y [N, O, HW] (token t = pixel t % HW of image t // HW)."""
     l = 0
     while l < nl:
-        t = t0 + l
-        n = t // HW
-        p = t - n * HW
-        run = min(nl - l, HW - p)
+        n, p, run = _segment(t0, l, nl, HW)
         dst = n * O * HW + p
         for o in range(r0, r1):
             copy_n(y, dst + o * HW, YP, yb + o * Lt + l, run)
@@ -599,16 +613,7 @@ def tiles_forward(x, channel_major, N, HW, K, O, ptr, n_panels, col, val, blocke
     per_tile = max(1, nthreads // n_tiles)
     bounds = _row_chunks(row_cost, O, per_tile)
     for c in prange(nthreads):
-        if per_tile == 1:
-            lo = n_tiles * c // nthreads
-            hi = n_tiles * (c + 1) // nthreads
-            r0 = 0
-            r1 = O
-        else:
-            lo = c // per_tile
-            hi = min(lo + 1, n_tiles)
-            r0 = bounds[c - lo * per_tile]
-            r1 = bounds[c - lo * per_tile + 1]
+        lo, hi, r0, r1 = _work_share(c, nthreads, n_tiles, per_tile, bounds, O)
         xs = c * K * TILE
         ys = c * O * TILE
         for tile in range(lo, hi):
