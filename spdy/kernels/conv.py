@@ -3,8 +3,8 @@
 Formats: ``dense`` (torch's conv2d, what an unpruned ``nn.Conv2d`` runs) and
 ``csr`` (the Numba kernels of :mod:`spdy.kernels._conv`: implicit GEMM without
 im2col, strides handled by splitting the input into stride phases; a 1x1
-convolution with stride 1 over at least 64 pixels per thread runs as a Linear
-layer over the pixels, the tiles of pixels split between threads). The blocked formats are
+convolution with stride 1 runs as a Linear layer over the pixels, the tiles of
+pixels split between threads). The blocked formats are
 not offered for convolutions.
 """
 
@@ -289,8 +289,7 @@ def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = Non
         return y
     nthreads = numba.get_num_threads()
     pwise = prepared.pointwise
-    if pwise is not None and N * H * W >= nthreads * _spmm.TILE:
-        # every thread gets a tile of pixels of its own (fewer pixels: the row split below)
+    if pwise is not None:
         s = pwise.sparse
         assert s is not None
         _spmm.tiles_forward(
