@@ -39,7 +39,7 @@ from spdy.choices import Choice
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
-from spdy.profilers.dense_runtimes import DENSE_PLAN, DenseRuntimes, time_with_runtimes
+from spdy.profilers.dense_runtimes import DENSE_PLAN, LABELS, DenseRuntimes, time_with_runtimes
 from spdy.reference import FASTEST, MIN_DP_TARGET, Reference
 from spdy.results import Outcome
 from spdy.stages import CalibrationObjective, Prepared, Progress, check_reachable
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: measured / target below this makes a search warn loudly
 SPEEDUP_TOLERANCE = 0.95
+#: with ``--reference fastest``, another dense runtime whose speedup is below this x the
+#: reference's makes a search warn: it ran the dense model faster than the reference did
+FASTER_RUNTIME_MARGIN = 0.95
 
 
 @dataclass(frozen=True)
@@ -648,6 +651,10 @@ def measure_and_fit(
         msg = _explain_shortfall(target, best, best.dense_time_s, prof, drift, ref)
         warnings += (msg,)
         log.warning(msg)
+    faster = faster_runtime_warning(target, best, ref)
+    if faster:
+        warnings += (faster,)
+        log.warning(faster)
     return Measured(best, base_out, best.dense_time_s, drift, tuple(fit_log), stage, warnings, settings.percentile,
                     ref, r.dense_medians())
 
@@ -754,6 +761,31 @@ def _match_baselines(
         log.info("%s solved for DP target %.3f (SPDY's: %.3f): measured %.3fx, loss %.5g", n, at[n], best_t, sp,
                  o.calibration_loss)
     return out, best, records
+
+
+def faster_runtime_warning(target: float, outcome: Outcome, reference: Reference) -> str | None:
+    """With ``--reference fastest``: a line when, over the run's end-to-end rounds, another dense
+    runtime ran the dense model clearly faster than the reference (the fastest at the latency
+    check, which the target and the fit are held to), so the pruned model's speedup over it is
+    lower; None otherwise."""
+    if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
+        return None
+    others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
+    if not others:
+        return None
+    rt = min(others, key=lambda k: others[k])
+    low, held = others[rt], outcome.measured_speedup
+    if low >= FASTER_RUNTIME_MARGIN * held:
+        return None
+    band = outcome.speedup_summary(rt)
+    spread = f" (p10-p90 {band['p10']:.2f}-{band['p90']:.2f}x over {band['rounds']} rounds)" if band else ""
+    short = (f", below {SPEEDUP_TOLERANCE:.0%} of the {target:g}x target"
+             if low < SPEEDUP_TOLERANCE * target else "")
+    return (f"{LABELS[rt]} ran the dense model faster than {reference.label} in this run's end-to-end rounds: the "
+            f"pruned model measured {low:.2f}x over {LABELS[rt]}{spread}{short}, against {held:.2f}x over "
+            f"{reference.label}, the fastest at the latency check and the runtime the target was held to. Which dense "
+            f"runtime is fastest changes with the machine's state; to hold the target to {LABELS[rt]}, search again "
+            f"with --reference {rt}.")
 
 
 def _explain_shortfall(target: float, outcome: Outcome, dense_s: float, profile: Profile, drift: float,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from spdy.errors import InvalidInputError
-from spdy.measure import FIT_BAND, MeasureConfig, Rounds, fit_to_measured, pooled
+from spdy.measure import FIT_BAND, MeasureConfig, Rounds, faster_runtime_warning, fit_to_measured, pooled
+from spdy.reference import Reference
 from spdy.results import Outcome
 from spdy.types import Solution
 
@@ -41,6 +42,27 @@ def test_summary_and_json_report_the_spread():
     assert s["rounds"] == 5 and s["median"] == 3.0 and s["p10"] == pytest.approx(1.4) and s["max"] == 5.0
     assert o.to_json()["measured_speedup_samples"] == s
     assert _outcome().speedup_summary() is None
+
+
+def test_a_runtime_faster_than_the_fastest_reference_is_reported():
+    # the latency check found torch.compile fastest; the rounds after the search found ONNX Runtime faster
+    ref = Reference("fastest", "torch_compile", 1.06, ratios={"torch_compile": 1.06, "onnxruntime": 1.09})
+    by_rt = {"torch_compile": [1.36, 1.52, 1.73], "onnxruntime": [1.10, 1.22, 1.65], "dense_plan": [1.35, 1.38, 1.48]}
+    o = pooled(_outcome(), 0.018, [1.36, 1.52, 1.73], 0.025, 50.0, keep=False, by_runtime=by_rt)
+    msg = faster_runtime_warning(1.5, o, ref)
+    assert msg is not None
+    assert "ONNX Runtime ran the dense model faster than torch.compile" in msg
+    assert "1.22x over ONNX Runtime" in msg and "1.52x over torch.compile" in msg
+    assert "below 95% of the 1.5x target" in msg and "--reference onnxruntime" in msg
+    # within the margin, or a reference the user named, or nothing else measured: silent
+    close = {**by_rt, "onnxruntime": [1.40, 1.47, 1.60]}
+    assert faster_runtime_warning(1.5, pooled(o, 0.018, [1.36, 1.52, 1.73], 0.025, 50.0, keep=False, by_runtime=close),
+                                  ref) is None
+    assert faster_runtime_warning(1.5, o, dataclasses.replace(ref, asked="torch_compile")) is None
+    alone = pooled(_outcome(), 0.018, [1.5], 0.025, 50.0, keep=False, by_runtime={"torch_compile": [1.5]})
+    assert faster_runtime_warning(1.5, alone, ref) is None
+    # a lower speedup that still meets the target is reported without the shortfall
+    assert "below" not in faster_runtime_warning(1.1, o, ref)
 
 
 def test_percentile_is_validated():
