@@ -36,6 +36,9 @@ def test_in_model_and_alone_times_match_a_layer_of_known_time_and_leave_no_hooks
     inside, alone, whole = in_model_vs_loop(run, ["0", "2"], rounds=2, calls=3, loop_calls=3)
     for got in (inside, alone):
         assert 0.004 <= got[0] < 0.012 and 0.001 <= got[1] < 0.006
-    assert inside.sum() <= whole < inside.sum() + 0.005  # the rest of the pass: a ReLU and the hooks
+    # the rest of the pass (a ReLU and the hooks) is small; medians over separate calls do not add
+    # exactly, so a sleep that overshoots in one call may put the pass's median a little under
+    # the sum of the layers' medians
+    assert inside.sum() - 0.001 <= whole < inside.sum() + 0.005
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
     assert [sparsity_class(s) for s in (0.0, 0.5, 0.9, 0.97)] == ["0", "<0.8", "<0.95", ">=0.95"]
