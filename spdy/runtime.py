@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 
 from spdy._modules import swap_modules  # noqa: E402 - also spdy.runtime.swap_modules
 from spdy.errors import InvalidInputError  # noqa: E402
+from spdy.kernels.linear import sparse_into  # noqa: E402
 from spdy.kernels import (  # noqa: E402
     CONV_FORMATS,
     FORMATS,
@@ -193,6 +194,19 @@ class SparseLinear(_Compilable):
         return [*x.shape[:-1], self.out_features]
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.prepared
+        # the per-call path of a sparse format inside a model: an fp32, contiguous CPU activation
+        # that needs no grad, checked in a few attribute reads, straight to the kernel
+        if (p.sparse is not None and type(x) is torch.Tensor and x.dtype is torch.float32 and not x.requires_grad
+                and x.device.type == "cpu" and x.is_contiguous() and x.dim() and x.shape[-1] == p.in_features
+                and x.numel()):
+            y = torch.empty(*x.shape[:-1], p.out_features, dtype=torch.float32)
+            sparse_into(x.numpy().reshape(-1, p.in_features), y.numpy().reshape(-1, p.out_features), p)
+            return y
+        return self._run_checked(x)
+
+    def _run_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """Any input: checked, made contiguous, and run in the module's format."""
         x = _check_input(x, "SparseLinear")
         if x.shape[-1:] != (self.in_features,):
             raise InvalidInputError(f"SparseLinear expects {self.in_features} input features; got shape {tuple(x.shape)}")

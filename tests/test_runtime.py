@@ -158,6 +158,9 @@ def test_input_validation() -> None:
         runtime.SparseConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
     with torch.no_grad():  # grad-requiring input is fine with autograd off
         assert sl(torch.randn(2, 8, requires_grad=True)).shape == (2, 4)
+    # no tokens: the checked path, an empty result
+    with torch.inference_mode():
+        assert sl(torch.randn(0, 8)).shape == (0, 4) and sl(torch.randn(2, 0, 8)).shape == (2, 0, 4)
     # non-contiguous input
     x = torch.randn(8, 3).t()
     with torch.no_grad():

@@ -363,8 +363,18 @@ def linear(x: np.ndarray, prepared: PreparedLinear, out: np.ndarray | None = Non
         else:
             torch.mm(xt, wt.t(), out=yt)
         return y
+    sparse_into(x2, y2, prepared)
+    return y
+
+
+def sparse_into(x2: np.ndarray, y2: np.ndarray, prepared: PreparedLinear) -> None:
+    """The sparse kernel of ``prepared`` on arrays the caller has checked: ``x2`` [T, in_features]
+    and ``y2`` [T, out_features], fp32, C-contiguous, ``T >= 1``. No checks (the per-call path of
+    :class:`spdy.runtime.SparseLinear`); :func:`linear` is the checked entry point."""
     s = prepared.sparse
     assert s is not None
+    T, K = x2.shape
+    O = prepared.out_features
     nthreads = 1 if prepared.serial else numba.get_num_threads()
     if nthreads == 1:
         Tp = _spmm.padded_tokens_py(T)
@@ -378,4 +388,3 @@ def linear(x: np.ndarray, prepared: PreparedLinear, out: np.ndarray | None = Non
             scratch(0, nthreads * K * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y2.reshape(-1),
             nthreads,
         )
-    return y
