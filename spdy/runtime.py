@@ -31,7 +31,6 @@ from torch import nn  # noqa: E402
 
 from spdy._modules import swap_modules  # noqa: E402 - also spdy.runtime.swap_modules
 from spdy.errors import InvalidInputError  # noqa: E402
-from spdy.kernels.linear import sparse_into  # noqa: E402
 from spdy.kernels import (  # noqa: E402
     CONV_FORMATS,
     FORMATS,
@@ -45,6 +44,7 @@ from spdy.kernels import (  # noqa: E402
     prepare_linear,
     set_num_threads,
 )
+from spdy.kernels.linear import sparse_into  # noqa: E402
 
 log = logging.getLogger(__name__)
 
