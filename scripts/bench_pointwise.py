@@ -36,9 +36,7 @@ import torch  # noqa: E402
 
 from _common import write_json  # noqa: E402
 from spdy.hardware import fingerprint  # noqa: E402
-from spdy.kernels import _conv, _spmm  # noqa: E402
-from spdy.kernels._workspace import scratch  # noqa: E402
-from spdy.kernels.conv import _geometry, conv2d, prepare_conv2d  # noqa: E402
+from spdy.kernels.conv import conv2d, implicit_into, prepare_conv2d  # noqa: E402
 from spdy.stages import as_bundle  # noqa: E402
 
 
@@ -62,16 +60,7 @@ def pointwise_shapes(model_ref: str, batch: int) -> list[tuple[int, int, int, in
 
 def implicit(x: np.ndarray, p, y: np.ndarray) -> None:
     """The implicit-GEMM conv kernel on a 1x1 weight (what conv2d ran for it before the pixel tiles)."""
-    N, C, H, W = x.shape
-    plan = p._plan(H, W)
-    Hq, Wq, Ho, Wo = _geometry(p, H, W)
-    nthreads = numba.get_num_threads()
-    xq_size = _conv.phase_buffer_size(C, 1, 1, Hq, Wq)
-    _conv.conv_implicit(
-        x.reshape(-1), N, C, H, W, 1, 1, 0, 0, Hq, Wq, Ho, Wo, p.out_channels, plan.ptr, plan.n_panels, plan.col,
-        plan.val, p.bias, plan.row_cost, scratch(0, nthreads * xq_size), xq_size,
-        scratch(1, nthreads * p.out_channels * _spmm.TILE + 64), y.reshape(-1), nthreads,
-    )
+    implicit_into(np.ascontiguousarray(x, dtype=np.float32), p, y, numba.get_num_threads())
 
 
 def main() -> None:

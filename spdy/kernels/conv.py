@@ -25,7 +25,7 @@ from spdy.errors import InvalidInputError
 from spdy.kernels import _conv, _spmm
 from spdy.kernels._checks import as_bias, as_weight, check_out
 from spdy.kernels._workspace import scratch
-from spdy.kernels.linear import ROW_OVERHEAD, PreparedLinear, panel_width, prepare_linear, token_waste
+from spdy.kernels.linear import ROW_OVERHEAD, PreparedLinear, panel_width, prepare_linear, tiles_into, token_waste
 
 log = logging.getLogger(__name__)
 
@@ -288,22 +288,26 @@ def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = Non
         y.reshape(N, O, Ho, Wo)[...] = res.numpy()
         return y
     nthreads = numba.get_num_threads()
-    pwise = prepared.pointwise
-    if pwise is not None:
-        s = pwise.sparse
-        assert s is not None
-        _spmm.tiles_forward(
-            x4.reshape(-1), True, N, H * W, C, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
-            scratch(0, nthreads * C * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y.reshape(-1), nthreads,
-        )
-        return y
+    if prepared.pointwise is not None:
+        tiles_into(x4.reshape(-1), True, N, H * W, C, O, prepared.pointwise, y.reshape(-1), nthreads)
+    else:
+        implicit_into(x4, prepared, y, nthreads)
+    return y
+
+
+def implicit_into(x4: np.ndarray, prepared: PreparedConv2d, y: np.ndarray, nthreads: int) -> None:
+    """The implicit-GEMM kernel (:func:`spdy.kernels._conv.conv_implicit`) of a sparse ``prepared``
+    on the checked, C-contiguous fp32 ``x4`` [N, C, H, W] into ``y`` [N, O, Ho, Wo], with this
+    thread's scratch. :func:`conv2d` runs it for every sparse convolution but a 1x1 one with
+    stride 1 and no padding."""
+    N, C, H, W = x4.shape
     (sh, sw), (ph, pw) = prepared.stride, prepared.padding
     plan = prepared._plan(H, W)
-    Hq, Wq, _, _ = _geometry(prepared, H, W)
+    Hq, Wq, Ho, Wo = _geometry(prepared, H, W)
+    O = prepared.out_channels
     xq_size = _conv.phase_buffer_size(C, sh, sw, Hq, Wq)
     _conv.conv_implicit(
         x4.reshape(-1), N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, plan.ptr, plan.n_panels, plan.col, plan.val,
         prepared.bias, plan.row_cost, scratch(0, nthreads * xq_size), xq_size, scratch(1, nthreads * O * _spmm.TILE + 64),
         y.reshape(-1), nthreads,
     )
-    return y

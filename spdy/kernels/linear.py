@@ -383,8 +383,17 @@ def sparse_into(x2: np.ndarray, y2: np.ndarray, prepared: PreparedLinear) -> Non
             scratch(0, Tp * K + 64), scratch(1, Tp * O + 64), y2.reshape(-1),
         )
     else:
-        _spmm.tiles_forward(
-            x2.reshape(-1), False, 1, T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
-            scratch(0, nthreads * K * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y2.reshape(-1),
-            nthreads,
-        )
+        tiles_into(x2.reshape(-1), False, 1, T, K, O, prepared, y2.reshape(-1), nthreads)
+
+
+def tiles_into(x: np.ndarray, channel_major: bool, N: int, HW: int, K: int, O: int, prepared: PreparedLinear,
+               y: np.ndarray, nthreads: int) -> None:
+    """:func:`spdy.kernels._spmm.tiles_forward` of ``prepared``'s sparse weight on the flat ``x``
+    into the flat ``y``, with this thread's scratch: the token tiles split between ``nthreads``
+    threads (``channel_major``: x [N, K, HW] and y [N, O, HW], a 1x1 convolution in NCHW)."""
+    s = prepared.sparse
+    assert s is not None
+    _spmm.tiles_forward(
+        x, channel_major, N, HW, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
+        scratch(0, nthreads * K * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y, nthreads,
+    )

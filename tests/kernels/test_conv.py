@@ -102,8 +102,7 @@ def test_conv_auto_rule() -> None:
 def test_pixel_tiles_split_any_thread_count(nthreads: int, n: int, hw: int) -> None:
     """The 1x1 kernel's split of tiles and rows between ``nthreads`` work items, against torch:
     more items than tiles (rows split within a tile), fewer, and tiles across images."""
-    from spdy.kernels import _spmm
-    from spdy.kernels._workspace import aligned_empty
+    from spdy.kernels.linear import tiles_into
 
     rng = np.random.default_rng(nthreads * 100 + n * 10 + hw)
     c, o = 40, 72
@@ -112,14 +111,9 @@ def test_pixel_tiles_split_any_thread_count(nthreads: int, n: int, hw: int) -> N
     x = rng.standard_normal((n, c, hw)).astype(np.float32)
     for channel_major in (True, False):
         pl = K.prepare_linear(wt, b, format="csr")
-        s = pl.sparse
         xin = x if channel_major else np.ascontiguousarray(x.transpose(0, 2, 1))
         y = np.full((n, o, hw) if channel_major else (n, hw, o), np.nan, np.float32)
-        _spmm.tiles_forward(
-            xin.reshape(-1), channel_major, n, hw, c, o, s.ptr, s.n_panels, s.col, s.val, s.blocked, pl.bias, s.row_cost,
-            aligned_empty(nthreads * c * _spmm.TILE + 64), aligned_empty(nthreads * o * _spmm.TILE + 64), y.reshape(-1),
-            nthreads,
-        )
+        tiles_into(xin.reshape(-1), channel_major, n, hw, c, o, pl, y.reshape(-1), nthreads)
         ref = np.einsum("oc,nct->not", wt.astype(np.float64), x) + b[:, None]
         got = y if channel_major else y.transpose(0, 2, 1)
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
@@ -130,9 +124,7 @@ def test_pixel_tiles_split_any_thread_count(nthreads: int, n: int, hw: int) -> N
 def test_implicit_split_any_thread_count(nthreads: int, n: int, hw: int, stride: int) -> None:
     """The 3x3 kernel's split between ``nthreads`` work items, against torch: images per
     thread, pixel tiles per thread, and one tile's rows across threads (1 image, 1 tile)."""
-    from spdy.kernels import _conv, _spmm
-    from spdy.kernels._workspace import aligned_empty
-    from spdy.kernels.conv import _geometry
+    from spdy.kernels.conv import implicit_into
 
     rng = np.random.default_rng(nthreads * 100 + n * 10 + hw)
     c, o = 6, 40
@@ -140,14 +132,7 @@ def test_implicit_split_any_thread_count(nthreads: int, n: int, hw: int, stride:
     b = rng.standard_normal(o).astype(np.float32)
     x = rng.standard_normal((n, c, hw, hw + 2)).astype(np.float32)
     p = K.prepare_conv2d(wt, b, stride=stride, padding=1, format="csr")
-    H, W = x.shape[2:]
-    plan = p._plan(H, W)
-    Hq, Wq, Ho, Wo = _geometry(p, H, W)
-    xq_size = _conv.phase_buffer_size(c, stride, stride, Hq, Wq)
+    Ho, Wo = p.output_size(*x.shape[2:])
     y = np.full((n, o, Ho, Wo), np.nan, np.float32)
-    _conv.conv_implicit(
-        x.reshape(-1), n, c, H, W, stride, stride, 1, 1, Hq, Wq, Ho, Wo, o, plan.ptr, plan.n_panels, plan.col, plan.val,
-        p.bias, plan.row_cost, aligned_empty(nthreads * xq_size), xq_size, aligned_empty(nthreads * o * _spmm.TILE + 64),
-        y.reshape(-1), nthreads,
-    )
+    implicit_into(x, p, y, nthreads)
     np.testing.assert_allclose(y, _ref(x, wt, b, stride, 1, 1), atol=1e-4, rtol=0)

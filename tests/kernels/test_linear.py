@@ -217,19 +217,13 @@ def test_dnnl_weight_is_packed_once_and_copies_pack_their_own() -> None:
 def test_token_tiles_split_any_thread_count(fmt: str, nthreads: int, tokens: int) -> None:
     """The parallel kernel for more work items than the pool has threads (a bigger machine's
     split): tiles per thread, or the rows of one tile between several threads."""
-    from spdy.kernels import _spmm
-    from spdy.kernels._workspace import aligned_empty
+    from spdy.kernels.linear import tiles_into
 
     rng = np.random.default_rng(nthreads * 1000 + tokens)
     w = _weight(rng, 96, 80, 0.8)
     b = rng.standard_normal(96).astype(np.float32)
     x = rng.standard_normal((tokens, 80)).astype(np.float32)
     p = K.prepare_linear(w, b, format=fmt)
-    s = p.sparse
     y = np.full((tokens, 96), np.nan, np.float32)
-    _spmm.tiles_forward(
-        x.reshape(-1), False, 1, tokens, 80, 96, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, s.row_cost,
-        aligned_empty(nthreads * 80 * _spmm.TILE + 64), aligned_empty(nthreads * 96 * _spmm.TILE + 64), y.reshape(-1),
-        nthreads,
-    )
+    tiles_into(x.reshape(-1), False, 1, tokens, 80, 96, p, y.reshape(-1), nthreads)
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64) + b, atol=1e-4, rtol=0)
