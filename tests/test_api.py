@@ -656,3 +656,21 @@ def test_applying_a_result_timed_on_another_machine_warns(bundle, profile_path, 
         spdy.apply(mlp_factory()["model"], out)
     (warning,) = [r.getMessage() for r in caplog.records if "another machine" in r.getMessage()]
     assert "Some Other CPU" in warning and "run spdy search on this machine" in warning
+
+
+def test_applying_sparse_runs_attention_as_it_was_timed(bundle, profile_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _search(bundle, profile_path, tmp_path, measure=False, baselines=(), out=out)
+    man_path = out / "model" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    assert man["fingerprint"]["attention"] == "spdy"  # spdy-cpu timed attention on spdy's kernel
+    switched = []
+    real = spdy.runtime.fast_attention
+    monkeypatch.setattr(spdy.runtime, "fast_attention", lambda m: switched.append(m) or real(m))
+    deployed = spdy.apply(mlp_factory()["model"], out, sparse=True, threads=1)
+    assert switched == [deployed]
+    spdy.apply(mlp_factory()["model"], out)  # dense: the model as it was
+    del man["fingerprint"]["attention"]  # a result timed before: torch's attention throughout
+    man_path.write_text(json.dumps(man))
+    spdy.apply(mlp_factory()["model"], out, sparse=True, threads=1)
+    assert switched == [deployed]

