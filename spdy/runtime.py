@@ -61,6 +61,9 @@ __all__ = [
     "layer_formats",
     "compile",
     "fast_attention",
+    "fast_gelu",
+    "fast_base",
+    "GELU",
 ]
 
 
@@ -476,3 +479,50 @@ def fast_attention(model: nn.Module) -> list[str]:
             switched.append(name)
     log.info("fast_attention: %d model(s) on spdy's attention kernel", len(switched))
     return switched
+
+
+# ---------------------------------------------------------------------------- GELU
+
+
+class GELU(nn.Module):
+    """The exact GELU, ``x * (1 + erf(x / sqrt 2)) / 2``, on spdy's vector kernel
+    (:func:`spdy.kernels.activation.gelu`) for float32 CPU inputs without autograd; anything
+    else goes to :func:`torch.nn.functional.gelu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            return _gelu(x)
+        return nn.functional.gelu(x)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    from spdy.kernels.activation import gelu
+
+    return gelu(x)
+
+
+def _exact_gelu(module: nn.Module) -> bool:
+    if type(module) is nn.GELU:
+        return module.approximate == "none"
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:
+        return False
+    return type(module) is GELUActivation and getattr(module, "act", None) is nn.functional.gelu
+
+
+def fast_gelu(model: nn.Module) -> list[str]:
+    """Swap every exact-GELU module of ``model`` (``nn.GELU()`` and transformers' ``GELUActivation``)
+    for :class:`GELU`, in place; returns their names (empty when there is none)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fast_gelu needs an nn.Module; got {type(model).__name__}")
+    names = [n for n, m in model.named_modules() if n and _exact_gelu(m)]
+    swap_modules(model, {n: GELU() for n in names})
+    return names
+
+
+def fast_base(model: nn.Module) -> dict[str, list[str]]:
+    """What spdy runs around the pruned layers, on its own kernels: :func:`fast_attention` and
+    :func:`fast_gelu`, in place. Returns ``{"attention": [...], "gelu": [...]}``, the names
+    each switched."""
+    return {"attention": fast_attention(model), "gelu": fast_gelu(model)}

@@ -663,14 +663,15 @@ def test_applying_sparse_runs_attention_as_it_was_timed(bundle, profile_path, tm
     _search(bundle, profile_path, tmp_path, measure=False, baselines=(), out=out)
     man_path = out / "model" / "manifest.json"
     man = json.loads(man_path.read_text())
-    assert man["fingerprint"]["attention"] == "spdy"  # spdy-cpu timed attention on spdy's kernel
+    assert man["fingerprint"]["attention"] == man["fingerprint"]["gelu"] == "spdy"  # spdy-cpu's own kernels
     switched = []
-    real = spdy.runtime.fast_attention
-    monkeypatch.setattr(spdy.runtime, "fast_attention", lambda m: switched.append(m) or real(m))
+    for name in ("fast_attention", "fast_gelu"):
+        real = getattr(spdy.runtime, name)
+        monkeypatch.setattr(spdy.runtime, name, lambda m, name=name, real=real: switched.append((name, m)) or real(m))
     deployed = spdy.apply(mlp_factory()["model"], out, sparse=True, threads=1)
-    assert switched == [deployed]
+    assert switched == [("fast_attention", deployed), ("fast_gelu", deployed)]
     spdy.apply(mlp_factory()["model"], out)  # dense: the model as it was
-    del man["fingerprint"]["attention"]  # a result timed before: torch's attention throughout
+    del man["fingerprint"]["attention"], man["fingerprint"]["gelu"]  # timed before: torch's throughout
     man_path.write_text(json.dumps(man))
     spdy.apply(mlp_factory()["model"], out, sparse=True, threads=1)
-    assert switched == [deployed]
+    assert len(switched) == 2

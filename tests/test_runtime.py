@@ -206,7 +206,8 @@ def _minilm() -> nn.Module:
 def test_fast_attention_matches_sdpa_on_minilm_with_padding() -> None:
     model = _minilm()
     fast = copy.deepcopy(model)
-    assert runtime.fast_attention(fast) == [""]
+    assert runtime.fast_base(fast) == {"attention": [""], "gelu": [f"encoder.layer.{i}.intermediate.intermediate_act_fn"
+                                                                     for i in range(6)]}
     assert fast.config._attn_implementation == runtime.ATTENTION
     assert model.config._attn_implementation == "sdpa"  # the original is not touched
     g = torch.Generator().manual_seed(0)
@@ -243,6 +244,21 @@ def test_fast_attention_falls_back_to_sdpa_where_the_kernel_cannot_run() -> None
     out = model(input_ids=ids).last_hidden_state  # autograd on: SDPA runs it
     assert out.requires_grad
     torch.testing.assert_close(out.detach(), expected, atol=2e-5, rtol=0)
+
+
+def test_fast_gelu_swaps_exact_gelus_only_and_matches_torch() -> None:
+    model = nn.Sequential(nn.Linear(8, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(approximate="tanh"),
+                          nn.Sequential(nn.GELU()))
+    ref = copy.deepcopy(model)
+    assert runtime.fast_gelu(model) == ["1", "4.0"]
+    assert type(model[3]) is nn.GELU  # the tanh approximation is another function
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), atol=2e-6, rtol=1e-5)
+    out = model(x)  # autograd on: torch's gelu
+    assert out.requires_grad
+    out.sum().backward()
+    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": []}
 
 
 def test_fast_attention_leaves_other_models_alone() -> None:
