@@ -477,7 +477,7 @@ def fast_attention(model: nn.Module) -> list[str]:
         m.set_attn_implementation(ATTENTION)
         if m.config._attn_implementation == ATTENTION:
             switched.append(name)
-    log.info("fast_attention: %d model(s) on spdy's attention kernel", len(switched))
+    log.debug("fast_attention: %d model(s) on spdy's attention kernel", len(switched))
     return switched
 
 
