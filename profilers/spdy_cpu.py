@@ -151,10 +151,11 @@ class SpdyCpuBackend(TorchRuntimeBackend):
 class SpdyCompiledBackend(SpdyCpuBackend):
     """``spdy-cpu`` with the model compiled by ``torch.compile`` (:func:`spdy.runtime.compile`).
 
-    The layers are the same kernels; everything around them (attention, normalisation,
-    activations, residual adds) runs as Inductor's fused C++ code instead of one torch op at
-    a time. Each layer runs as the ``spdy::call`` op, as in the compiled model, so layer times
-    include its dispatch.
+    The layers are the same kernels; everything around them (normalisation, activations,
+    residual adds) runs as Inductor's fused C++ code instead of one torch op at a time, and a
+    Hugging Face model's attention as spdy's kernel (the op ``spdy::attention``,
+    :func:`spdy.runtime.fast_attention`). Each layer runs as the ``spdy::call`` op, as in the
+    compiled model, so layer times include its dispatch.
 
     One model is compiled per process and model: every prunable layer becomes a slot (one
     ``spdy::call`` whose module is looked up when it runs), and each runner puts its modules
@@ -173,7 +174,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
     def runtime_fingerprint(self) -> dict[str, Any]:
         import torch._inductor.config as inductor_config
 
-        return {**super().runtime_fingerprint(), "attention": "torch", "gelu": "torch", "compiled": "torch.compile inductor, static shapes",
+        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "compiled": "torch.compile inductor, static shapes",
                 "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
@@ -235,6 +236,7 @@ class _SlotModel:
         self.example = move_batch(bundle.example, "cpu", torch.float32)
         self.forward = bundle.forward
         self.model = model
+        runtime.fast_attention(model)  # the attention as the op spdy::attention; GELU stays Inductor's
         self.compiled = runtime.compile(model)
         with torch.inference_mode():
             self.forward(self.compiled, self.example)  # compiles now, not inside a timing

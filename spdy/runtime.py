@@ -408,7 +408,6 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
     return {n: m.format for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
 
 
-
 # ---------------------------------------------------------------------------- attention
 #
 # Hugging Face models look their attention function up by name at every call
@@ -427,20 +426,51 @@ def _sdpa_fallback() -> Any:
     return sdpa_attention_forward
 
 
+@torch.library.custom_op("spdy::attention", mutates_args=())
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    from spdy.kernels import attention as kattn
+
+    B, _, Tq, _ = query.shape
+    return kattn.attention_unchecked(query, key, value, kattn.mask_bias(mask, B, Tq, key.shape[2]), scale)
+
+
+@_attention_op.register_fake
+def _attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    B, H, Tq, D = query.shape
+    return query.new_empty((B, Tq, H, D))
+
+
+def _compiled_attention_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           mask: torch.Tensor | None, dropout: float) -> bool:
+    """:func:`spdy.kernels.attention.unsupported`'s checks in a form torch.compile traces without a
+    graph break (static shapes: they become guards)."""
+    return (query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
+            and query.dim() == key.dim() == value.dim() == 4 and query.shape[3] % 32 == 0
+            and key.shape == value.shape and key.shape[:2] == query.shape[:2] and key.shape[3] == query.shape[3]
+            and not dropout and not torch.is_grad_enabled()
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)))
+
+
 def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature, on :func:`spdy.kernels.attention.attention`."""
+    """transformers' attention-function signature, on :func:`spdy.kernels.attention.attention`
+    (under torch.compile, as the custom op ``spdy::attention``, opaque to the compiler)."""
     from spdy.kernels import attention as kattn
 
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
-    if (causal or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
-            or kattn.unsupported(query, key, value, attention_mask, dropout) is not None):
-        return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                is_causal=is_causal, **kwargs)
-    B, _, Tq, D = query.shape
-    bias = kattn.mask_bias(attention_mask, B, Tq, key.shape[2])
-    return kattn.attention_unchecked(query, key, value, bias, D ** -0.5 if scaling is None else scaling), None
+    special = causal or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
+    scale = query.shape[3] ** -0.5 if scaling is None else scaling
+    if torch.compiler.is_compiling():
+        if not special and _compiled_attention_ok(query, key, value, attention_mask, dropout):
+            return torch.ops.spdy.attention(query, key, value, attention_mask, scale), None
+    elif not special and kattn.unsupported(query, key, value, attention_mask, dropout) is None:
+        bias = kattn.mask_bias(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+        return kattn.attention_unchecked(query, key, value, bias, scale), None
+    return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
 
 
 def _register_attention() -> None:
@@ -487,10 +517,12 @@ def fast_attention(model: nn.Module) -> list[str]:
 class GELU(nn.Module):
     """The exact GELU, ``x * (1 + erf(x / sqrt 2)) / 2``, on spdy's vector kernel
     (:func:`spdy.kernels.activation.gelu`) for float32 CPU inputs without autograd; anything
-    else goes to :func:`torch.nn.functional.gelu`."""
+    else, and any call under torch.compile, goes to :func:`torch.nn.functional.gelu`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        # under torch.compile, torch's own: the compiler fuses it with its neighbours
+        if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
             return _gelu(x)
         return nn.functional.gelu(x)
 

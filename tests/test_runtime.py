@@ -322,3 +322,22 @@ def test_copies_of_sparse_modules_have_their_own_handle_and_a_dead_one_is_a_clea
 def test_compile_refuses_what_is_not_a_module() -> None:
     with pytest.raises(InvalidInputError, match="nn.Module"):
         runtime.compile("model")  # type: ignore[arg-type]
+
+
+def test_compiled_minilm_runs_spdy_attention_as_one_op_without_graph_breaks() -> None:
+    model = _minilm()
+    ids = torch.randint(1000, 20000, (1, 32), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    runtime.fast_base(model)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explain = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1
+        ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert "spdy.attention" in ops and not any("scaled_dot_product" in o for o in ops)
+        got = runtime.compile(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=0)

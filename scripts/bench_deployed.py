@@ -1,0 +1,125 @@
+"""Pruned models as deployed (``spdy.apply(..., sparse=True)``) against the dense runtimes, 1 and 2 threads.
+
+For each search result given (``--result LABEL=OUT``, the ``-o`` folder of ``spdy search``) the
+model is loaded as a user deploys it: the pruned weights into a fresh MiniLM, the layers swapped
+for spdy's sparse modules in the formats the profile chose, attention and GELU on spdy's kernels
+where the result was timed so. Per thread count, the dense model in torch eager and in ONNX
+Runtime (exported, graph optimisations on, the same thread count) and every deployed model are
+timed on the search's example batch (one sequence of 128 tokens) in blocks of ``calls`` calls,
+the blocks' order rotating from round to round (ONNX Runtime's thread pool never runs call by
+call between the others'); each speedup is the median over rounds of that round's ratio.
+
+    python scripts/bench_deployed.py --result 2x=out/2x --result 2.5x=out/2.5x --json scripts/results/bench_deployed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import spdy.kernels as K  # noqa: E402  (first: one OpenMP runtime for torch and Numba)
+
+import torch  # noqa: E402
+from _common import write_json  # noqa: E402
+
+import spdy  # noqa: E402
+from spdy.hardware import fingerprint  # noqa: E402
+
+PAUSE_S = 0.2
+
+
+def blocks(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, list[float]]:
+    """Per round, each fn's median seconds per call over a block of ``calls`` calls; the
+    blocks' order rotates from round to round."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for f in fns.values():
+        f()
+        f()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            time.sleep(PAUSE_S)  # lets the previous pool's workers go idle
+            fns[n]()
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fns[n]()
+                ts.append(time.perf_counter() - t0)
+            out[n].append(statistics.median(ts))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--result", action="append", default=[], metavar="LABEL=OUT",
+                    help="a search result folder (spdy search -o OUT) and its label; repeatable")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    results = []
+    for item in args.result:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path, "result.json").is_file():
+            ap.error(f"--result takes LABEL=OUT with OUT a spdy search output folder (OUT/result.json); got {item!r}")
+        results.append((label, path))
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from spdy.models.base import load_model
+    from spdy.models.minilm import load_encoder
+    from spdy.profilers.ort_cpu import OrtCpuBackend
+
+    bundle = load_model("minilm", n_calibration=1)
+    ex, fwd = bundle.example, bundle.forward
+    dense = bundle.model.eval()
+    models = {}
+    for label, path in results:
+        m, _ = load_encoder()
+        models[label] = spdy.apply(m, path, sparse=True, threads=max(args.threads)).eval()
+    rows = []
+    with torch.inference_mode():
+        want = fwd(dense, ex)
+        diffs = {label: float((fwd(m, ex) - want).abs().max()) for label, m in models.items()}
+        for threads in args.threads:
+            K.set_num_threads(threads)
+            ort = OrtCpuBackend(threads=threads, shared_pool=False).dense_runner(bundle)
+            fns: dict[str, Callable[[], Any]] = {"torch eager": lambda: fwd(dense, ex), "ONNX Runtime": ort}
+            fns.update({label: (lambda m=m: fwd(m, ex)) for label, m in models.items()})
+            times = blocks(fns, args.rounds, args.calls)
+            fastest = [min(a, b) for a, b in zip(times["torch eager"], times["ONNX Runtime"])]
+            for name, ts in times.items():
+                row = {"threads": threads, "model": name, "median_ms": statistics.median(ts) * 1e3,
+                       "vs_torch": statistics.median(t / s for t, s in zip(times["torch eager"], ts)),
+                       "vs_ort": statistics.median(o / s for o, s in zip(times["ONNX Runtime"], ts)),
+                       "vs_fastest": statistics.median(f / s for f, s in zip(fastest, ts)), "rounds_ms": [t * 1e3 for t in ts]}
+                rows.append(row)
+    print(f"{'model':<14} {'threads':>7} {'ms':>8} {'vs torch':>9} {'vs ORT':>7} {'vs fastest':>10}   (medians of "
+          f"{args.rounds} rounds; speedups: median of per-round ratios)")
+    for r in rows:
+        print(f"{r['model']:<14} {r['threads']:>7} {r['median_ms']:>8.2f} {r['vs_torch']:>8.2f}x {r['vs_ort']:>6.2f}x "
+              f"{r['vs_fastest']:>9.2f}x")
+    if len(args.threads) > 1:
+        lo, hi = min(args.threads), max(args.threads)
+        print(f"{hi} threads over {lo} (ratio of the medians, from separate blocks of rounds):")
+        for name in ["torch eager", "ONNX Runtime", *models]:
+            a = next(r["median_ms"] for r in rows if r["model"] == name and r["threads"] == lo)
+            b = next(r["median_ms"] for r in rows if r["model"] == name and r["threads"] == hi)
+            print(f"  {name:<14} {a / b:.2f}x")
+    print("max |output - dense|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    write_json(args.json, {"schema": "spdy.bench_deployed", "schema_version": 1,
+                           "fingerprint": fingerprint(extra={"openmp": K.openmp_status()}),
+                           "settings": {**vars(args), "results": dict(results)}, "max_abs_diff": diffs, "records": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

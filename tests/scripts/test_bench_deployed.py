@@ -1,0 +1,32 @@
+"""scripts/bench_deployed.py: block timing and the --result argument."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from bench_deployed import blocks, main  # noqa: E402
+
+
+def test_blocks_time_every_fn_once_per_round_in_rotating_order(monkeypatch):
+    import bench_deployed
+
+    monkeypatch.setattr(bench_deployed, "PAUSE_S", 0.0)
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    out = blocks(fns, rounds=3, calls=2)
+    assert set(out) == {"a", "b", "c"} and all(len(v) == 3 and min(v) >= 0 for v in out.values())
+    timed = calls[6:]  # after two warm-up calls each: per round, per fn, one untimed call and two timed
+    firsts = [timed[i * 9] for i in range(3)]
+    assert firsts == ["a", "b", "c"]
+
+
+def test_a_result_that_is_not_a_search_folder_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--result", f"2x={tmp_path}"])
+    assert "spdy search output folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--result", "no-label"])
