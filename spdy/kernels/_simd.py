@@ -202,6 +202,25 @@ def _vec_fn(builder, name, n_args):  # noqa: ANN001, ANN202
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * n_args), name)
 
 
+def _splat(value: float) -> ir.Constant:
+    """A vector constant with all 16 lanes equal to ``value``."""
+    return ir.Constant(_VEC, [value] * LANES)
+
+
+def _clamped(builder, x, lo: float, hi: float):  # noqa: ANN001, ANN202
+    x = builder.call(_vec_fn(builder, "llvm.minnum.v16f32", 2), [x, _splat(hi)])
+    return builder.call(_vec_fn(builder, "llvm.maxnum.v16f32", 2), [x, _splat(lo)])
+
+
+def _horner(builder, coefs, x):  # noqa: ANN001, ANN202
+    """coefs[0] x^(n-1) + ... + coefs[-1] by fused multiply-adds (highest power first)."""
+    fma = _vec_fn(builder, "llvm.fma.v16f32", 3)
+    p = _splat(coefs[0])
+    for coef in coefs[1:]:
+        p = builder.call(fma, [p, x, _splat(coef)])
+    return p
+
+
 @intrinsic
 def vadd(typingctx, a, b):  # noqa: ANN001, ANN201
     """``a + b`` lane-wise."""
@@ -272,20 +291,13 @@ def vexp(typingctx, x):  # noqa: ANN001, ANN201
     """``exp(x)`` lane-wise (relative error a few ulp; inputs below -87.3 give ~1e-38, not 0)."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        def c(value: float) -> ir.Constant:
-            return ir.Constant(_VEC, [value] * LANES)
-
         fma = _vec_fn(builder, "llvm.fma.v16f32", 3)
-        x = builder.call(_vec_fn(builder, "llvm.minnum.v16f32", 2), [args[0], c(_EXP_HI)])
-        x = builder.call(_vec_fn(builder, "llvm.maxnum.v16f32", 2), [x, c(_EXP_LO)])
-        n = builder.call(_vec_fn(builder, "llvm.floor.v16f32", 1), [builder.call(fma, [x, c(_LOG2E), c(0.5)])])
-        r = builder.call(fma, [n, c(-_LN2_HI), x])
-        r = builder.call(fma, [n, c(-_LN2_LO), r])
-        p = c(_EXP_POLY[0])
-        for coef in _EXP_POLY[1:]:
-            p = builder.call(fma, [p, r, c(coef)])
-        r2 = builder.fmul(r, r)
-        p = builder.call(fma, [p, r2, builder.fadd(r, c(1.0))])
+        x = _clamped(builder, args[0], _EXP_LO, _EXP_HI)
+        n = builder.call(_vec_fn(builder, "llvm.floor.v16f32", 1), [builder.call(fma, [x, _splat(_LOG2E), _splat(0.5)])])
+        r = builder.call(fma, [n, _splat(-_LN2_HI), x])
+        r = builder.call(fma, [n, _splat(-_LN2_LO), r])
+        p = _horner(builder, _EXP_POLY, r)
+        p = builder.call(fma, [p, builder.fmul(r, r), builder.fadd(r, _splat(1.0))])
         vi = ir.VectorType(_I32, LANES)
         bits = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * LANES)), ir.Constant(vi, [23] * LANES))
         return builder.fmul(p, builder.bitcast(bits, _VEC))
@@ -307,19 +319,8 @@ def verf(typingctx, x):  # noqa: ANN001, ANN201
     """``erf(x)`` lane-wise (absolute error below 5e-7)."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        def c(value: float) -> ir.Constant:
-            return ir.Constant(_VEC, [value] * LANES)
-
-        fma = _vec_fn(builder, "llvm.fma.v16f32", 3)
-        x = builder.call(_vec_fn(builder, "llvm.minnum.v16f32", 2), [args[0], c(4.0)])
-        x = builder.call(_vec_fn(builder, "llvm.maxnum.v16f32", 2), [x, c(-4.0)])
+        x = _clamped(builder, args[0], -4.0, 4.0)
         x2 = builder.fmul(x, x)
-        p = c(_ERF_P[0])
-        for coef in _ERF_P[1:]:
-            p = builder.call(fma, [p, x2, c(coef)])
-        q = c(_ERF_Q[0])
-        for coef in _ERF_Q[1:]:
-            q = builder.call(fma, [q, x2, c(coef)])
-        return builder.fdiv(builder.fmul(x, p), q)
+        return builder.fdiv(builder.fmul(x, _horner(builder, _ERF_P, x2)), _horner(builder, _ERF_Q, x2))
 
     return f32x16(f32x16), codegen
