@@ -174,8 +174,8 @@ class SpdyCompiledBackend(SpdyCpuBackend):
     def runtime_fingerprint(self) -> dict[str, Any]:
         import torch._inductor.config as inductor_config
 
-        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "compiled": "torch.compile inductor, static shapes",
-                "inductor_cpp_threads": inductor_config.cpp.threads}
+        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch",
+                "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
         import torch

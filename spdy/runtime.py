@@ -44,6 +44,8 @@ from spdy.kernels import (  # noqa: E402
     prepare_linear,
     set_num_threads,
 )
+from spdy.kernels import attention as kattn  # noqa: E402
+from spdy.kernels.activation import gelu  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -426,13 +428,16 @@ def _sdpa_fallback() -> Any:
     return sdpa_attention_forward
 
 
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    B, _, Tq, _ = query.shape
+    return kattn.attention_unchecked(query, key, value, kattn.mask_bias(mask, B, Tq, key.shape[2]), scale)
+
+
 @torch.library.custom_op("spdy::attention", mutates_args=())
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                   scale: float) -> torch.Tensor:
-    from spdy.kernels import attention as kattn
-
-    B, _, Tq, _ = query.shape
-    return kattn.attention_unchecked(query, key, value, kattn.mask_bias(mask, B, Tq, key.shape[2]), scale)
+    return _attention(query, key, value, mask, scale)
 
 
 @_attention_op.register_fake
@@ -442,33 +447,19 @@ def _attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return query.new_empty((B, Tq, H, D))
 
 
-def _compiled_attention_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           mask: torch.Tensor | None, dropout: float) -> bool:
-    """:func:`spdy.kernels.attention.unsupported`'s checks in a form torch.compile traces without a
-    graph break (static shapes: they become guards)."""
-    return (query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
-            and query.dim() == key.dim() == value.dim() == 4 and query.shape[3] % 32 == 0
-            and key.shape == value.shape and key.shape[:2] == query.shape[:2] and key.shape[3] == query.shape[3]
-            and not dropout and not torch.is_grad_enabled()
-            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)))
-
-
 def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature, on :func:`spdy.kernels.attention.attention`
-    (under torch.compile, as the custom op ``spdy::attention``, opaque to the compiler)."""
-    from spdy.kernels import attention as kattn
-
+    (under torch.compile, as the custom op ``spdy::attention``, opaque to the compiler; the
+    checks trace without a graph break)."""
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
     special = causal or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None
-    scale = query.shape[3] ** -0.5 if scaling is None else scaling
-    if torch.compiler.is_compiling():
-        if not special and _compiled_attention_ok(query, key, value, attention_mask, dropout):
+    if not special and kattn.unsupported(query, key, value, attention_mask, dropout) is None:
+        scale = query.shape[3] ** -0.5 if scaling is None else scaling
+        if torch.compiler.is_compiling():
             return torch.ops.spdy.attention(query, key, value, attention_mask, scale), None
-    elif not special and kattn.unsupported(query, key, value, attention_mask, dropout) is None:
-        bias = kattn.mask_bias(attention_mask, query.shape[0], query.shape[2], key.shape[2])
-        return kattn.attention_unchecked(query, key, value, bias, scale), None
+        return _attention(query, key, value, attention_mask, scale), None
     return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             is_causal=is_causal, **kwargs)
 
@@ -523,14 +514,8 @@ class GELU(nn.Module):
         # under torch.compile, torch's own: the compiler fuses it with its neighbours
         if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not (x.requires_grad and torch.is_grad_enabled())):
-            return _gelu(x)
+            return gelu(x)
         return nn.functional.gelu(x)
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    from spdy.kernels.activation import gelu
-
-    return gelu(x)
 
 
 def _exact_gelu(module: nn.Module) -> bool:
