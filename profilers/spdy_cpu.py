@@ -36,11 +36,12 @@ from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
 from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
-BASE = {"attention": "spdy", "gelu": "spdy"}
+BASE = {"attention": "spdy", "gelu": "spdy", "depthwise": "spdy"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
-Face models' attention and exact GELUs run on spdy's kernels (:func:`spdy.runtime.fast_base`) in
-the models it times, torch in the dense reference. Profiles and results without these keys were
-timed with torch's throughout."""
+Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
+ReLU/ReLU6 after each, where they chain) run on spdy's kernels (:func:`spdy.runtime.fast_base`)
+in the models it times, torch in the dense reference. Profiles and results without a key were
+timed with torch's for that part."""
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,16 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         }
 
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
-        """:meth:`TorchRuntimeBackend.model_runner`, with the attention and GELUs on spdy's kernels
-        (:func:`spdy.runtime.fast_base`) in every model spdy runs: the base, the dense plan and the
-        pruned models. ``choices={}`` stays torch's own model, the dense reference."""
+        """:meth:`TorchRuntimeBackend.model_runner`, with the attention, GELUs and depthwise
+        convolutions on spdy's kernels (:func:`spdy.runtime.fast_base`, the pads and activations
+        that chain with a depthwise convolution found by one run of the model) in every model spdy
+        runs: the base, the dense plan and the pruned models. ``choices={}`` stays torch's own
+        model, the dense reference."""
         run = super().model_runner(bundle, choices)
         if choices:
             from spdy import runtime
 
-            runtime.fast_base(run.model)  # type: ignore[attr-defined]
+            runtime.fast_base(run.model, run=lambda _m: run())  # type: ignore[attr-defined]
         return run
 
     def pool_of(self, fmt: str) -> str:
@@ -174,7 +177,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
     def runtime_fingerprint(self) -> dict[str, Any]:
         import torch._inductor.config as inductor_config
 
-        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch",
+        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "depthwise": "torch",
                 "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

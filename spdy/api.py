@@ -188,8 +188,9 @@ def apply(
     and ``model`` keeps its BatchNorm layers; otherwise, or with ``fold=False``, it is ``model``.
     With ``sparse=True`` the pruned layers of the returned model are also swapped for spdy's
     sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
-    so that it runs as fast as was measured, and a Hugging Face model's attention and the exact
-    GELUs run on spdy's kernels where they were timed that way (:func:`spdy.runtime.fast_base`);
+    so that it runs as fast as was measured, and a Hugging Face model's attention, the exact
+    GELUs and the depthwise convolutions (with the pads and activations they absorbed) run on
+    spdy's kernels where they were timed that way (:func:`spdy.runtime.fast_base`);
     ``threads`` sets the thread count. A result timed
     on ``spdy-cpu-compiled`` comes back compiled (:func:`spdy.runtime.compile`: the model
     compiles at its first call, and again for each new input shape); ``model`` itself is the
@@ -243,6 +244,10 @@ def apply(
             runtime.fast_attention(model)  # timed with spdy's attention kernel: the same here
         if timed.get("gelu") == "spdy":
             runtime.fast_gelu(model)
+        if timed.get("depthwise") == "spdy":  # with the pads and activations each absorbed when timed
+            # the fusions chain in the folded form only (a BatchNorm sits between conv and activation otherwise)
+            fusions = manifest.get("depthwise_fusions") if fold or not folds else None
+            runtime.fast_depthwise(model, None if fusions is None else [runtime.DepthwiseFusion.from_json(f) for f in fusions])
         if manifest.get("backend") == "spdy-cpu-compiled":
             # timed compiled: the same here (the model compiles at its first call)
             return runtime.compile(model)

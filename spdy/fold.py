@@ -37,7 +37,7 @@ from spdy.types import LayerSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FoldPair", "find_foldable", "fold_batchnorm", "fold_scale", "folded_parameters", "folded_specs", "scaled_weight"]
+__all__ = ["Chain", "FoldPair", "find_chains", "find_foldable", "fold_batchnorm", "fold_scale", "folded_parameters", "folded_specs", "scaled_weight"]
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
@@ -73,29 +73,29 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
 
 @dataclass
 class _Output:
-    """A candidate layer's output during the trace: who produced it and who read it."""
+    """A watched module's output during the trace: who produced it and who read it."""
 
     ref: weakref.ref[torch.Tensor]
-    layer: str
+    first: str
     ndim: int
-    norm: str | None = None  # the BatchNorm that took it as input
-    foreign_reads: int = 0  # operations outside that BatchNorm that read it
+    second: str | None = None  # the module that took it as its input
+    foreign_reads: int = 0  # operations outside that module that read it
 
 
 class _Trace(TorchFunctionMode):
-    """Counts, for every watched tensor, the operations that read it outside its BatchNorm."""
+    """Counts, for every watched tensor, the operations that read it outside the module that took it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.watched: dict[int, _Output] = {}
-        self.in_norm: list[str] = []  # the BatchNorms running now, innermost last
+        self.inside: list[str] = []  # the second modules running now, innermost last
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         for t in _tensors((args, kwargs)):
             rec = self.watched.get(id(t))
             # the id alone could be a new tensor's once the watched one is freed: check it is alive and the same
-            if rec is not None and rec.ref() is t and (rec.norm is None or not self.in_norm or self.in_norm[-1] != rec.norm):
+            if rec is not None and rec.ref() is t and (rec.second is None or not self.inside or self.inside[-1] != rec.second):
                 rec.foreign_reads += 1
         return func(*args, **kwargs)
 
@@ -104,51 +104,58 @@ def _single_owner(model: nn.Module, param: torch.Tensor) -> bool:
     return sum(p is param for _, p in model.named_parameters(remove_duplicate=False)) == 1
 
 
+@dataclass(frozen=True)
+class Chain:
+    """Module ``second`` reads nothing but the output of module ``first``, and nothing else reads
+    that output (found by :func:`find_chains`); ``ndim``: the output's dimensions."""
+
+    first: str
+    second: str
+    ndim: int
+
+
 @torch.no_grad()
-def find_foldable(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[FoldPair, ...]:
-    """The BatchNorms of ``model`` that fold into the layer before them, found by ``run(model)``
-    (one forward pass on an example batch, in eval mode); see the module doc for the rules."""
-    modules = dict(model.named_modules())
-    layers = {n: m for n, m in modules.items() if n and type(m) in _LAYERS}
-    norms = {n: m for n, m in modules.items() if n and type(m) in _NORMS}
-    if not layers or not norms:
-        return ()
+def find_chains(model: nn.Module, run: Callable[[nn.Module], Any], firsts: Mapping[str, nn.Module],
+                seconds: Mapping[str, nn.Module]) -> list[Chain]:
+    """The pairs ``(a, b)`` of ``firsts`` and ``seconds`` that one call of ``run(model)`` (a forward
+    pass, in eval mode) shows to be a chain: each runs once, ``b``'s first input is the very
+    tensor ``a`` returned, and no operation outside ``b`` reads that tensor. Operations are seen
+    through a ``TorchFunctionMode``, so a functional ``torch.add`` counts as well as a module."""
+    if not firsts or not seconds:
+        return []
     trace = _Trace()
     calls: dict[str, int] = {}
-    outputs: dict[str, _Output] = {}
-    norm_input: dict[str, _Output | None] = {}
+    input_of: dict[str, _Output | None] = {}
 
-    def after_layer(name: str) -> Callable[..., None]:
+    def after_first(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inputs: Any, out: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor):
-                rec = _Output(weakref.ref(out), name, out.dim())
-                trace.watched[id(out)] = rec
-                outputs[name] = rec
+                trace.watched[id(out)] = _Output(weakref.ref(out), name, out.dim())
         return hook
 
-    def before_norm(name: str) -> Callable[..., None]:
+    def before_second(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
             calls[name] = calls.get(name, 0) + 1
             x = inputs[0] if inputs else None
             rec = trace.watched.get(id(x)) if isinstance(x, torch.Tensor) else None
-            if rec is not None and (rec.ref() is not x or rec.norm is not None):
+            if rec is not None and (rec.ref() is not x or rec.second is not None):
                 rec = None
             if rec is not None:
-                rec.norm = name
-            norm_input[name] = rec
-            trace.in_norm.append(name)
+                rec.second = name
+            input_of[name] = rec
+            trace.inside.append(name)
         return hook
 
-    def after_norm(name: str) -> Callable[..., None]:
+    def after_second(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inputs: Any, _out: Any) -> None:
-            if trace.in_norm and trace.in_norm[-1] == name:
-                trace.in_norm.pop()
+            if trace.inside and trace.inside[-1] == name:
+                trace.inside.pop()
         return hook
 
-    handles = [m.register_forward_hook(after_layer(n)) for n, m in layers.items()]
-    for n, m in norms.items():
-        handles += [m.register_forward_pre_hook(before_norm(n)), m.register_forward_hook(after_norm(n))]
+    handles = [m.register_forward_hook(after_first(n)) for n, m in firsts.items()]
+    for n, m in seconds.items():
+        handles += [m.register_forward_pre_hook(before_second(n)), m.register_forward_hook(after_second(n))]
     was_training = model.training
     try:
         model.eval()
@@ -158,17 +165,25 @@ def find_foldable(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[Fo
         for h in handles:
             h.remove()
         model.train(was_training)
+    return [Chain(rec.first, second, rec.ndim) for second, rec in input_of.items()
+            if rec is not None and calls.get(second) == 1 and calls.get(rec.first) == 1 and not rec.foreign_reads]
 
+
+def find_foldable(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[FoldPair, ...]:
+    """The BatchNorms of ``model`` that fold into the layer before them, found by ``run(model)``
+    (one forward pass on an example batch, in eval mode); see the module doc for the rules."""
+    modules = dict(model.named_modules())
+    layers = {n: m for n, m in modules.items() if n and type(m) in _LAYERS}
+    norms = {n: m for n, m in modules.items() if n and type(m) in _NORMS}
     pairs = []
-    for norm_name, rec in norm_input.items():
-        if rec is None or calls.get(norm_name) != 1 or calls.get(rec.layer) != 1 or rec.foreign_reads:
-            continue
-        layer, norm = layers[rec.layer], norms[norm_name]
-        why = _unfoldable(model, layer, norm, rec.ndim)
+    for chain in find_chains(model, run, layers, norms):
+        why = _unfoldable(model, layers[chain.first], norms[chain.second], chain.ndim)
         if why:
-            log.debug("BatchNorm %s stays: %s", norm_name, why)
+            log.debug("BatchNorm %s stays: %s", chain.second, why)
             continue
-        pairs.append(FoldPair(rec.layer, norm_name))
+        pairs.append(FoldPair(chain.first, chain.second))
+    if not norms:
+        return ()
     skipped = sorted(set(norms) - {p.norm for p in pairs})
     if skipped:
         log.info("%d of %d BatchNorm layers fold into the layer before them; these stay: %s",

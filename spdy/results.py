@@ -190,12 +190,26 @@ def write_outputs(outcome: SearchOutcome, bundle: ModelBundle, database: Any, ta
         "predicted_speedup": outcome.predicted_speedup, "measured_speedup": outcome.measured_speedup,
         "method": outcome.result.method, "calibration_id": bundle.calibration_id,
         "batchnorm_folds": [p.to_json() for p in bundle.batchnorm_folds], "fingerprint": outcome.fingerprint,
+        **_depthwise_fusions(outcome, bundle),
     })
     del pruned
     bases = {n: b.solution for n, b in outcome.baselines.items() if isinstance(b, Outcome)}
     plot_profile(table, outcome.result.solution, o / "profile.png", baselines=bases, title=plot_title(outcome))
     atomic_write_json(o / "result.json", outcome.to_json())
     return outcome
+
+
+def _depthwise_fusions(outcome: SearchOutcome, bundle: ModelBundle) -> dict[str, Any]:
+    """``{"depthwise_fusions": [...]}`` when the result was timed with spdy's depthwise kernel:
+    the pads and activations each depthwise convolution of the timed (inference) form absorbed,
+    for ``spdy.apply(sparse=True)`` to run the same."""
+    if (outcome.fingerprint or {}).get("depthwise") != "spdy":
+        return {}
+    from spdy import runtime
+
+    inference = bundle.inference
+    fusions = runtime.find_depthwise(inference.model, lambda m: inference.forward(m, inference.example))
+    return {"depthwise_fusions": [f.to_json() for f in fusions]}
 
 
 def plot_title(outcome: SearchOutcome) -> str:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from spdy import kernels  # first: shares the OpenMP runtime before torch loads
@@ -45,7 +46,9 @@ from spdy.kernels import (  # noqa: E402
     set_num_threads,
 )
 from spdy.kernels import attention as kattn  # noqa: E402
+from spdy.kernels import depthwise as kdw  # noqa: E402
 from spdy.kernels.activation import gelu  # noqa: E402
+from spdy.kernels.depthwise import Padding  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -538,8 +541,139 @@ def fast_gelu(model: nn.Module) -> list[str]:
     return names
 
 
-def fast_base(model: nn.Module) -> dict[str, list[str]]:
-    """What spdy runs around the pruned layers, on its own kernels: :func:`fast_attention` and
-    :func:`fast_gelu`, in place. Returns ``{"attention": [...], "gelu": [...]}``, the names
-    each switched."""
-    return {"attention": fast_attention(model), "gelu": fast_gelu(model)}
+# ---------------------------------------------------------------------------- depthwise convolutions
+
+_FINITE = float(torch.finfo(torch.float32).max)
+
+
+@dataclass(frozen=True)
+class DepthwiseFusion:
+    """A depthwise convolution (module name ``conv``) with the zero pad before it (``pad``) and
+    the activation after it (``act``) that :class:`DepthwiseConv2d` runs in one kernel call."""
+
+    conv: str
+    pad: str | None = None
+    act: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"conv": self.conv, "pad": self.pad, "act": self.act}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DepthwiseFusion:
+        if not isinstance(obj, dict) or not isinstance(obj.get("conv"), str) or \
+                not all(isinstance(obj.get(k), (str, type(None))) for k in ("pad", "act")):
+            raise InvalidInputError(f"a depthwise fusion is {{'conv': name, 'pad': name or null, 'act': name or null}}; "
+                                    f"got {obj!r}")
+        return cls(obj["conv"], obj.get("pad"), obj.get("act"))
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` with one filter per input channel that :class:`DepthwiseConv2d` can run
+    (zero padding given as numbers, no dilation, strides 1-4)."""
+    return (type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and tuple(module.dilation) == (1, 1) and 1 <= min(module.stride) and max(module.stride) <= 4)
+
+
+def _zero_pad(module: nn.Module) -> Padding | None:
+    """The padding of an ``nn.ZeroPad2d`` (or an ``nn.ConstantPad2d`` of zeros); None for anything else."""
+    if type(module) is nn.ZeroPad2d or (type(module) is nn.ConstantPad2d and module.value == 0):
+        left, right, top, bottom = module.padding
+        if min(left, right, top, bottom) >= 0:
+            return Padding(top, bottom, left, right)
+    return None
+
+
+def _clamp_of(module: nn.Module) -> tuple[float, float] | None:
+    """The output range of a ReLU, ReLU6 or Hardtanh module; None for anything else."""
+    if type(module) is nn.ReLU:
+        return (0.0, _FINITE)
+    if type(module) in (nn.ReLU6, nn.Hardtanh):
+        return (float(module.min_val), float(module.max_val))
+    return None
+
+
+class DepthwiseConv2d(nn.Module):
+    """A depthwise ``nn.Conv2d`` with an optional zero pad before it and clamp after it, run by
+    :func:`spdy.kernels.depthwise.depthwise_conv2d` for float32 CPU inputs without autograd
+    (anything else, and any call under torch.compile, goes to torch: pad, convolution, clamp).
+    For inference: the convolution's parameters stop requiring grad."""
+
+    def __init__(self, conv: nn.Conv2d, pad: Padding = Padding(), clamp: tuple[float, float] | None = None) -> None:
+        super().__init__()
+        if not is_depthwise(conv):
+            raise InvalidInputError(f"DepthwiseConv2d takes a depthwise nn.Conv2d (groups = in = out channels, "
+                                    f"numeric zero padding, no dilation, stride 1-4); got {conv}")
+        for p in conv.parameters():
+            p.requires_grad_(False)  # an inference module: the kernel tracks no gradient
+        self.conv = conv
+        self.extra = pad
+        self.padding = pad + Padding.symmetric(*conv.padding)
+        self.clamp = clamp
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}, clamp={self.clamp}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv.weight
+        if not torch.compiler.is_compiling() and kdw.unsupported(x, w, self.conv.stride) is None:
+            return kdw.depthwise_conv2d(x, w, self.conv.bias, self.conv.stride, self.padding, self.clamp)
+        p = self.extra
+        if p != Padding():
+            x = nn.functional.pad(x, [p.left, p.right, p.top, p.bottom])
+        y = self.conv(x)
+        return y if self.clamp is None else y.clamp(*self.clamp)
+
+
+def find_depthwise(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[DepthwiseFusion, ...]:
+    """The depthwise convolutions of ``model`` (:func:`is_depthwise`), each with the zero-pad
+    module that feeds it alone and the ReLU/ReLU6/Hardtanh module that alone reads its output,
+    where one call of ``run(model)`` (a forward pass) shows such a chain (:func:`spdy.fold.find_chains`)."""
+    from spdy.fold import find_chains
+
+    modules = dict(model.named_modules())
+    convs = {n: m for n, m in modules.items() if n and is_depthwise(m)}
+    if not convs:
+        return ()
+    pads = {n: m for n, m in modules.items() if n and _zero_pad(m) is not None}
+    acts = {n: m for n, m in modules.items() if n and _clamp_of(m) is not None}
+    pad_of = {c.second: c.first for c in find_chains(model, run, pads, convs)}
+    act_of = {c.first: c.second for c in find_chains(model, run, convs, acts)}
+    return tuple(DepthwiseFusion(n, pad_of.get(n), act_of.get(n)) for n in convs)
+
+
+def fast_depthwise(model: nn.Module, fusions: Sequence[DepthwiseFusion] | None = None) -> list[str]:
+    """Swap depthwise convolutions for :class:`DepthwiseConv2d`, in place; returns their names.
+
+    ``fusions`` (from :func:`find_depthwise`) name the convolutions with the pad and activation
+    modules each absorbs (those become ``nn.Identity``); None: every depthwise convolution of
+    ``model``, alone."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fast_depthwise needs an nn.Module; got {type(model).__name__}")
+    if fusions is None:
+        fusions = [DepthwiseFusion(n) for n, m in model.named_modules() if n and is_depthwise(m)]
+    modules = dict(model.named_modules())
+    swaps: dict[str, nn.Module] = {}
+    for f in fusions:
+        conv = modules.get(f.conv)
+        pad = _zero_pad(modules[f.pad]) if f.pad in modules else None
+        clamp = _clamp_of(modules[f.act]) if f.act in modules else None
+        if conv is None or not is_depthwise(conv) or (f.pad is not None and pad is None) or \
+                (f.act is not None and clamp is None):
+            raise InvalidInputError(f"cannot fuse {f}: the model has no such depthwise convolution, zero pad and "
+                                    "activation (were the fusions found on another model?)")
+        swaps[f.conv] = DepthwiseConv2d(conv, pad or Padding(), clamp)
+        swaps.update({n: nn.Identity() for n in (f.pad, f.act) if n is not None})
+    swap_modules(model, swaps)
+    return [f.conv for f in fusions]
+
+
+def fast_base(model: nn.Module, run: Callable[[nn.Module], Any] | None = None,
+              depthwise: Sequence[DepthwiseFusion] | None = None) -> dict[str, list[str]]:
+    """What spdy runs around the pruned layers, on its own kernels, in place: :func:`fast_attention`,
+    :func:`fast_gelu` and :func:`fast_depthwise` (with the fusions ``depthwise``, or those
+    :func:`find_depthwise` finds with ``run``, or each convolution alone). Returns
+    ``{"attention": [...], "gelu": [...], "depthwise": [...]}``, the names each switched."""
+    if depthwise is None and run is not None:
+        depthwise = find_depthwise(model, run)
+    return {"attention": fast_attention(model), "gelu": fast_gelu(model), "depthwise": fast_depthwise(model, depthwise)}

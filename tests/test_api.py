@@ -623,6 +623,53 @@ def test_a_cnn_is_profiled_timed_and_deployed_with_its_batchnorms_folded(tmp_pat
         torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-4)
 
 
+class DWConv(nn.Module):
+    """1x1 conv-BatchNorm-ReLU6, zero pad, depthwise conv-BatchNorm-ReLU6 (stride 2), 1x1 conv, a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw, self.b2, self.a2 = nn.Conv2d(64, 64, 3, 2, groups=64, bias=False), nn.BatchNorm2d(64), nn.ReLU6()
+        self.c3 = nn.Conv2d(64, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a2(self.b2(self.dw(self.pad(self.a1(self.b1(self.c1(x)))))))
+        return self.fc(self.c3(x).mean((2, 3)))
+
+
+def dw_cnn_factory() -> dict:
+    torch.manual_seed(0)
+    model = DWConv()
+    data = torch.randn(32, 16, 12, 12)
+    model.train()
+    with torch.no_grad():
+        model(data)
+    return {"model": model.eval(), "calibration": [data[i:i + 8] for i in range(0, 32, 8)], "loss": "kl"}
+
+
+def test_a_result_with_depthwise_convolutions_is_deployed_with_their_fusions(tmp_path):
+    bundle = as_bundle("tests.test_api:dw_cnn_factory")
+    out = tmp_path / "out"
+    spdy.search(bundle, speedup=1.1, threads=1, profile=tmp_path / "dw.json", database=tmp_path / "db", grid=GRID,
+                max_evals=3, timing=POLICY, baselines=(), fit_rounds=0, measure_rounds=1, out=out, reference="torch")
+    man = json.loads((out / "model" / "manifest.json").read_text())
+    assert man["fingerprint"]["depthwise"] == "spdy"
+    assert man["depthwise_fusions"] == [{"conv": "dw", "pad": "pad", "act": "a2"}]
+    x = bundle.calibration[0]
+    with torch.no_grad():
+        ref = spdy.apply(dw_cnn_factory()["model"], out)(x)
+    sparse = spdy.apply(dw_cnn_factory()["model"], out, sparse=True, threads=1)
+    assert isinstance(sparse.dw, spdy.runtime.DepthwiseConv2d) and sparse.dw.clamp == (0.0, 6.0)
+    assert isinstance(sparse.pad, nn.Identity) and isinstance(sparse.a2, nn.Identity)
+    unfolded = spdy.apply(dw_cnn_factory()["model"], out, sparse=True, threads=1, fold=False)
+    assert isinstance(unfolded.dw, spdy.runtime.DepthwiseConv2d) and unfolded.dw.clamp is None  # a BatchNorm between
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unfolded(x), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_result_timed_compiled_is_applied_compiled(bundle, tmp_path_factory, tmp_path):
     p = tmp_path_factory.mktemp("prof") / "mlp-compiled.json"
     ensure_profile(bundle, get_backend("spdy-cpu-compiled", threads=1, policy=POLICY), path=p, grid=GRID)

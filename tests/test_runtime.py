@@ -258,7 +258,68 @@ def test_fast_gelu_swaps_exact_gelus_only_and_matches_torch() -> None:
     out = model(x)  # autograd on: torch's gelu
     assert out.requires_grad
     out.sum().backward()
-    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": []}
+    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": [], "depthwise": []}
+
+
+class _InvertedResidual(nn.Module):
+    """A MobileNet-style block: zero pad, depthwise conv, ReLU6; a second depthwise conv whose
+    output feeds its ReLU and a residual add (so its ReLU cannot fuse); a third behind a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw = nn.Conv2d(32, 32, 3, 2, groups=32)
+        self.act = nn.ReLU6()
+        self.dw2 = nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False)
+        self.act2 = nn.ReLU()
+        self.dw3 = nn.Conv2d(32, 32, 5, 1, 2, groups=32)
+        self.bn = nn.BatchNorm2d(32)
+        self.act3 = nn.Hardtanh(-1.0, 1.0)
+        self.grouped = nn.Conv2d(32, 32, 3, 1, 1, groups=16)  # two channels a group: not depthwise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.dw(self.pad(x)))
+        z = self.dw2(y)
+        y = self.act2(z) + z
+        return self.grouped(self.act3(self.bn(self.dw3(y))))
+
+
+def test_fast_depthwise_fuses_the_chains_it_sees_and_computes_the_same(threads: int) -> None:
+    torch.manual_seed(0)
+    model = _InvertedResidual().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 32, 17, 16)
+    ref = copy.deepcopy(model)
+    found = runtime.find_depthwise(model, lambda m: m(x))
+    assert found == (runtime.DepthwiseFusion("dw", "pad", "act"), runtime.DepthwiseFusion("dw2"),
+                     runtime.DepthwiseFusion("dw3"))
+    assert runtime.fast_base(model, depthwise=found)["depthwise"] == ["dw", "dw2", "dw3"]
+    assert type(model.pad) is nn.Identity and type(model.act) is nn.Identity and type(model.act2) is nn.ReLU
+    assert type(model.dw) is runtime.DepthwiseConv2d and model.dw.clamp == (0.0, 6.0)
+    assert type(model.grouped) is nn.Conv2d
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), atol=2e-5, rtol=1e-5)
+    out = model(x.requires_grad_())  # autograd on: torch's pad, conv and clamp
+    assert out.requires_grad
+    torch.testing.assert_close(out, ref(x), atol=2e-5, rtol=1e-5)
+
+
+def test_fast_base_finds_the_fusions_itself_and_fusions_round_trip() -> None:
+    model, x = _InvertedResidual().eval(), torch.randn(1, 32, 8, 8)
+    assert runtime.fast_base(model, run=lambda m: m(x))["depthwise"] == ["dw", "dw2", "dw3"]
+    assert model.dw.padding == runtime.Padding(1, 2, 1, 2) and model.dw3.clamp is None
+    f = runtime.DepthwiseFusion("a.b", None, "c")
+    assert runtime.DepthwiseFusion.from_json(f.to_json()) == f
+    with pytest.raises(InvalidInputError, match="depthwise fusion"):
+        runtime.DepthwiseFusion.from_json({"conv": 3})
+    with pytest.raises(InvalidInputError, match="cannot fuse"):
+        runtime.fast_depthwise(_InvertedResidual(), [runtime.DepthwiseFusion("dw", "act", None)])
+    with pytest.raises(InvalidInputError, match="depthwise nn.Conv2d"):
+        runtime.DepthwiseConv2d(nn.Conv2d(4, 8, 3))
+    plain = _InvertedResidual()
+    assert runtime.fast_depthwise(plain) == ["dw", "dw2", "dw3"] and type(plain.act) is nn.ReLU6
 
 
 def test_fast_attention_leaves_other_models_alone() -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spdy.errors import ModelLoadError
+from spdy.errors import InvalidInputError, ModelLoadError
 from spdy.models.base import ModelBundle, kl_divergence
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,26 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=0.01)
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """The zeros TensorFlow's ``SAME`` adds before and after a row (or column) of ``size`` pixels
+    for a strided convolution (the extra one after), so that the output has ``ceil(size / stride)``."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """Pad ``x`` as TensorFlow's ``SAME`` does for a strided convolution (the extra row and
-    column at the bottom and right), so that the output has ``ceil(size / stride)`` pixels."""
-    h, w = x.shape[-2:]
-    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
-    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
-    if ph or pw:
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+    """``x`` padded as TensorFlow's ``SAME`` pads it for a strided convolution (see :func:`same_padding`)."""
+    (top, bottom), (left, right) = (same_padding(n, kernel, stride) for n in x.shape[-2:])
+    if top or bottom or left or right:
+        x = F.pad(x, [left, right, top, bottom])
     return x
+
+
+def same_pad_module(size: int, kernel: int, stride: int) -> nn.ZeroPad2d:
+    """``SAME`` padding of a ``size`` x ``size`` image as a module (what a runtime can fuse into the
+    convolution after it)."""
+    before, after = same_padding(size, kernel, stride)
+    return nn.ZeroPad2d((before, after, before, after))
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -78,14 +89,17 @@ class MBConvBlock(nn.Module):
     """Inverted residual block: 1x1 expansion, depthwise kxk, 1x1 projection, identity skip
     when the shape is kept; BatchNorm after every convolution, ReLU6 after the first two."""
 
-    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, size: int) -> None:
         super().__init__()
         mid = cin * expand
         self.kernel, self.stride = kernel, stride
         self._expand_conv = _conv(cin, mid, 1) if expand != 1 else None
         self._bn0 = _bn(mid) if expand != 1 else None
+        self._act0 = nn.ReLU6() if expand != 1 else None
+        self._pad = same_pad_module(size, kernel, stride) if stride != 1 else None
         self._depthwise_conv = _conv(mid, mid, kernel, stride, groups=mid)
         self._bn1 = _bn(mid)
+        self._act1 = nn.ReLU6()
         self._project_conv = _conv(mid, cout, 1)
         self._bn2 = _bn(cout)
         self.skip = stride == 1 and cin == cout
@@ -93,36 +107,50 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if self._expand_conv is not None:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        if self.stride != 1:
-            y = same_pad(y, self.kernel, self.stride)
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+            y = self._act0(self._bn0(self._expand_conv(y)))
+        if self._pad is not None:
+            y = self._pad(y)
+        y = self._act1(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
         return y + x if self.skip else y
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0: stem, 16 MBConv blocks, 1x1 head, global average pool, classifier."""
+    """EfficientNet-Lite0: stem, 16 MBConv blocks, 1x1 head, global average pool, classifier.
 
-    def __init__(self, classes: int = 1000, dropout: float = 0.2) -> None:
+    Built for ``image_size`` x ``image_size`` inputs: the ``SAME`` paddings of the strided
+    convolutions are fixed modules (``nn.ZeroPad2d``) for that size, as a deployment graph has
+    them, and the activations are modules, so that a runtime can fuse both into the convolutions."""
+
+    def __init__(self, classes: int = 1000, dropout: float = 0.2, image_size: int = SIZE) -> None:
         super().__init__()
+        self.image_size = image_size
+        self._pad_stem = same_pad_module(image_size, 3, 2)
         self._conv_stem = _conv(3, STEM, 3, 2)
         self._bn0 = _bn(STEM)
+        self._act_stem = nn.ReLU6()
         blocks: list[nn.Module] = []
+        size = math.ceil(image_size / 2)
         for repeats, kernel, stride, expand, cin, cout in STAGES:
             for r in range(repeats):
-                blocks.append(MBConvBlock(cin if r == 0 else cout, cout, expand, kernel, stride if r == 0 else 1))
+                s = stride if r == 0 else 1
+                blocks.append(MBConvBlock(cin if r == 0 else cout, cout, expand, kernel, s, size))
+                size = math.ceil(size / s)
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = _conv(STAGES[-1][-1], HEAD, 1)
         self._bn1 = _bn(HEAD)
+        self._act_head = nn.ReLU6()
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(HEAD, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(same_pad(x, 3, 2))))
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise InvalidInputError(f"this EfficientNet-Lite0 is built for {self.image_size}x{self.image_size} images; "
+                                    f"got {tuple(x.shape)} (build it with image_size={x.shape[-1]} for other sizes)")
+        x = self._act_stem(self._bn0(self._conv_stem(self._pad_stem(x))))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = self._act_head(self._bn1(self._conv_head(x)))
         return self._fc(self._dropout(F.adaptive_avg_pool2d(x, 1).flatten(1)))
 
 

