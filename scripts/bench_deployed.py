@@ -8,8 +8,11 @@ Runtime (exported, graph optimisations on, the same thread count) and every depl
 timed on the search's example batch (one sequence of 128 tokens) in blocks of ``calls`` calls,
 the blocks' order rotating from round to round (ONNX Runtime's thread pool never runs call by
 call between the others'); each speedup is the median over rounds of that round's ratio.
+``--dense-plan`` adds the dense model in spdy's runtime ("spdy dense"): every prunable Linear
+in the ``dnnl`` format (its weight packed once for oneDNN), attention and GELU on spdy's kernels.
 
     python scripts/bench_deployed.py --result 2x=out/2x --result 2.5x=out/2.5x --json scripts/results/bench_deployed.json
+    python scripts/bench_deployed.py --dense-plan --json scripts/results/bench_dense_plan.json
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ def blocks(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[s
     return out
 
 
+def dense_plan(model: torch.nn.Module, layers: list[str]) -> torch.nn.Module:
+    """``model`` unpruned in spdy's runtime: the ``layers`` as ``dnnl`` SparseLinears, the rest on :func:`spdy.runtime.fast_base`."""
+    from spdy import runtime
+
+    runtime.swap_modules(model, {n: runtime.SparseLinear.from_linear(model.get_submodule(n), format="dnnl").eval()
+                                 for n in layers})
+    runtime.fast_base(model)
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--result", action="append", default=[], metavar="LABEL=OUT",
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--dense-plan", action="store_true",
+                    help="also time the dense model in spdy's runtime (dnnl Linears, spdy's attention and GELU)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     results = []
@@ -85,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in results:
         m, _ = load_encoder()
         models[label] = spdy.apply(m, path, sparse=True, threads=max(args.threads)).eval()
+    if args.dense_plan:
+        models["spdy dense"] = dense_plan(load_encoder()[0], [s.name for s in bundle.layers()])
     rows = []
     with torch.inference_mode():
         want = fwd(dense, ex)

@@ -6,14 +6,18 @@ magnitude-pruned; per shape, interleaved in rounds in one process:
 
 * ``dense``: torch's conv2d on NCHW (oneDNN);
 * ``dense_cl``: the same with input and weight in ``channels_last``;
+* ``dense_ort``: ONNX Runtime running the dense convolution alone (graph optimisations on,
+  the input and output bound once; ``--no-ort`` leaves it out). Its fixed cost per ``Run``
+  (an Identity graph's time) is reported too: inside a whole exported model it is paid once;
 * ``implicit@s``: spdy's implicit-GEMM conv kernel (the path of 3x3 convolutions: images, or
   pixel tiles of one image, split between threads; until the commit after 9006748 it took one
   image at a time and split the output rows);
 * ``pixels@s``: what ``spdy.kernels.conv2d`` runs for a sparse 1x1 conv: a Linear over the
   pixels, tiles of 64 pixels (across images) split between threads.
 
-Prints microseconds per call (median over rounds) and writes them with the hardware
-fingerprint to ``--json``.
+Prints microseconds per call (median over rounds) and, per shape, the lowest level at which
+the pixel-tile kernel takes less time than the fastest of the dense columns ("pays from";
+``-`` for none of the levels), and writes them with the hardware fingerprint to ``--json``.
 
     python scripts/bench_pointwise.py --threads 2 --batch 8 --levels 0.7 0.9 0.95 --json F
 """
@@ -37,7 +41,9 @@ import torch  # noqa: E402
 from _common import write_json  # noqa: E402
 from spdy.hardware import fingerprint  # noqa: E402
 from spdy.kernels.conv import conv2d, implicit_into, prepare_conv2d  # noqa: E402
+from spdy.profilers.base import DENSE, LayerChoice  # noqa: E402
 from spdy.stages import as_bundle  # noqa: E402
+from spdy.types import LayerSpec  # noqa: E402
 
 
 def pointwise_shapes(model_ref: str, batch: int) -> list[tuple[int, int, int, int]]:
@@ -63,22 +69,30 @@ def implicit(x: np.ndarray, p, y: np.ndarray) -> None:
     implicit_into(np.ascontiguousarray(x, dtype=np.float32), p, y, numba.get_num_threads())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="spdy.examples.efficientnet_lite:factory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.7, 0.9, 0.95])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-ort", dest="ort", action="store_false", help="leave ONNX Runtime out")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     runtime.set_num_threads(args.threads)
     runtime.kernels.retain_freed_memory()
     shapes = pointwise_shapes(args.model, args.batch)
     rng = np.random.default_rng(0)
-    cols = ["dense", "dense_cl"] + [f"{k}@{s:g}" for s in args.levels for k in ("implicit", "pixels")]
+    ort = None
+    if args.ort:
+        from spdy.profilers.ort_cpu import OrtCpuBackend
+
+        ort = OrtCpuBackend(threads=args.threads, shared_pool=False)
+        print(f"ONNX Runtime's fixed cost per Run: {ort.run_overhead_s() * 1e6:.1f} us")
+    dense_cols = ["dense", "dense_cl"] + (["dense_ort"] if ort else [])
+    cols = dense_cols + [f"{k}@{s:g}" for s in args.levels for k in ("implicit", "pixels")]
     print(f"{args.model}: {len(shapes)} 1x1 shapes, batch {args.batch}, {args.threads} thread(s); us per call")
-    print(f"{'C->O @HxW':>18} " + " ".join(f"{c:>12}" for c in cols))
+    print(f"{'C->O @HxW':>18} " + " ".join(f"{c:>12}" for c in cols) + f" {'pays from':>9}")
     rows = []
     for C, O, H, W in shapes:
         x = torch.from_numpy(rng.standard_normal((args.batch, C, H, W)).astype(np.float32))
@@ -88,6 +102,10 @@ def main() -> None:
         xn = x.numpy()
         runs = {"dense": lambda: torch.nn.functional.conv2d(x, w, b),
                 "dense_cl": lambda: torch.nn.functional.conv2d(x_cl, w_cl, b)}
+        if ort is not None:
+            spec = LayerSpec(f"{C}->{O}", "conv2d", (O, C, 1, 1), tuple(x.shape))
+            runs["dense_ort"] = ort.layer_runner(spec, LayerChoice(DENSE, weight=w.numpy(), bias=b.numpy()), xn)
+            assert np.allclose(runs["dense_ort"](), runs["dense"]().numpy(), atol=1e-3), "ONNX Runtime computes another conv"
         for s in args.levels:
             wn = w.numpy().copy()
             wn[np.abs(wn) <= np.quantile(np.abs(wn), s)] = 0
@@ -112,12 +130,23 @@ def main() -> None:
                         f()
                     got[k].append((time.perf_counter() - t0) / calls * 1e6)
         med = {k: statistics.median(v) for k, v in got.items()}
-        rows.append({"shape": [C, O, H, W], "us": med})
-        print(f"{C:>6}->{O:<5} @{H}x{W:<4} " + " ".join(f"{med[c]:12.0f}" for c in cols), flush=True)
+        pays = pays_from(med, dense_cols, args.levels)
+        rows.append({"shape": [C, O, H, W], "us": med, "pays_from": pays})
+        print(f"{C:>6}->{O:<5} @{H}x{W:<4} " + " ".join(f"{med[c]:12.0f}" for c in cols)
+              + f" {'-' if pays is None else f'{pays:g}':>9}", flush=True)
     total = {c: sum(r["us"][c] for r in rows) for c in cols}
-    print(f"{'all shapes':>18} " + " ".join(f"{total[c]:12.0f}" for c in cols))
+    pays = pays_from(total, dense_cols, args.levels)
+    print(f"{'all shapes':>18} " + " ".join(f"{total[c]:12.0f}" for c in cols) + f" {'-' if pays is None else f'{pays:g}':>9}")
     write_json(args.json, {"model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-                           "levels": args.levels, "rows": rows, "total_us": total, "fingerprint": fingerprint()})
+                           "levels": args.levels, "rows": rows, "total_us": total, "pays_from": pays,
+                           "ort_run_overhead_us": None if ort is None else ort.run_overhead_s() * 1e6,
+                           "fingerprint": fingerprint()})
+
+
+def pays_from(us: dict[str, float], dense_cols: list[str], levels: list[float]) -> float | None:
+    """The lowest level at which the pixel-tile kernel takes less time than the fastest dense column."""
+    fastest = min(us[c] for c in dense_cols)
+    return next((s for s in sorted(levels) if us[f"pixels@{s:g}"] < fastest), None)
 
 
 if __name__ == "__main__":

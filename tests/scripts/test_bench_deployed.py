@@ -30,3 +30,24 @@ def test_a_result_that_is_not_a_search_folder_is_refused(tmp_path, capsys):
     assert "spdy search output folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--result", "no-label"])
+
+
+def test_dense_plan_computes_the_dense_model_with_every_layer_in_dnnl():
+    pytest.importorskip("transformers")
+    import torch
+
+    from bench_deployed import dense_plan
+    from spdy import runtime
+    from spdy.models.base import load_model
+    from spdy.models.minilm import load_encoder
+
+    try:
+        bundle = load_model("minilm", n_calibration=1)
+    except Exception as exc:  # the model package is optional
+        pytest.skip(f"MiniLM unavailable: {exc}")
+    names = [s.name for s in bundle.layers()]
+    plan = dense_plan(load_encoder()[0], names)
+    assert runtime.layer_formats(plan) == {n: "dnnl" for n in names}
+    with torch.inference_mode():
+        torch.testing.assert_close(bundle.forward(plan, bundle.example), bundle.forward(bundle.model, bundle.example),
+                                   atol=2e-5, rtol=1e-4)

@@ -25,3 +25,11 @@ def test_implicit_path_matches_torch_and_the_pixel_tiles():
     implicit(x, p, y)
     np.testing.assert_allclose(y, want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(conv2d(x, p), want, atol=1e-4, rtol=0)
+
+
+def test_pays_from_is_the_lowest_level_under_the_fastest_dense():
+    from bench_pointwise import pays_from
+
+    us = {"dense": 100.0, "dense_cl": 80.0, "pixels@0.5": 90.0, "pixels@0.7": 70.0, "pixels@0.9": 30.0}
+    assert pays_from(us, ["dense", "dense_cl"], [0.9, 0.5, 0.7]) == 0.7
+    assert pays_from({**us, "dense_cl": 20.0}, ["dense", "dense_cl"], [0.5, 0.7, 0.9]) is None
