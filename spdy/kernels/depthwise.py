@@ -6,11 +6,21 @@ the pad writes a padded copy of a large activation and the activation reads and 
 output once more. Here one kernel reads the unpadded input, treats the border as zeros, adds
 the bias and clamps while the output row is still in the cache.
 
-Layout NCHW, fp32. Threads take whole channel planes (``N * C`` of them). For each output
-row, every tap ``(ky, kx)`` adds ``w[c, ky, kx] * x[n, c, iy, ox * stride + kx - left]`` over
-the output columns whose input column is inside the image: at stride 1 a contiguous run
-the compiler vectorises; at stride 2 the input row is first split into its even and odd
-columns (a scratch row per thread), so that every tap is a contiguous run as well.
+Layout NCHW, fp32. Two paths, both summing every tap of an output in registers:
+
+* **16 channels at a time** (channels a multiple of 16, planes up to
+  :data:`CHANNEL_VECTOR_PIXELS`): the 16 input planes of one image are transposed into a
+  zero-bordered scratch holding a 16-lane vector per padded pixel (one lane per channel), four
+  output pixels of a row are computed at once (four independent sums, one weight vector load
+  per tap), and the results are transposed back into the 16 output planes. Threads take
+  contiguous runs of (image, 16-channel group).
+* **plane by plane** (any other channel count): the padded plane is split into ``stride x
+  stride`` phase planes so that every tap reads a contiguous run, and 16 (or 64) output pixels
+  of the flattened plane are computed at once; the columns past the row's end are computed
+  and dropped. Threads take contiguous runs of planes.
+
+The zeros around the image are written once per thread and call: every plane of a call has
+the same geometry, so only the pixels inside the image are copied per plane.
 """
 
 from __future__ import annotations
