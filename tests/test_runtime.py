@@ -207,7 +207,7 @@ def test_fast_attention_matches_sdpa_on_minilm_with_padding() -> None:
     model = _minilm()
     fast = copy.deepcopy(model)
     assert runtime.fast_base(fast) == {"attention": [""], "gelu": [f"encoder.layer.{i}.intermediate.intermediate_act_fn"
-                                                                     for i in range(6)]}
+                                                                     for i in range(6)], "depthwise": []}
     assert fast.config._attn_implementation == runtime.ATTENTION
     assert model.config._attn_implementation == "sdpa"  # the original is not touched
     g = torch.Generator().manual_seed(0)
@@ -309,7 +309,7 @@ def test_fast_depthwise_fuses_the_chains_it_sees_and_computes_the_same(threads: 
 def test_fast_base_finds_the_fusions_itself_and_fusions_round_trip() -> None:
     model, x = _InvertedResidual().eval(), torch.randn(1, 32, 8, 8)
     assert runtime.fast_base(model, run=lambda m: m(x))["depthwise"] == ["dw", "dw2", "dw3"]
-    assert model.dw.padding == runtime.Padding(1, 2, 1, 2) and model.dw3.clamp is None
+    assert model.dw.padding == runtime.Padding(0, 1, 0, 1) and model.dw3.clamp is None
     f = runtime.DepthwiseFusion("a.b", None, "c")
     assert runtime.DepthwiseFusion.from_json(f.to_json()) == f
     with pytest.raises(InvalidInputError, match="depthwise fusion"):
