@@ -35,6 +35,7 @@ from numba import njit, prange
 
 from spdy.errors import InvalidInputError
 from spdy.kernels._simd import copy_n, ld, transpose16, vbroadcast, vfma, vload, vmax, vmin, vstore
+from spdy.kernels._spmm import _row16, _row64
 
 _JIT = dict(cache=True, fastmath=True, boundscheck=False, nogil=True)
 CHANNEL_VECTOR_PIXELS = 1 << 16
@@ -100,32 +101,19 @@ def _tap_offsets(kh, kw, sh, sw, hph, wph):
 @njit(**_JIT)
 def _plane(x, xo, w, wo, taps, bias, out, oo, h_in, w_in, h_out, w_out, sh, sw, top, left, hph, wph,
            lo, hi, clamp, ph, ext):
-    """One channel plane. Output pixel ``(oy, ox)`` is ``ext[oy * wph + ox]``, computed 16 at a
-    time with every tap summed in registers (the columns ``ox >= w_out`` are computed and dropped)."""
+    """One channel plane. Output pixel ``(oy, ox)`` is ``ext[oy * wph + ox]``, computed 64 (then 16)
+    at a time with every tap summed in registers (the columns ``ox >= w_out`` are computed and dropped)."""
     _fill_phases(x, xo, h_in, w_in, sh, sw, top, left, hph, wph, ph)
     n = h_out * wph
     nt = taps.shape[0]
-    b = vbroadcast(bias)
+    wc = w[wo:wo + nt]
+    # output q sums the taps as a sparse row sums its nonzeros: "column" taps[t] of the phase planes
     q = 0
-    while q + 64 <= n:  # four independent sums, one weight broadcast for each tap
-        a0, a1, a2, a3 = b, b, b, b
-        for t in range(nt):
-            p = ld(taps, t) + q
-            wv = vbroadcast(ld(w, wo + t))
-            a0 = vfma(a0, wv, vload(ph, p))
-            a1 = vfma(a1, wv, vload(ph, p + 16))
-            a2 = vfma(a2, wv, vload(ph, p + 32))
-            a3 = vfma(a3, wv, vload(ph, p + 48))
-        vstore(ext, q, a0)
-        vstore(ext, q + 16, a1)
-        vstore(ext, q + 32, a2)
-        vstore(ext, q + 48, a3)
+    while q + 64 <= n:
+        _row64(taps, wc, 0, nt, 1, ph, q, ext, q, True, bias)
         q += 64
     while q < n:
-        a0 = b
-        for t in range(nt):
-            a0 = vfma(a0, vbroadcast(ld(w, wo + t)), vload(ph, ld(taps, t) + q))
-        vstore(ext, q, a0)
+        _row16(taps, wc, 0, nt, 1, ph, q, ext, q, True, bias)
         q += 16
     for oy in range(h_out):
         e = oy * wph
