@@ -38,6 +38,8 @@ FAR_RATIO = 0.8
 MIN_TOP1 = 0.5
 #: bisection steps for the largest target that keeps uniform pruning under the line
 BISECT_STEPS = 6
+#: a reference whose 1x takes more than this over the dense plan is named as the reason no target is safe
+FLOOR_TOLERANCE = 1.05
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Quality:
     constant_loss: float
     top1_agreement: float | None = None
     largest_target: float | None = None
+    #: the speedup over the dense plan that 1x over the reference takes (> 1: the reference runs
+    #: the dense model faster than spdy's dense plan does)
+    reference_floor: float = 1.0
 
     @property
     def ratio(self) -> float:
@@ -65,15 +70,22 @@ class Quality:
                  f"{self.ratio:.0%} of what a constant output (the dense outputs' mean) scores ({self.constant_loss:.4g})"]
         if self.top1_agreement is not None:
             parts.append(f"its top-1 class agrees with the dense model's on {self.top1_agreement:.0%} of the calibration samples")
-        hint = (f"uniform pruning stays under {FAR_RATIO:.0%} of it up to {self.largest_target:.3g}x: ask for at most "
-                "about that" if self.largest_target else "even light uniform pruning does not stay under the line: "
-                "check the model's calibration data and loss")
+        if self.largest_target:
+            hint = (f"uniform pruning stays under {FAR_RATIO:.0%} of it up to {self.largest_target:.3g}x: ask for at most "
+                    "about that")
+        elif self.reference_floor > FLOOR_TOLERANCE:
+            hint = (f"no uniform pruning from 1x to {target:g}x stays under the line: just matching the reference "
+                    f"takes {self.reference_floor:.2f}x over spdy's own dense plan (the reference runs the dense model "
+                    "that much faster), which already prunes too hard; ask for a speedup over torch eager "
+                    "(--reference torch), or deploy the dense model in the reference runtime")
+        else:
+            hint = "even light uniform pruning does not stay under the line: check the model's calibration data and loss"
         return "; ".join(parts) + f". {hint}"
 
     def to_json(self) -> dict[str, Any]:
         return {"loss": self.loss, "constant_output_loss": self.constant_loss, "loss_over_constant": self.ratio,
                 "top1_agreement": self.top1_agreement, "far": self.far, "far_ratio": FAR_RATIO,
-                "largest_target_uniform_keeps": self.largest_target}
+                "largest_target_uniform_keeps": self.largest_target, "reference_floor_dp_speedup": self.reference_floor}
 
 
 def constant_loss(bundle: ModelBundle, dense_outputs: Sequence[torch.Tensor]) -> float:
@@ -126,7 +138,8 @@ def assess(objective: Any, table: Any, levels: np.ndarray, loss: float, target: 
     bundle, dense = objective.bundle, objective.dense_outputs
     classifier = is_classifier(bundle)
     const = constant_loss(bundle, dense)
-    q = Quality(float(loss), const, top1_agreement(objective.outputs(levels), dense) if classifier else None)
+    q = Quality(float(loss), const, top1_agreement(objective.outputs(levels), dense) if classifier else None,
+                reference_floor=float(to_dp(1.0)) if to_dp is not None else 1.0)
     if not q.far:
         return q
     lo, hi = 1.0, float(target)

@@ -55,3 +55,11 @@ def test_far_and_its_message(loss: float, top1: float | None, far: bool) -> None
     if far:
         assert "far from the dense one" in msg and f"{loss:.4g}" in msg and "1.3x" in msg
     assert q.to_json()["far"] is far and np.isfinite(q.to_json()["loss_over_constant"])
+
+
+def test_a_reference_faster_than_the_dense_plan_is_named_when_no_target_is_safe() -> None:
+    q = Quality(3.1, 1.9, 0.0, None, reference_floor=1.85)
+    msg = q.message(1.1)
+    assert "1.85x over spdy's own dense plan" in msg and "--reference torch" in msg and "calibration data" not in msg
+    assert q.to_json()["reference_floor_dp_speedup"] == 1.85
+    assert "calibration data" in Quality(3.1, 1.9, 0.0, None).message(1.1)
