@@ -178,9 +178,13 @@ def _print_validation(profile: Any) -> None:
     shift = profile.validation[-1].get("state_shift")
     if shift is not None:
         same = [r["error_same_state"] for r in profile.validation]
+        each = profile.validation[-1].get("probe_shifts") or []
+        ratios = profile.validation[-1].get("probe_ratios") or []
+        one_by_one = ", ".join(f"{x:.3f}x" for _r, x in sorted(zip(ratios, each)))
         print(f"state probes: models the profile timed now take {shift:.3f}x the share of the dense plan they took "
-              f"then (the machine's state moved {abs(shift - 1) * 100:.1f}%"
-              f"{', toward sparse kernels' if shift < 1 else ', against sparse kernels' if shift > 1 else ''}); "
+              f"then in the median (the machine's state moved {abs(shift - 1) * 100:.1f}%"
+              f"{', toward sparse kernels' if shift < 1 else ', against sparse kernels' if shift > 1 else ''}"
+              f"{f'; one by one, sparsest first: {one_by_one}' if one_by_one else ''}); "
               f"with that taken out: median {float(np.median(np.abs(same))) * 100:.1f}% "
               f"(signed {float(np.median(same)) * 100:+.1f}%)")
     base_now = profile.validation[-1].get("base_measured_s")

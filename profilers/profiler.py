@@ -61,7 +61,8 @@ FIT_SEED_OFFSET = 10_000
 LATENCY_MODEL_VERSION = 5
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
-#: Fit models that :func:`validate` times again to measure how the machine's state moved since the profile.
+#: Fit models that :func:`validate` times again to measure how the machine's state moved since the
+#: profile, chosen to span the fit's models from the sparsest to the densest (:func:`spanning_probes`).
 STATE_PROBES = 4
 
 
@@ -450,7 +451,8 @@ class _FitRounds:
         ratio = np.array([float(np.median(self.ratios[i])) for i in keys])
         terms = fit_terms(F, at(zeros), base_s, ratio,
                           [(feats(np.full(len(self.layers), e), fm), t) for e, fm, t in anchors])
-        return replace(terms, fit={**terms.fit, "probes": self.probes(keys[:STATE_PROBES], ratio[:STATE_PROBES])})
+        pick = spanning_probes(ratio, STATE_PROBES)
+        return replace(terms, fit={**terms.fit, "probes": self.probes([keys[i] for i in pick], ratio[pick])})
 
     def probes(self, keys: Sequence[int], ratios: np.ndarray) -> dict[str, Any]:
         """Some of the fit's models as they were timed (levels, formats, the reference's formats and
@@ -496,6 +498,22 @@ def _interleaved_ratios(backend: Backend, bundle: ModelBundle, profile: Profile,
             timings[1 + len(vectors):-1])
 
 
+def spanning_probes(ratios: np.ndarray, k: int) -> np.ndarray:
+    """Indices of ``k`` of the fit's models whose measured ratios to the unpruned model span the
+    range, the sparsest and the densest included: a drift in what very sparse models pay per
+    call shows in the sparsest probe, which the middle ones barely feel."""
+    order = np.argsort(np.asarray(ratios, dtype=np.float64), kind="stable")
+    if len(order) <= k:
+        return order
+    return order[np.unique(np.rint(np.linspace(0, len(order) - 1, k)).astype(np.int64))]
+
+
+def probe_shifts(probe_s: Sequence[float], then: np.ndarray) -> np.ndarray:
+    """Each state probe's time ratio to its reference now over the ratio it had in the profile
+    (``probe_s``: the reference's seconds first, then the probes', all timed in one round)."""
+    return np.asarray(probe_s[1:], dtype=np.float64) / probe_s[0] / then
+
+
 def state_probe_plans(profile: Profile, bundle: ModelBundle) -> tuple[list[dict[str, LayerChoice]], np.ndarray]:
     """The profile's state probes (:data:`STATE_PROBES` of the fit's models, as they were timed):
     plans (their reference first) and the ratios they measured then; none for older profiles."""
@@ -537,9 +555,9 @@ def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray
 
 def state_shift(probe_s: Sequence[float], then: np.ndarray) -> float:
     """How far the machine's state moved since the profile: the median over the state probes of
-    their time ratio to their reference now (``probe_s``: the reference's seconds first, then the
-    probes', all timed in one round) over the ratio they had in the profile (``then``)."""
-    return float(np.median(np.asarray(probe_s[1:], dtype=np.float64) / probe_s[0] / then))
+    :func:`probe_shifts` (their time ratio to their reference now over the ratio they had in the
+    profile, ``then``)."""
+    return float(np.median(probe_shifts(probe_s, then)))
 
 
 def validate(
@@ -573,8 +591,11 @@ def validate(
     median of their time ratio to the reference now over then: below 1, pruned models run
     relatively faster than while the profile was measured; the machine's state moved (a neighbour's
     load, memory bandwidth), not the model. ``error_same_state`` is ``error`` with that taken out,
-    ``(1 + error) * state_shift - 1``: the latency model's own error (both absent for a profile
-    without probes: no sparse kernel won, or an older profile).
+    ``(1 + error) * state_shift - 1``: the latency model's own error. The probes span the fit's
+    models from the sparsest to the densest (:func:`spanning_probes`); ``probe_shifts`` records
+    each one's shift, and ``probe_ratios`` the ratio it had in the profile, since a drift can differ
+    along that range (all absent for a profile without probes: no sparse kernel won, or an older
+    profile).
     """
     if profile.backend != backend.name:
         raise InvalidInputError(
@@ -590,7 +611,9 @@ def validate(
     ratios, dense, timings, by_runtime, probed = _interleaved_ratios(backend, bundle, profile, vectors, runtimes, probes)
     base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
-    shift = state_shift([p.median_s for p in probed], then) if len(then) else float("nan")
+    probe_s = [p.median_s for p in probed]
+    shift = state_shift(probe_s, then) if len(then) else float("nan")
+    shifts = probe_shifts(probe_s, then) if len(then) else np.array([])
     records = []
     for lv, ratio, tm in zip(vectors, ratios, timings):
         pred = t.predicted_time(lv)
@@ -599,7 +622,8 @@ def validate(
                "measured_speedup": float(1.0 / ratio), "error": error,
                "spread": tm.spread, "dense_measured_s": dense.median_s, "base_measured_s": base_now.median_s}
         if len(then):
-            rec.update(state_shift=shift, error_same_state=(1 + error) * shift - 1)
+            rec.update(state_shift=shift, probe_shifts=shifts.tolist(), probe_ratios=then.tolist(),
+                       error_same_state=(1 + error) * shift - 1)
         for rt, rt_t in by_runtime.items():
             rec[f"{rt}_dense_s"] = rt_t.median_s
             rec[f"speedup_over_{rt}"] = rt_t.median_s / tm.median_s

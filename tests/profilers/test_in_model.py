@@ -185,6 +185,8 @@ def test_profile_shares_shapes_records_groups_and_terms():
         # the probes' shift is one number per round, and the same-state error takes it out
         assert 0.2 < r["state_shift"] < 5 and r["state_shift"] == records[0]["state_shift"]
         assert r["error_same_state"] == pytest.approx((1 + r["error"]) * r["state_shift"] - 1)
+        assert r["state_shift"] == pytest.approx(float(np.median(r["probe_shifts"])))
+        assert len(r["probe_shifts"]) == len(r["probe_ratios"]) >= 1
 
 
 def test_terms_that_do_not_predict_held_out_models_are_not_used():
@@ -222,3 +224,16 @@ def test_the_rest_form_leaves_loop_times_when_a_real_profile_asks_it_to():
     loop = in_model._errors(F, ref, d["base_s"], ratio, in_model._identity())
     fitted = in_model._errors(F, ref, d["base_s"], ratio, p)
     assert np.median(np.abs(fitted)) <= np.median(np.abs(loop)) + 0.005
+
+
+def test_probes_span_the_fit_from_the_sparsest_to_the_densest() -> None:
+    from spdy.profilers.profiler import probe_shifts, spanning_probes, state_shift
+
+    ratios = np.array([0.6, 0.3, 0.9, 0.45, 0.75, 0.5, 0.35])
+    pick = spanning_probes(ratios, 4)
+    assert ratios[pick].tolist() == [0.3, 0.45, 0.6, 0.9]  # the sparsest and the densest included
+    assert spanning_probes(ratios[:3], 4).tolist() == [1, 0, 2]
+    then = np.array([0.3, 0.6, 0.9])
+    probe_s = [2.0, 0.51, 1.2, 1.8]  # the reference 2 s; the probes' ratios now 0.255, 0.6, 0.9
+    np.testing.assert_allclose(probe_shifts(probe_s, then), [0.85, 1.0, 1.0])
+    assert state_shift(probe_s, then) == pytest.approx(1.0)
