@@ -25,7 +25,6 @@ the same geometry, so only the pixels inside the image are copied per plane.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numba
