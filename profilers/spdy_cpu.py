@@ -57,6 +57,8 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         super().__init__(threads=threads, policy=policy, dtype="float32")
         from spdy import kernels
 
+        self._depthwise: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
         secs = kernels.warmup()
         log.debug("spdy kernels ready in %.1f s (compile or cache load)", secs)
         status = kernels.openmp_status()
@@ -110,7 +112,11 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         if choices:
             from spdy import runtime
 
-            runtime.fast_base(run.model, run=lambda _m: run())  # type: ignore[attr-defined]
+            # the chains depend on the model's structure, not on the choices: traced once per model
+            fusions = self._depthwise.get(bundle.model)
+            if fusions is None:
+                fusions = self._depthwise[bundle.model] = runtime.find_depthwise(run.model, lambda _m: run())  # type: ignore[attr-defined]
+            runtime.fast_base(run.model, depthwise=fusions)  # type: ignore[attr-defined]
         return run
 
     def pool_of(self, fmt: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -543,9 +544,6 @@ def fast_gelu(model: nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------------------- depthwise convolutions
 
-_FINITE = float(torch.finfo(torch.float32).max)
-
-
 @dataclass(frozen=True)
 class DepthwiseFusion:
     """A depthwise convolution (module name ``conv``) with the zero pad before it (``pad``) and
@@ -587,7 +585,7 @@ def _zero_pad(module: nn.Module) -> Padding | None:
 def _clamp_of(module: nn.Module) -> tuple[float, float] | None:
     """The output range of a ReLU, ReLU6 or Hardtanh module; None for anything else."""
     if type(module) is nn.ReLU:
-        return (0.0, _FINITE)
+        return (0.0, math.inf)
     if type(module) in (nn.ReLU6, nn.Hardtanh):
         return (float(module.min_val), float(module.max_val))
     return None
@@ -597,7 +595,8 @@ class DepthwiseConv2d(nn.Module):
     """A depthwise ``nn.Conv2d`` with an optional zero pad before it and clamp after it, run by
     :func:`spdy.kernels.depthwise.depthwise_conv2d` for float32 CPU inputs without autograd
     (anything else, and any call under torch.compile, goes to torch: pad, convolution, clamp).
-    For inference: the convolution's parameters stop requiring grad."""
+    For inference: the convolution's parameters stop requiring grad, and the kernel's layout of
+    the weight is made here, once (change ``conv.weight`` afterwards and build a new module)."""
 
     def __init__(self, conv: nn.Conv2d, pad: Padding = Padding(), clamp: tuple[float, float] | None = None) -> None:
         super().__init__()
@@ -610,6 +609,7 @@ class DepthwiseConv2d(nn.Module):
         self.extra = pad
         self.padding = pad + Padding.symmetric(*conv.padding)
         self.clamp = clamp
+        self._grouped = kdw.grouped_weight(conv.weight)  # the kernel's weight layout, made once
 
     def extra_repr(self) -> str:
         return f"padding={self.padding}, clamp={self.clamp}"
@@ -617,7 +617,8 @@ class DepthwiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.conv.weight
         if not torch.compiler.is_compiling() and kdw.unsupported(x, w, self.conv.stride) is None:
-            return kdw.depthwise_conv2d(x, w, self.conv.bias, self.conv.stride, self.padding, self.clamp)
+            return kdw.depthwise_unchecked(x, w, self.conv.bias, self.conv.stride, self.padding, self.clamp,
+                                           self._grouped)
         p = self.extra
         if p != Padding():
             x = nn.functional.pad(x, [p.left, p.right, p.top, p.bottom])

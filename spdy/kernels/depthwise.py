@@ -258,6 +258,17 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], 
     return None
 
 
+def grouped_weight(weight: torch.Tensor) -> np.ndarray | None:
+    """The filters ``[C, 1, KH, KW]`` as the 16-channel path reads them, ``[C / 16, KH * KW, 16]``
+    flat (tap ``t`` of 16 channels side by side); None when ``C`` is not a multiple of 16. A
+    module that runs the same weight again and again computes it once (:func:`depthwise_unchecked`)."""
+    c, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    if c % 16:
+        return None
+    w = weight.detach().numpy().reshape(c // 16, 16, kh * kw)
+    return np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1)
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      stride: tuple[int, int] = (1, 1), padding: Padding = Padding(),
                      clamp: tuple[float, float] | None = None) -> torch.Tensor:
@@ -269,6 +280,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise InvalidInputError(f"depthwise_conv2d cannot run this call: {why}")
     if min(padding.top, padding.bottom, padding.left, padding.right) < 0:
         raise InvalidInputError(f"padding must be >= 0; got {padding}")
+    return depthwise_unchecked(x, weight, bias, stride, padding, clamp)
+
+
+def depthwise_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                        padding: Padding, clamp: tuple[float, float] | None,
+                        grouped: np.ndarray | None = None) -> torch.Tensor:
+    """:func:`depthwise_conv2d` for a call :func:`unsupported` accepted and padding >= 0;
+    ``grouped``: :func:`grouped_weight` of ``weight``, if the caller keeps it (computed otherwise)."""
     n, c, h, w_in = x.shape
     kh, kw = weight.shape[2:]
     h_out = output_size(h, kh, stride[0], padding.top, padding.bottom)
@@ -278,9 +297,6 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     a = x.detach().numpy()
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    wt = weight.detach().numpy().reshape(c, kh, kw)
-    if not wt.flags.c_contiguous:
-        wt = np.ascontiguousarray(wt)
     b = np.zeros(c, np.float32) if bias is None else bias.detach().numpy()
     # finite bounds: the kernel is compiled without inf semantics (fastmath)
     big = float(np.finfo(np.float32).max)
@@ -292,13 +308,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         bounds = (np.float32(lo), np.float32(hi), clamp is not None)
         if c % 16 == 0 and h * w_in <= CHANNEL_VECTOR_PIXELS:
             threads = max(1, min(numba.get_num_threads(), n * c // 16))
-            wv = np.ascontiguousarray(wt.reshape(c // 16, 16, kh * kw).transpose(0, 2, 1)).reshape(-1)
+            wv = grouped_weight(weight) if grouped is None else grouped
             hp, wp = h + padding.top + padding.bottom, w_in + padding.left + padding.right
             depthwise_forward16(a.reshape(-1), wv, b, out.reshape(-1), c, h, w_in, kh, kw, h_out, w_out, sh, sw,
                                 *args, hp, wp, *bounds, threads)
         else:
+            wt = np.ascontiguousarray(weight.detach().numpy()).reshape(-1)
             hph, wph, n_ph, n_ext = scratch_sizes(h, w_in, kh, kw, sh, sw, padding)
             threads = max(1, min(numba.get_num_threads(), n * c))
-            depthwise_forward(a.reshape(-1), wt.reshape(-1), b, out.reshape(-1), c, h, w_in, kh, kw, h_out, w_out,
+            depthwise_forward(a.reshape(-1), wt, b, out.reshape(-1), c, h, w_in, kh, kw, h_out, w_out,
                               sh, sw, *args, hph, wph, n_ph, n_ext, *bounds, threads)
     return torch.from_numpy(out)
