@@ -30,6 +30,7 @@ from spdy.profilers.profiler import (  # noqa: E402
     signed_validation_error,
     state_probe_plans,
     state_shift,
+    state_validation_errors,
     validate,
     validation_error,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "register",
     "state_probe_plans",
     "state_shift",
+    "state_validation_errors",
     "validate",
     "signed_validation_error",
     "validation_error",

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_validation(profile: Any) -> None:
-    from spdy.profilers import signed_validation_error, validation_error
+    from spdy.profilers import signed_validation_error, state_validation_errors, validation_error
+    from spdy.profilers.profiler import STATE_ANCHORS
     from spdy.profilers.dense_runtimes import LABELS, RUNTIMES
 
     t = profile.table
@@ -175,18 +176,21 @@ def _print_validation(profile: Any) -> None:
     if not math.isnan(err):
         print(f"median |predicted - measured| / measured: {err * 100:.1f}% (signed: "
               f"{signed_validation_error(profile.validation) * 100:+.1f}%) over {len(profile.validation)} models")
+    state_err, state_signed = state_validation_errors(profile.validation)
+    if not math.isnan(state_err):
+        r = profile.validation[-1]
+        print(f"with the machine's state read in the same round (the dense model and {STATE_ANCHORS} random ones: time = "
+              f"{r['state_scale']:.3f} x the table's {r['state_offset_s'] * 1e3:+.2f} ms): median "
+              f"{state_err * 100:.1f}% (signed {state_signed * 100:+.1f}%)")
     shift = profile.validation[-1].get("state_shift")
     if shift is not None:
-        same = [r["error_same_state"] for r in profile.validation]
         each = profile.validation[-1].get("probe_shifts") or []
         ratios = profile.validation[-1].get("probe_ratios") or []
         one_by_one = ", ".join(f"{x:.3f}x" for _r, x in sorted(zip(ratios, each)))
         print(f"state probes: models the profile timed now take {shift:.3f}x the share of the dense plan they took "
               f"then in the median (the machine's state moved {abs(shift - 1) * 100:.1f}%"
               f"{', toward sparse kernels' if shift < 1 else ', against sparse kernels' if shift > 1 else ''}"
-              f"{f'; one by one, sparsest first: {one_by_one}' if one_by_one else ''}); "
-              f"with that taken out: median {float(np.median(np.abs(same))) * 100:.1f}% "
-              f"(signed {float(np.median(same)) * 100:+.1f}%)")
+              f"{f'; one by one, sparsest first: {one_by_one}' if one_by_one else ''})")
     base_now = profile.validation[-1].get("base_measured_s")
     if base_now:
         print(f"base model now {base_now * 1e3:.2f} ms vs {t.base_s * 1e3:.2f} ms in the profile "

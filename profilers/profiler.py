@@ -553,6 +553,36 @@ def level_plans(profile: Profile, bundle: ModelBundle, level_vectors: np.ndarray
     return [backend_plan(profile.table.solution(lv), weight, bundle.model) for lv in level_vectors]
 
 
+#: How many random models, next to the dense model, read the machine's state in a validation round.
+STATE_ANCHORS = 4
+#: Added to a validation's seed to draw them (:func:`state_anchor_vectors`), apart from the validated
+#: models and from the fit's.
+STATE_SEED_OFFSET = 7919
+
+
+def state_anchor_vectors(table: LatencyTable, seed: int = 0) -> np.ndarray:
+    """Level vectors of the models whose times, next to the dense model's, read the machine's state
+    in a validation round (:func:`read_state`): :data:`STATE_ANCHORS` random models drawn as the
+    validated ones are (:func:`~spdy.profilers.in_model.spanning_level_vectors`: some layers kept
+    dense, the others pruned around a level anywhere on the grid, as searched profiles look), but
+    with their own seed, so that none of them is a model whose prediction is being checked."""
+    return spanning_level_vectors(len(table.layers), len(table.grid), STATE_ANCHORS, seed + STATE_SEED_OFFSET)
+
+
+def read_state(predicted_s: Sequence[float], measured_s: Sequence[float]) -> tuple[float, float]:
+    """The machine's state as two numbers, ``(scale, offset_s)``: the least-squares line
+    ``measured = scale * predicted + offset_s`` through models timed in one round (the dense model
+    and :func:`state_anchor_vectors`' random ones). A scale alone would say that the machine sped
+    every model up alike; the offset, a time per forward pass whatever the model's sparsity, is
+    what lets a sparse model's share of the dense model's time move too."""
+    x = np.asarray(predicted_s, dtype=np.float64)
+    y = np.asarray(measured_s, dtype=np.float64)
+    if x.shape != y.shape or len(x) < 2 or np.ptp(x) <= 0:
+        raise InvalidInputError(f"reading the state needs at least two models of different predicted times; got {x}")
+    scale, offset = np.linalg.lstsq(np.c_[x, np.ones_like(x)], y, rcond=None)[0]
+    return float(scale), float(offset)
+
+
 def state_shift(probe_s: Sequence[float], then: np.ndarray) -> float:
     """How far the machine's state moved since the profile: the median over the state probes of
     :func:`probe_shifts` (their time ratio to their reference now over the ratio they had in the
@@ -596,6 +626,16 @@ def validate(
     each one's shift, and ``probe_ratios`` the ratio it had in the profile, since a drift can differ
     along that range (all absent for a profile without probes: no sparse kernel won, or an older
     profile).
+
+    The probes' ratio then comes from another minute, and the machine's moves do not scale every
+    model alike: on these 2-core machines sparse models sped up by up to twice the dense model's
+    share from one minute to the next. So the same round also times the random models of
+    :func:`state_anchor_vectors`, and :func:`read_state` reads a line off them and the dense model:
+    ``state_scale`` and ``state_offset_s``. ``predicted_state_s`` is ``state_scale * predicted_s
+    + state_offset_s``, the table's prediction in the machine's state of that round, and
+    ``error_state`` its error against ``measured_s``: how well the table's layer times rank and add
+    up, the machine's move taken out (the random models are not among the models the state is read
+    from).
     """
     if profile.backend != backend.name:
         raise InvalidInputError(
@@ -608,7 +648,14 @@ def validate(
     t = profile.table
     vectors = spanning_level_vectors(len(t.layers), len(t.grid), k, seed)
     probes, then = state_probe_plans(profile, bundle)
-    ratios, dense, timings, by_runtime, probed = _interleaved_ratios(backend, bundle, profile, vectors, runtimes, probes)
+    anchors = state_anchor_vectors(t, seed)
+    ratios, dense, timings, by_runtime, extra = _interleaved_ratios(
+        backend, bundle, profile, vectors, runtimes, probes + level_plans(profile, bundle, anchors))
+    probed, anchored = extra[:len(probes)], extra[len(probes):]
+    state = None
+    anchor_pred = [t.dense_total_s] + [t.predicted_time(v) for v in anchors]
+    if np.ptp(anchor_pred) > 0:  # no pruned model faster than the dense one: no state to read
+        state = read_state(anchor_pred, [dense.median_s] + [a.median_s for a in anchored])
     base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
     probe_s = [p.median_s for p in probed]
@@ -621,6 +668,9 @@ def validate(
         rec = {"predicted_s": pred, "measured_s": tm.median_s, "predicted_speedup": t.dense_total_s / pred,
                "measured_speedup": float(1.0 / ratio), "error": error,
                "spread": tm.spread, "dense_measured_s": dense.median_s, "base_measured_s": base_now.median_s}
+        if state is not None:
+            rec.update(state_scale=state[0], state_offset_s=state[1], predicted_state_s=state[0] * pred + state[1],
+                       error_state=(state[0] * pred + state[1]) / tm.median_s - 1)
         if len(then):
             rec.update(state_shift=shift, probe_shifts=shifts.tolist(), probe_ratios=then.tolist(),
                        error_same_state=(1 + error) * shift - 1)
@@ -630,6 +680,9 @@ def validate(
         records.append(rec)
         log.info("random profile: predicted %.2fx, measured %.2fx (time %+.1f%%)", rec["predicted_speedup"],
                  rec["measured_speedup"], rec["error"] * 100)
+    if state is not None:
+        log.info("the machine's state, read from the dense model and %d uniform ones: time = %.3f x the table's "
+                 "%+.2f ms", len(anchors), state[0], state[1] * 1e3)
     if len(then):
         log.info("the profile's %d state probes now run at %.3f of the time relative to the unpruned model that "
                  "they ran at in the profile", len(then), shift)
@@ -655,6 +708,15 @@ def validation_error(records: Sequence[dict[str, float]]) -> float:
     if not records:
         return float("nan")
     return float(np.median(np.abs(_errors(records))))
+
+
+def state_validation_errors(records: Sequence[dict[str, float]]) -> tuple[float, float]:
+    """Median ``|error_state|`` and median ``error_state`` (see :func:`validate`): the table's
+    error once the machine's state is read in the same round; nan for records without it."""
+    errs = [r["error_state"] for r in records if "error_state" in r]
+    if not errs:
+        return float("nan"), float("nan")
+    return float(np.median(np.abs(errs))), float(np.median(errs))
 
 
 def signed_validation_error(records: Sequence[dict[str, float]]) -> float:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spdy.profilers.profiler import signed_validation_error, validation_error
+from spdy.profilers.profiler import signed_validation_error, state_validation_errors, validation_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
@@ -108,6 +108,7 @@ def main() -> int:
             "validation": p["validation"],
             "validation_error": validation_error(p["validation"]) if p["validation"] else None,
             "signed_validation_error": signed_validation_error(p["validation"]) if p["validation"] else None,
+            "state_validation_errors": state_validation_errors(p["validation"]) if p["validation"] else None,
             "in_model": p["settings"].get("in_model"),
             "measurement": p["settings"].get("measurement"),
             "base_drift": (p["validation"][-1].get("base_measured_s", float("nan")) / p["base_s"] - 1)
@@ -121,6 +122,8 @@ def main() -> int:
         if rec["validation_error"] is not None:
             print(f"  validation over {len(rec['validation'])} random profiles: median |error| "
                   f"{rec['validation_error'] * 100:.1f}% (signed {rec['signed_validation_error'] * 100:+.1f}%); "
+                  f"with the state read in the round {rec['state_validation_errors'][0] * 100:.1f}% "
+                  f"(signed {rec['state_validation_errors'][1] * 100:+.1f}%); "
                   f"base drift since the profile {rec['base_drift'] * 100:+.1f}%")
     agree = None
     if len(runs) >= 2:

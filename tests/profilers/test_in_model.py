@@ -187,6 +187,10 @@ def test_profile_shares_shapes_records_groups_and_terms():
         assert r["error_same_state"] == pytest.approx((1 + r["error"]) * r["state_shift"] - 1)
         assert r["state_shift"] == pytest.approx(float(np.median(r["probe_shifts"])))
         assert len(r["probe_shifts"]) == len(r["probe_ratios"]) >= 1
+        # the state read in the round: one line for the round, the table's prediction put on it
+        assert r["state_scale"] == records[0]["state_scale"] and r["state_offset_s"] == records[0]["state_offset_s"]
+        assert r["predicted_state_s"] == pytest.approx(r["state_scale"] * r["predicted_s"] + r["state_offset_s"])
+        assert r["error_state"] == pytest.approx(r["predicted_state_s"] / r["measured_s"] - 1)
 
 
 def test_terms_that_do_not_predict_held_out_models_are_not_used():
@@ -237,3 +241,25 @@ def test_probes_span_the_fit_from_the_sparsest_to_the_densest() -> None:
     probe_s = [2.0, 0.51, 1.2, 1.8]  # the reference 2 s; the probes' ratios now 0.255, 0.6, 0.9
     np.testing.assert_allclose(probe_shifts(probe_s, then), [0.85, 1.0, 1.0])
     assert state_shift(probe_s, then) == pytest.approx(1.0)
+
+
+
+def test_the_state_is_read_off_a_line_through_the_dense_model_and_random_ones() -> None:
+    from spdy.grid import SparsityGrid
+    from spdy.profilers.profiler import FIT_SEED_OFFSET, STATE_ANCHORS, read_state, state_anchor_vectors
+    from spdy.types import LatencyTable
+
+    grid = SparsityGrid((0.0, 0.5, 0.8, 0.9, 0.95))
+    times = np.array([[4.0, 2.2, 1.2, 0.8, 0.5], [2.0, 1.1, 0.6, 0.4, 0.3]]) * 1e-3
+    table = LatencyTable(["a", "b"], grid, times, 1e-3)
+    anchors = state_anchor_vectors(table, seed=3)
+    assert anchors.shape == (STATE_ANCHORS, 2) and ((anchors >= 0) & (anchors <= 4)).all()
+    # drawn apart from the validated models of that seed and from the fit's
+    for other in (spanning_level_vectors(2, 5, STATE_ANCHORS, 3), spanning_level_vectors(2, 5, STATE_ANCHORS, 3 + FIT_SEED_OFFSET)):
+        assert not np.array_equal(anchors, other)
+    # exact on a line; least squares (numpy's polynomial fit as the reference) through three noisy points
+    assert read_state([7e-3, 2.8e-3], [6.3e-3, 2.0e-3]) == pytest.approx((43 / 42, 6.3e-3 - 7e-3 * 43 / 42))
+    x, y = [7e-3, 2.8e-3, 1.8e-3], [6.5e-3, 2.3e-3, 1.5e-3]
+    assert read_state(x, y) == pytest.approx(tuple(np.polyfit(x, y, 1)))
+    with pytest.raises(InvalidInputError, match="two models of different predicted times"):
+        read_state([1e-3, 1e-3], [1e-3, 2e-3])
