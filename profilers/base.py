@@ -81,7 +81,10 @@ class TimingPolicy:
     until the others are quiet. After ``patience_s`` of disturbance over the backend's life, samples are kept
     regardless (with a warning, and counted in ``Backend.stats``). ``max_others = inf`` turns the check off. ``passes`` is the number of passes
     over the model's layers in :func:`spdy.profilers.profile_model`; ``model_min_repeats`` the least
-    samples for a whole model.
+    samples for a whole model. With ``lockstep`` every runner takes samples until all of them are
+    done, so that their medians come from the same rounds (a runner that stopped early would be
+    compared with the others' samples from a later minute, and on these machines the minutes
+    differ); :meth:`for_models` sets it.
     """
 
     warmup_calls: int = 2
@@ -99,6 +102,7 @@ class TimingPolicy:
     window_s: float = 0.3
     busy_sleep_s: float = 0.1
     patience_s: float = 600.0
+    lockstep: bool = False
 
     def __post_init__(self) -> None:
         if self.min_samples < 1 or self.min_repeats < self.min_samples or self.max_repeats < self.min_repeats:
@@ -112,10 +116,10 @@ class TimingPolicy:
             raise InvalidInputError(f"race_ratio must be >= 1 (use math.inf to never drop); got {self.race_ratio}")
 
     def for_models(self) -> "TimingPolicy":
-        """The policy for whole models: one pass with at least ``model_min_repeats`` samples."""
+        """The policy for whole models: one pass with at least ``model_min_repeats`` samples, in lockstep."""
         reps = max(self.model_min_repeats, self.min_repeats)
         return replace(self, min_repeats=reps, max_repeats=max(self.max_repeats, 2 * reps), race_ratio=math.inf,
-                       max_seconds=self.max_seconds * max(1, self.passes) * 4, passes=1)
+                       max_seconds=self.max_seconds * max(1, self.passes) * 4, passes=1, lockstep=True)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (v if not (isinstance(v, float) and math.isinf(v)) else "inf") for k, v in asdict(self).items()}
@@ -405,6 +409,8 @@ class Backend(ABC):
             for i in range(n):
                 if not race.done[i]:
                     race.judge(i, inner[i], p, rivals, bounds)
+            if p.lockstep and not all(race.done):
+                race.done = list(race.dropped)  # all sample on until every one is done
             if on_round is not None:
                 on_round(rounds)
         self.stats["discarded"] += sum(race.discarded)

@@ -85,6 +85,17 @@ def test_noisy_runner_runs_to_max_repeats_and_reports_spread():
     assert t.median_s == pytest.approx(np.median([1e-3, 2e-3, 3e-3, 1.5e-3]), rel=0.3)
 
 
+def test_models_are_timed_in_lockstep():
+    # alone, the steady runner would stop at min_repeats while the noisy one samples on into a later minute
+    steady, noisy = FakeRunner([1e-3]), FakeRunner([1e-3, 2e-3, 3e-3, 1.5e-3])
+    a, b = FakeBackend(POLICY).measure([steady, noisy])
+    assert (a.n, b.n) == (POLICY.min_repeats, POLICY.max_repeats)
+    steady, noisy = FakeRunner([1e-3]), FakeRunner([1e-3, 2e-3, 3e-3, 1.5e-3])
+    a, b = FakeBackend(dataclasses.replace(POLICY, lockstep=True)).measure([steady, noisy])
+    assert a.n == b.n == POLICY.max_repeats and steady.calls == noisy.calls
+    assert TimingPolicy().for_models().lockstep and not TimingPolicy().lockstep
+
+
 def test_time_cap_stops_slow_runners():
     be = FakeBackend(dataclasses.replace(POLICY, max_seconds=0.5))
     (t,) = be.measure([FakeRunner([0.1, 0.2])])
