@@ -36,10 +36,11 @@ from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
 from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
-BASE = {"attention": "spdy", "gelu": "spdy", "depthwise": "spdy"}
+BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
-ReLU/ReLU6 after each, where they chain) run on spdy's kernels (:func:`spdy.runtime.fast_base`)
+ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
+without transformers' wrappers (:func:`spdy.runtime.fast_base`)
 in the models it times, torch in the dense reference. Profiles and results without a key were
 timed with torch's for that part."""
 
@@ -183,7 +184,8 @@ class SpdyCompiledBackend(SpdyCpuBackend):
     def runtime_fingerprint(self) -> dict[str, Any]:
         import torch._inductor.config as inductor_config
 
-        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "depthwise": "torch",
+        return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
+                "depthwise": "torch",
                 "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

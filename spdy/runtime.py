@@ -68,6 +68,8 @@ __all__ = [
     "compile",
     "fast_attention",
     "fast_gelu",
+    "fast_encoder",
+    "EncoderForward",
     "fast_base",
     "GELU",
 ]
@@ -506,6 +508,131 @@ def fast_attention(model: nn.Module) -> list[str]:
     return switched
 
 
+# ---------------------------------------------------------------------------- encoder forward
+
+#: The modules a BERT layer must hold for :func:`fast_encoder`'s forward.
+_BERT_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "attention.output.LayerNorm", "intermediate.dense", "intermediate.intermediate_act_fn",
+               "output.dense", "output.LayerNorm")
+#: Arguments of a Hugging Face encoder's forward that a plain inference call leaves at these values.
+_INERT = {"position_ids": (None,), "inputs_embeds": (None,), "encoder_hidden_states": (None,),
+          "encoder_attention_mask": (None,), "cache": (None,), "past_key_values": (None,), "use_cache": (None, False),
+          "output_attentions": (None, False), "output_hidden_states": (None, False), "return_dict": (None, True)}
+
+
+def _bert_encoder(m: nn.Module) -> bool:
+    """Whether ``m`` is a transformers ``BertModel`` (an encoder, no cross-attention, no chunked
+    feed-forward) on spdy's attention, each layer holding :data:`_BERT_PARTS`."""
+    try:
+        from transformers import BertModel
+    except ImportError:
+        return False
+    cfg = getattr(m, "config", None)
+    if (not isinstance(m, BertModel) or cfg is None or cfg.is_decoder or getattr(cfg, "add_cross_attention", False)
+            or cfg._attn_implementation != ATTENTION):
+        return False
+    for layer in m.encoder.layer:
+        if getattr(layer, "chunk_size_feed_forward", 0) or getattr(layer, "add_cross_attention", False):
+            return False
+        try:
+            for part in _BERT_PARTS:
+                layer.get_submodule(part)
+        except AttributeError:
+            return False
+        sa = layer.attention.self
+        if not all(hasattr(sa, a) for a in ("num_attention_heads", "attention_head_size", "scaling")):
+            return False
+    return True
+
+
+def _plain_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, Any] | None:
+    """``(input_ids, attention_mask, token_type_ids)`` of an encoder call that asks for nothing
+    else (no embeddings given, no cache, no attentions or hidden states returned), else None."""
+    if len(args) > 3:
+        return None
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    got = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k in names and k not in got:
+            got[k] = v
+        elif k not in _INERT or not any(v is x for x in _INERT[k]):
+            return None
+    ids, mask, types = got.get("input_ids"), got.get("attention_mask"), got.get("token_type_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.device.type != "cpu":
+        return None
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        return None
+    return ids, mask, types
+
+
+def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bias: Any) -> torch.Tensor:
+    """One BERT layer, eval mode: self-attention, output projection, residual and LayerNorm, then
+    the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers)."""
+    B, T, _ = x.shape
+    sa = layer.attention.self
+    H, D = sa.num_attention_heads, sa.attention_head_size
+    q = sa.query(x).view(B, T, H, D).transpose(1, 2)
+    k = sa.key(x).view(B, T, H, D).transpose(1, 2)
+    v = sa.value(x).view(B, T, H, D).transpose(1, 2)
+    if kattn.unsupported(q, k, v, keep) is None:
+        a = kattn.attention_unchecked(q, k, v, bias, float(sa.scaling))
+    else:
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
+    ao = layer.attention.output
+    x = ao.LayerNorm(ao.dense(a.reshape(B, T, H * D)) + x)
+    h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+    return layer.output.LayerNorm(layer.output.dense(h) + x)
+
+
+class EncoderForward:
+    """The forward of a Hugging Face BERT encoder switched by :func:`fast_encoder`.
+
+    A plain inference call (token ids, attention mask, token types; eval mode, no autograd on the
+    weights, not under torch.compile) runs the embeddings, turns the mask into the attention
+    kernel's additive scores once, and runs each layer's modules directly (:func:`_bert_layer`):
+    the same modules and kernels as the model's own forward, without its wrappers, which cost a
+    sequence of 128 tokens about a millisecond a pass. Any other call runs the model's own forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        m = self.model
+        call = _plain_call(args, kwargs)
+        if (call is None or m.training or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters()))):
+            return type(m).forward(m, *args, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        ids, mask, types = call
+        x = m.embeddings(input_ids=ids, token_type_ids=types)
+        B, T = ids.shape
+        keep = None if mask is None else mask.bool()[:, None, None, :]
+        bias = kattn.mask_bias(keep, B, T, T)  # None when nothing is masked
+        for layer in m.encoder.layer:
+            x = _bert_layer(layer, x, keep, bias)
+        pooled = m.pooler(x) if getattr(m, "pooler", None) is not None else None
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled)
+
+
+def fast_encoder(model: nn.Module) -> list[str]:
+    """Run every transformers ``BertModel`` inside ``model`` that is on spdy's attention
+    (:func:`fast_attention`) with :class:`EncoderForward`, in place; returns their names (``""``
+    for ``model`` itself). Module names, weights and outputs stay the same (the layers run the
+    same modules); calls it does not cover go to the model's own forward."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fast_encoder needs an nn.Module; got {type(model).__name__}")
+    switched = []
+    for name, m in model.named_modules():
+        if _bert_encoder(m):
+            if not isinstance(m.__dict__.get("forward"), EncoderForward):
+                m.forward = EncoderForward(m)
+            switched.append(name)
+    log.debug("fast_encoder: %d encoder(s) switched", len(switched))
+    return switched
+
+
 # ---------------------------------------------------------------------------- GELU
 
 
@@ -672,9 +799,11 @@ def fast_depthwise(model: nn.Module, fusions: Sequence[DepthwiseFusion] | None =
 def fast_base(model: nn.Module, run: Callable[[nn.Module], Any] | None = None,
               depthwise: Sequence[DepthwiseFusion] | None = None) -> dict[str, list[str]]:
     """What spdy runs around the pruned layers, on its own kernels, in place: :func:`fast_attention`,
-    :func:`fast_gelu` and :func:`fast_depthwise` (with the fusions ``depthwise``, or those
-    :func:`find_depthwise` finds with ``run``, or each convolution alone). Returns
-    ``{"attention": [...], "gelu": [...], "depthwise": [...]}``, the names each switched."""
+    :func:`fast_gelu`, :func:`fast_encoder` and :func:`fast_depthwise` (with the fusions
+    ``depthwise``, or those :func:`find_depthwise` finds with ``run``, or each convolution alone).
+    Returns ``{"attention": [...], "gelu": [...], "encoder": [...], "depthwise": [...]}``, the names
+    each switched."""
     if depthwise is None and run is not None:
         depthwise = find_depthwise(model, run)
-    return {"attention": fast_attention(model), "gelu": fast_gelu(model), "depthwise": fast_depthwise(model, depthwise)}
+    return {"attention": fast_attention(model), "gelu": fast_gelu(model), "encoder": fast_encoder(model),
+            "depthwise": fast_depthwise(model, depthwise)}

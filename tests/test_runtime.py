@@ -207,7 +207,7 @@ def test_fast_attention_matches_sdpa_on_minilm_with_padding() -> None:
     model = _minilm()
     fast = copy.deepcopy(model)
     assert runtime.fast_base(fast) == {"attention": [""], "gelu": [f"encoder.layer.{i}.intermediate.intermediate_act_fn"
-                                                                     for i in range(6)], "depthwise": []}
+                                                                     for i in range(6)], "encoder": [""], "depthwise": []}
     assert fast.config._attn_implementation == runtime.ATTENTION
     assert model.config._attn_implementation == "sdpa"  # the original is not touched
     g = torch.Generator().manual_seed(0)
@@ -246,6 +246,49 @@ def test_fast_attention_falls_back_to_sdpa_where_the_kernel_cannot_run() -> None
     torch.testing.assert_close(out.detach(), expected, atol=2e-5, rtol=0)
 
 
+def test_fast_encoder_runs_the_same_modules_as_the_model_and_falls_back_to_it() -> None:
+    import io
+    import pickle
+
+    model = _minilm()
+    assert runtime.fast_encoder(model) == []  # on torch's SDPA: its own forward
+    runtime.fast_attention(model)
+    runtime.fast_gelu(model)
+    ref = copy.deepcopy(model)
+    assert runtime.fast_encoder(model) == [""] and runtime.fast_encoder(model) == [""]  # once, however often asked
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in ref.named_modules()]
+    # copies switch their own copy; a pickled model loads with the switch
+    dup = copy.deepcopy(model)
+    assert dup.forward.model is dup
+    back = pickle.loads(pickle.dumps(model))
+    assert back.forward.model is back
+    torch.save(model, io.BytesIO())
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1000, 20000, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    types = torch.zeros_like(ids)
+    calls = []
+    for n, mod in model.named_modules():  # the lean forward still calls every Linear as a module
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_hook(lambda _m, _i, _o, n=n: calls.append(n))
+    with torch.inference_mode():
+        for kw in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:1]}):
+            torch.testing.assert_close(model(**kw).last_hidden_state, ref(**kw).last_hidden_state, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids, mask, types).last_hidden_state, ref(ids, mask).last_hidden_state,
+                                   atol=0, rtol=0)
+        assert len(calls) == 3 * (6 * 6 + 1)  # six Linears a layer, and the pooler's
+        # what the lean forward does not cover runs the model's own
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert len(out.hidden_states) == 7
+        assert model(input_ids=ids, return_dict=False)[0].shape == (3, 40, 384)
+    out = model(input_ids=ids[:1]).last_hidden_state  # autograd on the weights
+    assert out.requires_grad
+    with torch.inference_mode():
+        torch.testing.assert_close(back(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state,
+                                   atol=0, rtol=0)
+
+
 def test_fast_gelu_swaps_exact_gelus_only_and_matches_torch() -> None:
     model = nn.Sequential(nn.Linear(8, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(approximate="tanh"),
                           nn.Sequential(nn.GELU()))
@@ -258,7 +301,7 @@ def test_fast_gelu_swaps_exact_gelus_only_and_matches_torch() -> None:
     out = model(x)  # autograd on: torch's gelu
     assert out.requires_grad
     out.sum().backward()
-    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": [], "depthwise": []}
+    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": [], "encoder": [], "depthwise": []}
 
 
 class _InvertedResidual(nn.Module):
