@@ -5,9 +5,12 @@ This strategy searches the levels themselves, with a (1 + lambda) evolutionary s
 in the manner of EvoPress, under the profile's predicted-time budget instead of a
 parameter budget:
 
-* **Seed**: trial 0 evaluates the DP's answer under SPDY's prior with every coefficient
+* **Seeds**: trial 0 evaluates the DP's answer under SPDY's prior with every coefficient
   1 (or the levels given as ``EvoConfig.init_levels``, e.g. Algorithm 4's best, fitted to
-  the budget).
+  the budget); trial 1 uniform sparsity, the lowest single level that meets the budget with
+  the time left over given to layers one level lighter (:func:`uniform_seed`). The better of
+  the two is the first parent, so the search starts no worse than the uniform rule at its
+  budget.
 * **Mutation** (:func:`mutate`): a child of the parent moves levels between layers:
   ``1 .. max_moves`` times, one layer is pruned ``1 .. max_step`` levels harder and
   another as many levels lighter. A child over the budget is fitted back with the DP
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: how much more firmly :func:`fit_budget` holds the layers a mutation moved
 MOVED_WEIGHT = 4.0
+#: seed trials before the generations: the prior's (or given) levels, then uniform sparsity
+SEEDS = 2
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,21 @@ def mutate(parent: np.ndarray, table: LatencyTable, budget: float, rng: np.rando
     return fit_budget(child, table, budget, rng, held, buckets), moves
 
 
+def uniform_seed(table: LatencyTable, budget: float, rng: np.random.Generator,
+                 buckets: int = dp.DEFAULT_BUCKETS) -> np.ndarray | None:
+    """Uniform sparsity for ``budget`` seconds of layer time: every layer at the lowest level whose
+    uniform model meets it (:func:`spdy.baselines.uniform`), then :func:`fit_budget`'s use of the
+    time left over; None when no single level meets it."""
+    from spdy.baselines import uniform
+    from spdy.errors import InfeasibleBudgetError
+
+    try:
+        levels = uniform(table, table.dense_total_s / (table.base_s + budget)).levels
+    except InfeasibleBudgetError:
+        return None
+    return fit_budget(np.asarray(levels, dtype=np.int64), table, budget, rng, buckets=buckets)
+
+
 class EvoSearch(Search):
     """One worker of an evolutionary search (see the module docstring); the same study,
     storage, resume and result as :class:`~spdy.sensitivity.Search`."""
@@ -156,7 +176,8 @@ class EvoSearch(Search):
         self.n_batches: int | None = int(nb) if nb is not None else None
         self.gen_cost = self.evo.generation_cost(self.n_batches)
         evals = config.max_evals if config.max_evals is not None else self.schedule.total
-        trials = 1 + max(0, int(math.floor((evals - 1) / self.gen_cost + 1e-9)))
+        seeds = min(SEEDS, max(1, int(evals)))
+        trials = seeds + max(0, int(math.floor((evals - seeds) / self.gen_cost + 1e-9)))
         self.schedule = dataclasses.replace(self.schedule, total=trials)
 
     # -- the study's trials ----------------------------------------------------
@@ -192,7 +213,11 @@ class EvoSearch(Search):
                             history=self.history(), timings_s=dict(self.stage_s))
 
     # -- one generation ----------------------------------------------------------
-    def _seed_levels(self, budget: float) -> np.ndarray:
+    def _seed_levels(self, budget: float, which: int = 0) -> np.ndarray:
+        if which == 1:
+            lv = uniform_seed(self.table, budget, np.random.default_rng([self.cfg.seed, 0xE70, 1]), self.cfg.buckets)
+            if lv is not None:
+                return lv
         if self.evo.init_levels is not None:
             rng = np.random.default_rng([self.cfg.seed, 0xE70, 0])
             return fit_budget(np.array(self.evo.init_levels, dtype=np.int64), self.table, budget, rng,
@@ -232,8 +257,9 @@ class EvoSearch(Search):
     def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float | None:
         budget = self.budget
         parent, _ = self.best()
-        if number == 0:
-            levels, phase, moves, cost = self._seed_levels(budget), "seed", 0, 1.0
+        if number < SEEDS:
+            levels, moves, cost = self._seed_levels(budget, number), 0, 1.0
+            phase = "seed" if number == 0 else "seed-uniform"
             loss = self.loss(levels)[0]
         else:
             if parent is None:  # another worker is still scoring the seed: it is the only parent there can be

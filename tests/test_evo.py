@@ -169,7 +169,7 @@ def test_evo_warm_start_and_refine() -> None:
     srch = EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.4, max_evals=10, strategy="evo"),
                      evo=EvoConfig(init_levels=init))
     res = srch.run()
-    assert res.history[0]["phase"] == "seed"
+    assert [h["phase"] for h in res.history[:3]] == ["seed", "seed-uniform", "evo"]
     levels, sol, loss = srch.refine(1.8, evals=8)
     assert sol.predicted_speedup >= 1.8 * (1 - 1e-9) and np.array_equal(sol.levels, levels)
     assert table.solution(levels).predicted_time_s == pytest.approx(table.predicted_time(levels))
@@ -245,7 +245,7 @@ def evo_work(store: str) -> None:
     """One worker process of a shared evo search on ``tests.test_storage``'s table and loss."""
     from tests.test_storage import FAST_BEATS, STUDY, objective, table
 
-    cfg = SearchConfig(speedup=2.0, max_evals=1 + 8 * (EVO_TRIALS - 1), seed=3, strategy="evo", **FAST_BEATS)
+    cfg = SearchConfig(speedup=2.0, max_evals=2 + 8 * (EVO_TRIALS - 2), seed=3, strategy="evo", **FAST_BEATS)
     res = SlowEvo(table(), objective, cfg, storage=store, study_name=STUDY).run()
     print(json.dumps({"evaluations": res.n_evaluations, "best": res.loss}), flush=True)
 
@@ -271,9 +271,9 @@ def test_two_evo_workers_share_a_study(shared_storage: str) -> None:
 
     reports = two_workers("evo_work", shared_storage)
     done = check_every_slot_once(shared_storage, EVO_TRIALS)
-    assert all(t.user_attrs["phase"] == ("seed" if s == 0 else "evo") for s, t in done.items())
+    assert all(t.user_attrs["phase"] == ("seed", "seed-uniform", "evo")[min(s, 2)] for s, t in done.items())
     assert reports[0]["best"] == reports[1]["best"] == min(t.value for t in done.values())
-    assert all(r["evaluations"] == 1 + 8 * (EVO_TRIALS - 1) for r in reports)  # no batches: children scored in full
+    assert all(r["evaluations"] == 2 + 8 * (EVO_TRIALS - 2) for r in reports)  # no batches: children scored in full
 
 
 def slow_objective(levels: np.ndarray) -> float:
@@ -284,7 +284,7 @@ def slow_objective(levels: np.ndarray) -> float:
     return objective(levels)
 
 
-HYBRID_EVALS = 30  # 15 of Algorithm 4, then the seed and one generation of 8 (no batches: 8 children in full)
+HYBRID_EVALS = 30  # 15 of Algorithm 4, then the two seeds and one generation of 8 (no batches: 8 children in full)
 
 
 def hybrid_work(store: str) -> None:
@@ -307,7 +307,24 @@ def test_two_workers_share_both_phases_of_spdy_then_evo(shared_storage: str) -> 
     evo = optuna.load_study(study_name=f"{STUDY}-evo", storage=make_storage(shared_storage)).get_trials()
     evo_slots = slots(evo)
     done = sorted(evo_slots[t.number] for t in evo if t.state == COMPLETE)
-    assert done == [0, 1]  # the seed (Algorithm 4's best) and one generation, each once
+    assert done == [0, 1, 2]  # the seeds (Algorithm 4's best, uniform sparsity) and one generation, each once
     best = min(min(t.value for t in first.values()), min(t.value for t in evo if t.state == COMPLETE))
     assert reports[0]["best"] == reports[1]["best"] == best
-    assert reports[0]["evaluations"] == reports[1]["evaluations"] == HYBRID_EVALS // 2 + 1 + 8
+    assert reports[0]["evaluations"] == reports[1]["evaluations"] == HYBRID_EVALS // 2 + 2 + 8
+
+
+def test_the_uniform_seed_meets_the_budget_and_the_search_starts_no_worse_than_uniform() -> None:
+    from spdy.baselines import uniform
+    from spdy.evo import uniform_seed
+
+    table = _table(L=8, S=10, seed=5)
+    errors = _errors(table, 5)
+    budget = table.budget_for(1.6)
+    lv = uniform_seed(table, budget, np.random.default_rng(0))
+    u = uniform(table, 1.6).levels
+    # the uniform level, or lighter where the time left over allows: never harder, within the budget
+    assert layer_times(table, lv) <= budget * (1 + 1e-12) and (lv <= u).all()
+    assert uniform_seed(table, table.budget_for(1e6), np.random.default_rng(0)) is None  # no level reaches it
+    res = EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.6, max_evals=12, seed=1, strategy="evo")).run()
+    assert res.history[1]["phase"] == "seed-uniform"
+    assert res.loss <= float(errors[np.arange(8), u].sum())
