@@ -681,7 +681,7 @@ def validate(
         log.info("random profile: predicted %.2fx, measured %.2fx (time %+.1f%%)", rec["predicted_speedup"],
                  rec["measured_speedup"], rec["error"] * 100)
     if state is not None:
-        log.info("the machine's state, read from the dense model and %d uniform ones: time = %.3f x the table's "
+        log.info("the machine's state, read from the dense model and %d random ones: time = %.3f x the table's "
                  "%+.2f ms", len(anchors), state[0], state[1] * 1e3)
     if len(then):
         log.info("the profile's %d state probes now run at %.3f of the time relative to the unpruned model that "
