@@ -43,7 +43,7 @@ import numpy as np
 import optuna
 
 from spdy import dp
-from spdy.errors import InvalidInputError
+from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.sensitivity import Objective, Search, SearchConfig, SearchResult, _slot, distinct_starts
 from spdy.types import LatencyTable, Solution
 
@@ -151,7 +151,6 @@ def uniform_seed(table: LatencyTable, budget: float, rng: np.random.Generator,
     uniform model meets it (:func:`spdy.baselines.uniform`), then :func:`fit_budget`'s use of the
     time left over; None when no single level meets it."""
     from spdy.baselines import uniform
-    from spdy.errors import InfeasibleBudgetError
 
     try:
         levels = uniform(table, table.dense_total_s / (table.base_s + budget)).levels
