@@ -659,8 +659,8 @@ def validate(
     base_now = timings[-1]
     drift = base_now.median_s / t.base_s - 1 if t.base_s > 0 else float("nan")
     probe_s = [p.median_s for p in probed]
-    shift = state_shift(probe_s, then) if len(then) else float("nan")
     shifts = probe_shifts(probe_s, then) if len(then) else np.array([])
+    shift = float(np.median(shifts)) if len(then) else float("nan")  # state_shift, from the shifts at hand
     records = []
     for lv, ratio, tm in zip(vectors, ratios, timings):
         pred = t.predicted_time(lv)

@@ -590,8 +590,9 @@ class EncoderForward:
     A plain inference call (token ids, attention mask, token types; eval mode, no autograd on the
     weights, not under torch.compile) runs the embeddings, turns the mask into the attention
     kernel's additive scores once, and runs each layer's modules directly (:func:`_bert_layer`):
-    the same modules and kernels as the model's own forward, without its wrappers, which cost a
-    sequence of 128 tokens about a millisecond a pass. Any other call runs the model's own forward.
+    the same modules and kernels as the model's own forward, without its wrappers (decorators, mask
+    machinery, six wrapper modules a layer), whose cost is serial Python on every pass. Any other
+    call runs the model's own forward.
     """
 
     def __init__(self, model: nn.Module) -> None:
