@@ -50,6 +50,7 @@ from spdy.kernels import attention as kattn  # noqa: E402
 from spdy.kernels import depthwise as kdw  # noqa: E402
 from spdy.kernels.activation import gelu  # noqa: E402
 from spdy.kernels.depthwise import Padding  # noqa: E402
+from spdy.kernels.ffn import ffn_into, fusable  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -520,16 +521,17 @@ _INERT = {"position_ids": (None,), "inputs_embeds": (None,), "encoder_hidden_sta
           "output_attentions": (None, False), "output_hidden_states": (None, False), "return_dict": (None, True)}
 
 
-def _bert_encoder(m: nn.Module) -> bool:
+def _bert_encoder(m: nn.Module, attention: bool = True) -> bool:
     """Whether ``m`` is a transformers ``BertModel`` (an encoder, no cross-attention, no chunked
-    feed-forward) on spdy's attention, each layer holding :data:`_BERT_PARTS`."""
+    feed-forward) on spdy's attention (unless ``attention`` is False: whatever its attention), each
+    layer holding :data:`_BERT_PARTS`."""
     try:
         from transformers import BertModel
     except ImportError:
         return False
     cfg = getattr(m, "config", None)
     if (not isinstance(m, BertModel) or cfg is None or cfg.is_decoder or getattr(cfg, "add_cross_attention", False)
-            or cfg._attn_implementation != ATTENTION):
+            or (attention and cfg._attn_implementation != ATTENTION)):
         return False
     for layer in m.encoder.layer:
         if getattr(layer, "chunk_size_feed_forward", 0) or getattr(layer, "add_cross_attention", False):
@@ -565,9 +567,12 @@ def _plain_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Te
     return ids, mask, types
 
 
-def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bias: Any) -> torch.Tensor:
+def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bias: Any,
+                fuse: bool = True) -> torch.Tensor:
     """One BERT layer, eval mode: self-attention, output projection, residual and LayerNorm, then
-    the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers)."""
+    the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers).
+    ``fuse``: the feed-forward as one fused block where both projections are sparse
+    (:func:`_fusable_ffn`)."""
     B, T, _ = x.shape
     sa = layer.attention.self
     H, D = sa.num_attention_heads, sa.attention_head_size
@@ -580,8 +585,55 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
         a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
     ao = layer.attention.output
     x = ao.LayerNorm(ao.dense(a.reshape(B, T, H * D)) + x)
+    if fuse and _fusable_ffn(layer, x):
+        up, down = layer.intermediate.dense.prepared, layer.output.dense.prepared
+        y = torch.empty_like(x)
+        ffn_into(x.numpy().reshape(-1, up.in_features), y.numpy().reshape(-1, down.out_features), up, down, True)
+        return layer.output.LayerNorm(y)
     h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
     return layer.output.LayerNorm(layer.output.dense(h) + x)
+
+
+def _fusable_ffn(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the layer's feed-forward (up projection, exact GELU, down projection, residual) can
+    run as one fused block (:func:`spdy.kernels.ffn.ffn_into`) on ``x``: both projections sparse
+    Linears in a multithreaded sparse format, the activation the exact GELU, ``x`` a contiguous
+    fp32 CPU tensor without grad, and the block's output as wide as its input."""
+    up, down = layer.intermediate.dense, layer.output.dense
+    act = layer.intermediate.intermediate_act_fn
+    return (type(up) is SparseLinear and type(down) is SparseLinear and fusable(up.prepared, down.prepared)
+            and (type(act) is GELU or _exact_gelu(act)) and down.out_features == up.in_features
+            and x.dtype is torch.float32 and x.is_contiguous() and not x.requires_grad and x.numel() > 0
+            and x.shape[-1] == up.in_features)
+
+
+def ffn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """The (up, down) projection names of every BERT feed-forward in ``model`` that
+    :class:`EncoderForward` runs fused when both are sparse (see :func:`_fusable_ffn`): the layers
+    of each encoder :func:`fast_encoder` switches (or will switch, once on spdy's attention), with an
+    exact GELU between."""
+    pairs = []
+    for name, m in model.named_modules():
+        if _bert_encoder(m, attention=False):
+            for k, layer in enumerate(m.encoder.layer):
+                act = layer.intermediate.intermediate_act_fn
+                if type(act) is GELU or _exact_gelu(act):
+                    pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
+                    pairs.append((f"{pre}.intermediate.dense", f"{pre}.output.dense"))
+    return pairs
+
+
+def set_ffn_fusion(model: nn.Module, enabled: bool) -> int:
+    """Turn the fused feed-forward of every switched encoder in ``model`` on or off (it is on by
+    default); returns how many encoders it set. Off, each projection runs on its own, as a profile
+    times it alone: the profiler measures the fused block's saving this way."""
+    n = 0
+    for _name, m in model.named_modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, EncoderForward):
+            fwd.fuse_ffn = bool(enabled)
+            n += 1
+    return n
 
 
 class EncoderForward:
@@ -591,12 +643,15 @@ class EncoderForward:
     weights, not under torch.compile) runs the embeddings, turns the mask into the attention
     kernel's additive scores once, and runs each layer's modules directly (:func:`_bert_layer`):
     the same modules and kernels as the model's own forward, without its wrappers (decorators, mask
-    machinery, six wrapper modules a layer), whose cost is serial Python on every pass. Any other
-    call runs the model's own forward.
+    machinery, six wrapper modules a layer), whose cost is serial Python on every pass. Where a
+    layer's two feed-forward projections are both sparse, they run as one fused block with the
+    GELU and the residual (:func:`spdy.kernels.ffn.ffn_into`) unless ``fuse_ffn`` is False
+    (:func:`set_ffn_fusion`). Any other call runs the model's own forward.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fuse_ffn: bool = True) -> None:
         self.model = model
+        self.fuse_ffn = fuse_ffn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.model
@@ -612,7 +667,7 @@ class EncoderForward:
         keep = None if mask is None else mask.bool()[:, None, None, :]
         bias = kattn.mask_bias(keep, B, T, T)  # None when nothing is masked
         for layer in m.encoder.layer:
-            x = _bert_layer(layer, x, keep, bias)
+            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True))  # older pickles lack it
         pooled = m.pooler(x) if getattr(m, "pooler", None) is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled)
 

@@ -445,3 +445,45 @@ def test_compiled_minilm_runs_spdy_attention_as_one_op_without_graph_breaks() ->
         got = runtime.compile(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     valid = mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=0)
+
+
+def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(threads: int) -> None:
+    model = _minilm()
+    with torch.no_grad():  # prune every feed-forward projection to 80% by magnitude
+        for layer in model.encoder.layer:
+            for lin in (layer.intermediate.dense, layer.output.dense):
+                w = lin.weight
+                w[w.abs() < w.abs().flatten().kthvalue(int(0.8 * w.numel())).values] = 0
+    ref = copy.deepcopy(model)
+    runtime.fast_base(model)
+    # layers 0-2 sparse (fused), layer 3 one projection dense (not fused), layers 4-5 sparse
+    swaps = {f"encoder.layer.{k}.{p}": runtime.SparseLinear.from_linear(model.get_submodule(f"encoder.layer.{k}.{p}"), "csr")
+             for k in (0, 1, 2, 4, 5) for p in ("intermediate.dense", "output.dense")}
+    swaps["encoder.layer.3.output.dense"] = runtime.SparseLinear.from_linear(model.encoder.layer[3].output.dense, "bcsr4x1")
+    runtime.swap_modules(model, swaps)
+    assert runtime.ffn_pairs(model) == [(f"encoder.layer.{k}.intermediate.dense", f"encoder.layer.{k}.output.dense")
+                                        for k in range(6)]
+    assert runtime.ffn_pairs(nn.Linear(2, 2)) == []
+    fused = []
+    from spdy.kernels import ffn as kffn
+
+    real = runtime.ffn_into
+    runtime.ffn_into = lambda *a: fused.append(1) or real(*a)  # counts calls, runs the kernel
+    try:
+        ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones_like(ids)
+        mask[1, 50:] = 0
+        with torch.inference_mode():
+            a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(fused) == 5
+            assert runtime.set_ffn_fusion(model, False) == 1
+            b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(fused) == 5  # off: each projection on its own
+            runtime.set_ffn_fusion(model, True)
+            r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        runtime.ffn_into = real
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
+    torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
+    assert kffn.fusable(model.encoder.layer[0].intermediate.dense.prepared, model.encoder.layer[0].output.dense.prepared)

@@ -40,7 +40,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from spdy.kernels._simd import copy_n, ld, transpose16, vbroadcast, vfma, vload, vstore, zero_n
+from spdy.kernels._simd import copy_n, ld, transpose16, vadd, vbroadcast, vfma, vload, vstore, zero_n
+from spdy.kernels.activation import gelu_range
 
 TILE = 64  # tokens per full register tile: 4 vectors of 16 lanes
 LANES = 16
@@ -638,3 +639,43 @@ def tiles_forward(x, channel_major, N, HW, K, O, ptr, n_panels, col, val, blocke
                 _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1)
             else:
                 _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
+
+
+@njit(**_JIT)
+def _add_tile(Y, yb, X, xb, n):
+    """Y[yb:yb+n] += X[xb:xb+n] (two tiles of one layout; n a multiple of 16)."""
+    for i in range(0, n, LANES):
+        vstore(Y, yb + i, vadd(vload(Y, yb + i), vload(X, xb + i)))
+
+
+@njit(parallel=True, **_JIT)
+def ffn_forward(x, T, K, M, O, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, col2, val2, blk2, bias2,
+                residual, XP, HP, YP, y, nthreads):
+    """Y = gelu(X W1^T + b1) W2^T + b2 (+ X), two sparse layers chained in the tile layout.
+
+    Each thread takes a contiguous run of token tiles and for each: packs the tile of X
+    into its [K, Lt] buffer, multiplies by W1 into its [M, Lt] buffer, applies GELU there,
+    multiplies that buffer (already the [M, Lt] layout the second kernel reads) by W2
+    into its [O, Lt] buffer, adds the packed input when ``residual`` (O == K), and writes
+    the tile out to y [T, O]. The hidden activations never leave the thread's caches and
+    are never transposed; one dispatch runs both layers. ``XP``/``HP``/``YP``: 64-byte
+    aligned scratch of ``nthreads * TILE`` times K / M / O floats. Needs at least as
+    many tiles as threads to use them all (a thread without a tile idles).
+    """
+    n_tiles = (T + TILE - 1) // TILE
+    for c in prange(nthreads):
+        lo = n_tiles * c // nthreads
+        hi = n_tiles * (c + 1) // nthreads
+        xs = c * K * TILE
+        hs = c * M * TILE
+        ys = c * O * TILE
+        for tile in range(lo, hi):
+            t0 = tile * TILE
+            Lt = tile_width(T, t0)
+            _pack_tile(x, T, K, XP, xs, t0, Lt)
+            _tile_rows(col1, val1, ptr1, np1, M, 0, M, Lt, XP, xs, HP, hs, bias1, Lt, blk1)
+            gelu_range(HP, HP, hs, hs + M * Lt)
+            _tile_rows(col2, val2, ptr2, np2, O, 0, O, Lt, HP, hs, YP, ys, bias2, Lt, blk2)
+            if residual:
+                _add_tile(YP, ys, XP, xs, O * Lt)
+            _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)

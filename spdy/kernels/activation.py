@@ -24,7 +24,8 @@ CHUNK = 4096
 
 
 @njit(**_JIT)
-def _gelu_range(x, y, i0, i1):
+def gelu_range(x, y, i0, i1):
+    """``y[i0:i1] = gelu(x[i0:i1])`` on the calling thread (``x`` may be ``y``)."""
     half = vbroadcast(0.5)
     s = vbroadcast(_SQRT_HALF)
     i = i0
@@ -44,7 +45,7 @@ def gelu_forward(x, y, n, nthreads):
     for c in prange(nthreads):
         i0 = min(c * per, n)
         i1 = n if c == nthreads - 1 else min(i0 + per, n)
-        _gelu_range(x, y, i0, i1)
+        gelu_range(x, y, i0, i1)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
