@@ -317,6 +317,16 @@ class Backend(ABC):
         it returns the model's output (readable with :func:`as_numpy`).
         """
 
+    def fused_pairs(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, int]]:
+        """Pairs of ``specs`` (indices) that this runtime runs as one fused block when both are in a
+        format of :data:`spdy.types.FUSED_FORMATS`; empty (the default) when it fuses nothing."""
+        return []
+
+    def fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        """Two :meth:`model_runner` of the same plan, with the fused pairs fused and with each layer
+        run on its own, to measure what fusing saves (only for a backend with :meth:`fused_pairs`)."""
+        raise NotImplementedError(f"backend {self.name!r} fuses no layers")
+
     def layer_call_overhead_s(self) -> float:
         """Seconds a layer runner pays per call that the layer does not pay inside the model
         (e.g. ONNX Runtime's per-``Run`` cost); subtracted from layer times. Default 0."""

@@ -36,7 +36,7 @@ from spdy.profilers.dense_runtimes import DenseRuntimes, time_with_runtimes
 from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
 from spdy.profilers.plans import backend_plan
 from spdy.profilers.pruning import LevelPruner
-from spdy.types import LatencyTable, LayerSpec
+from spdy.types import FUSED_FORMATS, FusedPair, LatencyTable, LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,13 @@ FIT_SEED_OFFSET = 10_000
 #: weights) among spdy-cpu's formats, and the spdy-cpu-compiled backend. 4: the parallel sparse
 #: kernels split token tiles between threads (sparse layers on 2 threads up to 4x faster), and
 #: sparse 1x1 convolutions run as Linear layers over the pixels. 5: the implicit conv kernel splits
-#: images (or pixel tiles) between threads, not output rows.
-LATENCY_MODEL_VERSION = 5
+#: images (or pixel tiles) between threads, not output rows. 6: fused pairs (a BERT feed-forward
+#: whose two projections are sparse runs as one block) and their measured saving.
+LATENCY_MODEL_VERSION = 6
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
+#: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
+FUSION_SPARSITIES = (0.8, 0.95)
 #: Fit models that :func:`validate` times again to measure how the machine's state moved since the
 #: profile, chosen to span the fit's models from the sparsest to the densest (:func:`spanning_probes`).
 STATE_PROBES = 4
@@ -225,6 +228,52 @@ def _anchor(
     return dense_layer, timings[len(groups)], list(zip(entries, timings[len(groups) + 1:]))
 
 
+def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
+                   levels: Sequence[float], pairs: Sequence[tuple[int, int]]) -> tuple[float, dict[str, Any]]:
+    """What one fused pair saves per pass, in seconds, and the record of its measurement.
+
+    Uniformly pruned models (the grid levels nearest :data:`FUSION_SPARSITIES`; every layer in its
+    fastest format, the pairs' layers in their fastest format that fuses) are timed end to end
+    with the pairs fused and with each layer on its own, all interleaved: the saving is the
+    difference over the number of pairs, averaged over the levels, and never below zero. It
+    holds the pair's own relayouts, the GELU and the residual add that the base runs on its own,
+    and the dispatches between them.
+    """
+    if not pairs:
+        return 0.0, {}
+    group_of = {i: g for g in groups for i in g.members}
+    entries = sorted({int(np.argmin([abs(float(x) - s) for x in levels])) for s in FUSION_SPARSITIES} - {0})
+    runners, used = [], []
+    for e in entries:
+        fm = _anchor_formats(groups, len(layers), e)
+        ok = True
+        for i in {k for p in pairs for k in p}:
+            ratios = {f: r for f, (r, _s) in group_of[i].median_ratios(e).items() if f in FUSED_FORMATS}
+            if not ratios:
+                ok = False
+                break
+            fm[i] = min(ratios, key=lambda f: ratios[f])
+        if not ok:
+            continue
+        s = float(levels[e])
+        plan = {spec.name: LayerChoice(f, LevelPruner(w).at(s), b, s) for (spec, w, b, _x), f in zip(layers, fm)}
+        runners += list(backend.fusion_runners(bundle, plan))
+        used.append(e)
+    if not runners:
+        log.warning("no level has a format that fuses for every paired layer; fused pairs are not counted")
+        return 0.0, {"pairs": len(pairs), "saving_s": 0.0, "levels": []}
+    timings = backend.measure(runners, policy=backend.policy.for_models())
+    fused = [t.median_s for t in timings[0::2]]
+    alone = [t.median_s for t in timings[1::2]]
+    per = [(a - f) / len(pairs) for f, a in zip(fused, alone)]
+    saving = max(0.0, float(np.mean(per)))
+    log.info("fused pairs: %d, saving %.1f us each (levels %s: fused %s ms, alone %s ms)", len(pairs), saving * 1e6,
+             [round(float(levels[e]), 3) for e in used], [round(x * 1e3, 2) for x in fused],
+             [round(x * 1e3, 2) for x in alone])
+    return saving, {"pairs": len(pairs), "saving_s": saving, "levels": [float(levels[e]) for e in used],
+                    "fused_s": fused, "alone_s": alone, "saving_per_level_s": per}
+
+
 def _anchor_formats(groups: Sequence[_Group], n_layers: int, entry: int = 0) -> list[str]:
     """Per layer: its group's fastest format at ``entry`` in the loop (how the anchor runs that model)."""
     out = [DENSE] * n_layers
@@ -263,8 +312,12 @@ def _serial(fmt: str) -> bool:
     return fmt.endswith(SERIAL_SUFFIX)
 
 
-def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0) -> tuple[str, float, float]:
+def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0,
+          credit: float = 0.0) -> tuple[str, float, float]:
     """The fastest format of one entry (in-model time when ``terms`` is given): (format, seconds, spread).
+
+    ``credit``: seconds a format of :data:`~spdy.types.FUSED_FORMATS` saves besides its own time
+    (its share of a fused pair's saving); it counts in the choice, not in the seconds returned.
 
     The format is the fastest over all passes. Its time is cross-fitted: the format picked on the
     even passes timed by the odd ones, and the other way round, averaged. The fastest of a few
@@ -278,7 +331,7 @@ def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0
         return t if terms is None else terms.apply(t, f != DENSE, kept, _serial(f))
 
     def fastest(which: Callable[[_Cand], float]) -> str:
-        return min(cands, key=lambda f: format_rank(f, cost(f, which(cands[f]))))
+        return min(cands, key=lambda f: format_rank(f, cost(f, which(cands[f])) - credit * (f in FUSED_FORMATS)))
 
     f = fastest(lambda c: c[0])
     if any(len(c) < 3 for c in cands.values()):
@@ -289,8 +342,11 @@ def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0
 
 
 def _table_arrays(cands: Sequence[Sequence[dict[str, _Cand]]], terms: InModelTerms | None,
-                  kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
-    picked = [[_pick(c, terms, kept[li, e]) for e, c in enumerate(entries)] for li, entries in enumerate(cands)]
+                  kept: np.ndarray, credit: Sequence[float] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    cr = np.zeros(len(cands)) if credit is None else np.asarray(credit, dtype=np.float64)
+    picked = [[_pick(c, terms, kept[li, e], float(cr[li])) for e, c in enumerate(entries)]
+              for li, entries in enumerate(cands)]
     times = np.array([[p[1] for p in row] for row in picked])
     spread = np.array([[p[2] for p in row] for row in picked])
     formats = [tuple(p[0] for p in row) for row in picked]
@@ -362,27 +418,34 @@ def profile_model(
     fit.round(passes)
     dense_layer, base, anchored = _anchor(backend, bundle, layers, groups, grid.levels)
     dense = anchored[0][1]
+    pairs = backend.fused_pairs(bundle, specs)
+    saving, fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, pairs)
     if progress:
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
     kept = _kept(layers, grid.levels, patterns)
+    fit.fused = (pairs, saving)
     terms = fit.terms(cands, base.median_s, kept,
                       [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored])
     S = len(grid)
-    times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S])
+    credit = np.zeros(len(specs))
+    for i, j in pairs:  # a format that fuses is worth its share of the pair's saving when formats are picked
+        credit[[i, j]] = saving / 2
+    times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S], credit)
     settings: dict[str, Any] = {
         **backend.settings(), **model_settings(bundle, specs), "latency_model_version": LATENCY_MODEL_VERSION,
         "base_spread": base.spread, "dense_measured_s": dense.median_s,
         "anchor_models": [{"sparsity": float(grid.levels[e]), "measured_s": t.median_s} for e, t in anchored],
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
-        "in_model": terms.to_json(), "profile_seconds": round(time.perf_counter() - t_start, 1),
+        "in_model": terms.to_json(), "fused_pairs": fusion, "profile_seconds": round(time.perf_counter() - t_start, 1),
         "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),
     }
     if progress:
         progress(total, total, "in-model terms")
-    table = LatencyTable(tuple(s.name for s in specs), grid, times, base.median_s, backend.fingerprint())
+    table = LatencyTable(tuple(s.name for s in specs), grid, times, base.median_s, backend.fingerprint(),
+                         formats=tuple(formats), fused=tuple(FusedPair(i, j, saving) for i, j in pairs if saving > 0))
     log.info("base %.2f ms; dense model measured %.2f ms, predicted %.2f ms (%+.1f%%)", base.median_s * 1e3,
              dense.median_s * 1e3, table.dense_total_s * 1e3, (table.dense_total_s / dense.median_s - 1) * 100)
     return Profile(table=table, backend=backend.name, model=bundle.name, specs=tuple(specs), settings=settings,
@@ -405,6 +468,7 @@ class _FitRounds:
         self.chunks = np.array_split(np.arange(k), max(1, passes - 1)) if k > 0 else []
         self.formats: list[list[str]] = []  # [layer][level], fixed at the first round
         self.ratios: dict[int, list[float]] = {}
+        self.fused: tuple[Sequence[tuple[int, int]], float] = ((), 0.0)  # (pairs, saving per pair), before terms()
 
     def round(self, p: int) -> None:
         if self.vectors is None or p - 1 >= len(self.chunks):
@@ -437,10 +501,15 @@ class _FitRounds:
         if not self.ratios or self.vectors is None:
             return InModelTerms()
 
+        pairs, saving = self.fused
+
         def feats(levels: np.ndarray, fm: Sequence[str]) -> np.ndarray:
             t = [cands[li][int(lv)][f][0] for li, (lv, f) in enumerate(zip(levels, fm))]
-            return model_features(t, [f != DENSE for f in fm], [kept[li, int(lv)] for li, lv in enumerate(levels)],
-                                  [_serial(f) for f in fm])
+            F = model_features(t, [f != DENSE for f in fm], [kept[li, int(lv)] for li, lv in enumerate(levels)],
+                               [_serial(f) for f in fm])
+            # the first feature's coefficient is fixed at 1: the fused pairs' measured saving comes off it
+            F[0] -= saving * sum(fm[i] in FUSED_FORMATS and fm[j] in FUSED_FORMATS for i, j in pairs)
+            return F
 
         def at(levels: np.ndarray) -> np.ndarray:
             return feats(levels, [self.formats[li][int(lv)] for li, lv in enumerate(levels)])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,11 +36,12 @@ from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
 from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
-BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy"}
+BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
 ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
-without transformers' wrappers (:func:`spdy.runtime.fast_base`)
+without transformers' wrappers, its feed-forward fused where both projections are sparse
+(:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`)
 in the models it times, torch in the dense reference. Profiles and results without a key were
 timed with torch's for that part."""
 
@@ -120,6 +121,23 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             runtime.fast_base(run.model, depthwise=fusions)  # type: ignore[attr-defined]
         return run
 
+    def fused_pairs(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, int]]:
+        """The feed-forward (up, down) projections of a BERT encoder, which the encoder's forward
+        runs as one fused block where both are sparse (:func:`spdy.runtime.ffn_pairs`)."""
+        if self.runtime_fingerprint().get("ffn") != "fused":
+            return []
+        from spdy import runtime
+
+        index = {s.name: i for i, s in enumerate(specs)}
+        return [(index[a], index[b]) for a, b in runtime.ffn_pairs(bundle.model) if a in index and b in index]
+
+    def fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        from spdy import runtime
+
+        fused, alone = self.model_runner(bundle, choices), self.model_runner(bundle, choices)
+        runtime.set_ffn_fusion(alone.model, False)  # type: ignore[attr-defined]
+        return fused, alone
+
     def pool_of(self, fmt: str) -> str:
         """Dense layers (``dense``, ``dnnl``) run in torch's pool, the others in Numba's: unless spdy.kernels made them
         one OpenMP runtime, they are timed apart (see :meth:`Backend.pool_of`)."""
@@ -185,7 +203,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
         import torch._inductor.config as inductor_config
 
         return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
-                "depthwise": "torch",
+                "depthwise": "torch", "ffn": "torch",
                 "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

@@ -307,6 +307,46 @@ def solve_budget(
     return levels, float(best)
 
 
+def solve_table(table: LatencyTable, errors: np.ndarray, budget: float, buckets: int = DEFAULT_BUCKETS
+                ) -> tuple[np.ndarray, float]:
+    """:func:`solve_budget` over ``table``'s columns (``+inf`` = unavailable), with its fused pairs.
+
+    A fused pair (:class:`~spdy.types.FusedPair`) saves time only when both its layers fuse, so
+    its two layers enter the DP as one layer whose choices are all pairs of their columns (time
+    :meth:`LatencyTable.pair_times`, error the sum); the answer is split back per layer. A
+    pair's times can fall below zero (the saving includes base work), so each merged layer's
+    times are shifted up to start at zero and the budget by the same amount: the optimum is the
+    same. ``budget`` is the layers' time (the base excluded), as for :func:`solve_budget`.
+    """
+    if not table.fused:
+        return solve_budget(table.times, errors, budget, buckets, allow_unavailable=True)
+    e = np.asarray(errors, dtype=np.float64)
+    L, C = table.times.shape
+    paired = {i for p in table.fused for i in (p.first, p.second)}
+    alone = [i for i in range(L) if i not in paired]
+    width = C * C
+    T = np.full((len(alone) + len(table.fused), width), np.inf)
+    E = np.zeros(T.shape)
+    T[:len(alone), :C] = table.times[alone]
+    E[:len(alone), :C] = e[alone]
+    shift = 0.0
+    for k, p in enumerate(table.fused):
+        t = table.pair_times(p).ravel()
+        low = float(t[np.isfinite(t)].min())
+        if low < 0:
+            t = t - low
+            shift -= low
+        T[len(alone) + k] = t
+        E[len(alone) + k] = (e[p.first][:, None] + e[p.second][None, :]).ravel()
+    E[~np.isfinite(T)] = 0.0
+    merged, total = solve_budget(T, E, budget + shift, buckets, allow_unavailable=True)
+    levels = np.empty(L, dtype=np.int64)
+    levels[alone] = merged[:len(alone)]
+    for k, p in enumerate(table.fused):
+        levels[p.first], levels[p.second] = divmod(int(merged[len(alone) + k]), C)
+    return levels, total
+
+
 def _table_errors(table: LatencyTable, errors: np.ndarray) -> np.ndarray:
     """``errors`` checked against ``table``: one finite score per choice a layer has; the
     scores of choices it does not have (any value, NaN too) become 0, never picked."""
@@ -345,7 +385,7 @@ def solve(table: LatencyTable, errors: np.ndarray, speedup: float, buckets: int 
             max_speedup=max_speedup,
         )
     t0 = time.perf_counter()
-    levels, total = solve_budget(table.times, e, budget, buckets, allow_unavailable=True)
+    levels, total = solve_table(table, e, budget, buckets)
     return table.solution(levels, total, (time.perf_counter() - t0) * 1e3)
 
 

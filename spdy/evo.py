@@ -96,8 +96,8 @@ class EvoConfig:
 
 
 def layer_times(table: LatencyTable, levels: np.ndarray) -> float:
-    """The predicted time of the prunable layers at ``levels`` (base excluded)."""
-    return float(table.times[np.arange(len(table.layers)), levels].sum())
+    """The predicted time of the prunable layers at ``levels`` (base excluded, fused pairs' savings taken off)."""
+    return table.predicted_time(levels) - table.base_s
 
 
 def fit_budget(levels: np.ndarray, table: LatencyTable, budget: float, rng: np.random.Generator,
@@ -115,17 +115,19 @@ def fit_budget(levels: np.ndarray, table: LatencyTable, budget: float, rng: np.r
         w = np.ones(L)
         w[list(held)] = MOVED_WEIGHT
         dist = w[:, None] * (np.arange(S)[None, :] - lv[:, None]).astype(np.float64) ** 2
-        lv, _ = dp.solve_budget(table.times, dist, budget, buckets)
+        lv, _ = dp.solve_table(table, dist, budget, buckets)
     free = np.array([i for i in range(L) if i not in set(held)], dtype=np.int64)
-    used = layer_times(table, lv)
     moved = True
     while moved:
         moved = False
         for li in rng.permutation(free):
             if lv[li] > 0:
-                new = used - table.times[li, lv[li]] + table.times[li, lv[li] - 1]
+                lv[li] -= 1
+                new = layer_times(table, lv)
                 if new <= budget:
-                    used, lv[li], moved = new, lv[li] - 1, True
+                    moved = True
+                else:
+                    lv[li] += 1
     return lv
 
 

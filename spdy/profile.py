@@ -22,7 +22,7 @@ from spdy.errors import InvalidInputError, ProfileMismatchError
 from spdy.grid import SparsityGrid
 from spdy.hardware import fingerprint_differences
 from spdy.io import atomic_write_json, read_json
-from spdy.types import LatencyTable, LayerSpec
+from spdy.types import FusedPair, LatencyTable, LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class Profile:
             "layers": layers,
             "validation": list(self.validation),
             **({"patterns": list(self.patterns)} if self.patterns else {}),
+            **({"fused_pairs": [p.to_json(t.layers) for p in t.fused]} if t.fused else {}),
         }
 
     @classmethod
@@ -203,6 +204,7 @@ class Profile:
             spread = np.array([rec["spread"] for rec in layers]) if all("spread" in r for r in layers) else None
             formats = tuple(tuple(r["formats"]) for r in layers) if all("formats" in r for r in layers) else None
             patterns = tuple(d.get("patterns", ()))
+            fused = tuple(FusedPair.from_json(p, names) for p in d.get("fused_pairs", ()))
             p_times = p_spread = p_formats = None
             if patterns:
                 p_times = np.full((len(layers), len(patterns)), np.inf)
@@ -221,6 +223,10 @@ class Profile:
             if isinstance(exc, InvalidInputError):
                 raise
             raise InvalidInputError(f"{source} is a malformed spdy profile: {exc!r}") from None
+        if fused:
+            if formats is None:
+                raise InvalidInputError(f"{source} is a malformed spdy profile: fused pairs without the layers' formats")
+            table = dataclasses.replace(table, formats=formats, fused=fused)
         return cls(
             table=table,
             backend=str(d.get("backend", "unknown")),
@@ -273,7 +279,8 @@ def choice_table(profile: Profile, patterns: Iterable[str] | str | None = None, 
     if not want and unstructured:
         return table
     return LatencyTable(table.layers, table.grid, np.concatenate(times, axis=1), table.base_s, dict(table.fingerprint),
-                        tuple(cols), None if fmts is None else tuple(tuple(row) for row in fmts))
+                        tuple(cols), None if fmts is None else tuple(tuple(row) for row in fmts),
+                        table.fused if fmts is not None else ())
 
 
 def _offered_patterns(profile: Profile, patterns: Iterable[str] | str | None, database: Any) -> tuple[str, ...]:

@@ -100,6 +100,35 @@ def _as_table(name: str, values: Any, n_layers: int, n_columns: int) -> np.ndarr
     return arr
 
 
+FUSED_FORMATS: tuple[str, ...] = ("csr", "bcsr1x4", "bcsr4x1")
+"""Kernel formats whose layers the runtime can chain in the tile layout (:class:`FusedPair`)."""
+
+
+@dataclass(frozen=True)
+class FusedPair:
+    """Two layers the runtime runs as one fused block when both run a :data:`FUSED_FORMATS`
+    format (a transformer's feed-forward: up projection, GELU, down projection, residual).
+
+    ``first`` and ``second`` index the table's layers; ``saving_s`` is what the fused block
+    saves per pass against the two layers' own times plus the GELU and the residual in the base.
+    """
+
+    first: int
+    second: int
+    saving_s: float
+
+    def to_json(self, layers: Sequence[str]) -> dict[str, Any]:
+        return {"first": layers[self.first], "second": layers[self.second], "saving_s": self.saving_s}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], layers: Sequence[str]) -> "FusedPair":
+        names = list(layers)
+        for k in ("first", "second"):
+            if d.get(k) not in names:
+                raise InvalidInputError(f"fused pair names layer {d.get(k)!r}, which the table does not have")
+        return cls(names.index(d["first"]), names.index(d["second"]), float(d["saving_s"]))
+
+
 @dataclass(frozen=True)
 class LatencyTable:
     """Seconds per layer and choice, plus the time of everything that is not prunable.
@@ -115,6 +144,11 @@ class LatencyTable:
     layer ``l`` does not have choice ``c`` (no kernel on the backend, no weight in the
     database): the DP never picks it. ``formats`` (optional, ``[L][C]``) names the kernel
     format the backend runs each entry in (``""`` where unavailable).
+
+    ``fused`` (:class:`FusedPair`, needs ``formats``): pairs of layers that run as one block
+    when both are in a :data:`FUSED_FORMATS` format; the model's time is then less by the
+    pair's ``saving_s``. No layer is in two pairs. The DP treats a pair as one layer whose
+    choices are the pairs of the two layers' columns (:func:`spdy.dp.solve_table`).
     """
 
     layers: tuple[str, ...]
@@ -124,6 +158,7 @@ class LatencyTable:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     choices: tuple[Choice, ...] = ()  # () = the grid's levels
     formats: tuple[tuple[str, ...], ...] | None = None
+    fused: tuple[FusedPair, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -149,6 +184,47 @@ class LatencyTable:
             if len(fm) != len(self.layers) or any(len(row) != len(self.choices) for row in fm):
                 raise InvalidInputError(f"formats must be {len(self.layers)} rows of {len(self.choices)} format names")
             object.__setattr__(self, "formats", fm)
+        self._check_fused()
+
+    def _check_fused(self) -> None:
+        pairs = tuple(self.fused)
+        object.__setattr__(self, "fused", pairs)
+        L = len(self.layers)
+        mask = np.zeros(self.times.shape, dtype=bool)
+        if pairs:
+            if self.formats is None:
+                raise InvalidInputError("fused pairs need the table's formats: whether a pair fuses depends on them")
+            seen: set[int] = set()
+            for p in pairs:
+                if not isinstance(p, FusedPair):
+                    raise InvalidInputError(f"fused pairs are spdy.types.FusedPair values; got {type(p).__name__}")
+                if not (0 <= p.first < L and 0 <= p.second < L) or p.first == p.second or {p.first, p.second} & seen:
+                    raise InvalidInputError(f"fused pair ({p.first}, {p.second}) must name two distinct layers of the "
+                                            f"table's {L}, none in another pair")
+                if not (math.isfinite(p.saving_s) and p.saving_s >= 0):
+                    raise InvalidInputError(f"a fused pair's saving must be finite and >= 0 seconds; got {p.saving_s!r}")
+                seen |= {p.first, p.second}
+            mask = np.array([[f in FUSED_FORMATS for f in row] for row in self.formats], dtype=bool)
+        object.__setattr__(self, "_fusable", mask)
+
+    @property
+    def fusable(self) -> np.ndarray:
+        """``[L, C]`` bool: the entries whose format can fuse with a pair partner (all False without pairs)."""
+        return self._fusable  # type: ignore[attr-defined, no-any-return]
+
+    def fused_saving(self, levels: Sequence[int] | np.ndarray) -> float:
+        """Seconds the fused pairs save with each layer at its column ``levels``."""
+        if not self.fused:
+            return 0.0
+        f = self._fusable  # type: ignore[attr-defined]
+        return float(sum(p.saving_s for p in self.fused if f[p.first, levels[p.first]] and f[p.second, levels[p.second]]))
+
+    def pair_times(self, pair: FusedPair) -> np.ndarray:
+        """``[C, C]`` predicted seconds of a pair's two layers at columns (a, b), the saving taken off
+        where both fuse (may be below zero: part of the saving is the base's GELU and residual)."""
+        t = self.times[pair.first][:, None] + self.times[pair.second][None, :]
+        f = self._fusable  # type: ignore[attr-defined]
+        return t - pair.saving_s * (f[pair.first][:, None] & f[pair.second][None, :])
 
     def _checked_choices(self) -> tuple[Choice, ...]:
         cols = tuple(self.choices) or grid_choices(self.grid)
@@ -175,21 +251,27 @@ class LatencyTable:
 
     @property
     def dense_total_s(self) -> float:
-        """Predicted time of the dense model: base plus every layer at level 0."""
-        return self.base_s + float(self.times[:, 0].sum())
+        """Predicted time of the dense model: base plus every layer at level 0 (less what fused pairs
+        save, where level 0 runs in a format that fuses)."""
+        return self.predicted_time(np.zeros(len(self.layers), dtype=np.int64))
 
     def budget_for(self, speedup: float) -> float:
         """Time left for the prunable layers: ``T_dense_total / speedup - T_base``."""
         return self.dense_total_s / speedup - self.base_s
 
     def predicted_time(self, levels: Sequence[int] | np.ndarray) -> float:
-        """Base plus each layer's time at its column."""
+        """Base plus each layer's time at its column, less what the fused pairs save."""
         lv = np.asarray(levels, dtype=np.int64)
-        return self.base_s + float(self.times[np.arange(len(self.layers)), lv].sum())
+        return self.base_s + float(self.times[np.arange(len(self.layers)), lv].sum()) - self.fused_saving(lv)
 
     def fastest_total_s(self) -> float:
-        """Predicted time with every layer at its fastest available choice."""
-        return self.base_s + float(self.times.min(axis=1).sum())
+        """Predicted time with every layer (every fused pair) at its fastest available choice."""
+        if not self.fused:
+            return self.base_s + float(self.times.min(axis=1).sum())
+        paired = {i for p in self.fused for i in (p.first, p.second)}
+        alone = [i for i in range(len(self.layers)) if i not in paired]
+        return (self.base_s + float(self.times[alone].min(axis=1).sum())
+                + sum(float(self.pair_times(p).min()) for p in self.fused))
 
     def max_speedup(self) -> float:
         fastest = self.fastest_total_s()

@@ -375,3 +375,68 @@ def test_dp_unavailable_times_need_the_flag() -> None:
         dp.solve_budget(np.array([[INF, INF]]), np.zeros((1, 2)), 1.0, allow_unavailable=True)
     with pytest.raises(InvalidInputError, match="finite"):
         dp.solve_budget(np.array([[1.0, -INF]]), np.zeros((1, 2)), 1.0, allow_unavailable=True)
+
+
+def brute_force_table(table: LatencyTable, errors: np.ndarray, budget: float) -> float:
+    """Least summed error over every column combination whose predicted layer time (fused pairs'
+    savings taken off, :meth:`LatencyTable.predicted_time`) fits the budget."""
+    L, C = table.times.shape
+    best = math.inf
+    for combo in itertools.product(range(C), repeat=L):
+        lv = np.array(combo)
+        if table.predicted_time(lv) - table.base_s <= budget + 1e-9:
+            best = min(best, errors[np.arange(L), lv].sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_with_fused_pairs_matches_brute_force(seed: int) -> None:
+    # integer times, savings and budget, one bucket per time unit (after the DP's shift): exact
+    from spdy.types import FusedPair
+
+    rng = np.random.default_rng(500 + seed)
+    L = int(rng.integers(2, 6))
+    C = 3
+    times = rng.integers(0, 8, size=(L, C)).astype(float)
+    errors = rng.integers(0, 5, size=(L, C)).astype(float)
+    formats = tuple(tuple(rng.choice(["dense", "csr", "bcsr4x1", "csr-1t", "dnnl"]) for _ in range(C)) for _ in range(L))
+    order = rng.permutation(L)
+    pairs = tuple(FusedPair(int(order[2 * k]), int(order[2 * k + 1]), float(rng.integers(0, 10)))
+                  for k in range(int(rng.integers(1, L // 2 + 1))))
+    table = LatencyTable(tuple(f"l{i}" for i in range(L)), spdy_grid(C - 1), times, 1.0, formats=formats, fused=pairs)
+    shift = -sum(min(0.0, float(table.pair_times(p).min())) for p in pairs)
+    lo = table.fastest_total_s() - table.base_s
+    hi = float(times.max(axis=1).sum())
+    budget = float(rng.integers(int(math.ceil(lo)), int(max(lo, hi)) + 1))
+    if budget + shift < 1:
+        return
+    levels, total = dp.solve_table(table, errors, budget, buckets=int(budget + shift))
+    assert table.predicted_time(levels) - table.base_s <= budget + 1e-9
+    assert total == pytest.approx(errors[np.arange(L), levels].sum())
+    assert total == pytest.approx(brute_force_table(table, errors, budget))
+
+
+def test_fused_pairs_in_the_table() -> None:
+    from spdy.types import FusedPair
+
+    formats = (("dnnl", "csr", "csr-1t"), ("dense", "bcsr4x1", "csr"), ("dense", "csr", "csr"))
+    times = np.array([[10.0, 4.0, 3.0], [10.0, 5.0, 4.0], [10.0, 5.0, 4.0]])
+    table = LatencyTable(("up", "down", "other"), spdy_grid(2), times, 2.0, formats=formats,
+                         fused=(FusedPair(0, 1, 6.0),))
+    assert table.dense_total_s == 32.0
+    assert table.predicted_time([1, 1, 0]) == 2 + 4 + 5 + 10 - 6  # both fuse
+    assert table.predicted_time([2, 1, 0]) == 2 + 3 + 5 + 10  # csr-1t does not
+    assert table.fastest_total_s() == 2 + (4 + 4 - 6) + 4
+    assert table.fusable.tolist() == [[False, True, False], [False, True, True], [False, True, True]]
+    # the DP sees the saving: at 14 s of layer time only the fused pair and 'other' pruned fit
+    levels, _ = dp.solve_table(table, np.array([[0.0, 1, 2], [0, 1, 2], [0, 1, 2]]), 7.0, buckets=700)
+    assert levels.tolist() == [1, 1, 2] or levels.tolist() == [1, 2, 1]
+    with pytest.raises(InvalidInputError, match="need the table's formats"):
+        LatencyTable(("a", "b"), spdy_grid(2), times[:2], 0.0, fused=(FusedPair(0, 1, 1.0),))
+    with pytest.raises(InvalidInputError, match="none in another pair"):
+        LatencyTable(("up", "down", "other"), spdy_grid(2), times, 0.0, formats=formats,
+                     fused=(FusedPair(0, 1, 1.0), FusedPair(1, 2, 1.0)))
+    with pytest.raises(InvalidInputError, match="finite and >= 0"):
+        LatencyTable(("up", "down", "other"), spdy_grid(2), times, 0.0, formats=formats, fused=(FusedPair(0, 1, -1.0),))
+    back = FusedPair.from_json(table.fused[0].to_json(table.layers), table.layers)
+    assert back == table.fused[0]

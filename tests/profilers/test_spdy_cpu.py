@@ -66,3 +66,40 @@ def test_timed_cnns_run_depthwise_convolutions_fused_on_spdy():
         assert isinstance(run.model[1], nn.Identity) and isinstance(run.model[4], nn.Identity)
     assert type(reference.model[2]) is nn.Conv2d
     np.testing.assert_allclose(np.asarray(plan()), np.asarray(reference()), atol=2e-5)
+
+
+def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
+    if available_backends()["spdy-cpu"]:
+        pytest.skip(available_backends()["spdy-cpu"])
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from spdy.models.base import ModelBundle
+    from spdy.profile import load_profile, save_profile
+    from spdy.profilers import profile_model
+    from spdy.testing.backends import GRID3, TEST_POLICY
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=256, max_position_embeddings=80, attn_implementation="sdpa")
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 200, (1, 64))
+    bundle = ModelBundle("tiny-bert", model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                         forward=lambda m, b: m(**b).last_hidden_state)
+    be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
+    assert be.fingerprint()["ffn"] == "fused"
+    prof = profile_model(bundle, be, grid=GRID3, fit_models=0)
+    rec = prof.settings["fused_pairs"]
+    assert rec["pairs"] == 2 and len(rec["fused_s"]) == len(rec["alone_s"]) >= 1
+    names = prof.table.layers
+    pairs = [(names[p.first], names[p.second]) for p in prof.table.fused]
+    if rec["saving_s"] > 0:  # a pair that saved nothing on this machine is left out
+        assert pairs == [(f"encoder.layer.{k}.intermediate.dense", f"encoder.layer.{k}.output.dense") for k in (0, 1)]
+        top = np.full(len(names), 2)
+        both = sum(prof.table.fusable[p.first, 2] and prof.table.fusable[p.second, 2] for p in prof.table.fused)
+        plain = prof.table.base_s + prof.table.times[np.arange(len(names)), top].sum()
+        assert prof.table.predicted_time(top) == pytest.approx(plain - both * rec["saving_s"])
+    save_profile(prof, tmp_path / "p.json")
+    back = load_profile(tmp_path / "p.json")
+    assert back.table.fused == prof.table.fused
+    assert back.table.dense_total_s == pytest.approx(prof.table.dense_total_s)
