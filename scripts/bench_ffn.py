@@ -4,15 +4,15 @@ For MiniLM's feed-forward shapes (384 -> 1536 -> 384, 128 tokens), both projecti
 each ``--sparsity`` (random weights, magnitude-pruned, ``csr``), in rounds that alternate the
 order, in one process:
 
-* ``fused``: :func:`spdy.kernels.ffn.ffn_into` with the residual, into a new tensor (what the
-  encoder's forward runs);
+* ``fused``: :func:`spdy.kernels.ffn.ffn_into` with the residual (and with ``--layer-norm`` the
+  LayerNorm after it), into a new tensor (what the encoder's forward runs);
 * ``alone``: the up projection (``sparse_into``), spdy's GELU, the down projection and torch's
-  residual add, each on its own (what runs when fusion is off, and what a profile times).
+  residual add (and torch's ``layer_norm``), each on its own (what runs when fusion is off).
 
 Prints microseconds per call (median over rounds) and the median per-round ratio fused / alone,
 and writes them with the hardware fingerprint to ``--json``.
 
-    python scripts/bench_ffn.py [--threads 1 2] [--sparsity 0.7 0.9 0.97 1.0] [--rounds 15] [--json F]
+    python scripts/bench_ffn.py [--threads 1 2] [--sparsity 0.7 0.9 0.97 1.0] [--layer-norm] [--rounds 15] [--json F]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def per_call_us(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
-def measure(sparsity: float, tokens: int, rounds: int, calls: int, seed: int = 0) -> dict[str, Any]:
+def measure(sparsity: float, tokens: int, rounds: int, calls: int, seed: int = 0,
+            layer_norm: bool = False) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
 
     def pruned(o: int, i: int) -> np.ndarray:
@@ -59,10 +60,12 @@ def measure(sparsity: float, tokens: int, rounds: int, calls: int, seed: int = 0
     down = prepare_linear(pruned(HIDDEN, INNER), rng.standard_normal(HIDDEN).astype(np.float32), format="csr")
     xt = torch.randn(tokens, HIDDEN)
     x = xt.numpy()
+    gamma, beta = torch.randn(HIDDEN), torch.randn(HIDDEN)
+    norm = (gamma.numpy(), beta.numpy(), 1e-12) if layer_norm else None
 
     def fused() -> torch.Tensor:
         y = torch.empty(tokens, HIDDEN)
-        ffn_into(x, y.numpy(), up, down, True)
+        ffn_into(x, y.numpy(), up, down, True, norm)
         return y
 
     def alone() -> torch.Tensor:
@@ -71,7 +74,8 @@ def measure(sparsity: float, tokens: int, rounds: int, calls: int, seed: int = 0
         g = gelu(h)
         z = torch.empty(tokens, HIDDEN)
         sparse_into(g.numpy(), z.numpy(), down)
-        return z + xt
+        z = z + xt
+        return torch.nn.functional.layer_norm(z, (HIDDEN,), gamma, beta, 1e-12) if layer_norm else z
 
     torch.testing.assert_close(fused(), alone(), atol=1e-4, rtol=1e-4)
     fns = {"fused": fused, "alone": alone}
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--layer-norm", action="store_true", help="the LayerNorm after the residual in both paths")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows = []
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for th in a.threads:
         kernels.set_num_threads(th)
         for s in a.sparsity:
-            r = {"threads": th, "sparsity": s, **measure(s, a.tokens, a.rounds, a.calls)}
+            r = {"threads": th, "sparsity": s, "layer_norm": a.layer_norm,
+                 **measure(s, a.tokens, a.rounds, a.calls, layer_norm=a.layer_norm)}
             rows.append(r)
             lo, hi = r["fused_over_alone_p10_p90"]
             print(f"| {th} | {s:.0%} | {r['fused_us']:.1f} | {r['alone_us']:.1f} | {r['fused_over_alone']:.3f} "

@@ -588,10 +588,21 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
     if fuse and _fusable_ffn(layer, x):
         up, down = layer.intermediate.dense.prepared, layer.output.dense.prepared
         y = torch.empty_like(x)
-        ffn_into(x.numpy().reshape(-1, up.in_features), y.numpy().reshape(-1, down.out_features), up, down, True)
-        return layer.output.LayerNorm(y)
+        ln = layer.output.LayerNorm
+        norm = _layer_norm(ln, down.out_features)
+        ffn_into(x.numpy().reshape(-1, up.in_features), y.numpy().reshape(-1, down.out_features), up, down, True, norm)
+        return y if norm is not None else ln(y)
     h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
     return layer.output.LayerNorm(layer.output.dense(h) + x)
+
+
+def _layer_norm(ln: nn.Module, width: int) -> tuple[Any, Any, float] | None:
+    """(weight, bias, eps) of a LayerNorm over the last ``width`` features with fp32 weight and
+    bias, as the fused block's epilogue takes them; None for any other module."""
+    if (type(ln) is not nn.LayerNorm or tuple(ln.normalized_shape) != (width,) or ln.weight is None
+            or ln.bias is None or ln.weight.dtype is not torch.float32 or ln.bias.dtype is not torch.float32):
+        return None
+    return ln.weight.detach().numpy(), ln.bias.detach().numpy(), float(ln.eps)
 
 
 def _fusable_ffn(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -645,7 +656,7 @@ class EncoderForward:
     the same modules and kernels as the model's own forward, without its wrappers (decorators, mask
     machinery, six wrapper modules a layer), whose cost is serial Python on every pass. Where a
     layer's two feed-forward projections are both sparse, they run as one fused block with the
-    GELU and the residual (:func:`spdy.kernels.ffn.ffn_into`) unless ``fuse_ffn`` is False
+    GELU, the residual and the LayerNorm (:func:`spdy.kernels.ffn.ffn_into`) unless ``fuse_ffn`` is False
     (:func:`set_ffn_fusion`). Any other call runs the model's own forward.
     """
 

@@ -242,6 +242,16 @@ def vmul(typingctx, a, b):  # noqa: ANN001, ANN201
 
 
 @intrinsic
+def vrsqrt(typingctx, a):  # noqa: ANN001, ANN201
+    """``1 / sqrt(a)`` lane-wise (a square root and a division, not the approximate instruction)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.fdiv(_splat(1.0), builder.call(_vec_fn(builder, "llvm.sqrt.v16f32", 1), [args[0]]))
+
+    return f32x16(f32x16), codegen
+
+
+@intrinsic
 def vmax(typingctx, a, b):  # noqa: ANN001, ANN201
     """``max(a, b)`` lane-wise."""
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from spdy.kernels._simd import copy_n, ld, transpose16, vadd, vbroadcast, vfma, vload, vstore, zero_n
+from spdy.kernels._simd import copy_n, ld, transpose16, vadd, vbroadcast, vfma, vload, vmul, vrsqrt, vstore, zero_n
 from spdy.kernels.activation import gelu_range
 
 TILE = 64  # tokens per full register tile: 4 vectors of 16 lanes
@@ -648,15 +648,40 @@ def _add_tile(Y, yb, X, xb, n):
         vstore(Y, yb + i, vadd(vload(Y, yb + i), vload(X, xb + i)))
 
 
+@njit(**_JIT)
+def _layernorm_tile(Y, yb, O, Lt, gamma, beta, eps):
+    """LayerNorm over the O channels of each token of the tile Y[yb:] ([O, Lt]), in place:
+    ``(y - mean) / sqrt(var + eps) * gamma + beta`` (biased variance, two passes, as torch),
+    16 tokens a vector."""
+    inv = vbroadcast(np.float32(1.0 / O))
+    ve = vbroadcast(np.float32(eps))
+    minus = vbroadcast(np.float32(-1.0))
+    for l0 in range(0, Lt, LANES):
+        acc = vbroadcast(np.float32(0.0))
+        for o in range(O):
+            acc = vadd(acc, vload(Y, yb + o * Lt + l0))
+        neg = vmul(vmul(acc, inv), minus)
+        var = vbroadcast(np.float32(0.0))
+        for o in range(O):
+            d = vadd(vload(Y, yb + o * Lt + l0), neg)
+            var = vfma(var, d, d)
+        rstd = vrsqrt(vfma(ve, var, inv))
+        for o in range(O):
+            i = yb + o * Lt + l0
+            d = vmul(vadd(vload(Y, i), neg), rstd)
+            vstore(Y, i, vfma(vbroadcast(beta[o]), d, vbroadcast(gamma[o])))
+
+
 @njit(parallel=True, **_JIT)
 def ffn_forward(x, T, K, M, O, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, col2, val2, blk2, bias2,
-                residual, XP, HP, YP, y, nthreads):
-    """Y = gelu(X W1^T + b1) W2^T + b2 (+ X), two sparse layers chained in the tile layout.
+                residual, norm, gamma, beta, eps, XP, HP, YP, y, nthreads):
+    """Y = gelu(X W1^T + b1) W2^T + b2 (+ X) (then LayerNorm), two sparse layers chained in the tile layout.
 
     Each thread takes a contiguous run of token tiles and for each: packs the tile of X
     into its [K, Lt] buffer, multiplies by W1 into its [M, Lt] buffer, applies GELU there,
     multiplies that buffer (already the [M, Lt] layout the second kernel reads) by W2
-    into its [O, Lt] buffer, adds the packed input when ``residual`` (O == K), and writes
+    into its [O, Lt] buffer, adds the packed input when ``residual`` (O == K), normalises
+    each token over its O channels when ``norm`` (``gamma``, ``beta``, ``eps``), and writes
     the tile out to y [T, O]. The hidden activations never leave the thread's caches and
     are never transposed; one dispatch runs both layers. ``XP``/``HP``/``YP``: 64-byte
     aligned scratch of ``nthreads * TILE`` times K / M / O floats. Needs at least as
@@ -678,4 +703,6 @@ def ffn_forward(x, T, K, M, O, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, co
             _tile_rows(col2, val2, ptr2, np2, O, 0, O, Lt, HP, hs, YP, ys, bias2, Lt, blk2)
             if residual:
                 _add_tile(YP, ys, XP, xs, O * Lt)
+            if norm:
+                _layernorm_tile(YP, ys, O, Lt, gamma, beta, eps)
             _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)

@@ -1,11 +1,11 @@
 """A transformer's feed-forward block on two sparse Linears chained in the kernels' tile layout.
 
-``y = gelu(x W1^T + b1) W2^T + b2 (+ x)``: the up projection, exact GELU, the down
-projection and (optionally) the residual, in one call. Each thread packs its token tiles of
+``y = LayerNorm(gelu(x W1^T + b1) W2^T + b2 (+ x))``: the up projection, exact GELU, the down
+projection and (optionally) the residual and the LayerNorm after it, in one call. Each thread packs its token tiles of
 ``x`` once, and the hidden activations stay in the [hidden, tokens] tile layout that the
 second kernel reads, in the thread's own caches: no transposition out of the first layer
-and back into the second, no separate GELU pass, no residual add, one dispatch instead of
-four operators (:func:`spdy.kernels._spmm.ffn_forward`).
+and back into the second, no separate GELU, residual or LayerNorm pass, one dispatch instead
+of five operators (:func:`spdy.kernels._spmm.ffn_forward`).
 
 :func:`fusable` says whether a pair of prepared weights can run this way; :func:`ffn` runs it
 on fp32 arrays.
@@ -37,9 +37,15 @@ def fused_threads(tokens: int, nthreads: int | None = None) -> int:
     return max(1, min(n, (tokens + _spmm.TILE - 1) // _spmm.TILE))
 
 
-def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool) -> None:
+_NO_NORM = np.zeros(1, np.float32)
+
+
+def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool,
+             norm: tuple[np.ndarray, np.ndarray, float] | None = None) -> None:
     """The fused block on arrays the caller has checked: ``x2`` [T, in] and ``y2`` [T, out], fp32,
-    C-contiguous, ``T >= 1``, ``fusable(up, down)``, and ``out == in`` when ``residual``."""
+    C-contiguous, ``T >= 1``, ``fusable(up, down)``, and ``out == in`` when ``residual``.
+    ``norm`` = (weight, bias, eps): a LayerNorm over the output's features after the residual
+    (fp32 contiguous arrays of ``out`` values)."""
     a, b = up.sparse, down.sparse
     assert a is not None and b is not None
     T, K = x2.shape
@@ -48,14 +54,17 @@ def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedL
     tile = _spmm.TILE
     _spmm.ffn_forward(
         x2.reshape(-1), T, K, M, O, a.ptr, a.n_panels, a.col, a.val, a.blocked, up.bias,
-        b.ptr, b.n_panels, b.col, b.val, b.blocked, down.bias, residual,
-        scratch(0, n * K * tile + 64), scratch(2, n * M * tile + 64), scratch(1, n * O * tile + 64), y2.reshape(-1), n,
+        b.ptr, b.n_panels, b.col, b.val, b.blocked, down.bias, residual, norm is not None,
+        _NO_NORM if norm is None else norm[0], _NO_NORM if norm is None else norm[1],
+        np.float32(0.0 if norm is None else norm[2]), scratch(0, n * K * tile + 64), scratch(2, n * M * tile + 64), scratch(1, n * O * tile + 64), y2.reshape(-1), n,
     )
 
 
-def ffn(x: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool = False) -> np.ndarray:
+def ffn(x: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool = False,
+        norm: tuple[np.ndarray, np.ndarray, float] | None = None) -> np.ndarray:
     """``gelu(x W1^T + b1) W2^T + b2``, plus ``x`` when ``residual``, for fp32 ``x`` of shape
-    ``[..., up.in_features]``; returns ``[..., down.out_features]`` (exact GELU, the erf form)."""
+    ``[..., up.in_features]``; returns ``[..., down.out_features]`` (exact GELU, the erf form).
+    ``norm`` = (weight, bias, eps) applies a LayerNorm over the output features last."""
     if not fusable(up, down):
         raise InvalidInputError(
             "ffn needs two prepared Linears in multithreaded sparse formats (csr, bcsr1x4, bcsr4x1) whose "
@@ -69,10 +78,17 @@ def ffn(x: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool 
     a = np.asarray(x)
     if a.dtype != np.float32 or a.ndim == 0 or a.shape[-1] != K:
         raise InvalidInputError(f"ffn takes fp32 activations [..., {K}]; got {a.dtype} of shape {a.shape}")
+    if norm is not None:
+        w, b, eps = norm
+        norm = (np.ascontiguousarray(w, np.float32).reshape(-1), np.ascontiguousarray(b, np.float32).reshape(-1),
+                float(eps))
+        if norm[0].size != O or norm[1].size != O or not norm[2] > 0:
+            raise InvalidInputError(f"norm needs {O} weights, {O} biases and eps > 0; got {norm[0].size}, "
+                                    f"{norm[1].size} and {norm[2]}")
     a = np.ascontiguousarray(a)
     lead = a.shape[:-1]
     T = int(np.prod(lead)) if lead else 1
     y = np.empty((*lead, O), np.float32)
     if T:
-        ffn_into(a.reshape(T, K), y.reshape(T, O), up, down, residual)
+        ffn_into(a.reshape(T, K), y.reshape(T, O), up, down, residual, norm)
     return y

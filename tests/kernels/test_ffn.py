@@ -37,6 +37,20 @@ def test_matches_dense_linear_gelu_linear(threads: int, formats: tuple[str, str]
     np.testing.assert_allclose(ffn(x, up, down, residual=True), ref + x, atol=2e-5 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("tokens", [1, 17, 64, 130])
+def test_layer_norm_epilogue_matches_torch(threads: int, tokens: int) -> None:
+    W1, b1, W2, b2, up, down = _pair("csr", "bcsr4x1")
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, 48)).astype(np.float32)
+    g = rng.standard_normal(48).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(_reference(x, W1, b1, W2, b2) + x).float(), (48,),
+                                         torch.from_numpy(g), torch.from_numpy(b), 1e-12).numpy()
+    np.testing.assert_allclose(ffn(x, up, down, residual=True, norm=(g, b, 1e-12)), ref, atol=2e-5 * np.abs(ref).max())
+    with pytest.raises(InvalidInputError, match="norm needs 48 weights"):
+        ffn(x, up, down, norm=(g[:5], b, 1e-5))
+
+
 def test_leading_dims_empty_weights_and_no_tokens() -> None:
     W1, b1, W2, b2, up, down = _pair("csr", "csr", sparsity=(1.0, 1.0))
     x = np.random.default_rng(3).standard_normal((2, 70, 48)).astype(np.float32)

@@ -7,7 +7,7 @@ from numba import njit
 
 import spdy.kernels as K
 from spdy.kernels import _spmm
-from spdy.kernels._simd import copy_n, deinterleave2, ld, transpose16, vbroadcast, vfma, vload, vstore, zero_n
+from spdy.kernels._simd import copy_n, deinterleave2, ld, transpose16, vbroadcast, vfma, vload, vrsqrt, vstore, zero_n
 from spdy.kernels._workspace import aligned_empty, scratch
 
 
@@ -31,6 +31,11 @@ def _copies(src, dst, d0, d1):
     deinterleave2(src, 1, d0, 2, d1, 0)
 
 
+@njit
+def _rsqrt16(x, out):
+    vstore(out, 0, vrsqrt(vload(x, 0)))
+
+
 def test_vector_ops() -> None:
     rng = np.random.default_rng(0)
     a, x = rng.standard_normal((2, 16)).astype(np.float32)
@@ -38,6 +43,9 @@ def test_vector_ops() -> None:
     last = _axpy16(a, np.float32(1.5), x, out)
     np.testing.assert_allclose(out, a + 1.5 * x, rtol=1e-6)
     assert last == out[15]
+    pos = np.abs(x) + np.float32(1e-3)
+    _rsqrt16(pos, out)
+    np.testing.assert_allclose(out, 1 / np.sqrt(pos.astype(np.float64)), rtol=1e-6)
 
 
 def test_transpose16_with_strides() -> None:
