@@ -65,6 +65,8 @@ LATENCY_MODEL_VERSION = 7
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
 FUSION_SPARSITIES = (0.8, 0.95)
+#: Times the samples of a model timing that the fused and unfused models get.
+FUSION_REPEATS = 4
 #: Fit models that :func:`validate` times again to measure how the machine's state moved since the
 #: profile, chosen to span the fit's models from the sparsest to the densest (:func:`spanning_probes`).
 STATE_PROBES = 4
@@ -263,7 +265,11 @@ def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Laye
     if not runners:
         log.warning("no level has a format that fuses for every paired layer; fused pairs are not counted")
         return 0.0, {"pairs": len(pairs), "saving_s": 0.0, "levels": []}
-    timings = backend.measure(runners, policy=backend.policy.for_models())
+    # the saving is a small difference of two model times: four times the samples of a model timing
+    policy = backend.policy.for_models()
+    timings = backend.measure(runners, policy=replace(policy, min_repeats=FUSION_REPEATS * policy.min_repeats,
+                                                      max_repeats=FUSION_REPEATS * policy.max_repeats,
+                                                      max_seconds=FUSION_REPEATS * policy.max_seconds))
     fused = [t.median_s for t in timings[0::2]]
     alone = [t.median_s for t in timings[1::2]]
     per = [(a - f) / len(pairs) for f, a in zip(fused, alone)]
