@@ -1,9 +1,9 @@
 """A transformer's feed-forward block on two sparse Linears chained in the kernels' tile layout.
 
 ``y = LayerNorm(gelu(x W1^T + b1) W2^T + b2 (+ x))``: the up projection, exact GELU, the down
-projection and (optionally) the residual and the LayerNorm after it, in one call. Each thread packs its token tiles of
-``x`` once, and the hidden activations stay in the [hidden, tokens] tile layout that the
-second kernel reads, in the thread's own caches: no transposition out of the first layer
+projection and (optionally) the residual and the LayerNorm after it, in one call. Each thread
+packs its token tiles of ``x`` once, and the hidden activations stay in the [hidden, tokens]
+tile layout that the second kernel reads, in the thread's own caches: no transposition out of the first layer
 and back into the second, no separate GELU, residual or LayerNorm pass, one dispatch instead
 of five operators (:func:`spdy.kernels._spmm.ffn_forward`).
 
@@ -56,7 +56,8 @@ def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedL
         x2.reshape(-1), T, K, M, O, a.ptr, a.n_panels, a.col, a.val, a.blocked, up.bias,
         b.ptr, b.n_panels, b.col, b.val, b.blocked, down.bias, residual, norm is not None,
         _NO_NORM if norm is None else norm[0], _NO_NORM if norm is None else norm[1],
-        np.float32(0.0 if norm is None else norm[2]), scratch(0, n * K * tile + 64), scratch(2, n * M * tile + 64), scratch(1, n * O * tile + 64), y2.reshape(-1), n,
+        np.float32(0.0 if norm is None else norm[2]),
+        scratch(0, n * K * tile + 64), scratch(2, n * M * tile + 64), scratch(1, n * O * tile + 64), y2.reshape(-1), n,
     )
 
 
