@@ -380,7 +380,8 @@ def fit_to_measured(
     * it re-measures too slow: the tighter proposal is taken if it measures faster and lands
       nearer the band, a shortfall under it weighing ``SHORTFALL_WEIGHT`` times an overshoot
       over it (a model 0.5% short is not traded for one 15% over: the proposal was sized
-      from the first, lower reading);
+      from the first, lower reading); if it is not taken, the next round tries halfway
+      between the two;
     * it re-measures too fast: a looser proposal is taken only if it measures at least
       ``FIT_BAND[0]`` x ``target`` (else the next round tries halfway between the two); a
       tighter one (made from a reading that was too slow) never.
@@ -398,8 +399,9 @@ def fit_to_measured(
     low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
     log_: list[dict[str, Any]] = []
     too_loose: dict[str, float] = {}  # per model: the loosest DP target that measured short
+    too_tight: dict[str, float] = {}  # per model: the tightest DP target that overshot, not taken
     for rnd in range(max(0, rounds)):
-        proposals = _fit_proposals(target, outs, dpt, too_loose, resolve, max_speedup, reference_ratio)
+        proposals = _fit_proposals(target, outs, dpt, too_loose, resolve, max_speedup, reference_ratio, too_tight)
         if not proposals:
             break
         sols: dict[str, Solution] = {}
@@ -424,6 +426,8 @@ def fit_to_measured(
                 outs[name] = old
                 if new_t < dpt[name] and cs > high:
                     too_loose[name] = new_t
+                if new_t > dpt[name] and cs < low and sp > high:
+                    too_tight[name] = new_t
     return outs, dpt, log_
 
 
@@ -440,9 +444,14 @@ def _remeasured(o: Outcome, got: Sequence[Any], percentile: float, keep: bool) -
 def _fit_proposals(
     target: float, outs: Mapping[str, Outcome], dpt: Mapping[str, float], too_loose: Mapping[str, float],
     resolve: Callable[[str, float], Outcome], max_speedup: float, reference_ratio: float = 1.0,
+    too_tight: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[float, Outcome]]:
     """One round's proposals of :func:`fit_to_measured`: ``{name: (new DP target, unmeasured outcome)}``
-    for each model measured outside the band whose re-solved levels differ from its current ones."""
+    for each model measured outside the band whose re-solved levels differ from its current ones.
+    ``too_loose`` / ``too_tight``: per model, the loosest DP target that measured short / the
+    tightest that overshot more than the current model fell short; a proposal beyond one of them
+    goes halfway to it instead."""
+    too_tight = too_tight or {}
     low, high = FIT_BAND[0] * target, FIT_BAND[1] * target
     floor = max(lowest_dp_target(target) / reference_ratio, MIN_DP_TARGET)
     proposals: dict[str, tuple[float, Outcome]] = {}
@@ -453,6 +462,8 @@ def _fit_proposals(
         new_t = min(max(dpt[name] * FIT_AIM * target / s, floor), max_speedup * (1 - 1e-3))  # DP buckets: not the edge itself
         if name in too_loose and new_t < dpt[name]:
             new_t = max(new_t, (dpt[name] + too_loose[name]) / 2)  # bisect towards the last one that measured short
+        if name in too_tight and new_t > dpt[name]:
+            new_t = min(new_t, (dpt[name] + too_tight[name]) / 2)  # bisect towards the last one that overshot
         if abs(new_t - dpt[name]) <= 1e-6 * dpt[name]:
             continue  # already at the edge of what the profile allows
         try:
