@@ -191,11 +191,11 @@ def _competitive_formats(ratios: dict[str, tuple[float, float]], race_ratio: flo
     return tuple(f for f, (r, _) in ratios.items() if f == DENSE or r <= race_ratio * best)
 
 
-def _anchor_entries(levels: Sequence[float]) -> list[int]:
+def _anchor_entries(levels: Sequence[float], sparsities: Sequence[float] = ANCHOR_SPARSITIES) -> list[int]:
     """The grid levels of the anchor's models: the unpruned model, and uniform ones near each of
-    :data:`ANCHOR_SPARSITIES` (distinct, above 0)."""
+    ``sparsities`` (distinct, above 0)."""
     out = [0]
-    for s in ANCHOR_SPARSITIES:
+    for s in sparsities:
         e = int(np.argmin([abs(float(x) - s) for x in levels]))
         if e > 0 and e not in out:
             out.append(e)
@@ -239,13 +239,13 @@ def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Laye
     fastest format, the pairs' layers in their fastest format that fuses) are timed end to end
     with the pairs fused and with each layer on its own, all interleaved: the saving is the
     difference over the number of pairs, averaged over the levels, and never below zero. It
-    holds the pair's own relayouts, the GELU and the residual add that the base runs on its own,
-    and the dispatches between them.
+    holds the pair's own relayouts, the GELU, the residual add and the LayerNorm that the base runs
+    on their own, and the dispatches between them.
     """
     if not pairs:
         return 0.0, {}
     group_of = {i: g for g in groups for i in g.members}
-    entries = sorted({int(np.argmin([abs(float(x) - s) for x in levels])) for s in FUSION_SPARSITIES} - {0})
+    entries = _anchor_entries(levels, FUSION_SPARSITIES)[1:]
     runners, used = [], []
     for e in entries:
         fm = _anchor_formats(groups, len(layers), e)
@@ -431,9 +431,8 @@ def profile_model(
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
     kept = _kept(layers, grid.levels, patterns)
-    fit.fused = (pairs, saving)
     terms = fit.terms(cands, base.median_s, kept,
-                      [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored])
+                      [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving)
     S = len(grid)
     credit = np.zeros(len(specs))
     for i, j in pairs:  # a format that fuses is worth its share of the pair's saving when formats are picked
@@ -475,7 +474,6 @@ class _FitRounds:
         self.chunks = np.array_split(np.arange(k), max(1, passes - 1)) if k > 0 else []
         self.formats: list[list[str]] = []  # [layer][level], fixed at the first round
         self.ratios: dict[int, list[float]] = {}
-        self.fused: tuple[Sequence[tuple[int, int]], float] = ((), 0.0)  # (pairs, saving per pair), before terms()
 
     def round(self, p: int) -> None:
         if self.vectors is None or p - 1 >= len(self.chunks):
@@ -502,13 +500,13 @@ class _FitRounds:
         return plan
 
     def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, kept: np.ndarray,
-              anchors: Sequence[tuple[int, Sequence[str], float]]) -> InModelTerms:
+              anchors: Sequence[tuple[int, Sequence[str], float]], pairs: Sequence[tuple[int, int]] = (),
+              saving: float = 0.0) -> InModelTerms:
         """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchors`` =
-        [(grid level, the formats, measured seconds)] of the models timed with the base."""
+        [(grid level, the formats, measured seconds)] of the models timed with the base; ``pairs``
+        the fused pairs, each saving ``saving`` seconds where both layers run a format that fuses."""
         if not self.ratios or self.vectors is None:
             return InModelTerms()
-
-        pairs, saving = self.fused
 
         def feats(levels: np.ndarray, fm: Sequence[str]) -> np.ndarray:
             t = [cands[li][int(lv)][f][0] for li, (lv, f) in enumerate(zip(levels, fm))]

@@ -613,7 +613,7 @@ def _fusable_ffn(layer: nn.Module, x: torch.Tensor) -> bool:
     up, down = layer.intermediate.dense, layer.output.dense
     act = layer.intermediate.intermediate_act_fn
     return (type(up) is SparseLinear and type(down) is SparseLinear and fusable(up.prepared, down.prepared)
-            and (type(act) is GELU or _exact_gelu(act)) and down.out_features == up.in_features
+            and _exact_gelu(act, spdy=True) and down.out_features == up.in_features
             and x.dtype is torch.float32 and x.is_contiguous() and not x.requires_grad and x.numel() > 0
             and x.shape[-1] == up.in_features)
 
@@ -627,8 +627,7 @@ def ffn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     for name, m in model.named_modules():
         if _bert_encoder(m, attention=False):
             for k, layer in enumerate(m.encoder.layer):
-                act = layer.intermediate.intermediate_act_fn
-                if type(act) is GELU or _exact_gelu(act):
+                if _exact_gelu(layer.intermediate.intermediate_act_fn, spdy=True):
                     pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
                     pairs.append((f"{pre}.intermediate.dense", f"{pre}.output.dense"))
     return pairs
@@ -716,7 +715,10 @@ class GELU(nn.Module):
         return nn.functional.gelu(x)
 
 
-def _exact_gelu(module: nn.Module) -> bool:
+def _exact_gelu(module: nn.Module, spdy: bool = False) -> bool:
+    """Whether ``module`` is torch's or transformers' exact GELU (or, with ``spdy``, spdy's :class:`GELU`)."""
+    if spdy and type(module) is GELU:
+        return True
     if type(module) is nn.GELU:
         return module.approximate == "none"
     try:

@@ -20,14 +20,15 @@ from spdy.errors import InvalidInputError
 from spdy.kernels import _spmm
 from spdy.kernels._workspace import scratch
 from spdy.kernels.linear import PreparedLinear
+from spdy.types import FUSED_FORMATS
 
 
 def fusable(up: PreparedLinear, down: PreparedLinear) -> bool:
-    """Whether ``up`` then ``down`` can run as one fused block: both in a multithreaded sparse
-    format (``csr``, ``bcsr1x4``, ``bcsr4x1``) and ``down`` reading what ``up`` writes."""
-    return (type(up) is PreparedLinear and type(down) is PreparedLinear and up.sparse is not None
-            and down.sparse is not None and not up.serial and not down.serial
-            and down.in_features == up.out_features)
+    """Whether ``up`` then ``down`` can run as one fused block: both in a format of
+    :data:`spdy.types.FUSED_FORMATS` (the multithreaded sparse ones) and ``down`` reading what
+    ``up`` writes."""
+    return (type(up) is PreparedLinear and type(down) is PreparedLinear and up.format in FUSED_FORMATS
+            and down.format in FUSED_FORMATS and down.in_features == up.out_features)
 
 
 def fused_threads(tokens: int, nthreads: int | None = None) -> int:
