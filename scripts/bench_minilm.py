@@ -8,7 +8,10 @@ default the fastest of torch eager, torch.compile and ONNX Runtime), and scored 
 
 * calibration loss (cosine distance to the dense embeddings, the 128 calibration docs);
 * Lee-50: Pearson / Spearman correlation of embedding cosine similarity with the
-  human document similarity ratings (gensim's lee.cor + similarities0-1.txt);
+  human document similarity ratings (gensim's lee.cor + similarities0-1.txt); the dense
+  model's own scores are the first row, and a pruned model can score above them;
+* Lee-50 agreement: Spearman correlation of the pruned model's 1,225 Lee-50 pair
+  similarities with the dense model's (1 = the dense model's ranking of document pairs kept);
 * held-out cosine: mean cosine similarity to the dense embeddings on the
   lee_background.cor documents not used for calibration (172 docs).
 
@@ -133,7 +136,8 @@ def _score_outcomes(res: Any, target: float, bundle: Any, db: Any, score: Any) -
         print(f"  {r['profile']:<8} measured {r['measured_speedup']:.2f}x over {r['reference']} ("
               + ", ".join(f"{rt} {r[f'vs_{rt}']:.2f}x" for rt in RUNTIMES_REPORTED if r.get(f"vs_{rt}")) + ")"
               + f"  loss {r['calibration_loss']:.5f}  "
-              f"lee50 {r['lee50_pearson']:.3f}/{r['lee50_spearman']:.3f}  held-out cos {r['heldout_cosine']:.4f}",
+              f"lee50 {r['lee50_pearson']:.3f}/{r['lee50_spearman']:.3f} (agreement {r['lee50_agreement']:.3f})  "
+              f"held-out cos {r['heldout_cosine']:.4f}",
               flush=True)
     return rows
 
@@ -144,8 +148,9 @@ RUNTIMES_REPORTED = ("torch", "onnxruntime", "dense_plan")
 
 def _markdown(rows: list[dict[str, Any]], infeasible: dict[float, str]) -> str:
     lines = ["| target | profile | measured speedup (over) | vs torch eager | vs ONNX Runtime | vs dense plan "
-             "| predicted (dense plan) | calibration loss | Lee-50 Pearson | Lee-50 Spearman | held-out cosine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| predicted (dense plan) | calibration loss | Lee-50 Pearson | Lee-50 Spearman | Lee-50 agreement "
+             "| held-out cosine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def x(v: Any) -> str:
         return f"{v:.2f}x" if v is not None else ""
@@ -155,9 +160,9 @@ def _markdown(rows: list[dict[str, Any]], infeasible: dict[float, str]) -> str:
         lines.append(f"| {r['target']:g}x | {r['profile']} | {x(r['measured_speedup'])}{over} "
                      + "".join(f"| {x(r.get(f'vs_{rt}'))} " for rt in RUNTIMES_REPORTED)
                      + f"| {r['predicted_speedup']:.2f}x | {r['calibration_loss']:.5f} | {r['lee50_pearson']:.4f} "
-                     f"| {r['lee50_spearman']:.4f} | {r['heldout_cosine']:.4f} |")
+                     f"| {r['lee50_spearman']:.4f} | {r['lee50_agreement']:.4f} | {r['heldout_cosine']:.4f} |")
     for t in infeasible:
-        lines.append(f"| {t:g}x | (all) | infeasible | | | | | | | | |")
+        lines.append(f"| {t:g}x | (all) | infeasible | | | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 For each ``OUT`` directory written by ``spdy search --model minilm``: the per-layer levels
 of SPDY's model and of both baselines from ``OUT/result.json``, stitched from the search's
 reconstruction database and scored on data the search never saw: the Lee-50 human
-similarity benchmark (Pearson and Spearman correlation) and the mean cosine similarity to
+similarity benchmark (Pearson and Spearman correlation with the human ratings, and the
+Spearman agreement of the model's pair similarities with the dense model's) and the mean cosine similarity to
 the dense model's embeddings on held-out documents. Prints a table next to each model's
 measured speedup and calibration loss; ``--json FILE`` writes it.
 
@@ -27,7 +28,7 @@ from spdy.database import Database  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
 from spdy.results import load_result  # noqa: E402
 
-METRICS = ("lee50_pearson", "lee50_spearman", "heldout_cosine")
+METRICS = ("lee50_pearson", "lee50_spearman", "lee50_agreement", "heldout_cosine")
 
 
 def models_of(result: dict[str, Any]) -> dict[str, tuple[dict[str, int], dict[str, Any]]]:

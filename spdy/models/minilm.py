@@ -142,21 +142,31 @@ def lee50_human_similarities() -> "np.ndarray":
 
 
 @torch.no_grad()
+def lee50_similarities(model: nn.Module, tok: Any, seq_len: int = 128) -> "np.ndarray":
+    """Cosine similarity of the model's embeddings for each of the 1,225 Lee-50 document pairs
+    (the upper triangle of the 50 x 50 matrix, row by row)."""
+    import numpy as np
+
+    docs = lee50_docs()
+    e = torch.nn.functional.normalize(embed(model, tok, docs, seq_len), dim=-1).numpy()
+    return (e @ e.T)[np.triu_indices(len(docs), k=1)]
+
+
+@torch.no_grad()
 def lee50_correlations(model: nn.Module, tok: Any, seq_len: int = 128) -> dict[str, float]:
     """Pearson and Spearman correlation of embedding cosine similarity with human ratings (1,225 pairs)."""
     import numpy as np
     from scipy import stats
 
-    docs = lee50_docs()
     human = lee50_human_similarities()
-    if human.shape != (len(docs), len(docs)):
-        raise ModelLoadError(f"Lee-50 ratings have shape {human.shape}; expected {(len(docs), len(docs))}")
-    e = torch.nn.functional.normalize(embed(model, tok, docs, seq_len), dim=-1).numpy()
-    sim = e @ e.T
-    iu = np.triu_indices(len(docs), k=1)
+    n = len(lee50_docs())
+    if human.shape != (n, n):
+        raise ModelLoadError(f"Lee-50 ratings have shape {human.shape}; expected {(n, n)}")
+    sim = lee50_similarities(model, tok, seq_len)
+    rated = human[np.triu_indices(n, k=1)]
     return {
-        "pearson": float(stats.pearsonr(sim[iu], human[iu])[0]),
-        "spearman": float(stats.spearmanr(sim[iu], human[iu])[0]),
+        "pearson": float(stats.pearsonr(sim, rated)[0]),
+        "spearman": float(stats.spearmanr(sim, rated)[0]),
     }
 
 

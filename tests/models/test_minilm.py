@@ -52,6 +52,23 @@ def test_lee50_benchmark_on_dense_model() -> None:
     assert minilm.heldout_cosine(model, model, tok, first=295) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_lee50_similarities_are_the_pairs_cosines() -> None:
+    """The 1,225 pair similarities, row by row over the upper triangle, against cosines of the
+    embeddings computed here pair by pair."""
+    import torch
+
+    model, tok = minilm.load_encoder()
+    sims = minilm.lee50_similarities(model, tok)
+    assert sims.shape == (50 * 49 // 2,)
+    docs = minilm.lee50_docs()
+    e = minilm.embed(model, tok, docs[:3])
+    cos = torch.nn.functional.cosine_similarity
+    # pairs (0, 1), (0, 2) open the first row; (1, 2) opens the second, after 49 pairs
+    assert sims[0] == pytest.approx(float(cos(e[0], e[1], dim=0)), abs=1e-4)
+    assert sims[1] == pytest.approx(float(cos(e[0], e[2], dim=0)), abs=1e-4)
+    assert sims[49] == pytest.approx(float(cos(e[1], e[2], dim=0)), abs=1e-4)
+
+
 def test_load_encoder_leaves_the_process_alone() -> None:
     """Loading reads the package's folder only and changes no environment variable or log level."""
     import logging
