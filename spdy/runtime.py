@@ -50,8 +50,6 @@ from spdy.kernels import attention as kattn  # noqa: E402
 from spdy.kernels import depthwise as kdw  # noqa: E402
 from spdy.kernels.activation import gelu  # noqa: E402
 from spdy.kernels.depthwise import Padding  # noqa: E402
-from spdy.kernels.epilogue import fusable as epilogue_fusable  # noqa: E402
-from spdy.kernels.epilogue import linear_norm_into  # noqa: E402
 from spdy.kernels.ffn import ffn_into, fusable  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
 
@@ -570,12 +568,11 @@ def _plain_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Te
 
 
 def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bias: Any,
-                fuse: bool = True, epilogue: bool = True) -> torch.Tensor:
+                fuse: bool = True) -> torch.Tensor:
     """One BERT layer, eval mode: self-attention, output projection, residual and LayerNorm, then
     the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers).
     ``fuse``: the feed-forward as one fused block where both projections are sparse
-    (:func:`_fusable_ffn`); ``epilogue``: the residual and LayerNorm in the attention output
-    projection's kernel where it is sparse (:func:`_fusable_attention_output`)."""
+    (:func:`_fusable_ffn`)."""
     B, T, _ = x.shape
     sa = layer.attention.self
     H, D = sa.num_attention_heads, sa.attention_head_size
@@ -587,16 +584,7 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
     else:
         a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
     ao = layer.attention.output
-    a = a.reshape(B, T, H * D)
-    norm = _fusable_attention_output(ao, a, x) if epilogue else None
-    if norm is not None:
-        y = torch.empty_like(x)
-        o = ao.dense.out_features
-        linear_norm_into(a.numpy().reshape(-1, H * D), x.numpy().reshape(-1, o), y.numpy().reshape(-1, o),
-                         ao.dense.prepared, norm)
-        x = y
-    else:
-        x = ao.LayerNorm(ao.dense(a) + x)
+    x = ao.LayerNorm(ao.dense(a.reshape(B, T, H * D)) + x)
     if fuse and _fusable_ffn(layer, x):
         up, down = layer.intermediate.dense.prepared, layer.output.dense.prepared
         y = torch.empty_like(x)
@@ -615,21 +603,6 @@ def _layer_norm(ln: nn.Module, width: int) -> tuple[Any, Any, float] | None:
             or ln.bias is None or ln.weight.dtype is not torch.float32 or ln.bias.dtype is not torch.float32):
         return None
     return ln.weight.detach().numpy(), ln.bias.detach().numpy(), float(ln.eps)
-
-
-def _fusable_attention_output(ao: nn.Module, a: torch.Tensor, x: torch.Tensor) -> tuple[Any, Any, float] | None:
-    """The LayerNorm's (weight, bias, eps) where the attention output projection can run with the
-    residual add and the LayerNorm in its epilogue (:func:`spdy.kernels.epilogue.linear_norm_into`)
-    on the attention's output ``a`` and the layer's input ``x``: the projection a sparse Linear in a
-    multithreaded sparse format, its LayerNorm a plain fp32 one over its output, both inputs
-    contiguous fp32 CPU tensors without grad of matching shapes; None otherwise."""
-    d = ao.dense
-    if not (type(d) is SparseLinear and epilogue_fusable(d.prepared) and a.dtype is torch.float32
-            and x.dtype is torch.float32 and a.is_contiguous() and x.is_contiguous() and not a.requires_grad
-            and not x.requires_grad and a.numel() > 0 and a.shape[-1] == d.in_features
-            and x.shape == (*a.shape[:-1], d.out_features)):
-        return None
-    return _layer_norm(ao.LayerNorm, d.out_features)
 
 
 def _fusable_ffn(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -664,23 +637,11 @@ def set_ffn_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the fused feed-forward of every switched encoder in ``model`` on or off (it is on by
     default); returns how many encoders it set. Off, each projection runs on its own, as a profile
     times it alone: the profiler measures the fused block's saving this way."""
-    return _set_encoders(model, "fuse_ffn", enabled)
-
-
-def set_epilogue_fusion(model: nn.Module, enabled: bool) -> int:
-    """Turn the attention output projections' residual-and-LayerNorm epilogue of every switched
-    encoder in ``model`` on or off (it is on by default); returns how many encoders it set. Off,
-    the projection, the add and the LayerNorm run one after another, as a profile times the
-    projection alone: the profiler measures the epilogue's saving this way."""
-    return _set_encoders(model, "fuse_epilogue", enabled)
-
-
-def _set_encoders(model: nn.Module, attr: str, enabled: bool) -> int:
     n = 0
     for _name, m in model.named_modules():
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, EncoderForward):
-            setattr(fwd, attr, bool(enabled))
+            fwd.fuse_ffn = bool(enabled)
             n += 1
     return n
 
@@ -695,16 +656,12 @@ class EncoderForward:
     machinery, six wrapper modules a layer), whose cost is serial Python on every pass. Where a
     layer's two feed-forward projections are both sparse, they run as one fused block with the
     GELU, the residual and the LayerNorm (:func:`spdy.kernels.ffn.ffn_into`) unless ``fuse_ffn`` is False
-    (:func:`set_ffn_fusion`); where an attention output projection is sparse, the residual and
-    the LayerNorm after it run in its kernel (:func:`spdy.kernels.epilogue.linear_norm_into`) unless
-    ``fuse_epilogue`` is False (:func:`set_epilogue_fusion`). Any other call runs the model's own
-    forward.
+    (:func:`set_ffn_fusion`). Any other call runs the model's own forward.
     """
 
-    def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_epilogue: bool = True) -> None:
+    def __init__(self, model: nn.Module, fuse_ffn: bool = True) -> None:
         self.model = model
         self.fuse_ffn = fuse_ffn
-        self.fuse_epilogue = fuse_epilogue
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.model
@@ -720,8 +677,7 @@ class EncoderForward:
         keep = None if mask is None else mask.bool()[:, None, None, :]
         bias = kattn.mask_bias(keep, B, T, T)  # None when nothing is masked
         for layer in m.encoder.layer:
-            # older pickles lack the switches
-            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True), getattr(self, "fuse_epilogue", True))
+            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True))  # older pickles lack it
         pooled = m.pooler(x) if getattr(m, "pooler", None) is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled)
 

@@ -706,34 +706,3 @@ def ffn_forward(x, T, K, M, O, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, co
             if norm:
                 _layernorm_tile(YP, ys, O, Lt, gamma, beta, eps)
             _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)
-
-
-@njit(parallel=True, **_JIT)
-def linear_norm_forward(x, T, K, O, ptr, n_panels, col, val, blocked, bias, r, gamma, beta, eps, XP, RP, YP, y,
-                        nthreads):
-    """Y = LayerNorm(X W^T + b + R): a sparse Linear with the residual add and the LayerNorm after it
-    in its epilogue (a transformer's attention output projection).
-
-    Each thread takes a contiguous run of token tiles and for each: packs the tile of X into its
-    [K, Lt] buffer, multiplies into its [O, Lt] buffer, packs the same tokens of R [T, O] into a
-    second [O, Lt] buffer and adds it, normalises each token over its O channels (``gamma``,
-    ``beta``, ``eps``) and writes the tile out to y [T, O]: one dispatch and one pass over the
-    output instead of the Linear, the add and the LayerNorm one after another. ``XP``/``RP``/``YP``:
-    64-byte aligned scratch of ``nthreads * TILE`` times K / O / O floats. Needs at least as many
-    tiles as threads to use them all (a thread without a tile idles).
-    """
-    n_tiles = (T + TILE - 1) // TILE
-    for c in prange(nthreads):
-        lo = n_tiles * c // nthreads
-        hi = n_tiles * (c + 1) // nthreads
-        xs = c * K * TILE
-        ys = c * O * TILE
-        for tile in range(lo, hi):
-            t0 = tile * TILE
-            Lt = tile_width(T, t0)
-            _pack_tile(x, T, K, XP, xs, t0, Lt)
-            _tile_rows(col, val, ptr, n_panels, O, 0, O, Lt, XP, xs, YP, ys, bias, Lt, blocked)
-            _pack_tile(r, T, O, RP, ys, t0, Lt)
-            _add_tile(YP, ys, RP, ys, O * Lt)
-            _layernorm_tile(YP, ys, O, Lt, gamma, beta, eps)
-            _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)
