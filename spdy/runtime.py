@@ -572,46 +572,59 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
     """One BERT layer, eval mode: self-attention, output projection, residual and LayerNorm, then
     the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers).
     ``fuse``: the feed-forward as one fused block where both projections are sparse
-    (:func:`_fusable_ffn`)."""
+    (:func:`_fusable_ffn`). Submodules are read with :func:`_children`: this is serial Python on
+    every pass, which a second thread does not shorten."""
     B, T, _ = x.shape
-    sa = layer.attention.self
+    att, inter, out = _children(layer, "attention", "intermediate", "output")
+    sa, ao = _children(att, "self", "output")
+    query, key, value = _children(sa, "query", "key", "value")
     H, D = sa.num_attention_heads, sa.attention_head_size
-    q = sa.query(x).view(B, T, H, D).transpose(1, 2)
-    k = sa.key(x).view(B, T, H, D).transpose(1, 2)
-    v = sa.value(x).view(B, T, H, D).transpose(1, 2)
+    q = query(x).view(B, T, H, D).transpose(1, 2)
+    k = key(x).view(B, T, H, D).transpose(1, 2)
+    v = value(x).view(B, T, H, D).transpose(1, 2)
     if kattn.unsupported(q, k, v, keep) is None:
         a = kattn.attention_unchecked(q, k, v, bias, float(sa.scaling))
     else:
         a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
-    ao = layer.attention.output
-    x = ao.LayerNorm(ao.dense(a.reshape(B, T, H * D)) + x)
-    if fuse and _fusable_ffn(layer, x):
-        up, down = layer.intermediate.dense.prepared, layer.output.dense.prepared
+    dense, norm_a = _children(ao, "dense", "LayerNorm")
+    x = norm_a(dense(a.reshape(B, T, H * D)) + x)
+    up, act = _children(inter, "dense", "intermediate_act_fn")
+    down, ln = _children(out, "dense", "LayerNorm")
+    if fuse and _fusable_ffn(up, act, down, x):
+        p_up, p_down = up.prepared, down.prepared
         y = torch.empty_like(x)
-        ln = layer.output.LayerNorm
-        norm = _layer_norm(ln, down.out_features)
-        ffn_into(x.numpy().reshape(-1, up.in_features), y.numpy().reshape(-1, down.out_features), up, down, True, norm)
+        norm = _layer_norm(ln, p_down.out_features)
+        ffn_into(x.numpy().reshape(-1, p_up.in_features), y.numpy().reshape(-1, p_down.out_features), p_up, p_down,
+                 True, norm)
         return y if norm is not None else ln(y)
-    h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-    return layer.output.LayerNorm(layer.output.dense(h) + x)
+    return ln(down(act(up(x))) + x)
+
+
+def _children(m: nn.Module, *names: str) -> tuple[Any, ...]:
+    """``m``'s attributes ``names``: submodules straight from its ``_modules`` dict (``getattr`` for
+    anything else). ``nn.Module.__getattr__`` costs about a microsecond a hop on these machines, and
+    a BERT layer's forward takes some twenty."""
+    d = m._modules
+    return tuple(d[n] if n in d else getattr(m, n) for n in names)
 
 
 def _layer_norm(ln: nn.Module, width: int) -> tuple[Any, Any, float] | None:
     """(weight, bias, eps) of a LayerNorm over the last ``width`` features with fp32 weight and
     bias, as the fused block's epilogue takes them; None for any other module."""
-    if (type(ln) is not nn.LayerNorm or tuple(ln.normalized_shape) != (width,) or ln.weight is None
-            or ln.bias is None or ln.weight.dtype is not torch.float32 or ln.bias.dtype is not torch.float32):
+    if type(ln) is not nn.LayerNorm or tuple(ln.normalized_shape) != (width,):
         return None
-    return ln.weight.detach().numpy(), ln.bias.detach().numpy(), float(ln.eps)
+    p = ln._parameters
+    w, b = p.get("weight"), p.get("bias")
+    if w is None or b is None or w.dtype is not torch.float32 or b.dtype is not torch.float32:
+        return None
+    return w.detach().numpy(), b.detach().numpy(), float(ln.eps)
 
 
-def _fusable_ffn(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the layer's feed-forward (up projection, exact GELU, down projection, residual) can
-    run as one fused block (:func:`spdy.kernels.ffn.ffn_into`) on ``x``: both projections sparse
+def _fusable_ffn(up: nn.Module, act: Any, down: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a feed-forward (``up`` projection, activation ``act``, ``down`` projection, residual)
+    can run as one fused block (:func:`spdy.kernels.ffn.ffn_into`) on ``x``: both projections sparse
     Linears in a multithreaded sparse format, the activation the exact GELU, ``x`` a contiguous
     fp32 CPU tensor without grad, and the block's output as wide as its input."""
-    up, down = layer.intermediate.dense, layer.output.dense
-    act = layer.intermediate.intermediate_act_fn
     return (type(up) is SparseLinear and type(down) is SparseLinear and fusable(up.prepared, down.prepared)
             and _exact_gelu(act, spdy=True) and down.out_features == up.in_features
             and x.dtype is torch.float32 and x.is_contiguous() and not x.requires_grad and x.numel() > 0

@@ -487,3 +487,13 @@ def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(t
     torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
     torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
     assert kffn.fusable(model.encoder.layer[0].intermediate.dense.prepared, model.encoder.layer[0].output.dense.prepared)
+
+
+def test_children_reads_submodules_and_plain_attributes() -> None:
+    m = nn.Sequential()
+    m.add_module("dense", nn.Linear(2, 2))
+    m.act = torch.tanh  # a function, not a module: read with getattr
+    dense, act = runtime._children(m, "dense", "act")
+    assert dense is m[0] and act is torch.tanh
+    with pytest.raises(AttributeError):
+        runtime._children(m, "missing")

@@ -110,6 +110,11 @@ def test_what_the_kernel_cannot_run_is_named() -> None:
     assert "dropout" in unsupported(q, k, v, dropout=0.1)
     assert "per head" in unsupported(q, k, v, torch.ones(1, 2, 4, 4, dtype=torch.bool))
     assert "broadcast" in unsupported(q, k, v, torch.ones(1, 1, 3, 4, dtype=torch.bool))
+    # a mask for more sequences than the batch holds does not expand to it
+    assert "broadcast" in unsupported(q, k, v, torch.ones(2, 1, 1, 4, dtype=torch.bool))
+    q2, k2, v2 = _qkv(2, 2, 4, 4, 32)
+    for shape in ((4,), (1, 4), (2, 1, 1, 4), (1, 1, 4, 4), (2, 1, 4, 4)):
+        assert unsupported(q2, k2, v2, torch.ones(shape, dtype=torch.bool)) is None, shape
     with torch.enable_grad():
         assert "grad" in unsupported(q.requires_grad_(), k, v)
     with pytest.raises(InvalidInputError, match="head_dim 16.*scaled_dot_product_attention"):
