@@ -1,0 +1,128 @@
+"""The encoder's per-layer forward of this tree against another revision's, side by side in one process.
+
+For each search result given (``--result LABEL=OUT``, the ``-o`` folder of ``spdy search``), the
+model is deployed as a user deploys it (``spdy.apply(..., sparse=True)``). The Python functions
+that run a BERT layer in :class:`spdy.runtime.EncoderForward` (``_bert_layer`` and its helpers, and
+``spdy.kernels.attention.unsupported``) are also loaded from ``--against`` (a git revision) and the
+two versions run the same model in rounds that alternate which goes first (20 passes each after 3
+warm-up passes). Prints, per model and thread count, the median per-round ratio this tree /
+``--against`` with its quartiles; the outputs of both must be identical. ``--json`` writes them with
+the hardware fingerprint.
+
+    python scripts/bench_layer_forward.py --result 3x=out/3x --result 2x=out/2x --against HEAD~1 --rounds 21
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import spdy.kernels as K  # noqa: F401  - before torch: one OpenMP runtime
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
+
+import spdy  # noqa: E402
+from spdy import runtime  # noqa: E402
+from spdy.hardware import fingerprint  # noqa: E402
+from spdy.kernels import attention as kattn  # noqa: E402
+from spdy.models.minilm import load_encoder, load_minilm  # noqa: E402
+
+#: the functions of the layer forward, by file
+FUNCTIONS = {"spdy/runtime.py": ("_bert_layer", "_layer_norm", "_fusable_ffn", "_children"),
+             "spdy/kernels/attention.py": ("unsupported",)}
+
+
+def _source(rev: str, path: str) -> str:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def _function(src: str, name: str) -> str | None:
+    i = src.find(f"\ndef {name}(")
+    if i < 0:
+        return None
+    j = src.find("\ndef ", i + 5)
+    k = src.find("\nclass ", i + 5)
+    ends = [e for e in (j, k) if e > 0]
+    return src[i:min(ends) if ends else len(src)]
+
+
+def load_version(rev: str) -> tuple[Any, Any]:
+    """(``_bert_layer``, ``unsupported``) as of ``rev``, bound to their own helpers of that revision."""
+    got = {}
+    for path, names in FUNCTIONS.items():
+        src = _source(rev, path)
+        ns = dict((runtime if path.endswith("runtime.py") else kattn).__dict__)
+        for name in names:
+            code = _function(src, name)
+            if code is not None:
+                exec(code, ns)  # noqa: S102 - the project's own source at another revision
+        got[path] = ns
+    return got["spdy/runtime.py"]["_bert_layer"], got["spdy/kernels/attention.py"]["unsupported"]
+
+
+def compare(model: Any, example: Any, arms: dict[str, tuple[Any, Any]], threads: int, rounds: int) -> dict[str, Any]:
+    K.set_num_threads(threads)
+    ratios, times = [], {n: [] for n in arms}
+    with torch.inference_mode():
+        outs = {}
+        for name, (layer, uns) in arms.items():
+            runtime._bert_layer, kattn.unsupported = layer, uns
+            outs[name] = model(**example).last_hidden_state
+        if not torch.equal(outs["this"], outs["against"]):
+            raise SystemExit("the two versions' outputs differ")
+        for r in range(rounds):
+            t = {}
+            for name in (("against", "this") if r % 2 else ("this", "against")):
+                runtime._bert_layer, kattn.unsupported = arms[name]
+                for _ in range(3):
+                    model(**example)
+                s = time.perf_counter()
+                for _ in range(20):
+                    model(**example)
+                t[name] = (time.perf_counter() - s) / 20
+                times[name].append(t[name])
+            ratios.append(t["this"] / t["against"])
+    q = statistics.quantiles(ratios, n=4)
+    return {"threads": threads, "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]],
+            "ms": {n: statistics.median(v) * 1e3 for n, v in times.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--result", action="append", required=True, metavar="LABEL=OUT")
+    ap.add_argument("--against", default="HEAD~1", help="git revision to compare with")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    this = (runtime._bert_layer, kattn.unsupported)
+    arms = {"this": this, "against": load_version(args.against)}
+    example = load_minilm(n_calibration=8).example
+    rows = []
+    try:
+        for item in args.result:
+            label, _, out = item.partition("=")
+            model = spdy.apply(load_encoder()[0], out, sparse=True, threads=max(args.threads))
+            for th in args.threads:
+                r = {"model": label, **compare(model, example, arms, th, args.rounds)}
+                rows.append(r)
+                print(f"{label:>6} {th} threads: this / {args.against} {r['ratio_median']:.4f} (quartiles "
+                      f"{r['ratio_quartiles'][0]:.4f}-{r['ratio_quartiles'][1]:.4f}); {r['ms']['this']:.2f} ms vs "
+                      f"{r['ms']['against']:.2f} ms (medians)", flush=True)
+    finally:
+        runtime._bert_layer, kattn.unsupported = this
+    write_json(args.json, {"fingerprint": fingerprint(), "against": args.against, "rounds": args.rounds, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
