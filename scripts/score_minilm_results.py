@@ -4,8 +4,8 @@ For each ``OUT`` directory written by ``spdy search --model minilm``: the per-la
 of SPDY's model and of both baselines from ``OUT/result.json``, stitched from the search's
 reconstruction database and scored on data the search never saw: the Lee-50 human
 similarity benchmark (Pearson and Spearman correlation with the human ratings, and the
-Spearman agreement of the model's pair similarities with the dense model's) and the mean cosine similarity to
-the dense model's embeddings on held-out documents. Prints a table next to each model's
+Spearman agreement of the model's pair similarities with the dense model's) and the mean
+cosine similarity to the dense model's embeddings on held-out documents. Prints a table next to each model's
 measured speedup and calibration loss; ``--json FILE`` writes it.
 
     python scripts/score_minilm_results.py out/s0 out/s1 out/s2 --json scores.json
