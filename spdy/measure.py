@@ -626,8 +626,12 @@ def measure_and_fit(
     the latency check; default the dense plan), whose time ratio to the dense plan converts
     the fit's targets into the DP's terms. SPDY's answer for a new budget comes from ``searcher``
     (:meth:`spdy.sensitivity.Search.refine`); without one (``only_baseline``), ``best`` is that
-    baseline and re-solves by its rule. A model measured below ``SPEEDUP_TOLERANCE`` x ``target``
-    is explained in a warning.
+    baseline and re-solves by its rule. With ``--reference fastest``, when another dense runtime
+    ran the dense model clearly faster than the reference in the fit's rounds
+    (:func:`faster_reference`), the target is held to it from there: SPDY's answer and the
+    baselines are read over it and the fit runs once more (its records carry ``"reference"``),
+    and the returned :attr:`Measured.reference` is that runtime. A model measured below
+    ``SPEEDUP_TOLERANCE`` x ``target`` is explained in a warning.
     """
     prof, table = prepared.profile, prepared.table
     ref = reference or Reference.unmeasured(FASTEST)
@@ -648,16 +652,33 @@ def measure_and_fit(
     base_out = {n: measured(o, n) if isinstance(o, Outcome) else o for n, o in baselines.items()}
     stage["measure"] = time.perf_counter() - t0
     fit_log: list[dict[str, Any]] = []
+    switch_notes: tuple[str, ...] = ()
     if settings.fit_rounds > 0:
         t0 = time.perf_counter()
         refine = (lambda t: searcher.refine(t, evals=settings.fit_evals)[1:]) if searcher is not None else None
-        best, base_out, fit_log = _fit(prepared, objective, target, best, base_out, dp_target, settings, refine,
-                                       only_baseline, eval_threads, runtimes, ref)
+        best, base_out, fit_log, dp_final = _fit(prepared, objective, target, best, base_out, dp_target, settings,
+                                                 refine, only_baseline, eval_threads, runtimes, ref)
+        switched = faster_reference(best, ref)
+        if switched is not None:
+            # the fastest runtime at the latency check was not the fastest over the run: hold the
+            # target to the one that was, and fit again against it
+            msg = (f"{switched.label} ran the dense model faster than {ref.label} in this run's end-to-end rounds "
+                   f"(the pruned model {best.runtime_speedups[switched.runtime]:.2f}x over it, "
+                   f"{best.measured_speedup:.2f}x over {ref.label}): the target is held to {switched.label} from here")
+            log.warning(msg)
+            switch_notes += (msg,)
+            ref = switched
+            best = over_runtime(best, ref.runtime, settings.percentile)
+            base_out = {n: over_runtime(o, ref.runtime, settings.percentile) if isinstance(o, Outcome) else o
+                        for n, o in base_out.items()}
+            best, base_out, more, dp_final = _fit(prepared, objective, target, best, base_out, dp_final, settings,
+                                                  refine, only_baseline, eval_threads, runtimes, ref)
+            fit_log += [{**rec, "reference": ref.runtime} for rec in more]
         if fit_log:
             stage["fit"] = time.perf_counter() - t0
     if progress:
         progress("measure", 1, 1, f"{best.measured_speedup:.2f}x")
-    warnings: tuple[str, ...] = ref.warnings()
+    warnings: tuple[str, ...] = ref.warnings() + switch_notes
     if best.measured_speedup is not None and best.measured_speedup < SPEEDUP_TOLERANCE * target:
         msg = _explain_shortfall(target, best, best.dense_time_s, prof, drift, ref)
         warnings += (msg,)
@@ -675,8 +696,9 @@ def _fit(
     base_out: dict[str, Outcome | str], dp_target: float, settings: MeasureConfig,
     refine: Callable[[float], tuple[Solution, float]] | None, only_baseline: str | None, eval_threads: int | None,
     runtimes: DenseRuntimes | None = None, reference: Reference | None = None,
-) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]]]:
-    """:func:`fit_to_measured` on the search's answer, then the baselines at its final DP target.
+) -> tuple[Outcome, dict[str, Outcome | str], list[dict[str, Any]], float]:
+    """:func:`fit_to_measured` on the search's answer, then the baselines at its final DP target
+    (returned last).
 
     SPDY's answer for a new budget comes from ``refine`` (:meth:`spdy.sensitivity.Search.refine`:
     the search's best coefficients re-evaluated and locally searched at that budget). When the
@@ -717,7 +739,7 @@ def _fit(
     fit_log += matched
     for rec in fit_log:
         rec["loss_evaluation_budget"] = settings.fit_evals if rec["method"] == "spdy" and refine is not None else 1
-    return best, base_out, fit_log
+    return best, base_out, fit_log, dpt["__best__"]
 
 
 def _match_baselines(
@@ -774,11 +796,43 @@ def _match_baselines(
     return out, best, records
 
 
+def faster_reference(outcome: Outcome, reference: Reference) -> Reference | None:
+    """With ``--reference fastest``: the dense runtime that, over the run's end-to-end rounds of
+    ``outcome``, ran the dense model clearly faster than ``reference`` (the pruned model's speedup
+    over it below :data:`FASTER_RUNTIME_MARGIN` x the one over the reference), as the reference
+    to hold the target to: its time ratio to the dense plan is the median of the rounds' ratios
+    (each round's speedup over the runtime over the one over the dense plan). None when the
+    reference stands, was named by the user, or nothing else was measured."""
+    if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
+        return None
+    samples = outcome.runtime_samples
+    others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
+    if not others or DENSE_PLAN not in samples:
+        return None
+    rt = min(others, key=lambda k: others[k])
+    if others[rt] >= FASTER_RUNTIME_MARGIN * outcome.measured_speedup:
+        return None
+    over_rt, over_plan = np.asarray(samples[rt], dtype=np.float64), np.asarray(samples[DENSE_PLAN], dtype=np.float64)
+    ratio = (float(np.median(over_rt / over_plan)) if len(over_rt) == len(over_plan)
+             else float(np.median(over_rt) / np.median(over_plan)))
+    return dataclasses.replace(reference, runtime=rt, ratio=ratio, ratios={**reference.ratios, rt: ratio})
+
+
+def over_runtime(outcome: Outcome, runtime: str, percentile: float) -> Outcome:
+    """``outcome`` with its speedups read over ``runtime`` (from its per-runtime pools) instead of
+    the reference it was measured against."""
+    pool = tuple(outcome.runtime_samples.get(runtime, ()))
+    if not pool:
+        return outcome
+    return dataclasses.replace(outcome, speedup_samples=pool, measured_speedup=float(np.percentile(pool, percentile)))
+
+
 def faster_runtime_warning(target: float, outcome: Outcome, reference: Reference) -> str | None:
     """With ``--reference fastest``: a line when, over the run's end-to-end rounds, another dense
-    runtime ran the dense model clearly faster than the reference (the fastest at the latency
-    check, which the target and the fit are held to), so the pruned model's speedup over it is
-    lower; None otherwise."""
+    runtime ran the dense model clearly faster than the reference (the runtime the target and
+    the fit were held to in the end: the fastest at the latency check, or the one
+    :func:`measure_and_fit` switched to), so the pruned model's speedup over it is lower; None
+    otherwise."""
     if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
         return None
     others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
@@ -794,7 +848,7 @@ def faster_runtime_warning(target: float, outcome: Outcome, reference: Reference
              if low < SPEEDUP_TOLERANCE * target else "")
     return (f"{LABELS[rt]} ran the dense model faster than {reference.label} in this run's end-to-end rounds: the "
             f"pruned model measured {low:.2f}x over {LABELS[rt]}{spread}{short}, against {held:.2f}x over "
-            f"{reference.label}, the fastest at the latency check and the runtime the target was held to. Which dense "
+            f"{reference.label}, the runtime the target was held to. Which dense "
             f"runtime is fastest changes with the machine's state; to hold the target to {LABELS[rt]}, search again "
             f"with --reference {rt}.")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from spdy.errors import InvalidInputError
-from spdy.measure import FIT_BAND, MeasureConfig, Rounds, faster_runtime_warning, fit_to_measured, pooled
+from spdy.measure import (FIT_BAND, MeasureConfig, Rounds, faster_reference, faster_runtime_warning, fit_to_measured,
+                          over_runtime, pooled)
 from spdy.reference import Reference
 from spdy.results import Outcome
 from spdy.types import Solution
@@ -192,3 +193,63 @@ def test_a_baseline_short_of_spdys_final_target_is_matched_at_the_most_it_reache
     # a baseline whose most is no nearer than its old target keeps it
     out, _, records = _match_baselines(best, 2.6, 2.55, {"uniform": old}, resolve, measure, 50.0)
     assert records == [] and out["uniform"] is old
+
+
+def _switch_case():
+    """The latency check found torch.compile fastest; the rounds after the search found ONNX Runtime faster."""
+    ref = Reference("fastest", "torch_compile", 1.28, ratios={"torch_compile": 1.28, "onnxruntime": 1.34})
+    by_rt = {"torch_compile": [1.48, 1.49, 1.54], "onnxruntime": [1.30, 1.32, 1.33], "dense_plan": [1.10, 1.10, 1.11]}
+    return ref, pooled(_outcome(), 0.015, by_rt["torch_compile"], 0.017, 50.0, keep=False, by_runtime=by_rt)
+
+
+def test_the_faster_runtime_becomes_the_reference_with_its_ratio_from_the_rounds():
+    ref, o = _switch_case()
+    new = faster_reference(o, ref)
+    assert new is not None and new.runtime == "onnxruntime" and new.asked == "fastest"
+    # ONNX Runtime's time over the dense plan's, round by round: speedup over it / speedup over the plan
+    assert new.ratio == pytest.approx(np.median([1.30 / 1.10, 1.32 / 1.10, 1.33 / 1.11]))
+    assert new.ratios["onnxruntime"] == new.ratio and new.label == "ONNX Runtime"
+    moved = over_runtime(o, "onnxruntime", 50.0)
+    assert moved.speedup_samples == (1.30, 1.32, 1.33) and moved.measured_speedup == pytest.approx(1.32)
+    assert over_runtime(o, "torch", 50.0) is o  # not measured: unchanged
+    # within the margin, a reference the user named, or nothing else measured: it stands
+    assert faster_reference(o, dataclasses.replace(ref, asked="torch_compile")) is None
+    close = dict(o.runtime_samples, onnxruntime=(1.45, 1.47, 1.50))
+    assert faster_reference(pooled(o, 0.015, [1.48, 1.49, 1.54], 0.017, 50.0, keep=False, by_runtime=close), ref) is None
+    alone = pooled(_outcome(), 0.015, [1.5], 0.017, 50.0, keep=False, by_runtime={"torch_compile": [1.5]})
+    assert faster_reference(alone, ref) is None
+
+
+def test_measure_and_fit_holds_the_target_to_the_faster_runtime_and_fits_again(monkeypatch):
+    """The glue: after the first fit, a faster runtime found in the rounds becomes the reference,
+    SPDY's answer and the baselines are read over it, and the fit runs again from the DP target the
+    first one ended at; the result carries the new reference and says why."""
+    import types
+
+    import spdy.measure as m
+
+    ref, first = _switch_case()
+    rounds = Rounds(np.array([0.017] * 3), {"__best__": np.array([0.0115] * 3)}, np.array([0.003] * 3),
+                    {"torch_compile": np.array([0.0172] * 3), "onnxruntime": np.array([0.0152] * 3)}, "torch_compile")
+    monkeypatch.setattr(m, "measure_rounds", lambda *a, **k: rounds)
+    calls = []
+    final = dataclasses.replace(over_runtime(first, "onnxruntime", 50.0), measured_speedup=1.51)
+
+    def fake_fit(prepared, objective, target, best, base_out, dp_target, settings, refine, only, threads, runtimes,
+                 reference):
+        calls.append((reference.runtime, dp_target, best.measured_speedup))
+        if len(calls) == 1:
+            return first, base_out, [{"method": "spdy", "round": 1}], 1.22
+        return final, base_out, [{"method": "spdy", "round": 1}], 1.31
+
+    monkeypatch.setattr(m, "_fit", fake_fit)
+    prepared = types.SimpleNamespace(profile=None, table=types.SimpleNamespace(base_s=0.003), bundle=None,
+                                     backend=None, database=None)
+    got = m.measure_and_fit(prepared, None, 1.5, 1.17, _outcome(), {}, MeasureConfig(), searcher=None,
+                            only_baseline=None, eval_threads=None, progress=None, reference=ref, runtimes=None)
+    assert calls[0][:2] == ("torch_compile", 1.17)
+    # the second fit: over ONNX Runtime, from the first fit's final DP target, SPDY's answer read over it
+    assert calls[1] == ("onnxruntime", 1.22, pytest.approx(1.32))
+    assert got.reference.runtime == "onnxruntime" and got.best.measured_speedup == 1.51
+    assert any("the target is held to ONNX Runtime" in w for w in got.warnings)
+    assert got.fit[-1]["reference"] == "onnxruntime" and "reference" not in got.fit[0]

@@ -232,17 +232,18 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     print(f"(measured: the {label} of every round this model was timed in, over {ref.label if ref else 'the dense plan'}; "
           "vs each dense runtime the same, p10-p90 in brackets; *predicted: the latency model's, over the dense plan)")
     for f in res.fit:
+        over = f" [over {LABELS[f['reference']]}, after the switch]" if f.get("reference") in LABELS else ""
         if f.get("matched"):
             same = f.get("spdy_measured_same_rounds")
             spdy_t = f.get("spdy_dp_target", f["dp_target"])
             short = "" if abs(spdy_t - f["dp_target"]) <= 1e-9 * spdy_t else f" (SPDY's: {spdy_t:.3f}, out of its reach)"
             print(f"{f['method']}: solved for DP target {f['dp_target']:.3f}{short} (was {f['from_dp_target']:.3f}) "
                   f"and measured side by side with SPDY's model: {f['measured']:.2f}x, loss {f['calibration_loss']:.5g}"
-                  + (f" (SPDY in the same rounds: {same:.2f}x)" if same is not None else ""))
+                  + (f" (SPDY in the same rounds: {same:.2f}x)" if same is not None else "") + over)
             continue
         print(f"fit {f['method']}: measured {f['from_measured']:.2f}x (again: {f['remeasured']:.2f}x) -> DP target "
               f"{f['from_dp_target']:.3f} -> {f['dp_target']:.3f}: measured {f['measured']:.2f}x, loss "
-              f"{f['calibration_loss']:.5g}, " + ("taken" if f["accepted"] else "not taken") + f" ({f['why']})")
+              f"{f['calibration_loss']:.5g}, " + ("taken" if f["accepted"] else "not taken") + f" ({f['why']})" + over)
     _print_patterns(res)
     if res.dense_runtime_s:
         print("dense model measured: " + ", ".join(f"{LABELS[rt]} {t * 1e3:.2f} ms" for rt, t in res.dense_runtime_s.items())
