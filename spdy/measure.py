@@ -796,6 +796,19 @@ def _match_baselines(
     return out, best, records
 
 
+def _clearly_faster(outcome: Outcome, reference: Reference) -> str | None:
+    """With ``--reference fastest``: the dense runtime over which ``outcome``'s pruned model measured
+    the lowest speedup in the run's rounds, if that is below :data:`FASTER_RUNTIME_MARGIN` x its
+    speedup over ``reference`` (that runtime ran the dense model clearly faster); else None."""
+    if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
+        return None
+    others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
+    if not others:
+        return None
+    rt = min(others, key=lambda k: others[k])
+    return rt if others[rt] < FASTER_RUNTIME_MARGIN * outcome.measured_speedup else None
+
+
 def faster_reference(outcome: Outcome, reference: Reference) -> Reference | None:
     """With ``--reference fastest``: the dense runtime that, over the run's end-to-end rounds of
     ``outcome``, ran the dense model clearly faster than ``reference`` (the pruned model's speedup
@@ -803,14 +816,9 @@ def faster_reference(outcome: Outcome, reference: Reference) -> Reference | None
     to hold the target to: its time ratio to the dense plan is the median of the rounds' ratios
     (each round's speedup over the runtime over the one over the dense plan). None when the
     reference stands, was named by the user, or nothing else was measured."""
-    if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
-        return None
+    rt = _clearly_faster(outcome, reference)
     samples = outcome.runtime_samples
-    others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
-    if not others or DENSE_PLAN not in samples:
-        return None
-    rt = min(others, key=lambda k: others[k])
-    if others[rt] >= FASTER_RUNTIME_MARGIN * outcome.measured_speedup:
+    if rt is None or DENSE_PLAN not in samples:
         return None
     over_rt, over_plan = np.asarray(samples[rt], dtype=np.float64), np.asarray(samples[DENSE_PLAN], dtype=np.float64)
     ratio = (float(np.median(over_rt / over_plan)) if len(over_rt) == len(over_plan)
@@ -833,15 +841,10 @@ def faster_runtime_warning(target: float, outcome: Outcome, reference: Reference
     the fit were held to in the end: the fastest at the latency check, or the one
     :func:`measure_and_fit` switched to), so the pruned model's speedup over it is lower; None
     otherwise."""
-    if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
+    rt = _clearly_faster(outcome, reference)
+    if rt is None:
         return None
-    others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
-    if not others:
-        return None
-    rt = min(others, key=lambda k: others[k])
-    low, held = others[rt], outcome.measured_speedup
-    if low >= FASTER_RUNTIME_MARGIN * held:
-        return None
+    low, held = outcome.runtime_speedups[rt], outcome.measured_speedup
     band = outcome.speedup_summary(rt)
     spread = f" (p10-p90 {band['p10']:.2f}-{band['p90']:.2f}x over {band['rounds']} rounds)" if band else ""
     short = (f", below {SPEEDUP_TOLERANCE:.0%} of the {target:g}x target"
