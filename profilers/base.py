@@ -84,7 +84,11 @@ class TimingPolicy:
     samples for a whole model. With ``lockstep`` every runner takes samples until all of them are
     done, so that their medians come from the same rounds (a runner that stopped early would be
     compared with the others' samples from a later minute, and on these machines the minutes
-    differ); :meth:`for_models` sets it.
+    differ); :meth:`for_models` sets it. With ``shuffle`` each round visits the runners in a new
+    random order (seeded, so a run repeats): whole models timed one call per turn feel the caches
+    their predecessor left (after torch eager's dense MiniLM the next model ran 2-3% slower than
+    after one of spdy's), and in a fixed order the same runner would pay that every round;
+    :meth:`for_models` sets it too.
     """
 
     warmup_calls: int = 2
@@ -103,6 +107,7 @@ class TimingPolicy:
     busy_sleep_s: float = 0.1
     patience_s: float = 600.0
     lockstep: bool = False
+    shuffle: bool = False
 
     def __post_init__(self) -> None:
         if self.min_samples < 1 or self.min_repeats < self.min_samples or self.max_repeats < self.min_repeats:
@@ -116,10 +121,12 @@ class TimingPolicy:
             raise InvalidInputError(f"race_ratio must be >= 1 (use math.inf to never drop); got {self.race_ratio}")
 
     def for_models(self) -> "TimingPolicy":
-        """The policy for whole models: one pass with at least ``model_min_repeats`` samples, in lockstep."""
+        """The policy for whole models: one pass with at least ``model_min_repeats`` samples, in lockstep,
+        in a shuffled order."""
         reps = max(self.model_min_repeats, self.min_repeats)
         return replace(self, min_repeats=reps, max_repeats=max(self.max_repeats, 2 * reps), race_ratio=math.inf,
-                       max_seconds=self.max_seconds * max(1, self.passes) * 4, passes=1, lockstep=True)
+                       max_seconds=self.max_seconds * max(1, self.passes) * 4, passes=1, lockstep=True,
+                       shuffle=True)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (v if not (isinstance(v, float) and math.isinf(v)) else "inf") for k, v in asdict(self).items()}
@@ -402,10 +409,11 @@ class Backend(ABC):
         rounds = 0
         watch = monitor.available and math.isfinite(p.max_others) and self.stats["busy_wait_s"] < p.patience_s
         window = monitor.snapshot() if watch else None
+        order = np.random.default_rng(0) if p.shuffle else None
         while not all(race.done):
-            for i, fn in enumerate(runners):
+            for i in (order.permutation(n) if order is not None else range(n)):
                 if not race.done[i]:
-                    race.pending[i].append(self._sample(fn, inner[i]))
+                    race.pending[i].append(self._sample(runners[i], inner[i]))
             rounds += 1
             if window is not None:
                 now = monitor.snapshot()

@@ -61,8 +61,10 @@ FIT_SEED_OFFSET = 10_000
 #: whose two projections are sparse runs as one block) and their measured saving. 7: the block
 #: runs the LayerNorm after the residual too. 8: the encoder's layer forward trimmed of serial
 #: Python (submodules read from their dicts, the attention mask checked without
-#: torch.broadcast_shapes): the base about 0.1-0.3 ms shorter.
-LATENCY_MODEL_VERSION = 8
+#: torch.broadcast_shapes): the base about 0.1-0.3 ms shorter. 9: whole models are timed in a
+#: shuffled order each round (:attr:`TimingPolicy.shuffle`), so that no model always follows the
+#: same one.
+LATENCY_MODEL_VERSION = 9
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).

@@ -96,6 +96,44 @@ def test_models_are_timed_in_lockstep():
     assert TimingPolicy().for_models().lockstep and not TimingPolicy().lockstep
 
 
+class _Cache:
+    """The runner that ran last: a stand-in for the caches it left."""
+
+    last: str = ""
+
+
+class _AfterRunner:
+    """One call takes ``t``, or ``t * slower`` right after ``evictor`` ran (it left the caches full of its own data)."""
+
+    def __init__(self, name, cache, t, evictor="", slower=1.0):
+        self.name, self.cache, self.t, self.evictor, self.slower = name, cache, t, evictor, slower
+        self.calls, self.times, self.after = 0, [t], []
+
+    def __call__(self):
+        self.after.append(self.cache.last)
+        self.times = [self.t * (self.slower if self.cache.last == self.evictor else 1.0)]
+        self.calls += 1
+        self.cache.last = self.name
+
+
+def test_shuffled_rounds_keep_a_predecessor_from_slowing_one_runner_every_round():
+    def run(shuffle):
+        cache = _Cache()
+        runners = [_AfterRunner("dense", cache, 1e-3, evictor="torch", slower=1.5),
+                   *(_AfterRunner(f"m{i}", cache, 1e-3) for i in range(4)), _AfterRunner("torch", cache, 2e-3)]
+        policy = dataclasses.replace(POLICY, lockstep=True, shuffle=shuffle, min_repeats=20, max_repeats=20)
+        return runners, FakeBackend(policy).measure(runners)
+
+    runners, timings = run(False)
+    assert set(runners[0].after[1:]) == {"torch"} and timings[0].median_s == pytest.approx(1.5e-3)
+    runners, timings = run(True)
+    # every round still times each runner once; the dense model now follows torch in a few rounds only
+    assert all(r.calls == runners[0].calls for r in runners)
+    assert 0 < runners[0].after.count("torch") < len(runners[0].after) / 2
+    assert timings[0].median_s == pytest.approx(1e-3)
+    assert TimingPolicy().for_models().shuffle and not TimingPolicy().shuffle
+
+
 def test_time_cap_stops_slow_runners():
     be = FakeBackend(dataclasses.replace(POLICY, max_seconds=0.5))
     (t,) = be.measure([FakeRunner([0.1, 0.2])])
