@@ -334,6 +334,17 @@ class Backend(ABC):
         run on its own, to measure what fusing saves (only for a backend with :meth:`fused_pairs`)."""
         raise NotImplementedError(f"backend {self.name!r} fuses no layers")
 
+    def fused_triples(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, int, int]]:
+        """Triples of ``specs`` (indices) that read one input and that this runtime runs as one call
+        when all three are in a format of :data:`spdy.types.FUSED_FORMATS` (a self-attention's
+        query, key and value); empty (the default) when it runs each on its own."""
+        return []
+
+    def triple_fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        """Two :meth:`model_runner` of the same plan, with the fused triples run as one call and with
+        each layer on its own (only for a backend with :meth:`fused_triples`)."""
+        raise NotImplementedError(f"backend {self.name!r} runs no layers as one call")
+
     def layer_call_overhead_s(self) -> float:
         """Seconds a layer runner pays per call that the layer does not pay inside the model
         (e.g. ONNX Runtime's per-``Run`` cost); subtracted from layer times. Default 0."""

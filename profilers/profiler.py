@@ -63,8 +63,9 @@ FIT_SEED_OFFSET = 10_000
 #: Python (submodules read from their dicts, the attention mask checked without
 #: torch.broadcast_shapes): the base about 0.1-0.3 ms shorter. 9: whole models are timed in a
 #: shuffled order each round (:attr:`TimingPolicy.shuffle`), so that no model always follows the
-#: same one.
-LATENCY_MODEL_VERSION = 9
+#: same one. 10: a BERT self-attention's query, key and value projections run as one call where all
+#: three are sparse, and the table takes a third of the measured saving off each.
+LATENCY_MODEL_VERSION = 10
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
@@ -236,18 +237,24 @@ def _anchor(
 
 
 def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
-                   levels: Sequence[float], pairs: Sequence[tuple[int, int]]) -> tuple[float, dict[str, Any]]:
-    """What one fused pair saves per pass, in seconds, and the record of its measurement.
+                   levels: Sequence[float], pairs: Sequence[tuple[int, ...]],
+                   make: Callable[[Any, Mapping[str, LayerChoice]], tuple[Any, Any]] | None = None,
+                   what: str = "pairs") -> tuple[float, dict[str, Any]]:
+    """What one fused pair (or other group of layers the runtime runs as one: ``pairs`` holds
+    the groups, ``make`` the backend's runners fused and not, default :meth:`Backend.fusion_runners`)
+    saves per pass, in seconds, and the record of its measurement (its count under ``what``).
 
     Uniformly pruned models (the grid levels nearest :data:`FUSION_SPARSITIES`; every layer in its
-    fastest format, the pairs' layers in their fastest format that fuses) are timed end to end
-    with the pairs fused and with each layer on its own, all interleaved: the saving is the
-    difference over the number of pairs, averaged over the levels, and never below zero. It
+    fastest format, the groups' layers in their fastest format that fuses) are timed end to end
+    fused and with each layer on its own, all interleaved: the saving is the difference over the
+    number of groups, averaged over the levels, and never below zero. For a feed-forward pair it
     holds the pair's own relayouts, the GELU, the residual add and the LayerNorm that the base runs
-    on their own, and the dispatches between them.
+    on their own, and the dispatches between them; for a query-key-value triple, two packings of
+    the input, two dispatches and two module calls.
     """
     if not pairs:
         return 0.0, {}
+    make = make or backend.fusion_runners
     group_of = {i: g for g in groups for i in g.members}
     entries = _anchor_entries(levels, FUSION_SPARSITIES)[1:]
     runners, used = [], []
@@ -264,11 +271,11 @@ def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Laye
             continue
         s = float(levels[e])
         plan = {spec.name: LayerChoice(f, LevelPruner(w).at(s), b, s) for (spec, w, b, _x), f in zip(layers, fm)}
-        runners += list(backend.fusion_runners(bundle, plan))
+        runners += list(make(bundle, plan))
         used.append(e)
     if not runners:
-        log.warning("no level has a format that fuses for every paired layer; fused pairs are not counted")
-        return 0.0, {"pairs": len(pairs), "saving_s": 0.0, "levels": []}
+        log.warning("no level has a format that fuses for every layer of the fused %s; they are not counted", what)
+        return 0.0, {what: len(pairs), "saving_s": 0.0, "levels": []}
     # the saving is a small difference of two model times: four times the samples of a model timing
     policy = backend.policy.for_models()
     timings = backend.measure(runners, policy=replace(policy, min_repeats=FUSION_REPEATS * policy.min_repeats,
@@ -278,10 +285,10 @@ def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Laye
     alone = [t.median_s for t in timings[1::2]]
     per = [(a - f) / len(pairs) for f, a in zip(fused, alone)]
     saving = max(0.0, float(np.mean(per)))
-    log.info("fused pairs: %d, saving %.1f us each (levels %s: fused %s ms, alone %s ms)", len(pairs), saving * 1e6,
-             [round(float(levels[e]), 3) for e in used], [round(x * 1e3, 2) for x in fused],
+    log.info("fused %s: %d, saving %.1f us each (levels %s: fused %s ms, alone %s ms)", what, len(pairs),
+             saving * 1e6, [round(float(levels[e]), 3) for e in used], [round(x * 1e3, 2) for x in fused],
              [round(x * 1e3, 2) for x in alone])
-    return saving, {"pairs": len(pairs), "saving_s": saving, "levels": [float(levels[e]) for e in used],
+    return saving, {what: len(pairs), "saving_s": saving, "levels": [float(levels[e]) for e in used],
                     "fused_s": fused, "alone_s": alone, "saving_per_level_s": per}
 
 
@@ -431,24 +438,31 @@ def profile_model(
     dense = anchored[0][1]
     pairs = backend.fused_pairs(bundle, specs)
     saving, fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, pairs)
+    triples = backend.fused_triples(bundle, specs)
+    t_saving, t_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, triples,
+                                        backend.triple_fusion_runners, "triples")
     if progress:
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
     kept = _kept(layers, grid.levels, patterns)
     terms = fit.terms(cands, base.median_s, kept,
-                      [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving)
+                      [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving,
+                      triples, t_saving)
     S = len(grid)
     credit = np.zeros(len(specs))
     for i, j in pairs:  # a format that fuses is worth its share of the pair's saving when formats are picked
         credit[[i, j]] = saving / 2
+    for tri in triples:
+        credit[list(tri)] += t_saving / 3
     times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S], credit)
+    _credit_triples(times, formats, triples, t_saving)
     settings: dict[str, Any] = {
         **backend.settings(), **model_settings(bundle, specs), "latency_model_version": LATENCY_MODEL_VERSION,
         "base_spread": base.spread, "dense_measured_s": dense.median_s,
         "anchor_models": [{"sparsity": float(grid.levels[e]), "measured_s": t.median_s} for e, t in anchored],
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
-        "in_model": terms.to_json(), "fused_pairs": fusion, "profile_seconds": round(time.perf_counter() - t_start, 1),
+        "in_model": terms.to_json(), "fused_pairs": fusion, "fused_triples": t_fusion, "profile_seconds": round(time.perf_counter() - t_start, 1),
         "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),
     }
@@ -461,6 +475,21 @@ def profile_model(
     return Profile(table=table, backend=backend.name, model=bundle.name, specs=tuple(specs), settings=settings,
                    spread=spread, formats=tuple(formats),
                    **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle, kept[:, S:]))
+
+
+def _credit_triples(times: np.ndarray, formats: Sequence[Sequence[str]], triples: Sequence[tuple[int, int, int]],
+                    saving: float) -> None:
+    """Take a third of a triple's measured ``saving`` off each of its layers' times, in place, at every
+    level whose format fuses. The runtime saves it when all three run such a format; the DP adds
+    layers up one by one, so this is exact where the three layers' formats all fuse (on MiniLM every
+    level's format did) and credits a layer beside a non-fusing one a third it does not save."""
+    if saving <= 0:
+        return
+    for tri in triples:
+        for i in tri:
+            for e, f in enumerate(formats[i]):
+                if f in FUSED_FORMATS:
+                    times[i, e] = max(times[i, e] - saving / 3, 0.0)
 
 
 class _FitRounds:
@@ -505,10 +534,12 @@ class _FitRounds:
 
     def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, kept: np.ndarray,
               anchors: Sequence[tuple[int, Sequence[str], float]], pairs: Sequence[tuple[int, int]] = (),
-              saving: float = 0.0) -> InModelTerms:
+              saving: float = 0.0, triples: Sequence[tuple[int, int, int]] = (), t_saving: float = 0.0
+              ) -> InModelTerms:
         """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchors`` =
         [(grid level, the formats, measured seconds)] of the models timed with the base; ``pairs``
-        the fused pairs, each saving ``saving`` seconds where both layers run a format that fuses."""
+        the fused pairs, each saving ``saving`` seconds where both layers run a format that fuses;
+        ``triples`` the layers run as one call, each saving ``t_saving`` where all three do."""
         if not self.ratios or self.vectors is None:
             return InModelTerms()
 
@@ -518,6 +549,7 @@ class _FitRounds:
                                [_serial(f) for f in fm])
             # the first feature's coefficient is fixed at 1: the fused pairs' measured saving comes off it
             F[0] -= saving * sum(fm[i] in FUSED_FORMATS and fm[j] in FUSED_FORMATS for i, j in pairs)
+            F[0] -= t_saving * sum(all(fm[i] in FUSED_FORMATS for i in tri) for tri in triples)
             return F
 
         def at(levels: np.ndarray) -> np.ndarray:

@@ -36,12 +36,13 @@ from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
 from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
-BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused"}
+BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused", "qkv": "fused"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
 ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
-without transformers' wrappers, its feed-forward fused where both projections are sparse
-(:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`)
+without transformers' wrappers, its feed-forward fused where both projections are sparse and its
+query, key and value projections one call where all three are
+(:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`, :func:`spdy.runtime.qkv_triples`)
 in the models it times, torch in the dense reference. Profiles and results without a key were
 timed with torch's for that part."""
 
@@ -138,6 +139,24 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         runtime.set_ffn_fusion(alone.model, False)  # type: ignore[attr-defined]
         return fused, alone
 
+    def fused_triples(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, int, int]]:
+        """The query, key and value projections of a BERT encoder's self-attentions, which the
+        encoder's forward runs as one call where all three are sparse (:func:`spdy.runtime.qkv_triples`)."""
+        if self.runtime_fingerprint().get("qkv") != "fused":
+            return []
+        from spdy import runtime
+
+        index = {s.name: i for i, s in enumerate(specs)}
+        return [(index[a], index[b], index[c]) for a, b, c in runtime.qkv_triples(bundle.model)
+                if a in index and b in index and c in index]
+
+    def triple_fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        from spdy import runtime
+
+        fused, alone = self.model_runner(bundle, choices), self.model_runner(bundle, choices)
+        runtime.set_qkv_fusion(alone.model, False)  # type: ignore[attr-defined]
+        return fused, alone
+
     def pool_of(self, fmt: str) -> str:
         """Dense layers (``dense``, ``dnnl``) run in torch's pool, the others in Numba's: unless spdy.kernels made them
         one OpenMP runtime, they are timed apart (see :meth:`Backend.pool_of`)."""
@@ -203,7 +222,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
         import torch._inductor.config as inductor_config
 
         return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
-                "depthwise": "torch", "ffn": "torch",
+                "depthwise": "torch", "ffn": "torch", "qkv": "torch",
                 "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

@@ -10,10 +10,13 @@ order, in one process:
   then the checked ``spdy.kernels.linear``);
 * ``kernel``: ``spdy.kernels.linear.sparse_into`` on preallocated arrays (the floor).
 
+Freed activation memory is kept in the process (:func:`spdy.kernels.retain_freed_memory`), as
+``spdy.apply(..., sparse=True)`` and the profiler run; ``--no-retain`` leaves glibc's defaults, under
+which every output of 128 KiB or more is a fresh ``mmap`` whose pages fault in on first touch.
 Prints microseconds per call (median over rounds) and the per-round ratio fast / checked, and
 writes them with the hardware fingerprint to ``--json``.
 
-    python scripts/bench_call_path.py [--threads 1 2] [--sparsity 0.95 1.0] [--rounds 15] [--json F]
+    python scripts/bench_call_path.py [--threads 1 2] [--sparsity 0.95 1.0] [--rounds 15] [--no-retain] [--json F]
 """
 
 from __future__ import annotations
@@ -84,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--no-retain", action="store_true",
+                    help="leave glibc's allocator as it is (the runtime keeps freed memory; see the docstring)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    retained = False if a.no_retain else kernels.retain_freed_memory()
+    print(f"freed memory retained: {retained}")
     rows = []
     print("| threads | shape (out x in) | sparsity | module us | fast us | checked us | kernel us | fast / checked |")
     print("|---|---|---|---|---|---|---|---|")
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(f"| {th} | {out_f}x{in_f} | {s:.0%} | {r['module_us']:.1f} | {r['fast_us']:.1f} | "
                       f"{r['checked_us']:.1f} | {r['kernel_us']:.1f} | {r['fast_over_checked']:.3f} |")
-    write_json(a.json, {"fingerprint": fingerprint(), "settings": vars(a), "rows": rows})
+    write_json(a.json, {"fingerprint": fingerprint(), "settings": vars(a), "freed_memory_retained": retained,
+                        "rows": rows})
     return 0
 
 

@@ -7,9 +7,11 @@ that run a BERT layer in :class:`spdy.runtime.EncoderForward` (``_bert_layer`` a
 two versions run the same model in rounds that alternate which goes first (20 passes each after 3
 warm-up passes). Prints, per model and thread count, the median per-round ratio this tree /
 ``--against`` with its quartiles; the outputs of both must be identical. ``--json`` writes them with
-the hardware fingerprint.
+the hardware fingerprint. ``--against qkv-off`` compares, in this tree, the query, key and value
+projections run as one call with the same model running them one by one.
 
     python scripts/bench_layer_forward.py --result 3x=out/3x --result 2x=out/2x --against HEAD~1 --rounds 21
+    python scripts/bench_layer_forward.py --result 3x=out/3x --against qkv-off
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import spdy.kernels as K  # noqa: F401  - before torch: one OpenMP runtime
@@ -34,6 +37,8 @@ from spdy.hardware import fingerprint  # noqa: E402
 from spdy.kernels import attention as kattn  # noqa: E402
 from spdy.models.minilm import load_encoder, load_minilm  # noqa: E402
 
+#: ``--against`` this: the query, key and value projections one by one instead of as one call
+QKV_OFF = "qkv-off"
 #: the functions of the layer forward, by file
 FUNCTIONS = {"spdy/runtime.py": ("_bert_layer", "_layer_norm", "_fusable_ffn", "_children"),
              "spdy/kernels/attention.py": ("unsupported",)}
@@ -69,20 +74,22 @@ def load_version(rev: str) -> tuple[Any, Any]:
     return got["spdy/runtime.py"]["_bert_layer"], got["spdy/kernels/attention.py"]["unsupported"]
 
 
-def compare(model: Any, example: Any, arms: dict[str, tuple[Any, Any]], threads: int, rounds: int) -> dict[str, Any]:
+def compare(model: Any, example: Any, arms: dict[str, Callable[[], Any]], threads: int, rounds: int
+            ) -> dict[str, Any]:
+    """``arms``: name -> a function that sets the model up to run that arm."""
     K.set_num_threads(threads)
     ratios, times = [], {n: [] for n in arms}
     with torch.inference_mode():
         outs = {}
-        for name, (layer, uns) in arms.items():
-            runtime._bert_layer, kattn.unsupported = layer, uns
+        for name, setup in arms.items():
+            setup()
             outs[name] = model(**example).last_hidden_state
         if not torch.equal(outs["this"], outs["against"]):
             raise SystemExit("the two versions' outputs differ")
         for r in range(rounds):
             t = {}
             for name in (("against", "this") if r % 2 else ("this", "against")):
-                runtime._bert_layer, kattn.unsupported = arms[name]
+                arms[name]()
                 for _ in range(3):
                     model(**example)
                 s = time.perf_counter()
@@ -99,19 +106,32 @@ def compare(model: Any, example: Any, arms: dict[str, tuple[Any, Any]], threads:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--result", action="append", required=True, metavar="LABEL=OUT")
-    ap.add_argument("--against", default="HEAD~1", help="git revision to compare with")
+    ap.add_argument("--against", default="HEAD~1",
+                    help="git revision to compare with, or 'qkv-off': this tree with the query, key and value "
+                         "projections run one by one (spdy.runtime.set_qkv_fusion) instead of as one call")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     this = (runtime._bert_layer, kattn.unsupported)
-    arms = {"this": this, "against": load_version(args.against)}
+    other = None if args.against == QKV_OFF else load_version(args.against)
+
+    def use(fns: tuple[Any, Any]) -> Callable[[], None]:
+        def setup() -> None:
+            runtime._bert_layer, kattn.unsupported = fns
+        return setup
+
     example = load_minilm(n_calibration=8).example
     rows = []
     try:
         for item in args.result:
             label, _, out = item.partition("=")
             model = spdy.apply(load_encoder()[0], out, sparse=True, threads=max(args.threads))
+            if other is None:
+                arms = {"this": lambda m=model: runtime.set_qkv_fusion(m, True),
+                        "against": lambda m=model: runtime.set_qkv_fusion(m, False)}
+            else:
+                arms = {"this": use(this), "against": use(other)}
             for th in args.threads:
                 r = {"model": label, **compare(model, example, arms, th, args.rounds)}
                 rows.append(r)

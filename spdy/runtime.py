@@ -28,6 +28,7 @@ from typing import Any
 
 from spdy import kernels  # first: shares the OpenMP runtime before torch loads
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -52,6 +53,8 @@ from spdy.kernels.activation import gelu  # noqa: E402
 from spdy.kernels.depthwise import Padding  # noqa: E402
 from spdy.kernels.ffn import ffn_into, fusable  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
+from spdy.kernels.qkv import fusable as qkv_fusable  # noqa: E402
+from spdy.kernels.qkv import qkv_into  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -568,24 +571,32 @@ def _plain_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Te
 
 
 def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bias: Any,
-                fuse: bool = True) -> torch.Tensor:
+                fuse: bool = True, fuse_qkv: bool = True) -> torch.Tensor:
     """One BERT layer, eval mode: self-attention, output projection, residual and LayerNorm, then
     the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers).
     ``fuse``: the feed-forward as one fused block where both projections are sparse
-    (:func:`_fusable_ffn`). Submodules are read with :func:`_children`: this is serial Python on
-    every pass, which a second thread does not shorten."""
+    (:func:`_fusable_ffn`). ``fuse_qkv``: the query, key and value projections as one call where
+    all three are sparse (:func:`_fusable_qkv`), the attention reading its output in place.
+    Submodules are read with :func:`_children`: this is serial Python on every pass, which a second
+    thread does not shorten."""
     B, T, _ = x.shape
     att, inter, out = _children(layer, "attention", "intermediate", "output")
     sa, ao = _children(att, "self", "output")
     query, key, value = _children(sa, "query", "key", "value")
     H, D = sa.num_attention_heads, sa.attention_head_size
-    q = query(x).view(B, T, H, D).transpose(1, 2)
-    k = key(x).view(B, T, H, D).transpose(1, 2)
-    v = value(x).view(B, T, H, D).transpose(1, 2)
-    if kattn.unsupported(q, k, v, keep) is None:
-        a = kattn.attention_unchecked(q, k, v, bias, float(sa.scaling))
+    if fuse_qkv and _fusable_qkv(query, key, value, x, H * D, D) and kattn.mask_unsupported(keep, B, T, T) is None:
+        pq, pk, pv = query.prepared, key.prepared, value.prepared
+        qkv = np.empty(B * T * 3 * H * D, np.float32)
+        qkv_into(x.numpy().reshape(-1, pq.in_features), qkv.reshape(-1, 3 * H * D), pq, pk, pv)
+        a = kattn.attention_qkv_unchecked(qkv, B, T, H, D, bias, float(sa.scaling))
     else:
-        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
+        q = query(x).view(B, T, H, D).transpose(1, 2)
+        k = key(x).view(B, T, H, D).transpose(1, 2)
+        v = value(x).view(B, T, H, D).transpose(1, 2)
+        if kattn.unsupported(q, k, v, keep) is None:
+            a = kattn.attention_unchecked(q, k, v, bias, float(sa.scaling))
+        else:
+            a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
     dense, norm_a = _children(ao, "dense", "LayerNorm")
     x = norm_a(dense(a.reshape(B, T, H * D)) + x)
     up, act = _children(inter, "dense", "intermediate_act_fn")
@@ -620,6 +631,19 @@ def _layer_norm(ln: nn.Module, width: int) -> tuple[Any, Any, float] | None:
     return w.detach().numpy(), b.detach().numpy(), float(ln.eps)
 
 
+def _fusable_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Tensor, width: int,
+                 head_dim: int) -> bool:
+    """Whether a self-attention's projections can run as one call (:func:`spdy.kernels.qkv.qkv_into`)
+    on ``x`` with the attention kernel reading the result in place: all three sparse Linears in a
+    multithreaded sparse format, each ``width`` (heads x ``head_dim``, a multiple of 32) wide, and
+    ``x`` a non-empty contiguous fp32 CPU tensor [batch, tokens, features] without grad."""
+    return (type(query) is SparseLinear and type(key) is SparseLinear and type(value) is SparseLinear
+            and qkv_fusable(query.prepared, key.prepared, value.prepared)
+            and query.out_features == key.out_features == value.out_features == width and head_dim % 32 == 0
+            and x.dtype is torch.float32 and x.dim() == 3 and x.is_contiguous() and not x.requires_grad
+            and x.numel() > 0 and x.shape[-1] == query.in_features)
+
+
 def _fusable_ffn(up: nn.Module, act: Any, down: nn.Module, x: torch.Tensor) -> bool:
     """Whether a feed-forward (``up`` projection, activation ``act``, ``down`` projection, residual)
     can run as one fused block (:func:`spdy.kernels.ffn.ffn_into`) on ``x``: both projections sparse
@@ -646,6 +670,32 @@ def ffn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def qkv_triples(model: nn.Module) -> list[tuple[str, str, str]]:
+    """The (query, key, value) projection names of every BERT self-attention in ``model`` that
+    :class:`EncoderForward` runs as one call when all three are sparse (see :func:`_fusable_qkv`):
+    the layers of each encoder :func:`fast_encoder` switches (or will switch)."""
+    triples = []
+    for name, m in model.named_modules():
+        if _bert_encoder(m, attention=False):
+            for k in range(len(m.encoder.layer)):
+                pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
+                triples.append(tuple(f"{pre}.attention.self.{p}" for p in ("query", "key", "value")))
+    return triples  # type: ignore[return-value]
+
+
+def set_qkv_fusion(model: nn.Module, enabled: bool) -> int:
+    """Turn the one-call query, key and value projections of every switched encoder in ``model`` on
+    or off (on by default); returns how many encoders it set. Off, each projection runs on its own,
+    as a profile times it alone: the profiler measures what the one call saves this way."""
+    n = 0
+    for _name, m in model.named_modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, EncoderForward):
+            fwd.fuse_qkv = bool(enabled)
+            n += 1
+    return n
+
+
 def set_ffn_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the fused feed-forward of every switched encoder in ``model`` on or off (it is on by
     default); returns how many encoders it set. Off, each projection runs on its own, as a profile
@@ -669,12 +719,15 @@ class EncoderForward:
     machinery, six wrapper modules a layer), whose cost is serial Python on every pass. Where a
     layer's two feed-forward projections are both sparse, they run as one fused block with the
     GELU, the residual and the LayerNorm (:func:`spdy.kernels.ffn.ffn_into`) unless ``fuse_ffn`` is False
-    (:func:`set_ffn_fusion`). Any other call runs the model's own forward.
+    (:func:`set_ffn_fusion`); where its query, key and value projections are all sparse, they run as
+    one call (:func:`spdy.kernels.qkv.qkv_into`) unless ``fuse_qkv`` is False (:func:`set_qkv_fusion`).
+    Any other call runs the model's own forward.
     """
 
-    def __init__(self, model: nn.Module, fuse_ffn: bool = True) -> None:
+    def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_qkv: bool = True) -> None:
         self.model = model
         self.fuse_ffn = fuse_ffn
+        self.fuse_qkv = fuse_qkv
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.model
@@ -690,7 +743,8 @@ class EncoderForward:
         keep = None if mask is None else mask.bool()[:, None, None, :]
         bias = kattn.mask_bias(keep, B, T, T)  # None when nothing is masked
         for layer in m.encoder.layer:
-            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True))  # older pickles lack it
+            # older pickles lack the switches
+            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True), getattr(self, "fuse_qkv", True))
         pooled = m.pooler(x) if getattr(m, "pooler", None) is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled)
 

@@ -489,6 +489,48 @@ def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(t
     assert kffn.fusable(model.encoder.layer[0].intermediate.dense.prepared, model.encoder.layer[0].output.dense.prepared)
 
 
+def test_fast_encoder_runs_sparse_query_key_value_as_one_call_and_matches_the_unfused_model(threads: int) -> None:
+    model = _minilm()
+    names = [f"encoder.layer.{k}.attention.self.{p}" for k in range(6) for p in ("query", "key", "value")]
+    with torch.no_grad():  # prune every query, key and value projection to 90% by magnitude
+        for n in names:
+            w = model.get_submodule(n).weight
+            w[w.abs() < w.abs().flatten().kthvalue(int(0.9 * w.numel())).values] = 0
+    ref = copy.deepcopy(model)
+    runtime.fast_base(model)
+    # layers 0, 1, 3-5 all sparse (one call; layer 4 mixes formats that fuse), layer 2's key dense (three calls)
+    fmt = {n: "bcsr4x1" if n.startswith("encoder.layer.4.attention.self.k") else "csr" for n in names}
+    swaps = {n: runtime.SparseLinear.from_linear(model.get_submodule(n), fmt[n]) for n in names
+             if n != "encoder.layer.2.attention.self.key"}
+    runtime.swap_modules(model, swaps)
+    assert runtime.qkv_triples(model) == [tuple(names[3 * k:3 * k + 3]) for k in range(6)]
+    assert runtime.qkv_triples(nn.Linear(2, 2)) == []
+    calls = []
+    real = runtime.qkv_into
+    runtime.qkv_into = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    try:
+        ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(5))
+        mask = torch.ones_like(ids)
+        mask[1, 45:] = 0
+        with torch.inference_mode():
+            a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(calls) == 5
+            assert runtime.set_qkv_fusion(model, False) == 1
+            b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(calls) == 5  # off: each projection on its own
+            runtime.set_qkv_fusion(model, True)
+            # a mask the kernel cannot take (one per head) goes to torch's attention, unfused
+            per_head = torch.ones(2, 12, 70, 70, dtype=torch.bool)
+            c = runtime._bert_layer(model.encoder.layer[0], torch.randn(2, 70, 384), per_head, None)
+            assert len(calls) == 5 and c.shape == (2, 70, 384)
+            r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        runtime.qkv_into = real
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
+    torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
+
+
 def test_children_reads_submodules_and_plain_attributes() -> None:
     m = nn.Sequential()
     m.add_module("dense", nn.Linear(2, 2))

@@ -706,3 +706,32 @@ def ffn_forward(x, T, K, M, O, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, co
             if norm:
                 _layernorm_tile(YP, ys, O, Lt, gamma, beta, eps)
             _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)
+
+
+@njit(parallel=True, **_JIT)
+def qkv_forward(x, T, K, O1, O2, O3, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, col2, val2, blk2, bias2,
+                ptr3, np3, col3, val3, blk3, bias3, XP, YP, y, nthreads):
+    """Y = [X W1^T + b1, X W2^T + b2, X W3^T + b3]: three sparse layers on one input (a
+    self-attention's query, key and value projections) into y [T, O1 + O2 + O3].
+
+    Each thread takes a contiguous run of token tiles and for each packs the tile of X once
+    into its [K, Lt] buffer, multiplies it by the three weights into the rows of its one
+    [O1 + O2 + O3, Lt] buffer and writes that out: one dispatch and one packing of X instead
+    of three. ``XP``/``YP``: 64-byte aligned scratch of ``nthreads * TILE`` times K /
+    (O1 + O2 + O3) floats. Needs at least as many tiles as threads to use them all.
+    """
+    O = O1 + O2 + O3
+    n_tiles = (T + TILE - 1) // TILE
+    for c in prange(nthreads):
+        lo = n_tiles * c // nthreads
+        hi = n_tiles * (c + 1) // nthreads
+        xs = c * K * TILE
+        ys = c * O * TILE
+        for tile in range(lo, hi):
+            t0 = tile * TILE
+            Lt = tile_width(T, t0)
+            _pack_tile(x, T, K, XP, xs, t0, Lt)
+            _tile_rows(col1, val1, ptr1, np1, O1, 0, O1, Lt, XP, xs, YP, ys, bias1, Lt, blk1)
+            _tile_rows(col2, val2, ptr2, np2, O2, 0, O2, Lt, XP, xs, YP, ys + O1 * Lt, bias2, Lt, blk2)
+            _tile_rows(col3, val3, ptr3, np3, O3, 0, O3, Lt, XP, xs, YP, ys + (O1 + O2) * Lt, bias3, Lt, blk3)
+            _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)

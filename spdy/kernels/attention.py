@@ -50,17 +50,24 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
         return "an empty dimension"
     if dropout:
         return f"dropout {dropout} (the kernel does inference only)"
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            return f"mask is a {type(mask).__name__}"
-        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
-        if mask.dim() > 4 or shape[1] != 1:
-            return f"mask shape {tuple(mask.shape)}: one mask per head is not supported"
-        # each dimension 1 or the scores' own (what mask_bias expands); a plain loop, since
-        # torch.broadcast_shapes costs ~11 us a call, which the encoder paid in every layer
-        target = (B, 1, Tq, k.shape[2])
-        if any(m != 1 and m != t for m, t in zip(shape, target)):
-            return f"mask shape {tuple(mask.shape)} does not broadcast to {target}"
+    return mask_unsupported(mask, B, Tq, k.shape[2])
+
+
+def mask_unsupported(mask: torch.Tensor | None, B: int, Tq: int, Tk: int) -> str | None:
+    """Why the kernel cannot take ``mask`` for ``B`` sequences of ``Tq`` queries and ``Tk`` keys
+    (``None`` when it can: no mask, or one that :func:`mask_bias` expands to every head)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return f"mask is a {type(mask).__name__}"
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if mask.dim() > 4 or shape[1] != 1:
+        return f"mask shape {tuple(mask.shape)}: one mask per head is not supported"
+    # each dimension 1 or the scores' own (what mask_bias expands); a plain loop, since
+    # torch.broadcast_shapes costs ~11 us a call, which the encoder paid in every layer
+    target = (B, 1, Tq, Tk)
+    if any(m != 1 and m != t for m, t in zip(shape, target)):
+        return f"mask shape {tuple(mask.shape)} does not broadcast to {target}"
     return None
 
 
@@ -72,6 +79,25 @@ def _flat(t: torch.Tensor) -> tuple[np.ndarray, int, int]:
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     return a.reshape(-1), T * H * D, H * D
+
+
+def attention_qkv_unchecked(qkv: np.ndarray, B: int, T: int, H: int, D: int, bias: np.ndarray | None,
+                            scale: float) -> torch.Tensor:
+    """Self-attention over one fused projection output, read in place: ``qkv`` the flat
+    [B, T, 3 * H * D] fp32 array of the query, key and value projections side by side per token
+    (:func:`spdy.kernels.qkv.qkv_into`), ``D`` a multiple of 32, ``bias`` from :func:`mask_bias`
+    (the mask accepted by :func:`mask_unsupported`). Returns [B, T, H, D], as :func:`attention`."""
+    width = H * D
+    out = np.empty(B * T * width, np.float32)
+    nthreads = max(1, min(numba.get_num_threads(), B * H))
+    Tkp = _attention.padded_keys(T)
+    work = scratch(_SLOT, nthreads * (D + 4) * Tkp + 64)
+    has_bias = bias is not None
+    bs, ts = T * 3 * width, 3 * width
+    _attention.attention_forward(qkv, 0, bs, ts, qkv, width, bs, ts, qkv, 2 * width, bs, ts, B, H, T, T, D,
+                                 float(scale), bias.reshape(-1) if has_bias else work[:16], has_bias, work, out,
+                                 nthreads)
+    return torch.from_numpy(out.reshape(B, T, H, D))
 
 
 def mask_bias(mask: torch.Tensor | None, B: int, Tq: int, Tk: int) -> np.ndarray | None:

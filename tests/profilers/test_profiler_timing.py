@@ -303,3 +303,17 @@ def test_a_picked_format_is_timed_by_passes_that_did_not_pick_it():
         crossed.append(t)
         assert _pick(_candidate_times([g], np.array([1.0]), 1)[0][0], None) == ("dense", 1.0, 0.0)
     assert np.mean(biased) < 0.49 < np.mean(crossed) < 0.51
+
+
+def test_triples_take_a_third_of_their_saving_off_each_layer_where_its_format_fuses():
+    from spdy.profilers.profiler import _credit_triples
+
+    times = np.full((4, 3), 30e-6)
+    formats = [("bcsr4x1", "csr", "csr"), ("dense", "csr", "csr"), ("csr", "csr", "dnnl"), ("csr", "csr", "csr")]
+    _credit_triples(times, formats, [(0, 1, 2)], 30e-6)
+    want = np.array([[20e-6, 20e-6, 20e-6], [30e-6, 20e-6, 20e-6], [20e-6, 20e-6, 30e-6], [30e-6, 30e-6, 30e-6]])
+    np.testing.assert_allclose(times, want, rtol=0, atol=1e-12)  # the fourth layer is in no triple
+    _credit_triples(times, formats, [(0, 1, 2)], 0.0)  # nothing saved: nothing taken off
+    np.testing.assert_allclose(times, want, rtol=0, atol=1e-12)
+    _credit_triples(times, formats, [(0, 1, 2)], 1.0)  # never below zero
+    assert times.min() == 0.0
