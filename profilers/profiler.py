@@ -462,7 +462,8 @@ def profile_model(
         "anchor_models": [{"sparsity": float(grid.levels[e]), "measured_s": t.median_s} for e, t in anchored],
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
-        "in_model": terms.to_json(), "fused_pairs": fusion, "fused_triples": t_fusion, "profile_seconds": round(time.perf_counter() - t_start, 1),
+        "in_model": terms.to_json(), "fused_pairs": fusion, "fused_triples": t_fusion,
+        "profile_seconds": round(time.perf_counter() - t_start, 1),
         "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),
     }

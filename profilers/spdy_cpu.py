@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,8 +135,13 @@ class SpdyCpuBackend(TorchRuntimeBackend):
     def fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
         from spdy import runtime
 
+        return self._on_and_off(bundle, choices, runtime.set_ffn_fusion)
+
+    def _on_and_off(self, bundle: Any, choices: Mapping[str, LayerChoice],
+                    switch: Callable[[Any, bool], int]) -> tuple[Runner, Runner]:
+        """Two runners of the same plan: as the runtime runs it, and with ``switch`` turned off."""
         fused, alone = self.model_runner(bundle, choices), self.model_runner(bundle, choices)
-        runtime.set_ffn_fusion(alone.model, False)  # type: ignore[attr-defined]
+        switch(alone.model, False)  # type: ignore[attr-defined]
         return fused, alone
 
     def fused_triples(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, int, int]]:
@@ -153,9 +158,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
     def triple_fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
         from spdy import runtime
 
-        fused, alone = self.model_runner(bundle, choices), self.model_runner(bundle, choices)
-        runtime.set_qkv_fusion(alone.model, False)  # type: ignore[attr-defined]
-        return fused, alone
+        return self._on_and_off(bundle, choices, runtime.set_qkv_fusion)
 
     def pool_of(self, fmt: str) -> str:
         """Dense layers (``dense``, ``dnnl``) run in torch's pool, the others in Numba's: unless spdy.kernels made them

@@ -687,24 +687,23 @@ def set_qkv_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the one-call query, key and value projections of every switched encoder in ``model`` on
     or off (on by default); returns how many encoders it set. Off, each projection runs on its own,
     as a profile times it alone: the profiler measures what the one call saves this way."""
-    n = 0
-    for _name, m in model.named_modules():
-        fwd = m.__dict__.get("forward")
-        if isinstance(fwd, EncoderForward):
-            fwd.fuse_qkv = bool(enabled)
-            n += 1
-    return n
+    return _set_encoders(model, "fuse_qkv", enabled)
 
 
 def set_ffn_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the fused feed-forward of every switched encoder in ``model`` on or off (it is on by
     default); returns how many encoders it set. Off, each projection runs on its own, as a profile
     times it alone: the profiler measures the fused block's saving this way."""
+    return _set_encoders(model, "fuse_ffn", enabled)
+
+
+def _set_encoders(model: nn.Module, switch: str, enabled: bool) -> int:
+    """Set ``switch`` of every :class:`EncoderForward` in ``model``; returns how many."""
     n = 0
     for _name, m in model.named_modules():
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, EncoderForward):
-            fwd.fuse_ffn = bool(enabled)
+            setattr(fwd, switch, bool(enabled))
             n += 1
     return n
 

@@ -88,16 +88,8 @@ def attention_qkv_unchecked(qkv: np.ndarray, B: int, T: int, H: int, D: int, bia
     (:func:`spdy.kernels.qkv.qkv_into`), ``D`` a multiple of 32, ``bias`` from :func:`mask_bias`
     (the mask accepted by :func:`mask_unsupported`). Returns [B, T, H, D], as :func:`attention`."""
     width = H * D
-    out = np.empty(B * T * width, np.float32)
-    nthreads = max(1, min(numba.get_num_threads(), B * H))
-    Tkp = _attention.padded_keys(T)
-    work = scratch(_SLOT, nthreads * (D + 4) * Tkp + 64)
-    has_bias = bias is not None
     bs, ts = T * 3 * width, 3 * width
-    _attention.attention_forward(qkv, 0, bs, ts, qkv, width, bs, ts, qkv, 2 * width, bs, ts, B, H, T, T, D,
-                                 float(scale), bias.reshape(-1) if has_bias else work[:16], has_bias, work, out,
-                                 nthreads)
-    return torch.from_numpy(out.reshape(B, T, H, D))
+    return _heads((qkv, 0, bs, ts), (qkv, width, bs, ts), (qkv, 2 * width, bs, ts), B, H, T, T, D, bias, scale)
 
 
 def mask_bias(mask: torch.Tensor | None, B: int, Tq: int, Tk: int) -> np.ndarray | None:
@@ -138,15 +130,22 @@ def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     """:func:`attention` on inputs :func:`unsupported` accepted, with the mask already made
     into :func:`mask_bias` (reused across a model's layers)."""
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
     qa, qbs, qs = _flat(q)
     ka, kbs, ks = _flat(k)
     va, vbs, vs = _flat(v)
+    return _heads((qa, 0, qbs, qs), (ka, 0, kbs, ks), (va, 0, vbs, vs), B, H, Tq, k.shape[2], D, bias, scale)
+
+
+def _heads(q: tuple[np.ndarray, int, int, int], k: tuple[np.ndarray, int, int, int],
+           v: tuple[np.ndarray, int, int, int], B: int, H: int, Tq: int, Tk: int, D: int, bias: np.ndarray | None,
+           scale: float) -> torch.Tensor:
+    """The kernel over (flat array, offset, batch stride, token stride) of each of query, key and
+    value (:func:`spdy.kernels._attention.attention_forward`), on this thread's scratch; [B, Tq, H, D]."""
     out = np.empty(B * Tq * H * D, np.float32)
     nthreads = max(1, min(numba.get_num_threads(), B * H))
     Tkp = _attention.padded_keys(Tk)
     work = scratch(_SLOT, nthreads * (D + 4) * Tkp + 64)
     has_bias = bias is not None
-    _attention.attention_forward(qa, 0, qbs, qs, ka, 0, kbs, ks, va, 0, vbs, vs, B, H, Tq, Tk, D, float(scale),
+    _attention.attention_forward(*q, *k, *v, B, H, Tq, Tk, D, float(scale),
                                  bias.reshape(-1) if has_bias else work[:16], has_bias, work, out, nthreads)
     return torch.from_numpy(out.reshape(B, Tq, H, D))
