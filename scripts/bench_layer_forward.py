@@ -21,8 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import spdy.kernels as K  # noqa: F401  - before torch: one OpenMP runtime

@@ -447,13 +447,18 @@ def test_compiled_minilm_runs_spdy_attention_as_one_op_without_graph_breaks() ->
     torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=0)
 
 
+def _prune_by_magnitude(model: nn.Module, names: list[str], fraction: float) -> None:
+    """Zero the smallest ``fraction`` of each named Linear's weights, in place."""
+    with torch.no_grad():
+        for n in names:
+            w = model.get_submodule(n).weight
+            w[w.abs() < w.abs().flatten().kthvalue(int(fraction * w.numel())).values] = 0
+
+
 def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(threads: int) -> None:
     model = _minilm()
-    with torch.no_grad():  # prune every feed-forward projection to 80% by magnitude
-        for layer in model.encoder.layer:
-            for lin in (layer.intermediate.dense, layer.output.dense):
-                w = lin.weight
-                w[w.abs() < w.abs().flatten().kthvalue(int(0.8 * w.numel())).values] = 0
+    _prune_by_magnitude(model, [f"encoder.layer.{k}.{p}" for k in range(6) for p in ("intermediate.dense", "output.dense")],
+                        0.8)  # every feed-forward projection
     ref = copy.deepcopy(model)
     runtime.fast_base(model)
     # layers 0-2 sparse (fused), layer 3 one projection dense (not fused), layers 4-5 sparse
@@ -492,10 +497,7 @@ def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(t
 def test_fast_encoder_runs_sparse_query_key_value_as_one_call_and_matches_the_unfused_model(threads: int) -> None:
     model = _minilm()
     names = [f"encoder.layer.{k}.attention.self.{p}" for k in range(6) for p in ("query", "key", "value")]
-    with torch.no_grad():  # prune every query, key and value projection to 90% by magnitude
-        for n in names:
-            w = model.get_submodule(n).weight
-            w[w.abs() < w.abs().flatten().kthvalue(int(0.9 * w.numel())).values] = 0
+    _prune_by_magnitude(model, names, 0.9)
     ref = copy.deepcopy(model)
     runtime.fast_base(model)
     # layers 0, 1, 3-5 all sparse (one call; layer 4 mixes formats that fuse), layer 2's key dense (three calls)
