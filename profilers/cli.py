@@ -195,3 +195,25 @@ def _print_validation(profile: Any) -> None:
     if base_now:
         print(f"base model now {base_now * 1e3:.2f} ms vs {t.base_s * 1e3:.2f} ms in the profile "
               f"({(base_now / t.base_s - 1) * 100:+.1f}%: the machine's drift since the profile)")
+    line = dense_drift_line(profile.validation[-1].get("dense_measured_s"), profile.settings.get("dense_measured_s"))
+    if line:
+        print(line)
+
+
+#: How far the dense plan's time may move between the profile and the validation round before
+#: the validation says that the plain error compares two states of the machine.
+DENSE_DRIFT_NOTE = 0.10
+
+
+def dense_drift_line(now_s: float | None, then_s: float | None) -> str:
+    """The dense plan's time in the validation round against the profile's, and when it moved by
+    more than :data:`DENSE_DRIFT_NOTE`, which of the two errors applies; empty without both times."""
+    if not now_s or not then_s:
+        return ""
+    drift = now_s / then_s - 1
+    line = f"dense plan now {now_s * 1e3:.2f} ms vs {then_s * 1e3:.2f} ms in the profile ({drift * 100:+.1f}%)"
+    if abs(drift) > DENSE_DRIFT_NOTE:
+        line += (": the machine is in another state than when profiled (on two threads, e.g. its two CPUs slowing "
+                 "each other), and pruned models move unlike the dense one between states, so the plain error "
+                 "compares the two states; the error with the state read is the one that applies now")
+    return line

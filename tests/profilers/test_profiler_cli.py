@@ -33,6 +33,7 @@ def test_profile_writes_a_validated_profile(tmp_path, capsys):
         for rt in ("torch", "onnxruntime"):
             assert rec[f"speedup_over_{rt}"] == pytest.approx(rec[f"{rt}_dense_s"] / rec["measured_s"])
     assert "vs torch eager" in text and "vs ONNX Runtime" in text and "dense model in the same round" in text
+    assert "dense plan now" in text and "in the profile" in text
 
 
 def test_from_revalidates_and_refuses_other_hardware_unless_forced(tmp_path, capsys):
@@ -61,3 +62,14 @@ def test_help_has_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["profile", "--help"])
     assert "spdy profile --model minilm --backend spdy-cpu" in capsys.readouterr().out
+
+
+def test_validation_says_when_the_dense_plan_moved_into_another_state():
+    from spdy.profilers.cli import dense_drift_line
+
+    assert dense_drift_line(None, 0.016) == "" and dense_drift_line(0.016, None) == ""
+    quiet = dense_drift_line(0.01596, 0.01595)
+    assert quiet.startswith("dense plan now 15.96 ms vs 15.95 ms in the profile (+0.1%)") and "state read" not in quiet
+    moved = dense_drift_line(0.01876, 0.01595)
+    assert "(+17.6%)" in moved and "another state" in moved and "state read is the one that applies" in moved
+    assert "another state" in dense_drift_line(0.0135, 0.01595)  # faster by more than 10% too
