@@ -52,8 +52,11 @@ ONNXRUNTIME = "onnxruntime"
 DENSE_PLAN = "dense_plan"
 #: the dense runtimes a user could deploy instead, in the order they are reported
 RUNTIMES = (TORCH, TORCH_CHANNELS_LAST, TORCH_COMPILE, ONNXRUNTIME)
+#: ONNX Runtime's dense model on one thread, next to a backend of several: never a reference, it
+#: reads the machine's state (:func:`spdy.measure.two_thread_states`)
+STATE_PROBE = "onnxruntime_1t"
 LABELS = {TORCH: "torch eager", TORCH_CHANNELS_LAST: "torch eager channels_last", TORCH_COMPILE: "torch.compile",
-          ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan"}
+          ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan", STATE_PROBE: "ONNX Runtime on 1 thread"}
 #: ONNX Runtime's output may differ from torch's by this much (relative to the largest output value)
 OUTPUT_RTOL = 1e-2
 
@@ -76,8 +79,14 @@ class DenseRuntimes:
     unavailable: Mapping[str, str] = field(default_factory=dict)
 
 
-def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
+def dense_runtimes(backend: Backend, bundle: Any, state_probe: bool = True) -> DenseRuntimes:
     """Runners of ``bundle``'s dense model in torch eager, torch.compile and ONNX Runtime, next to ``backend``.
+
+    With ``state_probe`` and a backend of two threads or more, also ONNX Runtime on one thread
+    (:data:`STATE_PROBE`, timed apart like ONNX Runtime): its time over ONNX Runtime's on the
+    backend's threads in the same round is that round's gain from the extra threads, which
+    tells the machine's states apart (:func:`spdy.measure.two_thread_states`). It is never a
+    reference.
 
     ``bundle`` is the model as the backend times it (:attr:`~spdy.models.base.ModelBundle.inference`).
     Torch eager always runs; torch.compile and ONNX Runtime are left out, with the reason, when
@@ -108,7 +117,21 @@ def dense_runtimes(backend: Backend, bundle: Any) -> DenseRuntimes:
     except _Unavailable as exc:
         unavailable[ONNXRUNTIME] = str(exc)
         log.info("ONNX Runtime is not measured as a dense reference for %s: %s", getattr(bundle, "name", "the model"), exc)
+    ort = runtimes.get(ONNXRUNTIME)
+    if state_probe and ort is not None and ort.timer is not None and int(getattr(backend, "threads", 1) or 1) >= 2:
+        try:
+            runtimes[STATE_PROBE] = _one_thread_onnxruntime(backend, bundle)
+        except Exception as exc:  # ONNX Runtime's global pool of another size in this process, its own errors
+            log.info("ONNX Runtime on one thread is not timed next to %s (%s): the rounds' states are not read",
+                     backend.name, _why(exc))
     return DenseRuntimes(runtimes, unavailable)
+
+
+def _one_thread_onnxruntime(backend: Backend, bundle: Any) -> DenseRuntime:
+    from spdy.profilers.ort_cpu import OrtCpuBackend
+
+    one = OrtCpuBackend(threads=1, policy=backend.policy, shared_pool=False)
+    return DenseRuntime(STATE_PROBE, one.dense_runner(bundle), one)
 
 
 class _Unavailable(Exception):
@@ -242,7 +265,7 @@ def time_with_runtimes(
             got.update(_time_apart(backend, apart))
         got.update({r.name: t for r, t in zip(same, timings[len(plans):])})
         out_plans.append(list(timings[:len(plans)]))
-        out_runtimes.append({n: got[n] for n in RUNTIMES if n in got})
+        out_runtimes.append({n: got[n] for n in (*RUNTIMES, STATE_PROBE) if n in got})
     return out_plans, out_runtimes
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +26,6 @@ def summary(samples: list[float]) -> dict[str, float]:
     med = statistics.median(samples)
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [med, med, med]
     return {"median": med, "min": min(samples), "iqr_rel": (q[2] - q[0]) / med if med else 0.0, "n": len(samples)}
-
-
-def split_states(gains: Sequence[float], gap: float) -> list[int]:
-    """Each cycle's state from its gain from the second thread: 1 (fast) above the widest gap
-    between the sorted gains, 0 below, when that gap is wider than ``gap`` and each side holds
-    at least two cycles; otherwise all 1 (one state)."""
-    import numpy as np
-
-    g = np.asarray(gains, dtype=np.float64)
-    if len(g) < 4:
-        return [1] * len(g)
-    s = np.sort(g)
-    widths = np.diff(s)[1:-1]  # at least two cycles on each side
-    k = int(np.argmax(widths)) + 1
-    if widths[k - 1] <= gap:
-        return [1] * len(g)
-    cut = (s[k] + s[k + 1]) / 2
-    return [int(x > cut) for x in g]
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

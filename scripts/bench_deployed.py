@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spdy.kernels as K  # noqa: E402  (first: one OpenMP runtime for torch and Numba)
 
 import torch  # noqa: E402
-from _common import split_states, write_json  # noqa: E402
+from _common import write_json  # noqa: E402
 
 import spdy  # noqa: E402
 from spdy.hardware import fingerprint  # noqa: E402
@@ -64,8 +64,10 @@ def blocks(fns: dict[str, Callable[[], Any]], rounds: int, calls: int, start: in
 def scaling_by_state(times: dict[int, dict[str, list[float]]], lo: int, hi: int, gap: float
                      ) -> tuple[list[int], dict[str, dict[str, Any]]]:
     """Each round's state from ONNX Runtime's gain from ``lo`` to ``hi`` threads in that round
-    (:func:`_common.split_states`), and per state, each model's gain (its ``lo``-thread time over
+    (:func:`spdy.results.split_states`), and per state, each model's gain (its ``lo``-thread time over
     its ``hi``-thread time, the median over the state's rounds) and the rounds counted."""
+    from spdy.results import split_states
+
     gains = [a / b for a, b in zip(times[lo]["ONNX Runtime"], times[hi]["ONNX Runtime"])]
     states = split_states(gains, gap)
     out: dict[str, dict[str, Any]] = {}

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_model("minilm")
     backend = get_backend("spdy-cpu", threads=args.threads)
-    runtimes = dense_runtimes(backend, bundle.inference)
+    runtimes = dense_runtimes(backend, bundle.inference, state_probe=False)
     if ONNXRUNTIME not in runtimes.runtimes:
         raise SystemExit(f"ONNX Runtime is not available here: {runtimes.unavailable.get(ONNXRUNTIME)}")
     ort, eager = runtimes.runtimes[ONNXRUNTIME].runner, runtimes.runtimes[TORCH].runner

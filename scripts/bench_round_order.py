@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     models = level_plans(profile, bundle, vectors)
     mid, _ = slots(len(models))
     plans = round_plans(dense, models, {n: LayerChoice(STANDIN) for n in t.layers})
-    runtimes = dense_runtimes(backend, inference)
+    runtimes = dense_runtimes(backend, inference, state_probe=False)
     same = {name: rt for name, rt in runtimes.runtimes.items() if rt.timer is None}
     extra = [rt.runner for rt in same.values()]
     print(f"{len(models)} random models, the dense plan in slots 0 and {mid}, then the base and "

@@ -33,7 +33,7 @@ import spdy.profilers  # noqa: F401  - before torch: one OpenMP runtime for torc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import split_states, write_json  # noqa: E402
+from _common import write_json  # noqa: E402
 
 from spdy.hardware import fingerprint  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
@@ -42,6 +42,7 @@ from spdy.profilers import get_backend  # noqa: E402
 from spdy.profilers.dense_runtimes import ONNXRUNTIME, dense_runtimes  # noqa: E402
 from spdy.profilers.ort_cpu import OrtCpuBackend  # noqa: E402
 from spdy.profilers.profiler import level_plans  # noqa: E402
+from spdy.results import split_states  # noqa: E402
 
 #: the columns of a cycle, in the order they are timed
 COLUMNS = ("ort_1t_cpu_a", "ort_1t_cpu_b", "ort_2t", "dense_plan", "pruned")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     level = int(np.argmin(np.abs(np.asarray(t.grid.levels) - args.sparsity)))
     dense, pruned = level_plans(profile, bundle, np.array([np.zeros(len(t.layers)), np.full(len(t.layers), level)],
                                                           dtype=np.int64))
-    runtimes = dense_runtimes(backend, inference)
+    runtimes = dense_runtimes(backend, inference, state_probe=False)
     if ONNXRUNTIME not in runtimes.runtimes:
         raise SystemExit(f"ONNX Runtime is not available here: {runtimes.unavailable.get(ONNXRUNTIME)}")
     ort2 = runtimes.runtimes[ONNXRUNTIME].runner

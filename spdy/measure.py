@@ -39,7 +39,7 @@ from spdy.choices import Choice
 from spdy.errors import InfeasibleBudgetError, InvalidInputError
 from spdy.models.base import ModelBundle, get_module
 from spdy.profile import Profile
-from spdy.profilers.dense_runtimes import DENSE_PLAN, LABELS, DenseRuntimes, time_with_runtimes
+from spdy.profilers.dense_runtimes import DENSE_PLAN, LABELS, STATE_PROBE, DenseRuntimes, time_with_runtimes
 from spdy.reference import FASTEST, MIN_DP_TARGET, Reference
 from spdy.results import Outcome
 from spdy.stages import CalibrationObjective, Prepared, Progress, check_reachable
@@ -802,7 +802,8 @@ def _clearly_faster(outcome: Outcome, reference: Reference) -> str | None:
     speedup over ``reference`` (that runtime ran the dense model clearly faster); else None."""
     if reference.asked != FASTEST or not reference.measured or not outcome.measured_speedup:
         return None
-    others = {rt: s for rt, s in outcome.runtime_speedups.items() if rt not in (DENSE_PLAN, reference.runtime)}
+    others = {rt: s for rt, s in outcome.runtime_speedups.items()
+              if rt not in (DENSE_PLAN, STATE_PROBE, reference.runtime)}
     if not others:
         return None
     rt = min(others, key=lambda k: others[k])

@@ -26,6 +26,27 @@ from spdy.io import atomic_write_json, read_json
 from spdy.models.base import ModelBundle, batchnorm_state
 from spdy.types import Solution
 
+#: The least gap between two rounds' gains from the second thread (ONNX Runtime's one-thread time
+#: over its time on the backend's threads) that splits the rounds into two states of the machine.
+STATE_GAP = 0.15
+
+
+def split_states(gains: Any, gap: float = STATE_GAP) -> list[int]:
+    """Each round's state from its gain from the extra threads: 1 (fast) above the widest gap
+    between the sorted gains, 0 (slow) below, when that gap is wider than ``gap`` and each side
+    holds at least two rounds; otherwise all 1 (one state)."""
+    g = np.asarray(gains, dtype=np.float64)
+    if len(g) < 4:
+        return [1] * len(g)
+    s = np.sort(g)
+    widths = np.diff(s)[1:-1]  # at least two rounds on each side
+    k = int(np.argmax(widths)) + 1
+    if widths[k - 1] <= gap:
+        return [1] * len(g)
+    cut = (s[k] + s[k + 1]) / 2
+    return [int(x > cut) for x in g]
+
+
 RESULT_SCHEMA = "spdy.search-result"
 #: 2: ``measured_speedup`` is over the reference dense runtime (``reference``), not over the dense plan
 RESULT_SCHEMA_VERSION = 2
@@ -62,8 +83,53 @@ class Outcome:
 
     def speedups_by_runtime(self) -> dict[str, dict[str, Any]]:
         """``{runtime: {"speedup", "rounds", "median", "p10", "p90", "min", "max"}}`` over each dense runtime."""
+        from spdy.profilers.dense_runtimes import STATE_PROBE
+
         return {rt: {"speedup": self.runtime_speedups.get(rt), **(self.speedup_summary(rt) or {})}
-                for rt in self.runtime_samples}
+                for rt in self.runtime_samples if rt != STATE_PROBE}
+
+    def speedups_by_state(self) -> dict[str, Any] | None:
+        """The rounds split by the machine's state, and per state the rounds, the median gain
+        from the extra threads and the median speedup over each dense runtime; None unless ONNX
+        Runtime was timed on one thread (``STATE_PROBE``) in every round.
+
+        ONNX Runtime on one thread keeps its speed in every state, so it is the yardstick: each
+        round's ``gain`` (its time over ONNX Runtime's on the backend's threads) reads the state of
+        ONNX Runtime's block, and its time over the dense plan's reads the state of the plans'
+        block (:func:`split_states` on each). A round whose two blocks agree is ``fast`` or
+        ``slow``; one whose blocks fell in different states is ``mixed`` and left out of both (its
+        speedups over ONNX Runtime read far off either way). When neither series shows two states,
+        every round is ``all``; when only one does, every round is ``mixed``. On two virtual CPUs that slow each other in spells, the slow state
+        is where ONNX Runtime gains least and the speedups over it read highest."""
+        from spdy.profilers.dense_runtimes import DENSE_PLAN, ONNXRUNTIME, STATE_PROBE
+
+        one = np.asarray(self.runtime_samples.get(STATE_PROBE, ()), dtype=np.float64)
+        many = np.asarray(self.runtime_samples.get(ONNXRUNTIME, ()), dtype=np.float64)
+        plan = np.asarray(self.runtime_samples.get(DENSE_PLAN, ()), dtype=np.float64)
+        if not len(one) or len(one) != len(many):
+            return None
+        gains = one / many  # (t_one / t_pruned) / (t_ort / t_pruned): ONNX Runtime's block
+        ort = np.asarray(split_states(gains))
+        # the dense plan against the yardstick: the plans' block (ONNX Runtime's states alone without it)
+        plan_state = np.asarray(split_states(one / plan)) if len(plan) == len(one) else ort
+        if ort.all() and plan_state.all():
+            both, names = ort, {1: "all"}
+        elif ort.all() or plan_state.all():
+            # one kind of block changed state and the other did not: which state the other was in is unknown
+            both, names = np.full(len(gains), -1), {-1: "mixed"}
+        else:
+            both, names = np.where(ort == plan_state, ort, -1), {1: "fast", 0: "slow", -1: "mixed"}
+        out: dict[str, Any] = {"gains": [float(x) for x in gains], "states": [names[int(x)] for x in both]}
+        for which, label in names.items():
+            mask = both == which
+            if not mask.any():
+                continue
+            out[label] = {"rounds": int(mask.sum()), "gain": float(np.median(gains[mask]))}
+            if which >= 0:
+                out[label]["speedup_by_runtime"] = {
+                    rt: float(np.median(np.asarray(v, dtype=np.float64)[mask]))
+                    for rt, v in self.runtime_samples.items() if rt != STATE_PROBE and len(v) == len(gains)}
+        return out
 
     def layers(self) -> dict[str, dict[str, Any]]:
         """``{layer: {"sparsity", "level", "pattern"[, "format"]}}`` (``level``: the grid level, 0 for N:M)."""
@@ -84,6 +150,7 @@ class Outcome:
             "measured_speedup": self.measured_speedup,
             "measured_speedup_samples": self.speedup_summary(),
             "measured_speedup_by_runtime": self.speedups_by_runtime(),
+            "measured_speedup_by_state": self.speedups_by_state(),
             "measured_time_s": self.measured_time_s,
             "calibration_loss": self.calibration_loss,
             "layers": self.layers(),
@@ -155,6 +222,7 @@ class SearchOutcome:
             "measured_speedup": self.measured_speedup,
             "measured_speedup_samples": self.result.speedup_summary(),
             "measured_speedup_by_runtime": self.result.speedups_by_runtime(),
+            "measured_speedup_by_state": self.result.speedups_by_state(),
             "measured_time_s": self.result.measured_time_s,
             "dense_measured_time_s": self.dense_measured_s,
             "dense_measured_time_s_by_runtime": self.dense_runtime_s,

@@ -202,6 +202,35 @@ def _model(args: argparse.Namespace) -> Any:
     return load_model(args.model, exclude=args.exclude, n_calibration=args.calibration)
 
 
+def _state_line(by_state: dict[str, Any] | None, reference: str, threads: int | None) -> str:
+    """What the rounds' states say about the measured speedup (see ``Outcome.speedups_by_state``):
+    ONNX Runtime's gain from its extra threads, and with two states the speedup over the
+    reference in each; empty without ONNX Runtime on one thread in every round."""
+    from spdy.profilers.dense_runtimes import LABELS
+
+    if not by_state:
+        return ""
+    n = f"{threads} threads" if threads else "its threads"
+    if "all" in by_state:
+        return (f"ONNX Runtime gained {by_state['all']['gain']:.2f}x from {n} over 1 in these rounds, alike in all "
+                f"{by_state['all']['rounds']}")
+    gains = by_state["gains"]
+    if "fast" not in by_state or "slow" not in by_state:
+        return (f"the machine changed state during these rounds (ONNX Runtime gained {min(gains):.2f}-{max(gains):.2f}x "
+                f"from {n} over 1; the CPUs slow each other in spells), and ONNX Runtime's blocks and the plans' did "
+                "not change together: the speedups over ONNX Runtime mix the two states. Time the deployed model "
+                "against it again on a quieter machine to know the speedup of each.")
+    fast, slow = by_state["fast"], by_state["slow"]
+    over = LABELS.get(reference, reference)
+    f_s, s_s = fast["speedup_by_runtime"].get(reference), slow["speedup_by_runtime"].get(reference)
+    both = f": over {over} {f_s:.2f}x in the fast rounds, {s_s:.2f}x in the slow ones" if f_s and s_s else ""
+    mixed = by_state.get("mixed", {}).get("rounds", 0)
+    left = f"; {mixed} round{'s' if mixed > 1 else ''} with the blocks in different states left out" if mixed else ""
+    return (f"the machine ran in two states: in {slow['rounds']} of {len(gains)} rounds ONNX Runtime gained only "
+            f"{slow['gain']:.2f}x from {n} over 1 ({fast['gain']:.2f}x in {fast['rounds']}; the CPUs slowed each "
+            f"other){both}{left}. Deployed, expect the fast rounds' figure where the CPUs do not contend.")
+
+
 def _print_outcome(res: Any, args: argparse.Namespace) -> None:
     """The table of SPDY and the baselines, the fit, the stage times and the warnings."""
     from spdy.api import Outcome
@@ -231,6 +260,9 @@ def _print_outcome(res: Any, args: argparse.Namespace) -> None:
         print(f"{name:<10} {meas} {spread:>20}{cols} {o.solution.predicted_speedup:10.2f}x {o.calibration_loss:12.5g}")
     print(f"(measured: the {label} of every round this model was timed in, over {ref.label if ref else 'the dense plan'}; "
           "vs each dense runtime the same, p10-p90 in brackets; *predicted: the latency model's, over the dense plan)")
+    line = _state_line(res.result.speedups_by_state(), ref.runtime if ref else DENSE_PLAN, res.settings.get("threads"))
+    if line:
+        print(line)
     for f in res.fit:
         over = f" [over {LABELS[f['reference']]}, after the switch]" if f.get("reference") in LABELS else ""
         if f.get("matched"):

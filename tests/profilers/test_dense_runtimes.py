@@ -14,6 +14,8 @@ from spdy.models.base import ModelBundle
 from spdy.profilers import as_numpy, get_backend
 from spdy.profilers.dense_runtimes import (
     ONNXRUNTIME,
+    RUNTIMES,
+    STATE_PROBE,
     TORCH,
     TORCH_CHANNELS_LAST,
     TORCH_COMPILE,
@@ -132,3 +134,17 @@ def test_a_cnn_is_also_timed_in_channels_last_and_an_mlp_is_not(tiny_conv, tiny_
     assert TORCH_CHANNELS_LAST not in mlp.runtimes and TORCH_CHANNELS_LAST not in mlp.unavailable  # not listed at all
     with pytest.raises(ReferenceUnavailableError, match="4-D image batch"):
         check_available(TORCH_CHANNELS_LAST, mlp)
+
+
+def test_onnx_runtime_on_one_thread_is_timed_next_to_a_two_thread_backend_to_read_the_state(tiny_mlp):
+    be = get_backend("spdy-cpu", threads=2, policy=TEST_POLICY)
+    rts = dense_runtimes(be, tiny_mlp)
+    probe = rts.runtimes[STATE_PROBE]
+    assert isinstance(probe.timer, OrtCpuBackend) and probe.timer.threads == 1
+    np.testing.assert_allclose(as_numpy(probe.runner()), as_numpy(rts.runtimes[ONNXRUNTIME].runner()), rtol=1e-5, atol=1e-6)
+    per_plan, per_runtime = time_with_runtimes(be, tiny_mlp, [{}], rts, rounds=2)
+    assert all(set(r) == {TORCH, TORCH_COMPILE, ONNXRUNTIME, STATE_PROBE} for r in per_runtime)
+    # never a reference: not among the runtimes a user could deploy
+    assert STATE_PROBE not in RUNTIMES
+    assert STATE_PROBE not in dense_runtimes(be, tiny_mlp, state_probe=False).runtimes
+    assert STATE_PROBE not in dense_runtimes(get_backend("spdy-cpu", threads=1, policy=TEST_POLICY), tiny_mlp).runtimes

@@ -9,19 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
-from _common import split_states  # noqa: E402
 from bench_thread_state import COLUMNS, interleaved_ms, state_rows  # noqa: E402
-
-
-def test_two_clusters_of_gains_split_at_the_widest_gap() -> None:
-    gains = [1.85, 1.43, 1.88, 1.41, 1.87, 1.86, 1.44]
-    assert split_states(gains, gap=0.15) == [1, 0, 1, 0, 1, 1, 0]
-
-
-def test_one_state_when_no_gap_is_wide_enough_or_one_side_is_a_lone_outlier() -> None:
-    assert split_states([1.85, 1.80, 1.90, 1.83, 1.87], gap=0.15) == [1] * 5
-    assert split_states([1.85, 1.20, 1.88, 1.86, 1.87], gap=0.15) == [1] * 5  # one slow cycle is no state
-    assert split_states([1.85, 1.4, 1.86], gap=0.15) == [1] * 3  # too few cycles to tell
 
 
 def test_state_rows_take_medians_and_the_pruned_models_speedups_per_state() -> None:
