@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_validation(profile: Any) -> None:
     from spdy.profilers import signed_validation_error, state_validation_errors, validation_error
     from spdy.profilers.profiler import STATE_ANCHORS
-    from spdy.profilers.dense_runtimes import LABELS, RUNTIMES
+    from spdy.profilers.dense_runtimes import LABELS, ONNXRUNTIME, RUNTIMES, STATE_PROBE
 
     t = profile.table
     over = [rt for rt in RUNTIMES if f"speedup_over_{rt}" in profile.validation[0]]
@@ -169,9 +169,12 @@ def _print_validation(profile: Any) -> None:
         print(f"{pred:9.2f}x {meas:8.2f}x {err * 100:+6.1f}%" + "".join(f" {r[f'speedup_over_{rt}']:15.2f}x" for rt in over))
     if over:
         r = profile.validation[-1]
+        one, many = r.get(f"{STATE_PROBE}_dense_s"), r.get(f"{ONNXRUNTIME}_dense_s")
+        gain = (f", {LABELS[STATE_PROBE]} {one * 1e3:.2f} ms (its gain from {profile.settings.get('threads')} threads: "
+                f"{one / many:.2f}x)") if one and many else ""
         print("dense model in the same round: " + ", ".join(
             [f"the dense plan {r['dense_measured_s'] * 1e3:.2f} ms"] + [f"{LABELS[rt]} {r[f'{rt}_dense_s'] * 1e3:.2f} ms"
-                                                                          for rt in over]))
+                                                                          for rt in over]) + gain)
     err = validation_error(profile.validation)
     if not math.isnan(err):
         print(f"median |predicted - measured| / measured: {err * 100:.1f}% (signed: "

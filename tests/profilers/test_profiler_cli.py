@@ -73,3 +73,18 @@ def test_validation_says_when_the_dense_plan_moved_into_another_state():
     moved = dense_drift_line(0.01876, 0.01595)
     assert "(+17.6%)" in moved and "another state" in moved and "state read is the one that applies" in moved
     assert "another state" in dense_drift_line(0.0135, 0.01595)  # faster by more than 10% too
+
+
+def test_validation_names_onnx_runtimes_gain_from_its_threads_where_it_ran_on_one_too(tmp_path, capsys):
+    from spdy.profile import Profile
+    from spdy.profilers.cli import _print_validation
+
+    rc, out = _profile(tmp_path, "--validate", "1")
+    assert rc == 0
+    d = json.loads(out.read_text())
+    rec = d["validation"][-1]
+    rec["onnxruntime_1t_dense_s"] = 1.4 * rec["onnxruntime_dense_s"]  # as a 2-thread run's probe would read
+    capsys.readouterr()
+    _print_validation(Profile.from_json(d))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("dense model in the same round"))
+    assert line.endswith("(its gain from 1 threads: 1.40x)") and "ONNX Runtime on 1 thread" in line
