@@ -22,6 +22,11 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[flo
     return out
 
 
+def block_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Median milliseconds per call over ``calls`` calls of ``fn`` (no warm-up)."""
+    return statistics.median(time_calls(fn, calls, warmup=0)) * 1e3
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     med = statistics.median(samples)
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [med, med, med]

@@ -19,29 +19,17 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import spdy.profilers  # noqa: F401  - before torch: one OpenMP runtime for torch and Numba
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import block_ms, write_json  # noqa: E402
 
 from spdy.hardware import fingerprint  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
 from spdy.profilers import get_backend  # noqa: E402
 from spdy.profilers.dense_runtimes import ONNXRUNTIME, TORCH, dense_runtimes  # noqa: E402
-
-
-def block_ms(fn: Callable[[], Any], calls: int) -> float:
-    """Median milliseconds per call over ``calls`` calls."""
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def thread_ticks() -> dict[int, int]:

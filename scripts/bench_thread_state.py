@@ -33,7 +33,7 @@ import spdy.profilers  # noqa: F401  - before torch: one OpenMP runtime for torc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import block_ms, write_json  # noqa: E402
 
 from spdy.hardware import fingerprint  # noqa: E402
 from spdy.models.base import load_model  # noqa: E402
@@ -46,16 +46,6 @@ from spdy.results import split_states  # noqa: E402
 
 #: the columns of a cycle, in the order they are timed
 COLUMNS = ("ort_1t_cpu_a", "ort_1t_cpu_b", "ort_2t", "dense_plan", "pruned")
-
-
-def block_ms(fn: Callable[[], Any], calls: int) -> float:
-    """Median milliseconds per call over ``calls`` calls."""
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def interleaved_ms(fns: Sequence[Callable[[], Any]], calls: int) -> list[float]:
