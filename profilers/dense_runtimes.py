@@ -53,7 +53,7 @@ DENSE_PLAN = "dense_plan"
 #: the dense runtimes a user could deploy instead, in the order they are reported
 RUNTIMES = (TORCH, TORCH_CHANNELS_LAST, TORCH_COMPILE, ONNXRUNTIME)
 #: ONNX Runtime's dense model on one thread, next to a backend of several: never a reference, it
-#: reads the machine's state (:func:`spdy.measure.two_thread_states`)
+#: reads the machine's state (:meth:`spdy.results.Outcome.speedups_by_state`)
 STATE_PROBE = "onnxruntime_1t"
 LABELS = {TORCH: "torch eager", TORCH_CHANNELS_LAST: "torch eager channels_last", TORCH_COMPILE: "torch.compile",
           ONNXRUNTIME: "ONNX Runtime", DENSE_PLAN: "dense plan", STATE_PROBE: "ONNX Runtime on 1 thread"}
@@ -85,7 +85,7 @@ def dense_runtimes(backend: Backend, bundle: Any, state_probe: bool = True) -> D
     With ``state_probe`` and a backend of two threads or more, also ONNX Runtime on one thread
     (:data:`STATE_PROBE`, timed apart like ONNX Runtime): its time over ONNX Runtime's on the
     backend's threads in the same round is that round's gain from the extra threads, which
-    tells the machine's states apart (:func:`spdy.measure.two_thread_states`). It is never a
+    tells the machine's states apart (:meth:`spdy.results.Outcome.speedups_by_state`). It is never a
     reference.
 
     ``bundle`` is the model as the backend times it (:attr:`~spdy.models.base.ModelBundle.inference`).

@@ -99,8 +99,9 @@ class Outcome:
         block (:func:`split_states` on each). A round whose two blocks agree is ``fast`` or
         ``slow``; one whose blocks fell in different states is ``mixed`` and left out of both (its
         speedups over ONNX Runtime read far off either way). When neither series shows two states,
-        every round is ``all``; when only one does, every round is ``mixed``. On two virtual CPUs that slow each other in spells, the slow state
-        is where ONNX Runtime gains least and the speedups over it read highest."""
+        every round is ``all``; when only one does, every round is ``mixed``. On two virtual CPUs
+        that slow each other in spells, the slow state is where ONNX Runtime gains least and the
+        speedups over it read highest."""
         from spdy.profilers.dense_runtimes import DENSE_PLAN, ONNXRUNTIME, STATE_PROBE
 
         one = np.asarray(self.runtime_samples.get(STATE_PROBE, ()), dtype=np.float64)
