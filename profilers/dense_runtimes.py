@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -118,7 +118,7 @@ def dense_runtimes(backend: Backend, bundle: Any, state_probe: bool = True) -> D
         unavailable[ONNXRUNTIME] = str(exc)
         log.info("ONNX Runtime is not measured as a dense reference for %s: %s", getattr(bundle, "name", "the model"), exc)
     ort = runtimes.get(ONNXRUNTIME)
-    if state_probe and ort is not None and ort.timer is not None and int(getattr(backend, "threads", 1) or 1) >= 2:
+    if state_probe and ort is not None and ort.timer is not None and backend.threads >= 2:
         try:
             runtimes[STATE_PROBE] = _one_thread_onnxruntime(backend, bundle)
         except Exception as exc:  # ONNX Runtime's global pool of another size in this process, its own errors
@@ -127,10 +127,18 @@ def dense_runtimes(backend: Backend, bundle: Any, state_probe: bool = True) -> D
     return DenseRuntimes(runtimes, unavailable)
 
 
+#: Samples per round of ONNX Runtime on one thread (:data:`STATE_PROBE`): its time does not move
+#: with the state it reads, and the two states' gains differ by a quarter, so a few calls do.
+PROBE_REPEATS = 6
+
+
 def _one_thread_onnxruntime(backend: Backend, bundle: Any) -> DenseRuntime:
     from spdy.profilers.ort_cpu import OrtCpuBackend
 
-    one = OrtCpuBackend(threads=1, policy=backend.policy, shared_pool=False)
+    p = backend.policy
+    reps = max(p.min_samples, PROBE_REPEATS)
+    one = OrtCpuBackend(threads=1, shared_pool=False,
+                        policy=replace(p, min_repeats=reps, model_min_repeats=reps, max_repeats=2 * reps))
     return DenseRuntime(STATE_PROBE, one.dense_runner(bundle), one)
 
 

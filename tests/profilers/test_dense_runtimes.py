@@ -14,6 +14,7 @@ from spdy.models.base import ModelBundle
 from spdy.profilers import as_numpy, get_backend
 from spdy.profilers.dense_runtimes import (
     ONNXRUNTIME,
+    PROBE_REPEATS,
     RUNTIMES,
     STATE_PROBE,
     TORCH,
@@ -141,6 +142,9 @@ def test_onnx_runtime_on_one_thread_is_timed_next_to_a_two_thread_backend_to_rea
     rts = dense_runtimes(be, tiny_mlp)
     probe = rts.runtimes[STATE_PROBE]
     assert isinstance(probe.timer, OrtCpuBackend) and probe.timer.threads == 1
+    # a few calls a round: its time does not move with the state it reads
+    reps = max(TEST_POLICY.min_samples, PROBE_REPEATS)
+    assert probe.timer.policy.for_models().min_repeats == reps and probe.timer.policy.for_models().max_repeats == 2 * reps
     np.testing.assert_allclose(as_numpy(probe.runner()), as_numpy(rts.runtimes[ONNXRUNTIME].runner()), rtol=1e-5, atol=1e-6)
     per_plan, per_runtime = time_with_runtimes(be, tiny_mlp, [{}], rts, rounds=2)
     assert all(set(r) == {TORCH, TORCH_COMPILE, ONNXRUNTIME, STATE_PROBE} for r in per_runtime)
