@@ -77,5 +77,7 @@ def test_the_cli_states_both_states_speedups_and_says_which_to_expect_deployed()
     assert "over ONNX Runtime 1.80x in the fast rounds, 2.03x in the slow ones; 1 round with the blocks" in line
     one = _state_line({"gains": [1.84] * 5, "all": {"rounds": 5, "gain": 1.84}}, ONNXRUNTIME, 2)
     assert one.startswith("ONNX Runtime gained 1.84x from 2 threads over 1") and "alike in all 5" in one
+    few = _state_line({"gains": [1.84] * 3, "all": {"rounds": 3, "gain": 1.84}}, ONNXRUNTIME, 2)
+    assert "3 rounds, too few to tell two states apart" in few
     mixed = _state_line({"gains": [1.4, 1.86, 1.41], "mixed": {"rounds": 3, "gain": 1.41}}, ONNXRUNTIME, 2)
     assert "gained 1.40-1.86x" in mixed and "mix the two states" in mixed

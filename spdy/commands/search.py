@@ -212,8 +212,9 @@ def _state_line(by_state: dict[str, Any] | None, reference: str, threads: int | 
         return ""
     n = f"{threads} threads" if threads else "its threads"
     if "all" in by_state:
-        return (f"ONNX Runtime gained {by_state['all']['gain']:.2f}x from {n} over 1 in these rounds, alike in all "
-                f"{by_state['all']['rounds']}")
+        k = by_state["all"]["rounds"]
+        alike = f"alike in all {k}" if k >= 4 else f"{k} rounds, too few to tell two states apart"
+        return f"ONNX Runtime gained {by_state['all']['gain']:.2f}x from {n} over 1 in these rounds ({alike})"
     gains = by_state["gains"]
     if "fast" not in by_state or "slow" not in by_state:
         return (f"the machine changed state during these rounds (ONNX Runtime gained {min(gains):.2f}-{max(gains):.2f}x "
