@@ -55,6 +55,8 @@ from spdy.kernels.ffn import ffn_into, fusable  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
 from spdy.kernels.qkv import fusable as qkv_fusable  # noqa: E402
 from spdy.kernels.qkv import qkv_into  # noqa: E402
+from spdy.kernels.residual import fusable as residual_fusable  # noqa: E402
+from spdy.kernels.residual import residual_into  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -571,13 +573,14 @@ def _plain_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Te
 
 
 def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bias: Any,
-                fuse: bool = True, fuse_qkv: bool = True) -> torch.Tensor:
+                fuse: bool = True, fuse_qkv: bool = True, fuse_out: bool = True) -> torch.Tensor:
     """One BERT layer, eval mode: self-attention, output projection, residual and LayerNorm, then
     the feed-forward with its residual and LayerNorm (transformers' BertLayer, minus its wrappers).
     ``fuse``: the feed-forward as one fused block where both projections are sparse
     (:func:`_fusable_ffn`). ``fuse_qkv``: the query, key and value projections as one call where
     all three are sparse (:func:`_fusable_qkv`), the attention reading its output in place.
-    Submodules are read with :func:`_children`: this is serial Python on every pass, which a second
+    ``fuse_out``: the attention's output projection with the residual and the LayerNorm in its
+    epilogue where it is sparse (:func:`_fusable_out`). Submodules are read with :func:`_children`: this is serial Python on every pass, which a second
     thread does not shorten."""
     B, T, _ = x.shape
     att, inter, out = _children(layer, "attention", "intermediate", "output")
@@ -598,7 +601,16 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
         else:
             a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
     dense, norm_a = _children(ao, "dense", "LayerNorm")
-    x = norm_a(dense(a.reshape(B, T, H * D)) + x)
+    a = a.reshape(B, T, H * D)
+    if fuse_out and _fusable_out(dense, a, x):
+        p_out = dense.prepared
+        y = torch.empty_like(x)
+        norm = _layer_norm(norm_a, p_out.out_features)
+        residual_into(a.numpy().reshape(-1, p_out.in_features), x.numpy().reshape(-1, p_out.out_features),
+                      y.numpy().reshape(-1, p_out.out_features), p_out, norm)
+        x = y if norm is not None else norm_a(y)
+    else:
+        x = norm_a(dense(a) + x)
     up, act = _children(inter, "dense", "intermediate_act_fn")
     down, ln = _children(out, "dense", "LayerNorm")
     if fuse and _fusable_ffn(up, act, down, x):
@@ -644,6 +656,18 @@ def _fusable_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Te
             and x.numel() > 0 and x.shape[-1] == query.in_features)
 
 
+def _fusable_out(dense: nn.Module, a: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether an attention's output projection ``dense`` can run with the residual ``x`` in its
+    epilogue (:func:`spdy.kernels.residual.residual_into`) on the attention output ``a``: a sparse
+    Linear in a multithreaded sparse format, ``a`` and ``x`` contiguous fp32 CPU tensors without
+    grad of the widths it reads and writes, with the same tokens."""
+    return (type(dense) is SparseLinear and residual_fusable(dense.prepared)
+            and a.dtype is torch.float32 and x.dtype is torch.float32 and a.is_contiguous() and x.is_contiguous()
+            and not a.requires_grad and not x.requires_grad and a.numel() > 0
+            and a.shape[-1] == dense.in_features and x.shape[-1] == dense.out_features
+            and a.shape[:-1] == x.shape[:-1])
+
+
 def _fusable_ffn(up: nn.Module, act: Any, down: nn.Module, x: torch.Tensor) -> bool:
     """Whether a feed-forward (``up`` projection, activation ``act``, ``down`` projection, residual)
     can run as one fused block (:func:`spdy.kernels.ffn.ffn_into`) on ``x``: both projections sparse
@@ -683,6 +707,28 @@ def qkv_triples(model: nn.Module) -> list[tuple[str, str, str]]:
     return triples  # type: ignore[return-value]
 
 
+def out_singles(model: nn.Module) -> list[tuple[str]]:
+    """The output projection name of every BERT self-attention in ``model`` that
+    :class:`EncoderForward` runs with the residual and the LayerNorm in its epilogue when it is
+    sparse (see :func:`_fusable_out`): the layers of each encoder :func:`fast_encoder` switches (or
+    will switch), as one-layer groups."""
+    singles = []
+    for name, m in model.named_modules():
+        if _bert_encoder(m, attention=False):
+            for k in range(len(m.encoder.layer)):
+                pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
+                singles.append((f"{pre}.attention.output.dense",))
+    return singles
+
+
+def set_out_fusion(model: nn.Module, enabled: bool) -> int:
+    """Turn the attention output projections' residual-and-LayerNorm epilogue of every switched
+    encoder in ``model`` on or off (on by default); returns how many encoders it set. Off, the
+    projection runs on its own and torch adds and normalises, as a profile times it alone: the
+    profiler measures what the epilogue saves this way."""
+    return _set_encoders(model, "fuse_out", enabled)
+
+
 def set_qkv_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the one-call query, key and value projections of every switched encoder in ``model`` on
     or off (on by default); returns how many encoders it set. Off, each projection runs on its own,
@@ -719,14 +765,18 @@ class EncoderForward:
     layer's two feed-forward projections are both sparse, they run as one fused block with the
     GELU, the residual and the LayerNorm (:func:`spdy.kernels.ffn.ffn_into`) unless ``fuse_ffn`` is False
     (:func:`set_ffn_fusion`); where its query, key and value projections are all sparse, they run as
-    one call (:func:`spdy.kernels.qkv.qkv_into`) unless ``fuse_qkv`` is False (:func:`set_qkv_fusion`).
+    one call (:func:`spdy.kernels.qkv.qkv_into`) unless ``fuse_qkv`` is False (:func:`set_qkv_fusion`);
+    where its attention output projection is sparse, the residual and the LayerNorm run in that
+    projection's epilogue (:func:`spdy.kernels.residual.residual_into`) unless ``fuse_out`` is False
+    (:func:`set_out_fusion`).
     Any other call runs the model's own forward.
     """
 
-    def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_qkv: bool = True) -> None:
+    def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_qkv: bool = True, fuse_out: bool = True) -> None:
         self.model = model
         self.fuse_ffn = fuse_ffn
         self.fuse_qkv = fuse_qkv
+        self.fuse_out = fuse_out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.model
@@ -743,7 +793,8 @@ class EncoderForward:
         bias = kattn.mask_bias(keep, B, T, T)  # None when nothing is masked
         for layer in m.encoder.layer:
             # older pickles lack the switches
-            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True), getattr(self, "fuse_qkv", True))
+            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True), getattr(self, "fuse_qkv", True),
+                            getattr(self, "fuse_out", True))
         pooled = m.pooler(x) if getattr(m, "pooler", None) is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled)
 

@@ -533,6 +533,41 @@ def test_fast_encoder_runs_sparse_query_key_value_as_one_call_and_matches_the_un
     torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
 
 
+def test_fast_encoder_runs_a_sparse_attention_output_with_its_residual_and_norm_and_matches_the_unfused_model(
+        threads: int) -> None:
+    model = _minilm()
+    names = [f"encoder.layer.{k}.attention.output.dense" for k in range(6)]
+    _prune_by_magnitude(model, names, 0.9)
+    ref = copy.deepcopy(model)
+    runtime.fast_base(model)
+    # layers 0-2, 4, 5 sparse (epilogue; layer 4 in a blocked format), layer 3 dense (torch adds and normalises)
+    swaps = {n: runtime.SparseLinear.from_linear(model.get_submodule(n), "bcsr1x4" if ".4." in n else "csr")
+             for n in names if n != names[3]}
+    runtime.swap_modules(model, swaps)
+    assert runtime.out_singles(model) == [(n,) for n in names]
+    assert runtime.out_singles(nn.Linear(2, 2)) == []
+    calls = []
+    real = runtime.residual_into
+    runtime.residual_into = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    try:
+        ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(6))
+        mask = torch.ones_like(ids)
+        mask[0, 33:] = 0
+        with torch.inference_mode():
+            a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(calls) == 5
+            assert runtime.set_out_fusion(model, False) == 1
+            b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(calls) == 5  # off: the projection on its own, torch's add and LayerNorm
+            runtime.set_out_fusion(model, True)
+            r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        runtime.residual_into = real
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
+    torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
+
+
 def test_children_reads_submodules_and_plain_attributes() -> None:
     m = nn.Sequential()
     m.add_module("dense", nn.Linear(2, 2))

@@ -709,6 +709,39 @@ def ffn_forward(x, T, K, M, O, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, co
 
 
 @njit(parallel=True, **_JIT)
+def residual_forward(x, r, T, K, O, ptr, n_panels, col, val, blocked, bias, norm, gamma, beta, eps, XP, RP, YP, y,
+                     nthreads):
+    """Y = X W^T + b + R (then LayerNorm): one sparse layer with the residual add and the LayerNorm
+    after it in its epilogue (a transformer's attention output block).
+
+    Each thread takes a contiguous run of token tiles and for each: packs the tile of X into
+    its [K, Lt] buffer and the tile of R [T, O] into its [O, Lt] buffer, multiplies into its
+    [O, Lt] output buffer, adds the packed residual, normalises each token over its O
+    channels when ``norm`` (``gamma``, ``beta``, ``eps``) and writes the tile out to y [T, O].
+    The sum never leaves the thread's caches; one dispatch instead of three operators.
+    ``XP``/``RP``/``YP``: 64-byte aligned scratch of ``nthreads * TILE`` times K / O / O
+    floats. Needs at least as many tiles as threads to use them all.
+    """
+    n_tiles = (T + TILE - 1) // TILE
+    for c in prange(nthreads):
+        lo = n_tiles * c // nthreads
+        hi = n_tiles * (c + 1) // nthreads
+        xs = c * K * TILE
+        rs = c * O * TILE
+        ys = c * O * TILE
+        for tile in range(lo, hi):
+            t0 = tile * TILE
+            Lt = tile_width(T, t0)
+            _pack_tile(x, T, K, XP, xs, t0, Lt)
+            _tile_rows(col, val, ptr, n_panels, O, 0, O, Lt, XP, xs, YP, ys, bias, Lt, blocked)
+            _pack_tile(r, T, O, RP, rs, t0, Lt)
+            _add_tile(YP, ys, RP, rs, O * Lt)
+            if norm:
+                _layernorm_tile(YP, ys, O, Lt, gamma, beta, eps)
+            _unpack_rows_tokens_major(YP, ys, Lt, O, y, t0, T, 0, O)
+
+
+@njit(parallel=True, **_JIT)
 def qkv_forward(x, T, K, O1, O2, O3, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, col2, val2, blk2, bias2,
                 ptr3, np3, col3, val3, blk3, bias3, XP, YP, y, nthreads):
     """Y = [X W1^T + b1, X W2^T + b2, X W3^T + b3]: three sparse layers on one input (a
