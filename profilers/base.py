@@ -345,6 +345,18 @@ class Backend(ABC):
         each layer on its own (only for a backend with :meth:`fused_triples`)."""
         raise NotImplementedError(f"backend {self.name!r} runs no layers as one call")
 
+    def fused_singles(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int]]:
+        """Layers of ``specs`` (indices, as one-element groups) that this runtime runs with the work
+        after them in their epilogue when in a format of :data:`spdy.types.FUSED_FORMATS` (a
+        self-attention's output projection with the residual and the LayerNorm); empty (the default)
+        when it fuses none."""
+        return []
+
+    def single_fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        """Two :meth:`model_runner` of the same plan, with the fused singles' epilogues and without
+        (only for a backend with :meth:`fused_singles`)."""
+        raise NotImplementedError(f"backend {self.name!r} fuses no epilogues")
+
     def layer_call_overhead_s(self) -> float:
         """Seconds a layer runner pays per call that the layer does not pay inside the model
         (e.g. ONNX Runtime's per-``Run`` cost); subtracted from layer times. Default 0."""

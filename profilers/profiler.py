@@ -64,8 +64,10 @@ FIT_SEED_OFFSET = 10_000
 #: torch.broadcast_shapes): the base about 0.1-0.3 ms shorter. 9: whole models are timed in a
 #: shuffled order each round (:attr:`TimingPolicy.shuffle`), so that no model always follows the
 #: same one. 10: a BERT self-attention's query, key and value projections run as one call where all
-#: three are sparse, and the table takes a third of the measured saving off each.
-LATENCY_MODEL_VERSION = 10
+#: three are sparse, and the table takes a third of the measured saving off each. 11: a BERT
+#: self-attention's output projection runs with the residual and the LayerNorm in its epilogue where
+#: it is sparse, and the table takes the measured saving off its sparse times.
+LATENCY_MODEL_VERSION = 11
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
@@ -250,7 +252,9 @@ def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Laye
     number of groups, averaged over the levels, and never below zero. For a feed-forward pair it
     holds the pair's own relayouts, the GELU, the residual add and the LayerNorm that the base runs
     on their own, and the dispatches between them; for a query-key-value triple, two packings of
-    the input, two dispatches and two module calls.
+    the input, two dispatches and two module calls; for an attention output projection with the
+    residual and the LayerNorm in its epilogue, torch's add and LayerNorm and a pass of the sum
+    through memory.
     """
     if not pairs:
         return 0.0, {}
@@ -441,28 +445,34 @@ def profile_model(
     triples = backend.fused_triples(bundle, specs)
     t_saving, t_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, triples,
                                         backend.triple_fusion_runners, "triples")
+    singles = backend.fused_singles(bundle, specs)
+    s_saving, s_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, singles,
+                                        backend.single_fusion_runners, "epilogues")
+    calls = [(triples, t_saving), (singles, s_saving)]
     if progress:
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
     kept = _kept(layers, grid.levels, patterns)
     terms = fit.terms(cands, base.median_s, kept,
                       [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving,
-                      triples, t_saving)
+                      calls)
     S = len(grid)
     credit = np.zeros(len(specs))
     for i, j in pairs:  # a format that fuses is worth its share of the pair's saving when formats are picked
         credit[[i, j]] = saving / 2
-    for tri in triples:
-        credit[list(tri)] += t_saving / 3
+    for members, each in calls:
+        for g in members:
+            credit[list(g)] += each / len(g)
     times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S], credit)
-    _credit_triples(times, formats, triples, t_saving)
+    for members, each in calls:
+        _credit_groups(times, formats, members, each)
     settings: dict[str, Any] = {
         **backend.settings(), **model_settings(bundle, specs), "latency_model_version": LATENCY_MODEL_VERSION,
         "base_spread": base.spread, "dense_measured_s": dense.median_s,
         "anchor_models": [{"sparsity": float(grid.levels[e]), "measured_s": t.median_s} for e, t in anchored],
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
-        "in_model": terms.to_json(), "fused_pairs": fusion, "fused_triples": t_fusion,
+        "in_model": terms.to_json(), "fused_pairs": fusion, "fused_triples": t_fusion, "fused_epilogues": s_fusion,
         "profile_seconds": round(time.perf_counter() - t_start, 1),
         "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),
@@ -478,19 +488,20 @@ def profile_model(
                    **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle, kept[:, S:]))
 
 
-def _credit_triples(times: np.ndarray, formats: Sequence[Sequence[str]], triples: Sequence[tuple[int, int, int]],
-                    saving: float) -> None:
-    """Take a third of a triple's measured ``saving`` off each of its layers' times, in place, at every
-    level whose format fuses. The runtime saves it when all three run such a format; the DP adds
-    layers up one by one, so this is exact where the three layers' formats all fuse (on MiniLM every
-    level's format did) and credits a layer beside a non-fusing one a third it does not save."""
+def _credit_groups(times: np.ndarray, formats: Sequence[Sequence[str]], groups: Sequence[tuple[int, ...]],
+                   saving: float) -> None:
+    """Take an equal share of a group's measured ``saving`` (a third of a query-key-value triple's,
+    all of a one-layer epilogue's) off each of its layers' times, in place, at every level whose
+    format fuses. The runtime saves it when all the group's layers run such a format; the DP adds
+    layers up one by one, so this is exact where their formats all fuse (on MiniLM every level's
+    format did) and credits a layer beside a non-fusing one a share it does not save."""
     if saving <= 0:
         return
-    for tri in triples:
-        for i in tri:
+    for g in groups:
+        for i in g:
             for e, f in enumerate(formats[i]):
                 if f in FUSED_FORMATS:
-                    times[i, e] = max(times[i, e] - saving / 3, 0.0)
+                    times[i, e] = max(times[i, e] - saving / len(g), 0.0)
 
 
 class _FitRounds:
@@ -535,12 +546,14 @@ class _FitRounds:
 
     def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, kept: np.ndarray,
               anchors: Sequence[tuple[int, Sequence[str], float]], pairs: Sequence[tuple[int, int]] = (),
-              saving: float = 0.0, triples: Sequence[tuple[int, int, int]] = (), t_saving: float = 0.0
+              saving: float = 0.0, calls: Sequence[tuple[Sequence[tuple[int, ...]], float]] = ()
               ) -> InModelTerms:
         """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchors`` =
         [(grid level, the formats, measured seconds)] of the models timed with the base; ``pairs``
         the fused pairs, each saving ``saving`` seconds where both layers run a format that fuses;
-        ``triples`` the layers run as one call, each saving ``t_saving`` where all three do."""
+        ``calls`` = [(groups, saving)]: groups of layers the runtime runs as one call (query-key-value
+        triples, one-layer epilogues), each saving that many seconds where all its layers run a
+        format that fuses."""
         if not self.ratios or self.vectors is None:
             return InModelTerms()
 
@@ -550,7 +563,8 @@ class _FitRounds:
                                [_serial(f) for f in fm])
             # the first feature's coefficient is fixed at 1: the fused pairs' measured saving comes off it
             F[0] -= saving * sum(fm[i] in FUSED_FORMATS and fm[j] in FUSED_FORMATS for i, j in pairs)
-            F[0] -= t_saving * sum(all(fm[i] in FUSED_FORMATS for i in tri) for tri in triples)
+            for members, each in calls:
+                F[0] -= each * sum(all(fm[i] in FUSED_FORMATS for i in g) for g in members)
             return F
 
         def at(levels: np.ndarray) -> np.ndarray:

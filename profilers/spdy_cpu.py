@@ -36,13 +36,16 @@ from spdy.profilers.base import DENSE, STANDIN, LayerChoice, Runner, register
 from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_module
 from spdy.types import LayerSpec
 
-BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused", "qkv": "fused"}
+BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused", "qkv": "fused",
+        "attention_output": "fused"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
 ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
 without transformers' wrappers, its feed-forward fused where both projections are sparse and its
-query, key and value projections one call where all three are
-(:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`, :func:`spdy.runtime.qkv_triples`)
+query, key and value projections one call where all three are, and the residual and LayerNorm after
+its attention in the output projection's epilogue where that is sparse
+(:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`, :func:`spdy.runtime.qkv_triples`,
+:func:`spdy.runtime.out_singles`)
 in the models it times, torch in the dense reference. Profiles and results without a key were
 timed with torch's for that part."""
 
@@ -160,6 +163,22 @@ class SpdyCpuBackend(TorchRuntimeBackend):
 
         return self._on_and_off(bundle, choices, runtime.set_qkv_fusion)
 
+    def fused_singles(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int]]:
+        """The output projections of a BERT encoder's self-attentions, which the encoder's forward
+        runs with the residual and the LayerNorm in their epilogue where they are sparse
+        (:func:`spdy.runtime.out_singles`)."""
+        if self.runtime_fingerprint().get("attention_output") != "fused":
+            return []
+        from spdy import runtime
+
+        index = {s.name: i for i, s in enumerate(specs)}
+        return [(index[a],) for (a,) in runtime.out_singles(bundle.model) if a in index]
+
+    def single_fusion_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        from spdy import runtime
+
+        return self._on_and_off(bundle, choices, runtime.set_out_fusion)
+
     def pool_of(self, fmt: str) -> str:
         """Dense layers (``dense``, ``dnnl``) run in torch's pool, the others in Numba's: unless spdy.kernels made them
         one OpenMP runtime, they are timed apart (see :meth:`Backend.pool_of`)."""
@@ -225,7 +244,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
         import torch._inductor.config as inductor_config
 
         return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
-                "depthwise": "torch", "ffn": "torch", "qkv": "torch",
+                "depthwise": "torch", "ffn": "torch", "qkv": "torch", "attention_output": "torch",
                 "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

@@ -305,15 +305,17 @@ def test_a_picked_format_is_timed_by_passes_that_did_not_pick_it():
     assert np.mean(biased) < 0.49 < np.mean(crossed) < 0.51
 
 
-def test_triples_take_a_third_of_their_saving_off_each_layer_where_its_format_fuses():
-    from spdy.profilers.profiler import _credit_triples
+def test_groups_take_an_equal_share_of_their_saving_off_each_layer_where_its_format_fuses():
+    from spdy.profilers.profiler import _credit_groups
 
     times = np.full((4, 3), 30e-6)
     formats = [("bcsr4x1", "csr", "csr"), ("dense", "csr", "csr"), ("csr", "csr", "dnnl"), ("csr", "csr", "csr")]
-    _credit_triples(times, formats, [(0, 1, 2)], 30e-6)
+    _credit_groups(times, formats, [(0, 1, 2)], 30e-6)
     want = np.array([[20e-6, 20e-6, 20e-6], [30e-6, 20e-6, 20e-6], [20e-6, 20e-6, 30e-6], [30e-6, 30e-6, 30e-6]])
     np.testing.assert_allclose(times, want, rtol=0, atol=1e-12)  # the fourth layer is in no triple
-    _credit_triples(times, formats, [(0, 1, 2)], 0.0)  # nothing saved: nothing taken off
+    _credit_groups(times, formats, [(0, 1, 2)], 0.0)  # nothing saved: nothing taken off
     np.testing.assert_allclose(times, want, rtol=0, atol=1e-12)
-    _credit_triples(times, formats, [(0, 1, 2)], 1.0)  # never below zero
+    _credit_groups(times, formats, [(3,)], 5e-6)  # a one-layer group: all of its saving, at every fusing level
+    np.testing.assert_allclose(times[3], [25e-6, 25e-6, 25e-6], rtol=0, atol=1e-12)
+    _credit_groups(times, formats, [(0, 1, 2)], 1.0)  # never below zero
     assert times.min() == 0.0

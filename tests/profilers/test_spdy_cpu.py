@@ -87,10 +87,13 @@ def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
     bundle = ModelBundle("tiny-bert", model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
                          forward=lambda m, b: m(**b).last_hidden_state)
     be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
-    assert be.fingerprint()["ffn"] == "fused" and be.fingerprint()["qkv"] == "fused"
+    fp = be.fingerprint()
+    assert fp["ffn"] == "fused" and fp["qkv"] == "fused" and fp["attention_output"] == "fused"
     prof = profile_model(bundle, be, grid=GRID3, fit_models=0)
     tri = prof.settings["fused_triples"]
     assert tri["triples"] == 2 and len(tri["fused_s"]) == len(tri["alone_s"]) >= 1 and tri["saving_s"] >= 0
+    epi = prof.settings["fused_epilogues"]
+    assert epi["epilogues"] == 2 and len(epi["fused_s"]) == len(epi["alone_s"]) >= 1 and epi["saving_s"] >= 0
     rec = prof.settings["fused_pairs"]
     assert rec["pairs"] == 2 and len(rec["fused_s"]) == len(rec["alone_s"]) >= 1
     names = prof.table.layers
