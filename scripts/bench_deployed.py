@@ -14,9 +14,13 @@ each other, ``bench_thread_state.py``), and the gains are also given per state, 
 Runtime's gain in the round.
 ``--dense-plan`` adds the dense model in spdy's runtime ("spdy dense"): every prunable Linear
 in the ``dnnl`` format (its weight packed once for oneDNN), attention and GELU on spdy's kernels.
+``--compile`` adds the dense model compiled by ``torch.compile`` (Inductor's C++ backend, static
+shapes; compiled once per thread count, with that many OpenMP threads), the third dense runtime
+``spdy search --reference fastest`` weighs; "vs fastest" is then over the fastest of the three.
 
     python scripts/bench_deployed.py --result 2x=out/2x --result 2.5x=out/2.5x --json scripts/results/bench_deployed.json
     python scripts/bench_deployed.py --dense-plan --json scripts/results/bench_dense_plan.json
+    python scripts/bench_deployed.py --dense-plan --compile --result 2.5x=out/2.5x --rounds 20
 """
 
 from __future__ import annotations
@@ -79,6 +83,21 @@ def scaling_by_state(times: dict[int, dict[str, list[float]]], lo: int, hi: int,
     return states, out
 
 
+def compiled_dense(model: torch.nn.Module, ex: Any, fwd: Callable[[Any, Any], Any], threads: int
+                   ) -> Callable[[], Any]:
+    """``model`` compiled by ``torch.compile`` for ``threads`` threads (Inductor bakes the thread count
+    into its C++ kernels: one compilation per count, each its own cache entry), compiled here."""
+    K.set_num_threads(threads)
+    compiled = torch.compile(model, dynamic=False, options={"cpp.threads": threads})
+
+    def run() -> Any:
+        return fwd(compiled, ex)
+
+    with torch.inference_mode():
+        run()
+    return run
+
+
 def dense_plan(model: torch.nn.Module, layers: list[str]) -> torch.nn.Module:
     """``model`` unpruned in spdy's runtime: the ``layers`` as ``dnnl`` SparseLinears, the rest on :func:`spdy.runtime.fast_base`."""
     from spdy import runtime
@@ -98,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--dense-plan", action="store_true",
                     help="also time the dense model in spdy's runtime (dnnl Linears, spdy's attention and GELU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the dense model compiled by torch.compile (Inductor C++), per thread count")
     ap.add_argument("--gap", type=float, default=0.15,
                     help="the least gap in ONNX Runtime's per-round gains from the second thread that splits the "
                          "rounds into a fast and a slow state (default 0.15)")
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for threads in args.threads:
         ort = OrtCpuBackend(threads=threads, shared_pool=False).dense_runner(bundle)
         fns[threads] = {"torch eager": lambda: fwd(dense, ex), "ONNX Runtime": ort}
+        if args.compile:
+            fns[threads]["torch.compile"] = compiled_dense(dense, ex, fwd, threads)
         fns[threads].update({label: (lambda m=m: fwd(m, ex)) for label, m in models.items()})
     times: dict[int, dict[str, list[float]]] = {t: {n: [] for n in fns[t]} for t in args.threads}
     with torch.inference_mode():
@@ -146,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     times[threads][name] += ts
     for threads in args.threads:
         got = times[threads]
-        fastest = [min(a, b) for a, b in zip(got["torch eager"], got["ONNX Runtime"])]
+        dense_names = [n for n in ("torch eager", "ONNX Runtime", "torch.compile") if n in got]
+        fastest = [min(ts) for ts in zip(*(got[n] for n in dense_names))]
         for name, ts in got.items():
             rows.append({"threads": threads, "model": name, "median_ms": statistics.median(ts) * 1e3,
                          "vs_torch": statistics.median(t / s for t, s in zip(got["torch eager"], ts)),
