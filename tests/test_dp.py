@@ -416,6 +416,27 @@ def test_dp_with_fused_pairs_matches_brute_force(seed: int) -> None:
     assert total == pytest.approx(brute_force_table(table, errors, budget))
 
 
+def test_a_fused_pair_that_saves_more_than_its_layers_take_leaves_a_negative_budget_in_reach() -> None:
+    # a tiny model: the pair's saving (the GELU, residual and LayerNorm of the base) outweighs its
+    # layers, so the predicted dense total is below the base and the layers' budget is below zero
+    from spdy.types import FusedPair
+
+    formats = (("dense", "csr", "csr"), ("dense", "csr", "csr"), ("dense", "csr", "csr"))
+    times = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [2.0, 1.5, 1.0]])
+    table = LatencyTable(("up", "down", "other"), spdy_grid(2), times, 10.0, formats=formats,
+                         fused=(FusedPair(0, 1, 8.0),))
+    assert table.dense_total_s == 18.0 and table.fastest_total_s() == 10.0 + (1 + 1 - 8) + 1.0
+    assert table.max_speedup() == pytest.approx(18.0 / 5.0)
+    errors = np.array([[0.0, 1, 3], [0, 1, 3], [0, 2, 5]])
+    target = 1.0 + 0.9 * (table.max_speedup() - 1.0)
+    assert table.budget_for(target) < 0
+    sol = dp.solve(table, errors, target, buckets=2000)
+    assert table.predicted_time(sol.levels) <= 18.0 / target + 1e-9
+    assert sol.total_error == pytest.approx(brute_force_table(table, errors, table.budget_for(target)))
+    with pytest.raises(InfeasibleBudgetError, match="largest reachable speedup is 3.600x"):
+        dp.solve(table, errors, 3.7)
+
+
 def test_fused_pairs_in_the_table() -> None:
     from spdy.types import FusedPair
 
