@@ -41,6 +41,20 @@ def fused_threads(tokens: int, nthreads: int | None = None) -> int:
 _NO_NORM = np.zeros(1, np.float32)
 
 
+def checked_norm(norm: tuple[np.ndarray, np.ndarray, float] | None, width: int
+                 ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """A LayerNorm epilogue's (weight, bias, eps) as the kernels take it: fp32 contiguous arrays of
+    ``width`` values and eps > 0; None stays None."""
+    if norm is None:
+        return None
+    w, b, eps = norm
+    out = (np.ascontiguousarray(w, np.float32).reshape(-1), np.ascontiguousarray(b, np.float32).reshape(-1), float(eps))
+    if out[0].size != width or out[1].size != width or not out[2] > 0:
+        raise InvalidInputError(f"norm needs {width} weights, {width} biases and eps > 0; got {out[0].size}, "
+                                f"{out[1].size} and {out[2]}")
+    return out
+
+
 def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool,
              norm: tuple[np.ndarray, np.ndarray, float] | None = None) -> None:
     """The fused block on arrays the caller has checked: ``x2`` [T, in] and ``y2`` [T, out], fp32,
@@ -80,13 +94,7 @@ def ffn(x: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool 
     a = np.asarray(x)
     if a.dtype != np.float32 or a.ndim == 0 or a.shape[-1] != K:
         raise InvalidInputError(f"ffn takes fp32 activations [..., {K}]; got {a.dtype} of shape {a.shape}")
-    if norm is not None:
-        w, b, eps = norm
-        norm = (np.ascontiguousarray(w, np.float32).reshape(-1), np.ascontiguousarray(b, np.float32).reshape(-1),
-                float(eps))
-        if norm[0].size != O or norm[1].size != O or not norm[2] > 0:
-            raise InvalidInputError(f"norm needs {O} weights, {O} biases and eps > 0; got {norm[0].size}, "
-                                    f"{norm[1].size} and {norm[2]}")
+    norm = checked_norm(norm, O)
     a = np.ascontiguousarray(a)
     lead = a.shape[:-1]
     T = int(np.prod(lead)) if lead else 1

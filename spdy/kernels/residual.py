@@ -17,7 +17,7 @@ import numpy as np
 from spdy.errors import InvalidInputError
 from spdy.kernels import _spmm
 from spdy.kernels._workspace import scratch
-from spdy.kernels.ffn import fused_threads
+from spdy.kernels.ffn import checked_norm, fused_threads
 from spdy.kernels.linear import PreparedLinear
 from spdy.types import FUSED_FORMATS
 
@@ -66,13 +66,7 @@ def linear_residual(x: np.ndarray, r: np.ndarray, p: PreparedLinear,
     if res.dtype != np.float32 or res.shape != (*a.shape[:-1], O):
         raise InvalidInputError(f"the residual must be fp32 of shape {(*a.shape[:-1], O)}; got {res.dtype} of "
                                 f"shape {res.shape}")
-    if norm is not None:
-        w, b, eps = norm
-        norm = (np.ascontiguousarray(w, np.float32).reshape(-1), np.ascontiguousarray(b, np.float32).reshape(-1),
-                float(eps))
-        if norm[0].size != O or norm[1].size != O or not norm[2] > 0:
-            raise InvalidInputError(f"norm needs {O} weights, {O} biases and eps > 0; got {norm[0].size}, "
-                                    f"{norm[1].size} and {norm[2]}")
+    norm = checked_norm(norm, O)
     lead = a.shape[:-1]
     T = int(np.prod(lead)) if lead else 1
     y = np.empty((*lead, O), np.float32)
