@@ -13,7 +13,10 @@ second thread; two threads on these machines run in a fast or a slow state (the 
 each other, ``bench_thread_state.py``), and the gains are also given per state, read from ONNX
 Runtime's gain in the round.
 ``--dense-plan`` adds the dense model in spdy's runtime ("spdy dense"): every prunable Linear
-in the ``dnnl`` format (its weight packed once for oneDNN), attention and GELU on spdy's kernels.
+in the ``dnnl`` format (its weight packed once for oneDNN), attention and GELU on spdy's kernels;
+``--dense-format`` times it with another format for every Linear instead (e.g. ``bcsr4x1``, spdy's
+blocked kernel on the full weight, which runs the query, key and value as one call and the
+feed-forward and attention output fused, as a profile's dense plan may).
 ``--compile`` adds the dense model compiled by ``torch.compile`` (Inductor's C++ backend, static
 shapes; compiled once per thread count, with that many OpenMP threads), the third dense runtime
 ``spdy search --reference fastest`` weighs; "vs fastest" is then over the fastest of the three.
@@ -98,11 +101,12 @@ def compiled_dense(model: torch.nn.Module, ex: Any, fwd: Callable[[Any, Any], An
     return run
 
 
-def dense_plan(model: torch.nn.Module, layers: list[str]) -> torch.nn.Module:
-    """``model`` unpruned in spdy's runtime: the ``layers`` as ``dnnl`` SparseLinears, the rest on :func:`spdy.runtime.fast_base`."""
+def dense_plan(model: torch.nn.Module, layers: list[str], fmt: str = "dnnl") -> torch.nn.Module:
+    """``model`` unpruned in spdy's runtime: the ``layers`` as SparseLinears in format ``fmt``
+    (default ``dnnl``), the rest on :func:`spdy.runtime.fast_base`."""
     from spdy import runtime
 
-    runtime.swap_modules(model, {n: runtime.SparseLinear.from_linear(model.get_submodule(n), format="dnnl").eval()
+    runtime.swap_modules(model, {n: runtime.SparseLinear.from_linear(model.get_submodule(n), format=fmt).eval()
                                  for n in layers})
     runtime.fast_base(model)
     return model.eval()
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--dense-plan", action="store_true",
                     help="also time the dense model in spdy's runtime (dnnl Linears, spdy's attention and GELU)")
+    ap.add_argument("--dense-format", default="dnnl",
+                    help="the Linears' format in --dense-plan (default dnnl; e.g. bcsr4x1, csr)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the dense model compiled by torch.compile (Inductor C++), per thread count")
     ap.add_argument("--gap", type=float, default=0.15,
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         m, _ = load_encoder()
         models[label] = spdy.apply(m, path, sparse=True, threads=max(args.threads)).eval()
     if args.dense_plan:
-        models["spdy dense"] = dense_plan(load_encoder()[0], [s.name for s in bundle.layers()])
+        models["spdy dense"] = dense_plan(load_encoder()[0], [s.name for s in bundle.layers()], args.dense_format)
     rows = []
     fns: dict[int, dict[str, Callable[[], Any]]] = {}
     for threads in args.threads:

@@ -72,3 +72,32 @@ def test_dense_plan_computes_the_dense_model_with_every_layer_in_dnnl():
     with torch.inference_mode():
         torch.testing.assert_close(bundle.forward(plan, bundle.example), bundle.forward(bundle.model, bundle.example),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_dense_plan_in_a_blocked_sparse_format_runs_the_fused_blocks_and_computes_the_dense_model():
+    pytest.importorskip("transformers")
+    import torch
+
+    from bench_deployed import dense_plan
+    from spdy import runtime
+    from spdy.models.base import load_model
+    from spdy.models.minilm import load_encoder
+
+    try:
+        bundle = load_model("minilm", n_calibration=1)
+    except Exception as exc:  # the model package is optional
+        pytest.skip(f"MiniLM unavailable: {exc}")
+    names = [s.name for s in bundle.layers()]
+    plan = dense_plan(load_encoder()[0], names, "bcsr4x1")
+    assert runtime.layer_formats(plan) == {n: "bcsr4x1" for n in names}
+    calls = []
+    real = runtime.ffn_into
+    runtime.ffn_into = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    try:
+        with torch.inference_mode():
+            got = bundle.forward(plan, bundle.example)
+    finally:
+        runtime.ffn_into = real
+    assert len(calls) == 6  # every feed-forward fused, on the full weights
+    with torch.inference_mode():
+        torch.testing.assert_close(got, bundle.forward(bundle.model, bundle.example), atol=2e-5, rtol=1e-4)
