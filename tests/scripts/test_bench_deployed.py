@@ -53,7 +53,9 @@ def test_a_result_that_is_not_a_search_folder_is_refused(tmp_path, capsys):
         main(["--result", "no-label"])
 
 
-def test_dense_plan_computes_the_dense_model_with_every_layer_in_dnnl():
+@pytest.mark.parametrize("fmt, fused", [("dnnl", 0), ("bcsr4x1", 6)])
+def test_dense_plan_computes_the_dense_model_with_every_layer_in_its_format(fmt, fused):
+    # bcsr4x1 (spdy's blocked kernel on the full weights) also runs every feed-forward fused
     pytest.importorskip("transformers")
     import torch
 
@@ -67,29 +69,8 @@ def test_dense_plan_computes_the_dense_model_with_every_layer_in_dnnl():
     except Exception as exc:  # the model package is optional
         pytest.skip(f"MiniLM unavailable: {exc}")
     names = [s.name for s in bundle.layers()]
-    plan = dense_plan(load_encoder()[0], names)
-    assert runtime.layer_formats(plan) == {n: "dnnl" for n in names}
-    with torch.inference_mode():
-        torch.testing.assert_close(bundle.forward(plan, bundle.example), bundle.forward(bundle.model, bundle.example),
-                                   atol=2e-5, rtol=1e-4)
-
-
-def test_dense_plan_in_a_blocked_sparse_format_runs_the_fused_blocks_and_computes_the_dense_model():
-    pytest.importorskip("transformers")
-    import torch
-
-    from bench_deployed import dense_plan
-    from spdy import runtime
-    from spdy.models.base import load_model
-    from spdy.models.minilm import load_encoder
-
-    try:
-        bundle = load_model("minilm", n_calibration=1)
-    except Exception as exc:  # the model package is optional
-        pytest.skip(f"MiniLM unavailable: {exc}")
-    names = [s.name for s in bundle.layers()]
-    plan = dense_plan(load_encoder()[0], names, "bcsr4x1")
-    assert runtime.layer_formats(plan) == {n: "bcsr4x1" for n in names}
+    plan = dense_plan(load_encoder()[0], names, fmt)
+    assert runtime.layer_formats(plan) == {n: fmt for n in names}
     calls = []
     real = runtime.ffn_into
     runtime.ffn_into = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
@@ -98,6 +79,6 @@ def test_dense_plan_in_a_blocked_sparse_format_runs_the_fused_blocks_and_compute
             got = bundle.forward(plan, bundle.example)
     finally:
         runtime.ffn_into = real
-    assert len(calls) == 6  # every feed-forward fused, on the full weights
+    assert len(calls) == fused
     with torch.inference_mode():
         torch.testing.assert_close(got, bundle.forward(bundle.model, bundle.example), atol=2e-5, rtol=1e-4)
