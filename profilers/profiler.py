@@ -66,8 +66,10 @@ FIT_SEED_OFFSET = 10_000
 #: same one. 10: a BERT self-attention's query, key and value projections run as one call where all
 #: three are sparse, and the table takes a third of the measured saving off each. 11: a BERT
 #: self-attention's output projection runs with the residual and the LayerNorm in its epilogue where
-#: it is sparse, and the table takes the measured saving off its sparse times.
-LATENCY_MODEL_VERSION = 11
+#: it is sparse, and the table takes the measured saving off its sparse times. 12: the in-model
+#: per-weight term counts the weight values a format stores (every value of a non-empty 4-wide
+#: block in the blocked formats, every value in the dense ones), not the nonzeros.
+LATENCY_MODEL_VERSION = 12
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
@@ -321,6 +323,57 @@ def _candidate_times(groups: Sequence[_Group], dense_layer: np.ndarray, n_layers
     return out
 
 
+#: The blocked formats' block shapes: (rows, columns) of the weight [out, in] one stored entry covers.
+_BLOCKS = {"bcsr4x1": (4, 1), "bcsr1x4": (1, 4)}
+#: Formats that read every weight value whatever the zeros.
+_DENSE_READS = (DENSE, "dnnl")
+
+
+class _Stored:
+    """Millions of weight values a layer's kernel reads at an entry in a format: every value for
+    the dense formats, every value of a non-empty block for the blocked ones, the nonzeros for the
+    others (and for the N:M patterns' entries). The in-model per-weight term (``gamma``) charges
+    these: a 4-wide block stores its zeros, so 40% unstructured sparsity in ``bcsr4x1`` still reads
+    about 97% of the weight."""
+
+    def __init__(self, layers: Sequence[_Layer], levels: Sequence[float], patterns: Sequence[str]) -> None:
+        self.kept = _kept(layers, levels, patterns)
+        self._layers, self._levels = layers, [float(x) for x in levels]
+        self._pruners: dict[int, LevelPruner] = {}
+        self._blocks: dict[tuple[int, int, str], float] = {}
+
+    def __call__(self, li: int, entry: int, fmt: str) -> float:
+        spec, w, _b, _x = self._layers[li]
+        if entry >= len(self._levels):
+            return float(self.kept[li, entry])
+        if fmt in _DENSE_READS:
+            return w.size / 1e6
+        kind = fmt.removesuffix(SERIAL_SUFFIX)
+        if spec.kind != "linear" or kind not in _BLOCKS:
+            return float(self.kept[li, entry])
+        key = (li, entry, kind)
+        if key not in self._blocks:
+            pruner = self._pruners.get(li)
+            if pruner is None:
+                pruner = self._pruners[li] = LevelPruner(w)
+            self._blocks[key] = stored_values(pruner.at(self._levels[entry]), kind) / 1e6
+        return self._blocks[key]
+
+
+def stored_values(w: np.ndarray, fmt: str) -> int:
+    """Weight values a Linear weight ``w`` [out, in] stores in ``fmt``: the nonzeros, or for a
+    blocked format every value of each block with a nonzero (a trailing partial block counts whole)."""
+    nz = np.asarray(w).reshape(w.shape[0], -1) != 0
+    if fmt not in _BLOCKS:
+        return int(nz.sum())
+    r, c = _BLOCKS[fmt]
+    O, K = nz.shape
+    pad = np.zeros((-(-O // r) * r, -(-K // c) * c), dtype=bool)
+    pad[:O, :K] = nz
+    blocks = pad.reshape(pad.shape[0] // r, r, pad.shape[1] // c, c).any(axis=(1, 3))
+    return int(blocks.sum()) * r * c
+
+
 def _kept(layers: Sequence[_Layer], levels: Sequence[float], patterns: Sequence[str]) -> np.ndarray:
     """``[layer, entry]`` millions of weights each entry keeps (grid levels, then N:M patterns)."""
     from spdy.choices import parse_pattern
@@ -334,9 +387,12 @@ def _serial(fmt: str) -> bool:
     return fmt.endswith(SERIAL_SUFFIX)
 
 
-def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0,
+def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float | Callable[[str], float] = 0.0,
           credit: float = 0.0) -> tuple[str, float, float]:
     """The fastest format of one entry (in-model time when ``terms`` is given): (format, seconds, spread).
+
+    ``kept``: millions of weight values the entry's kernel reads, one number or per format
+    (:class:`_Stored`).
 
     ``credit``: seconds a format of :data:`~spdy.types.FUSED_FORMATS` saves besides its own time
     (its share of a fused pair's saving); it counts in the choice, not in the seconds returned.
@@ -350,7 +406,7 @@ def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0
         return NO_KERNEL, math.inf, math.nan
 
     def cost(f: str, t: float) -> float:
-        return t if terms is None else terms.apply(t, f != DENSE, kept, _serial(f))
+        return t if terms is None else terms.apply(t, f != DENSE, kept(f) if callable(kept) else kept, _serial(f))
 
     def fastest(which: Callable[[_Cand], float]) -> str:
         return min(cands, key=lambda f: format_rank(f, cost(f, which(cands[f])) - credit * (f in FUSED_FORMATS)))
@@ -364,10 +420,12 @@ def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float = 0.0
 
 
 def _table_arrays(cands: Sequence[Sequence[dict[str, _Cand]]], terms: InModelTerms | None,
-                  kept: np.ndarray, credit: Sequence[float] | None = None
+                  stored: Callable[[int, int, str], float], credit: Sequence[float] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+    """Per layer and entry of ``cands``: the picked format's in-model seconds, spread and the
+    format; ``stored(layer, entry, format)`` the millions of weight values it reads (:class:`_Stored`)."""
     cr = np.zeros(len(cands)) if credit is None else np.asarray(credit, dtype=np.float64)
-    picked = [[_pick(c, terms, kept[li, e], float(cr[li])) for e, c in enumerate(entries)]
+    picked = [[_pick(c, terms, lambda f, li=li, e=e: stored(li, e, f), float(cr[li])) for e, c in enumerate(entries)]
               for li, entries in enumerate(cands)]
     times = np.array([[p[1] for p in row] for row in picked])
     spread = np.array([[p[2] for p in row] for row in picked])
@@ -452,8 +510,8 @@ def profile_model(
     if progress:
         progress(total - 1, total, "base and dense model")
     cands = _candidate_times(groups, dense_layer, len(specs))
-    kept = _kept(layers, grid.levels, patterns)
-    terms = fit.terms(cands, base.median_s, kept,
+    stored = _Stored(layers, grid.levels, patterns)
+    terms = fit.terms(cands, base.median_s, stored,
                       [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving,
                       calls)
     S = len(grid)
@@ -463,7 +521,7 @@ def profile_model(
     for members, each in calls:
         for g in members:
             credit[list(g)] += each / len(g)
-    times, spread, formats = _table_arrays([c[:S] for c in cands], terms, kept[:, :S], credit)
+    times, spread, formats = _table_arrays([c[:S] for c in cands], terms, stored, credit)
     for members, each in calls:
         _credit_groups(times, formats, members, each)
     settings: dict[str, Any] = {
@@ -485,7 +543,8 @@ def profile_model(
              dense.median_s * 1e3, table.dense_total_s * 1e3, (table.dense_total_s / dense.median_s - 1) * 100)
     return Profile(table=table, backend=backend.name, model=bundle.name, specs=tuple(specs), settings=settings,
                    spread=spread, formats=tuple(formats),
-                   **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle, kept[:, S:]))
+                   **_pattern_fields(patterns, [c[S:] for c in cands], terms, backend, bundle,
+                                     lambda li, e, f: stored(li, S + e, f)))
 
 
 def _credit_groups(times: np.ndarray, formats: Sequence[Sequence[str]], groups: Sequence[tuple[int, ...]],
@@ -544,7 +603,7 @@ class _FitRounds:
             plan[spec.name] = LayerChoice(self.formats[li][int(levels[li])], self.pruners[li].at(s), b, s)
         return plan
 
-    def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, kept: np.ndarray,
+    def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, stored: Callable[[int, int, str], float],
               anchors: Sequence[tuple[int, Sequence[str], float]], pairs: Sequence[tuple[int, int]] = (),
               saving: float = 0.0, calls: Sequence[tuple[Sequence[tuple[int, ...]], float]] = ()
               ) -> InModelTerms:
@@ -559,7 +618,7 @@ class _FitRounds:
 
         def feats(levels: np.ndarray, fm: Sequence[str]) -> np.ndarray:
             t = [cands[li][int(lv)][f][0] for li, (lv, f) in enumerate(zip(levels, fm))]
-            F = model_features(t, [f != DENSE for f in fm], [kept[li, int(lv)] for li, lv in enumerate(levels)],
+            F = model_features(t, [f != DENSE for f in fm], [stored(li, int(lv), f) for li, (lv, f) in enumerate(zip(levels, fm))],
                                [_serial(f) for f in fm])
             # the first feature's coefficient is fixed at 1: the fused pairs' measured saving comes off it
             F[0] -= saving * sum(fm[i] in FUSED_FORMATS and fm[j] in FUSED_FORMATS for i, j in pairs)
@@ -588,10 +647,11 @@ class _FitRounds:
 
 
 def _pattern_fields(patterns: Sequence[str], cands: Sequence[Sequence[dict[str, _Cand]]],
-                    terms: InModelTerms, backend: Backend, bundle: ModelBundle, kept: np.ndarray) -> dict[str, Any]:
+                    terms: InModelTerms, backend: Backend, bundle: ModelBundle,
+                    stored: Callable[[int, int, str], float]) -> dict[str, Any]:
     if not patterns:
         return {}
-    times, spread, formats = _table_arrays(cands, terms, kept)
+    times, spread, formats = _table_arrays(cands, terms, stored)
     out = {"patterns": tuple(patterns), "pattern_times": times, "pattern_spread": spread,
            "pattern_formats": tuple(formats)}
     for k, p in enumerate(patterns):
