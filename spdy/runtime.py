@@ -580,8 +580,9 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
     (:func:`_fusable_ffn`). ``fuse_qkv``: the query, key and value projections as one call where
     all three are sparse (:func:`_fusable_qkv`), the attention reading its output in place.
     ``fuse_out``: the attention's output projection with the residual and the LayerNorm in its
-    epilogue where it is sparse (:func:`_fusable_out`). Submodules are read with :func:`_children`: this is serial Python on every pass, which a second
-    thread does not shorten."""
+    epilogue where it is sparse (:func:`_fusable_out`). Submodules are read with
+    :func:`_children`: this is serial Python on every pass, which a second thread does not
+    shorten."""
     B, T, _ = x.shape
     att, inter, out = _children(layer, "attention", "intermediate", "output")
     sa, ao = _children(att, "self", "output")
@@ -679,32 +680,32 @@ def _fusable_ffn(up: nn.Module, act: Any, down: nn.Module, x: torch.Tensor) -> b
             and x.shape[-1] == up.in_features)
 
 
+def _encoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name prefix, layer)`` of every layer of each BERT encoder in ``model`` that
+    :func:`fast_encoder` switches (or will switch, once on spdy's attention)."""
+    out = []
+    for name, m in model.named_modules():
+        if _bert_encoder(m, attention=False):
+            for k, layer in enumerate(m.encoder.layer):
+                out.append((f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}", layer))
+    return out
+
+
 def ffn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """The (up, down) projection names of every BERT feed-forward in ``model`` that
     :class:`EncoderForward` runs fused when both are sparse (see :func:`_fusable_ffn`): the layers
     of each encoder :func:`fast_encoder` switches (or will switch, once on spdy's attention), with an
     exact GELU between."""
-    pairs = []
-    for name, m in model.named_modules():
-        if _bert_encoder(m, attention=False):
-            for k, layer in enumerate(m.encoder.layer):
-                if _exact_gelu(layer.intermediate.intermediate_act_fn, spdy=True):
-                    pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
-                    pairs.append((f"{pre}.intermediate.dense", f"{pre}.output.dense"))
-    return pairs
+    return [(f"{pre}.intermediate.dense", f"{pre}.output.dense") for pre, layer in _encoder_layers(model)
+            if _exact_gelu(layer.intermediate.intermediate_act_fn, spdy=True)]
 
 
 def qkv_triples(model: nn.Module) -> list[tuple[str, str, str]]:
     """The (query, key, value) projection names of every BERT self-attention in ``model`` that
     :class:`EncoderForward` runs as one call when all three are sparse (see :func:`_fusable_qkv`):
     the layers of each encoder :func:`fast_encoder` switches (or will switch)."""
-    triples = []
-    for name, m in model.named_modules():
-        if _bert_encoder(m, attention=False):
-            for k in range(len(m.encoder.layer)):
-                pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
-                triples.append(tuple(f"{pre}.attention.self.{p}" for p in ("query", "key", "value")))
-    return triples  # type: ignore[return-value]
+    return [(f"{pre}.attention.self.query", f"{pre}.attention.self.key", f"{pre}.attention.self.value")
+            for pre, _layer in _encoder_layers(model)]
 
 
 def out_singles(model: nn.Module) -> list[tuple[str]]:
@@ -712,13 +713,7 @@ def out_singles(model: nn.Module) -> list[tuple[str]]:
     :class:`EncoderForward` runs with the residual and the LayerNorm in its epilogue when it is
     sparse (see :func:`_fusable_out`): the layers of each encoder :func:`fast_encoder` switches (or
     will switch), as one-layer groups."""
-    singles = []
-    for name, m in model.named_modules():
-        if _bert_encoder(m, attention=False):
-            for k in range(len(m.encoder.layer)):
-                pre = f"{name}.encoder.layer.{k}" if name else f"encoder.layer.{k}"
-                singles.append((f"{pre}.attention.output.dense",))
-    return singles
+    return [(f"{pre}.attention.output.dense",) for pre, _layer in _encoder_layers(model)]
 
 
 def set_out_fusion(model: nn.Module, enabled: bool) -> int:

@@ -55,6 +55,13 @@ def checked_norm(norm: tuple[np.ndarray, np.ndarray, float] | None, width: int
     return out
 
 
+def norm_args(norm: tuple[np.ndarray, np.ndarray, float] | None) -> tuple[bool, np.ndarray, np.ndarray, np.float32]:
+    """A LayerNorm epilogue (weight, bias, eps) or None as the kernels' ``norm, gamma, beta, eps`` arguments."""
+    if norm is None:
+        return False, _NO_NORM, _NO_NORM, np.float32(0.0)
+    return True, norm[0], norm[1], np.float32(norm[2])
+
+
 def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedLinear, residual: bool,
              norm: tuple[np.ndarray, np.ndarray, float] | None = None) -> None:
     """The fused block on arrays the caller has checked: ``x2`` [T, in] and ``y2`` [T, out], fp32,
@@ -69,9 +76,7 @@ def ffn_into(x2: np.ndarray, y2: np.ndarray, up: PreparedLinear, down: PreparedL
     tile = _spmm.TILE
     _spmm.ffn_forward(
         x2.reshape(-1), T, K, M, O, a.ptr, a.n_panels, a.col, a.val, a.blocked, up.bias,
-        b.ptr, b.n_panels, b.col, b.val, b.blocked, down.bias, residual, norm is not None,
-        _NO_NORM if norm is None else norm[0], _NO_NORM if norm is None else norm[1],
-        np.float32(0.0 if norm is None else norm[2]),
+        b.ptr, b.n_panels, b.col, b.val, b.blocked, down.bias, residual, *norm_args(norm),
         scratch(0, n * K * tile + 64), scratch(2, n * M * tile + 64), scratch(1, n * O * tile + 64), y2.reshape(-1), n,
     )
 

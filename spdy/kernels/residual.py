@@ -17,12 +17,9 @@ import numpy as np
 from spdy.errors import InvalidInputError
 from spdy.kernels import _spmm
 from spdy.kernels._workspace import scratch
-from spdy.kernels.ffn import checked_norm, fused_threads
+from spdy.kernels.ffn import checked_norm, fused_threads, norm_args
 from spdy.kernels.linear import PreparedLinear
 from spdy.types import FUSED_FORMATS
-
-_NO_NORM = np.zeros(1, np.float32)
-
 
 def fusable(p: PreparedLinear) -> bool:
     """Whether ``p`` can run with the residual in its epilogue: a format of
@@ -44,8 +41,7 @@ def residual_into(x2: np.ndarray, r2: np.ndarray, y2: np.ndarray, p: PreparedLin
     tile = _spmm.TILE
     _spmm.residual_forward(
         x2.reshape(-1), r2.reshape(-1), T, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias,
-        norm is not None, _NO_NORM if norm is None else norm[0], _NO_NORM if norm is None else norm[1],
-        np.float32(0.0 if norm is None else norm[2]),
+        *norm_args(norm),
         scratch(0, n * K * tile + 64), scratch(2, n * O * tile + 64), scratch(1, n * O * tile + 64), y2.reshape(-1), n,
     )
 
