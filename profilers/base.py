@@ -357,6 +357,12 @@ class Backend(ABC):
         (only for a backend with :meth:`fused_singles`)."""
         raise NotImplementedError(f"backend {self.name!r} fuses no epilogues")
 
+    def unfused_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
+        """A :meth:`model_runner` of the plan with each layer run on its own, every fusion of the
+        runtime off (what the profile's per-layer times add up to before the fused groups' savings
+        come off). Default: :meth:`model_runner`, for a runtime that fuses nothing."""
+        return self.model_runner(bundle, choices)
+
     def layer_call_overhead_s(self) -> float:
         """Seconds a layer runner pays per call that the layer does not pay inside the model
         (e.g. ONNX Runtime's per-``Run`` cost); subtracted from layer times. Default 0."""

@@ -69,9 +69,17 @@ FIT_SEED_OFFSET = 10_000
 #: it is sparse, and the table takes the measured saving off its sparse times. 12: the in-model
 #: per-weight term counts the weight values a format stores (every value of a non-empty 4-wide
 #: block in the blocked formats, every value in the dense ones), not the nonzeros.
-LATENCY_MODEL_VERSION = 12
+#: 13: every competitive format's in-model factor, from whole uniform models timed unfused with the
+#: anchor (:func:`_format_factors`), scales its loop times before the formats are picked; a format
+#: that does not fuse must beat one that does by the whole group's saving to be picked.
+LATENCY_MODEL_VERSION = 13
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
+#: Grid levels (the nearest) at which every competitive format runs a whole uniform model with the
+#: anchor: its in-model factor (:func:`_format_factors`).
+PROBE_SPARSITIES = (0.4, 0.6, 0.8, 0.9, 0.95)
+#: Bounds of a format's in-model factor (its layers' time inside the model over their loop time).
+FACTOR_BOUNDS = (0.5, 3.0)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
 FUSION_SPARSITIES = (0.8, 0.95)
 #: Times the samples of a model timing that the fused and unfused models get.
@@ -211,14 +219,146 @@ def _anchor_entries(levels: Sequence[float], sparsities: Sequence[float] = ANCHO
     return out
 
 
+#: The grid level (the nearest) of the background layers the format probes run among.
+PROBE_BACKGROUND = 0.8
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A model the format probes time (unfused): each layer at grid entry ``entries[i]`` in format
+    ``formats[i]``; ``fmt`` the format probed at ``entry`` (None: the background alone)."""
+
+    entry: int
+    fmt: str | None
+    entries: tuple[int, ...]
+    formats: tuple[str, ...]
+
+
+def _probes(backend: Backend, groups: Sequence[_Group], specs: Sequence[LayerSpec], levels: Sequence[float]
+            ) -> list[_Probe]:
+    """The format probes. First the background: every layer at the grid level nearest
+    :data:`PROBE_BACKGROUND` in its fastest format there. Then, at the unpruned model and the grid
+    levels nearest :data:`PROBE_SPARSITIES`, every format some group timed within the policy's race
+    ratio of its fastest there (the formats that read the whole weight whatever its zeros, on the
+    unpruned model only) on half the layers, in every shape group, with the background on the
+    others: as in a searched model, the probed layers run among sparse ones, and a format that is
+    fast among its own kind but slow among spdy's sparse kernels (torch's dense layers, measured
+    so) shows it."""
+    n = len(specs)
+    _keys, group = layer_groups(specs)
+    bg_entry = _anchor_entries(levels, (PROBE_BACKGROUND,))[-1]
+    bg = _anchor_formats(groups, n, bg_entry)
+    # half of each shape group's layers, alternating within the group
+    seen: dict[int, int] = {}
+    half = []
+    for i in range(n):
+        seen[int(group[i])] = seen.get(int(group[i]), -1) + 1
+        half.append(seen[int(group[i])] % 2 == 0)
+    out = [_Probe(bg_entry, None, (bg_entry,) * n, tuple(bg))]
+    race = backend.policy.race_ratio
+    for e in _anchor_entries(levels, PROBE_SPARSITIES):
+        best = _anchor_formats(groups, n, e)
+        timed: list[set[str]] = [set() for _ in range(n)]
+        for g in groups:
+            for i in g.members:
+                timed[i] = set(g.ratios[e])
+        for f in sorted({f for g in groups for f in _competitive_formats(g.median_ratios(e), race)}):
+            if e and f in _DENSE_READS:
+                continue
+            out.append(_Probe(e, f, tuple(e if half[i] else bg_entry for i in range(n)),
+                              tuple((f if f in timed[i] else best[i]) if half[i] else bg[i] for i in range(n))))
+    return out
+
+
+def _probe_plans(layers: Sequence[_Layer], levels: Sequence[float], probes: Sequence[_Probe]
+                 ) -> list[dict[str, LayerChoice]]:
+    pruners: dict[int, LevelPruner] = {}
+
+    def weight(li: int, w: np.ndarray, s: float) -> np.ndarray:
+        if not s:
+            return w
+        if li not in pruners:
+            pruners[li] = LevelPruner(w)
+        return pruners[li].at(s)
+
+    return [{spec.name: LayerChoice(fmt, weight(li, w, float(levels[e])), b, float(levels[e]))
+             for li, ((spec, w, b, _x), e, fmt) in enumerate(zip(layers, p.entries, p.formats))} for p in probes]
+
+
+def _format_factors(probes: Sequence[_Probe], timings: Sequence[Timing], base_s: float,
+                    cands: Sequence[Sequence[dict[str, _Cand]]], n_entries: int
+                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Per format, per grid entry: how much longer its layers take inside the model than in the
+    loop. The background's factor is its model's time less the base over its layers' loop times; a
+    probe's, its model's time less the base and the other layers' in-model times (the background's
+    at its factor, loop times for any others), over the probed layers' loop times; clipped to
+    :data:`FACTOR_BOUNDS`. Between probed entries a format's factor is interpolated, beyond them the
+    nearest one holds. The loop does not rank the kernels as the model does: on an Intel Xeon host,
+    among a MiniLM's sparse layers, ``bcsr4x1`` ran 1.2-1.6x its loop time, ``csr`` 1.0-1.2x and
+    torch's dense layers about twice. Returns the factors and a record per probe (the background first)."""
+    def loop(p: _Probe, which: Callable[[int, str], bool]) -> float:
+        return sum(cands[li][e][f][0] for li, (e, f) in enumerate(zip(p.entries, p.formats)) if which(li, f))
+
+    background, t_bg = probes[0], timings[0]
+    k_bg = float(np.clip((t_bg.median_s - base_s) / max(loop(background, lambda _li, _f: True), 1e-12),
+                         *FACTOR_BOUNDS))
+    records = [{"entry": background.entry, "format": None, "layers": len(background.formats),
+                "measured_s": t_bg.median_s, "factor": k_bg}]
+    measured: dict[tuple[int, str], float] = {}
+    for p, t in zip(probes[1:], timings[1:]):
+        probed = [p.entries[li] == p.entry and f == p.fmt for li, f in enumerate(p.formats)]
+        own = loop(p, lambda li, _f: probed[li])
+        in_bg = loop(p, lambda li, f: not probed[li] and p.entries[li] == background.entry
+                     and f == background.formats[li])
+        other = loop(p, lambda li, f: not probed[li] and not (p.entries[li] == background.entry
+                                                              and f == background.formats[li]))
+        if own <= 0:
+            continue
+        k = float(np.clip((t.median_s - base_s - k_bg * in_bg - other) / own, *FACTOR_BOUNDS))
+        measured[p.entry, p.fmt] = k
+        records.append({"entry": p.entry, "format": p.fmt, "layers": int(sum(probed)), "measured_s": t.median_s,
+                        "factor": k})
+    factors = {}
+    for f in sorted({f for _e, f in measured}):
+        es = sorted(e for e, g in measured if g == f)
+        factors[f] = np.interp(np.arange(n_entries), es, [measured[e, f] for e in es])
+    return factors, records
+
+
+def _scaled(cands: Sequence[Sequence[dict[str, _Cand]]], factors: dict[str, np.ndarray], n_entries: int
+            ) -> list[list[dict[str, _Cand]]]:
+    """``cands`` with each format's loop times at the grid's entries times its in-model factor there; a
+    format no probe ran takes the largest factor at that entry (no format wins on a loop time the
+    model was not seen to keep). Entries past the grid (N:M patterns) stay as they are."""
+    if not factors:
+        return [list(entries) for entries in cands]
+    top = np.max(np.vstack(list(factors.values())), axis=0)
+    out = []
+    for entries in cands:
+        row = []
+        for e, c in enumerate(entries):
+            if e >= n_entries:
+                row.append(c)
+                continue
+            scaled = {}
+            for f, cand in c.items():
+                k = float(factors[f][e] if f in factors else top[e])
+                scaled[f] = (cand[0] * k, cand[1], *(((cand[2][0] * k, cand[2][1] * k),) if len(cand) > 2 else ()))
+            row.append(scaled)
+        out.append(row)
+    return out
+
+
 def _anchor(
     backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group], levels: Sequence[float],
-) -> tuple[np.ndarray, Timing, list[tuple[int, Timing]]]:
+    unfused: Sequence[Mapping[str, LayerChoice]] = (),
+) -> tuple[np.ndarray, Timing, list[tuple[int, Timing]], list[Timing]]:
     """One long interleaved measurement of every group's dense layer, the base model (stand-ins),
     the unpruned model and uniformly pruned ones (:func:`_anchor_entries`), each layer in the
-    fastest format at its level: the absolute scale of the ratios, and what the rest of the
-    pass costs in whole models, all from the same minutes. Returns the dense layers' seconds,
-    the base's timing and ``[(grid level, timing)]`` of the models (the unpruned one first)."""
+    fastest format at its level, and the ``unfused`` plans (:meth:`Backend.unfused_runner`): the
+    absolute scale of the ratios, and what the rest of the pass costs in whole models, all from
+    the same minutes. Returns the dense layers' seconds, the base's timing, ``[(grid level,
+    timing)]`` of the models (the unpruned one first) and the unfused plans' timings."""
     runners = []
     for g in groups:
         spec, w, b, x = layers[g.members[0]]
@@ -231,13 +371,15 @@ def _anchor(
         plan = {spec.name: LayerChoice(fmt, LevelPruner(w).at(s) if s else w, b, s)
                 for (spec, w, b, _x), fmt in zip(layers, _anchor_formats(groups, len(layers), e))}
         runners.append(backend.model_runner(bundle, plan))
+    runners += [backend.unfused_runner(bundle, plan) for plan in unfused]
     policy = backend.policy.for_models()
     timings = backend.measure(runners, policy=replace(policy, min_repeats=2 * policy.min_repeats,
                                                           max_repeats=2 * policy.max_repeats,
                                                           max_seconds=2 * policy.max_seconds))
     overhead = backend.layer_call_overhead_s()
     dense_layer = np.array([max(t.median_s - overhead, 0.0) for t in timings[:len(groups)]])
-    return dense_layer, timings[len(groups)], list(zip(entries, timings[len(groups) + 1:]))
+    models = timings[len(groups) + 1:len(groups) + 1 + len(entries)]
+    return dense_layer, timings[len(groups)], list(zip(entries, models)), timings[len(groups) + 1 + len(entries):]
 
 
 def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
@@ -395,7 +537,8 @@ def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float | Cal
     (:class:`_Stored`).
 
     ``credit``: seconds a format of :data:`~spdy.types.FUSED_FORMATS` saves besides its own time
-    (its share of a fused pair's saving); it counts in the choice, not in the seconds returned.
+    (the whole saving of the fused groups it is in: a format that does not fuse forfeits it for the
+    group); it counts in the choice, not in the seconds returned.
 
     The format is the fastest over all passes. Its time is cross-fitted: the format picked on the
     even passes timed by the odd ones, and the other way round, averaged. The fastest of a few
@@ -496,7 +639,9 @@ def profile_model(
     fit = _FitRounds(backend, bundle, layers, groups, grid.levels, fit_models, passes, seed)
     _time_groups(backend, layers, groups, grid.levels, patterns, progress, total, after_pass=fit.round)
     fit.round(passes)
-    dense_layer, base, anchored = _anchor(backend, bundle, layers, groups, grid.levels)
+    probes = _probes(backend, groups, specs, grid.levels)
+    dense_layer, base, anchored, probed = _anchor(backend, bundle, layers, groups, grid.levels,
+                                                  _probe_plans(layers, grid.levels, probes))
     dense = anchored[0][1]
     pairs = backend.fused_pairs(bundle, specs)
     saving, fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, pairs)
@@ -509,18 +654,26 @@ def profile_model(
     calls = [(triples, t_saving), (singles, s_saving)]
     if progress:
         progress(total - 1, total, "base and dense model")
-    cands = _candidate_times(groups, dense_layer, len(specs))
+    S = len(grid)
+    factors, probe_records = _format_factors(probes, probed, base.median_s,
+                                             _candidate_times(groups, dense_layer, len(specs)), S)
+    cands = _scaled(_candidate_times(groups, dense_layer, len(specs)), factors, S)
+    if factors:
+        log.info("in-model factors (among layers at %.2f, themselves %.2f): %s", float(grid.levels[probes[0].entry]),
+                 probe_records[0]["factor"], "; ".join(f"{r['format']} at {float(grid.levels[r['entry']]):.2f}: "
+                                                       f"{r['factor']:.2f}" for r in probe_records[1:]))
     stored = _Stored(layers, grid.levels, patterns)
     terms = fit.terms(cands, base.median_s, stored,
                       [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving,
                       calls)
-    S = len(grid)
+    # when formats are picked, a format that fuses is worth the whole group's saving: one layer in a
+    # format that does not forfeits the saving of the group (the table's times carry each layer's share)
     credit = np.zeros(len(specs))
-    for i, j in pairs:  # a format that fuses is worth its share of the pair's saving when formats are picked
-        credit[[i, j]] = saving / 2
+    for i, j in pairs:
+        credit[[i, j]] = saving
     for members, each in calls:
         for g in members:
-            credit[list(g)] += each / len(g)
+            credit[list(g)] += each
     times, spread, formats = _table_arrays([c[:S] for c in cands], terms, stored, credit)
     for members, each in calls:
         _credit_groups(times, formats, members, each)
@@ -530,7 +683,7 @@ def profile_model(
         "anchor_models": [{"sparsity": float(grid.levels[e]), "measured_s": t.median_s} for e, t in anchored],
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
-        "in_model": terms.to_json(), "fused_pairs": fusion, "fused_triples": t_fusion, "fused_epilogues": s_fusion,
+        "in_model": terms.to_json(), "format_probes": probe_records, "fused_pairs": fusion, "fused_triples": t_fusion, "fused_epilogues": s_fusion,
         "profile_seconds": round(time.perf_counter() - t_start, 1),
         "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),

@@ -147,6 +147,16 @@ class SpdyCpuBackend(TorchRuntimeBackend):
         switch(alone.model, False)  # type: ignore[attr-defined]
         return fused, alone
 
+    def unfused_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
+        from spdy import runtime
+
+        run = self.model_runner(bundle, choices)
+        model = getattr(run, "model", None)
+        if model is not None:
+            for switch in (runtime.set_ffn_fusion, runtime.set_qkv_fusion, runtime.set_out_fusion):
+                switch(model, False)
+        return run
+
     def fused_triples(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, int, int]]:
         """The query, key and value projections of a BERT encoder's self-attentions, which the
         encoder's forward runs as one call where all three are sparse (:func:`spdy.runtime.qkv_triples`)."""

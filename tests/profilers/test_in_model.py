@@ -163,7 +163,9 @@ def test_profile_shares_shapes_records_groups_and_terms():
     prof = profile_model(bundle, be, SparsityGrid((0.0, 0.9, 0.99)), fit_models=6)
     assert any(f != "dense" for row in prof.formats for f in row), "a sparse kernel should win at 99%"
     t = prof.table.times
-    assert np.array_equal(t[0], t[1]) and prof.formats[0] == prof.formats[1]  # one shape group: one measurement
+    # one shape group: one measurement (the in-model terms charge each layer's own stored weights,
+    # which differ a little between two pruned weights in a blocked format)
+    assert prof.formats[0] == prof.formats[1] and np.allclose(t[0], t[1], rtol=0.02)
     groups = prof.settings["measurement"]["groups"]
     assert len(groups) == 2 and sorted(g["layers"] for g in groups.values()) == [1, 2]
     terms = prof.settings["in_model"]

@@ -344,3 +344,81 @@ def test_stored_values_count_whole_blocks_and_every_value_of_a_dense_format():
     assert stored(0, 1, "bcsr4x1-1t") == stored(0, 1, "bcsr4x1")
     assert stored(0, 2, "dense") == stored(0, 2, "dnnl") == big.size / 1e6
     assert stored(0, 2, "bcsr1x4") == pytest.approx((1 - 0.95 ** 4) * big.size / 1e6, rel=0.05)
+
+
+def _probe_setup():
+    """Four layers in two shape groups, three grid levels; loop times per (entry, format)."""
+    from spdy.profilers.profiler import _Group
+
+    specs = [LayerSpec(f"l{i}", "linear", (8, 8) if i % 2 == 0 else (16, 8), (1, 4, 8), True) for i in range(4)]
+    groups = [_Group("a", [0, 2]), _Group("b", [1, 3])]
+    for g in groups:  # ratios to dense: bcsr4x1 fastest in the loop, csr within the race ratio, dnnl only at 0
+        g.ratios = [{DENSE: [(1.0, 0.0)], "dnnl": [(0.95, 0.0)], "bcsr4x1": [(0.9, 0.0)]},
+                    {DENSE: [(1.0, 0.0)], "bcsr4x1": [(0.6, 0.0)], "csr": [(0.7, 0.0)]},
+                    {DENSE: [(1.0, 0.0)], "bcsr4x1": [(0.3, 0.0)], "csr": [(0.2, 0.0)]}]
+    return specs, groups
+
+
+def test_format_probes_run_half_of_each_shape_group_among_background_layers():
+    from spdy.profilers.profiler import _probes
+
+    specs, groups = _probe_setup()
+    be = get_backend("spdy-cpu", threads=1)
+    probes = _probes(be, groups, specs, [0.0, 0.5, 0.8])
+    bg = probes[0]
+    assert bg.fmt is None and bg.entries == (2, 2, 2, 2) and bg.formats == ("csr",) * 4  # fastest at 0.8
+    by = {(p.entry, p.fmt): p for p in probes[1:]}
+    # the unpruned model in every competitive format, dense ones included; dense reads only there
+    assert {k for k in by if k[0] == 0} == {(0, DENSE), (0, "dnnl"), (0, "bcsr4x1")}
+    assert (1, DENSE) not in by and {(1, "bcsr4x1"), (1, "csr")} <= set(by)
+    p = by[0, "dnnl"]
+    # one layer of each shape group probed, the other one among the background
+    assert p.entries == (0, 0, 2, 2) and p.formats == ("dnnl", "dnnl", "csr", "csr")
+
+
+def test_format_factors_recover_what_the_model_adds_to_the_loop():
+    from spdy.profilers.profiler import _Probe, _format_factors, _scaled
+
+    loop = {0: {DENSE: 100e-6, "bcsr4x1": 90e-6}, 1: {DENSE: 100e-6, "bcsr4x1": 60e-6, "csr": 70e-6},
+            2: {DENSE: 100e-6, "csr": 20e-6, "bcsr4x1": 30e-6}}
+    cands = [[{f: (t, 0.0) for f, t in loop[e].items()} for e in range(3)] for _ in range(4)]
+    true = {(2, "csr"): 1.2, (0, "bcsr4x1"): 1.5, (1, "bcsr4x1"): 1.4, (1, "csr"): 1.0, (0, DENSE): 2.0}
+    base = 1e-3
+    probes = [_Probe(2, None, (2,) * 4, ("csr",) * 4)]
+    probes += [_Probe(e, f, (e, e, 2, 2), (f, f, "csr", "csr")) for (e, f) in true if (e, f) != (2, "csr")]
+
+    def model_time(p):
+        return base + sum(loop[e][f] * true[e, f] for e, f in zip(p.entries, p.formats))
+
+    timings = [Timing(model_time(p), 0.0, 0.0, 10, 1) for p in probes]
+    factors, records = _format_factors(probes, timings, base, cands, 3)
+    assert records[0]["format"] is None and records[0]["factor"] == pytest.approx(1.2)
+    assert factors["bcsr4x1"] == pytest.approx([1.5, 1.4, 1.4])  # the last probe holds beyond it
+    assert factors["csr"] == pytest.approx([1.0, 1.0, 1.0]) and factors[DENSE] == pytest.approx([2.0] * 3)
+    cands[0][2]["dnnl"] = (50e-6, 0.0, (40e-6, 60e-6))  # never probed: the largest factor at its entry
+    scaled = _scaled(cands, factors, 3)
+    assert scaled[0][1]["bcsr4x1"][0] == pytest.approx(60e-6 * 1.4)
+    assert scaled[0][2]["dnnl"][0] == pytest.approx(50e-6 * 2.0) and scaled[0][2]["dnnl"][2] == pytest.approx((80e-6, 120e-6))
+    assert cands[0][1]["bcsr4x1"][0] == 60e-6  # the loop times themselves are left alone
+
+
+def test_a_format_that_does_not_fuse_must_beat_one_that_does_by_the_whole_saving():
+    from spdy.profilers.profiler import _pick
+
+    cands = {"dnnl": (100e-6, 0.0), "bcsr4x1": (160e-6, 0.0)}
+    assert _pick(cands, None, credit=50e-6)[0] == "dnnl"  # 160 - 50 > 100
+    assert _pick(cands, None, credit=70e-6)[0] == "bcsr4x1"
+    assert _pick(cands, None, credit=70e-6)[1] == 160e-6  # the credit picks; the time stays the format's own
+
+
+def test_unfused_runner_turns_every_fusion_off():
+    torch = pytest.importorskip("torch")
+    from spdy.models.base import ModelBundle
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    bundle = ModelBundle(name="one", model=model, calibration=[torch.randn(2, 8)])
+    be = get_backend("spdy-cpu", threads=1)
+    w = model[0].weight.detach().numpy()
+    plan = {"0": LayerChoice("csr", LevelPruner(w).at(0.5), model[0].bias.detach().numpy(), 0.5)}
+    fused, alone = be.model_runner(bundle, plan), be.unfused_runner(bundle, plan)
+    np.testing.assert_allclose(np.asarray(fused()), np.asarray(alone()), rtol=1e-5, atol=1e-6)
