@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -271,18 +271,25 @@ def _probes(backend: Backend, groups: Sequence[_Group], specs: Sequence[LayerSpe
 
 
 def _probe_plans(layers: Sequence[_Layer], levels: Sequence[float], probes: Sequence[_Probe]
-                 ) -> list[dict[str, LayerChoice]]:
+                 ) -> Iterator[dict[str, LayerChoice]]:
+    """The probes' plans, one at a time (a runner built from each holds its own kernels' copy of the
+    weights, and the pruned weights go once the last plan is made); a layer's weight at a level is
+    pruned once and shared by every plan that has it (all of them have the background's)."""
     pruners: dict[int, LevelPruner] = {}
+    pruned: dict[tuple[int, float], np.ndarray] = {}
 
     def weight(li: int, w: np.ndarray, s: float) -> np.ndarray:
         if not s:
             return w
-        if li not in pruners:
-            pruners[li] = LevelPruner(w)
-        return pruners[li].at(s)
+        if (li, s) not in pruned:
+            if li not in pruners:
+                pruners[li] = LevelPruner(w)
+            pruned[li, s] = pruners[li].at(s)
+        return pruned[li, s]
 
-    return [{spec.name: LayerChoice(fmt, weight(li, w, float(levels[e])), b, float(levels[e]))
-             for li, ((spec, w, b, _x), e, fmt) in enumerate(zip(layers, p.entries, p.formats))} for p in probes]
+    for p in probes:
+        yield {spec.name: LayerChoice(fmt, weight(li, w, float(levels[e])), b, float(levels[e]))
+               for li, ((spec, w, b, _x), e, fmt) in enumerate(zip(layers, p.entries, p.formats))}
 
 
 def _format_factors(probes: Sequence[_Probe], timings: Sequence[Timing], base_s: float,
@@ -351,7 +358,7 @@ def _scaled(cands: Sequence[Sequence[dict[str, _Cand]]], factors: dict[str, np.n
 
 def _anchor(
     backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group], levels: Sequence[float],
-    unfused: Sequence[Mapping[str, LayerChoice]] = (),
+    unfused: Iterable[Mapping[str, LayerChoice]] = (),
 ) -> tuple[np.ndarray, Timing, list[tuple[int, Timing]], list[Timing]]:
     """One long interleaved measurement of every group's dense layer, the base model (stand-ins),
     the unpruned model and uniformly pruned ones (:func:`_anchor_entries`), each layer in the
