@@ -149,6 +149,16 @@ class TorchRuntimeBackend(Backend):
         return cached
 
     def _device_model(self, model: Any) -> Any:
+        """A copy of ``model`` on the backend's device and dtype, in eval mode, without gradients. On
+        the CPU in the model's own dtype the copy's parameters and buffers share the model's storage
+        (runners only read them), so that each of the many runners a profile builds at once costs only
+        the layers it swaps in, not a copy of the whole model; the model's own tensors are untouched."""
+        params, buffers = list(model.parameters()), list(model.buffers())
+        if self.device == "cpu" and all(t.device.type == "cpu" and (t.dtype == self.torch_dtype or not t.is_floating_point())
+                                        for t in params + buffers):
+            memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in params}
+            memo.update({id(b): b.detach() for b in buffers})
+            return copy.deepcopy(model, memo).eval()
         m = copy.deepcopy(model)
         return m.to(device=self.device, dtype=self.torch_dtype).eval().requires_grad_(False)
 

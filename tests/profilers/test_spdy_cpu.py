@@ -108,3 +108,28 @@ def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
     back = load_profile(tmp_path / "p.json")
     assert back.table.fused == prof.table.fused
     assert back.table.dense_total_s == pytest.approx(prof.table.dense_total_s)
+
+
+def test_runner_models_share_the_models_tensors_and_leave_the_model_alone():
+    import torch
+
+    from spdy.models.base import ModelBundle
+    from spdy.profilers import LayerChoice, get_backend
+    from spdy.profilers.pruning import LevelPruner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4)).eval()
+    bundle = ModelBundle(name="two", model=model, calibration=[torch.randn(4, 8)])
+    be = get_backend("spdy-cpu", threads=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = model[2].weight.detach().numpy()
+    run = be.model_runner(bundle, {"2": LayerChoice("csr", LevelPruner(w).at(0.5), model[2].bias.detach().numpy(), 0.5)})
+    copy_ = run.model
+    # the untouched layers read the model's own storage: a runner costs only the layers it swaps in
+    assert copy_[0].weight.data_ptr() == model[0].weight.data_ptr()
+    assert copy_[1].running_mean.data_ptr() == model[1].running_mean.data_ptr()
+    assert not copy_[0].weight.requires_grad and model[0].weight.requires_grad  # the model's flags untouched
+    assert type(copy_[2]).__name__ == "SparseLinear" and isinstance(model[2], torch.nn.Linear)
+    run()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
