@@ -270,20 +270,17 @@ def _probes(backend: Backend, groups: Sequence[_Group], specs: Sequence[LayerSpe
     return out
 
 
-def _probe_plans(layers: Sequence[_Layer], levels: Sequence[float], probes: Sequence[_Probe]
-                 ) -> Iterator[dict[str, LayerChoice]]:
+def _probe_plans(layers: Sequence[_Layer], levels: Sequence[float], probes: Sequence[_Probe],
+                 pruners: Sequence[LevelPruner]) -> Iterator[dict[str, LayerChoice]]:
     """The probes' plans, one at a time (a runner built from each holds its own kernels' copy of the
     weights, and the pruned weights go once the last plan is made); a layer's weight at a level is
     pruned once and shared by every plan that has it (all of them have the background's)."""
-    pruners: dict[int, LevelPruner] = {}
     pruned: dict[tuple[int, float], np.ndarray] = {}
 
     def weight(li: int, w: np.ndarray, s: float) -> np.ndarray:
         if not s:
             return w
         if (li, s) not in pruned:
-            if li not in pruners:
-                pruners[li] = LevelPruner(w)
             pruned[li, s] = pruners[li].at(s)
         return pruned[li, s]
 
@@ -485,10 +482,12 @@ class _Stored:
     these: a 4-wide block stores its zeros, so 40% unstructured sparsity in ``bcsr4x1`` still reads
     about 97% of the weight."""
 
-    def __init__(self, layers: Sequence[_Layer], levels: Sequence[float], patterns: Sequence[str]) -> None:
+    def __init__(self, layers: Sequence[_Layer], levels: Sequence[float], patterns: Sequence[str],
+                 pruners: Sequence[LevelPruner] | None = None) -> None:
         self.kept = _kept(layers, levels, patterns)
         self._layers, self._levels = layers, [float(x) for x in levels]
-        self._pruners: dict[int, LevelPruner] = {}
+        # the layers' pruners, when the caller has them (each holds its weight's order: 8 bytes a weight)
+        self._pruners: dict[int, LevelPruner] = dict(enumerate(pruners)) if pruners is not None else {}
         self._blocks: dict[tuple[int, int, str], float] = {}
 
     def __call__(self, li: int, entry: int, fmt: str) -> float:
@@ -648,7 +647,7 @@ def profile_model(
     fit.round(passes)
     probes = _probes(backend, groups, specs, grid.levels)
     dense_layer, base, anchored, probed = _anchor(backend, bundle, layers, groups, grid.levels,
-                                                  _probe_plans(layers, grid.levels, probes))
+                                                  _probe_plans(layers, grid.levels, probes, fit.pruners))
     dense = anchored[0][1]
     pairs = backend.fused_pairs(bundle, specs)
     saving, fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, pairs)
@@ -669,7 +668,7 @@ def profile_model(
         log.info("in-model factors (among layers at %.2f, themselves %.2f): %s", float(grid.levels[probes[0].entry]),
                  probe_records[0]["factor"], "; ".join(f"{r['format']} at {float(grid.levels[r['entry']]):.2f}: "
                                                        f"{r['factor']:.2f}" for r in probe_records[1:]))
-    stored = _Stored(layers, grid.levels, patterns)
+    stored = _Stored(layers, grid.levels, patterns, fit.pruners)
     terms = fit.terms(cands, base.median_s, stored,
                       [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving,
                       calls)
