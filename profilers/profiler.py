@@ -69,15 +69,18 @@ FIT_SEED_OFFSET = 10_000
 #: it is sparse, and the table takes the measured saving off its sparse times. 12: the in-model
 #: per-weight term counts the weight values a format stores (every value of a non-empty 4-wide
 #: block in the blocked formats, every value in the dense ones), not the nonzeros.
-#: 13: every competitive format's in-model factor, from whole uniform models timed unfused with the
-#: anchor (:func:`_format_factors`), scales its loop times before the formats are picked; a format
-#: that does not fuse must beat one that does by the whole group's saving to be picked.
+#: 13: every competitive format's in-model factor, from probes timed unfused with the anchor (the
+#: format on half the layers, among a background near 80%; :func:`_format_factors`), scales its loop
+#: times before the formats are picked; a format that does not fuse must beat one that does by the
+#: whole group's saving to be picked.
 LATENCY_MODEL_VERSION = 13
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
-#: Grid levels (the nearest) at which every competitive format runs a whole uniform model with the
-#: anchor: its in-model factor (:func:`_format_factors`).
+#: Grid levels (the nearest) at which every competitive format is probed with the anchor, besides
+#: the unpruned model: its in-model factor (:func:`_probes`, :func:`_format_factors`).
 PROBE_SPARSITIES = (0.4, 0.6, 0.8, 0.9, 0.95)
+#: The grid level (the nearest) of the background layers the format probes run among.
+PROBE_BACKGROUND = 0.8
 #: Bounds of a format's in-model factor (its layers' time inside the model over their loop time).
 FACTOR_BOUNDS = (0.5, 3.0)
 #: Uniformly pruned models whose fused pairs are timed fused and unfused (the nearest grid levels).
@@ -219,10 +222,6 @@ def _anchor_entries(levels: Sequence[float], sparsities: Sequence[float] = ANCHO
     return out
 
 
-#: The grid level (the nearest) of the background layers the format probes run among.
-PROBE_BACKGROUND = 0.8
-
-
 @dataclass(frozen=True)
 class _Probe:
     """A model the format probes time (unfused): each layer at grid entry ``entries[i]`` in format
@@ -243,7 +242,8 @@ def _probes(backend: Backend, groups: Sequence[_Group], specs: Sequence[LayerSpe
     unpruned model only) on half the layers, in every shape group, with the background on the
     others: as in a searched model, the probed layers run among sparse ones, and a format that is
     fast among its own kind but slow among spdy's sparse kernels (torch's dense layers, measured
-    so) shows it."""
+    so) shows it. A probe that would be the background itself (its format at its level) is left
+    out: the background's time measures it."""
     n = len(specs)
     _keys, group = layer_groups(specs)
     bg_entry = _anchor_entries(levels, (PROBE_BACKGROUND,))[-1]
@@ -265,8 +265,10 @@ def _probes(backend: Backend, groups: Sequence[_Group], specs: Sequence[LayerSpe
         for f in sorted({f for g in groups for f in _competitive_formats(g.median_ratios(e), race)}):
             if e and f in _DENSE_READS:
                 continue
-            out.append(_Probe(e, f, tuple(e if half[i] else bg_entry for i in range(n)),
-                              tuple((f if f in timed[i] else best[i]) if half[i] else bg[i] for i in range(n))))
+            probe = _Probe(e, f, tuple(e if half[i] else bg_entry for i in range(n)),
+                           tuple((f if f in timed[i] else best[i]) if half[i] else bg[i] for i in range(n)))
+            if (probe.entries, probe.formats) != (out[0].entries, out[0].formats):
+                out.append(probe)
     return out
 
 
@@ -293,7 +295,8 @@ def _format_factors(probes: Sequence[_Probe], timings: Sequence[Timing], base_s:
                     cands: Sequence[Sequence[dict[str, _Cand]]], n_entries: int
                     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Per format, per grid entry: how much longer its layers take inside the model than in the
-    loop. The background's factor is its model's time less the base over its layers' loop times; a
+    loop. The background's factor is its model's time less the base over its layers' loop times (in
+    one format, that format's factor at its level); a
     probe's, its model's time less the base and the other layers' in-model times (the background's
     at its factor, loop times for any others), over the probed layers' loop times; clipped to
     :data:`FACTOR_BOUNDS`. Between probed entries a format's factor is interpolated, beyond them the
@@ -309,6 +312,8 @@ def _format_factors(probes: Sequence[_Probe], timings: Sequence[Timing], base_s:
     records = [{"entry": background.entry, "format": None, "layers": len(background.formats),
                 "measured_s": t_bg.median_s, "factor": k_bg}]
     measured: dict[tuple[int, str], float] = {}
+    if len(set(background.formats)) == 1:  # the background in one format measures that format at its level
+        measured[background.entry, background.formats[0]] = k_bg
     for p, t in zip(probes[1:], timings[1:]):
         probed = [p.entries[li] == p.entry and f == p.fmt for li, f in enumerate(p.formats)]
         own = loop(p, lambda li, _f: probed[li])
@@ -355,7 +360,7 @@ def _scaled(cands: Sequence[Sequence[dict[str, _Cand]]], factors: dict[str, np.n
 
 def _anchor(
     backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group], levels: Sequence[float],
-    unfused: Iterable[Mapping[str, LayerChoice]] = (),
+    pruners: Sequence[LevelPruner], unfused: Iterable[Mapping[str, LayerChoice]] = (),
 ) -> tuple[np.ndarray, Timing, list[tuple[int, Timing]], list[Timing]]:
     """One long interleaved measurement of every group's dense layer, the base model (stand-ins),
     the unpruned model and uniformly pruned ones (:func:`_anchor_entries`), each layer in the
@@ -372,8 +377,8 @@ def _anchor(
     entries = _anchor_entries(levels)
     for e in entries:
         s = float(levels[e])
-        plan = {spec.name: LayerChoice(fmt, LevelPruner(w).at(s) if s else w, b, s)
-                for (spec, w, b, _x), fmt in zip(layers, _anchor_formats(groups, len(layers), e))}
+        plan = {spec.name: LayerChoice(fmt, pr.at(s) if s else w, b, s)
+                for (spec, w, b, _x), pr, fmt in zip(layers, pruners, _anchor_formats(groups, len(layers), e))}
         runners.append(backend.model_runner(bundle, plan))
     runners += [backend.unfused_runner(bundle, plan) for plan in unfused]
     policy = backend.policy.for_models()
@@ -387,7 +392,7 @@ def _anchor(
 
 
 def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Layer], groups: Sequence[_Group],
-                   levels: Sequence[float], pairs: Sequence[tuple[int, ...]],
+                   levels: Sequence[float], pruners: Sequence[LevelPruner], pairs: Sequence[tuple[int, ...]],
                    make: Callable[[Any, Mapping[str, LayerChoice]], tuple[Any, Any]] | None = None,
                    what: str = "pairs") -> tuple[float, dict[str, Any]]:
     """What one fused pair (or other group of layers the runtime runs as one: ``pairs`` holds
@@ -422,7 +427,7 @@ def _fusion_saving(backend: Backend, bundle: ModelBundle, layers: Sequence[_Laye
         if not ok:
             continue
         s = float(levels[e])
-        plan = {spec.name: LayerChoice(f, LevelPruner(w).at(s), b, s) for (spec, w, b, _x), f in zip(layers, fm)}
+        plan = {spec.name: LayerChoice(f, pr.at(s), b, s) for (spec, _w, b, _x), pr, f in zip(layers, pruners, fm)}
         runners += list(make(bundle, plan))
         used.append(e)
     if not runners:
@@ -646,16 +651,16 @@ def profile_model(
     _time_groups(backend, layers, groups, grid.levels, patterns, progress, total, after_pass=fit.round)
     fit.round(passes)
     probes = _probes(backend, groups, specs, grid.levels)
-    dense_layer, base, anchored, probed = _anchor(backend, bundle, layers, groups, grid.levels,
+    dense_layer, base, anchored, probed = _anchor(backend, bundle, layers, groups, grid.levels, fit.pruners,
                                                   _probe_plans(layers, grid.levels, probes, fit.pruners))
     dense = anchored[0][1]
     pairs = backend.fused_pairs(bundle, specs)
-    saving, fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, pairs)
+    saving, fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, fit.pruners, pairs)
     triples = backend.fused_triples(bundle, specs)
-    t_saving, t_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, triples,
+    t_saving, t_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, fit.pruners, triples,
                                         backend.triple_fusion_runners, "triples")
     singles = backend.fused_singles(bundle, specs)
-    s_saving, s_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, singles,
+    s_saving, s_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, fit.pruners, singles,
                                         backend.single_fusion_runners, "epilogues")
     calls = [(triples, t_saving), (singles, s_saving)]
     if progress:

@@ -21,6 +21,7 @@ from spdy.kernels.ffn import checked_norm, fused_threads, norm_args
 from spdy.kernels.linear import PreparedLinear
 from spdy.types import FUSED_FORMATS
 
+
 def fusable(p: PreparedLinear) -> bool:
     """Whether ``p`` can run with the residual in its epilogue: a format of
     :data:`spdy.types.FUSED_FORMATS` (the multithreaded sparse ones)."""

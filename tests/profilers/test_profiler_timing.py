@@ -371,6 +371,7 @@ def test_format_probes_run_half_of_each_shape_group_among_background_layers():
     # the unpruned model in every competitive format, dense ones included; dense reads only there
     assert {k for k in by if k[0] == 0} == {(0, DENSE), (0, "dnnl"), (0, "bcsr4x1")}
     assert (1, DENSE) not in by and {(1, "bcsr4x1"), (1, "csr")} <= set(by)
+    assert (2, "csr") not in by  # it would be the background itself: that one time measures it
     p = by[0, "dnnl"]
     # one layer of each shape group probed, the other one among the background
     assert p.entries == (0, 0, 2, 2) and p.formats == ("dnnl", "dnnl", "csr", "csr")
@@ -394,7 +395,8 @@ def test_format_factors_recover_what_the_model_adds_to_the_loop():
     factors, records = _format_factors(probes, timings, base, cands, 3)
     assert records[0]["format"] is None and records[0]["factor"] == pytest.approx(1.2)
     assert factors["bcsr4x1"] == pytest.approx([1.5, 1.4, 1.4])  # the last probe holds beyond it
-    assert factors["csr"] == pytest.approx([1.0, 1.0, 1.0]) and factors[DENSE] == pytest.approx([2.0] * 3)
+    # the background, in one format, measures that format at its level
+    assert factors["csr"] == pytest.approx([1.0, 1.0, 1.2]) and factors[DENSE] == pytest.approx([2.0] * 3)
     cands[0][2]["dnnl"] = (50e-6, 0.0, (40e-6, 60e-6))  # never probed: the largest factor at its entry
     scaled = _scaled(cands, factors, 3)
     assert scaled[0][1]["bcsr4x1"][0] == pytest.approx(60e-6 * 1.4)
@@ -412,13 +414,32 @@ def test_a_format_that_does_not_fuse_must_beat_one_that_does_by_the_whole_saving
 
 
 def test_unfused_runner_turns_every_fusion_off():
-    torch = pytest.importorskip("torch")
-    from spdy.models.base import ModelBundle
+    transformers = pytest.importorskip("transformers")
+    import torch
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
-    bundle = ModelBundle(name="one", model=model, calibration=[torch.randn(2, 8)])
+    from spdy.models.base import ModelBundle
+    from spdy.runtime import EncoderForward
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=256, max_position_embeddings=80, attn_implementation="sdpa")
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 200, (1, 64))
+    bundle = ModelBundle("tiny-bert", model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                         forward=lambda m, b: m(**b).last_hidden_state)
     be = get_backend("spdy-cpu", threads=1)
-    w = model[0].weight.detach().numpy()
-    plan = {"0": LayerChoice("csr", LevelPruner(w).at(0.5), model[0].bias.detach().numpy(), 0.5)}
+    plan = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("encoder."):
+            w = m.weight.detach().numpy()
+            plan[name] = LayerChoice("csr", LevelPruner(w).at(0.5), m.bias.detach().numpy(), 0.5)
+
+    def switches(run):
+        fwds = [m.__dict__["forward"] for _n, m in run.model.named_modules()
+                if isinstance(m.__dict__.get("forward"), EncoderForward)]
+        assert fwds, "the encoder runs on spdy's forward"
+        return {(f.fuse_ffn, f.fuse_qkv, f.fuse_out) for f in fwds}
+
     fused, alone = be.model_runner(bundle, plan), be.unfused_runner(bundle, plan)
-    np.testing.assert_allclose(np.asarray(fused()), np.asarray(alone()), rtol=1e-5, atol=1e-6)
+    assert switches(fused) == {(True, True, True)} and switches(alone) == {(False, False, False)}
+    np.testing.assert_allclose(np.asarray(fused()), np.asarray(alone()), rtol=1e-3, atol=1e-4)
