@@ -6,7 +6,7 @@ Public API (stable; the profilers and the search build on it):
 * :func:`prepare_linear` (W [out, in] fp32, zeros = pruned; once, at load time)
   -> :class:`PreparedLinear`; :func:`linear` (or calling it) runs
   ``y = x W^T + b`` on fp32 numpy arrays ``[..., in]``.
-* :func:`prepare_conv2d` -> :class:`PreparedConv2d`; :func:`conv2d`.
+* :func:`prepare_conv2d` -> :class:`PreparedConv2d`; :func:`conv2d` (numpy), :func:`torch_conv2d` (torch, dense formats).
 * :func:`choose_format` / :func:`choose_conv_format` - what ``format="auto"``
   picks: a deterministic O(weight size) rule, see their docstrings. A profiler
   that times "each level in the format the runtime will really use" prepares
@@ -33,7 +33,14 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spdy.kernels._alloc import allocator_status, retain_freed_memory  # noqa: E402
-from spdy.kernels.conv import CONV_FORMATS, PreparedConv2d, choose_conv_format, conv2d, prepare_conv2d  # noqa: E402
+from spdy.kernels.conv import (  # noqa: E402
+    CONV_FORMATS,
+    PreparedConv2d,
+    choose_conv_format,
+    conv2d,
+    prepare_conv2d,
+    torch_conv2d,
+)
 from spdy.kernels.linear import (  # noqa: E402
     DNNL,
     FORMATS,
@@ -64,6 +71,7 @@ __all__ = [
     "prepare_conv2d",
     "linear",
     "conv2d",
+    "torch_conv2d",
     "choose_format",
     "choose_conv_format",
     "panel_width",

@@ -19,8 +19,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from spdy.kernels._simd import copy_n, deinterleave2, ld, zero_n
-from spdy.kernels._spmm import TILE, _JIT, _row_chunks, _tile_rows, _unpack_rows_channel_major, _work_share, tile_width
+from spdy.kernels._simd import copy_n, deinterleave2, ld, transpose16, zero_n
+from spdy.kernels._spmm import (
+    TILE,
+    _JIT,
+    _row_chunks,
+    _tile_rows,
+    _unpack_rows_channel_major,
+    _unpack_rows_nhwc,
+    _work_share,
+    tile_width,
+)
 
 
 @njit(inline="always", **_JIT)
@@ -100,6 +109,37 @@ def _pack_image(x, xn, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs):
                     _phase_row(x, xn + (c * H + yy) * W, W, pw, sw, b, Xq, dst, Wq)
 
 
+@njit(inline="always", **_JIT)
+def _pack_image_nhwc(x, xn, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs):
+    """Image ``x[xn:]`` [H, W, C] (channels last) into the zero-padded stride phases of
+    :func:`_pack_image` at Xq[xs:]: 16 pixels x 16 channels at a time, transposed."""
+    plane = Hq * Wq
+    zero_n(Xq, xs, sh * sw * C * plane)
+    for a in range(sh):
+        for b in range(sw):
+            base = xs + (a * sw + b) * C * plane
+            # the columns j of phase b that hold an image column, xx = j*sw + b - pw in [0, W)
+            j_lo = min(Wq, max(0, (pw - b + sw - 1) // sw))
+            j_hi = max(j_lo, min(Wq, (W - 1 + pw - b) // sw + 1))
+            for i in range(Hq):
+                yy = i * sh + a - ph
+                if yy < 0 or yy >= H:
+                    continue
+                src_row = xn + yy * W * C
+                dst_row = base + i * Wq
+                for j in range(j_lo, j_hi, 16):
+                    nj = min(16, j_hi - j)
+                    src = src_row + (j * sw + b - pw) * C
+                    for c in range(0, C, 16):
+                        nc = min(16, C - c)
+                        if nj == 16 and nc == 16:
+                            transpose16(x, src + c, sw * C, Xq, dst_row + c * plane + j, plane)
+                        else:
+                            for r in range(nj):
+                                for cc in range(nc):
+                                    Xq[dst_row + (c + cc) * plane + j + r] = x[src + r * sw * C + c + cc]
+
+
 def phase_buffer_size(C: int, sh: int, sw: int, Hq: int, Wq: int) -> int:
     """Floats of one thread's phase-plane buffer (with the slack the last tile reads), a multiple of 16."""
     n = sh * sw * C * Hq * Wq + TILE + Wq
@@ -108,8 +148,9 @@ def phase_buffer_size(C: int, sh: int, sw: int, Hq: int, Wq: int) -> int:
 
 @njit(parallel=True, **_JIT)
 def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panels, col, val, bias, row_cost, Xq, xq_size,
-                  YP, y, nthreads):
-    """Sparse conv of N images, any stride, no im2col: x [N, C, H, W] -> y [N, O, Ho, Wo] (flattened).
+                  YP, y, nthreads, res, epi, elo, ehi, channels_last):
+    """Sparse conv of N images, any stride, no im2col: x [N, C, H, W] -> y [N, O, Ho, Wo] (flattened;
+    ``channels_last``: x [N, H, W, C] -> y [N, Ho, Wo, O]).
 
     The zero-padded input is split into sh*sw stride phases (:func:`_pack_image`);
     tap (dy, dx) of channel c then reads phase ((dy*dh) % sh, (dx*dw) % sw)
@@ -122,7 +163,10 @@ def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panel
     thread packs each image into its own buffer and takes a run of its pixel
     tiles (or, with fewer tiles than threads, a chunk of one tile's output
     rows). ``Xq``: scratch of ``nthreads * xq_size`` floats
-    (:func:`phase_buffer_size`); ``YP``: ``nthreads * O * TILE`` floats.
+    (:func:`phase_buffer_size`); ``YP``: ``nthreads * O * TILE`` floats. ``res``, ``epi``,
+    ``elo``, ``ehi``: the epilogue applied as the outputs are written
+    (:func:`spdy.kernels._spmm._store_run`'s ``r``, ``epi``, ``lo``, ``hi``; ``res`` shaped as
+    ``y``, ``epi`` 0 for none).
     """
     T = Ho * Wq
     plane = Hq * Wq
@@ -149,7 +193,10 @@ def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panel
         if hi <= lo or r1 <= r0:
             n_hi = n_lo
         for n in range(n_lo, n_hi):
-            _pack_image(x, n * C * H * W, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs)
+            if channels_last:
+                _pack_image_nhwc(x, n * C * H * W, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs)
+            else:
+                _pack_image(x, n * C * H * W, C, H, W, sh, sw, ph, pw, Hq, Wq, Xq, xs)
             yn = n * O * Ho * Wo
             for tile in range(lo, hi):
                 t0 = tile * TILE
@@ -157,4 +204,8 @@ def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panel
                 # the thread's [O, Lt] buffer holds rows r0:r1 from its start
                 yb = ys - r0 * Lt
                 _tile_rows(col, val, ptr, n_panels, O, r0, r1, 1, Xq, xs + t0, YP, yb, bias, Lt, 0)
-                _unpack_rows_channel_major(YP, yb, Lt, y[yn:], t0, T, r0, r1, Ho * Wo, Wq, Wo)
+                if channels_last:
+                    _unpack_rows_nhwc(YP, yb, Lt, y[yn:], t0, T, r0, r1, Wq, Wo, O, res[yn:], epi, elo, ehi)
+                else:
+                    _unpack_rows_channel_major(YP, yb, Lt, y[yn:], t0, T, r0, r1, Ho * Wo, Wq, Wo, res[yn:], epi, elo,
+                                               ehi)

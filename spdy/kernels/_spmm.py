@@ -247,10 +247,81 @@ def _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1):
                         y[(t0 + l) * O + o] = YP[yb + o * Lt + l]
 
 
+EPI_NONE, EPI_ADD, EPI_CLAMP, EPI_ADD_CLAMP = 0, 1, 2, 3
+"""What a convolution's epilogue does to each output as it is written (``epi`` of the kernels
+below): nothing, ``+ r`` (a residual of the output's shape), clamp to ``[lo, hi]``, or both,
+the sum first."""
+
+
 @njit(**_INLINE)
-def _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, valid_w):
+def _store_run(y, d, src, s, n, r, epi, lo, hi):
+    """``y[d:d+n] = src[s:s+n]``, with the epilogue ``epi`` (:data:`EPI_ADD` etc.: ``+ r[d:d+n]``,
+    then clamp to ``[lo, hi]``) applied as the values are written."""
+    if epi == EPI_NONE:
+        copy_n(y, d, src, s, n)
+    elif epi == EPI_ADD:
+        for i in range(n):
+            y[d + i] = src[s + i] + r[d + i]
+    elif epi == EPI_CLAMP:
+        for i in range(n):
+            y[d + i] = min(max(src[s + i], lo), hi)
+    else:
+        for i in range(n):
+            y[d + i] = min(max(src[s + i] + r[d + i], lo), hi)
+
+
+@njit(**_INLINE)
+def _epilogue_inplace(y, d, n, r, epi, lo, hi):
+    """``y[d:d+n] = clamp(y[d:d+n] + r[d:d+n])``, the parts :data:`EPI_ADD` / :data:`EPI_CLAMP` of ``epi`` select."""
+    if epi == EPI_ADD:
+        for i in range(n):
+            y[d + i] += r[d + i]
+    elif epi == EPI_CLAMP:
+        for i in range(n):
+            y[d + i] = min(max(y[d + i], lo), hi)
+    elif epi == EPI_ADD_CLAMP:
+        for i in range(n):
+            y[d + i] = min(max(y[d + i] + r[d + i], lo), hi)
+
+
+@njit(**_INLINE)
+def _unpack_rows_nhwc(YP, yb, Lt, y, t0, T, r0, r1, grid_w, valid_w, O, res, epi, lo, hi):
+    """Rows r0:r1 of a conv's tile into y [Ho, Wo, O] (channels last): token ``t`` is pixel
+    (t // grid_w, t % grid_w) of the output grid, columns >= valid_w are padding and dropped;
+    16x16 transposes, then the epilogue ``epi`` of :func:`_store_run` on what was written
+    (the residual ``res`` indexed as ``y``)."""
+    nl = min(Lt, T - t0)
+    l = 0
+    while l < nl:
+        t = t0 + l
+        row = t // grid_w
+        col = t - row * grid_w
+        run = min(nl - l, grid_w - col)
+        keep = min(run, max(0, valid_w - col))
+        k = 0
+        while k < keep:
+            nk = min(LANES, keep - k)
+            d = (row * valid_w + col + k) * O
+            for o0 in range(r0, r1, LANES):
+                no = min(LANES, r1 - o0)
+                if nk == LANES and no == LANES:
+                    transpose16(YP, yb + o0 * Lt + l + k, Lt, y, d + o0, O)
+                else:
+                    for q in range(no):
+                        for kk in range(nk):
+                            y[d + kk * O + o0 + q] = YP[yb + (o0 + q) * Lt + l + k + kk]
+            if epi != EPI_NONE:
+                for kk in range(nk):
+                    _epilogue_inplace(y, d + kk * O + r0, r1 - r0, res, epi, lo, hi)
+            k += LANES
+        l += run
+
+
+@njit(**_INLINE)
+def _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, valid_w, res, epi, lo, hi):
     """Y[o, token] for a conv: token ``t`` is pixel (t // grid_w, t % grid_w) of the output
-    grid; columns >= valid_w are padding and dropped; y[o * plane + row * valid_w + col]."""
+    grid; columns >= valid_w are padding and dropped; y[o * plane + row * valid_w + col]
+    (with the epilogue ``epi`` of :func:`_store_run`; the residual ``res`` is indexed as ``y``)."""
     nl = min(Lt, T - t0)
     r_start = t0 // grid_w
     c_start = t0 - r_start * grid_w
@@ -265,7 +336,7 @@ def _unpack_rows_channel_major(YP, yb, Lt, y, t0, T, r0, r1, plane, grid_w, vali
             keep = min(run, max(0, valid_w - c))
             d = dst + r * valid_w + c
             if keep > 0:
-                copy_n(y, d, YP, src + l, keep)
+                _store_run(y, d, YP, src + l, keep, res, epi, lo, hi)
             l += run
             r += 1
             c = 0
@@ -584,15 +655,45 @@ def _pack_channel_major(x, HW, K, XP, xs, t0, nl, Lt):
 
 
 @njit(**_INLINE)
-def _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1):
-    """Rows r0:r1 of the tile at YP[yb + o*Lt:] into y [N, O, HW] (token t = pixel t % HW of image t // HW)."""
+def _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1, res, epi, lo, hi):
+    """Rows r0:r1 of the tile at YP[yb + o*Lt:] into y [N, O, HW] (token t = pixel t % HW of image t // HW),
+    with the epilogue ``epi`` of :func:`_store_run` (the residual ``res`` indexed as ``y``)."""
     l = 0
     while l < nl:
         n, p, run = _segment(t0, l, nl, HW)
         dst = n * O * HW + p
         for o in range(r0, r1):
-            copy_n(y, dst + o * HW, YP, yb + o * Lt + l, run)
+            _store_run(y, dst + o * HW, YP, yb + o * Lt + l, run, res, epi, lo, hi)
         l += run
+
+
+@njit(**_INLINE)
+def _tiles_thread(c, x, channel_major, T, HW, K, O, ptr, n_panels, col, val, blocked, bias, XP, YP, y, nthreads,
+                  n_tiles, per_tile, bounds, res, epi, elo, ehi):
+    """Work item ``c`` of :func:`tiles_forward` / :func:`tiles_forward_epilogue`."""
+    lo, hi, r0, r1 = _work_share(c, nthreads, n_tiles, per_tile, bounds, O)
+    xs = c * K * TILE
+    ys = c * O * TILE
+    for tile in range(lo, hi):
+        if r1 <= r0:
+            break
+        t0 = tile * TILE
+        Lt = tile_width(T, t0)
+        nl = min(Lt, T - t0)
+        if channel_major:
+            _pack_channel_major(x, HW, K, XP, xs, t0, nl, Lt)
+        else:
+            _pack_tile(x, T, K, XP, xs, t0, Lt)
+        # the thread's [O, Lt] buffer holds rows r0:r1 from its start
+        yb = ys - r0 * Lt
+        _tile_rows(col, val, ptr, n_panels, O, r0, r1, Lt, XP, xs, YP, yb, bias, Lt, blocked)
+        if channel_major:
+            _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1, res, epi, elo, ehi)
+        else:
+            _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
+            if epi != EPI_NONE:  # on the rows just written, still in this core's cache
+                for l in range(nl):
+                    _epilogue_inplace(y, (t0 + l) * O + r0, r1 - r0, res, epi, elo, ehi)
 
 
 @njit(parallel=True, **_JIT)
@@ -619,26 +720,23 @@ def tiles_forward(x, channel_major, N, HW, K, O, ptr, n_panels, col, val, blocke
     per_tile = max(1, nthreads // n_tiles)
     bounds = _row_chunks(row_cost, O, per_tile)
     for c in prange(nthreads):
-        lo, hi, r0, r1 = _work_share(c, nthreads, n_tiles, per_tile, bounds, O)
-        xs = c * K * TILE
-        ys = c * O * TILE
-        for tile in range(lo, hi):
-            if r1 <= r0:
-                break
-            t0 = tile * TILE
-            Lt = tile_width(T, t0)
-            nl = min(Lt, T - t0)
-            if channel_major:
-                _pack_channel_major(x, HW, K, XP, xs, t0, nl, Lt)
-            else:
-                _pack_tile(x, T, K, XP, xs, t0, Lt)
-            # the thread's [O, Lt] buffer holds rows r0:r1 from its start
-            yb = ys - r0 * Lt
-            _tile_rows(col, val, ptr, n_panels, O, r0, r1, Lt, XP, xs, YP, yb, bias, Lt, blocked)
-            if channel_major:
-                _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1)
-            else:
-                _unpack_rows_tokens_major(YP, yb, Lt, O, y, t0, T, r0, r1)
+        _tiles_thread(c, x, channel_major, T, HW, K, O, ptr, n_panels, col, val, blocked, bias, XP, YP, y, nthreads,
+                      n_tiles, per_tile, bounds, y, EPI_NONE, np.float32(0.0), np.float32(0.0))
+
+
+@njit(parallel=True, **_JIT)
+def tiles_forward_epilogue(x, channel_major, N, HW, K, O, ptr, n_panels, col, val, blocked, bias, row_cost, XP, YP, y,
+                           nthreads, res, epi, elo, ehi):
+    """:func:`tiles_forward` with an epilogue applied as the outputs are written (a convolution's:
+    :func:`_store_run`'s ``r``, ``epi``, ``lo``, ``hi``; ``res`` indexed as ``y``). A separate
+    entry point so that the Linear layers' calls pass no more arguments than they use."""
+    T = N * HW
+    n_tiles = (T + TILE - 1) // TILE
+    per_tile = max(1, nthreads // n_tiles)
+    bounds = _row_chunks(row_cost, O, per_tile)
+    for c in prange(nthreads):
+        _tiles_thread(c, x, channel_major, T, HW, K, O, ptr, n_panels, col, val, blocked, bias, XP, YP, y, nthreads,
+                      n_tiles, per_tile, bounds, res, epi, elo, ehi)
 
 
 @njit(**_JIT)

@@ -1,17 +1,25 @@
 """Conv2d on prepared weights (zero padding, groups=1 for the sparse formats).
 
-Formats: ``dense`` (torch's conv2d, what an unpruned ``nn.Conv2d`` runs) and
-``csr`` (the Numba kernels of :mod:`spdy.kernels._conv`: implicit GEMM without
-im2col, strides handled by splitting the input into stride phases; a 1x1
-convolution with stride 1 runs as a Linear layer over the pixels, the tiles of
-pixels split between threads). The blocked formats are
-not offered for convolutions.
+Formats: ``dense`` (torch's conv2d, what an unpruned ``nn.Conv2d`` runs),
+``dnnl`` (dense, the weight packed once in oneDNN's blocked layout, as Inductor's
+weight prepacking runs it: ``torch.ops.mkldnn._convolution_pointwise``; only where
+torch has oneDNN) and ``csr`` (the Numba kernels of :mod:`spdy.kernels._conv`:
+implicit GEMM without im2col, strides handled by splitting the input into stride
+phases; a 1x1 convolution with stride 1 runs as a Linear layer over the pixels, the
+tiles of pixels split between threads). The blocked formats are not offered for
+convolutions.
+
+Every format takes an epilogue, ``y = clamp(conv(x) + residual)``: what a ResNet's
+block does after its last convolution (the skip connection's add, then a ReLU) and a
+MobileNet's after most (a ReLU6). ``dnnl`` and ``csr`` apply it as they write the
+output (oneDNN's post-ops; the Numba kernels' unpacking), ``dense`` as torch ops after.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -25,12 +33,24 @@ from spdy.errors import InvalidInputError
 from spdy.kernels import _conv, _spmm
 from spdy.kernels._checks import as_bias, as_weight, check_out
 from spdy.kernels._workspace import scratch
-from spdy.kernels.linear import ROW_OVERHEAD, PreparedLinear, panel_width, prepare_linear, tiles_into, token_waste
+from spdy.kernels.linear import (
+    DNNL,
+    ROW_OVERHEAD,
+    PreparedLinear,
+    epilogue_args,
+    panel_width,
+    prepare_linear,
+    tiles_into,
+    token_waste,
+)
 
 log = logging.getLogger(__name__)
 
-CONV_FORMATS: tuple[str, ...] = ("dense", "csr")
+CONV_FORMATS: tuple[str, ...] = ("dense", "csr") + (("dnnl",) if DNNL else ())
 """Formats a Conv2d can be prepared in."""
+
+Clamp = tuple[float, float]
+"""An epilogue's output range ``(lo, hi)`` (``math.inf`` for no upper bound): a ReLU is ``(0, inf)``."""
 
 L1_PANEL_BYTES = 32 * 1024
 _CACHE_SIZE = 8
@@ -86,6 +106,7 @@ class PreparedConv2d:
     dense: np.ndarray | None = field(default=None, repr=False)
     triplets: _Triplets | None = field(default=None, repr=False)
     pointwise: PreparedLinear | None = field(default=None, repr=False)
+    dnnl_input: tuple[int, ...] | None = None  # the input shape the ``dnnl`` weight is packed for
     _plans: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -100,6 +121,20 @@ class PreparedConv2d:
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return conv2d(x, self, out=out)
+
+    def dnnl_weight(self) -> torch.Tensor:
+        """The weight packed in oneDNN's layout (the ``dnnl`` format), made at first use and kept;
+        copies and pickles pack again rather than carry it."""
+        got = self.__dict__.get("_dnnl")
+        if got is None:
+            if self.dense is None:
+                raise InvalidInputError(f"a {self.format!r} conv weight has no dense copy to pack for oneDNN")
+            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            w = torch.from_numpy(self.dense)
+            got = (torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(self.dnnl_input))
+                   if self.dnnl_input is not None else torch.ops.mkldnn._reorder_convolution_weight(w, *args))
+            object.__setattr__(self, "_dnnl", got)
+        return got
 
     # the per-input-size plan cache and its lock are rebuilt, not copied or pickled
     def __getstate__(self) -> dict[str, Any]:
@@ -207,13 +242,16 @@ def prepare_conv2d(
     groups: int = 1,
     format: str = "auto",
     pixels: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> PreparedConv2d:
     """Prepare a dense fp32 [O, C/groups, kh, kw] conv weight (zeros = pruned) once.
 
     ``padding`` is an int or pair (zero padding) or ``"valid"``/``"same"``
     (``"same"`` only for odd effective kernel sizes). ``format``: ``"auto"``
     or one of :data:`CONV_FORMATS`; the sparse format needs ``groups == 1``.
-    ``pixels`` (output pixels per image, if known) informs ``auto``.
+    ``pixels`` (output pixels per image, if known) informs ``auto``;
+    ``input_shape`` ([N, C, H, W], if known) the layout ``dnnl`` packs the weight in
+    (any shape runs).
     """
     Wt = as_weight(weight, 4)
     O, Cg, kh, kw = Wt.shape
@@ -247,6 +285,15 @@ def prepare_conv2d(
     )
     if format == "dense":
         return PreparedConv2d(format="dense", dense=Wt, **common)
+    if format == "dnnl":
+        shape = None
+        if input_shape is not None:
+            shape = tuple(int(v) for v in input_shape)
+            if len(shape) != 4 or shape[1] != Cg * groups:
+                raise InvalidInputError(f"input_shape must be [N, {Cg * groups}, H, W]; got {input_shape!r}")
+        p = PreparedConv2d(format="dnnl", dense=Wt, dnnl_input=shape, **common)
+        p.dnnl_weight()  # pack now, at load time
+        return p
     if groups != 1:
         raise InvalidInputError(f"format {format!r} supports groups=1 only; got groups={groups}. Use format='dense'.")
     o, c, dy, dx = np.nonzero(Wt)
@@ -258,49 +305,119 @@ def prepare_conv2d(
     return PreparedConv2d(format=format, triplets=trip, pointwise=pointwise, **common)
 
 
-def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = None) -> np.ndarray:
-    """The convolution of fp32 ``x`` [N, C, H, W] (or [C, H, W]); returns [N, O, Ho, Wo] (or [O, Ho, Wo])."""
+def conv2d(x: np.ndarray, prepared: PreparedConv2d, out: np.ndarray | None = None,
+           residual: np.ndarray | None = None, clamp: Clamp | None = None, channels_last: bool = False) -> np.ndarray:
+    """The convolution of fp32 ``x`` [N, C, H, W] (or [C, H, W]); returns [N, O, Ho, Wo] (or [O, Ho, Wo]).
+
+    ``channels_last``: ``x`` is [N, H, W, C] (or [H, W, C]) and the result [N, Ho, Wo, O] (or
+    [Ho, Wo, O]), the layout oneDNN's convolutions (the ``dnnl`` format) work in. Epilogue:
+    ``residual`` (an array of the output's shape) is added and the result clamped to
+    ``clamp = (lo, hi)``, where given."""
     if type(prepared) is not PreparedConv2d:
         raise InvalidInputError(f"prepared must come from prepare_conv2d(); got {type(prepared).__name__}")
-    if not isinstance(x, np.ndarray) or x.ndim not in (3, 4) or x.shape[-3] != prepared.in_channels:
+    cin = prepared.in_channels
+    if not isinstance(x, np.ndarray) or x.ndim not in (3, 4) or x.shape[-1 if channels_last else -3] != cin:
         got = getattr(x, "shape", type(x).__name__)
-        raise InvalidInputError(f"x must be a numpy array [N, {prepared.in_channels}, H, W] or [{prepared.in_channels}, H, W]; got {got}")
+        want = f"[N, H, W, {cin}] or [H, W, {cin}]" if channels_last else f"[N, {cin}, H, W] or [{cin}, H, W]"
+        raise InvalidInputError(f"x must be a numpy array {want}; got {got}")
     if x.dtype.kind not in "fiu":
         raise InvalidInputError(f"x must be numeric (it is converted to float32); got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     squeeze = x.ndim == 3
     x4 = x[None] if squeeze else x
-    N, C, H, W = x4.shape
+    if channels_last:
+        N, H, W, C = x4.shape
+    else:
+        N, C, H, W = x4.shape
     Ho, Wo = prepared.output_size(H, W)
     if Ho < 1 or Wo < 1:
         raise InvalidInputError(f"input {H}x{W} is smaller than the kernel {prepared.kernel_size} with padding {prepared.padding}")
     O = prepared.out_channels
-    shape = (O, Ho, Wo) if squeeze else (N, O, Ho, Wo)
+    dims = (Ho, Wo, O) if channels_last else (O, Ho, Wo)
+    shape = dims if squeeze else (N, *dims)
     y = check_out(out, shape)
+    r = None
+    if residual is not None:
+        if not isinstance(residual, np.ndarray) or residual.shape != shape:
+            raise InvalidInputError(f"residual must be a numpy array of the output's shape {shape}; "
+                                    f"got {getattr(residual, 'shape', type(residual).__name__)}")
+        r = np.ascontiguousarray(residual, dtype=np.float32)
+    clamp = check_clamp(clamp)
     if N == 0 or O == 0:
         return y
     if prepared.dense is not None:
-        res = torch.nn.functional.conv2d(
-            torch.from_numpy(x4), torch.from_numpy(prepared.dense),
-            torch.from_numpy(prepared.bias) if prepared.has_bias else None,
-            prepared.stride, prepared.padding, prepared.dilation, prepared.groups,
-        )
-        y.reshape(N, O, Ho, Wo)[...] = res.numpy()
+        xt = torch.from_numpy(x4)
+        rt = None if r is None else torch.from_numpy(r.reshape(N, *dims))
+        if channels_last:  # torch's NCHW views of the channels-last arrays
+            xt = xt.permute(0, 3, 1, 2)
+            rt = None if rt is None else rt.permute(0, 3, 1, 2)
+        res = torch_conv2d(xt, prepared, rt, clamp)
+        y.reshape(N, *dims)[...] = (res.permute(0, 2, 3, 1) if channels_last else res).numpy()
         return y
     nthreads = numba.get_num_threads()
+    flat_r = None if r is None else r.reshape(-1)
     if prepared.pointwise is not None:
-        tiles_into(x4.reshape(-1), True, N, H * W, C, O, prepared.pointwise, y.reshape(-1), nthreads)
+        # channels last, a 1x1 convolution is a Linear layer on the pixels as they lie
+        tiles_into(x4.reshape(-1), not channels_last, N, H * W, C, O, prepared.pointwise, y.reshape(-1), nthreads,
+                   flat_r, clamp)
     else:
-        implicit_into(x4, prepared, y, nthreads)
+        implicit_into(x4, prepared, y, nthreads, flat_r, clamp, channels_last)
     return y
 
 
-def implicit_into(x4: np.ndarray, prepared: PreparedConv2d, y: np.ndarray, nthreads: int) -> None:
+def check_clamp(clamp: Any) -> Clamp | None:
+    """``clamp`` as a ``(lo, hi)`` pair of floats with ``lo <= hi``, or None; else :class:`InvalidInputError`."""
+    if clamp is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clamp)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"clamp must be a (lo, hi) pair of numbers; got {clamp!r}") from None
+    if not lo <= hi:
+        raise InvalidInputError(f"clamp must have lo <= hi; got {clamp!r}")
+    return lo, hi
+
+
+def torch_conv2d(x: torch.Tensor, prepared: PreparedConv2d, residual: torch.Tensor | None = None,
+                 clamp: Clamp | None = None) -> torch.Tensor:
+    """The convolution of a dense-format (``dense`` or ``dnnl``) ``prepared`` on a float32 torch
+    tensor [N, C, H, W], with the epilogue ``clamp(... + residual)`` (a new tensor). ``dnnl``
+    runs oneDNN's fused post-ops where it has them (the add, then a ReLU; a clamp alone), and
+    finishes in place otherwise; ``dense`` runs torch's conv2d, then the add and the clamp."""
+    bias = torch.from_numpy(prepared.bias) if prepared.has_bias else None
+    if prepared.format == "dnnl":
+        geometry = (list(prepared.padding), list(prepared.stride), list(prepared.dilation), prepared.groups)
+        w = prepared.dnnl_weight()
+        pointwise = torch.ops.mkldnn._convolution_pointwise
+        relu = clamp is not None and clamp[0] == 0.0 and clamp[1] == math.inf
+        if residual is not None:
+            y = pointwise(x, residual, w, bias, *geometry, "add", None, "relu" if relu else None, [], "")
+            return y.clamp_(*clamp) if clamp is not None and not relu else y
+        if relu:
+            return pointwise(x, w, bias, *geometry, "relu", [], "")
+        if clamp is not None and math.isfinite(clamp[0]) and math.isfinite(clamp[1]):
+            return pointwise(x, w, bias, *geometry, "hardtanh", list(clamp), "")
+        y = pointwise(x, w, bias, *geometry, "none", [], "")
+        return y.clamp_(*clamp) if clamp is not None else y
+    assert prepared.dense is not None
+    y = torch.nn.functional.conv2d(x, torch.from_numpy(prepared.dense), bias, prepared.stride, prepared.padding,
+                                   prepared.dilation, prepared.groups)
+    if residual is not None:
+        y += residual
+    return y.clamp_(*clamp) if clamp is not None else y
+
+
+def implicit_into(x4: np.ndarray, prepared: PreparedConv2d, y: np.ndarray, nthreads: int,
+                  residual: np.ndarray | None = None, clamp: Clamp | None = None, channels_last: bool = False) -> None:
     """The implicit-GEMM kernel (:func:`spdy.kernels._conv.conv_implicit`) of a sparse ``prepared``
     on the checked, C-contiguous fp32 ``x4`` [N, C, H, W] into ``y`` [N, O, Ho, Wo], with this
     thread's scratch. :func:`conv2d` runs it for every sparse convolution but a 1x1 one with
-    stride 1 and no padding."""
-    N, C, H, W = x4.shape
+    stride 1 and no padding. Epilogue: ``residual`` (flat, shaped as ``y``) and ``clamp``.
+    ``channels_last``: ``x4`` is [N, H, W, C] and ``y`` [N, Ho, Wo, O]."""
+    if channels_last:
+        N, H, W, C = x4.shape
+    else:
+        N, C, H, W = x4.shape
     (sh, sw), (ph, pw) = prepared.stride, prepared.padding
     plan = prepared._plan(H, W)
     Hq, Wq, Ho, Wo = _geometry(prepared, H, W)
@@ -309,5 +426,5 @@ def implicit_into(x4: np.ndarray, prepared: PreparedConv2d, y: np.ndarray, nthre
     _conv.conv_implicit(
         x4.reshape(-1), N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, plan.ptr, plan.n_panels, plan.col, plan.val,
         prepared.bias, plan.row_cost, scratch(0, nthreads * xq_size), xq_size, scratch(1, nthreads * O * _spmm.TILE + 64),
-        y.reshape(-1), nthreads,
+        y.reshape(-1), nthreads, *epilogue_args(y.reshape(-1), residual, clamp), channels_last,
     )

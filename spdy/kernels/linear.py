@@ -386,14 +386,34 @@ def sparse_into(x2: np.ndarray, y2: np.ndarray, prepared: PreparedLinear) -> Non
         tiles_into(x2.reshape(-1), False, 1, T, K, O, prepared, y2.reshape(-1), nthreads)
 
 
+_NO_CLAMP = np.float32(0.0)
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
 def tiles_into(x: np.ndarray, channel_major: bool, N: int, HW: int, K: int, O: int, prepared: PreparedLinear,
-               y: np.ndarray, nthreads: int) -> None:
+               y: np.ndarray, nthreads: int, residual: np.ndarray | None = None,
+               clamp: tuple[float, float] | None = None) -> None:
     """:func:`spdy.kernels._spmm.tiles_forward` of ``prepared``'s sparse weight on the flat ``x``
     into the flat ``y``, with this thread's scratch: the token tiles split between ``nthreads``
-    threads (``channel_major``: x [N, K, HW] and y [N, O, HW], a 1x1 convolution in NCHW)."""
+    threads (``channel_major``: x [N, K, HW] and y [N, O, HW], a 1x1 convolution in NCHW).
+    An epilogue (a convolution's): ``y = clamp(x W^T + b + residual)``, ``residual`` a flat fp32
+    array shaped as ``y``, ``clamp`` a ``(lo, hi)`` range (either may be None)."""
     s = prepared.sparse
     assert s is not None
-    _spmm.tiles_forward(
-        x, channel_major, N, HW, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
-        scratch(0, nthreads * K * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y, nthreads,
-    )
+    args = (x, channel_major, N, HW, K, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, prepared.bias, s.row_cost,
+            scratch(0, nthreads * K * _spmm.TILE + 64), scratch(1, nthreads * O * _spmm.TILE + 64), y, nthreads)
+    if residual is None and clamp is None:
+        _spmm.tiles_forward(*args)
+    else:
+        _spmm.tiles_forward_epilogue(*args, *epilogue_args(y, residual, clamp))
+
+
+def epilogue_args(y: np.ndarray, residual: np.ndarray | None,
+                  clamp: tuple[float, float] | None) -> tuple[np.ndarray, int, np.float32, np.float32]:
+    """The kernels' epilogue arguments ``(r, epi, lo, hi)`` (:func:`spdy.kernels._spmm._store_run`)
+    for an optional residual (flat, shaped as ``y``) and clamp range; ``y`` stands in for no residual."""
+    epi = (_spmm.EPI_ADD if residual is not None else 0) | (_spmm.EPI_CLAMP if clamp is not None else 0)
+    lo, hi = _NO_CLAMP, _NO_CLAMP
+    if clamp is not None:  # the kernels are compiled with fastmath, which assumes no infinities
+        lo, hi = (np.float32(np.clip(v, -_FLT_MAX, _FLT_MAX)) for v in clamp)
+    return (y if residual is None else residual), epi, lo, hi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,90 @@ def test_implicit_split_any_thread_count(nthreads: int, n: int, hw: int, stride:
     y = np.full((n, o, Ho, Wo), np.nan, np.float32)
     implicit_into(x, p, y, nthreads)
     np.testing.assert_allclose(y, _ref(x, wt, b, stride, 1, 1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", K.CONV_FORMATS)
+@pytest.mark.parametrize(
+    "n,c,o,h,k,stride,padding",
+    [
+        (2, 8, 16, 9, 3, 1, 1),  # implicit GEMM, images split between threads
+        (1, 8, 16, 9, 3, 2, 1),  # stride 2, one image: tiles or rows split
+        (3, 16, 8, 7, 1, 1, 0),  # 1x1: the Linear path over pixels
+        (1, 12, 20, 12, 5, 1, 2),
+    ],
+)
+def test_conv_epilogue_matches_torch(fmt, n, c, o, h, k, stride, padding, threads) -> None:
+    """``clamp(conv(x) + residual)`` in every format, each part alone and both, against torch in float64."""
+    rng = np.random.default_rng(c * 3 + o + k)
+    wt = rng.standard_normal((o, c, k, k)).astype(np.float32) * (rng.random((o, c, k, k)) >= 0.7)
+    b = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    p = K.prepare_conv2d(wt, b, stride=stride, padding=padding, format=fmt,
+                         input_shape=x.shape if fmt == "dnnl" else None)
+    ref = _ref(x, wt, b, stride, padding, 1)
+    r = rng.standard_normal(ref.shape).astype(np.float32)
+    for residual in (None, r):
+        for clamp in (None, (0.0, np.inf), (0.0, 6.0), (-1.0, 0.5)):
+            want = ref + (0.0 if residual is None else residual)
+            if clamp is not None:
+                want = np.clip(want, *clamp)
+            got = K.conv2d(x, p, residual=residual, clamp=clamp)
+            np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0,
+                                       err_msg=f"residual={residual is not None}, clamp={clamp}")
+    # the torch entry point of the dense formats gives the same
+    if fmt in ("dense", "dnnl"):
+        got = K.torch_conv2d(torch.from_numpy(x), p, torch.from_numpy(r), (0.0, np.inf)).numpy()
+        np.testing.assert_allclose(got, np.maximum(ref + r, 0), atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+def test_conv_epilogue_validation() -> None:
+    w = np.ones((4, 2, 3, 3), np.float32)
+    p = K.prepare_conv2d(w, padding=1, format="csr")
+    x = np.ones((1, 2, 5, 5), np.float32)
+    with pytest.raises(InvalidInputError, match=r"residual must be a numpy array of the output's shape \(1, 4, 5, 5\)"):
+        K.conv2d(x, p, residual=np.ones((1, 4, 5, 4), np.float32))
+    with pytest.raises(InvalidInputError, match="lo <= hi"):
+        K.conv2d(x, p, clamp=(1.0, 0.0))
+    with pytest.raises(InvalidInputError, match=r"\(lo, hi\) pair"):
+        K.conv2d(x, p, clamp=0.0)
+    if "dnnl" in K.CONV_FORMATS:
+        with pytest.raises(InvalidInputError, match=r"input_shape must be \[N, 2, H, W\]"):
+            K.prepare_conv2d(w, format="dnnl", input_shape=(1, 3, 5, 5))
+        q = K.prepare_conv2d(w, padding=1, format="dnnl", input_shape=(1, 2, 5, 5))
+        assert q.format == "dnnl" and q.dnnl_input == (1, 2, 5, 5)
+        # another input size than the packing's runs too, and a copy packs again
+        x2 = np.random.default_rng(1).standard_normal((3, 2, 8, 6)).astype(np.float32)
+        np.testing.assert_allclose(K.conv2d(x2, copy.deepcopy(q)), _ref(x2, w, None, 1, 1, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", K.CONV_FORMATS)
+@pytest.mark.parametrize(
+    "n,c,o,h,w,k,stride,padding",
+    [
+        (2, 16, 32, 9, 9, 3, 1, 1),  # 16x16 transposes in and out, images split between threads
+        (1, 16, 32, 9, 11, 3, 2, 1),  # stride 2: both column phases from one channels-last row
+        (1, 17, 20, 8, 5, 3, 1, 1),  # channels and pixels off the 16-wide blocks
+        (2, 32, 48, 20, 20, 3, 2, 1),
+        (1, 32, 16, 21, 19, 5, 1, 2),
+        (2, 8, 8, 6, 6, 3, 3, 1),  # stride 3
+        (3, 16, 16, 7, 7, 1, 1, 0),  # 1x1: a Linear layer on the pixels as they lie
+    ],
+)
+def test_conv_channels_last_matches_torch(fmt, n, c, o, h, w, k, stride, padding, threads) -> None:
+    """[N, H, W, C] in, [N, Ho, Wo, O] out, with and without the epilogue, against torch in float64."""
+    rng = np.random.default_rng(n + c + o * 5 + k)
+    wt = rng.standard_normal((o, c, k, k)).astype(np.float32) * (rng.random((o, c, k, k)) >= 0.7)
+    b = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    ref = _ref(x, wt, b, stride, padding, 1)
+    r = rng.standard_normal(ref.shape).astype(np.float32)
+    p = K.prepare_conv2d(wt, b, stride=stride, padding=padding, format=fmt)
+    xl, rl = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, r))
+    tol = 1e-4 * max(1.0, np.abs(ref).max())
+    got = K.conv2d(xl, p, channels_last=True)
+    assert got.shape == (n, *ref.shape[2:], o)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), ref, atol=tol, rtol=0)
+    got = K.conv2d(xl, p, residual=rl, clamp=(0.0, 6.0), channels_last=True)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), np.clip(ref + r, 0.0, 6.0), atol=tol, rtol=0)
+    with pytest.raises(InvalidInputError, match=rf"\[N, H, W, {c}\]"):
+        K.conv2d(np.ascontiguousarray(xl[..., :1]), p, channels_last=True)
