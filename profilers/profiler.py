@@ -72,8 +72,11 @@ FIT_SEED_OFFSET = 10_000
 #: 13: every competitive format's in-model factor, from probes timed unfused with the anchor (the
 #: format on half the layers, among a background near 80%; :func:`_format_factors`), scales its loop
 #: times before the formats are picked; a format that does not fuse must beat one that does by the
-#: whole group's saving to be picked.
-LATENCY_MODEL_VERSION = 13
+#: whole group's saving to be picked. 14: a convolution runs the residual add and the activation
+#: that alone read its output in its epilogue (the base's stand-ins take them too), convolutions
+#: are also timed packed for oneDNN (``dnnl``, channels_last), and the sparse ones keep the
+#: memory format of their input.
+LATENCY_MODEL_VERSION = 14
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Grid levels (the nearest) at which every competitive format is probed with the anchor, besides

@@ -37,7 +37,7 @@ from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_mo
 from spdy.types import LayerSpec
 
 BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused", "qkv": "fused",
-        "attention_output": "fused"}
+        "attention_output": "fused", "conv_epilogue": "fused"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
 ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
@@ -45,7 +45,8 @@ without transformers' wrappers, its feed-forward fused where both projections ar
 query, key and value projections one call where all three are, and the residual and LayerNorm after
 its attention in the output projection's epilogue where that is sparse
 (:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`, :func:`spdy.runtime.qkv_triples`,
-:func:`spdy.runtime.out_singles`)
+:func:`spdy.runtime.out_singles`), and each convolution applies the residual add and the activation
+that alone read its output as it writes it (:func:`spdy.runtime.fuse_conv_epilogues`)
 in the models it times, torch in the dense reference. Profiles and results without a key were
 timed with torch's for that part."""
 
@@ -104,6 +105,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             "openmp_shared": bool(status.get("shared", False)),
             "openmp_max_active_levels": _max_active_levels(),
             "kernel_formats": list(kernels.FORMATS),
+            "conv_formats": list(kernels.CONV_FORMATS),
             "allocator": kernels.allocator_status(),
             **BASE,
         }
@@ -208,7 +210,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
                          and not (kernels.is_serial(f) and self.threads <= 1))
         if sparsity > 0:
             return tuple(kernels.CONV_FORMATS)
-        return (DENSE,)
+        return tuple(f for f in kernels.CONV_FORMATS if f in (DENSE, "dnnl"))
 
     def make_module(self, spec: LayerSpec, choice: LayerChoice) -> Any:
         from spdy import runtime
@@ -222,7 +224,7 @@ class SpdyCpuBackend(TorchRuntimeBackend):
             return runtime.SparseLinear.from_linear(base, format=choice.fmt).eval()
         if choice.fmt not in runtime.CONV_FORMATS:
             raise InvalidInputError(f"spdy-cpu has no Conv2d format {choice.fmt!r}; expected one of {runtime.CONV_FORMATS}")
-        return runtime.SparseConv2d.from_conv(base, format=choice.fmt).eval()
+        return runtime.SparseConv2d.from_conv(base, format=choice.fmt, input_shape=spec.input_shape).eval()
 
 
 
@@ -254,7 +256,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
         import torch._inductor.config as inductor_config
 
         return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
-                "depthwise": "torch", "ffn": "torch", "qkv": "torch", "attention_output": "torch",
+                "depthwise": "torch", "ffn": "torch", "qkv": "torch", "attention_output": "torch", "conv_epilogue": "torch",
                 "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:

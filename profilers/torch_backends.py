@@ -43,9 +43,13 @@ class StandIn(torch.nn.Module):
     output in place would corrupt it across calls; that changes values, not time.)
     """
 
-    def __init__(self, out: torch.Tensor) -> None:
+    def __init__(self, out: torch.Tensor, accepts_epilogue: bool = False) -> None:
         super().__init__()
         self.out = out
+        # standing in for a convolution, it takes the epilogue the convolution would take
+        # (spdy.runtime.fuse_conv_epilogues), so that the base leaves out what the layer does
+        self.accepts_epilogue = accepts_epilogue
+        self.clamp: tuple[float, float] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.out
@@ -171,10 +175,10 @@ class TorchRuntimeBackend(Backend):
         io = self._layer_io(bundle, standins) if standins else {}
         modules: dict[str, Any] = {}
         for name, choice in choices.items():
-            if choice.fmt == STANDIN:
-                modules[name] = StandIn(io[name][1])
-                continue
             spec = specs.get(name)
+            if choice.fmt == STANDIN:
+                modules[name] = StandIn(io[name][1], accepts_epilogue=spec is not None and spec.kind == "conv2d")
+                continue
             if spec is None:
                 raise InvalidInputError(f"{name!r} is not a prunable layer of model {bundle.name!r}")
             modules[name] = self.make_module(spec, choice)

@@ -190,7 +190,8 @@ def apply(
     sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
     so that it runs as fast as was measured, and a Hugging Face model's attention, the exact
     GELUs and the depthwise convolutions (with the pads and activations they absorbed) run on
-    spdy's kernels, and a BERT encoder without transformers' wrappers, where they were timed that
+    spdy's kernels, a BERT encoder without transformers' wrappers, and each convolution with the
+    residual add and activation after it in its epilogue, where they were timed that
     way (:func:`spdy.runtime.fast_base`);
     ``threads`` sets the thread count. A result timed
     on ``spdy-cpu-compiled`` comes back compiled (:func:`spdy.runtime.compile`: the model
@@ -251,6 +252,8 @@ def apply(
             # the fusions chain in the folded form only (a BatchNorm sits between conv and activation otherwise)
             fusions = manifest.get("depthwise_fusions") if fold or not folds else None
             runtime.fast_depthwise(model, None if fusions is None else [runtime.DepthwiseFusion.from_json(f) for f in fusions])
+        if timed.get("conv_epilogue") == "fused":  # after the depthwise swaps, as when timed
+            runtime.fuse_conv_epilogues(model)
         if manifest.get("backend") == "spdy-cpu-compiled":
             # timed compiled: the same here (the model compiles at its first call)
             return runtime.compile(model)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from spdy import kernels  # first: shares the OpenMP runtime before torch loads
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.fx  # noqa: E402
 from torch import nn  # noqa: E402
 
 from spdy._modules import swap_modules  # noqa: E402 - also spdy.runtime.swap_modules
@@ -77,6 +79,7 @@ __all__ = [
     "fast_encoder",
     "EncoderForward",
     "fast_base",
+    "fuse_conv_epilogues",
     "GELU",
 ]
 
@@ -148,7 +151,7 @@ class _Compilable(nn.Module):
         self._handle = _register_call(self)
 
 
-def _check_input(x: Any, module: str) -> torch.Tensor:
+def _check_input(x: Any, module: str, contiguous: bool = True) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{module} takes a torch.Tensor; got {type(x).__name__}")
     if x.device.type != "cpu":
@@ -160,7 +163,7 @@ def _check_input(x: Any, module: str) -> torch.Tensor:
             f"{module} is inference-only and got an input that requires grad; "
             "run the model under torch.inference_mode() or torch.no_grad()"
         )
-    return x.detach().contiguous()
+    return x.detach().contiguous() if contiguous else x.detach()
 
 
 class SparseLinear(_Compilable):
@@ -260,13 +263,19 @@ class SparseConv2d(_Compilable):
         self.groups = prepared.groups
         self._dense_w = torch.from_numpy(prepared.dense) if prepared.dense is not None else None
         self._dense_b = torch.from_numpy(prepared.bias) if prepared.has_bias else None
+        self.clamp: tuple[float, float] | None = None  # the epilogue's clamp (fuse_conv_epilogues)
+
+    accepts_epilogue = True
+    """:func:`fuse_conv_epilogues` may hand this module the add and the activation after it."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, format: str = "auto", pixels: int | None = None) -> SparseConv2d:
+    def from_conv(cls, conv: nn.Conv2d, format: str = "auto", pixels: int | None = None,
+                  input_shape: Sequence[int] | None = None) -> SparseConv2d:
         """Prepare ``conv``'s weight in ``format`` (``"auto"`` or one of ``CONV_FORMATS``).
 
         Only zero padding is supported; the sparse format needs ``groups == 1``.
-        ``pixels`` (output pixels per image, if known) informs ``"auto"``.
+        ``pixels`` (output pixels per image, if known) informs ``"auto"``; ``input_shape``
+        (``[N, C, H, W]``, if known) the layout ``dnnl`` packs the weight in.
         """
         if not isinstance(conv, nn.Conv2d):
             raise InvalidInputError(f"from_conv needs an nn.Conv2d; got {type(conv).__name__}")
@@ -280,6 +289,7 @@ class SparseConv2d(_Compilable):
             prepare_conv2d(
                 conv.weight.detach(), bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                 groups=conv.groups, format=format, pixels=pixels,
+                input_shape=None if input_shape is None else tuple(input_shape),
             )
         )
 
@@ -295,21 +305,70 @@ class SparseConv2d(_Compilable):
         Ho, Wo = self.prepared.output_size(x.shape[-2], x.shape[-1])
         return [*x.shape[:-3], self.out_channels, Ho, Wo]
 
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of ``x``, then its epilogue: ``+ residual`` where given (the graph's add,
+        handed over by :func:`fuse_conv_epilogues`) and the clamp of the activation it absorbed."""
+        if torch.compiler.is_compiling():
+            # the compiler sees the add and the clamp as its own ops and fuses them into its code
+            if self._dense_w is not None:
+                y = torch.nn.functional.conv2d(x, self._dense_w, self._dense_b, self.stride, self.padding,
+                                               self.dilation, self.groups)
+            else:
+                y = torch.ops.spdy.call(x, self._handle, self._out_shape(x))
+            if residual is not None:
+                y = y + residual
+            return y if self.clamp is None else y.clamp(*self.clamp)
+        return self._conv(x, residual, self.clamp)
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_input(x, "SparseConv2d")
-        if self._dense_w is not None:
-            return torch.nn.functional.conv2d(x, self._dense_w, self._dense_b, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv(x, None, None)  # ``spdy::call``'s body: the convolution alone
+
+    def _conv(self, x: torch.Tensor, residual: torch.Tensor | None, clamp: tuple[float, float] | None) -> torch.Tensor:
+        # every format takes NCHW and channels_last inputs as they are, and gives the same layout
+        # (oneDNN's convolutions give channels_last whatever they take)
+        dense = self._dense_w is not None
+        x = _check_input(x, "SparseConv2d", contiguous=False)
+        last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if not dense and not last:
+            x = x.contiguous()
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise InvalidInputError(f"SparseConv2d expects [N, {self.in_channels}, H, W]; got shape {tuple(x.shape)}")
         Ho, Wo = self.prepared.output_size(x.shape[-2], x.shape[-1])
-        y = torch.empty(*x.shape[:-3], self.out_channels, Ho, Wo, dtype=torch.float32)
-        kernels.conv2d(x.numpy(), self.prepared, out=y.numpy())
+        shape = (*x.shape[:-3], self.out_channels, Ho, Wo)
+        late = None  # a residual the epilogue cannot take (another shape or dtype): added after
+        if residual is not None:
+            if residual.shape != shape or residual.dtype != torch.float32 or residual.device.type != "cpu":
+                late, residual = residual, None
+            elif not dense:
+                residual = residual.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
+        finish, clamp = (clamp, None) if late is not None else (None, clamp)
+        if self._dense_w is not None:
+            if x.dim() == 3:
+                r4 = None if residual is None else residual.unsqueeze(0)
+                y = kernels.torch_conv2d(x.unsqueeze(0), self.prepared, r4, clamp).squeeze(0)
+            else:
+                y = kernels.torch_conv2d(x, self.prepared, residual, clamp)
+        elif last:  # the kernels on the [N, H, W, C] arrays under torch's channels_last strides
+            nhwc = torch.empty(shape[0], Ho, Wo, self.out_channels, dtype=torch.float32)
+            r = None if residual is None else residual.detach().permute(0, 2, 3, 1).numpy()
+            kernels.conv2d(x.permute(0, 2, 3, 1).numpy(), self.prepared, out=nhwc.numpy(), residual=r, clamp=clamp,
+                           channels_last=True)
+            y = nhwc.permute(0, 3, 1, 2)
+        else:
+            y = torch.empty(shape, dtype=torch.float32)
+            kernels.conv2d(x.numpy(), self.prepared, out=y.numpy(),
+                           residual=None if residual is None else residual.detach().numpy(), clamp=clamp)
+        if late is not None:
+            y = y + late
+            if finish is not None:
+                y = y.clamp(*finish)
         return y
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, format={self.format!r}, sparsity={self.sparsity:.3f}"
+            + ("" if self.clamp is None else f", clamp={self.clamp}")
         )
 
 
@@ -922,9 +981,39 @@ class DepthwiseConv2d(nn.Module):
     def extra_repr(self) -> str:
         return f"padding={self.padding}, clamp={self.clamp}"
 
+    def _dnnl(self, x: torch.Tensor) -> torch.Tensor:
+        """A channels_last input (what oneDNN's convolutions give, :func:`fuse_conv_epilogues`'s
+        ``dnnl`` layers) runs on oneDNN's depthwise convolution in that layout, the clamp fused;
+        a padding wider on one side than the other pads the difference first."""
+        p = self.padding
+        sym = (min(p.top, p.bottom), min(p.left, p.right))
+        extra = [p.left - sym[1], p.right - sym[1], p.top - sym[0], p.bottom - sym[0]]
+        if any(extra):
+            x = nn.functional.pad(x, extra)
+        conv = self.conv
+        key = (tuple(x.shape), sym)
+        packed = self.__dict__.get("_dnnl_weight")
+        if packed is None or packed[0] != key:
+            w = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), list(sym), list(conv.stride), [1, 1],
+                                                             conv.groups, list(x.shape))
+            packed = self.__dict__["_dnnl_weight"] = (key, w)
+        geometry = (list(sym), list(conv.stride), [1, 1], conv.groups)
+        bias = None if conv.bias is None else conv.bias.detach()
+        c = self.clamp
+        if c is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "none", [], "")
+        if c[0] == 0.0 and c[1] == math.inf:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "relu", [], "")
+        if math.isfinite(c[0]) and math.isfinite(c[1]):
+            return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "hardtanh", list(c), "")
+        return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "none", [], "").clamp_(*c)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.conv.weight
         if not torch.compiler.is_compiling() and kdw.unsupported(x, w, self.conv.stride) is None:
+            if kernels.DNNL and x.dim() == 4 and not x.is_contiguous() and \
+                    x.is_contiguous(memory_format=torch.channels_last):
+                return self._dnnl(x)
             return kdw.depthwise_unchecked(x, w, self.conv.bias, self.conv.stride, self.padding, self.clamp,
                                            self._grouped)
         p = self.extra
@@ -977,14 +1066,175 @@ def fast_depthwise(model: nn.Module, fusions: Sequence[DepthwiseFusion] | None =
     return [f.conv for f in fusions]
 
 
+# ---------------------------------------------------------------------------- conv epilogues
+#
+# A convolution's output is most often read by one add (a residual block's skip) and one
+# activation, each a pass over a tensor as large as the output. fuse_conv_epilogues hands both
+# to the convolution, whose kernels apply them as they write the output: the model's forward
+# is rewritten with torch.fx where it can be traced symbolically.
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {torch.relu, torch.relu_, nn.functional.relu}
+
+
+def _fx_clamp(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[float, float] | None:
+    """The output range of an activation node of a graph (a ReLU, ReLU6, Hardtanh or a clamp to
+    constants, as a module, function or method) whose input is its first argument; else None."""
+    args, kwargs = node.args, node.kwargs
+    if node.op == "call_module":
+        return _clamp_of(modules[str(node.target)])
+    if node.op == "call_function":
+        if node.target in _RELUS:
+            return (0.0, math.inf)
+        if node.target is nn.functional.relu6:
+            return (0.0, 6.0)
+        if node.target is nn.functional.hardtanh:
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            return _clamp_bounds((lo, hi), {})
+        if node.target is torch.clamp:
+            return _clamp_bounds(args[1:], kwargs)
+        return None
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return (0.0, math.inf)
+        if node.target in ("clamp", "clamp_"):
+            return _clamp_bounds(args[1:], kwargs)
+    return None
+
+
+def _clamp_bounds(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[float, float] | None:
+    lo = args[0] if len(args) > 0 else kwargs.get("min")
+    hi = args[1] if len(args) > 1 else kwargs.get("max")
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi)):
+        return None
+    if lo is None and hi is None:
+        return None
+    lo = -math.inf if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    return (lo, hi) if lo <= hi else None
+
+
+def _fx_residual(node: torch.fx.Node, x: torch.fx.Node) -> torch.fx.Node | None:
+    """The other operand of an add node of ``x`` and another tensor (a function or method, no
+    scaling); None where ``node`` is not such an add."""
+    if node.op == "call_function" and node.target in _ADDS and not node.kwargs and len(node.args) == 2:
+        a, b = node.args
+    elif node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs and len(node.args) == 2:
+        a, b = node.args
+    else:
+        return None
+    other = b if a is x else a if b is x else None
+    return other if isinstance(other, torch.fx.Node) and other is not x else None
+
+
+class _EpilogueTracer(torch.fx.Tracer):
+    """Traces through the user's modules, stopping at torch's and spdy's own (the layers the
+    rewrite hands epilogues to stay one call each)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (getattr(m, "accepts_epilogue", False) or type(m).__module__ == __name__
+                or super().is_leaf_module(m, module_qualified_name))
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _rewrite_epilogues(gm: torch.fx.GraphModule, prefix: str) -> list[str]:
+    """Hand each convolution of ``gm``'s graph that accepts an epilogue the add and the activation
+    that alone read its output; returns the convolutions' names (``prefix`` + their path)."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    for node in list(graph.nodes):  # folded BatchNorms: nn.Identity, gone from the graph
+        if node.op == "call_module" and type(modules.get(str(node.target))) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    fused: list[str] = []
+    for node in list(graph.nodes):
+        target = str(node.target)
+        if node.op != "call_module" or not getattr(modules.get(target), "accepts_epilogue", False) \
+                or calls[target] != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        end, residual, clamp = node, None, None
+        user = _only_user(end)
+        if user is not None and (other := _fx_residual(user, end)) is not None:
+            end, residual, user = user, other, _only_user(user)
+        if user is not None and (clamp := _fx_clamp(user, modules)) is not None:
+            end = user
+        if end is node:
+            continue
+        with graph.inserting_before(end):
+            call = graph.call_module(target, (node.args[0],) if residual is None else (node.args[0], residual))
+        end.replace_all_uses_with(call)
+        while end is not node:  # the activation, then the add, then the convolution's old call
+            prev = end.args[0] if end.args[0] is not residual else end.args[1]
+            graph.erase_node(end)
+            end = prev
+        graph.erase_node(node)
+        modules[target].clamp = clamp  # type: ignore[assignment]
+        fused.append(prefix + target)
+    if fused:
+        graph.lint()
+        gm.recompile()
+    return fused
+
+
+def _hosts_epilogue(module: nn.Module) -> bool:
+    return any(getattr(m, "accepts_epilogue", False) for m in module.modules())
+
+
+def fuse_conv_epilogues(model: nn.Module) -> list[str]:
+    """Hand the add and the activation after each convolution to the convolution, in place; returns
+    the names of the convolutions that took any.
+
+    A convolution takes them where it accepts an epilogue (:class:`SparseConv2d`, any format),
+    runs once, and its output is read by nothing but an add of another tensor (a residual
+    block's skip connection) and/or a ReLU, ReLU6, Hardtanh or clamp to constants, as modules,
+    functions or methods; folded BatchNorms (``nn.Identity``) between them are skipped. The
+    patterns are found by tracing with ``torch.fx`` each child of ``model`` whose forward traces
+    symbolically (children that do not, because of control flow on values, are searched in their
+    own children); a child with a fusion is replaced by its rewritten ``torch.fx.GraphModule``, which
+    keeps the names of the layers it calls. The model's own forward is not rewritten."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fuse_conv_epilogues needs an nn.Module; got {type(model).__name__}")
+    fused: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            if getattr(child, "accepts_epilogue", False) or not _hosts_epilogue(child):
+                continue
+            try:
+                graph = _EpilogueTracer().trace(child)
+            except Exception as exc:  # noqa: BLE001 - any tracing failure: look one level down
+                log.debug("fuse_conv_epilogues: %s%s does not trace (%s); trying its children", prefix, name, exc)
+                visit(child, f"{prefix}{name}.")
+                continue
+            gm = torch.fx.GraphModule(child, graph, class_name=type(child).__name__)
+            names = _rewrite_epilogues(gm, f"{prefix}{name}.")
+            if names:
+                setattr(module, name, gm)
+                fused.extend(names)
+
+    visit(model, "")
+    if fused:
+        log.info("fuse_conv_epilogues: %d convolutions took their add and/or activation", len(fused))
+    return fused
+
+
 def fast_base(model: nn.Module, run: Callable[[nn.Module], Any] | None = None,
               depthwise: Sequence[DepthwiseFusion] | None = None) -> dict[str, list[str]]:
     """What spdy runs around the pruned layers, on its own kernels, in place: :func:`fast_attention`,
-    :func:`fast_gelu`, :func:`fast_encoder` and :func:`fast_depthwise` (with the fusions
-    ``depthwise``, or those :func:`find_depthwise` finds with ``run``, or each convolution alone).
-    Returns ``{"attention": [...], "gelu": [...], "encoder": [...], "depthwise": [...]}``, the names
-    each switched."""
+    :func:`fast_gelu`, :func:`fast_encoder`, :func:`fast_depthwise` (with the fusions
+    ``depthwise``, or those :func:`find_depthwise` finds with ``run``, or each convolution alone)
+    and then :func:`fuse_conv_epilogues`. Returns ``{"attention": [...], "gelu": [...], "encoder":
+    [...], "depthwise": [...], "conv_epilogue": [...]}``, the names each switched."""
     if depthwise is None and run is not None:
         depthwise = find_depthwise(model, run)
-    return {"attention": fast_attention(model), "gelu": fast_gelu(model), "encoder": fast_encoder(model),
+    done = {"attention": fast_attention(model), "gelu": fast_gelu(model), "encoder": fast_encoder(model),
             "depthwise": fast_depthwise(model, depthwise)}
+    return {**done, "conv_epilogue": fuse_conv_epilogues(model)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import numpy as np
@@ -207,7 +208,8 @@ def test_fast_attention_matches_sdpa_on_minilm_with_padding() -> None:
     model = _minilm()
     fast = copy.deepcopy(model)
     assert runtime.fast_base(fast) == {"attention": [""], "gelu": [f"encoder.layer.{i}.intermediate.intermediate_act_fn"
-                                                                     for i in range(6)], "encoder": [""], "depthwise": []}
+                                                                     for i in range(6)], "encoder": [""], "depthwise": [],
+                                   "conv_epilogue": []}
     assert fast.config._attn_implementation == runtime.ATTENTION
     assert model.config._attn_implementation == "sdpa"  # the original is not touched
     g = torch.Generator().manual_seed(0)
@@ -301,7 +303,8 @@ def test_fast_gelu_swaps_exact_gelus_only_and_matches_torch() -> None:
     out = model(x)  # autograd on: torch's gelu
     assert out.requires_grad
     out.sum().backward()
-    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": [], "encoder": [], "depthwise": []}
+    assert runtime.fast_base(nn.Linear(2, 2)) == {"attention": [], "gelu": [], "encoder": [], "depthwise": [],
+                                                  "conv_epilogue": []}
 
 
 class _InvertedResidual(nn.Module):
@@ -576,3 +579,146 @@ def test_children_reads_submodules_and_plain_attributes() -> None:
     assert dense is m[0] and act is torch.tanh
     with pytest.raises(AttributeError):
         runtime._children(m, "missing")
+
+
+class _Block(nn.Module):
+    """A ResNet basic block written as users write it: functional ReLUs, ``+`` for the skip."""
+
+    def __init__(self, c: int, down: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1)
+        self.bn1 = nn.Identity()  # a folded BatchNorm
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1)
+        self.down = nn.Conv2d(c, c, 1) if down else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu(self.bn1(self.conv1(x)))
+        y = self.conv2(y)
+        return torch.relu((x if self.down is None else self.down(x)) + y)
+
+
+class _Branchy(nn.Module):
+    """Control flow on values (does not trace symbolically), around a conv and a ReLU module."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) if float(x.mean()) > -1e9 else x
+
+
+class _Tail(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, 1, 1)
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x).clamp(min=0.0)
+        z = self.b(y)
+        return z + z.relu()  # z is read twice: b keeps its own output
+
+
+class _CNN(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.Identity(), nn.ReLU6())
+        self.blocks = nn.Sequential(_Block(c), _Block(c, down=True))
+        self.branchy = _Branchy(c)
+        self.tail = _Tail(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < 2:  # the root is never rewritten
+            raise ValueError("too small")
+        return self.tail(self.branchy(self.blocks(self.stem(x))))
+
+
+def test_fuse_conv_epilogues_hands_add_and_activation_to_the_conv(threads: int) -> None:
+    torch.manual_seed(0)
+    model = _CNN().eval()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            _prune_(m, 0.6)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    formats = [f for f in runtime.CONV_FORMATS]
+    mods = dict(model.named_modules())
+    runtime.swap_modules(model, {n: runtime.SparseConv2d.from_conv(mods[n], format=formats[i % len(formats)]).eval()
+                                 for i, n in enumerate(convs)})
+    fused = runtime.fuse_conv_epilogues(model)
+    assert fused == ["stem.0", "blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2",
+                     "branchy.inner.0", "tail.a"]
+    mods = dict(model.named_modules())
+    assert set(convs) <= set(mods)  # the layers keep their names
+    assert mods["stem.0"].clamp == (0.0, 6.0)
+    assert mods["blocks.1.conv2"].clamp == (0.0, math.inf)
+    assert mods["tail.a"].clamp == (0.0, math.inf)
+    assert mods["tail.b"].clamp is None and mods["blocks.1.down"].clamp is None
+    assert isinstance(model.blocks, torch.fx.GraphModule) and not isinstance(model.branchy, torch.fx.GraphModule)
+    assert "relu" not in model.blocks.code and "add" not in model.blocks.code.replace("address", "")
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert runtime.fuse_conv_epilogues(model) == []  # nothing is left to hand over
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_conv_residual_it_cannot_take_is_added_after() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, 1, 1).eval()
+    for fmt in runtime.CONV_FORMATS:
+        m = runtime.SparseConv2d.from_conv(conv, format=fmt)
+        m.clamp = (0.0, 1.0)
+        x = torch.randn(2, 4, 5, 5)
+        with torch.no_grad():
+            ref = conv(x)
+        for r in (torch.randn(2, 6, 5, 5), torch.randn(6, 1, 1), torch.randn(2, 6, 5, 5, dtype=torch.float64),
+                  torch.randn(2, 5, 5, 6).permute(0, 3, 1, 2)):
+            with torch.inference_mode():
+                got = m(x, r)
+            torch.testing.assert_close(got, (ref + r).clamp(0.0, 1.0).to(got.dtype), atol=1e-5, rtol=1e-5)
+        with torch.inference_mode():
+            torch.testing.assert_close(m(x), ref.clamp(0.0, 1.0), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m._run(x), ref, atol=1e-5, rtol=1e-5)  # spdy::call's body: no epilogue
+
+
+def test_fuse_conv_epilogues_rejects_what_is_not_a_module() -> None:
+    with pytest.raises(InvalidInputError, match="needs an nn.Module"):
+        runtime.fuse_conv_epilogues("model")  # type: ignore[arg-type]
+
+
+def test_convolutions_keep_the_memory_format_of_their_input(threads: int) -> None:
+    """Channels-last inputs (what oneDNN's convolutions give) stay channels last through every conv
+    format and the depthwise convolution, with the same values as NCHW."""
+    from spdy.kernels.depthwise import Padding
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 32, 3, 2, 1).eval()
+    _prune_(conv, 0.7)
+    x = torch.randn(2, 16, 11, 11)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = conv(x)
+    r = torch.randn_like(ref)
+    for fmt in runtime.CONV_FORMATS:
+        m = runtime.SparseConv2d.from_conv(conv, format=fmt)
+        m.clamp = (0.0, math.inf)
+        with torch.inference_mode():
+            got = m(xl, r.contiguous(memory_format=torch.channels_last))
+            plain = m(x, r)
+        assert got.is_contiguous(memory_format=torch.channels_last), fmt
+        torch.testing.assert_close(got, (ref + r).relu(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(plain, (ref + r).relu(), atol=1e-4, rtol=1e-4)
+    dw = nn.Conv2d(32, 32, 3, 2, 0, groups=32).eval()
+    for pad, clamp in ((Padding(0, 1, 0, 1), (0.0, 6.0)), (Padding(1, 1, 1, 1), None), (Padding(), (0.0, math.inf))):
+        m = runtime.DepthwiseConv2d(dw, pad, clamp)
+        y = torch.randn(2, 32, 12, 12)
+        with torch.inference_mode():
+            want = m(y)
+            got = m(y.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last) or not runtime.kernels.DNNL

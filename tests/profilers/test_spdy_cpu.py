@@ -133,3 +133,65 @@ def test_runner_models_share_the_models_tensors_and_leave_the_model_alone():
     run()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_timed_cnns_hand_each_conv_its_add_and_activation():
+    """Every model spdy-cpu times of a CNN (the base's stand-ins included) runs each convolution with
+    the residual add and the ReLU after it in its epilogue; the dense reference stays torch's;
+    the unpruned layer is also timed packed for oneDNN (``dnnl``)."""
+    if available_backends()["spdy-cpu"]:
+        pytest.skip(available_backends()["spdy-cpu"])
+    import torch
+    from torch import nn
+
+    from spdy.kernels import CONV_FORMATS
+    from spdy.models.base import ModelBundle, discover_layers
+    from spdy.runtime import SparseConv2d
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.relu(self.bn(self.conv(x)) + x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.block = Block()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(self.stem(x))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for bn in (model.stem[1], model.block.bn):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    bundle = ModelBundle(name="res-block", model=model, calibration=[torch.randn(2, 3, 10, 10)]).inference
+    be = get_backend("spdy-cpu", threads=1)
+    assert be.fingerprint()["conv_epilogue"] == "fused"
+    specs = discover_layers(bundle.model, bundle.example, bundle.forward)
+    assert [s.name for s in specs] == ["stem.0", "block.conv"]
+    assert set(be.layer_formats(specs[0], 0.0)) == {f for f in CONV_FORMATS if f in (DENSE, "dnnl")}
+    reference = be.model_runner(bundle, {})
+    base = be.model_runner(bundle, {s.name: LayerChoice(STANDIN) for s in specs})
+    weights = {n: m.weight.detach().numpy() for n, m in bundle.model.named_modules() if isinstance(m, nn.Conv2d)}
+    biases = {n: m.bias.detach().numpy() for n, m in bundle.model.named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = weights["block.conv"] * (np.abs(weights["block.conv"]) > np.quantile(np.abs(weights["block.conv"]), 0.7))
+    plan = be.model_runner(bundle, {"stem.0": LayerChoice(CONV_FORMATS[-1], weight=weights["stem.0"], bias=biases["stem.0"]),
+                                    "block.conv": LayerChoice("csr", weight=pruned, bias=biases["block.conv"])})
+    for run in (base, plan):
+        mods = dict(run.model.named_modules())
+        assert isinstance(run.model.block, torch.fx.GraphModule)
+        assert mods["stem.0"].clamp == (0.0, float("inf")) and mods["block.conv"].clamp == (0.0, float("inf"))
+    assert isinstance(dict(plan.model.named_modules())["block.conv"], SparseConv2d)
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in reference.model.modules())
+    with torch.no_grad():
+        stem = torch.relu(bundle.model.stem[0](bundle.example))
+        conv = nn.functional.conv2d(stem, torch.from_numpy(pruned), torch.from_numpy(biases["block.conv"]), 1, 1)
+        want = torch.relu(conv + stem)
+    np.testing.assert_allclose(np.asarray(plan()), want.numpy(), atol=2e-5)
