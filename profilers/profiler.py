@@ -75,7 +75,8 @@ FIT_SEED_OFFSET = 10_000
 #: whole group's saving to be picked. 14: a convolution runs the residual add and the activation
 #: that alone read its output in its epilogue (the base's stand-ins take them too), convolutions
 #: are also timed packed for oneDNN (``dnnl``, channels_last), and the sparse ones keep the
-#: memory format of their input.
+#: memory format of their input; a pruned level whose fastest format is a dense one is timed as
+#: the unpruned level (:func:`_dense_as_unpruned`).
 LATENCY_MODEL_VERSION = 14
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
@@ -576,12 +577,25 @@ def _pick(cands: dict[str, _Cand], terms: InModelTerms | None, kept: float | Cal
     return f, t, cands[f][1]
 
 
+def _dense_as_unpruned(entries: Sequence[dict[str, _Cand]]) -> list[dict[str, _Cand]]:
+    """A layer's entries with each dense format (:data:`_DENSE_READS`) timed as at the unpruned
+    entry: a dense kernel does the same work whatever its zeros, so a pruned level run dense is
+    never faster than the unpruned one (its own timings differ only by noise, which would let the
+    DP buy error for nothing)."""
+    if not entries:
+        return []
+    first = entries[0]
+    return [dict(first) if e == 0 else {f: (first[f] if f in _DENSE_READS and f in first else c) for f, c in c_e.items()}
+            for e, c_e in enumerate(entries)]
+
+
 def _table_arrays(cands: Sequence[Sequence[dict[str, _Cand]]], terms: InModelTerms | None,
                   stored: Callable[[int, int, str], float], credit: Sequence[float] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
     """Per layer and entry of ``cands``: the picked format's in-model seconds, spread and the
     format; ``stored(layer, entry, format)`` the millions of weight values it reads (:class:`_Stored`)."""
     cr = np.zeros(len(cands)) if credit is None else np.asarray(credit, dtype=np.float64)
+    cands = [_dense_as_unpruned(entries) for entries in cands]
     picked = [[_pick(c, terms, lambda f, li=li, e=e: stored(li, e, f), float(cr[li])) for e, c in enumerate(entries)]
               for li, entries in enumerate(cands)]
     times = np.array([[p[1] for p in row] for row in picked])

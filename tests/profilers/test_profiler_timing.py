@@ -443,3 +443,19 @@ def test_unfused_runner_turns_every_fusion_off():
     fused, alone = be.model_runner(bundle, plan), be.unfused_runner(bundle, plan)
     assert switches(fused) == {(True, True, True)} and switches(alone) == {(False, False, False)}
     np.testing.assert_allclose(np.asarray(fused()), np.asarray(alone()), rtol=1e-3, atol=1e-4)
+
+
+def test_a_pruned_level_run_dense_costs_what_the_unpruned_one_does():
+    """A dense kernel's time does not depend on the zeros: a pruned level whose fastest format is
+    dense is timed as the unpruned level (its own timings, lower by noise, would let the DP buy
+    error for nothing); sparse formats keep their own times."""
+    from spdy.profilers.profiler import _table_arrays
+
+    stored = lambda li, e, f: 0.0  # noqa: E731
+    cands = [[{DENSE: (100e-6, 0.0), "dnnl": (90e-6, 0.0)},
+              {DENSE: (97e-6, 0.0), "dnnl": (85e-6, 0.0), "csr": (120e-6, 0.0)},
+              {"dnnl": (88e-6, 0.0), "csr": (70e-6, 0.0)}]]
+    times, _spread, formats = _table_arrays(cands, None, stored)
+    assert formats == [("dnnl", "dnnl", "csr")]
+    assert times[0].tolist() == pytest.approx([90e-6, 90e-6, 70e-6])
+    assert cands[0][1]["dnnl"][0] == 85e-6  # the measurements themselves are left alone
