@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--targets", default="1.5,2")
     ap.add_argument("--max-evals", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None, help="passed to spdy search (default: its own, 2 here)")
+    ap.add_argument("--seed", type=int, default=None, help="passed to spdy search (default: its own)")
     ap.add_argument("--out", default="out/bench_digits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -52,6 +53,8 @@ def main() -> int:
                "--max-evals", str(args.max_evals), "-o", str(out)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
+        if args.seed is not None:
+            cmd += ["--seed", str(args.seed)]
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
