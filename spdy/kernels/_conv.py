@@ -23,6 +23,7 @@ from spdy.kernels._simd import copy_n, deinterleave2, ld, transpose16, zero_n
 from spdy.kernels._spmm import (
     TILE,
     _JIT,
+    _epilogue_inplace,
     _row_chunks,
     _tile_rows,
     _unpack_rows_channel_major,
@@ -204,8 +205,12 @@ def conv_implicit(x, N, C, H, W, sh, sw, ph, pw, Hq, Wq, Ho, Wo, O, ptr, n_panel
                 # the thread's [O, Lt] buffer holds rows r0:r1 from its start
                 yb = ys - r0 * Lt
                 _tile_rows(col, val, ptr, n_panels, O, r0, r1, 1, Xq, xs + t0, YP, yb, bias, Lt, 0)
+                # a thread with whole images applies the epilogue to each image at once, below
+                tile_epi = 0 if by_image else epi
                 if channels_last:
-                    _unpack_rows_nhwc(YP, yb, Lt, y[yn:], t0, T, r0, r1, Wq, Wo, O, res[yn:], epi, elo, ehi)
+                    _unpack_rows_nhwc(YP, yb, Lt, y[yn:], t0, T, r0, r1, Wq, Wo, O, res[yn:], tile_epi, elo, ehi)
                 else:
-                    _unpack_rows_channel_major(YP, yb, Lt, y[yn:], t0, T, r0, r1, Ho * Wo, Wq, Wo, res[yn:], epi, elo,
-                                               ehi)
+                    _unpack_rows_channel_major(YP, yb, Lt, y[yn:], t0, T, r0, r1, Ho * Wo, Wq, Wo, res[yn:], tile_epi,
+                                               elo, ehi)
+            if by_image and epi != 0:
+                _epilogue_inplace(y, yn, O * Ho * Wo, res, epi, elo, ehi)

@@ -40,7 +40,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from spdy.kernels._simd import copy_n, ld, transpose16, vadd, vbroadcast, vfma, vload, vmul, vrsqrt, vstore, zero_n
+from spdy.kernels._simd import (
+    copy_n,
+    ld,
+    transpose16,
+    vadd,
+    vbroadcast,
+    vfma,
+    vload,
+    vmax,
+    vmin,
+    vmul,
+    vrsqrt,
+    vstore,
+    zero_n,
+)
 from spdy.kernels.activation import gelu_range
 
 TILE = 64  # tokens per full register tile: 4 vectors of 16 lanes
@@ -254,34 +268,55 @@ the sum first."""
 
 
 @njit(**_INLINE)
+def _epilogue_v(v, r, i, epi, vlo, vhi):
+    """The epilogue ``epi`` on the 16 values ``v`` whose residual is ``r[i:i+16]``."""
+    if epi & EPI_ADD:
+        v = vadd(v, vload(r, i))
+    if epi & EPI_CLAMP:
+        v = vmin(vmax(v, vlo), vhi)
+    return v
+
+
+@njit(**_INLINE)
+def _epilogue_s(x, r, i, epi, lo, hi):
+    """The epilogue ``epi`` on the one value ``x`` whose residual is ``r[i]``."""
+    if epi & EPI_ADD:
+        x += ld(r, i)
+    if epi & EPI_CLAMP:
+        x = min(max(x, lo), hi)
+    return x
+
+
+@njit(**_INLINE)
 def _store_run(y, d, src, s, n, r, epi, lo, hi):
     """``y[d:d+n] = src[s:s+n]``, with the epilogue ``epi`` (:data:`EPI_ADD` etc.: ``+ r[d:d+n]``,
-    then clamp to ``[lo, hi]``) applied as the values are written."""
+    then clamp to ``[lo, hi]``) applied as the values are written, 16 lanes at a time."""
     if epi == EPI_NONE:
         copy_n(y, d, src, s, n)
-    elif epi == EPI_ADD:
-        for i in range(n):
-            y[d + i] = src[s + i] + r[d + i]
-    elif epi == EPI_CLAMP:
-        for i in range(n):
-            y[d + i] = min(max(src[s + i], lo), hi)
-    else:
-        for i in range(n):
-            y[d + i] = min(max(src[s + i] + r[d + i], lo), hi)
+        return
+    vlo, vhi = vbroadcast(lo), vbroadcast(hi)
+    i = 0
+    while i + LANES <= n:
+        vstore(y, d + i, _epilogue_v(vload(src, s + i), r, d + i, epi, vlo, vhi))
+        i += LANES
+    while i < n:
+        y[d + i] = _epilogue_s(ld(src, s + i), r, d + i, epi, lo, hi)
+        i += 1
 
 
 @njit(**_INLINE)
 def _epilogue_inplace(y, d, n, r, epi, lo, hi):
     """``y[d:d+n] = clamp(y[d:d+n] + r[d:d+n])``, the parts :data:`EPI_ADD` / :data:`EPI_CLAMP` of ``epi`` select."""
-    if epi == EPI_ADD:
-        for i in range(n):
-            y[d + i] += r[d + i]
-    elif epi == EPI_CLAMP:
-        for i in range(n):
-            y[d + i] = min(max(y[d + i], lo), hi)
-    elif epi == EPI_ADD_CLAMP:
-        for i in range(n):
-            y[d + i] = min(max(y[d + i] + r[d + i], lo), hi)
+    if epi == EPI_NONE:
+        return
+    vlo, vhi = vbroadcast(lo), vbroadcast(hi)
+    i = 0
+    while i + LANES <= n:
+        vstore(y, d + i, _epilogue_v(vload(y, d + i), r, d + i, epi, vlo, vhi))
+        i += LANES
+    while i < n:
+        y[d + i] = _epilogue_s(ld(y, d + i), r, d + i, epi, lo, hi)
+        i += 1
 
 
 @njit(**_INLINE)
