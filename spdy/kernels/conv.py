@@ -11,8 +11,9 @@ convolutions.
 
 Every format takes an epilogue, ``y = clamp(conv(x) + residual)``: what a ResNet's
 block does after its last convolution (the skip connection's add, then a ReLU) and a
-MobileNet's after most (a ReLU6). ``dnnl`` and ``csr`` apply it as they write the
-output (oneDNN's post-ops; the Numba kernels' unpacking), ``dense`` as torch ops after.
+MobileNet's after most (a ReLU6). ``dnnl`` applies it through oneDNN's post-ops,
+``csr`` while the output is in the writing thread's caches (once over each image where a
+thread holds whole images, else as each tile is unpacked), ``dense`` as torch ops after.
 """
 
 from __future__ import annotations
