@@ -307,16 +307,8 @@ def _store_run(y, d, src, s, n, r, epi, lo, hi):
 @njit(**_INLINE)
 def _epilogue_inplace(y, d, n, r, epi, lo, hi):
     """``y[d:d+n] = clamp(y[d:d+n] + r[d:d+n])``, the parts :data:`EPI_ADD` / :data:`EPI_CLAMP` of ``epi`` select."""
-    if epi == EPI_NONE:
-        return
-    vlo, vhi = vbroadcast(lo), vbroadcast(hi)
-    i = 0
-    while i + LANES <= n:
-        vstore(y, d + i, _epilogue_v(vload(y, d + i), r, d + i, epi, vlo, vhi))
-        i += LANES
-    while i < n:
-        y[d + i] = _epilogue_s(ld(y, d + i), r, d + i, epi, lo, hi)
-        i += 1
+    if epi != EPI_NONE:
+        _store_run(y, d, y, d, n, r, epi, lo, hi)
 
 
 @njit(**_INLINE)
