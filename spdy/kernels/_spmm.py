@@ -695,6 +695,14 @@ def _unpack_channel_major(YP, yb, Lt, y, HW, O, t0, nl, r0, r1, res, epi, lo, hi
 
 
 @njit(**_INLINE)
+def _tile_split(T, O, row_cost, nthreads):
+    """(token tiles, threads per tile, their row bounds) of :func:`tiles_forward`'s work split."""
+    n_tiles = (T + TILE - 1) // TILE
+    per_tile = max(1, nthreads // n_tiles)
+    return n_tiles, per_tile, _row_chunks(row_cost, O, per_tile)
+
+
+@njit(**_INLINE)
 def _tiles_thread(c, x, channel_major, T, HW, K, O, ptr, n_panels, col, val, blocked, bias, XP, YP, y, nthreads,
                   n_tiles, per_tile, bounds, res, epi, elo, ehi):
     """Work item ``c`` of :func:`tiles_forward` / :func:`tiles_forward_epilogue`."""
@@ -743,9 +751,7 @@ def tiles_forward(x, channel_major, N, HW, K, O, ptr, n_panels, col, val, blocke
     least ``nthreads * K * TILE`` / ``nthreads * O * TILE`` floats.
     """
     T = N * HW
-    n_tiles = (T + TILE - 1) // TILE
-    per_tile = max(1, nthreads // n_tiles)
-    bounds = _row_chunks(row_cost, O, per_tile)
+    n_tiles, per_tile, bounds = _tile_split(T, O, row_cost, nthreads)
     for c in prange(nthreads):
         _tiles_thread(c, x, channel_major, T, HW, K, O, ptr, n_panels, col, val, blocked, bias, XP, YP, y, nthreads,
                       n_tiles, per_tile, bounds, y, EPI_NONE, np.float32(0.0), np.float32(0.0))
@@ -758,9 +764,7 @@ def tiles_forward_epilogue(x, channel_major, N, HW, K, O, ptr, n_panels, col, va
     :func:`_store_run`'s ``r``, ``epi``, ``lo``, ``hi``; ``res`` indexed as ``y``). A separate
     entry point so that the Linear layers' calls pass no more arguments than they use."""
     T = N * HW
-    n_tiles = (T + TILE - 1) // TILE
-    per_tile = max(1, nthreads // n_tiles)
-    bounds = _row_chunks(row_cost, O, per_tile)
+    n_tiles, per_tile, bounds = _tile_split(T, O, row_cost, nthreads)
     for c in prange(nthreads):
         _tiles_thread(c, x, channel_major, T, HW, K, O, ptr, n_panels, col, val, blocked, bias, XP, YP, y, nthreads,
                       n_tiles, per_tile, bounds, res, epi, elo, ehi)

@@ -39,3 +39,21 @@ def tiny_mlp():
 @pytest.fixture(scope="session")
 def tiny_conv():
     return conformance.tiny_conv()
+
+
+def tiny_bert_bundle():
+    """A 2-layer BERT encoder (64 wide, random weights, seed 0) with one sequence of 64 tokens:
+    the smallest model whose encoder forward has every fused block (feed-forward, query/key/value,
+    attention output). Skips where transformers is missing."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from spdy.models.base import ModelBundle
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=256, max_position_embeddings=80, attn_implementation="sdpa")
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 200, (1, 64))
+    return ModelBundle("tiny-bert", model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                       forward=lambda m, b: m(**b).last_hidden_state)

@@ -414,19 +414,13 @@ def test_a_format_that_does_not_fuse_must_beat_one_that_does_by_the_whole_saving
 
 
 def test_unfused_runner_turns_every_fusion_off():
-    transformers = pytest.importorskip("transformers")
     import torch
+    from conftest import tiny_bert_bundle
 
-    from spdy.models.base import ModelBundle
     from spdy.runtime import EncoderForward
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=256, max_position_embeddings=80, attn_implementation="sdpa")
-    model = transformers.BertModel(cfg).eval()
-    ids = torch.randint(0, 200, (1, 64))
-    bundle = ModelBundle("tiny-bert", model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
-                         forward=lambda m, b: m(**b).last_hidden_state)
+    bundle = tiny_bert_bundle()
+    model = bundle.model
     be = get_backend("spdy-cpu", threads=1)
     plan = {}
     for name, m in model.named_modules():

@@ -71,21 +71,13 @@ def test_timed_cnns_run_depthwise_convolutions_fused_on_spdy():
 def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
     if available_backends()["spdy-cpu"]:
         pytest.skip(available_backends()["spdy-cpu"])
-    transformers = pytest.importorskip("transformers")
-    import torch
+    from conftest import tiny_bert_bundle
 
-    from spdy.models.base import ModelBundle
     from spdy.profile import load_profile, save_profile
     from spdy.profilers import profile_model
     from spdy.testing.backends import GRID3, TEST_POLICY
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=256, max_position_embeddings=80, attn_implementation="sdpa")
-    model = transformers.BertModel(cfg).eval()
-    ids = torch.randint(0, 200, (1, 64))
-    bundle = ModelBundle("tiny-bert", model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
-                         forward=lambda m, b: m(**b).last_hidden_state)
+    bundle = tiny_bert_bundle()
     be = get_backend("spdy-cpu", threads=1, policy=TEST_POLICY)
     fp = be.fingerprint()
     assert fp["ffn"] == "fused" and fp["qkv"] == "fused" and fp["attention_output"] == "fused"
