@@ -76,8 +76,10 @@ FIT_SEED_OFFSET = 10_000
 #: that alone read its output in its epilogue (the base's stand-ins take them too), convolutions
 #: are also timed packed for oneDNN (``dnnl``, channels_last), and the sparse ones keep the
 #: memory format of their input; a pruned level whose fastest format is a dense one is timed as
-#: the unpruned level (:func:`_dense_as_unpruned`).
-LATENCY_MODEL_VERSION = 14
+#: the unpruned level (:func:`_dense_as_unpruned`). 15: convolutions that a model's untraceable
+#: forward calls take their activation too (:func:`spdy.runtime.fuse_conv_activations`), and a
+#: depthwise convolution on oneDNN pads wider on one side with zero taps, not a copy.
+LATENCY_MODEL_VERSION = 15
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Grid levels (the nearest) at which every competitive format is probed with the anchor, besides

@@ -60,6 +60,8 @@ class SpdyCpuBackend(TorchRuntimeBackend):
     name = "spdy-cpu"
     description = "spdy's Numba sparse CPU kernels (spdy.runtime): dense, csr or bcsr4 per level, fastest kept"
 
+    channels_last_convs = True  # SparseConv2d takes and gives channels_last
+
     def __init__(self, threads: int | None = None, policy: Any = None) -> None:
         super().__init__(threads=threads, policy=policy, dtype="float32")
         from spdy import kernels
@@ -247,6 +249,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
 
     name = "spdy-cpu-compiled"
     description = "spdy-cpu with the rest of the model compiled by torch.compile (Inductor C++), layers as one op each"
+    channels_last_convs = False  # Inductor picks the layouts; a layer runs as spdy::call on what it is given
 
     def __init__(self, threads: int | None = None, policy: Any = None) -> None:
         super().__init__(threads=threads, policy=policy)

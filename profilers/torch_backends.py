@@ -126,7 +126,18 @@ class TorchRuntimeBackend(Backend):
             t = x
         if tuple(t.shape) != tuple(spec.input_shape):
             raise InvalidInputError(f"layer {spec.name!r}: input has shape {tuple(t.shape)}; the spec says {spec.input_shape}")
-        return t.to(device=self.device, dtype=self.torch_dtype).contiguous()
+        t = t.to(device=self.device, dtype=self.torch_dtype)
+        return t.contiguous(memory_format=self._memory_format(spec, t))
+
+    #: whether the runtime's convolutions take and give channels_last (spdy-cpu's SparseConv2d):
+    #: a convolution's input alone, and a stand-in's output, are timed in that layout
+    channels_last_convs = False
+
+    def _memory_format(self, spec: LayerSpec | None, t: Any) -> Any:
+        """The layout a tensor into or out of layer ``spec`` has in the models this backend runs."""
+        if self.channels_last_convs and spec is not None and spec.kind == "conv2d" and t.dim() == 4:
+            return torch.channels_last
+        return torch.contiguous_format
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
         mod = self.make_module(spec, choice)
@@ -177,7 +188,9 @@ class TorchRuntimeBackend(Backend):
         for name, choice in choices.items():
             spec = specs.get(name)
             if choice.fmt == STANDIN:
-                modules[name] = StandIn(io[name][1], accepts_epilogue=spec is not None and spec.kind == "conv2d")
+                out = io[name][1]
+                modules[name] = StandIn(out.contiguous(memory_format=self._memory_format(spec, out)),
+                                        accepts_epilogue=spec is not None and spec.kind == "conv2d")
                 continue
             if spec is None:
                 raise InvalidInputError(f"{name!r} is not a prunable layer of model {bundle.name!r}")

@@ -248,12 +248,15 @@ def apply(
             runtime.fast_gelu(model)
         if timed.get("encoder") == "spdy":  # after fast_attention: it switches encoders on spdy's attention
             runtime.fast_encoder(model)
+        fusions = None
         if timed.get("depthwise") == "spdy":  # with the pads and activations each absorbed when timed
             # the fusions chain in the folded form only (a BatchNorm sits between conv and activation otherwise)
-            fusions = manifest.get("depthwise_fusions") if fold or not folds else None
-            runtime.fast_depthwise(model, None if fusions is None else [runtime.DepthwiseFusion.from_json(f) for f in fusions])
+            found = manifest.get("depthwise_fusions") if fold or not folds else None
+            fusions = None if found is None else [runtime.DepthwiseFusion.from_json(f) for f in found]
+            runtime.fast_depthwise(model, fusions)
         if timed.get("conv_epilogue") == "fused":  # after the depthwise swaps, as when timed
             runtime.fuse_conv_epilogues(model)
+            runtime.fuse_conv_activations(model, fusions or ())  # the activations the traced blocks leave
         if manifest.get("backend") == "spdy-cpu-compiled":
             # timed compiled: the same here (the model compiles at its first call)
             return runtime.compile(model)

@@ -212,6 +212,24 @@ def pooled(outcome: Outcome, time_s: float, samples: Sequence[float], dense_s: f
                                runtime_speedups={rt: float(np.percentile(v, percentile)) for rt, v in rt_pools.items()})
 
 
+def unreachable(ref: Reference, target: float, max_speedup: float) -> InfeasibleBudgetError:
+    """The error for ``target`` over the measured reference ``ref`` when the profile reaches at most
+    ``max_speedup`` over the dense plan: the largest target to ask for, or, where the dense plan
+    alone is fast enough but no pruned model is faster than it, that there is nothing to prune for."""
+    top = ref.over_reference(max_speedup)
+    if top >= target:  # the search prunes only for at least MIN_DP_TARGET over the dense plan
+        return InfeasibleBudgetError(
+            f"{target:g}x over {ref.label} needs no pruning here: the dense plan alone runs {ref.over_reference(1.0):.2f}x "
+            f"faster than {ref.label} (measured side by side), and no pruned model in the profile is faster than "
+            f"the dense plan (at most {max_speedup:.3f}x over it; the search prunes only for at least "
+            f"{MIN_DP_TARGET:g}x). Deploy the model unpruned on spdy's runtime, or profile it at a larger batch, "
+            "where pruned layers can pay.", max_speedup=top)
+    return InfeasibleBudgetError(
+        f"{target:g}x over {ref.label} is out of reach: the profile reaches at most {max_speedup:.3f}x over the "
+        f"dense plan, and {ref.label} runs the dense model in {ref.ratio:.2f}x the dense plan's time (measured side "
+        f"by side), so at most {top:.2f}x over {ref.label}. Ask for at most {top:.2f}x.", max_speedup=top)
+
+
 def reachable_over(profile: Profile, bundle: ModelBundle, backend: Any, runtimes: DenseRuntimes | None, asked: str,
                    patterns: Sequence[str], target: float, buckets: int, rounds: int = 3) -> Reference:
     """Before the database is built: the reference ``asked`` for, its time ratio to the dense plan
@@ -228,11 +246,7 @@ def reachable_over(profile: Profile, bundle: ModelBundle, backend: Any, runtimes
     except InfeasibleBudgetError as exc:
         if not ref.measured or exc.max_speedup is None:
             raise
-        top = ref.over_reference(exc.max_speedup)
-        raise InfeasibleBudgetError(
-            f"{target:g}x over {ref.label} is out of reach: the profile reaches at most {exc.max_speedup:.3f}x over the "
-            f"dense plan, and {ref.label} runs the dense model in {ref.ratio:.2f}x the dense plan's time (measured side "
-            f"by side), so at most {top:.2f}x over {ref.label}. Ask for at most {top:.2f}x.", max_speedup=top) from None
+        raise unreachable(ref, target, exc.max_speedup) from None
     return ref
 
 

@@ -79,6 +79,7 @@ __all__ = [
     "fast_encoder",
     "EncoderForward",
     "fast_base",
+    "fuse_conv_activations",
     "fuse_conv_epilogues",
     "GELU",
 ]
@@ -307,7 +308,9 @@ class SparseConv2d(_Compilable):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution of ``x``, then its epilogue: ``+ residual`` where given (the graph's add,
-        handed over by :func:`fuse_conv_epilogues`) and the clamp of the activation it absorbed."""
+        handed over by :func:`fuse_conv_epilogues`) and the clamp of the activation it absorbed.
+        A batch of images ([N, C, H, W]) is taken in channels_last (converted if it is not) and the
+        output is channels_last, whatever the format."""
         if torch.compiler.is_compiling():
             # the compiler sees the add and the clamp as its own ops and fuses them into its code
             if self._dense_w is not None:
@@ -318,6 +321,10 @@ class SparseConv2d(_Compilable):
             if residual is not None:
                 y = y + residual
             return y if self.clamp is None else y.clamp(*self.clamp)
+        if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+            # channels last from the first convolution on: the layout oneDNN's convolutions give
+            # and its depthwise ones run fastest in, so no layer of a CNN pays for a layout change
+            x = x.contiguous(memory_format=torch.channels_last)
         return self._conv(x, residual, self.clamp)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +335,7 @@ class SparseConv2d(_Compilable):
         # (oneDNN's convolutions give channels_last whatever they take)
         dense = self._dense_w is not None
         x = _check_input(x, "SparseConv2d", contiguous=False)
-        last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # one channel or pixel: both
         if not dense and not last:
             x = x.contiguous()
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
@@ -983,18 +990,22 @@ class DepthwiseConv2d(nn.Module):
 
     def _dnnl(self, x: torch.Tensor) -> torch.Tensor:
         """A channels_last input (what oneDNN's convolutions give, :func:`fuse_conv_epilogues`'s
-        ``dnnl`` layers) runs on oneDNN's depthwise convolution in that layout, the clamp fused;
-        a padding wider on one side than the other pads the difference first."""
+        ``dnnl`` layers) runs on oneDNN's depthwise convolution in that layout, the clamp fused.
+
+        oneDNN's call takes one padding per dimension. A padding wider on one side (TensorFlow's
+        ``SAME`` for a strided convolution) is made symmetric at the wider side's width, and the
+        kernel grows by zero taps on the narrower side, the difference: output pixel ``i`` then
+        reads the same input pixels with the same weights, and the output keeps its size. A copy
+        of the input with the extra pad cost several times the convolution in channels_last."""
         p = self.padding
-        sym = (min(p.top, p.bottom), min(p.left, p.right))
-        extra = [p.left - sym[1], p.right - sym[1], p.top - sym[0], p.bottom - sym[0]]
-        if any(extra):
-            x = nn.functional.pad(x, extra)
+        sym = (max(p.top, p.bottom), max(p.left, p.right))
         conv = self.conv
         key = (tuple(x.shape), sym)
         packed = self.__dict__.get("_dnnl_weight")
         if packed is None or packed[0] != key:
-            w = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), list(sym), list(conv.stride), [1, 1],
+            w = nn.functional.pad(conv.weight.detach(),
+                                  [sym[1] - p.left, sym[1] - p.right, sym[0] - p.top, sym[0] - p.bottom])
+            w = torch.ops.mkldnn._reorder_convolution_weight(w, list(sym), list(conv.stride), [1, 1],
                                                              conv.groups, list(x.shape))
             packed = self.__dict__["_dnnl_weight"] = (key, w)
         geometry = (list(sym), list(conv.stride), [1, 1], conv.groups)
@@ -1026,18 +1037,55 @@ class DepthwiseConv2d(nn.Module):
 def find_depthwise(model: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[DepthwiseFusion, ...]:
     """The depthwise convolutions of ``model`` (:func:`is_depthwise`), each with the zero-pad
     module that feeds it alone and the ReLU/ReLU6/Hardtanh module that alone reads its output,
-    where one call of ``run(model)`` (a forward pass) shows such a chain (:func:`spdy.fold.find_chains`)."""
+    where one call of ``run(model)`` (a forward pass) shows such a chain (:func:`spdy.fold.find_chains`);
+    then the other convolutions (an ``nn.Conv2d`` of one group, or a layer that accepts an
+    epilogue: :class:`SparseConv2d`) that such an activation alone reads, with it (no pad), for
+    :func:`fuse_conv_activations`."""
     from spdy.fold import find_chains
 
     modules = dict(model.named_modules())
     convs = {n: m for n, m in modules.items() if n and is_depthwise(m)}
-    if not convs:
+    plain = {n: m for n, m in modules.items() if n and n not in convs and _takes_activation(m)}
+    if not convs and not plain:
         return ()
     pads = {n: m for n, m in modules.items() if n and _zero_pad(m) is not None}
     acts = {n: m for n, m in modules.items() if n and _clamp_of(m) is not None}
     pad_of = {c.second: c.first for c in find_chains(model, run, pads, convs)}
-    act_of = {c.first: c.second for c in find_chains(model, run, convs, acts)}
-    return tuple(DepthwiseFusion(n, pad_of.get(n), act_of.get(n)) for n in convs)
+    act_of = {c.first: c.second for c in find_chains(model, run, {**convs, **plain}, acts)}
+    return (*(DepthwiseFusion(n, pad_of.get(n), act_of.get(n)) for n in convs),
+            *(DepthwiseFusion(n, None, act_of[n]) for n in plain if n in act_of))
+
+
+def _takes_activation(module: nn.Module) -> bool:
+    """A convolution whose activation :func:`fuse_conv_activations` can hand it: a layer that
+    accepts an epilogue, or an ``nn.Conv2d`` of one group (what spdy swaps for one)."""
+    return bool(getattr(module, "accepts_epilogue", False)) or \
+        (type(module) is nn.Conv2d and module.groups == 1 and not is_depthwise(module))
+
+
+def fuse_conv_activations(model: nn.Module, fusions: Sequence[DepthwiseFusion]) -> list[str]:
+    """Hand each convolution of ``fusions`` that is not depthwise (from :func:`find_depthwise`) the
+    activation that alone reads its output, in place; returns the names of those that took one.
+
+    For the convolutions :func:`fuse_conv_epilogues` cannot reach (a model's forward that does not
+    trace calls them: the stem and head of most CNNs). Run it after that function: a convolution
+    with an activation already (:attr:`SparseConv2d.clamp`) is left as it is, and one still an
+    ``nn.Conv2d`` (not swapped for a layer that accepts an epilogue) too."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fuse_conv_activations needs an nn.Module; got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    swaps: dict[str, nn.Module] = {}
+    for f in fusions:
+        conv = modules.get(f.conv)
+        if conv is None or is_depthwise(conv) or isinstance(conv, DepthwiseConv2d) or f.act is None:
+            continue
+        clamp = _clamp_of(modules[f.act]) if f.act in modules else None
+        if not getattr(conv, "accepts_epilogue", False) or getattr(conv, "clamp", None) is not None or clamp is None:
+            continue
+        conv.clamp = clamp  # type: ignore[assignment]
+        swaps[f.act] = nn.Identity()
+    swap_modules(model, swaps)
+    return [f.conv for f in fusions if f.act in swaps]
 
 
 def fast_depthwise(model: nn.Module, fusions: Sequence[DepthwiseFusion] | None = None) -> list[str]:
@@ -1051,6 +1099,8 @@ def fast_depthwise(model: nn.Module, fusions: Sequence[DepthwiseFusion] | None =
     if fusions is None:
         fusions = [DepthwiseFusion(n) for n, m in model.named_modules() if n and is_depthwise(m)]
     modules = dict(model.named_modules())
+    # the other convolutions' activations are fuse_conv_activations' (after fuse_conv_epilogues)
+    fusions = [f for f in fusions if not (f.conv in modules and _takes_activation(modules[f.conv]))]
     swaps: dict[str, nn.Module] = {}
     for f in fusions:
         conv = modules.get(f.conv)
@@ -1158,7 +1208,8 @@ def _rewrite_epilogues(gm: torch.fx.GraphModule, prefix: str) -> list[str]:
     for node in list(graph.nodes):
         target = str(node.target)
         if node.op != "call_module" or not getattr(modules.get(target), "accepts_epilogue", False) \
-                or calls[target] != 1 or len(node.args) != 1 or node.kwargs:
+                or calls[target] != 1 or len(node.args) != 1 or node.kwargs \
+                or getattr(modules[target], "clamp", None) is not None:  # its activation taken already
             continue
         end, residual, clamp = node, None, None
         user = _only_user(end)
@@ -1222,7 +1273,7 @@ def fuse_conv_epilogues(model: nn.Module) -> list[str]:
 
     visit(model, "")
     if fused:
-        log.info("fuse_conv_epilogues: %d convolutions took their add and/or activation", len(fused))
+        log.debug("fuse_conv_epilogues: %d convolutions took their add and/or activation", len(fused))
     return fused
 
 
@@ -1231,10 +1282,12 @@ def fast_base(model: nn.Module, run: Callable[[nn.Module], Any] | None = None,
     """What spdy runs around the pruned layers, on its own kernels, in place: :func:`fast_attention`,
     :func:`fast_gelu`, :func:`fast_encoder`, :func:`fast_depthwise` (with the fusions
     ``depthwise``, or those :func:`find_depthwise` finds with ``run``, or each convolution alone)
-    and then :func:`fuse_conv_epilogues`. Returns ``{"attention": [...], "gelu": [...], "encoder":
+    and then :func:`fuse_conv_epilogues` and :func:`fuse_conv_activations` (with the same
+    fusions). Returns ``{"attention": [...], "gelu": [...], "encoder":
     [...], "depthwise": [...], "conv_epilogue": [...]}``, the names each switched."""
     if depthwise is None and run is not None:
         depthwise = find_depthwise(model, run)
     done = {"attention": fast_attention(model), "gelu": fast_gelu(model), "encoder": fast_encoder(model),
             "depthwise": fast_depthwise(model, depthwise)}
-    return {**done, "conv_epilogue": fuse_conv_epilogues(model)}
+    fused = fuse_conv_epilogues(model)
+    return {**done, "conv_epilogue": fused + fuse_conv_activations(model, depthwise or ())}

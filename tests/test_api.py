@@ -649,11 +649,12 @@ class DWConv(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.b1, self.a1 = nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6()
+        # wide enough that pruned 1x1 convolutions beat oneDNN's dense ones
+        self.c1, self.b1, self.a1 = nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6()
         self.pad = nn.ZeroPad2d((0, 1, 0, 1))
-        self.dw, self.b2, self.a2 = nn.Conv2d(64, 64, 3, 2, groups=64, bias=False), nn.BatchNorm2d(64), nn.ReLU6()
-        self.c3 = nn.Conv2d(64, 32, 1)
-        self.fc = nn.Linear(32, 10)
+        self.dw, self.b2, self.a2 = nn.Conv2d(256, 256, 3, 2, groups=256, bias=False), nn.BatchNorm2d(256), nn.ReLU6()
+        self.c3 = nn.Conv2d(256, 128, 1)
+        self.fc = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.a2(self.b2(self.dw(self.pad(self.a1(self.b1(self.c1(x)))))))
@@ -663,7 +664,7 @@ class DWConv(nn.Module):
 def dw_cnn_factory() -> dict:
     torch.manual_seed(0)
     model = DWConv()
-    data = torch.randn(32, 16, 12, 12)
+    data = torch.randn(32, 64, 16, 16)
     model.train()
     with torch.no_grad():
         model(data)
@@ -677,15 +678,19 @@ def test_a_result_with_depthwise_convolutions_is_deployed_with_their_fusions(tmp
                 max_evals=3, timing=POLICY, baselines=(), fit_rounds=0, measure_rounds=1, out=out, reference="torch")
     man = json.loads((out / "model" / "manifest.json").read_text())
     assert man["fingerprint"]["depthwise"] == "spdy"
-    assert man["depthwise_fusions"] == [{"conv": "dw", "pad": "pad", "act": "a2"}]
+    # the model's own forward is not traced: c1 takes its ReLU6 by the fusions found running it
+    assert man["depthwise_fusions"] == [{"conv": "dw", "pad": "pad", "act": "a2"}, {"conv": "c1", "pad": None, "act": "a1"}]
     x = bundle.calibration[0]
     with torch.no_grad():
         ref = spdy.apply(dw_cnn_factory()["model"], out)(x)
     sparse = spdy.apply(dw_cnn_factory()["model"], out, sparse=True, threads=1)
     assert isinstance(sparse.dw, spdy.runtime.DepthwiseConv2d) and sparse.dw.clamp == (0.0, 6.0)
     assert isinstance(sparse.pad, nn.Identity) and isinstance(sparse.a2, nn.Identity)
+    if isinstance(sparse.c1, spdy.runtime.SparseConv2d):  # not kept an nn.Conv2d (a "dense" level)
+        assert sparse.c1.clamp == (0.0, 6.0) and isinstance(sparse.a1, nn.Identity)
     unfolded = spdy.apply(dw_cnn_factory()["model"], out, sparse=True, threads=1, fold=False)
     assert isinstance(unfolded.dw, spdy.runtime.DepthwiseConv2d) and unfolded.dw.clamp is None  # a BatchNorm between
+    assert isinstance(unfolded.a1, nn.ReLU6)
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(unfolded(x), ref, rtol=1e-4, atol=1e-4)

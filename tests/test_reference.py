@@ -10,7 +10,7 @@ import pytest
 
 from spdy.errors import InfeasibleBudgetError, InvalidInputError, ReferenceUnavailableError
 from spdy.grid import spdy_grid
-from spdy.measure import MeasureConfig, check_latency, dp_target_for, largest_target, lowest_dp_target
+from spdy.measure import MeasureConfig, check_latency, dp_target_for, largest_target, lowest_dp_target, unreachable
 from spdy.profilers.dense_runtimes import DENSE_PLAN, DenseRuntimes
 from spdy.reference import MIN_DP_TARGET, Reference, check_available, check_reference
 from spdy.sensitivity import make_storage
@@ -105,3 +105,13 @@ def test_a_study_calibrated_against_another_reference_is_not_resumed(tmp_path):
     old = _stored(tmp_path / "old", {"factor": 1.0})  # a study from before speedups were over a reference
     with pytest.raises(InvalidInputError, match="over the dense plan, not over a dense reference runtime"):
         _check(old, 1.5)
+
+
+def test_a_target_the_dense_plan_meets_alone_is_told_apart_from_one_out_of_reach():
+    ref = _ref(1.4, runtime="torch", asked="torch")  # torch eager takes 1.4x the dense plan's time
+    free = unreachable(ref, 1.1, 1.0)  # no pruned model beats the dense plan
+    assert "1.1x over torch eager needs no pruning" in str(free) and "1.40x faster than torch eager" in str(free)
+    assert f"at least {MIN_DP_TARGET:g}x" in str(free) and free.max_speedup == pytest.approx(1.4)
+    far = unreachable(ref, 2.0, 1.2)
+    assert "2x over torch eager is out of reach" in str(far) and "Ask for at most 1.68x" in str(far)
+    assert far.max_speedup == pytest.approx(1.68)

@@ -691,9 +691,9 @@ def test_fuse_conv_epilogues_rejects_what_is_not_a_module() -> None:
         runtime.fuse_conv_epilogues("model")  # type: ignore[arg-type]
 
 
-def test_convolutions_keep_the_memory_format_of_their_input(threads: int) -> None:
-    """Channels-last inputs (what oneDNN's convolutions give) stay channels last through every conv
-    format and the depthwise convolution, with the same values as NCHW."""
+def test_convolutions_give_channels_last_and_depthwise_ones_keep_their_input_layout(threads: int) -> None:
+    """Every conv format takes NCHW and channels-last inputs and gives channels last (oneDNN's
+    layout), with the same values; the depthwise convolution keeps the layout it is given."""
     from spdy.kernels.depthwise import Padding
 
     torch.manual_seed(2)
@@ -711,6 +711,7 @@ def test_convolutions_keep_the_memory_format_of_their_input(threads: int) -> Non
             got = m(xl, r.contiguous(memory_format=torch.channels_last))
             plain = m(x, r)
         assert got.is_contiguous(memory_format=torch.channels_last), fmt
+        assert plain.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(), fmt
         torch.testing.assert_close(got, (ref + r).relu(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(plain, (ref + r).relu(), atol=1e-4, rtol=1e-4)
     dw = nn.Conv2d(32, 32, 3, 2, 0, groups=32).eval()
@@ -722,3 +723,96 @@ def test_convolutions_keep_the_memory_format_of_their_input(threads: int) -> Non
             got = m(y.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert got.is_contiguous(memory_format=torch.channels_last) or not runtime.kernels.DNNL
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(3, 2, (0, 1, 0, 1)), (5, 2, (1, 2, 1, 2)), (3, 1, (2, 0, 1, 0)),
+                                               (5, 2, (2, 1, 0, 2)), (3, 3, (0, 2, 1, 1))])
+def test_depthwise_channels_last_pads_wider_on_one_side_by_a_grown_kernel(kernel: int, stride: int,
+                                                                          pad: tuple[int, int, int, int]) -> None:
+    """On oneDNN's path (channels-last input) a padding wider on one side runs as a symmetric one
+    with zero taps added to the kernel: same values as torch's pad then convolution, in float64."""
+    from spdy.kernels.depthwise import Padding
+
+    torch.manual_seed(3)
+    dw = nn.Conv2d(24, 24, kernel, stride, 0, groups=24).eval()
+    top, bottom, left, right = pad
+    x = torch.randn(3, 24, 13, 14)
+    want = nn.functional.conv2d(nn.functional.pad(x.double(), [left, right, top, bottom]), dw.weight.double(),
+                                dw.bias.double(), stride, 0, 1, 24).clamp(0.0, 6.0)
+    m = runtime.DepthwiseConv2d(dw, Padding(top, bottom, left, right), (0.0, 6.0))
+    with torch.inference_mode():
+        got = m(x.contiguous(memory_format=torch.channels_last))
+        again = m(x[:2].contiguous(memory_format=torch.channels_last))  # another shape: packed again
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again.double(), want[:2], atol=1e-4, rtol=1e-4)
+
+
+class _Rooted(nn.Module):
+    """A CNN whose own forward does not trace (control flow on values): its stem's and head's
+    activations are reachable only by running it."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, 1, 1)
+        self.bn = nn.Identity()  # a folded BatchNorm
+        self.act = nn.ReLU6()
+        self.block = _Branchy(c)
+        self.skip_conv = nn.Conv2d(c, c, 1)
+        self.skip_act = nn.ReLU()
+        self.head = nn.Conv2d(c, c, 1)
+        self.head_act = nn.Hardtanh(-1.0, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.abs().sum()) < 0:
+            return x
+        y = self.block(self.act(self.bn(self.stem(x))))
+        y = self.skip_act(self.skip_conv(y)) + y  # the activation before the add: the add stays outside
+        h = self.head(y)
+        return self.head_act(h) + h  # the head's output is read twice: not fused
+
+
+def test_fuse_conv_activations_reaches_the_convolutions_of_an_untraceable_forward(threads: int) -> None:
+    torch.manual_seed(4)
+    model = _Rooted().eval()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            _prune_(m, 0.5)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        want = model(x)
+    fusions = runtime.find_depthwise(model, lambda m: m(x))  # found on the torch model, by names
+    assert {(f.conv, f.act) for f in fusions} == {("stem", "act"), ("block.inner.0", "block.inner.1"),
+                                                   ("skip_conv", "skip_act")}
+    mods = dict(model.named_modules())
+    convs = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)]
+    formats = list(runtime.CONV_FORMATS)
+    runtime.swap_modules(model, {n: runtime.SparseConv2d.from_conv(mods[n], format=formats[i % len(formats)]).eval()
+                                 for i, n in enumerate(convs)})
+    assert runtime.fast_depthwise(model, fusions) == []  # none is depthwise; the others' acts stay for later
+    assert runtime.fuse_conv_epilogues(model) == ["block.inner.0"]  # the one child that traces
+    assert sorted(runtime.fuse_conv_activations(model, fusions)) == ["skip_conv", "stem"]
+    mods = dict(model.named_modules())
+    assert mods["stem"].clamp == (0.0, 6.0) and type(mods["act"]) is nn.Identity
+    assert mods["skip_conv"].clamp == (0.0, math.inf) and mods["head"].clamp is None
+    assert type(mods["head_act"]) is nn.Hardtanh
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)
+    assert runtime.fuse_conv_activations(model, fusions) == []  # taken once
+
+
+def test_fuse_conv_epilogues_leaves_a_convolution_with_its_activation_alone(threads: int) -> None:
+    """A convolution that took its activation already never takes an add after it: that would
+    clamp the sum, not the convolution."""
+    torch.manual_seed(5)
+    block = _Block(6).eval()
+    x = torch.randn(2, 6, 5, 5)
+    mods = dict(block.named_modules())
+    runtime.swap_modules(block, {n: runtime.SparseConv2d.from_conv(mods[n]).eval() for n in ("conv1", "conv2")})
+    block.conv2.clamp = (-0.5, 0.5)
+    with torch.inference_mode():
+        want = block(x)
+    model = nn.Sequential(block)
+    assert runtime.fuse_conv_epilogues(model) == ["0.conv1"]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)

@@ -87,9 +87,19 @@ def test_spdy_runs_the_depthwise_convolutions_with_their_pads_and_relu6(photos) 
     bundle = E.factory(n_calibration=2, batch_size=2, example_batch=2).inference
     fast = copy.deepcopy(bundle.model)
     found = runtime.find_depthwise(fast, lambda m: m(bundle.example))
-    assert len(found) == 16 and all(f.act for f in found)
+    assert all(f.act for f in found)
+    depthwise = [f for f in found if f.conv.endswith("_depthwise_conv")]
+    assert len(depthwise) == 16
     assert [f.conv for f in found if f.pad] == [f"_blocks.{i}._depthwise_conv" for i in (1, 3, 5, 11)]
+    # the other convolutions with a ReLU6 after them: the stem, the head and the blocks' expansions
+    assert {f.conv for f in found} - {f.conv for f in depthwise} == \
+        {"_conv_stem", "_conv_head", *(f"_blocks.{i}._expand_conv" for i in range(1, 16))}
+    mods = dict(fast.named_modules())
+    runtime.swap_modules(fast, {n: runtime.SparseConv2d.from_conv(m, format="dnnl").eval() for n, m in mods.items()
+                                if isinstance(m, torch.nn.Conv2d) and not runtime.is_depthwise(m)})
     runtime.fast_base(fast, depthwise=found)
+    assert fast._conv_stem.clamp == fast._conv_head.clamp == (0.0, 6.0)  # the root's forward is not traced
+    assert isinstance(fast._act_stem, torch.nn.Identity) and isinstance(fast._act_head, torch.nn.Identity)
     with torch.inference_mode():
         a, b = fast(bundle.example), bundle.model(bundle.example)
     assert float((a - b).norm() / b.norm()) < 1e-5

@@ -68,6 +68,35 @@ def test_timed_cnns_run_depthwise_convolutions_fused_on_spdy():
     np.testing.assert_allclose(np.asarray(plan()), np.asarray(reference()), atol=2e-5)
 
 
+def test_timed_cnns_are_channels_last_from_the_first_convolution():
+    """spdy-cpu's convolutions give channels_last: a layer is timed alone on a channels-last input,
+    the base's stand-ins give channels-last outputs, and a plan's every conv output is channels last."""
+    if available_backends()["spdy-cpu"]:
+        pytest.skip(available_backends()["spdy-cpu"])
+    import torch
+    from torch import nn
+
+    from spdy.models.base import ModelBundle, discover_layers
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1), nn.Flatten(), nn.Linear(16 * 36, 4)).eval()
+    bundle = ModelBundle(name="cl", model=model, calibration=[torch.randn(2, 3, 6, 6)]).inference
+    be = get_backend("spdy-cpu", threads=1)
+    specs = {s.name: s for s in discover_layers(bundle.model, bundle.example, bundle.forward)}
+    assert be._input(specs["2"], None).is_contiguous(memory_format=torch.channels_last)
+    assert be._input(specs["4"], None).is_contiguous()  # a Linear's input as it is
+    base = be.model_runner(bundle, {n: LayerChoice(STANDIN) for n in specs})
+    assert not base.model[0].out.is_contiguous() and base.model[0].out.is_contiguous(memory_format=torch.channels_last)
+    w = {n: bundle.model.get_submodule(n).weight.detach().numpy() for n in specs}
+    plan = be.model_runner(bundle, {"0": LayerChoice("csr", weight=w["0"], bias=model[0].bias.detach().numpy()),
+                                    "2": LayerChoice("dense", weight=w["2"], bias=model[2].bias.detach().numpy())})
+    outs = []
+    plan.model[2].register_forward_hook(lambda _m, _i, o: outs.append(o))
+    np.testing.assert_allclose(np.asarray(plan()), np.asarray(be.model_runner(bundle, {})()), atol=2e-5)
+    assert outs[0].is_contiguous(memory_format=torch.channels_last) and not outs[0].is_contiguous()
+    assert get_backend("spdy-cpu-compiled", threads=1).channels_last_convs is False  # Inductor picks its layouts
+
+
 def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
     if available_backends()["spdy-cpu"]:
         pytest.skip(available_backends()["spdy-cpu"])
