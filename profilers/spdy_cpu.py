@@ -365,7 +365,8 @@ def _slot_class() -> type:
             return self.out_shape
 
         def _run(self, x: Any) -> Any:
-            return self.target(x)
+            # in the contiguous layout spdy::call's fake kernel declares (a SparseConv2d gives channels last)
+            return self.target(x).contiguous()
 
     return Slot
 

@@ -328,7 +328,9 @@ class SparseConv2d(_Compilable):
         return self._conv(x, residual, self.clamp)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, None, None)  # ``spdy::call``'s body: the convolution alone
+        # ``spdy::call``'s body: the convolution alone, in the contiguous layout its fake kernel
+        # declares (``dnnl`` and a channels-last input give channels last)
+        return self._conv(x, None, None).contiguous()
 
     def _conv(self, x: torch.Tensor, residual: torch.Tensor | None, clamp: tuple[float, float] | None) -> torch.Tensor:
         # every format takes NCHW and channels_last inputs as they are, and gives the same layout

@@ -712,6 +712,8 @@ def test_convolutions_give_channels_last_and_depthwise_ones_keep_their_input_lay
             plain = m(x, r)
         assert got.is_contiguous(memory_format=torch.channels_last), fmt
         assert plain.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(), fmt
+        with torch.inference_mode():  # spdy::call's body gives the contiguous layout its fake kernel declares
+            assert m._run(xl).is_contiguous(), fmt
         torch.testing.assert_close(got, (ref + r).relu(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(plain, (ref + r).relu(), atol=1e-4, rtol=1e-4)
     dw = nn.Conv2d(32, 32, 3, 2, 0, groups=32).eval()

@@ -216,3 +216,22 @@ def test_timed_cnns_hand_each_conv_its_add_and_activation():
         conv = nn.functional.conv2d(stem, torch.from_numpy(pruned), torch.from_numpy(biases["block.conv"]), 1, 1)
         want = torch.relu(conv + stem)
     np.testing.assert_allclose(np.asarray(plan()), want.numpy(), atol=2e-5)
+
+
+def test_the_compiled_backend_runs_every_conv_format_in_its_slots():
+    """A slot's module may give channels last (every SparseConv2d does); spdy::call hands Inductor the
+    contiguous layout its fake kernel declares, whatever the format."""
+    if available_backends()["spdy-cpu-compiled"]:
+        pytest.skip(available_backends()["spdy-cpu-compiled"])
+    from spdy import kernels
+    from spdy.testing.backends import tiny_conv
+
+    bundle = tiny_conv()
+    be = get_backend("spdy-cpu-compiled", threads=1)
+    c1, c2 = bundle.model.c1, bundle.model.c2
+    want = np.asarray(be.model_runner(bundle, {})())
+    for fmt in kernels.CONV_FORMATS:
+        plan = be.model_runner(bundle, {"c1": LayerChoice(fmt, weight=c1.weight.detach().numpy(),
+                                                          bias=c1.bias.detach().numpy()),
+                                        "c2": LayerChoice(fmt, weight=c2.weight.detach().numpy())})
+        np.testing.assert_allclose(np.asarray(plan()), want, atol=2e-5, err_msg=fmt)
