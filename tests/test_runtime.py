@@ -634,20 +634,31 @@ class _CNN(nn.Module):
         return self.tail(self.branchy(self.blocks(self.stem(x))))
 
 
+def _prune_convs_(model: nn.Module, sparsity: float, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every nn.Conv2d of ``model`` magnitude-pruned in place; an input of ``shape`` and the pruned model's output."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            _prune_(m, sparsity)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        return x, model(x)
+
+
+def _swap_convs(model: nn.Module) -> list[str]:
+    """Every nn.Conv2d of ``model`` swapped for a SparseConv2d, the formats taken in turn; their names."""
+    mods = dict(model.named_modules())
+    convs = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)]
+    formats = list(runtime.CONV_FORMATS)
+    runtime.swap_modules(model, {n: runtime.SparseConv2d.from_conv(mods[n], format=formats[i % len(formats)]).eval()
+                                 for i, n in enumerate(convs)})
+    return convs
+
+
 def test_fuse_conv_epilogues_hands_add_and_activation_to_the_conv(threads: int) -> None:
     torch.manual_seed(0)
     model = _CNN().eval()
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            _prune_(m, 0.6)
-    x = torch.randn(2, 3, 9, 9)
-    with torch.no_grad():
-        want = model(x)
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    formats = [f for f in runtime.CONV_FORMATS]
-    mods = dict(model.named_modules())
-    runtime.swap_modules(model, {n: runtime.SparseConv2d.from_conv(mods[n], format=formats[i % len(formats)]).eval()
-                                 for i, n in enumerate(convs)})
+    x, want = _prune_convs_(model, 0.6, (2, 3, 9, 9))
+    convs = _swap_convs(model)
     fused = runtime.fuse_conv_epilogues(model)
     assert fused == ["stem.0", "blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2",
                      "branchy.inner.0", "tail.a"]
@@ -777,20 +788,11 @@ class _Rooted(nn.Module):
 def test_fuse_conv_activations_reaches_the_convolutions_of_an_untraceable_forward(threads: int) -> None:
     torch.manual_seed(4)
     model = _Rooted().eval()
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            _prune_(m, 0.5)
-    x = torch.randn(2, 3, 7, 7)
-    with torch.no_grad():
-        want = model(x)
+    x, want = _prune_convs_(model, 0.5, (2, 3, 7, 7))
     fusions = runtime.find_depthwise(model, lambda m: m(x))  # found on the torch model, by names
     assert {(f.conv, f.act) for f in fusions} == {("stem", "act"), ("block.inner.0", "block.inner.1"),
                                                    ("skip_conv", "skip_act")}
-    mods = dict(model.named_modules())
-    convs = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)]
-    formats = list(runtime.CONV_FORMATS)
-    runtime.swap_modules(model, {n: runtime.SparseConv2d.from_conv(mods[n], format=formats[i % len(formats)]).eval()
-                                 for i, n in enumerate(convs)})
+    _swap_convs(model)
     assert runtime.fast_depthwise(model, fusions) == []  # none is depthwise; the others' acts stay for later
     assert runtime.fuse_conv_epilogues(model) == ["block.inner.0"]  # the one child that traces
     assert sorted(runtime.fuse_conv_activations(model, fusions)) == ["skip_conv", "stem"]
