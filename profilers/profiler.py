@@ -76,9 +76,11 @@ FIT_SEED_OFFSET = 10_000
 #: that alone read its output in its epilogue (the base's stand-ins take them too), convolutions
 #: are also timed packed for oneDNN (``dnnl``, channels_last), and the sparse ones keep the
 #: memory format of their input; a pruned level whose fastest format is a dense one is timed as
-#: the unpruned level (:func:`_dense_as_unpruned`). 15: convolutions that a model's untraceable
-#: forward calls take their activation too (:func:`spdy.runtime.fuse_conv_activations`), and a
-#: depthwise convolution on oneDNN pads wider on one side with zero taps, not a copy.
+#: the unpruned level (:func:`_dense_as_unpruned`). 15: every convolution takes and gives
+#: channels_last, so conv layers are timed alone on channels-last inputs and the base's conv
+#: stand-ins give channels-last outputs (``channels_last_convs``); convolutions that a model's
+#: untraceable forward calls take their activation too (:func:`spdy.runtime.fuse_conv_activations`);
+#: a depthwise convolution on oneDNN pads wider on one side with zero taps, not a copy.
 LATENCY_MODEL_VERSION = 15
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)

@@ -220,10 +220,10 @@ def unreachable(ref: Reference, target: float, max_speedup: float) -> Infeasible
     if top >= target:  # the search prunes only for at least MIN_DP_TARGET over the dense plan
         return InfeasibleBudgetError(
             f"{target:g}x over {ref.label} needs no pruning here: the dense plan alone runs {ref.over_reference(1.0):.2f}x "
-            f"faster than {ref.label} (measured side by side), and no pruned model in the profile is faster than "
-            f"the dense plan (at most {max_speedup:.3f}x over it; the search prunes only for at least "
-            f"{MIN_DP_TARGET:g}x). Deploy the model unpruned on spdy's runtime, or profile it at a larger batch, "
-            "where pruned layers can pay.", max_speedup=top)
+            f"faster than {ref.label} (measured side by side), and no pruned model in the profile runs {MIN_DP_TARGET:g}x "
+            f"faster than the dense plan, the least the search prunes for (at most {max_speedup:.3f}x). Deploy the "
+            "model unpruned on spdy's runtime, or profile it at a larger batch, where pruned layers can pay.",
+            max_speedup=top)
     return InfeasibleBudgetError(
         f"{target:g}x over {ref.label} is out of reach: the profile reaches at most {max_speedup:.3f}x over the "
         f"dense plan, and {ref.label} runs the dense model in {ref.ratio:.2f}x the dense plan's time (measured side "
