@@ -112,7 +112,7 @@ def search_outcome(run: Prepared, cfg: SearchConfig, found: Found, measured: Mea
         reference = measured.reference or reference
     quality = assess(found.objective, run.table, best.solution.levels, best.calibration_loss, cfg.speedup,
                      to_dp=reference.dp_speedup)
-    warnings = (*(measured.warnings if measured else ()), *([quality.message(cfg.speedup)] if quality.far else []))
+    warnings = (*(measured.warnings if measured else ()), *([quality.message(cfg.speedup)] if quality.far or quality.degraded else []))
     return SearchOutcome(
         model=run.bundle.name, backend=run.backend.name, target_speedup=cfg.speedup, result=best,
         dense_loss=found.objective.dense_loss, baselines=base_out,

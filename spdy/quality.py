@@ -9,7 +9,8 @@ A pruned model whose loss reaches :data:`FAR_RATIO` of that is far from the dens
 model, whatever the loss function. For classifiers (KL loss on logits, or
 ``bundle.meta["outputs"] == "logits"``) the share of calibration samples whose top-1
 class agrees with the dense model's is reported too, and below :data:`MIN_TOP1` the
-model counts as far as well.
+model counts as far as well; below :data:`WARN_TOP1` a model that is not far gets a
+warning of its own (its answers changed, with the numbers), without a safer target.
 
 When it fires, :func:`assess` bisects over uniform pruning for the largest target
 whose loss stays under the line: a target SPDY can reach at least as well, since it
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 FAR_RATIO = 0.8
 #: top-1 agreement with the dense model below which a pruned classifier counts as far from it
 MIN_TOP1 = 0.5
+#: top-1 agreement below which a classifier that is not far is still reported: its answers changed
+WARN_TOP1 = 0.9
 #: bisection steps for the largest target that keeps uniform pruning under the line
 BISECT_STEPS = 6
 #: a reference whose 1x takes more than this over the dense plan is named as the reason no target is safe
@@ -62,8 +65,20 @@ class Quality:
     def far(self) -> bool:
         return self.ratio >= FAR_RATIO or (self.top1_agreement is not None and self.top1_agreement < MIN_TOP1)
 
+    @property
+    def degraded(self) -> bool:
+        """Not far, but a classifier whose top-1 class differs from the dense model's on more than
+        ``1 - WARN_TOP1`` of the calibration samples."""
+        return not self.far and self.top1_agreement is not None and self.top1_agreement < WARN_TOP1
+
     def message(self, target: float) -> str:
-        """The warning a far model gets ("" when it is not far)."""
+        """The warning a far or degraded model gets ("" for neither)."""
+        if self.degraded:
+            a = self.top1_agreement
+            return (f"the pruned model for {target:g}x changes the dense model's top-1 class on {1 - a:.0%} of the "
+                    f"calibration samples (agreement {a:.0%}; calibration loss {self.loss:.4g}, {self.ratio:.0%} of "
+                    f"what a constant output scores): check it on held-out data before deploying it, or ask for a "
+                    f"lower --speedup")
         if not self.far:
             return ""
         parts = [f"the pruned model for {target:g}x is far from the dense one: calibration loss {self.loss:.4g} is "
@@ -85,6 +100,7 @@ class Quality:
     def to_json(self) -> dict[str, Any]:
         return {"loss": self.loss, "constant_output_loss": self.constant_loss, "loss_over_constant": self.ratio,
                 "top1_agreement": self.top1_agreement, "far": self.far, "far_ratio": FAR_RATIO,
+                "degraded": self.degraded, "warn_top1": WARN_TOP1,
                 "largest_target_uniform_keeps": self.largest_target, "reference_floor_dp_speedup": self.reference_floor}
 
 

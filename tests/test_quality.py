@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spdy.models.base import ModelBundle, cosine_distance, kl_divergence, relative_mse
-from spdy.quality import FAR_RATIO, MIN_TOP1, Quality, constant_loss, is_classifier, top1_agreement
+from spdy.quality import FAR_RATIO, MIN_TOP1, WARN_TOP1, Quality, constant_loss, is_classifier, top1_agreement
 
 
 def _bundle(loss) -> ModelBundle:
@@ -45,16 +45,22 @@ def test_top1_agreement_counts_rows() -> None:
 
 @pytest.mark.parametrize(("loss", "top1", "far"), [
     (0.1, None, False), (FAR_RATIO - 0.01, None, False), (FAR_RATIO, None, True), (0.1, MIN_TOP1, False),
-    (0.1, MIN_TOP1 - 0.01, True),
+    (0.1, MIN_TOP1 - 0.01, True), (0.1, WARN_TOP1, False), (0.1, 1.0, False),
 ])
 def test_far_and_its_message(loss: float, top1: float | None, far: bool) -> None:
     q = Quality(loss, 1.0, top1, 1.3 if far else None)
     assert q.far is far
+    degraded = not far and top1 is not None and top1 < WARN_TOP1
+    assert q.degraded is degraded
     msg = q.message(2.0)
-    assert (msg != "") is far
+    assert (msg != "") is (far or degraded)
     if far:
         assert "far from the dense one" in msg and f"{loss:.4g}" in msg and "1.3x" in msg
-    assert q.to_json()["far"] is far and np.isfinite(q.to_json()["loss_over_constant"])
+    if degraded:  # the answers changed: said with the numbers, no safer target claimed
+        assert f"on {1 - top1:.0%} of the calibration samples" in msg and f"agreement {top1:.0%}" in msg
+        assert "lower --speedup" in msg and "far from" not in msg
+    assert q.to_json()["far"] is far and q.to_json()["degraded"] is degraded
+    assert np.isfinite(q.to_json()["loss_over_constant"])
 
 
 def test_a_reference_faster_than_the_dense_plan_is_named_when_no_target_is_safe() -> None:
