@@ -51,6 +51,7 @@ from spdy.kernels import (  # noqa: E402
 )
 from spdy.kernels import attention as kattn  # noqa: E402
 from spdy.kernels import depthwise as kdw  # noqa: E402
+from spdy.kernels.conv import dnnl_convolution  # noqa: E402
 from spdy.kernels.activation import gelu  # noqa: E402
 from spdy.kernels.depthwise import Padding  # noqa: E402
 from spdy.kernels.ffn import ffn_into, fusable  # noqa: E402
@@ -351,7 +352,7 @@ class SparseConv2d(_Compilable):
             elif not dense:
                 residual = residual.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
         finish, clamp = (clamp, None) if late is not None else (None, clamp)
-        if self._dense_w is not None:
+        if dense:
             if x.dim() == 3:
                 r4 = None if residual is None else residual.unsqueeze(0)
                 y = kernels.torch_conv2d(x.unsqueeze(0), self.prepared, r4, clamp).squeeze(0)
@@ -1010,16 +1011,8 @@ class DepthwiseConv2d(nn.Module):
             w = torch.ops.mkldnn._reorder_convolution_weight(w, list(sym), list(conv.stride), [1, 1],
                                                              conv.groups, list(x.shape))
             packed = self.__dict__["_dnnl_weight"] = (key, w)
-        geometry = (list(sym), list(conv.stride), [1, 1], conv.groups)
         bias = None if conv.bias is None else conv.bias.detach()
-        c = self.clamp
-        if c is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "none", [], "")
-        if c[0] == 0.0 and c[1] == math.inf:
-            return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "relu", [], "")
-        if math.isfinite(c[0]) and math.isfinite(c[1]):
-            return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "hardtanh", list(c), "")
-        return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, *geometry, "none", [], "").clamp_(*c)
+        return dnnl_convolution(x, packed[1], bias, sym, conv.stride, (1, 1), conv.groups, clamp=self.clamp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.conv.weight
@@ -1079,11 +1072,9 @@ def fuse_conv_activations(model: nn.Module, fusions: Sequence[DepthwiseFusion]) 
     swaps: dict[str, nn.Module] = {}
     for f in fusions:
         conv = modules.get(f.conv)
-        if conv is None or is_depthwise(conv) or isinstance(conv, DepthwiseConv2d) or f.act is None:
-            continue
         clamp = _clamp_of(modules[f.act]) if f.act in modules else None
-        if not getattr(conv, "accepts_epilogue", False) or getattr(conv, "clamp", None) is not None or clamp is None:
-            continue
+        if clamp is None or not getattr(conv, "accepts_epilogue", False) or getattr(conv, "clamp", None) is not None:
+            continue  # no activation, a convolution that takes none (torch's, a depthwise one), or one taken
         conv.clamp = clamp  # type: ignore[assignment]
         swaps[f.act] = nn.Identity()
     swap_modules(model, swaps)

@@ -24,6 +24,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
 from typing import Any
 
 import numba
@@ -387,24 +388,33 @@ def torch_conv2d(x: torch.Tensor, prepared: PreparedConv2d, residual: torch.Tens
     finishes in place otherwise; ``dense`` runs torch's conv2d, then the add and the clamp."""
     bias = torch.from_numpy(prepared.bias) if prepared.has_bias else None
     if prepared.format == "dnnl":
-        geometry = (list(prepared.padding), list(prepared.stride), list(prepared.dilation), prepared.groups)
-        w = prepared.dnnl_weight()
-        pointwise = torch.ops.mkldnn._convolution_pointwise
-        relu = clamp is not None and clamp[0] == 0.0 and clamp[1] == math.inf
-        if residual is not None:
-            y = pointwise(x, residual, w, bias, *geometry, "add", None, "relu" if relu else None, [], "")
-            return y.clamp_(*clamp) if clamp is not None and not relu else y
-        if relu:
-            return pointwise(x, w, bias, *geometry, "relu", [], "")
-        if clamp is not None and math.isfinite(clamp[0]) and math.isfinite(clamp[1]):
-            return pointwise(x, w, bias, *geometry, "hardtanh", list(clamp), "")
-        y = pointwise(x, w, bias, *geometry, "none", [], "")
-        return y.clamp_(*clamp) if clamp is not None else y
+        return dnnl_convolution(x, prepared.dnnl_weight(), bias, prepared.padding, prepared.stride, prepared.dilation,
+                                prepared.groups, residual, clamp)
     assert prepared.dense is not None
     y = torch.nn.functional.conv2d(x, torch.from_numpy(prepared.dense), bias, prepared.stride, prepared.padding,
                                    prepared.dilation, prepared.groups)
     if residual is not None:
         y += residual
+    return y.clamp_(*clamp) if clamp is not None else y
+
+
+def dnnl_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Sequence[int],
+                     stride: Sequence[int], dilation: Sequence[int], groups: int,
+                     residual: torch.Tensor | None = None, clamp: Clamp | None = None) -> torch.Tensor:
+    """oneDNN's convolution of ``x`` with a ``weight`` packed for it (``_reorder_convolution_weight``),
+    then ``clamp(... + residual)``: through its fused post-ops where it has them (the add, then a
+    ReLU; a ReLU or a finite clamp alone), in place after it otherwise. The output is channels last."""
+    geometry = (list(padding), list(stride), list(dilation), groups)
+    pointwise = torch.ops.mkldnn._convolution_pointwise
+    relu = clamp is not None and clamp[0] == 0.0 and clamp[1] == math.inf
+    if residual is not None:
+        y = pointwise(x, residual, weight, bias, *geometry, "add", None, "relu" if relu else None, [], "")
+        return y.clamp_(*clamp) if clamp is not None and not relu else y
+    if relu:
+        return pointwise(x, weight, bias, *geometry, "relu", [], "")
+    if clamp is not None and math.isfinite(clamp[0]) and math.isfinite(clamp[1]):
+        return pointwise(x, weight, bias, *geometry, "hardtanh", list(clamp), "")
+    y = pointwise(x, weight, bias, *geometry, "none", [], "")
     return y.clamp_(*clamp) if clamp is not None else y
 
 
