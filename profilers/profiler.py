@@ -80,8 +80,11 @@ FIT_SEED_OFFSET = 10_000
 #: channels_last, so conv layers are timed alone on channels-last inputs and the base's conv
 #: stand-ins give channels-last outputs (``channels_last_convs``); convolutions that a model's
 #: untraceable forward calls take their activation too (:func:`spdy.runtime.fuse_conv_activations`);
-#: a depthwise convolution on oneDNN pads wider on one side with zero taps, not a copy.
-LATENCY_MODEL_VERSION = 15
+#: a depthwise convolution on oneDNN pads wider on one side with zero taps, not a copy. 16: a BERT
+#: encoder runs its fused parts from a plan of their kernel calls made once per input shape
+#: (:class:`spdy.kernels.encoder.EncoderPlan`), which the fused groups' measured savings take in, and
+#: the attention copies each head's values side by side before ``P V``.
+LATENCY_MODEL_VERSION = 16
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Grid levels (the nearest) at which every competitive format is probed with the anchor, besides

@@ -11,11 +11,13 @@ kernel's epilogue rounds unlike torch's). ``--json`` writes them with
 the hardware fingerprint. ``--against qkv-off`` compares, in this tree, the query, key and value
 projections run as one call with the same model running them one by one; ``--against out-off`` the
 attention output projection with the residual and the LayerNorm in its epilogue with the same model
-running them one by one.
+running them one by one; ``--against plan-off`` the encoder run from a plan of its fused parts' kernel
+calls with the same model run layer by layer through ``_bert_layer``.
 
     python scripts/bench_layer_forward.py --result 3x=out/3x --result 2x=out/2x --against HEAD~1 --rounds 21
     python scripts/bench_layer_forward.py --result 3x=out/3x --against qkv-off
     python scripts/bench_layer_forward.py --result 2.5x=out/25 --against out-off
+    python scripts/bench_layer_forward.py --result 2.5x=out/25 --against plan-off
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ from spdy.models.minilm import load_encoder, load_minilm  # noqa: E402
 #: ``--against`` these: a fusion of this tree turned off in the same model (the query, key and value
 #: projections one by one instead of as one call; the attention output's residual and LayerNorm
 #: after its projection instead of in its epilogue)
-SWITCHES = {"qkv-off": runtime.set_qkv_fusion, "out-off": runtime.set_out_fusion}
+SWITCHES = {"qkv-off": runtime.set_qkv_fusion, "out-off": runtime.set_out_fusion, "plan-off": runtime.set_encoder_plan}
 #: the functions of the layer forward, by file
-FUNCTIONS = {"spdy/runtime.py": ("_bert_layer", "_layer_norm", "_fusable_ffn", "_fusable_qkv", "_fusable_out", "_children"),
+FUNCTIONS = {"spdy/runtime.py": ("_bert_layer", "_self_attention", "_layer_norm", "_fusable_ffn", "_fusable_qkv",
+                                   "_qkv_modules_fusable", "_ffn_modules_fusable", "_fusable_out", "_children"),
              "spdy/kernels/attention.py": ("unsupported",)}
 
 
@@ -129,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="git revision to compare with, or 'qkv-off': this tree with the query, key and value "
                          "projections run one by one (spdy.runtime.set_qkv_fusion) instead of as one call, or "
                          "'out-off': the attention output's residual and LayerNorm run after its projection "
-                         "(spdy.runtime.set_out_fusion) instead of in its epilogue")
+                         "(spdy.runtime.set_out_fusion) instead of in its epilogue, or 'plan-off': the encoder "
+                         "layer by layer (spdy.runtime.set_encoder_plan) instead of from a plan of its fused "
+                         "parts' kernel calls. Against a revision both arms run layer by layer, the plan off.")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--json")
@@ -151,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             model = spdy.apply(load_encoder()[0], out, sparse=True, threads=max(args.threads))
             if switch is not None:
                 arms = {"this": lambda m=model, f=switch: f(m, True), "against": lambda m=model, f=switch: f(m, False)}
-            else:
+            else:  # the layer functions compared: both arms without the plan, which bypasses them
+                runtime.set_encoder_plan(model, False)
                 arms = {"this": use(this), "against": use(other)}
             for th in args.threads:
                 r = {"model": label, **compare(model, example, arms, th, args.rounds)}

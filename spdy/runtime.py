@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import operator
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from spdy.kernels import depthwise as kdw  # noqa: E402
 from spdy.kernels.conv import dnnl_convolution  # noqa: E402
 from spdy.kernels.activation import gelu  # noqa: E402
 from spdy.kernels.depthwise import Padding  # noqa: E402
+from spdy.kernels.encoder import EncoderPlan, LayerKernels  # noqa: E402
 from spdy.kernels.ffn import ffn_into, fusable  # noqa: E402
 from spdy.kernels.linear import sparse_into  # noqa: E402
 from spdy.kernels.qkv import fusable as qkv_fusable  # noqa: E402
@@ -663,13 +665,7 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
         qkv_into(x.numpy().reshape(-1, pq.in_features), qkv.reshape(-1, 3 * H * D), pq, pk, pv)
         a = kattn.attention_qkv_unchecked(qkv, B, T, H, D, bias, float(sa.scaling))
     else:
-        q = query(x).view(B, T, H, D).transpose(1, 2)
-        k = key(x).view(B, T, H, D).transpose(1, 2)
-        v = value(x).view(B, T, H, D).transpose(1, 2)
-        if kattn.unsupported(q, k, v, keep) is None:
-            a = kattn.attention_unchecked(q, k, v, bias, float(sa.scaling))
-        else:
-            a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
+        a = _self_attention(sa, query, key, value, x, keep, bias)
     dense, norm_a = _children(ao, "dense", "LayerNorm")
     a = a.reshape(B, T, H * D)
     if fuse_out and _fusable_out(dense, a, x):
@@ -691,6 +687,20 @@ def _bert_layer(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, bi
                  True, norm)
         return y if norm is not None else ln(y)
     return ln(down(act(up(x))) + x)
+
+
+def _self_attention(sa: nn.Module, query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Tensor,
+                    keep: torch.Tensor | None, bias: Any) -> torch.Tensor:
+    """A BERT self-attention ``sa`` with its projections run one by one: [B, T, H, D] (spdy's
+    kernel where it takes the call, else torch's SDPA)."""
+    B, T, _ = x.shape
+    H, D = sa.num_attention_heads, sa.attention_head_size
+    q = query(x).view(B, T, H, D).transpose(1, 2)
+    k = key(x).view(B, T, H, D).transpose(1, 2)
+    v = value(x).view(B, T, H, D).transpose(1, 2)
+    if kattn.unsupported(q, k, v, keep) is None:
+        return kattn.attention_unchecked(q, k, v, bias, float(sa.scaling))
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling).transpose(1, 2)
 
 
 def _children(m: nn.Module, *names: str) -> tuple[Any, ...]:
@@ -719,11 +729,16 @@ def _fusable_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Te
     on ``x`` with the attention kernel reading the result in place: all three sparse Linears in a
     multithreaded sparse format, each ``width`` (heads x ``head_dim``, a multiple of 32) wide, and
     ``x`` a non-empty contiguous fp32 CPU tensor [batch, tokens, features] without grad."""
-    return (type(query) is SparseLinear and type(key) is SparseLinear and type(value) is SparseLinear
-            and qkv_fusable(query.prepared, key.prepared, value.prepared)
-            and query.out_features == key.out_features == value.out_features == width and head_dim % 32 == 0
+    return (_qkv_modules_fusable(query, key, value, width, head_dim)
             and x.dtype is torch.float32 and x.dim() == 3 and x.is_contiguous() and not x.requires_grad
             and x.numel() > 0 and x.shape[-1] == query.in_features)
+
+
+def _qkv_modules_fusable(query: nn.Module, key: nn.Module, value: nn.Module, width: int, head_dim: int) -> bool:
+    """The modules' half of :func:`_fusable_qkv`."""
+    return (type(query) is SparseLinear and type(key) is SparseLinear and type(value) is SparseLinear
+            and qkv_fusable(query.prepared, key.prepared, value.prepared)
+            and query.out_features == key.out_features == value.out_features == width and head_dim % 32 == 0)
 
 
 def _fusable_out(dense: nn.Module, a: torch.Tensor, x: torch.Tensor) -> bool:
@@ -743,10 +758,15 @@ def _fusable_ffn(up: nn.Module, act: Any, down: nn.Module, x: torch.Tensor) -> b
     can run as one fused block (:func:`spdy.kernels.ffn.ffn_into`) on ``x``: both projections sparse
     Linears in a multithreaded sparse format, the activation the exact GELU, ``x`` a contiguous
     fp32 CPU tensor without grad, and the block's output as wide as its input."""
-    return (type(up) is SparseLinear and type(down) is SparseLinear and fusable(up.prepared, down.prepared)
-            and _exact_gelu(act, spdy=True) and down.out_features == up.in_features
+    return (_ffn_modules_fusable(up, act, down)
             and x.dtype is torch.float32 and x.is_contiguous() and not x.requires_grad and x.numel() > 0
             and x.shape[-1] == up.in_features)
+
+
+def _ffn_modules_fusable(up: nn.Module, act: Any, down: nn.Module) -> bool:
+    """The modules' half of :func:`_fusable_ffn`."""
+    return (type(up) is SparseLinear and type(down) is SparseLinear and fusable(up.prepared, down.prepared)
+            and _exact_gelu(act, spdy=True) and down.out_features == up.in_features)
 
 
 def _encoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -800,6 +820,13 @@ def set_qkv_fusion(model: nn.Module, enabled: bool) -> int:
     return _set_encoders(model, "fuse_qkv", enabled)
 
 
+def set_encoder_plan(model: nn.Module, enabled: bool) -> int:
+    """Run every switched encoder in ``model`` from a plan of its fused parts' kernel calls (on by
+    default; see :class:`EncoderForward`) or, off, each layer through :func:`_bert_layer` as before
+    the plans; returns how many encoders it set."""
+    return _set_encoders(model, "planned", enabled)
+
+
 def set_ffn_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the fused feed-forward of every switched encoder in ``model`` on or off (it is on by
     default); returns how many encoders it set. Off, each projection runs on its own, as a profile
@@ -833,14 +860,35 @@ class EncoderForward:
     where its attention output projection is sparse, the residual and the LayerNorm run in that
     projection's epilogue (:func:`spdy.kernels.residual.residual_into`) unless ``fuse_out`` is False
     (:func:`set_out_fusion`).
+
+    Where any of those fused parts runs, the encoder runs from a plan
+    (:class:`spdy.kernels.encoder.EncoderPlan`, unless ``planned`` is False: :func:`set_encoder_plan`):
+    the fused parts' kernel calls with their arguments and buffers made once per input shape and
+    thread count, kept per calling thread, and made again when a module, weight or switch it was
+    made from changes. The other parts run their modules as above.
     Any other call runs the model's own forward.
     """
 
-    def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_qkv: bool = True, fuse_out: bool = True) -> None:
+    #: plans kept per calling thread (one per input shape and thread count, the newest ones)
+    PLANS = 2
+
+    def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_qkv: bool = True, fuse_out: bool = True,
+                 planned: bool = True) -> None:
         self.model = model
         self.fuse_ffn = fuse_ffn
         self.fuse_qkv = fuse_qkv
         self.fuse_out = fuse_out
+        self.planned = planned
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_local", None)  # plans hold buffers and are per thread: made again after a copy
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.model
@@ -855,12 +903,145 @@ class EncoderForward:
         B, T = ids.shape
         keep = None if mask is None else mask.bool()[:, None, None, :]
         bias = kattn.mask_bias(keep, B, T, T)  # None when nothing is masked
-        for layer in m.encoder.layer:
-            # older pickles lack the switches
-            x = _bert_layer(layer, x, keep, bias, getattr(self, "fuse_ffn", True), getattr(self, "fuse_qkv", True),
-                            getattr(self, "fuse_out", True))
+        # older pickles lack the switches
+        switches = (getattr(self, "fuse_ffn", True), getattr(self, "fuse_qkv", True), getattr(self, "fuse_out", True))
+        plan = self._plan(x, keep, switches) if getattr(self, "planned", True) else None
+        if plan is not None:
+            x = _run_plan(plan, m.encoder.layer, x, keep, bias, switches)
+        else:
+            for layer in m.encoder.layer:
+                x = _bert_layer(layer, x, keep, bias, *switches)
         pooled = m.pooler(x) if getattr(m, "pooler", None) is not None else None
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled)
+
+    def _plan(self, x: torch.Tensor, keep: torch.Tensor | None, switches: tuple[bool, bool, bool]
+              ) -> EncoderPlan | None:
+        """This thread's plan for ``x`` (made or made again when needed); None where no layer has a
+        fused part, or the call is one the fused parts do not take."""
+        B, T, W = x.shape if x.dim() == 3 else (0, 0, 0)
+        if (not B or not T or x.dtype is not torch.float32 or not x.is_contiguous() or x.requires_grad
+                or kattn.mask_unsupported(keep, B, T, T) is not None):
+            return None
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self._local = threading.local()
+        plans = local.__dict__.setdefault("plans", {})
+        key = (B, T, W, get_num_threads(), switches)
+        got = plans.get(key)
+        if got is not None and all(d.get(k) is o for d, k, o in got[1]):
+            return got[0]
+        plans.pop(key, None)
+        while len(plans) >= self.PLANS:
+            plans.pop(next(iter(plans)))
+        got = plans[key] = _make_plan(self.model, B, T, W, key[3], switches)
+        return got[0]
+
+
+#: (a module's ``_modules``, ``_parameters`` or ``__dict__``, a name, the object it held): a plan is
+#: made again when any of them no longer holds its object
+_Dep = tuple[dict[str, Any], str, Any]
+
+
+def _holds(m: Any, name: str) -> _Dep:
+    """The dependency on ``m.name`` (a submodule, a parameter or an attribute)."""
+    for d in (m.__dict__.get("_modules", {}), m.__dict__.get("_parameters", {}), m.__dict__):
+        if name in d:
+            return d, name, d[name]
+    return m.__dict__, name, None
+
+
+def _layer_kernels(layer: nn.Module, width: int, switches: tuple[bool, bool, bool]
+                   ) -> tuple[LayerKernels, list[_Dep]]:
+    """Which parts of a BERT layer run as fused kernel calls in a plan, and what that depends on."""
+    fuse_ffn, fuse_qkv, fuse_out = switches
+    att, inter, out = _children(layer, "attention", "intermediate", "output")
+    sa, ao = _children(att, "self", "output")
+    query, key, value = _children(sa, "query", "key", "value")
+    dense, norm_a = _children(ao, "dense", "LayerNorm")
+    up, act = _children(inter, "dense", "intermediate_act_fn")
+    down, ln = _children(out, "dense", "LayerNorm")
+    deps = [_holds(layer, "attention"), _holds(layer, "intermediate"), _holds(layer, "output"),
+            _holds(att, "self"), _holds(att, "output"), _holds(ao, "dense"), _holds(ao, "LayerNorm"),
+            _holds(inter, "dense"), _holds(inter, "intermediate_act_fn"), _holds(out, "dense"),
+            _holds(out, "LayerNorm")]
+    deps += [_holds(sa, n) for n in ("query", "key", "value", "num_attention_heads", "attention_head_size", "scaling")]
+    deps += [_holds(mod, "prepared") for mod in (query, key, value, dense, up, down) if type(mod) is SparseLinear]
+    deps += [_holds(n, a) for n in (norm_a, ln) for a in ("weight", "bias", "eps", "normalized_shape")]
+    H, D = sa.num_attention_heads, sa.attention_head_size
+    qkv = None
+    if fuse_qkv and _qkv_modules_fusable(query, key, value, H * D, D) and query.in_features == width:
+        qkv = (query.prepared, key.prepared, value.prepared)
+    out_part = None
+    norm = _layer_norm(norm_a, width)
+    if (fuse_out and norm is not None and type(dense) is SparseLinear and residual_fusable(dense.prepared)
+            and dense.out_features == width):
+        out_part = (dense.prepared, norm)
+    ffn = None
+    norm = _layer_norm(ln, width)
+    if fuse_ffn and norm is not None and _ffn_modules_fusable(up, act, down) and up.in_features == width:
+        ffn = (up.prepared, down.prepared, norm)
+    return LayerKernels(qkv, H, D, float(sa.scaling), out_part, ffn), deps
+
+
+def _make_plan(m: nn.Module, B: int, T: int, W: int, nthreads: int, switches: tuple[bool, bool, bool]
+               ) -> tuple[EncoderPlan | None, list[_Dep]]:
+    """The plan of encoder ``m`` for ``B`` sequences of ``T`` tokens ``W`` wide (None where no
+    layer has a fused part), and what it depends on."""
+    layers = m.encoder.layer
+    n = len(layers)
+    deps = [_holds(m, "encoder"), _holds(m.encoder, "layer"), (layers._modules, str(n), None)]
+    deps += [_holds(layers, str(i)) for i in range(n)]
+    parts = []
+    for layer in layers:
+        lk, d = _layer_kernels(layer, W, switches)
+        parts.append(lk)
+        deps += d
+    if not any(lk.any for lk in parts):
+        return None, deps
+    return EncoderPlan(parts, B, T, W, nthreads), deps
+
+
+def _run_plan(plan: EncoderPlan, layers: Sequence[nn.Module], x: torch.Tensor, keep: torch.Tensor | None,
+              bias: np.ndarray | None, switches: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The encoder's layers from ``plan`` on the embeddings ``x``: each fused part one kernel call on
+    the plan's buffers, each other part its modules (a layer without fused parts: :func:`_bert_layer`)."""
+    B, T, W = x.shape
+    torch.from_numpy(plan.input_of(0)).copy_(x.reshape(-1))
+    for i, (lk, layer) in enumerate(zip(plan.layers, layers)):
+        if not lk.any:
+            y = _bert_layer(layer, torch.from_numpy(plan.input_of(i)).view(B, T, W), keep, bias, *switches)
+            torch.from_numpy(plan.output_of(i)).copy_(y.reshape(-1))
+            continue
+        if lk.all:  # the common case, without a tensor or a module lookup
+            plan.attention(i, bias)
+            plan.attention_output(i)
+            plan.feed_forward(i)
+            continue
+        x_t = torch.from_numpy(plan.input_of(i)).view(B, T, W)
+        att, inter, out = _children(layer, "attention", "intermediate", "output")
+        if lk.qkv is not None:
+            plan.attention(i, bias)
+            a = torch.from_numpy(plan.attention_out[: B * T * lk.heads * lk.head_dim]).view(B, T, -1)
+        else:
+            sa = _children(att, "self")[0]
+            a = _self_attention(sa, *_children(sa, "query", "key", "value"), x_t, keep, bias).reshape(B, T, -1)
+            if lk.out is not None:
+                torch.from_numpy(plan.attention_out[: a.numel()]).copy_(a.reshape(-1))
+        if lk.out is not None:
+            plan.attention_output(i)
+            h = torch.from_numpy(plan.block_out).view(B, T, W)
+        else:
+            dense, norm_a = _children(_children(att, "output")[0], "dense", "LayerNorm")
+            h = norm_a(dense(a) + x_t)
+            if lk.ffn is not None:
+                torch.from_numpy(plan.block_out).copy_(h.reshape(-1))
+        if lk.ffn is not None:
+            plan.feed_forward(i)
+        else:
+            up, act = _children(inter, "dense", "intermediate_act_fn")
+            down, ln = _children(out, "dense", "LayerNorm")
+            torch.from_numpy(plan.output_of(i)).copy_(ln(down(act(up(h))) + h).reshape(-1))
+    return torch.from_numpy(plan.output_of(len(plan.layers) - 1).copy()).view(B, T, W)
 
 
 def fast_encoder(model: nn.Module) -> list[str]:

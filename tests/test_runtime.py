@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -473,10 +475,11 @@ def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(t
                                         for k in range(6)]
     assert runtime.ffn_pairs(nn.Linear(2, 2)) == []
     fused = []
+    from spdy.kernels import _spmm
     from spdy.kernels import ffn as kffn
 
-    real = runtime.ffn_into
-    runtime.ffn_into = lambda *a: fused.append(1) or real(*a)  # counts calls, runs the kernel
+    real = _spmm.ffn_forward  # called by the encoder's plan and by ffn_into alike
+    _spmm.ffn_forward = lambda *a: fused.append(1) or real(*a)  # counts calls, runs the kernel
     try:
         ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(4))
         mask = torch.ones_like(ids)
@@ -490,7 +493,7 @@ def test_fast_encoder_fuses_sparse_feed_forwards_and_matches_the_unfused_model(t
             runtime.set_ffn_fusion(model, True)
             r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:
-        runtime.ffn_into = real
+        _spmm.ffn_forward = real
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
     torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
@@ -511,8 +514,10 @@ def test_fast_encoder_runs_sparse_query_key_value_as_one_call_and_matches_the_un
     assert runtime.qkv_triples(model) == [tuple(names[3 * k:3 * k + 3]) for k in range(6)]
     assert runtime.qkv_triples(nn.Linear(2, 2)) == []
     calls = []
-    real = runtime.qkv_into
-    runtime.qkv_into = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    from spdy.kernels import _spmm
+
+    real = _spmm.qkv_forward  # called by the encoder's plan and by qkv_into alike
+    _spmm.qkv_forward = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
     try:
         ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(5))
         mask = torch.ones_like(ids)
@@ -530,7 +535,7 @@ def test_fast_encoder_runs_sparse_query_key_value_as_one_call_and_matches_the_un
             assert len(calls) == 5 and c.shape == (2, 70, 384)
             r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:
-        runtime.qkv_into = real
+        _spmm.qkv_forward = real
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
     torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
@@ -550,8 +555,10 @@ def test_fast_encoder_runs_a_sparse_attention_output_with_its_residual_and_norm_
     assert runtime.out_singles(model) == [(n,) for n in names]
     assert runtime.out_singles(nn.Linear(2, 2)) == []
     calls = []
-    real = runtime.residual_into
-    runtime.residual_into = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    from spdy.kernels import _spmm
+
+    real = _spmm.residual_forward  # called by the encoder's plan and by residual_into alike
+    _spmm.residual_forward = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
     try:
         ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(6))
         mask = torch.ones_like(ids)
@@ -565,10 +572,132 @@ def test_fast_encoder_runs_a_sparse_attention_output_with_its_residual_and_norm_
             runtime.set_out_fusion(model, True)
             r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:
-        runtime.residual_into = real
+        _spmm.residual_forward = real
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], atol=2e-5, rtol=0)
     torch.testing.assert_close(a[valid], r[valid], atol=1e-4, rtol=0)
+
+
+def _mixed_minilm() -> nn.Module:
+    """MiniLM on spdy's base with every kind of layer an encoder plan meets: layer 0 all sparse,
+    layer 1 only its query, key and value, layer 2 only its attention output and feed-forward,
+    layer 3 unpruned (torch's Linears), layer 4 all sparse in blocked formats, layer 5 all sparse."""
+    model = _minilm()
+    parts = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense")
+    sparse = {0: parts, 1: parts[:3], 2: parts[3:], 4: parts, 5: parts}
+    _prune_by_magnitude(model, [f"encoder.layer.{k}.{p}" for k, ps in sparse.items() for p in ps], 0.85)
+    runtime.fast_base(model)
+    runtime.swap_modules(model, {
+        f"encoder.layer.{k}.{p}": runtime.SparseLinear.from_linear(
+            model.get_submodule(f"encoder.layer.{k}.{p}"), ("bcsr4x1" if "self" in p else "bcsr1x4") if k == 4 else "csr")
+        for k, ps in sparse.items() for p in ps})
+    return model
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    before = runtime.get_num_threads()
+    runtime.set_num_threads(n)
+    try:
+        yield
+    finally:
+        runtime.set_num_threads(before)
+
+
+def _plans(model: nn.Module) -> dict:
+    """This thread's encoder plans of ``model`` (keyed by shape, threads and switches)."""
+    return model.forward._local.__dict__.get("plans", {})
+
+
+def test_encoder_plan_runs_the_fused_parts_and_matches_the_layer_by_layer_forward(threads: int) -> None:
+    model = _mixed_minilm()
+    ids = torch.randint(1000, 20000, (2, 70), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, 41:] = 0
+    with torch.inference_mode():
+        assert runtime.set_encoder_plan(model, False) == 1
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert _plans(model) == {}
+        runtime.set_encoder_plan(model, True)
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        again = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    (plan, _deps), = _plans(model).values()
+    assert [(lk.qkv is not None, lk.out is not None, lk.ffn is not None) for lk in plan.layers] == [
+        (True, True, True), (True, False, False), (False, True, True), (False, False, False), (True, True, True),
+        (True, True, True)]
+    # the same kernels on the same inputs: the same numbers, not just close ones
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    torch.testing.assert_close(again, ref, atol=0, rtol=0)
+    assert got.data_ptr() != again.data_ptr()  # each pass returns its own tensor, not the plan's buffer
+
+
+def test_encoder_plan_is_made_again_when_what_it_was_made_from_changes() -> None:
+    from spdy.kernels import prepare_linear
+
+    model = _mixed_minilm()
+    ids = torch.randint(1000, 20000, (1, 40), generator=torch.Generator().manual_seed(8))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        runtime.set_encoder_plan(model, True)
+        got = model(input_ids=ids).last_hidden_state
+        runtime.set_encoder_plan(model, False)
+        return got, model(input_ids=ids).last_hidden_state
+
+    with torch.inference_mode():
+        before, _ = both()
+        first = next(iter(_plans(model).values()))[0]
+        # a module swapped for another
+        q = model.encoder.layer[0].attention.self.query
+        w = q.weight.clone()
+        w[w != 0] *= 1.5
+        runtime.swap_modules(model, {"encoder.layer.0.attention.self.query":
+                                     runtime.SparseLinear(prepare_linear(w, q.bias, format="csr"))})
+        got, ref = both()
+        assert not torch.equal(got, before)
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+        assert next(iter(_plans(model).values()))[0] is not first
+        # a LayerNorm's weight replaced, a switch turned off
+        ln = model.encoder.layer[5].output.LayerNorm
+        ln.weight = nn.Parameter(ln.weight.detach() * 0.5)
+        runtime.set_ffn_fusion(model, False)
+        got, ref = both()
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+        runtime.set_ffn_fusion(model, True)
+        # another shape and another thread count: a plan each, at most EncoderForward.PLANS kept
+        model(input_ids=ids[:, :20])
+        with _num_threads(1):
+            runtime.set_encoder_plan(model, True)
+            model(input_ids=ids)
+            model(input_ids=ids[:, :20])
+        assert len(_plans(model)) == runtime.EncoderForward.PLANS
+
+
+def test_encoder_plan_is_per_thread_and_not_copied() -> None:
+    import pickle
+    import threading
+
+    model = _mixed_minilm()
+    ids = torch.randint(1000, 20000, (1, 40), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).last_hidden_state
+        mine = dict(_plans(model))
+        out = {}
+
+        def other() -> None:
+            with torch.inference_mode():
+                out["x"] = model(input_ids=ids).last_hidden_state
+                out["plans"] = dict(_plans(model))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        torch.testing.assert_close(out["x"], ref, atol=0, rtol=0)
+        assert len(out["plans"]) == 1 and list(out["plans"].values())[0][0] is not list(mine.values())[0][0]
+        assert _plans(model).keys() == mine.keys()
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert _plans(copied) == {}
+            torch.testing.assert_close(copied(input_ids=ids).last_hidden_state, ref, atol=0, rtol=0)
 
 
 def test_children_reads_submodules_and_plain_attributes() -> None:

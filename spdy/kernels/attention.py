@@ -144,7 +144,7 @@ def _heads(q: tuple[np.ndarray, int, int, int], k: tuple[np.ndarray, int, int, i
     out = np.empty(B * Tq * H * D, np.float32)
     nthreads = max(1, min(numba.get_num_threads(), B * H))
     Tkp = _attention.padded_keys(Tk)
-    work = scratch(_SLOT, nthreads * (D + 4) * Tkp + 64)
+    work = scratch(_SLOT, nthreads * (2 * D + 4) * Tkp + 64)
     has_bias = bias is not None
     _attention.attention_forward(*q, *k, *v, B, H, Tq, Tk, D, float(scale),
                                  bias.reshape(-1) if has_bias else work[:16], has_bias, work, out, nthreads)

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spdy.kernels.attention import mask_bias
+from spdy.kernels.encoder import EncoderPlan, LayerKernels
+from spdy.kernels.linear import prepare_linear
+
+WIDTH, HEADS, HEAD_DIM, HIDDEN = 64, 2, 32, 160
+
+
+def _linear(rng: np.random.Generator, out: int, inp: int, fmt: str, sparsity: float = 0.8):
+    W = (rng.standard_normal((out, inp)) * (rng.random((out, inp)) > sparsity) / np.sqrt(inp)).astype(np.float32)
+    b = (rng.standard_normal(out) * 0.1).astype(np.float32)
+    return W, b, prepare_linear(W, b, format=fmt)
+
+
+def _norm(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    return ((1 + 0.1 * rng.standard_normal(WIDTH)).astype(np.float32), (0.1 * rng.standard_normal(WIDTH)).astype(np.float32),
+            1e-12)
+
+
+def _layer(seed: int, fmt: str, parts: str) -> tuple[LayerKernels, dict]:
+    rng = np.random.default_rng(seed)
+    w = {n: _linear(rng, o, i, fmt) for n, o, i in (("q", WIDTH, WIDTH), ("k", WIDTH, WIDTH), ("v", WIDTH, WIDTH),
+                                                    ("o", WIDTH, WIDTH), ("up", HIDDEN, WIDTH), ("down", WIDTH, HIDDEN))}
+    n1, n2 = _norm(rng), _norm(rng)
+    lk = LayerKernels(qkv=(w["q"][2], w["k"][2], w["v"][2]) if "a" in parts else None, heads=HEADS, head_dim=HEAD_DIM,
+                      scale=HEAD_DIM ** -0.5, out=(w["o"][2], n1) if "o" in parts else None,
+                      ffn=(w["up"][2], w["down"][2], n2) if "f" in parts else None)
+    return lk, {**{n: (v[0], v[1]) for n, v in w.items()}, "n1": n1, "n2": n2}
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)).double()
+
+
+def _attention_ref(x: np.ndarray, w: dict, keep: torch.Tensor | None, B: int, T: int) -> np.ndarray:
+    """Float64 torch: the three projections, softmax attention per head (masked keys left out)."""
+    xt = _t(x).view(B, T, WIDTH)
+    q, k, v = ((xt @ _t(w[n][0]).T + _t(w[n][1])).view(B, T, HEADS, HEAD_DIM).transpose(1, 2) for n in "qkv")
+    s = q @ k.transpose(-1, -2) * HEAD_DIM ** -0.5
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B * T, WIDTH).numpy()
+
+
+def _block_ref(a: np.ndarray, x: np.ndarray, w: dict) -> np.ndarray:
+    y = _t(a) @ _t(w["o"][0]).T + _t(w["o"][1]) + _t(x)
+    g, b, eps = w["n1"]
+    return torch.nn.functional.layer_norm(y, (WIDTH,), _t(g), _t(b), eps).numpy()
+
+
+def _ffn_ref(h: np.ndarray, w: dict) -> np.ndarray:
+    u = torch.nn.functional.gelu(_t(h) @ _t(w["up"][0]).T + _t(w["up"][1]))
+    y = u @ _t(w["down"][0]).T + _t(w["down"][1]) + _t(h)
+    g, b, eps = w["n2"]
+    return torch.nn.functional.layer_norm(y, (WIDTH,), _t(g), _t(b), eps).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bcsr4x1"])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 70), (3, 17)])
+def test_plan_parts_match_float64_references(threads: int, fmt: str, shape: tuple[int, int]) -> None:
+    B, T = shape
+    layers = [_layer(0, fmt, "aof"), _layer(1, fmt, "a"), _layer(2, fmt, "of")]
+    plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads)
+    rng = np.random.default_rng(3)
+    keep = None
+    if B > 1:  # the last sequence padded after 11 tokens
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[-1, 11:] = False
+        keep = mask[:, None, None, :]
+    bias = mask_bias(keep, B, T, T)
+    x = rng.standard_normal(B * T * WIDTH).astype(np.float32)
+    plan.input_of(0)[:] = x
+    valid = np.ones(B * T, bool) if keep is None else keep[:, 0, 0, :].reshape(-1).numpy()
+
+    def close(got: np.ndarray, ref: np.ndarray) -> None:
+        got, ref = got.reshape(B * T, WIDTH)[valid], ref[valid]
+        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+    # layer 0: every part
+    w = layers[0][1]
+    plan.attention(0, bias)
+    a = _attention_ref(x, w, keep, B, T)
+    close(plan.attention_out[: B * T * WIDTH], a)
+    plan.attention_output(0)
+    h = _block_ref(a, x.reshape(B * T, WIDTH), w)
+    close(plan.block_out, h)
+    plan.feed_forward(0)
+    y = _ffn_ref(h, w)
+    close(plan.output_of(0), y)
+    # the buffers alternate: layer 1 reads what layer 0 wrote
+    assert plan.input_of(1) is not plan.input_of(0)
+    assert np.shares_memory(plan.input_of(1), plan.output_of(0))
+    assert np.shares_memory(plan.output_of(1), plan.input_of(0))
+    # layer 1: only the attention; layer 2: only the output block and the feed-forward
+    plan.attention(1, bias)
+    close(plan.attention_out[: B * T * WIDTH], _attention_ref(plan.input_of(1).copy(), layers[1][1], keep, B, T))
+    a2 = rng.standard_normal((B * T, WIDTH)).astype(np.float32)
+    plan.attention_out[: a2.size] = a2.reshape(-1)
+    x2 = plan.input_of(2).copy()
+    plan.attention_output(2)
+    h2 = _block_ref(a2, x2.reshape(B * T, WIDTH), layers[2][1])
+    close(plan.block_out, h2)
+    plan.feed_forward(2)
+    close(plan.output_of(2), _ffn_ref(h2, layers[2][1]))
+
+
+def test_layer_kernels_say_which_parts_run_fused() -> None:
+    full, _ = _layer(0, "csr", "aof")
+    none, _ = _layer(0, "csr", "")
+    part, _ = _layer(0, "csr", "o")
+    assert (full.any, full.all) == (True, True)
+    assert (none.any, none.all) == (False, False)
+    assert (part.any, part.all) == (True, False)
+    # a plan of layers without fused parts still gives its buffers
+    plan = EncoderPlan([none], 2, 5, WIDTH, 2)
+    assert plan.input_of(0).size == plan.output_of(0).size == 2 * 5 * WIDTH
