@@ -357,6 +357,17 @@ class Backend(ABC):
         (only for a backend with :meth:`fused_singles`)."""
         raise NotImplementedError(f"backend {self.name!r} fuses no epilogues")
 
+    def planned_layers(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, ...]]:
+        """Groups of ``specs`` (indices: one fused pair, one fused triple and one fused single each)
+        that this runtime runs faster still when every group of the set is fused (a BERT encoder
+        layer run from a plan of its kernel calls); empty (the default) when there is none."""
+        return []
+
+    def plan_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        """Two :meth:`model_runner` of the same plan, every fusion on, with the :meth:`planned_layers`
+        planned and without (only for a backend with :meth:`planned_layers`)."""
+        raise NotImplementedError(f"backend {self.name!r} plans no layers")
+
     def unfused_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         """A :meth:`model_runner` of the plan with each layer run on its own, every fusion of the
         runtime off (what the profile's per-layer times add up to before the fused groups' savings

@@ -36,7 +36,7 @@ from spdy.profilers.dense_runtimes import DenseRuntimes, time_with_runtimes
 from spdy.profilers.in_model import InModelTerms, fit_terms, layer_groups, model_features, spanning_level_vectors
 from spdy.profilers.plans import backend_plan
 from spdy.profilers.pruning import LevelPruner
-from spdy.types import FUSED_FORMATS, FusedPair, LatencyTable, LayerSpec
+from spdy.types import FUSED_FORMATS, FusedPair, LatencyTable, LayerSpec, PlannedLayer
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ FIT_SEED_OFFSET = 10_000
 #: untraceable forward calls take their activation too (:func:`spdy.runtime.fuse_conv_activations`);
 #: a depthwise convolution on oneDNN pads wider on one side with zero taps, not a copy. 16: a BERT
 #: encoder runs its fused parts from a plan of their kernel calls made once per input shape
-#: (:class:`spdy.kernels.encoder.EncoderPlan`), which the fused groups' measured savings take in, and
+#: (:class:`spdy.kernels.encoder.EncoderPlan`), where all its parts are fused; the groups' savings
+#: are measured layer by layer and the plan's saving apart (a third of it added to each group's), and
 #: the attention copies each head's values side by side before ``P V``.
 LATENCY_MODEL_VERSION = 16
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
@@ -686,6 +687,18 @@ def profile_model(
     singles = backend.fused_singles(bundle, specs)
     s_saving, s_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, fit.pruners, singles,
                                         backend.single_fusion_runners, "epilogues")
+    planned = backend.planned_layers(bundle, specs)
+    p_saving, p_fusion = _fusion_saving(backend, bundle, layers, groups, grid.levels, fit.pruners, planned,
+                                        backend.plan_runners, "planned layers")
+    plans: tuple[PlannedLayer, ...] = ()
+    if p_saving > 0 and pairs and triples and singles and saving > 0:
+        # a planned layer's saving comes only with all its parts fused: a third of it is credited to
+        # each of its fused groups (each layer holds one group of each kind) for the DP, and taken
+        # back where the six projections do not all fuse (PlannedLayer)
+        share = p_saving / 3
+        saving, t_saving, s_saving = saving + share, t_saving + share, s_saving + share
+        p_fusion["share_per_group_s"] = share
+        plans = tuple(PlannedLayer(g, share) for g in planned)  # type: ignore[arg-type]
     calls = [(triples, t_saving), (singles, s_saving)]
     if progress:
         progress(total - 1, total, "base and dense model")
@@ -700,15 +713,18 @@ def profile_model(
     stored = _Stored(layers, grid.levels, patterns, fit.pruners)
     terms = fit.terms(cands, base.median_s, stored,
                       [(e, _anchor_formats(groups, len(specs), e), t.median_s) for e, t in anchored], pairs, saving,
-                      calls)
+                      calls, plans)
     # when formats are picked, a format that fuses is worth the whole group's saving: one layer in a
     # format that does not forfeits the saving of the group (the table's times carry each layer's share)
+    # (without the planned layers' shares: those come only with every projection of a layer fused,
+    # which one layer's format does not decide)
+    share = plans[0].share_s if plans else 0.0
     credit = np.zeros(len(specs))
     for i, j in pairs:
-        credit[[i, j]] = saving
+        credit[[i, j]] = saving - share
     for members, each in calls:
         for g in members:
-            credit[list(g)] += each
+            credit[list(g)] += each - share
     times, spread, formats = _table_arrays([c[:S] for c in cands], terms, stored, credit)
     for members, each in calls:
         _credit_groups(times, formats, members, each)
@@ -719,14 +735,15 @@ def profile_model(
         "measurement": {"shared_by_shape": backend.shares_layer_measurements(), "passes": passes,
                         "groups": _consistency(groups, grid)},
         "in_model": terms.to_json(), "format_probes": probe_records, "fused_pairs": fusion, "fused_triples": t_fusion, "fused_epilogues": s_fusion,
-        "profile_seconds": round(time.perf_counter() - t_start, 1),
+        "planned_layers": p_fusion, "profile_seconds": round(time.perf_counter() - t_start, 1),
         "batchnorm_folded": [p.to_json() for p in folds],
         "samples": dict(backend.stats),
     }
     if progress:
         progress(total, total, "in-model terms")
     table = LatencyTable(tuple(s.name for s in specs), grid, times, base.median_s, backend.fingerprint(),
-                         formats=tuple(formats), fused=tuple(FusedPair(i, j, saving) for i, j in pairs if saving > 0))
+                         formats=tuple(formats), fused=tuple(FusedPair(i, j, saving) for i, j in pairs if saving > 0),
+                         planned=plans)
     log.info("base %.2f ms; dense model measured %.2f ms, predicted %.2f ms (%+.1f%%)", base.median_s * 1e3,
              dense.median_s * 1e3, table.dense_total_s * 1e3, (table.dense_total_s / dense.median_s - 1) * 100)
     return Profile(table=table, backend=backend.name, model=bundle.name, specs=tuple(specs), settings=settings,
@@ -793,14 +810,15 @@ class _FitRounds:
 
     def terms(self, cands: Sequence[Sequence[dict[str, _Cand]]], base_s: float, stored: Callable[[int, int, str], float],
               anchors: Sequence[tuple[int, Sequence[str], float]], pairs: Sequence[tuple[int, int]] = (),
-              saving: float = 0.0, calls: Sequence[tuple[Sequence[tuple[int, ...]], float]] = ()
-              ) -> InModelTerms:
+              saving: float = 0.0, calls: Sequence[tuple[Sequence[tuple[int, ...]], float]] = (),
+              planned: Sequence[PlannedLayer] = ()) -> InModelTerms:
         """Fit the terms on the rounds' ratios, with the layers' final loop times; ``anchors`` =
         [(grid level, the formats, measured seconds)] of the models timed with the base; ``pairs``
         the fused pairs, each saving ``saving`` seconds where both layers run a format that fuses;
         ``calls`` = [(groups, saving)]: groups of layers the runtime runs as one call (query-key-value
         triples, one-layer epilogues), each saving that many seconds where all its layers run a
-        format that fuses."""
+        format that fuses; ``planned`` the planned layers, whose credits in those savings come back
+        where their layers do not all fuse."""
         if not self.ratios or self.vectors is None:
             return InModelTerms()
 
@@ -812,6 +830,12 @@ class _FitRounds:
             F[0] -= saving * sum(fm[i] in FUSED_FORMATS and fm[j] in FUSED_FORMATS for i, j in pairs)
             for members, each in calls:
                 F[0] -= each * sum(all(fm[i] in FUSED_FORMATS for i in g) for g in members)
+            # a planned layer's shares came off with its groups above (a triple's only where all three
+            # fuse); where its six projections do not all fuse, they come back
+            for g in planned:
+                q, k, v, o, up, down = (fm[i] in FUSED_FORMATS for i in g.members)
+                if not (q and k and v and o and up and down):
+                    F[0] += g.share_s * ((q and k and v) + o + (up and down))
             return F
 
         def at(levels: np.ndarray) -> np.ndarray:

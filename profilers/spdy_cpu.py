@@ -37,13 +37,14 @@ from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_mo
 from spdy.types import LayerSpec
 
 BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused", "qkv": "fused",
-        "attention_output": "fused", "conv_epilogue": "fused"}
+        "attention_output": "fused", "conv_epilogue": "fused", "encoder_plan": "planned"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
 ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
 without transformers' wrappers, its feed-forward fused where both projections are sparse and its
 query, key and value projections one call where all three are, and the residual and LayerNorm after
-its attention in the output projection's epilogue where that is sparse
+its attention in the output projection's epilogue where that is sparse, those fused parts run from a
+plan of their kernel calls (:class:`spdy.runtime.EncoderForward`)
 (:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`, :func:`spdy.runtime.qkv_triples`,
 :func:`spdy.runtime.out_singles`), and each convolution applies the residual add and the activation
 that alone read its output as it writes it (:func:`spdy.runtime.fuse_conv_epilogues`)
@@ -146,10 +147,42 @@ class SpdyCpuBackend(TorchRuntimeBackend):
 
     def _on_and_off(self, bundle: Any, choices: Mapping[str, LayerChoice],
                     switch: Callable[[Any, bool], int]) -> tuple[Runner, Runner]:
-        """Two runners of the same plan: as the runtime runs it, and with ``switch`` turned off."""
+        """Two runners of the same plan: as the runtime runs it, and with ``switch`` turned off; both
+        with the encoder run layer by layer (no :class:`spdy.runtime.EncoderForward` plan), whose
+        saving comes only with every part of a layer fused and is measured apart
+        (:meth:`plan_runners`)."""
+        from spdy import runtime
+
         fused, alone = self.model_runner(bundle, choices), self.model_runner(bundle, choices)
+        for run in (fused, alone):
+            runtime.set_encoder_plan(run.model, False)  # type: ignore[attr-defined]
         switch(alone.model, False)  # type: ignore[attr-defined]
         return fused, alone
+
+    def planned_layers(self, bundle: Any, specs: Sequence[LayerSpec]) -> list[tuple[int, ...]]:
+        """The six projections (query, key, value, attention output, feed-forward up and down) of
+        each BERT encoder layer, which the encoder runs from a plan of kernel calls where all its
+        parts are fused (:class:`spdy.runtime.EncoderForward`)."""
+        if self.runtime_fingerprint().get("encoder_plan") != "planned":
+            return []
+        from spdy import runtime
+
+        index = {s.name: i for i, s in enumerate(specs)}
+        out = []
+        for (q, k, v), (o,), (up, down) in zip(runtime.qkv_triples(bundle.model), runtime.out_singles(bundle.model),
+                                                runtime.ffn_pairs(bundle.model)):
+            if all(n in index for n in (q, k, v, o, up, down)):
+                out.append(tuple(index[n] for n in (q, k, v, o, up, down)))
+        return out
+
+    def plan_runners(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> tuple[Runner, Runner]:
+        """Two runners of the same plan, every fusion on: the encoder from its plan of kernel calls,
+        and layer by layer (:func:`spdy.runtime.set_encoder_plan`)."""
+        from spdy import runtime
+
+        planned, alone = self.model_runner(bundle, choices), self.model_runner(bundle, choices)
+        runtime.set_encoder_plan(alone.model, False)  # type: ignore[attr-defined]
+        return planned, alone
 
     def unfused_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         from spdy import runtime

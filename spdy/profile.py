@@ -22,7 +22,7 @@ from spdy.errors import InvalidInputError, ProfileMismatchError
 from spdy.grid import SparsityGrid
 from spdy.hardware import fingerprint_differences
 from spdy.io import atomic_write_json, read_json
-from spdy.types import FusedPair, LatencyTable, LayerSpec
+from spdy.types import FusedPair, LatencyTable, LayerSpec, PlannedLayer
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,7 @@ class Profile:
             "validation": list(self.validation),
             **({"patterns": list(self.patterns)} if self.patterns else {}),
             **({"fused_pairs": [p.to_json(t.layers) for p in t.fused]} if t.fused else {}),
+            **({"planned_layers": [g.to_json(t.layers) for g in t.planned]} if t.planned else {}),
         }
 
     @classmethod
@@ -205,6 +206,7 @@ class Profile:
             formats = tuple(tuple(r["formats"]) for r in layers) if all("formats" in r for r in layers) else None
             patterns = tuple(d.get("patterns", ()))
             fused = tuple(FusedPair.from_json(p, names) for p in d.get("fused_pairs", ()))
+            planned = tuple(PlannedLayer.from_json(g, names) for g in d.get("planned_layers", ()))
             p_times = p_spread = p_formats = None
             if patterns:
                 p_times = np.full((len(layers), len(patterns)), np.inf)
@@ -223,10 +225,11 @@ class Profile:
             if isinstance(exc, InvalidInputError):
                 raise
             raise InvalidInputError(f"{source} is a malformed spdy profile: {exc!r}") from None
-        if fused:
+        if fused or planned:
             if formats is None:
-                raise InvalidInputError(f"{source} is a malformed spdy profile: fused pairs without the layers' formats")
-            table = dataclasses.replace(table, formats=formats, fused=fused)
+                raise InvalidInputError(f"{source} is a malformed spdy profile: fused or planned layers without the "
+                                        "layers' formats")
+            table = dataclasses.replace(table, formats=formats, fused=fused, planned=planned)
         return cls(
             table=table,
             backend=str(d.get("backend", "unknown")),
@@ -280,7 +283,7 @@ def choice_table(profile: Profile, patterns: Iterable[str] | str | None = None, 
         return table
     return LatencyTable(table.layers, table.grid, np.concatenate(times, axis=1), table.base_s, dict(table.fingerprint),
                         tuple(cols), None if fmts is None else tuple(tuple(row) for row in fmts),
-                        table.fused if fmts is not None else ())
+                        table.fused if fmts is not None else (), table.planned if fmts is not None else ())
 
 
 def _offered_patterns(profile: Profile, patterns: Iterable[str] | str | None, database: Any) -> tuple[str, ...]:

@@ -130,6 +130,44 @@ class FusedPair:
 
 
 @dataclass(frozen=True)
+class PlannedLayer:
+    """A transformer layer's six projections that the runtime runs faster still when all six are in
+    a :data:`FUSED_FORMATS` format (a BERT encoder layer run from a plan of its fused parts' kernel
+    calls, :class:`spdy.runtime.EncoderForward`).
+
+    ``members`` index the table's layers in the order query, key, value, attention output,
+    feed-forward up, feed-forward down. ``share_s`` is a third of what the plan saves per pass. So
+    that the DP, which adds layers up one by one, sees the saving, the table credits ``share_s`` to
+    each of the layer's three fused groups where that group fuses: the feed-forward pair's saving
+    holds it, a third of it is off each of the query, key and value times, all of it off the
+    attention output's. Where the six do not all fuse the plan saves nothing, and
+    :meth:`LatencyTable.predicted_time` takes those credits back (:meth:`taken_back`).
+    """
+
+    members: tuple[int, int, int, int, int, int]
+    share_s: float
+
+    def taken_back(self, fuses: Sequence[bool]) -> float:
+        """What the table credited this layer but the runtime does not save, given whether each of
+        the six ``members`` runs a format that fuses (in their order)."""
+        q, k, v, o, up, down = (bool(f) for f in fuses)
+        if q and k and v and o and up and down:
+            return 0.0
+        return self.share_s * ((q + k + v) / 3 + o + (up and down))
+
+    def to_json(self, layers: Sequence[str]) -> dict[str, Any]:
+        return {"members": [layers[i] for i in self.members], "share_s": self.share_s}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], layers: Sequence[str]) -> "PlannedLayer":
+        names = list(layers)
+        members = d.get("members")
+        if not isinstance(members, list) or len(members) != 6 or any(m not in names for m in members):
+            raise InvalidInputError(f"a planned layer names six layers of the table; got {members!r}")
+        return cls(tuple(names.index(m) for m in members), float(d["share_s"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class LatencyTable:
     """Seconds per layer and choice, plus the time of everything that is not prunable.
 
@@ -149,6 +187,10 @@ class LatencyTable:
     when both are in a :data:`FUSED_FORMATS` format; the model's time is then less by the
     pair's ``saving_s``. No layer is in two pairs. The DP treats a pair as one layer whose
     choices are the pairs of the two layers' columns (:func:`spdy.dp.solve_table`).
+
+    ``planned`` (:class:`PlannedLayer`, needs ``formats``): layers the runtime runs from a plan
+    where all their projections fuse; their saving is credited in ``times`` and the pairs'
+    savings, and taken back by :meth:`predicted_time` where they do not all fuse.
     """
 
     layers: tuple[str, ...]
@@ -159,6 +201,7 @@ class LatencyTable:
     choices: tuple[Choice, ...] = ()  # () = the grid's levels
     formats: tuple[tuple[str, ...], ...] | None = None
     fused: tuple[FusedPair, ...] = ()
+    planned: tuple[PlannedLayer, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -204,6 +247,19 @@ class LatencyTable:
                 if not (math.isfinite(p.saving_s) and p.saving_s >= 0):
                     raise InvalidInputError(f"a fused pair's saving must be finite and >= 0 seconds; got {p.saving_s!r}")
                 seen |= {p.first, p.second}
+        planned = tuple(self.planned)
+        object.__setattr__(self, "planned", planned)
+        if planned:
+            if self.formats is None:
+                raise InvalidInputError("planned layers need the table's formats: whether they fuse depends on them")
+            for g in planned:
+                if not isinstance(g, PlannedLayer):
+                    raise InvalidInputError(f"planned layers are spdy.types.PlannedLayer values; got {type(g).__name__}")
+                if len(g.members) != 6 or len(set(g.members)) != 6 or not all(0 <= i < L for i in g.members):
+                    raise InvalidInputError(f"a planned layer names six distinct layers of the table's {L}; got {g.members}")
+                if not (math.isfinite(g.share_s) and g.share_s >= 0):
+                    raise InvalidInputError(f"a planned layer's share must be finite and >= 0 seconds; got {g.share_s!r}")
+        if pairs or planned:
             mask = np.array([[f in FUSED_FORMATS for f in row] for row in self.formats], dtype=bool)
         object.__setattr__(self, "_fusable", mask)
 
@@ -259,10 +315,20 @@ class LatencyTable:
         """Time left for the prunable layers: ``T_dense_total / speedup - T_base``."""
         return self.dense_total_s / speedup - self.base_s
 
+    def planned_taken_back(self, levels: Sequence[int] | np.ndarray) -> float:
+        """Seconds credited to planned layers that the runtime does not save with each layer at its
+        column ``levels`` (:meth:`PlannedLayer.taken_back`)."""
+        if not self.planned:
+            return 0.0
+        f = self._fusable  # type: ignore[attr-defined]
+        return float(sum(g.taken_back([f[i, levels[i]] for i in g.members]) for g in self.planned))
+
     def predicted_time(self, levels: Sequence[int] | np.ndarray) -> float:
-        """Base plus each layer's time at its column, less what the fused pairs save."""
+        """Base plus each layer's time at its column, less what the fused pairs save (and what the
+        planned layers save, where all their layers fuse)."""
         lv = np.asarray(levels, dtype=np.int64)
-        return self.base_s + float(self.times[np.arange(len(self.layers)), lv].sum()) - self.fused_saving(lv)
+        return (self.base_s + float(self.times[np.arange(len(self.layers)), lv].sum()) - self.fused_saving(lv)
+                + self.planned_taken_back(lv))
 
     def fastest_total_s(self) -> float:
         """Predicted time with every layer (every fused pair) at its fastest available choice."""

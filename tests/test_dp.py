@@ -461,3 +461,36 @@ def test_fused_pairs_in_the_table() -> None:
         LatencyTable(("up", "down", "other"), spdy_grid(2), times, 0.0, formats=formats, fused=(FusedPair(0, 1, -1.0),))
     back = FusedPair.from_json(table.fused[0].to_json(table.layers), table.layers)
     assert back == table.fused[0]
+
+
+def test_planned_layers_in_the_table() -> None:
+    # one transformer layer: query, key, value, attention output, up and down projections; the
+    # times already hold the planned layer's credits (2 s a group: the pair's saving holds its own)
+    from spdy.types import FusedPair, PlannedLayer
+
+    names = ("q", "k", "v", "o", "up", "down")
+    fused = ("dense", "csr", "bcsr4x1")
+    formats = tuple(fused for _ in names)
+    times = np.array([[10.0, 4.0, 3.0]] * 6)
+    share = 2.0
+    table = LatencyTable(names, spdy_grid(2), times, 1.0, formats=formats, fused=(FusedPair(4, 5, 3.0 + share),),
+                         planned=(PlannedLayer((0, 1, 2, 3, 4, 5), share),))
+    # every projection fuses: the credits stand
+    assert table.predicted_time([1] * 6) == 1 + 6 * 4 - (3 + share)
+    # the query dense: no plan, so its credits come back (the key's and value's thirds, the output's
+    # share, the pair's share)
+    assert table.predicted_time([0, 1, 1, 1, 1, 1]) == pytest.approx(1 + 10 + 5 * 4 - (3 + share) + share * (2 / 3 + 1 + 1))
+    # the feed-forward dense: the pair neither saves nor was credited
+    assert table.predicted_time([1, 1, 1, 1, 0, 0]) == pytest.approx(1 + 4 * 4 + 20 + share * (1 + 1))
+    assert table.planned_taken_back(np.zeros(6, dtype=np.int64)) == 0.0
+    g = table.planned[0]
+    assert g.taken_back([True] * 6) == 0.0 and g.taken_back([False] * 6) == 0.0
+    assert PlannedLayer.from_json(g.to_json(names), names) == g
+    with pytest.raises(InvalidInputError, match="need the table's formats"):
+        LatencyTable(names, spdy_grid(2), times, 0.0, planned=(g,))
+    with pytest.raises(InvalidInputError, match="six distinct layers"):
+        LatencyTable(names, spdy_grid(2), times, 0.0, formats=formats, planned=(PlannedLayer((0, 0, 1, 2, 3, 4), 1.0),))
+    with pytest.raises(InvalidInputError, match="finite and >= 0"):
+        LatencyTable(names, spdy_grid(2), times, 0.0, formats=formats, planned=(PlannedLayer((0, 1, 2, 3, 4, 5), -1.0),))
+    with pytest.raises(InvalidInputError, match="six layers of the table"):
+        PlannedLayer.from_json({"members": ["q", "k"], "share_s": 1.0}, names)

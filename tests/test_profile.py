@@ -87,3 +87,21 @@ def test_the_profiles_formats_are_its_tables() -> None:
     sol = prof.table.solution([0, 1, 2])
     assert sol.formats == ("dense", "dense", "csr")
     assert choice_table(prof) is prof.table  # no patterns: the profile's own table
+
+
+def test_a_profile_with_planned_layers_round_trips(tmp_path) -> None:
+    from spdy.grid import spdy_grid
+    from spdy.types import FusedPair, LatencyTable, PlannedLayer
+
+    names = ("q", "k", "v", "o", "up", "down")
+    formats = tuple(("dense", "csr", "bcsr4x1") for _ in names)
+    table = LatencyTable(names, spdy_grid(2), np.array([[10.0, 4.0, 3.0]] * 6), 1.0, formats=formats,
+                         fused=(FusedPair(4, 5, 5.0),), planned=(PlannedLayer((0, 1, 2, 3, 4, 5), 2.0),))
+    path = tmp_path / "p.json"
+    save_profile(Profile(table, formats=formats), path)
+    assert json.loads(path.read_text())["planned_layers"] == [{"members": list(names), "share_s": 2.0}]
+    back = load_profile(path).table
+    assert back.planned == table.planned and back.fused == table.fused
+    for lv in ([1] * 6, [0, 1, 1, 1, 1, 1], [2, 2, 2, 1, 0, 0]):
+        assert back.predicted_time(lv) == pytest.approx(table.predicted_time(lv))
+    assert choice_table(load_profile(path)).planned == table.planned

@@ -117,6 +117,13 @@ def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
     assert epi["epilogues"] == 2 and len(epi["fused_s"]) == len(epi["alone_s"]) >= 1 and epi["saving_s"] >= 0
     rec = prof.settings["fused_pairs"]
     assert rec["pairs"] == 2 and len(rec["fused_s"]) == len(rec["alone_s"]) >= 1
+    # the two layers planned apart; a third of what a plan saves added to each group's saving
+    plan = prof.settings["planned_layers"]
+    assert plan["planned layers"] == 2 and len(plan["fused_s"]) == len(plan["alone_s"]) >= 1
+    share = plan.get("share_per_group_s", 0.0)
+    credited = plan["saving_s"] > 0 and rec["saving_s"] > 0
+    assert share == (pytest.approx(plan["saving_s"] / 3) if credited else 0.0)
+    assert [g.members for g in prof.table.planned] == ([tuple(range(6 * k, 6 * k + 6)) for k in (0, 1)] if credited else [])
     names = prof.table.layers
     pairs = [(names[p.first], names[p.second]) for p in prof.table.fused]
     if rec["saving_s"] > 0:  # a pair that saved nothing on this machine is left out
@@ -124,7 +131,7 @@ def test_profiles_of_a_bert_encoder_count_the_fused_feed_forwards(tmp_path):
         top = np.full(len(names), 2)
         both = sum(prof.table.fusable[p.first, 2] and prof.table.fusable[p.second, 2] for p in prof.table.fused)
         plain = prof.table.base_s + prof.table.times[np.arange(len(names)), top].sum()
-        assert prof.table.predicted_time(top) == pytest.approx(plain - both * rec["saving_s"])
+        assert prof.table.predicted_time(top) == pytest.approx(plain - both * (rec["saving_s"] + share))
     save_profile(prof, tmp_path / "p.json")
     back = load_profile(tmp_path / "p.json")
     assert back.table.fused == prof.table.fused
