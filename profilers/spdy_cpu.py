@@ -293,7 +293,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
 
         return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
                 "depthwise": "torch", "ffn": "torch", "qkv": "torch", "attention_output": "torch", "conv_epilogue": "torch",
-                "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
+                "encoder_plan": "torch", "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
         import torch
