@@ -832,10 +832,7 @@ class _FitRounds:
                 F[0] -= each * sum(all(fm[i] in FUSED_FORMATS for i in g) for g in members)
             # a planned layer's shares came off with its groups above (a triple's only where all three
             # fuse); where its six projections do not all fuse, they come back
-            for g in planned:
-                q, k, v, o, up, down = (fm[i] in FUSED_FORMATS for i in g.members)
-                if not (q and k and v and o and up and down):
-                    F[0] += g.share_s * ((q and k and v) + o + (up and down))
+            F[0] += sum(g.taken_back([fm[i] in FUSED_FORMATS for i in g.members], whole_triple=True) for g in planned)
             return F
 
         def at(levels: np.ndarray) -> np.ndarray:

@@ -147,13 +147,16 @@ class PlannedLayer:
     members: tuple[int, int, int, int, int, int]
     share_s: float
 
-    def taken_back(self, fuses: Sequence[bool]) -> float:
+    def taken_back(self, fuses: Sequence[bool], whole_triple: bool = False) -> float:
         """What the table credited this layer but the runtime does not save, given whether each of
-        the six ``members`` runs a format that fuses (in their order)."""
+        the six ``members`` runs a format that fuses (in their order). ``whole_triple``: the query,
+        key and value were credited the share together, only where all three fuse (the in-model
+        fit's count), not a third each."""
         q, k, v, o, up, down = (bool(f) for f in fuses)
         if q and k and v and o and up and down:
             return 0.0
-        return self.share_s * ((q + k + v) / 3 + o + (up and down))
+        qkv = float(q and k and v) if whole_triple else (q + k + v) / 3
+        return self.share_s * (qkv + o + (up and down))
 
     def to_json(self, layers: Sequence[str]) -> dict[str, Any]:
         return {"members": [layers[i] for i in self.members], "share_s": self.share_s}

@@ -485,6 +485,9 @@ def test_planned_layers_in_the_table() -> None:
     assert table.planned_taken_back(np.zeros(6, dtype=np.int64)) == 0.0
     g = table.planned[0]
     assert g.taken_back([True] * 6) == 0.0 and g.taken_back([False] * 6) == 0.0
+    # the in-model fit credits the query, key and value together, only where all three fuse
+    assert g.taken_back([False, True, True, True, True, True], whole_triple=True) == pytest.approx(share * 2)
+    assert g.taken_back([True, True, True, False, True, True], whole_triple=True) == pytest.approx(share * 2)
     assert PlannedLayer.from_json(g.to_json(names), names) == g
     with pytest.raises(InvalidInputError, match="need the table's formats"):
         LatencyTable(names, spdy_grid(2), times, 0.0, planned=(g,))

@@ -72,7 +72,6 @@ class EncoderPlan:
 
     def __init__(self, layers: Sequence[LayerKernels], batch: int, tokens: int, width: int, nthreads: int) -> None:
         self.layers = tuple(layers)
-        self.batch, self.tokens, self.width, self.nthreads = batch, tokens, width, nthreads
         rows = batch * tokens
         n = fused_threads(rows, nthreads)
         proj = max([sum(p.out_features for p in lk.qkv) for lk in self.layers if lk.qkv] or [0])
@@ -93,6 +92,7 @@ class EncoderPlan:
         self._out: list[tuple | None] = []
         self._ffn: list[tuple | None] = []
         Tkp = _attention.padded_keys(tokens)
+        works: dict[int, np.ndarray] = {}  # the attention's scratch, one per size, shared by the layers
         for i, lk in enumerate(self.layers):
             x, y = self.input_of(i), self.output_of(i)
             if lk.qkv is not None:
@@ -106,7 +106,10 @@ class EncoderPlan:
                 W, D, H = q.out_features, lk.head_dim, lk.heads
                 O = q.out_features + k.out_features + v.out_features
                 n_att = max(1, min(nthreads, batch * H))
-                work = aligned_empty(n_att * (2 * D + 4) * Tkp)
+                size = n_att * (2 * D + 4) * Tkp
+                work = works.get(size)
+                if work is None:
+                    work = works[size] = aligned_empty(size)
                 bs, ts = tokens * O, O
                 self._attention.append((
                     (self.projections, 0, bs, ts, self.projections, W, bs, ts, self.projections,
@@ -135,11 +138,11 @@ class EncoderPlan:
 
     def input_of(self, i: int) -> np.ndarray:
         """The buffer layer ``i`` reads its input from (the previous layer's output)."""
-        return self._hidden[i % 2][: self.batch * self.tokens * self.width]
+        return self._hidden[i % 2]
 
     def output_of(self, i: int) -> np.ndarray:
         """The buffer layer ``i`` writes its output to."""
-        return self._hidden[(i + 1) % 2][: self.batch * self.tokens * self.width]
+        return self._hidden[(i + 1) % 2]
 
     def attention(self, i: int, bias: np.ndarray | None) -> None:
         """Layer ``i``'s projections and attention: :meth:`input_of` -> :attr:`attention_out`.
