@@ -84,8 +84,10 @@ FIT_SEED_OFFSET = 10_000
 #: encoder runs its fused parts from a plan of their kernel calls made once per input shape
 #: (:class:`spdy.kernels.encoder.EncoderPlan`), where all its parts are fused; the groups' savings
 #: are measured layer by layer and the plan's saving apart (a third of it added to each group's), and
-#: the attention copies each head's values side by side before ``P V``.
-LATENCY_MODEL_VERSION = 16
+#: the attention copies each head's values side by side before ``P V``. 17: a planned layer whose
+#: parts all fuse passes its activations on in the kernels' tile layout, the attention included
+#: (:meth:`spdy.kernels.encoder.EncoderPlan.tiled_layer`), which the plan's saving takes in.
+LATENCY_MODEL_VERSION = 17
 #: Uniformly pruned models timed with the base and the unpruned model (the nearest grid levels).
 ANCHOR_SPARSITIES = (0.7, 0.95)
 #: Grid levels (the nearest) at which every competitive format is probed with the anchor, besides

@@ -37,14 +37,15 @@ from spdy.profilers.torch_backends import StandIn, TorchRuntimeBackend, dense_mo
 from spdy.types import LayerSpec
 
 BASE = {"attention": "spdy", "gelu": "spdy", "encoder": "spdy", "depthwise": "spdy", "ffn": "fused", "qkv": "fused",
-        "attention_output": "fused", "conv_epilogue": "fused", "encoder_plan": "planned"}
+        "attention_output": "fused", "conv_epilogue": "fused", "encoder_plan": "planned", "encoder_tiles": "tiled"}
 """What the spdy-cpu fingerprint records of the part of a model around its pruned layers: Hugging
 Face models' attention, exact GELUs and depthwise convolutions (with the zero pad before and the
 ReLU/ReLU6 after each, where they chain) run on spdy's kernels, and a BERT encoder's forward
 without transformers' wrappers, its feed-forward fused where both projections are sparse and its
 query, key and value projections one call where all three are, and the residual and LayerNorm after
 its attention in the output projection's epilogue where that is sparse, those fused parts run from a
-plan of their kernel calls (:class:`spdy.runtime.EncoderForward`)
+plan of their kernel calls (:class:`spdy.runtime.EncoderForward`), on the kernels' tile layout where
+all of a layer's parts fuse
 (:func:`spdy.runtime.fast_base`, :func:`spdy.runtime.ffn_pairs`, :func:`spdy.runtime.qkv_triples`,
 :func:`spdy.runtime.out_singles`), and each convolution applies the residual add and the activation
 that alone read its output as it writes it (:func:`spdy.runtime.fuse_conv_epilogues`)
@@ -293,7 +294,7 @@ class SpdyCompiledBackend(SpdyCpuBackend):
 
         return {**super().runtime_fingerprint(), "attention": "spdy", "gelu": "torch", "encoder": "torch",
                 "depthwise": "torch", "ffn": "torch", "qkv": "torch", "attention_output": "torch", "conv_epilogue": "torch",
-                "encoder_plan": "torch", "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
+                "encoder_plan": "torch", "encoder_tiles": "torch", "compiled": "torch.compile inductor, static shapes", "inductor_cpp_threads": inductor_config.cpp.threads}
 
     def layer_runner(self, spec: LayerSpec, choice: LayerChoice, x: np.ndarray | None = None) -> Runner:
         import torch

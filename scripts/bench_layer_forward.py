@@ -12,12 +12,15 @@ the hardware fingerprint. ``--against qkv-off`` compares, in this tree, the quer
 projections run as one call with the same model running them one by one; ``--against out-off`` the
 attention output projection with the residual and the LayerNorm in its epilogue with the same model
 running them one by one; ``--against plan-off`` the encoder run from a plan of its fused parts' kernel
-calls with the same model run layer by layer through ``_bert_layer``.
+calls with the same model run layer by layer through ``_bert_layer``; ``--against tiles-off`` the
+planned layers passing their activations on in the kernels' tile layout with the same plan run from
+and to rows of tokens around every part.
 
     python scripts/bench_layer_forward.py --result 3x=out/3x --result 2x=out/2x --against HEAD~1 --rounds 21
     python scripts/bench_layer_forward.py --result 3x=out/3x --against qkv-off
     python scripts/bench_layer_forward.py --result 2.5x=out/25 --against out-off
     python scripts/bench_layer_forward.py --result 2.5x=out/25 --against plan-off
+    python scripts/bench_layer_forward.py --result 2.5x=out/25 --against tiles-off
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from spdy.models.minilm import load_encoder, load_minilm  # noqa: E402
 #: ``--against`` these: a fusion of this tree turned off in the same model (the query, key and value
 #: projections one by one instead of as one call; the attention output's residual and LayerNorm
 #: after its projection instead of in its epilogue)
-SWITCHES = {"qkv-off": runtime.set_qkv_fusion, "out-off": runtime.set_out_fusion, "plan-off": runtime.set_encoder_plan}
+SWITCHES = {"qkv-off": runtime.set_qkv_fusion, "out-off": runtime.set_out_fusion, "plan-off": runtime.set_encoder_plan,
+            "tiles-off": runtime.set_encoder_tiles}
 #: the functions of the layer forward, by file
 FUNCTIONS = {"spdy/runtime.py": ("_bert_layer", "_self_attention", "_layer_norm", "_fusable_ffn", "_fusable_qkv",
                                    "_qkv_modules_fusable", "_ffn_modules_fusable", "_fusable_out", "_children"),
@@ -134,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                          "'out-off': the attention output's residual and LayerNorm run after its projection "
                          "(spdy.runtime.set_out_fusion) instead of in its epilogue, or 'plan-off': the encoder "
                          "layer by layer (spdy.runtime.set_encoder_plan) instead of from a plan of its fused "
-                         "parts' kernel calls. Against a revision both arms run layer by layer, the plan off.")
+                         "parts' kernel calls, or 'tiles-off': the plan's layers from and to rows of tokens "
+                         "around every part (spdy.runtime.set_encoder_tiles) instead of on the tile layout. "
+                         "Against a revision both arms run layer by layer, the plan off.")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--json")

@@ -827,6 +827,13 @@ def set_encoder_plan(model: nn.Module, enabled: bool) -> int:
     return _set_encoders(model, "planned", enabled)
 
 
+def set_encoder_tiles(model: nn.Module, enabled: bool) -> int:
+    """Run the layers whose parts all fuse on the kernels' tile layout (on by default; see
+    :class:`EncoderForward`) or, off, each part from and to rows of tokens; returns how many
+    encoders it set."""
+    return _set_encoders(model, "tiled", enabled)
+
+
 def set_ffn_fusion(model: nn.Module, enabled: bool) -> int:
     """Turn the fused feed-forward of every switched encoder in ``model`` on or off (it is on by
     default); returns how many encoders it set. Off, each projection runs on its own, as a profile
@@ -865,7 +872,10 @@ class EncoderForward:
     (:class:`spdy.kernels.encoder.EncoderPlan`, unless ``planned`` is False: :func:`set_encoder_plan`):
     the fused parts' kernel calls with their arguments and buffers made once per input shape and
     thread count, kept per calling thread, and made again when a module, weight or switch it was
-    made from changes. The other parts run their modules as above.
+    made from changes. The other parts run their modules as above. Layers whose parts all fuse pass
+    their activations on in the kernels' tile layout, the attention included, unless ``tiled`` is
+    False (:func:`set_encoder_tiles`); a run of such layers puts the hidden state into tiles once
+    and takes it out once.
     Any other call runs the model's own forward.
     """
 
@@ -873,12 +883,13 @@ class EncoderForward:
     PLANS = 2
 
     def __init__(self, model: nn.Module, fuse_ffn: bool = True, fuse_qkv: bool = True, fuse_out: bool = True,
-                 planned: bool = True) -> None:
+                 planned: bool = True, tiled: bool = True) -> None:
         self.model = model
         self.fuse_ffn = fuse_ffn
         self.fuse_qkv = fuse_qkv
         self.fuse_out = fuse_out
         self.planned = planned
+        self.tiled = tiled
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -926,14 +937,15 @@ class EncoderForward:
         if local is None:
             local = self._local = threading.local()
         plans = local.__dict__.setdefault("plans", {})
-        key = (B, T, W, get_num_threads(), switches)
+        tiled = bool(getattr(self, "tiled", True))
+        key = (B, T, W, get_num_threads(), switches, tiled)
         got = plans.get(key)
         if got is not None and all(d.get(k) is o for d, k, o in got[1]):
             return got[0]
         plans.pop(key, None)
         while len(plans) >= self.PLANS:
             plans.pop(next(iter(plans)))
-        got = plans[key] = _make_plan(self.model, B, T, W, key[3], switches)
+        got = plans[key] = _make_plan(self.model, B, T, W, key[3], switches, tiled)
         return got[0]
 
 
@@ -983,10 +995,10 @@ def _layer_kernels(layer: nn.Module, width: int, switches: tuple[bool, bool, boo
     return LayerKernels(qkv, H, D, float(sa.scaling), out_part, ffn), deps
 
 
-def _make_plan(m: nn.Module, B: int, T: int, W: int, nthreads: int, switches: tuple[bool, bool, bool]
-               ) -> tuple[EncoderPlan | None, list[_Dep]]:
+def _make_plan(m: nn.Module, B: int, T: int, W: int, nthreads: int, switches: tuple[bool, bool, bool],
+               tiled: bool = True) -> tuple[EncoderPlan | None, list[_Dep]]:
     """The plan of encoder ``m`` for ``B`` sequences of ``T`` tokens ``W`` wide (None where no
-    layer has a fused part), and what it depends on."""
+    layer has a fused part; ``tiled``: see :class:`EncoderPlan`), and what it depends on."""
     layers = m.encoder.layer
     n = len(layers)
     deps = [_holds(m, "encoder"), _holds(m.encoder, "layer"), (layers._modules, str(n), None)]
@@ -998,7 +1010,7 @@ def _make_plan(m: nn.Module, B: int, T: int, W: int, nthreads: int, switches: tu
         deps += d
     if not any(lk.any for lk in parts):
         return None, deps
-    return EncoderPlan(parts, B, T, W, nthreads), deps
+    return EncoderPlan(parts, B, T, W, nthreads, tiled=tiled), deps
 
 
 def _run_plan(plan: EncoderPlan, layers: Sequence[nn.Module], x: torch.Tensor, keep: torch.Tensor | None,
@@ -1007,7 +1019,19 @@ def _run_plan(plan: EncoderPlan, layers: Sequence[nn.Module], x: torch.Tensor, k
     the plan's buffers, each other part its modules (a layer without fused parts: :func:`_bert_layer`)."""
     B, T, W = x.shape
     torch.from_numpy(plan.input_of(0)).copy_(x.reshape(-1))
+    # each key's score (the mask is the same for every query): what the tiled attention takes
+    key_bias = None if bias is None or not plan.tiled else np.ascontiguousarray(bias.reshape(B, T, -1)[:, 0]).reshape(-1)
+    in_tiles = False
     for i, (lk, layer) in enumerate(zip(plan.layers, layers)):
+        if plan.tiles_layer(i):
+            if not in_tiles:
+                plan.pack_input(i)
+                in_tiles = True
+            plan.tiled_layer(i, key_bias)
+            continue
+        if in_tiles:
+            plan.unpack_output(i - 1)
+            in_tiles = False
         if not lk.any:
             y = _bert_layer(layer, torch.from_numpy(plan.input_of(i)).view(B, T, W), keep, bias, *switches)
             torch.from_numpy(plan.output_of(i)).copy_(y.reshape(-1))
@@ -1041,6 +1065,8 @@ def _run_plan(plan: EncoderPlan, layers: Sequence[nn.Module], x: torch.Tensor, k
             up, act = _children(inter, "dense", "intermediate_act_fn")
             down, ln = _children(out, "dense", "LayerNorm")
             torch.from_numpy(plan.output_of(i)).copy_(ln(down(act(up(h))) + h).reshape(-1))
+    if in_tiles:
+        plan.unpack_output(len(plan.layers) - 1)
     return torch.from_numpy(plan.output_of(len(plan.layers) - 1).copy()).view(B, T, W)
 
 

@@ -244,3 +244,301 @@ def attention_forward(q, qoff, qbs, qs, k, koff, kbs, ks, v, voff, vbs, vs, B, H
             _head(q, qoff + b * qbs + h * D, qs, k, koff + b * kbs + h * D, ks, v, voff + b * vbs + h * D, vs,
                   Tq, Tk, D, scale, bias, b * Tq * Tkp, has_bias, work, kt, work, kt + D * Tkp,
                   work, kt + (D + 4) * Tkp, out, (b * Tq * H + h) * D, H * D)
+
+
+# ----------------------------------------------------------------------------
+# the attention on the token-tile layout of the sparse kernels
+# ----------------------------------------------------------------------------
+#
+# In the tile layout (:mod:`spdy.kernels._spmm`) a sequence's tokens go in tiles of 64 (the
+# last one 16, 32 or 64 wide, padded); tile ``(b, t0)`` of a C-channel activation lies at
+# ``C * (b * Tpad + t0)`` as a [C, Lt] block: channel-major, 16 tokens a vector. A head's
+# query rows of one tile are then already what the scores want (one vector holds one
+# channel of 16 queries), and its key and value rows are read one scalar at a time and
+# broadcast: no keys transposed, no values copied, and the softmax runs down the key axis
+# with every reduction vertical (16 queries at a time). The scores of one (sequence, head,
+# query tile) are a [Tpad, Lt] block: key-major, query lanes.
+
+
+@njit(**_INLINE)
+def _tile_scores4(X, qo, Lq, ko, Lk, D, S, so, scale, kb0, kb1, kb2, kb3):
+    """Scores of 64 queries (the tile at ``qo``, row stride ``Lq``) against four consecutive keys
+    (scalars at ``ko``, ``ko + 1``, ... of key rows ``Lk`` apart): ``S[so + r * Lq:]`` = scale x
+    q . k_r + kb_r."""
+    z = vbroadcast(0.0)
+    a0, a1, a2, a3, b0, b1, b2, b3 = z, z, z, z, z, z, z, z
+    c0, c1, c2, c3, e0, e1, e2, e3 = z, z, z, z, z, z, z, z
+    for d in range(D):
+        q = qo + d * Lq
+        x0, x1, x2, x3 = vload(X, q), vload(X, q + 16), vload(X, q + 32), vload(X, q + 48)
+        k = ko + d * Lk
+        w = vbroadcast(ld(X, k))
+        a0, a1, a2, a3 = vfma(a0, w, x0), vfma(a1, w, x1), vfma(a2, w, x2), vfma(a3, w, x3)
+        w = vbroadcast(ld(X, k + 1))
+        b0, b1, b2, b3 = vfma(b0, w, x0), vfma(b1, w, x1), vfma(b2, w, x2), vfma(b3, w, x3)
+        w = vbroadcast(ld(X, k + 2))
+        c0, c1, c2, c3 = vfma(c0, w, x0), vfma(c1, w, x1), vfma(c2, w, x2), vfma(c3, w, x3)
+        w = vbroadcast(ld(X, k + 3))
+        e0, e1, e2, e3 = vfma(e0, w, x0), vfma(e1, w, x1), vfma(e2, w, x2), vfma(e3, w, x3)
+    sc = vbroadcast(scale)
+    w = vbroadcast(kb0)
+    vstore(S, so, vfma(w, a0, sc))
+    vstore(S, so + 16, vfma(w, a1, sc))
+    vstore(S, so + 32, vfma(w, a2, sc))
+    vstore(S, so + 48, vfma(w, a3, sc))
+    s, w = so + Lq, vbroadcast(kb1)
+    vstore(S, s, vfma(w, b0, sc))
+    vstore(S, s + 16, vfma(w, b1, sc))
+    vstore(S, s + 32, vfma(w, b2, sc))
+    vstore(S, s + 48, vfma(w, b3, sc))
+    s, w = so + 2 * Lq, vbroadcast(kb2)
+    vstore(S, s, vfma(w, c0, sc))
+    vstore(S, s + 16, vfma(w, c1, sc))
+    vstore(S, s + 32, vfma(w, c2, sc))
+    vstore(S, s + 48, vfma(w, c3, sc))
+    s, w = so + 3 * Lq, vbroadcast(kb3)
+    vstore(S, s, vfma(w, e0, sc))
+    vstore(S, s + 16, vfma(w, e1, sc))
+    vstore(S, s + 32, vfma(w, e2, sc))
+    vstore(S, s + 48, vfma(w, e3, sc))
+
+
+@njit(**_INLINE)
+def _tile_scores1(X, qo, Lq, ko, Lk, D, S, so, scale, kb0, kb1, kb2, kb3):
+    """:func:`_tile_scores4` for 16 queries (one vector at ``qo``; scores at ``S[so + r * Lq:]``)."""
+    z = vbroadcast(0.0)
+    a0, b0, c0, e0 = z, z, z, z
+    for d in range(D):
+        x0 = vload(X, qo + d * Lq)
+        k = ko + d * Lk
+        a0 = vfma(a0, vbroadcast(ld(X, k)), x0)
+        b0 = vfma(b0, vbroadcast(ld(X, k + 1)), x0)
+        c0 = vfma(c0, vbroadcast(ld(X, k + 2)), x0)
+        e0 = vfma(e0, vbroadcast(ld(X, k + 3)), x0)
+    sc = vbroadcast(scale)
+    vstore(S, so, vfma(vbroadcast(kb0), a0, sc))
+    vstore(S, so + Lq, vfma(vbroadcast(kb1), b0, sc))
+    vstore(S, so + 2 * Lq, vfma(vbroadcast(kb2), c0, sc))
+    vstore(S, so + 3 * Lq, vfma(vbroadcast(kb3), e0, sc))
+
+
+@njit(**_INLINE)
+def _key_bias(bias, bo, has_bias, j, Tk):
+    """The additive score of key ``j``: the mask's, or 0; pad keys (``j >= Tk``) are never read."""
+    if j >= Tk:
+        return NEG
+    return ld(bias, bo + j) if has_bias else 0.0
+
+
+@njit(**_INLINE)
+def _lane_fix(tmp, m_off, t_off, inv, i0):
+    """Per lane of a 16-query vector, from its score maximum (``tmp[m_off:]``) and exp sum
+    (``tmp[t_off:]``): ``inv[i0 + l]`` = 1 / sum, or 0 where every key was masked."""
+    for l in range(16):
+        inv[i0 + l] = 0.0 if tmp[m_off + l] <= 0.5 * NEG else 1.0 / tmp[t_off + l]
+
+
+@njit(**_INLINE)
+def _tile_softmax(S, so, Lq, Tk, v0, tmp, inv):
+    """exp(score - max over keys) in place down the ``Tk`` key rows of the 16 query lanes at
+    column ``v0`` of the scores block; ``inv[v0:v0 + 16]`` = each query's 1 / sum (0 for a query
+    whose every key is masked)."""
+    m = vload(S, so + v0)
+    for j in range(1, Tk):
+        m = vmax(m, vload(S, so + j * Lq + v0))
+    vstore(tmp, 0, m)
+    for l in range(16):
+        tmp[16 + l] = 0.0 if tmp[l] <= 0.5 * NEG else -tmp[l]
+    sh = vload(tmp, 16)
+    t = vbroadcast(0.0)
+    for j in range(Tk):
+        e = vexp(vadd(vload(S, so + j * Lq + v0), sh))
+        vstore(S, so + j * Lq + v0, e)
+        t = vadd(t, e)
+    vstore(tmp, 32, t)
+    _lane_fix(tmp, 0, 32, inv, v0)
+
+
+@njit(**_INLINE)
+def _tile_softmax4(S, so, Lq, Tk, tmp, inv):
+    """:func:`_tile_softmax` for the 64 query lanes of a full tile, as four independent chains."""
+    m0, m1, m2, m3 = vload(S, so), vload(S, so + 16), vload(S, so + 32), vload(S, so + 48)
+    for j in range(1, Tk):
+        s = so + j * Lq
+        m0, m1 = vmax(m0, vload(S, s)), vmax(m1, vload(S, s + 16))
+        m2, m3 = vmax(m2, vload(S, s + 32)), vmax(m3, vload(S, s + 48))
+    vstore(tmp, 0, m0)
+    vstore(tmp, 16, m1)
+    vstore(tmp, 32, m2)
+    vstore(tmp, 48, m3)
+    for l in range(64):
+        tmp[64 + l] = 0.0 if tmp[l] <= 0.5 * NEG else -tmp[l]
+    n0, n1, n2, n3 = vload(tmp, 64), vload(tmp, 80), vload(tmp, 96), vload(tmp, 112)
+    z = vbroadcast(0.0)
+    t0, t1, t2, t3 = z, z, z, z
+    for j in range(Tk):
+        s = so + j * Lq
+        e0, e1 = vexp(vadd(vload(S, s), n0)), vexp(vadd(vload(S, s + 16), n1))
+        e2, e3 = vexp(vadd(vload(S, s + 32), n2)), vexp(vadd(vload(S, s + 48), n3))
+        vstore(S, s, e0)
+        vstore(S, s + 16, e1)
+        vstore(S, s + 32, e2)
+        vstore(S, s + 48, e3)
+        t0, t1, t2, t3 = vadd(t0, e0), vadd(t1, e1), vadd(t2, e2), vadd(t3, e3)
+    vstore(tmp, 64, t0)
+    vstore(tmp, 80, t1)
+    vstore(tmp, 96, t2)
+    vstore(tmp, 112, t3)
+    for v in range(4):
+        _lane_fix(tmp, 16 * v, 64 + 16 * v, inv, 16 * v)
+
+
+@njit(**_INLINE)
+def _tile_values4(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, out, oo, inv):
+    """Rows ``d0 .. d0 + 3`` of the head's output for 64 queries: sum over the ``T`` keys of
+    P[j] x V[d][j] (values at channel ``vbase`` of each key tile), times each query's ``inv``."""
+    z = vbroadcast(0.0)
+    a0, a1, a2, a3, b0, b1, b2, b3 = z, z, z, z, z, z, z, z
+    c0, c1, c2, c3, e0, e1, e2, e3 = z, z, z, z, z, z, z, z
+    t0 = 0
+    while t0 < T:
+        Lk = tile_width_keys(T, t0)
+        vo = O * (Tpad_row + t0) + (vbase + d0) * Lk
+        for jj in range(min(Lk, T - t0)):
+            s = so + (t0 + jj) * Lq
+            p0, p1, p2, p3 = vload(S, s), vload(S, s + 16), vload(S, s + 32), vload(S, s + 48)
+            w = vbroadcast(ld(X, vo + jj))
+            a0, a1, a2, a3 = vfma(a0, w, p0), vfma(a1, w, p1), vfma(a2, w, p2), vfma(a3, w, p3)
+            w = vbroadcast(ld(X, vo + Lk + jj))
+            b0, b1, b2, b3 = vfma(b0, w, p0), vfma(b1, w, p1), vfma(b2, w, p2), vfma(b3, w, p3)
+            w = vbroadcast(ld(X, vo + 2 * Lk + jj))
+            c0, c1, c2, c3 = vfma(c0, w, p0), vfma(c1, w, p1), vfma(c2, w, p2), vfma(c3, w, p3)
+            w = vbroadcast(ld(X, vo + 3 * Lk + jj))
+            e0, e1, e2, e3 = vfma(e0, w, p0), vfma(e1, w, p1), vfma(e2, w, p2), vfma(e3, w, p3)
+        t0 += Lk
+    i0, i1, i2, i3 = vload(inv, 0), vload(inv, 16), vload(inv, 32), vload(inv, 48)
+    o = oo + d0 * Lq
+    vstore(out, o, vmul(a0, i0))
+    vstore(out, o + 16, vmul(a1, i1))
+    vstore(out, o + 32, vmul(a2, i2))
+    vstore(out, o + 48, vmul(a3, i3))
+    o += Lq
+    vstore(out, o, vmul(b0, i0))
+    vstore(out, o + 16, vmul(b1, i1))
+    vstore(out, o + 32, vmul(b2, i2))
+    vstore(out, o + 48, vmul(b3, i3))
+    o += Lq
+    vstore(out, o, vmul(c0, i0))
+    vstore(out, o + 16, vmul(c1, i1))
+    vstore(out, o + 32, vmul(c2, i2))
+    vstore(out, o + 48, vmul(c3, i3))
+    o += Lq
+    vstore(out, o, vmul(e0, i0))
+    vstore(out, o + 16, vmul(e1, i1))
+    vstore(out, o + 32, vmul(e2, i2))
+    vstore(out, o + 48, vmul(e3, i3))
+
+
+@njit(**_INLINE)
+def _tile_values1(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, v0, out, oo, inv):
+    """:func:`_tile_values4` for the 16 queries at column ``v0``."""
+    z = vbroadcast(0.0)
+    a0, b0, c0, e0 = z, z, z, z
+    t0 = 0
+    while t0 < T:
+        Lk = tile_width_keys(T, t0)
+        vo = O * (Tpad_row + t0) + (vbase + d0) * Lk
+        for jj in range(min(Lk, T - t0)):
+            p = vload(S, so + (t0 + jj) * Lq + v0)
+            a0 = vfma(a0, vbroadcast(ld(X, vo + jj)), p)
+            b0 = vfma(b0, vbroadcast(ld(X, vo + Lk + jj)), p)
+            c0 = vfma(c0, vbroadcast(ld(X, vo + 2 * Lk + jj)), p)
+            e0 = vfma(e0, vbroadcast(ld(X, vo + 3 * Lk + jj)), p)
+        t0 += Lk
+    iv = vload(inv, v0)
+    o = oo + d0 * Lq + v0
+    vstore(out, o, vmul(a0, iv))
+    vstore(out, o + Lq, vmul(b0, iv))
+    vstore(out, o + 2 * Lq, vmul(c0, iv))
+    vstore(out, o + 3 * Lq, vmul(e0, iv))
+
+
+@njit(**_INLINE)
+def tile_width_keys(T, t0):
+    """Tokens in the tile that starts at ``t0`` (the sparse kernels' :func:`~spdy.kernels._spmm.tile_width`)."""
+    rem = T - t0
+    if rem > 32:
+        return 64
+    if rem > 16:
+        return 32
+    return 16
+
+
+@njit(**_JIT)
+def _tile_unit(X, O, W, T, Tpad, b, h, t0q, D, scale, bias, bo, has_bias, S, tmp, inv, out):
+    """One (sequence ``b``, head ``h``, query tile at ``t0q``) of :func:`attention_tiles`."""
+    Lq = tile_width_keys(T, t0q)
+    row = b * Tpad
+    qo = O * (row + t0q) + h * D * Lq
+    # scores, key-major: S[j * Lq + l] for every key of every key tile (pad keys too, never read)
+    t0 = 0
+    while t0 < T:
+        Lk = tile_width_keys(T, t0)
+        kbase = O * (row + t0) + (W + h * D) * Lk
+        for jj in range(0, Lk, 4):
+            j = t0 + jj
+            kb0 = _key_bias(bias, bo, has_bias, j, T)
+            kb1 = _key_bias(bias, bo, has_bias, j + 1, T)
+            kb2 = _key_bias(bias, bo, has_bias, j + 2, T)
+            kb3 = _key_bias(bias, bo, has_bias, j + 3, T)
+            if Lq == 64:
+                _tile_scores4(X, qo, Lq, kbase + jj, Lk, D, S, j * Lq, scale, kb0, kb1, kb2, kb3)
+            else:
+                for v0 in range(0, Lq, 16):
+                    _tile_scores1(X, qo + v0, Lq, kbase + jj, Lk, D, S, j * Lq + v0, scale, kb0, kb1, kb2, kb3)
+        t0 += Lk
+    if Lq == 64:
+        _tile_softmax4(S, 0, Lq, T, tmp, inv)
+    else:
+        for v0 in range(0, Lq, 16):
+            _tile_softmax(S, 0, Lq, T, v0, tmp, inv)
+    oo = W * (row + t0q) + h * D * Lq
+    for d0 in range(0, D, 4):
+        if Lq == 64:
+            _tile_values4(X, 2 * W + h * D, row, O, T, Lq, S, 0, D, d0, out, oo, inv)
+        else:
+            for v0 in range(0, Lq, 16):
+                _tile_values1(X, 2 * W + h * D, row, O, T, Lq, S, 0, D, d0, v0, out, oo, inv)
+
+
+@njit(parallel=True, **_JIT)
+def attention_tiles(X, B, T, Tpad, H, D, scale, bias, bstride, has_bias, work, out, nthreads):
+    """``out`` = softmax(Q K^T * scale + bias) V for every sequence and head, on the tile layout.
+
+    ``X``: the fused query, key and value projections in the tile layout ([3 H D, Lt] per
+    tile: the queries' ``H * D`` channels, then the keys', then the values'), ``B`` sequences of
+    ``T`` tokens, each padded to ``Tpad`` (:func:`spdy.kernels._spmm.padded_tokens`). ``out``: the
+    heads side by side, [H D, Lt] per tile. ``bias``: each key's additive score (``NEG`` where
+    masked) at ``b * bstride + j`` when ``has_bias``; the mask is the same for every query.
+    ``D`` a multiple of 4. ``work``: scratch of ``nthreads * (Tpad + 3) * 64`` floats, 64-byte
+    aligned. Threads take contiguous runs of (sequence, head, query tile) units; a query whose
+    every key is masked gets zeros.
+    """
+    W = H * D
+    O = 3 * W
+    tiles = (T + 63) // 64
+    units = B * H * tiles
+    per = (Tpad + 3) * 64
+    for c in prange(nthreads):
+        u0 = c * units // nthreads
+        u1 = (c + 1) * units // nthreads
+        base = c * per
+        S = work[base:base + Tpad * 64]
+        tmp = work[base + Tpad * 64:base + (Tpad + 2) * 64]
+        inv = work[base + (Tpad + 2) * 64:base + per]
+        for u in range(u0, u1):
+            b = u // (H * tiles)
+            r = u - b * H * tiles
+            h = r // tiles
+            t0q = (r - h * tiles) * 64
+            _tile_unit(X, O, W, T, Tpad, b, h, t0q, D, scale, bias, b * bstride, has_bias, S, tmp, inv, out)

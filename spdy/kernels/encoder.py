@@ -15,6 +15,14 @@ Buffers (flat fp32, 64-byte aligned): two hidden-state buffers that alternate fr
 (layer ``i`` reads :meth:`EncoderPlan.input_of` and writes :meth:`EncoderPlan.output_of`), the
 projections' output, the attention output and the attention block's output (the feed-forward's
 input), each [batch x tokens, width] as a [batch, tokens, width] tensor lays it out.
+
+A layer whose three parts all fuse can also run on the sparse kernels' tile layout
+(:meth:`EncoderPlan.tiled_layer`, where the plan is ``tiled``): every part reads and writes
+activations as the kernels compute them, in token tiles, so that consecutive such layers pass
+their hidden state on without packing it into tiles and unpacking it again around every part;
+the attention runs on the tiles too (:func:`spdy.kernels._attention.attention_tiles`). The
+hidden state goes into tiles before the first layer of a run of such layers
+(:meth:`EncoderPlan.pack_input`) and back into rows after its last (:meth:`EncoderPlan.unpack_output`).
 """
 
 from __future__ import annotations
@@ -67,11 +75,14 @@ class EncoderPlan:
 
     ``layers``: one :class:`LayerKernels` per layer; ``batch`` sequences of ``tokens`` tokens, a
     hidden state ``width`` wide (the input of every layer and the output of the attention output
-    projection and of the feed-forward); ``nthreads`` the threads the kernels use.
+    projection and of the feed-forward); ``nthreads`` the threads the kernels use. ``tiled``:
+    the layers whose parts all fuse also get their arguments for :meth:`tiled_layer`.
     """
 
-    def __init__(self, layers: Sequence[LayerKernels], batch: int, tokens: int, width: int, nthreads: int) -> None:
+    def __init__(self, layers: Sequence[LayerKernels], batch: int, tokens: int, width: int, nthreads: int,
+                 tiled: bool = True) -> None:
         self.layers = tuple(layers)
+        self.batch, self.tokens, self.width = batch, tokens, width
         rows = batch * tokens
         n = fused_threads(rows, nthreads)
         proj = max([sum(p.out_features for p in lk.qkv) for lk in self.layers if lk.qkv] or [0])
@@ -135,6 +146,92 @@ class EncoderPlan:
                                   b.blocked, down.bias, True, *norm_args(norm), XP, HP, YP, y, n))
             else:
                 self._ffn.append(None)
+        self._tiled: list[tuple | None] = [None] * len(self.layers)
+        self.tiled = bool(tiled) and any(self._tileable(lk) for lk in self.layers)
+        if self.tiled:
+            self._make_tiled(batch, tokens, width, nthreads)
+
+    @staticmethod
+    def _tileable(lk: LayerKernels) -> bool:
+        """Whether :meth:`tiled_layer` runs layer ``lk``: all parts fused, the query, key and value
+        projections one head width each."""
+        if not lk.all:
+            return False
+        q, k, v = lk.qkv  # type: ignore[misc]
+        return q.out_features == k.out_features == v.out_features == lk.heads * lk.head_dim
+
+    def _make_tiled(self, batch: int, tokens: int, width: int, nthreads: int) -> None:
+        Tpad = _spmm.padded_tokens_py(tokens)
+        self.padded_tokens = Tpad
+        rows = batch * Tpad
+        units = batch * (-(-tokens // _spmm.TILE))
+        n = max(1, min(nthreads, units))
+        self._tiles_n = n
+        tiled = [lk for lk in self.layers if self._tileable(lk)]
+        proj = max(3 * lk.heads * lk.head_dim for lk in tiled)
+        att = max(lk.heads * lk.head_dim for lk in tiled)
+        hidden = max(lk.ffn[0].out_features for lk in tiled)  # type: ignore[index]
+        self._hidden_tiles = (aligned_empty(rows * width), aligned_empty(rows * width))
+        proj_t, att_t, block_t = aligned_empty(rows * proj), aligned_empty(rows * att), aligned_empty(rows * width)
+        HP = aligned_empty(n * _spmm.TILE * hidden)
+        works: dict[int, np.ndarray] = {}
+        for i, lk in enumerate(self.layers):
+            if not self._tileable(lk):
+                continue
+            xt, yt = self._hidden_tiles[i % 2], self._hidden_tiles[(i + 1) % 2]
+            q, k, v = lk.qkv  # type: ignore[misc]
+            a, b, c = q.sparse, k.sparse, v.sparse
+            assert a is not None and b is not None and c is not None
+            qkv = (xt, batch, tokens, Tpad, width, q.out_features, k.out_features, v.out_features,
+                   a.ptr, a.n_panels, a.col, a.val, a.blocked, q.bias, b.ptr, b.n_panels, b.col, b.val, b.blocked,
+                   k.bias, c.ptr, c.n_panels, c.col, c.val, c.blocked, v.bias, proj_t, n)
+            H, D = lk.heads, lk.head_dim
+            n_att = max(1, min(nthreads, batch * H * (-(-tokens // _spmm.TILE))))
+            size = n_att * (Tpad + 3) * _spmm.TILE
+            work = works.get(size)
+            if work is None:
+                work = works[size] = aligned_empty(size)
+            att_args = ((proj_t, batch, tokens, Tpad, H, D, float(lk.scale)), (work, att_t, n_att))
+            p, norm = lk.out  # type: ignore[misc]
+            s = p.sparse
+            assert s is not None
+            out = (att_t, xt, batch, tokens, Tpad, p.in_features, p.out_features, s.ptr, s.n_panels, s.col, s.val,
+                   s.blocked, p.bias, *norm_args(norm), block_t, n)
+            up, down, norm = lk.ffn  # type: ignore[misc]
+            a, b = up.sparse, down.sparse
+            assert a is not None and b is not None
+            ffn = (block_t, batch, tokens, Tpad, up.in_features, up.out_features, down.out_features, a.ptr,
+                   a.n_panels, a.col, a.val, a.blocked, up.bias, b.ptr, b.n_panels, b.col, b.val, b.blocked,
+                   down.bias, True, *norm_args(norm), HP, yt, n)
+            self._tiled[i] = (qkv, att_args, out, ffn)
+
+    def tiles_layer(self, i: int) -> bool:
+        """Whether layer ``i`` runs as :meth:`tiled_layer`."""
+        return self._tiled[i] is not None
+
+    def pack_input(self, i: int) -> None:
+        """Layer ``i``'s input (:meth:`input_of`) into the tile layout it reads in :meth:`tiled_layer`."""
+        _spmm.pack_tiles(self.input_of(i), self.batch, self.tokens, self.padded_tokens, self.width,
+                         self._hidden_tiles[i % 2], self._tiles_n)
+
+    def unpack_output(self, i: int) -> None:
+        """Layer ``i``'s output from the tile layout :meth:`tiled_layer` wrote into :meth:`output_of`."""
+        _spmm.unpack_tiles(self._hidden_tiles[(i + 1) % 2], self.batch, self.tokens, self.padded_tokens,
+                           self.width, self.output_of(i), self._tiles_n)
+
+    def tiled_layer(self, i: int, key_bias: np.ndarray | None) -> None:
+        """Layer ``i`` (one of :meth:`tiles_layer`) on the tile layout: its input tiles (the previous
+        tiled layer's output, or :meth:`pack_input`) to its output tiles. ``key_bias``: each key's
+        additive score, [batch, keys] with a row stride of :func:`~spdy.kernels._attention.padded_keys`
+        (the mask is the same for every query), or None."""
+        qkv, (pre, post), out, ffn = self._tiled[i]  # type: ignore[misc]
+        _spmm.qkv_tiles(*qkv)
+        if key_bias is None:
+            _attention.attention_tiles(*pre, post[0][:16], 0, False, *post)
+        else:
+            _attention.attention_tiles(*pre, key_bias, _attention.padded_keys(self.tokens), True, *post)
+        _spmm.residual_tiles(*out)
+        _spmm.ffn_tiles(*ffn)
 
     def input_of(self, i: int) -> np.ndarray:
         """The buffer layer ``i`` reads its input from (the previous layer's output)."""

@@ -109,6 +109,72 @@ def test_plan_parts_match_float64_references(threads: int, fmt: str, shape: tupl
     close(plan.output_of(2), _ffn_ref(h2, layers[2][1]))
 
 
+def _layer_ref(x: np.ndarray, w: dict, keep: torch.Tensor | None, B: int, T: int) -> np.ndarray:
+    a = _attention_ref(x, w, keep, B, T)
+    return _ffn_ref(_block_ref(a, x.reshape(B * T, WIDTH), w), w)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bcsr4x1"])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 70), (3, 17), (1, 130)])
+def test_tiled_layers_match_float64_references(threads: int, fmt: str, shape: tuple[int, int]) -> None:
+    B, T = shape  # 130 tokens: tiles of 64, 64 and 16 queries and keys
+    layers = [_layer(0, fmt, "aof"), _layer(1, fmt, "aof"), _layer(2, fmt, "a")]
+    plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads)
+    assert plan.tiled and [plan.tiles_layer(i) for i in range(3)] == [True, True, False]
+    rng = np.random.default_rng(4)
+    keep = None
+    if B > 1:  # the last sequence padded after 11 tokens
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[-1, 11:] = False
+        keep = mask[:, None, None, :]
+    bias = mask_bias(keep, B, T, T)
+    key_bias = None if bias is None else np.ascontiguousarray(bias.reshape(B, T, -1)[:, 0]).reshape(-1)
+    x = rng.standard_normal(B * T * WIDTH).astype(np.float32)
+    plan.input_of(0)[:] = x
+    valid = np.ones(B * T, bool) if keep is None else keep[:, 0, 0, :].reshape(-1).numpy()
+
+    def close(got: np.ndarray, ref: np.ndarray) -> None:
+        got, ref = got.reshape(B * T, WIDTH)[valid], ref[valid]
+        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+    plan.pack_input(0)
+    plan.tiled_layer(0, key_bias)
+    plan.unpack_output(0)
+    y0 = _layer_ref(x, layers[0][1], keep, B, T)
+    close(plan.output_of(0), y0)
+    # layer 1 reads layer 0's output tiles as they are: nothing packed in between
+    plan.output_of(0)[:] = np.nan
+    plan.tiled_layer(1, key_bias)
+    plan.unpack_output(1)
+    close(plan.output_of(1), _layer_ref(y0.reshape(-1).astype(np.float32), layers[1][1], keep, B, T))
+
+
+def test_tiled_attention_gives_zeros_to_a_query_whose_every_key_is_masked() -> None:
+    from spdy.kernels import _attention, _spmm
+
+    B, T, H, D = 2, 20, 2, 32
+    Tpad = _spmm.padded_tokens_py(T)
+    rng = np.random.default_rng(5)
+    X = np.zeros(B * Tpad * 3 * H * D, np.float32)
+    X[:] = rng.standard_normal(X.size)
+    kb = np.zeros(B * 32, np.float32)
+    kb[32:] = _attention.NEG  # every key of the second sequence masked
+    work = np.zeros(2 * (Tpad + 3) * 64, np.float32)
+    out = np.full(B * Tpad * H * D, np.nan, np.float32)
+    _attention.attention_tiles(X, B, T, Tpad, H, D, 0.2, kb, 32, True, work, out, 2)
+    per = H * D * Tpad
+    assert np.isfinite(out[:per]).all() and np.abs(out[:per]).max() > 0
+    assert (out[per:] == 0).all()
+
+
+def test_a_plan_without_tiles_runs_every_part_from_rows() -> None:
+    lk, _ = _layer(0, "csr", "aof")
+    plan = EncoderPlan([lk, lk], 1, 40, WIDTH, 2, tiled=False)
+    assert not plan.tiled and not plan.tiles_layer(0) and not plan.tiles_layer(1)
+    part, _ = _layer(0, "csr", "af")
+    assert not EncoderPlan([part], 1, 40, WIDTH, 2).tiled  # no layer with every part fused
+
+
 def test_layer_kernels_say_which_parts_run_fused() -> None:
     full, _ = _layer(0, "csr", "aof")
     none, _ = _layer(0, "csr", "")
