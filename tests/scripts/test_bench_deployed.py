@@ -74,13 +74,17 @@ def test_dense_plan_computes_the_dense_model_with_every_layer_in_its_format(fmt,
     calls = []
     from spdy.kernels import _spmm
 
-    real = _spmm.ffn_forward  # called by the encoder's plan and by ffn_into alike
-    _spmm.ffn_forward = lambda *a: calls.append(1) or real(*a)  # counts calls, runs the kernel
+    # the fused feed-forward from rows (ffn_into, a partly fused layer) or on the tile layout (a
+    # layer whose parts all fuse): count both kernels, run them
+    real = {n: getattr(_spmm, n) for n in ("ffn_forward", "ffn_tiles")}
+    for n, f in real.items():
+        setattr(_spmm, n, lambda *a, f=f: calls.append(1) or f(*a))
     try:
         with torch.inference_mode():
             got = bundle.forward(plan, bundle.example)
     finally:
-        _spmm.ffn_forward = real
+        for n, f in real.items():
+            setattr(_spmm, n, f)
     assert len(calls) == fused
     with torch.inference_mode():
         torch.testing.assert_close(got, bundle.forward(bundle.model, bundle.example), atol=2e-5, rtol=1e-4)
