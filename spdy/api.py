@@ -187,7 +187,8 @@ def apply(
     ``batchnorm_folds``), the return value is a folded copy (:func:`spdy.fold.fold_batchnorm`)
     and ``model`` keeps its BatchNorm layers; otherwise, or with ``fold=False``, it is ``model``.
     With ``sparse=True`` the pruned layers of the returned model are also swapped for spdy's
-    sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer,
+    sparse CPU modules (:mod:`spdy.runtime`) in the kernel format the profile chose per layer
+    (unpruned layers too, where the profile chose one of spdy's kernels for them),
     so that it runs as fast as was measured, and a Hugging Face model's attention, the exact
     GELUs and the depthwise convolutions (with the pads and activations they absorbed) run on
     spdy's kernels, a BERT encoder without transformers' wrappers, and each convolution with the
@@ -231,9 +232,12 @@ def apply(
         kernels.set_num_threads(threads if threads is not None else kernels.threads.available_cores())
         kernels.retain_freed_memory()  # as the spdy-cpu profile was measured
         swaps: dict[str, nn.Module] = {}
-        for name, info in manifest["layers"].items():
+        # the pruned layers, then the unpruned ones that were timed in a kernel format of spdy's
+        # (older manifests do not record those: they stay torch's)
+        formats = {**{n: info.get("format", "auto") for n, info in manifest["layers"].items()},
+                   **{n: f for n, f in (manifest.get("unpruned_formats") or {}).items() if n not in manifest["layers"]}}
+        for name, fmt in formats.items():
             mod = get_module(model, name)
-            fmt = info.get("format", "auto")
             if fmt == "dense":
                 continue
             if isinstance(mod, nn.Linear):

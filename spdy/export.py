@@ -61,15 +61,23 @@ def _from_csr(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[i
 def save_pruned(model: nn.Module, layers: Mapping[str, dict[str, Any]], out_dir: str | os.PathLike[str],
                 meta: dict[str, Any] | None = None, buffers: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write the weights of ``layers`` (name -> {"sparsity", "level", ...}) from ``model`` to ``out_dir``,
-    and ``buffers`` (``<module>.<buffer>`` -> array, e.g. re-estimated BatchNorm statistics)."""
+    and ``buffers`` (``<module>.<buffer>`` -> array, e.g. re-estimated BatchNorm statistics).
+
+    Unpruned layers keep the model's own weights and are not stored; the manifest's
+    ``unpruned_formats`` records the kernel format each was timed in where that is not torch's
+    own (``"dense"``), e.g. spdy's blocked kernel on the full weight, which the runtime fuses with
+    its neighbours: ``spdy.apply(..., sparse=True)`` runs them so too."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
     tensors: dict[str, np.ndarray] = {f"buffer:{k}": np.ascontiguousarray(v) for k, v in (buffers or {}).items()}
     entries = {}
+    unpruned = {}
     for name, info in layers.items():
         w = get_module(model, name).weight.detach().cpu().numpy()
         if float(info.get("sparsity", 0.0)) == 0.0:
+            if info.get("format", "dense") != "dense":
+                unpruned[name] = str(info["format"])
             continue
         for k, v in _to_csr(w).items():
             tensors[f"{name}.{k}"] = v
@@ -79,7 +87,8 @@ def save_pruned(model: nn.Module, layers: Mapping[str, dict[str, Any]], out_dir:
         data = Path(f"{tmp}/w.safetensors").read_bytes()
         atomic_write_bytes(out / "weights.safetensors", data)
     atomic_write_json(out / "manifest.json", {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-                                              "layers": entries, "buffers": sorted(buffers or {}),
+                                              "layers": entries, "unpruned_formats": unpruned,
+                                              "buffers": sorted(buffers or {}),
                                               "weights_sha256": hashlib.sha256(data).hexdigest(), **(meta or {})})
     return out
 

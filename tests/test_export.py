@@ -89,3 +89,37 @@ def test_hardware_differences_name_the_machine_a_model_was_timed_on() -> None:
     other = dict(here, cpu_model="Some Other CPU", logical_cores=64)
     diffs = hardware_differences({"fingerprint": other}, here)
     assert len(diffs) == 2 and "Some Other CPU" in diffs[0] + diffs[1] and "64" in diffs[0] + diffs[1]
+
+
+def test_unpruned_layers_deploy_in_the_format_they_were_timed_in(tmp_path) -> None:
+    import spdy
+    from spdy import runtime
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
+    with torch.no_grad():
+        w = model[0].weight
+        w[w.abs() < w.abs().flatten().quantile(0.6)] = 0
+    layers = {"0": {"sparsity": 0.6, "level": 6, "format": "csr"},  # pruned: stored
+              "2": {"sparsity": 0.0, "level": 0, "format": "bcsr4x1"},  # unpruned, timed on spdy's kernel
+              "4": {"sparsity": 0.0, "level": 0, "format": "dense"}}  # unpruned, timed as torch's Linear
+    save_pruned(model, layers, tmp_path / "m")
+    weights, man = load_pruned(tmp_path / "m")
+    assert set(weights) == {"0"} and man["unpruned_formats"] == {"2": "bcsr4x1"}
+    deployed = spdy.apply(_copy(model), tmp_path / "m", sparse=True, threads=1)
+    assert runtime.layer_formats(deployed) == {"0": "csr", "2": "bcsr4x1"}
+    assert type(deployed[4]) is nn.Linear
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
+    # a manifest written before the formats of unpruned layers were recorded: those stay torch's
+    del man["unpruned_formats"]
+    (tmp_path / "m" / "manifest.json").write_text(__import__("json").dumps(man))
+    old = spdy.apply(_copy(model), tmp_path / "m", sparse=True, threads=1)
+    assert runtime.layer_formats(old) == {"0": "csr"}
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
