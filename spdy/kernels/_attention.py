@@ -32,6 +32,7 @@ from numba import njit, prange
 from spdy.kernels._simd import (
     hmax, hsum, ld, transpose16, vadd, vbroadcast, vexp, vfma, vload, vmax, vmul, vstore,
 )
+from spdy.kernels._spmm import tile_width
 
 NEG = -1.0e30
 """The score of a masked (query, key) pair."""
@@ -261,6 +262,16 @@ def attention_forward(q, qoff, qbs, qs, k, koff, kbs, ks, v, voff, vbs, vs, B, H
 
 
 @njit(**_INLINE)
+def _score_row(S, s, kb, x0, x1, x2, x3, sc):
+    """S[s:s + 64] = kb + sc x the four vectors x (one key's scores of 64 queries)."""
+    w = vbroadcast(kb)
+    vstore(S, s, vfma(w, x0, sc))
+    vstore(S, s + 16, vfma(w, x1, sc))
+    vstore(S, s + 32, vfma(w, x2, sc))
+    vstore(S, s + 48, vfma(w, x3, sc))
+
+
+@njit(**_INLINE)
 def _tile_scores4(X, qo, Lq, ko, Lk, D, S, so, scale, kb0, kb1, kb2, kb3):
     """Scores of 64 queries (the tile at ``qo``, row stride ``Lq``) against four consecutive keys
     (scalars at ``ko``, ``ko + 1``, ... of key rows ``Lk`` apart): ``S[so + r * Lq:]`` = scale x
@@ -281,26 +292,10 @@ def _tile_scores4(X, qo, Lq, ko, Lk, D, S, so, scale, kb0, kb1, kb2, kb3):
         w = vbroadcast(ld(X, k + 3))
         e0, e1, e2, e3 = vfma(e0, w, x0), vfma(e1, w, x1), vfma(e2, w, x2), vfma(e3, w, x3)
     sc = vbroadcast(scale)
-    w = vbroadcast(kb0)
-    vstore(S, so, vfma(w, a0, sc))
-    vstore(S, so + 16, vfma(w, a1, sc))
-    vstore(S, so + 32, vfma(w, a2, sc))
-    vstore(S, so + 48, vfma(w, a3, sc))
-    s, w = so + Lq, vbroadcast(kb1)
-    vstore(S, s, vfma(w, b0, sc))
-    vstore(S, s + 16, vfma(w, b1, sc))
-    vstore(S, s + 32, vfma(w, b2, sc))
-    vstore(S, s + 48, vfma(w, b3, sc))
-    s, w = so + 2 * Lq, vbroadcast(kb2)
-    vstore(S, s, vfma(w, c0, sc))
-    vstore(S, s + 16, vfma(w, c1, sc))
-    vstore(S, s + 32, vfma(w, c2, sc))
-    vstore(S, s + 48, vfma(w, c3, sc))
-    s, w = so + 3 * Lq, vbroadcast(kb3)
-    vstore(S, s, vfma(w, e0, sc))
-    vstore(S, s + 16, vfma(w, e1, sc))
-    vstore(S, s + 32, vfma(w, e2, sc))
-    vstore(S, s + 48, vfma(w, e3, sc))
+    _score_row(S, so, kb0, a0, a1, a2, a3, sc)
+    _score_row(S, so + Lq, kb1, b0, b1, b2, b3, sc)
+    _score_row(S, so + 2 * Lq, kb2, c0, c1, c2, c3, sc)
+    _score_row(S, so + 3 * Lq, kb3, e0, e1, e2, e3, sc)
 
 
 @njit(**_INLINE)
@@ -394,6 +389,15 @@ def _tile_softmax4(S, so, Lq, Tk, tmp, inv):
 
 
 @njit(**_INLINE)
+def _store_row(Y, o, x0, x1, x2, x3, m0, m1, m2, m3):
+    """Y[o:o + 64] = the four vectors x times m (lane-wise)."""
+    vstore(Y, o, vmul(x0, m0))
+    vstore(Y, o + 16, vmul(x1, m1))
+    vstore(Y, o + 32, vmul(x2, m2))
+    vstore(Y, o + 48, vmul(x3, m3))
+
+
+@njit(**_INLINE)
 def _tile_values4(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, out, oo, inv):
     """Rows ``d0 .. d0 + 3`` of the head's output for 64 queries: sum over the ``T`` keys of
     P[j] x V[d][j] (values at channel ``vbase`` of each key tile), times each query's ``inv``."""
@@ -402,7 +406,7 @@ def _tile_values4(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, out, oo, inv):
     c0, c1, c2, c3, e0, e1, e2, e3 = z, z, z, z, z, z, z, z
     t0 = 0
     while t0 < T:
-        Lk = tile_width_keys(T, t0)
+        Lk = tile_width(T, t0)
         vo = O * (Tpad_row + t0) + (vbase + d0) * Lk
         for jj in range(min(Lk, T - t0)):
             s = so + (t0 + jj) * Lq
@@ -418,25 +422,10 @@ def _tile_values4(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, out, oo, inv):
         t0 += Lk
     i0, i1, i2, i3 = vload(inv, 0), vload(inv, 16), vload(inv, 32), vload(inv, 48)
     o = oo + d0 * Lq
-    vstore(out, o, vmul(a0, i0))
-    vstore(out, o + 16, vmul(a1, i1))
-    vstore(out, o + 32, vmul(a2, i2))
-    vstore(out, o + 48, vmul(a3, i3))
-    o += Lq
-    vstore(out, o, vmul(b0, i0))
-    vstore(out, o + 16, vmul(b1, i1))
-    vstore(out, o + 32, vmul(b2, i2))
-    vstore(out, o + 48, vmul(b3, i3))
-    o += Lq
-    vstore(out, o, vmul(c0, i0))
-    vstore(out, o + 16, vmul(c1, i1))
-    vstore(out, o + 32, vmul(c2, i2))
-    vstore(out, o + 48, vmul(c3, i3))
-    o += Lq
-    vstore(out, o, vmul(e0, i0))
-    vstore(out, o + 16, vmul(e1, i1))
-    vstore(out, o + 32, vmul(e2, i2))
-    vstore(out, o + 48, vmul(e3, i3))
+    _store_row(out, o, a0, a1, a2, a3, i0, i1, i2, i3)
+    _store_row(out, o + Lq, b0, b1, b2, b3, i0, i1, i2, i3)
+    _store_row(out, o + 2 * Lq, c0, c1, c2, c3, i0, i1, i2, i3)
+    _store_row(out, o + 3 * Lq, e0, e1, e2, e3, i0, i1, i2, i3)
 
 
 @njit(**_INLINE)
@@ -446,7 +435,7 @@ def _tile_values1(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, v0, out, oo, inv):
     a0, b0, c0, e0 = z, z, z, z
     t0 = 0
     while t0 < T:
-        Lk = tile_width_keys(T, t0)
+        Lk = tile_width(T, t0)
         vo = O * (Tpad_row + t0) + (vbase + d0) * Lk
         for jj in range(min(Lk, T - t0)):
             p = vload(S, so + (t0 + jj) * Lq + v0)
@@ -463,27 +452,16 @@ def _tile_values1(X, vbase, Tpad_row, O, T, Lq, S, so, D, d0, v0, out, oo, inv):
     vstore(out, o + 3 * Lq, vmul(e0, iv))
 
 
-@njit(**_INLINE)
-def tile_width_keys(T, t0):
-    """Tokens in the tile that starts at ``t0`` (the sparse kernels' :func:`~spdy.kernels._spmm.tile_width`)."""
-    rem = T - t0
-    if rem > 32:
-        return 64
-    if rem > 16:
-        return 32
-    return 16
-
-
 @njit(**_JIT)
 def _tile_unit(X, O, W, T, Tpad, b, h, t0q, D, scale, bias, bo, has_bias, S, tmp, inv, out):
     """One (sequence ``b``, head ``h``, query tile at ``t0q``) of :func:`attention_tiles`."""
-    Lq = tile_width_keys(T, t0q)
+    Lq = tile_width(T, t0q)
     row = b * Tpad
     qo = O * (row + t0q) + h * D * Lq
     # scores, key-major: S[j * Lq + l] for every key of every key tile (pad keys too, never read)
     t0 = 0
     while t0 < T:
-        Lk = tile_width_keys(T, t0)
+        Lk = tile_width(T, t0)
         kbase = O * (row + t0) + (W + h * D) * Lk
         for jj in range(0, Lk, 4):
             j = t0 + jj

@@ -60,6 +60,26 @@ def _ffn_ref(h: np.ndarray, w: dict) -> np.ndarray:
     return torch.nn.functional.layer_norm(y, (WIDTH,), _t(g), _t(b), eps).numpy()
 
 
+def _padded(B: int, T: int) -> torch.Tensor | None:
+    """The keep mask of ``B`` sequences of ``T`` tokens, the last padded after 11; None for one sequence."""
+    if B == 1:
+        return None
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[-1, 11:] = False
+    return mask[:, None, None, :]
+
+
+def _close_on_valid(keep: torch.Tensor | None, B: int, T: int):
+    """An assertion that a [B * T, WIDTH] result matches a reference at the tokens ``keep`` keeps."""
+    valid = np.ones(B * T, bool) if keep is None else keep[:, 0, 0, :].reshape(-1).numpy()
+
+    def close(got: np.ndarray, ref: np.ndarray) -> None:
+        got, ref = got.reshape(B * T, WIDTH)[valid], ref[valid]
+        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+    return close
+
+
 @pytest.mark.parametrize("fmt", ["csr", "bcsr4x1"])
 @pytest.mark.parametrize("shape", [(1, 64), (2, 70), (3, 17)])
 def test_plan_parts_match_float64_references(threads: int, fmt: str, shape: tuple[int, int]) -> None:
@@ -67,19 +87,11 @@ def test_plan_parts_match_float64_references(threads: int, fmt: str, shape: tupl
     layers = [_layer(0, fmt, "aof"), _layer(1, fmt, "a"), _layer(2, fmt, "of")]
     plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads)
     rng = np.random.default_rng(3)
-    keep = None
-    if B > 1:  # the last sequence padded after 11 tokens
-        mask = torch.ones(B, T, dtype=torch.bool)
-        mask[-1, 11:] = False
-        keep = mask[:, None, None, :]
+    keep = _padded(B, T)
     bias = mask_bias(keep, B, T, T)
     x = rng.standard_normal(B * T * WIDTH).astype(np.float32)
     plan.input_of(0)[:] = x
-    valid = np.ones(B * T, bool) if keep is None else keep[:, 0, 0, :].reshape(-1).numpy()
-
-    def close(got: np.ndarray, ref: np.ndarray) -> None:
-        got, ref = got.reshape(B * T, WIDTH)[valid], ref[valid]
-        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    close = _close_on_valid(keep, B, T)
 
     # layer 0: every part
     w = layers[0][1]
@@ -122,20 +134,12 @@ def test_tiled_layers_match_float64_references(threads: int, fmt: str, shape: tu
     plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads)
     assert plan.tiled and [plan.tiles_layer(i) for i in range(3)] == [True, True, False]
     rng = np.random.default_rng(4)
-    keep = None
-    if B > 1:  # the last sequence padded after 11 tokens
-        mask = torch.ones(B, T, dtype=torch.bool)
-        mask[-1, 11:] = False
-        keep = mask[:, None, None, :]
+    keep = _padded(B, T)
     bias = mask_bias(keep, B, T, T)
     key_bias = None if bias is None else np.ascontiguousarray(bias.reshape(B, T, -1)[:, 0]).reshape(-1)
     x = rng.standard_normal(B * T * WIDTH).astype(np.float32)
     plan.input_of(0)[:] = x
-    valid = np.ones(B * T, bool) if keep is None else keep[:, 0, 0, :].reshape(-1).numpy()
-
-    def close(got: np.ndarray, ref: np.ndarray) -> None:
-        got, ref = got.reshape(B * T, WIDTH)[valid], ref[valid]
-        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    close = _close_on_valid(keep, B, T)
 
     plan.pack_input(0)
     plan.tiled_layer(0, key_bias)
