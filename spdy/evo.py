@@ -8,9 +8,10 @@ parameter budget:
 * **Seeds**: trial 0 evaluates the DP's answer under SPDY's prior with every coefficient
   1 (or the levels given as ``EvoConfig.init_levels``, e.g. Algorithm 4's best, fitted to
   the budget); trial 1 uniform sparsity, the lowest single level that meets the budget with
-  the time left over given to layers one level lighter (:func:`uniform_seed`). The better of
-  the two is the first parent, so the search starts no worse than the uniform rule at its
-  budget.
+  the time left over given to layers one level lighter (:func:`uniform_seed`); with the
+  layers' weights given (``magnitudes``), trial 2 global magnitude pruning, one threshold
+  across the layers (:func:`global_seed`), fitted the same way. The best of them is the
+  first parent, so the search starts no worse than either one-shot rule at its budget.
 * **Mutation** (:func:`mutate`): a child of the parent moves levels between layers:
   ``1 .. max_moves`` times, one layer is pruned ``1 .. max_step`` levels harder and
   another as many levels lighter. A child over the budget is fitted back with the DP
@@ -35,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,9 @@ log = logging.getLogger(__name__)
 
 #: how much more firmly :func:`fit_budget` holds the layers a mutation moved
 MOVED_WEIGHT = 4.0
-#: seed trials before the generations: the prior's (or given) levels, then uniform sparsity
-SEEDS = 2
+#: seed trials before the generations: the prior's (or given) levels, then uniform sparsity, then
+#: global magnitude pruning where the search has the layers' weights
+SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -161,14 +163,35 @@ def uniform_seed(table: LatencyTable, budget: float, rng: np.random.Generator,
     return fit_budget(np.asarray(levels, dtype=np.int64), table, budget, rng, buckets=buckets)
 
 
+def global_seed(table: LatencyTable, magnitudes: Mapping[str, np.ndarray], budget: float, rng: np.random.Generator,
+                buckets: int = dp.DEFAULT_BUCKETS) -> np.ndarray | None:
+    """Global magnitude pruning for ``budget`` seconds of layer time: one threshold across the
+    layers' ``magnitudes`` (:func:`spdy.baselines.global_magnitude`), then :func:`fit_budget`'s use
+    of the time left over; None when no threshold meets it."""
+    from spdy.baselines import global_magnitude
+
+    try:
+        levels = global_magnitude(table, magnitudes, table.dense_total_s / (table.base_s + budget)).levels
+    except InfeasibleBudgetError:
+        return None
+    return fit_budget(np.asarray(levels, dtype=np.int64), table, budget, rng, buckets=buckets)
+
+
 class EvoSearch(Search):
     """One worker of an evolutionary search (see the module docstring); the same study,
     storage, resume and result as :class:`~spdy.sensitivity.Search`."""
 
     def __init__(self, table: LatencyTable, objective: Objective, config: SearchConfig, *args: Any,
-                 evo: EvoConfig | None = None, **kwargs: Any) -> None:
+                 evo: EvoConfig | None = None, magnitudes: Mapping[str, np.ndarray] | None = None,
+                 **kwargs: Any) -> None:
+        """``magnitudes``: each layer's weight (any array of its shape whose absolute values rank
+        its weights), for the global-magnitude seed; without them that seed is not tried."""
         if not table.is_grid:
             raise InvalidInputError("--strategy evo searches grid levels; it does not take N:M pattern choices yet")
+        self.magnitudes = dict(magnitudes) if magnitudes is not None else None
+        self.n_seeds = SEEDS if self.magnitudes is not None else SEEDS - 1
+        if self.magnitudes is not None and kwargs.get("signature") is not None:  # seeded otherwise: another search
+            kwargs["signature"] = {**kwargs["signature"], "evo_seeds": self.n_seeds}
         super().__init__(table, objective, config, *args, **kwargs)
         self.evo = evo or EvoConfig()
         if self.evo.init_levels is not None and len(self.evo.init_levels) != self.L:
@@ -177,7 +200,7 @@ class EvoSearch(Search):
         self.n_batches: int | None = int(nb) if nb is not None else None
         self.gen_cost = self.evo.generation_cost(self.n_batches)
         evals = config.max_evals if config.max_evals is not None else self.schedule.total
-        seeds = min(SEEDS, max(1, int(evals)))
+        seeds = min(self.n_seeds, max(1, int(evals)))
         trials = seeds + max(0, int(math.floor((evals - seeds) / self.gen_cost + 1e-9)))
         self.schedule = dataclasses.replace(self.schedule, total=trials)
 
@@ -215,10 +238,14 @@ class EvoSearch(Search):
 
     # -- one generation ----------------------------------------------------------
     def _seed_levels(self, budget: float, which: int = 0) -> np.ndarray:
+        rng = np.random.default_rng([self.cfg.seed, 0xE70, which])
+        lv = None
         if which == 1:
-            lv = uniform_seed(self.table, budget, np.random.default_rng([self.cfg.seed, 0xE70, 1]), self.cfg.buckets)
-            if lv is not None:
-                return lv
+            lv = uniform_seed(self.table, budget, rng, self.cfg.buckets)
+        elif which == 2 and self.magnitudes is not None:
+            lv = global_seed(self.table, self.magnitudes, budget, rng, self.cfg.buckets)
+        if lv is not None:
+            return lv
         if self.evo.init_levels is not None:
             rng = np.random.default_rng([self.cfg.seed, 0xE70, 0])
             return fit_budget(np.array(self.evo.init_levels, dtype=np.int64), self.table, budget, rng,
@@ -258,9 +285,9 @@ class EvoSearch(Search):
     def _evaluate(self, number: int, trial: optuna.trial.BaseTrial | None) -> float | None:
         budget = self.budget
         parent, _ = self.best()
-        if number < SEEDS:
+        if number < self.n_seeds:
             levels, moves, cost = self._seed_levels(budget, number), 0, 1.0
-            phase = "seed" if number == 0 else "seed-uniform"
+            phase = ("seed", "seed-uniform", "seed-global")[number]
             loss = self.loss(levels)[0]
         else:
             if parent is None:  # another worker is still scoring the seed: it is the only parent there can be
@@ -316,7 +343,7 @@ class HybridSearch:
 
     def __init__(self, table: LatencyTable, objective: Objective, config: SearchConfig, storage: str | None = None,
                  study_name: str = "spdy", signature: dict[str, Any] | None = None,
-                 positions: np.ndarray | None = None) -> None:
+                 positions: np.ndarray | None = None, magnitudes: Mapping[str, np.ndarray] | None = None) -> None:
         from spdy.sensitivity import Schedule
 
         total = config.max_evals if config.max_evals is not None else \
@@ -326,6 +353,7 @@ class HybridSearch:
         self.table, self.objective, self.cfg = table, objective, config
         self.first_evals, self.rest_evals = total // 2, total - total // 2
         self._evo_args = (storage, f"{study_name}-evo", {**(signature or {}), "after": study_name}, positions)
+        self.magnitudes = magnitudes
         self.first = Search(table, objective, dataclasses.replace(config, strategy="spdy", max_evals=self.first_evals),
                             storage, study_name, signature, positions)
         self.second: EvoSearch | None = None
@@ -344,7 +372,7 @@ class HybridSearch:
         cfg = dataclasses.replace(self.cfg, strategy="evo", max_evals=self.rest_evals)
         evo = EvoSearch(self.table, self.objective, cfg, storage=storage, study_name=name, positions=positions,
                         signature={**signature, "init_levels": [int(x) for x in init]},
-                        evo=EvoConfig(init_levels=tuple(int(x) for x in init)))
+                        evo=EvoConfig(init_levels=tuple(int(x) for x in init)), magnitudes=self.magnitudes)
         evo._loss_cache = self.first._loss_cache  # the seed trial re-scores Algorithm 4's best from the cache
         return evo
 
@@ -374,6 +402,9 @@ class HybridSearch:
 
 def make_search(table: LatencyTable, objective: Objective, config: SearchConfig, **kwargs: Any) -> Any:
     """The search that runs ``config.effective_strategy``: :class:`EvoSearch`, :class:`HybridSearch` or
-    :class:`~spdy.sensitivity.Search` (Algorithm 4 and Optuna's samplers); ``kwargs`` go to it."""
+    :class:`~spdy.sensitivity.Search` (Algorithm 4 and Optuna's samplers); ``kwargs`` go to it
+    (``magnitudes``, the global-magnitude seed's weights, only to the evolutionary ones)."""
     cls = {"evo": EvoSearch, "spdy+evo": HybridSearch}.get(config.effective_strategy, Search)
+    if cls is Search:
+        kwargs.pop("magnitudes", None)
     return cls(table, objective, config, **kwargs)

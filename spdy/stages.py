@@ -400,7 +400,11 @@ def run_search(
                  "profile": _digest(table.times.round(12).tolist() + [table.base_s]),
                  "k": Schedule.for_config(len(table.layers), config).k, "delta": config.delta,
                  "buckets": config.buckets}
-    srch = make_search(table, objective, config, storage=storage, study_name=study_name, signature=signature)
+    # the layers' weights rank them for the evolutionary search's global-magnitude seed
+    model = prepared.bundle.model
+    magnitudes = {n: get_module(model, n).weight.detach().float().numpy() for n in table.layers} if table.is_grid else None
+    srch = make_search(table, objective, config, storage=storage, study_name=study_name, signature=signature,
+                       magnitudes=magnitudes)
     if correction and "latency_correction" not in srch.study.user_attrs:
         srch.study.set_user_attr("latency_correction", dict(correction))
     cb = (lambda d, t, best: progress("search", d, t, f"best loss {best:.4g}")) if progress else None

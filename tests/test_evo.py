@@ -328,3 +328,30 @@ def test_the_uniform_seed_meets_the_budget_and_the_search_starts_no_worse_than_u
     res = EvoSearch(table, SeparableObjective(errors), SearchConfig(speedup=1.6, max_evals=12, seed=1, strategy="evo")).run()
     assert res.history[1]["phase"] == "seed-uniform"
     assert res.loss <= float(errors[np.arange(8), u].sum())
+
+
+def test_the_global_seed_meets_the_budget_and_the_search_starts_no_worse_than_global_magnitude() -> None:
+    from spdy.baselines import global_magnitude
+    from spdy.evo import global_seed
+
+    table = _table(L=8, S=10, seed=6)
+    errors = _errors(table, 6)
+    rng = np.random.default_rng(7)
+    mags = {n: rng.standard_normal((16, 8 + 4 * i)).astype(np.float32) for i, n in enumerate(table.layers)}
+    budget = table.budget_for(1.6)
+    lv = global_seed(table, mags, budget, np.random.default_rng(0))
+    g = global_magnitude(table, mags, 1.6).levels
+    # global magnitude's levels, or lighter where the time left over allows: never harder, within the budget
+    assert layer_times(table, lv) <= budget * (1 + 1e-12) and (lv <= g).all()
+    assert global_seed(table, mags, table.budget_for(1e6), np.random.default_rng(0)) is None  # out of reach
+    cfg = SearchConfig(speedup=1.6, max_evals=12, seed=1, strategy="evo")
+    res = EvoSearch(table, SeparableObjective(errors), cfg, magnitudes=mags).run()
+    assert [h["phase"] for h in res.history[:4]] == ["seed", "seed-uniform", "seed-global", "evo"]
+    assert res.loss <= min(h["loss"] for h in res.history[:3])
+    # without the weights there is no global seed, and the study's signature says which it was
+    plain = EvoSearch(table, SeparableObjective(errors), cfg).run()
+    assert [h["phase"] for h in plain.history[:3]] == ["seed", "seed-uniform", "evo"]
+    signed = EvoSearch(table, SeparableObjective(errors), cfg, magnitudes=mags, signature={"model": "m"})
+    assert signed.study.user_attrs["signature"]["evo_seeds"] == 3
+    assert "evo_seeds" not in EvoSearch(table, SeparableObjective(errors), cfg, signature={"model": "m"}
+                                        ).study.user_attrs["signature"]
