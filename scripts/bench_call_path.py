@@ -11,8 +11,7 @@ order, in one process:
 * ``kernel``: ``spdy.kernels.linear.sparse_into`` on preallocated arrays, rows of tokens in and out
   (the floor of a layer called on its own: its input packed into token tiles, its output unpacked);
 * ``tiles``: the layer on activations kept in the kernels' tile layout, as an encoder plan runs a
-  layer whose parts all fuse: a third of one ``spdy.kernels._spmm.qkv_tiles`` call that runs it
-  three times (a self-attention's query, key and value), nothing packed or unpacked.
+  layer whose parts all fuse (``spdy.kernels._spmm.linear_tiles``), nothing packed or unpacked.
 
 Freed activation memory is kept in the process (:func:`spdy.kernels.retain_freed_memory`), as
 ``spdy.apply(..., sparse=True)`` and the profiler run; ``--no-retain`` leaves glibc's defaults, under
@@ -59,12 +58,12 @@ def paths(module: SparseLinear, x: torch.Tensor) -> dict[str, Callable[[], Any]]
     x2 = x.numpy().reshape(-1, p.in_features)
     y2 = np.empty((x2.shape[0], p.out_features), np.float32)
     return {"module": lambda: module(x), "fast": lambda: module._run(x), "checked": lambda: module._run_checked(x),
-            "kernel": lambda: sparse_into(x2, y2, p), "tiles3": tiles_call(p, x2)}
+            "kernel": lambda: sparse_into(x2, y2, p), "tiles": tiles_call(p, x2)}
 
 
 def tiles_call(p: Any, x2: np.ndarray) -> Callable[[], np.ndarray]:
-    """One ``qkv_tiles`` call running ``p`` three times on ``x2`` [tokens, in] packed into tiles once;
-    it returns the first of the three outputs as rows [tokens, out] (the unpacking not timed)."""
+    """``linear_tiles`` on ``x2`` [tokens, in] packed into tiles once; the runner's ``output()``
+    gives its result as rows [tokens, out] (the unpacking not timed)."""
     from spdy.kernels import _spmm
     from spdy.kernels._workspace import aligned_empty
     from spdy.kernels.ffn import fused_threads
@@ -72,20 +71,19 @@ def tiles_call(p: Any, x2: np.ndarray) -> Callable[[], np.ndarray]:
     s, tokens, O = p.sparse, x2.shape[0], p.out_features
     Tpad = _spmm.padded_tokens_py(tokens)
     n = fused_threads(tokens)
-    xt, yt = aligned_empty(Tpad * p.in_features), aligned_empty(Tpad * 3 * O)
+    xt, yt = aligned_empty(Tpad * p.in_features), aligned_empty(Tpad * O)
     _spmm.pack_tiles(np.ascontiguousarray(x2).reshape(-1), 1, tokens, Tpad, p.in_features, xt, n)
-    w = (s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias)
-    args = (xt, 1, tokens, Tpad, p.in_features, O, O, O, *w, *w, *w, yt, n)
+    args = (xt, 1, tokens, Tpad, p.in_features, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, yt, n)
 
     def run() -> None:
-        _spmm.qkv_tiles(*args)
+        _spmm.linear_tiles(*args)
 
-    def first_output() -> np.ndarray:
-        rows = np.empty(tokens * 3 * O, np.float32)
-        _spmm.unpack_tiles(yt, 1, tokens, Tpad, 3 * O, rows, n)
-        return rows.reshape(tokens, 3 * O)[:, :O]
+    def output() -> np.ndarray:
+        rows = np.empty(tokens * O, np.float32)
+        _spmm.unpack_tiles(yt, 1, tokens, Tpad, O, rows, n)
+        return rows.reshape(tokens, O)
 
-    run.first_output = first_output  # type: ignore[attr-defined]
+    run.output = output  # type: ignore[attr-defined]
     return run
 
 
@@ -107,7 +105,6 @@ def measure(out_f: int, in_f: int, sparsity: float, tokens: int, rounds: int, ca
             for k in (list(fns) if r % 2 else list(reversed(fns))):
                 got[k].append(per_call_us(fns[k], calls))
     ratio = np.array(got["fast"]) / np.array(got["checked"])
-    got["tiles"] = [t / 3 for t in got.pop("tiles3")]
     return {**{f"{k}_us": float(np.median(v)) for k, v in got.items()},
             "fast_over_checked": float(np.median(ratio)), "fast_over_checked_p10_p90": np.percentile(ratio, [10, 90]).tolist()}
 

@@ -6,7 +6,10 @@ and 512 tokens, and three ResNet-50 Conv2d shapes (batch 1). Levels: 0.4 ...
 Runtime MatMul / Conv), ``ort-sparse`` (``com.microsoft.SparseToDenseMatMul``,
 COO weight as a run-time input; Linear only), ``torch-csr`` (``to_sparse_csr``
 weight times the transposed input; convs via ``F.unfold``), ``spdy``
-(:mod:`spdy.kernels`, format ``auto``). 1 and 2 threads.
+(:mod:`spdy.kernels`, format ``auto``; rows of tokens in and out, as a layer called alone),
+``spdy-tiles`` (the same weight where ``auto`` picks a sparse format, as an encoder's planned layer
+runs it: ``spdy.kernels._spmm.linear_tiles`` on activations kept in the kernels' tile layout,
+nothing packed or unpacked; Linear only). 1 and 2 threads.
 
 Timing discipline: for every (shape, tokens, sparsity, threads) all methods run
 on the same pruned weight, alternating in rounds inside one process; each
@@ -57,7 +60,7 @@ CONV_SHAPES = [
 ]
 LEVELS = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
 QUICK_LEVELS = [0.7, 0.8, 0.9, 0.95]
-METHODS = ["torch-dense", "ort-dense", "ort-sparse", "torch-csr", "spdy"]
+METHODS = ["torch-dense", "ort-dense", "ort-sparse", "torch-csr", "spdy", "spdy-tiles"]
 PAUSE_S = 0.015  # > the idle spin of GOMP / ORT workers after a parallel region
 
 
@@ -167,7 +170,28 @@ def linear_methods(W: np.ndarray, x: np.ndarray, threads: int, skip: set[str]) -
     # correctness guard: every method computes the same product
     ref = x @ W.T
     np.testing.assert_allclose(K.linear(x, p), ref, atol=1e-3 * max(1, np.abs(ref).max()))
+    if p.sparse is not None:
+        fns["spdy-tiles"] = tiles_runner(p, x, threads, ref)
     return {k: fns[k] for k in METHODS if k in fns}, p.format
+
+
+def tiles_runner(p: Any, x: np.ndarray, threads: int, ref: np.ndarray) -> Callable[[], Any]:
+    """``linear_tiles`` on ``x`` packed into tiles once (checked against ``ref`` through one unpack)."""
+    from spdy.kernels import _spmm
+    from spdy.kernels._workspace import aligned_empty
+    from spdy.kernels.ffn import fused_threads
+
+    T, I = x.shape
+    O, s = p.out_features, p.sparse
+    Tpad, n = _spmm.padded_tokens_py(T), fused_threads(T, threads)
+    xt, yt = aligned_empty(Tpad * I), aligned_empty(Tpad * O)
+    _spmm.pack_tiles(np.ascontiguousarray(x).reshape(-1), 1, T, Tpad, I, xt, n)
+    args = (xt, 1, T, Tpad, I, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, yt, n)
+    _spmm.linear_tiles(*args)
+    got = np.empty(T * O, np.float32)
+    _spmm.unpack_tiles(yt, 1, T, Tpad, O, got, n)
+    np.testing.assert_allclose(got.reshape(T, O), ref, atol=1e-3 * max(1, np.abs(ref).max()))
+    return lambda: _spmm.linear_tiles(*args)
 
 
 def conv_methods(Wc: np.ndarray, x: np.ndarray, s: int, pad: int, threads: int) -> tuple[dict[str, Callable[[], Any]], str]:
@@ -280,6 +304,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
                     line.append(f"{s}: {min(sp):.2f}-{max(sp):.2f}x")
             if line:
                 out.append(f"{kind}, {threads} thread(s), spdy vs fastest dense: " + ", ".join(line))
+            tl = []
+            for s in sorted({k[3] for k in by}):
+                sp = [min(m["torch-dense"], m["ort-dense"]) / m["spdy-tiles"] for k, m in by.items()
+                      if k[0] == kind and k[3] == s and k[4] == threads and "spdy-tiles" in m]
+                if sp:
+                    tl.append(f"{s}: {min(sp):.2f}-{max(sp):.2f}x")
+            if tl:
+                out.append(f"{kind}, {threads} thread(s), spdy on tiles vs fastest dense: " + ", ".join(tl))
     # scaling 1 -> 2 threads of spdy
     t1 = {k[:4]: m["spdy"] for k, m in by.items() if k[4] == 1}
     t2 = {k[:4]: m["spdy"] for k, m in by.items() if k[4] == 2}

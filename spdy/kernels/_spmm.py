@@ -978,6 +978,17 @@ def unpack_tiles(YT, B, T, Tpad, O, y, nthreads):
 
 
 @njit(parallel=True, **_JIT)
+def linear_tiles(XT, B, T, Tpad, K, O, ptr, n_panels, col, val, blocked, bias, YT, nthreads):
+    """One sparse layer from and to the tile layout: YT = XT W^T + b, [O, Lt] per tile."""
+    per_seq = (T + TILE - 1) // TILE
+    units = B * per_seq
+    for c in prange(nthreads):
+        for u in range(units * c // nthreads, units * (c + 1) // nthreads):
+            b, t0, Lt, row = _tile_unit(u, per_seq, T, Tpad)
+            _tile_rows(col, val, ptr, n_panels, O, 0, O, Lt, XT, K * row, YT, O * row, bias, Lt, blocked)
+
+
+@njit(parallel=True, **_JIT)
 def qkv_tiles(XT, B, T, Tpad, K, O1, O2, O3, ptr1, np1, col1, val1, blk1, bias1, ptr2, np2, col2, val2, blk2,
               bias2, ptr3, np3, col3, val3, blk3, bias3, YT, nthreads):
     """:func:`qkv_forward` from and to the tile layout: YT [O1 + O2 + O3, Lt] per tile."""

@@ -189,3 +189,29 @@ def test_layer_kernels_say_which_parts_run_fused() -> None:
     # a plan of layers without fused parts still gives its buffers
     plan = EncoderPlan([none], 2, 5, WIDTH, 2)
     assert plan.input_of(0).size == plan.output_of(0).size == 2 * 5 * WIDTH
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bcsr4x1"])
+@pytest.mark.parametrize("shape", [(1, 128), (2, 70), (3, 17)])
+def test_a_layer_on_tiles_matches_the_product_and_round_trips_the_layout(threads: int, fmt: str,
+                                                                          shape: tuple[int, int]) -> None:
+    from spdy.kernels import _spmm
+    from spdy.kernels._workspace import aligned_empty
+
+    B, T = shape
+    rng = np.random.default_rng(8)
+    W, b, p = _linear(rng, 48, WIDTH, fmt, sparsity=0.9)
+    x = rng.standard_normal((B * T, WIDTH)).astype(np.float32)
+    Tpad = _spmm.padded_tokens_py(T)
+    xt, yt = aligned_empty(B * Tpad * WIDTH), aligned_empty(B * Tpad * 48)
+    n = min(threads, B * -(-T // _spmm.TILE))
+    _spmm.pack_tiles(x.reshape(-1), B, T, Tpad, WIDTH, xt, n)
+    back = np.empty(B * T * WIDTH, np.float32)
+    _spmm.unpack_tiles(xt, B, T, Tpad, WIDTH, back, n)
+    np.testing.assert_array_equal(back.reshape(B * T, WIDTH), x)  # the layout round-trips exactly
+    s = p.sparse
+    _spmm.linear_tiles(xt, B, T, Tpad, WIDTH, 48, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, yt, n)
+    y = np.empty(B * T * 48, np.float32)
+    _spmm.unpack_tiles(yt, B, T, Tpad, 48, y, n)
+    ref = (_t(x) @ _t(W).T + _t(b)).numpy()
+    np.testing.assert_allclose(y.reshape(B * T, 48), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)

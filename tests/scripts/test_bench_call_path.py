@@ -27,8 +27,8 @@ def test_every_path_computes_the_layer_and_the_measurement_reports_each():
         for name in ("module", "fast", "checked"):
             torch.testing.assert_close(fns[name](), want, atol=1e-5, rtol=1e-5)
         fns["kernel"]()
-        fns["tiles3"]()  # the layer three times on the tile layout
-        np.testing.assert_allclose(fns["tiles3"].first_output(), want[0].numpy(), atol=1e-5, rtol=1e-5)
+        fns["tiles"]()  # the layer on the tile layout
+        np.testing.assert_allclose(fns["tiles"].output(), want[0].numpy(), atol=1e-5, rtol=1e-5)
     r = measure(40, 24, 0.9, tokens=7, rounds=2, calls=3)
     assert {"module_us", "fast_us", "checked_us", "kernel_us", "tiles_us", "fast_over_checked"} <= set(r)
     assert all(np.isfinite(r[k]) and r[k] > 0 for k in ("module_us", "fast_us", "checked_us", "kernel_us", "tiles_us"))
