@@ -1018,10 +1018,13 @@ def _run_plan(plan: EncoderPlan, layers: Sequence[nn.Module], x: torch.Tensor, k
     """The encoder's layers from ``plan`` on the embeddings ``x``: each fused part one kernel call on
     the plan's buffers, each other part its modules (a layer without fused parts: :func:`_bert_layer`)."""
     B, T, W = x.shape
-    torch.from_numpy(plan.input_of(0)).copy_(x.reshape(-1))
+    if plan.tiles_layer(0):  # straight from the embeddings into tiles (a contiguous fp32 tensor: _plan checks)
+        plan.pack_input(0, x.reshape(-1).numpy())
+    else:
+        torch.from_numpy(plan.input_of(0)).copy_(x.reshape(-1))
     # each key's score (the mask is the same for every query): what the tiled attention takes
     key_bias = None if bias is None or not plan.tiled else np.ascontiguousarray(bias.reshape(B, T, -1)[:, 0]).reshape(-1)
-    in_tiles = False
+    in_tiles = plan.tiles_layer(0)
     for i, (lk, layer) in enumerate(zip(plan.layers, layers)):
         if plan.tiles_layer(i):
             if not in_tiles:
@@ -1065,8 +1068,10 @@ def _run_plan(plan: EncoderPlan, layers: Sequence[nn.Module], x: torch.Tensor, k
             up, act = _children(inter, "dense", "intermediate_act_fn")
             down, ln = _children(out, "dense", "LayerNorm")
             torch.from_numpy(plan.output_of(i)).copy_(ln(down(act(up(h))) + h).reshape(-1))
-    if in_tiles:
-        plan.unpack_output(len(plan.layers) - 1)
+    if in_tiles:  # straight out of the tiles into the pass's own output
+        out = np.empty(B * T * W, np.float32)
+        plan.unpack_output(len(plan.layers) - 1, out)
+        return torch.from_numpy(out).view(B, T, W)
     return torch.from_numpy(plan.output_of(len(plan.layers) - 1).copy()).view(B, T, W)
 
 

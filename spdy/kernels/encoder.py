@@ -83,12 +83,16 @@ class EncoderPlan:
                  tiled: bool = True) -> None:
         self.layers = tuple(layers)
         self.batch, self.tokens, self.width = batch, tokens, width
+        self.tiled = bool(tiled) and any(self._tileable(lk) for lk in self.layers)
+        # the layers run from rows of tokens: the tiled ones need none of the row buffers and arguments
+        from_rows = [LayerKernels(None, lk.heads, lk.head_dim, lk.scale, None, None)
+                     if self.tiled and self._tileable(lk) else lk for lk in self.layers]
         rows = batch * tokens
         n = fused_threads(rows, nthreads)
-        proj = max([sum(p.out_features for p in lk.qkv) for lk in self.layers if lk.qkv] or [0])
-        att = max([lk.heads * lk.head_dim for lk in self.layers if lk.qkv or lk.out] or [0])
-        att = max([att] + [lk.out[0].in_features for lk in self.layers if lk.out])
-        hidden = max([lk.ffn[0].out_features for lk in self.layers if lk.ffn] or [0])
+        proj = max([sum(p.out_features for p in lk.qkv) for lk in from_rows if lk.qkv] or [0])
+        att = max([lk.heads * lk.head_dim for lk in from_rows if lk.qkv or lk.out] or [0])
+        att = max([att] + [lk.out[0].in_features for lk in from_rows if lk.out])
+        hidden = max([lk.ffn[0].out_features for lk in from_rows if lk.ffn] or [0])
         self._hidden = (aligned_empty(rows * width), aligned_empty(rows * width))
         self.projections = aligned_empty(max(1, rows * proj))
         self.attention_out = aligned_empty(max(1, rows * att))
@@ -104,7 +108,7 @@ class EncoderPlan:
         self._ffn: list[tuple | None] = []
         Tkp = _attention.padded_keys(tokens)
         works: dict[int, np.ndarray] = {}  # the attention's scratch, one per size, shared by the layers
-        for i, lk in enumerate(self.layers):
+        for i, lk in enumerate(from_rows):
             x, y = self.input_of(i), self.output_of(i)
             if lk.qkv is not None:
                 q, k, v = lk.qkv
@@ -147,7 +151,6 @@ class EncoderPlan:
             else:
                 self._ffn.append(None)
         self._tiled: list[tuple | None] = [None] * len(self.layers)
-        self.tiled = bool(tiled) and any(self._tileable(lk) for lk in self.layers)
         if self.tiled:
             self._make_tiled(batch, tokens, width, nthreads)
 
@@ -209,15 +212,17 @@ class EncoderPlan:
         """Whether layer ``i`` runs as :meth:`tiled_layer`."""
         return self._tiled[i] is not None
 
-    def pack_input(self, i: int) -> None:
-        """Layer ``i``'s input (:meth:`input_of`) into the tile layout it reads in :meth:`tiled_layer`."""
-        _spmm.pack_tiles(self.input_of(i), self.batch, self.tokens, self.padded_tokens, self.width,
-                         self._hidden_tiles[i % 2], self._tiles_n)
+    def pack_input(self, i: int, src: np.ndarray | None = None) -> None:
+        """Layer ``i``'s input into the tile layout it reads in :meth:`tiled_layer`: from :meth:`input_of`,
+        or from ``src`` (flat fp32 rows of the same shape)."""
+        _spmm.pack_tiles(self.input_of(i) if src is None else src, self.batch, self.tokens, self.padded_tokens,
+                         self.width, self._hidden_tiles[i % 2], self._tiles_n)
 
-    def unpack_output(self, i: int) -> None:
-        """Layer ``i``'s output from the tile layout :meth:`tiled_layer` wrote into :meth:`output_of`."""
+    def unpack_output(self, i: int, dst: np.ndarray | None = None) -> None:
+        """Layer ``i``'s output from the tile layout :meth:`tiled_layer` wrote into :meth:`output_of`, or
+        into ``dst`` (flat fp32 rows of the same shape)."""
         _spmm.unpack_tiles(self._hidden_tiles[(i + 1) % 2], self.batch, self.tokens, self.padded_tokens,
-                           self.width, self.output_of(i), self._tiles_n)
+                           self.width, self.output_of(i) if dst is None else dst, self._tiles_n)
 
     def tiled_layer(self, i: int, key_bias: np.ndarray | None) -> None:
         """Layer ``i`` (one of :meth:`tiles_layer`) on the tile layout: its input tiles (the previous

@@ -85,7 +85,8 @@ def _close_on_valid(keep: torch.Tensor | None, B: int, T: int):
 def test_plan_parts_match_float64_references(threads: int, fmt: str, shape: tuple[int, int]) -> None:
     B, T = shape
     layers = [_layer(0, fmt, "aof"), _layer(1, fmt, "a"), _layer(2, fmt, "of")]
-    plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads)
+    # every part from rows of tokens (a tiled plan runs layer 0, whose parts all fuse, on tiles)
+    plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads, tiled=False)
     rng = np.random.default_rng(3)
     keep = _padded(B, T)
     bias = mask_bias(keep, B, T, T)
@@ -133,6 +134,7 @@ def test_tiled_layers_match_float64_references(threads: int, fmt: str, shape: tu
     layers = [_layer(0, fmt, "aof"), _layer(1, fmt, "aof"), _layer(2, fmt, "a")]
     plan = EncoderPlan([lk for lk, _ in layers], B, T, WIDTH, threads)
     assert plan.tiled and [plan.tiles_layer(i) for i in range(3)] == [True, True, False]
+    assert plan._qkv[:2] == [None, None] and plan._qkv[2] is not None  # no row arguments for tiled layers
     rng = np.random.default_rng(4)
     keep = _padded(B, T)
     bias = mask_bias(keep, B, T, T)
