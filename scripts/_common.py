@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: timing statistics and JSON output."""
+"""Shared helpers for the benchmark scripts: timing statistics, JSON output, a layer on the kernels' tile layout."""
 
 from __future__ import annotations
 
@@ -68,3 +68,31 @@ def minilm_scorer(bundle: Any) -> Callable[[Any], dict[str, float]]:
                 "heldout_cosine": float(cos)}
 
     return score
+
+
+def linear_tiles_runner(p: Any, x2: Any, threads: int | None = None) -> Callable[[], None]:
+    """A runner of ``spdy.kernels._spmm.linear_tiles`` for the sparse prepared layer ``p`` on ``x2``
+    [tokens, in] (fp32), packed into the tile layout once; nothing is packed or unpacked per call.
+    Its ``output()`` gives the last result as rows [tokens, out] (unpacked then, not timed)."""
+    import numpy as np
+
+    from spdy.kernels import _spmm
+    from spdy.kernels._workspace import aligned_empty
+    from spdy.kernels.ffn import fused_threads
+
+    s, tokens, O = p.sparse, x2.shape[0], p.out_features
+    Tpad, n = _spmm.padded_tokens_py(tokens), fused_threads(tokens, threads)
+    xt, yt = aligned_empty(Tpad * p.in_features), aligned_empty(Tpad * O)
+    _spmm.pack_tiles(np.ascontiguousarray(x2, dtype=np.float32).reshape(-1), 1, tokens, Tpad, p.in_features, xt, n)
+    args = (xt, 1, tokens, Tpad, p.in_features, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, yt, n)
+
+    def run() -> None:
+        _spmm.linear_tiles(*args)
+
+    def output() -> Any:
+        rows = np.empty(tokens * O, np.float32)
+        _spmm.unpack_tiles(yt, 1, tokens, Tpad, O, rows, n)
+        return rows.reshape(tokens, O)
+
+    run.output = output  # type: ignore[attr-defined]
+    return run

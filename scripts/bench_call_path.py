@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import linear_tiles_runner, write_json  # noqa: E402
 
 from spdy.hardware import fingerprint
 from spdy.kernels.linear import sparse_into
@@ -58,33 +58,7 @@ def paths(module: SparseLinear, x: torch.Tensor) -> dict[str, Callable[[], Any]]
     x2 = x.numpy().reshape(-1, p.in_features)
     y2 = np.empty((x2.shape[0], p.out_features), np.float32)
     return {"module": lambda: module(x), "fast": lambda: module._run(x), "checked": lambda: module._run_checked(x),
-            "kernel": lambda: sparse_into(x2, y2, p), "tiles": tiles_call(p, x2)}
-
-
-def tiles_call(p: Any, x2: np.ndarray) -> Callable[[], np.ndarray]:
-    """``linear_tiles`` on ``x2`` [tokens, in] packed into tiles once; the runner's ``output()``
-    gives its result as rows [tokens, out] (the unpacking not timed)."""
-    from spdy.kernels import _spmm
-    from spdy.kernels._workspace import aligned_empty
-    from spdy.kernels.ffn import fused_threads
-
-    s, tokens, O = p.sparse, x2.shape[0], p.out_features
-    Tpad = _spmm.padded_tokens_py(tokens)
-    n = fused_threads(tokens)
-    xt, yt = aligned_empty(Tpad * p.in_features), aligned_empty(Tpad * O)
-    _spmm.pack_tiles(np.ascontiguousarray(x2).reshape(-1), 1, tokens, Tpad, p.in_features, xt, n)
-    args = (xt, 1, tokens, Tpad, p.in_features, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, yt, n)
-
-    def run() -> None:
-        _spmm.linear_tiles(*args)
-
-    def output() -> np.ndarray:
-        rows = np.empty(tokens * O, np.float32)
-        _spmm.unpack_tiles(yt, 1, tokens, Tpad, O, rows, n)
-        return rows.reshape(tokens, O)
-
-    run.output = output  # type: ignore[attr-defined]
-    return run
+            "kernel": lambda: sparse_into(x2, y2, p), "tiles": linear_tiles_runner(p, x2)}
 
 
 def measure(out_f: int, in_f: int, sparsity: float, tokens: int, rounds: int, calls: int,

@@ -46,7 +46,7 @@ import spdy.kernels as K  # noqa: E402  (first: torch and Numba share one OpenMP
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-from _common import summary, write_json  # noqa: E402
+from _common import linear_tiles_runner, summary, write_json  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from spdy.hardware import fingerprint  # noqa: E402
@@ -171,27 +171,10 @@ def linear_methods(W: np.ndarray, x: np.ndarray, threads: int, skip: set[str]) -
     ref = x @ W.T
     np.testing.assert_allclose(K.linear(x, p), ref, atol=1e-3 * max(1, np.abs(ref).max()))
     if p.sparse is not None:
-        fns["spdy-tiles"] = tiles_runner(p, x, threads, ref)
+        fns["spdy-tiles"] = linear_tiles_runner(p, x, threads)
+        fns["spdy-tiles"]()
+        np.testing.assert_allclose(fns["spdy-tiles"].output(), ref, atol=1e-3 * max(1, np.abs(ref).max()))
     return {k: fns[k] for k in METHODS if k in fns}, p.format
-
-
-def tiles_runner(p: Any, x: np.ndarray, threads: int, ref: np.ndarray) -> Callable[[], Any]:
-    """``linear_tiles`` on ``x`` packed into tiles once (checked against ``ref`` through one unpack)."""
-    from spdy.kernels import _spmm
-    from spdy.kernels._workspace import aligned_empty
-    from spdy.kernels.ffn import fused_threads
-
-    T, I = x.shape
-    O, s = p.out_features, p.sparse
-    Tpad, n = _spmm.padded_tokens_py(T), fused_threads(T, threads)
-    xt, yt = aligned_empty(Tpad * I), aligned_empty(Tpad * O)
-    _spmm.pack_tiles(np.ascontiguousarray(x).reshape(-1), 1, T, Tpad, I, xt, n)
-    args = (xt, 1, T, Tpad, I, O, s.ptr, s.n_panels, s.col, s.val, s.blocked, p.bias, yt, n)
-    _spmm.linear_tiles(*args)
-    got = np.empty(T * O, np.float32)
-    _spmm.unpack_tiles(yt, 1, T, Tpad, O, got, n)
-    np.testing.assert_allclose(got.reshape(T, O), ref, atol=1e-3 * max(1, np.abs(ref).max()))
-    return lambda: _spmm.linear_tiles(*args)
 
 
 def conv_methods(Wc: np.ndarray, x: np.ndarray, s: int, pad: int, threads: int) -> tuple[dict[str, Callable[[], Any]], str]:
