@@ -254,12 +254,14 @@ def time_with_runtimes(
     plans: Sequence[Mapping[str, LayerChoice]],
     runtimes: DenseRuntimes | None,
     rounds: int = 1,
+    blocks: bool = False,
 ) -> tuple[list[list[Timing]], list[dict[str, Timing]]]:
     """``rounds`` rounds, each timing ``bundle``'s model under every plan (interleaved, as
     :meth:`Backend.time_models`) and each dense runtime of ``runtimes``: those of the
     backend's pool interleaved with the plans, the others in a block of their own next to
-    the plans' block (see the module docstring). Returns per round the plans' timings and
-    ``{runtime: timing}``."""
+    the plans' block (see the module docstring). ``blocks``: every model's turn is a block of
+    calls in a row (:meth:`~spdy.profilers.TimingPolicy.for_models`). Returns per round the
+    plans' timings and ``{runtime: timing}``."""
     same = [r for r in (runtimes.runtimes.values() if runtimes else ()) if r.timer is None]
     apart = [r for r in (runtimes.runtimes.values() if runtimes else ()) if r.timer is not None]
     out_plans: list[list[Timing]] = []
@@ -267,22 +269,22 @@ def time_with_runtimes(
     for i in range(max(1, rounds)):
         got: dict[str, Timing] = {}
         if apart and i % 2:
-            got.update(_time_apart(backend, apart))
-        timings = backend.time_models(bundle, plans, extra=[r.runner for r in same])
+            got.update(_time_apart(backend, apart, blocks))
+        timings = backend.time_models(bundle, plans, extra=[r.runner for r in same], blocks=blocks)
         if apart and not i % 2:
-            got.update(_time_apart(backend, apart))
+            got.update(_time_apart(backend, apart, blocks))
         got.update({r.name: t for r, t in zip(same, timings[len(plans):])})
         out_plans.append(list(timings[:len(plans)]))
         out_runtimes.append({n: got[n] for n in (*RUNTIMES, STATE_PROBE) if n in got})
     return out_plans, out_runtimes
 
 
-def _time_apart(backend: Backend, apart: Sequence[DenseRuntime]) -> dict[str, Timing]:
+def _time_apart(backend: Backend, apart: Sequence[DenseRuntime], blocks: bool = False) -> dict[str, Timing]:
     """The runtimes of other pools, each alone, after the previous pool's idle workers stopped spinning."""
     got = {}
     for r in apart:
         assert r.timer is not None
         time.sleep(backend.pool_rest_s)
-        got[r.name] = r.timer.measure([r.runner], policy=r.timer.policy.for_models())[0]
+        got[r.name] = r.timer.measure([r.runner], policy=r.timer.policy.for_models(blocks))[0]
     time.sleep(backend.pool_rest_s)
     return got

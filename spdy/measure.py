@@ -168,7 +168,10 @@ def measure_rounds(
     (:attr:`ModelBundle.inference`, BatchNorms folded). The dense ``runtimes`` (torch eager,
     ONNX Runtime; built for that inference form) are timed in the same rounds
     (:func:`~spdy.profilers.dense_runtimes.time_with_runtimes`); speedups are over ``reference``.
-    ``extra`` backend plans are timed in the same rounds too (``Rounds.extra_s``)."""
+    ``extra`` backend plans are timed in the same rounds too (``Rounds.extra_s``). Every model's turn
+    in a round is a block of calls in a row, as a deployed model runs in a loop of its own
+    (:meth:`~spdy.profilers.TimingPolicy.for_models`): called one by one among the others, each model
+    ran in the caches the one before it left, the dense ones most, and the speedups read high."""
     from spdy.profilers import STANDIN, LayerChoice, backend_plan
 
     names = list(solutions)
@@ -178,7 +181,7 @@ def measure_rounds(
     plans = [backend_plan(s, weight, timed.model) for s in (dense, *(solutions[n] for n in names))]
     plans += list(extra)
     plans.append({n: LayerChoice(STANDIN) for n in profile.table.layers})
-    per_plan, per_runtime = time_with_runtimes(backend, timed, plans, runtimes, rounds)
+    per_plan, per_runtime = time_with_runtimes(backend, timed, plans, runtimes, rounds, blocks=True)
     arr = np.array([[tm.median_s for tm in row] for row in per_plan])
     rt = {n: np.array([r[n].median_s for r in per_runtime]) for n in per_runtime[0]} if per_runtime else {}
     if reference != DENSE_PLAN and reference not in rt:

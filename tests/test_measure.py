@@ -129,13 +129,14 @@ def test_measured_models_run_in_the_inference_form():
             return np.where(np.abs(w) > np.median(np.abs(w)), w, 0.0).astype(np.float32)
 
     class Recorder:
-        def time_models(self, b, plans, extra=()):  # extra: the dense runtimes timed in the same pool (none here)
-            self.bundle, self.plans = b, plans
+        def time_models(self, b, plans, extra=(), blocks=False):  # extra: the dense runtimes timed in the same pool (none here)
+            self.bundle, self.plans, self.blocks = b, plans, blocks
             return [SimpleNamespace(median_s=1.0) for _ in (*plans, *extra)]
 
     rec = Recorder()
     measure_rounds(SimpleNamespace(table=table), bundle, rec, HalfPruned(), {"p": table.solution(np.array([1, 1]))})
     assert rec.bundle is bundle.inference and not batchnorm_modules(rec.bundle.model)
+    assert rec.blocks  # each model in a loop of its own, as deployed, not call by call among the others
     folded = bundle.inference.model[0]
     dense, pruned = rec.plans[0]["0"], rec.plans[1]["0"]
     np.testing.assert_allclose(dense.weight, folded.weight.detach().numpy(), rtol=1e-6)

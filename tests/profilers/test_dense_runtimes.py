@@ -82,7 +82,7 @@ class _Recorder:
     def __init__(self, name: str, log: list) -> None:
         self.name, self.log, self.policy = name, log, TEST_POLICY
 
-    def time_models(self, bundle, plans, extra=()):
+    def time_models(self, bundle, plans, extra=(), blocks=False):
         self.log.append((self.name, [f"plan{i}" for i in range(len(plans))] + [r() for r in extra]))
         return [SimpleNamespace(median_s=1.0 + i) for i in range(len(plans) + len(extra))]
 

@@ -134,6 +134,25 @@ def test_shuffled_rounds_keep_a_predecessor_from_slowing_one_runner_every_round(
     assert TimingPolicy().for_models().shuffle and not TimingPolicy().shuffle
 
 
+def test_a_block_turn_times_a_model_in_its_own_caches_as_a_loop_of_it_runs():
+    def run(block):
+        cache = _Cache()
+        runners = [_AfterRunner("dense", cache, 1e-3, evictor="torch", slower=1.5), _AfterRunner("torch", cache, 2e-3)]
+        policy = dataclasses.replace(POLICY, lockstep=True, min_repeats=20, max_repeats=20, block_calls=block)
+        return runners, FakeBackend(policy).measure(runners)
+
+    runners, timings = run(1)  # call by call: the dense model always runs right after torch
+    assert timings[0].median_s == pytest.approx(1.5e-3)
+    runners, timings = run(4)
+    # each turn: one untimed call (after torch, slow) and four timed ones after itself
+    assert timings[0].median_s == pytest.approx(1e-3) and timings[0].n == 20
+    assert runners[0].after.count("torch") == 20 // 4 and runners[0].calls == runners[1].calls
+    assert TimingPolicy().for_models(blocks=True).block_calls == TimingPolicy().model_block_calls > 1
+    assert TimingPolicy().block_calls == TimingPolicy().for_models().block_calls == 1
+    with pytest.raises(InvalidInputError, match="block_calls"):
+        TimingPolicy(block_calls=0)
+
+
 def test_time_cap_stops_slow_runners():
     be = FakeBackend(dataclasses.replace(POLICY, max_seconds=0.5))
     (t,) = be.measure([FakeRunner([0.1, 0.2])])
