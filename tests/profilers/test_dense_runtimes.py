@@ -152,3 +152,24 @@ def test_onnx_runtime_on_one_thread_is_timed_next_to_a_two_thread_backend_to_rea
     assert STATE_PROBE not in RUNTIMES
     assert STATE_PROBE not in dense_runtimes(be, tiny_mlp, state_probe=False).runtimes
     assert STATE_PROBE not in dense_runtimes(get_backend("spdy-cpu", threads=1, policy=TEST_POLICY), tiny_mlp).runtimes
+
+
+def test_the_torch_runtimes_read_the_models_own_weights_and_leave_them_as_they_were(tiny_conv):
+    """A float32 model's copy shares its weights' storage (they stay where its loader put them: a
+    MiniLM's in its safetensors file's mapping, which torch.compile ran faster from than from a deep
+    copy); the copy's parameters are its own objects, and channels_last leaves the model's alone."""
+    from spdy.profilers.dense_runtimes import _dense_copy
+
+    model = tiny_conv.model
+    before = {n: (p.data_ptr(), p.stride(), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    copy_ = _dense_copy(tiny_conv)
+    for (n, p), q in zip(model.named_parameters(), copy_.parameters()):
+        assert q.data_ptr() == p.data_ptr() and q is not p and not q.requires_grad
+    dense_runtimes(get_backend("spdy-cpu", threads=1, policy=TEST_POLICY), tiny_conv)  # channels_last among them
+    for n, p in model.named_parameters():
+        ptr, stride, grad, value = before[n]
+        assert (p.data_ptr(), p.stride(), p.requires_grad) == (ptr, stride, grad) and torch.equal(p.detach(), value)
+    # a model in another dtype is copied into float32, sharing nothing
+    double = SimpleNamespace(model=nn.Linear(4, 3).double())
+    copied = _dense_copy(double)
+    assert copied.weight.dtype == torch.float32 and copied.weight.data_ptr() != double.model.weight.data_ptr()
