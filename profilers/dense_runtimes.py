@@ -157,24 +157,12 @@ def _cpu_float32(backend: Backend) -> bool:
 
 
 def _dense_copy(bundle: Any) -> Any:
-    """A float32 inference copy of ``bundle``'s model for a torch dense runtime of its own.
+    """A float32 inference copy of ``bundle``'s model for a torch dense runtime of its own, sharing
+    the model's weights where it is float32 on the CPU already
+    (:func:`~spdy.profilers.torch_backends.inference_copy`): the weights a user's torch.compile reads."""
+    from spdy.profilers.torch_backends import inference_copy
 
-    Where the model is in float32 on the CPU already, the copy's parameters and buffers share its
-    storage (the runtimes only read them, as the backends' own model copies do), so the weights
-    stay where the model's loader put them: a MiniLM loaded from its safetensors file keeps them
-    in the file's mapping, and torch.compile of a deep copy ran 1.5-3.3% slower than of the loaded
-    model, the one a user compiles."""
-    import copy
-
-    import torch
-
-    model = bundle.model
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
-        memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
-        memo.update({id(b): b.detach() for b in model.buffers()})
-        return copy.deepcopy(model, memo).eval()
-    return copy.deepcopy(model).float().eval().requires_grad_(False)
+    return inference_copy(bundle.model)
 
 
 def _is_cnn(backend: Backend, bundle: Any) -> bool:

@@ -35,6 +35,22 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def inference_copy(model: Any, device: str = "cpu", dtype: Any = torch.float32) -> Any:
+    """A copy of ``model`` on ``device`` in ``dtype``, in eval mode, without gradients. On the CPU in
+    the model's own dtype the copy's parameters and buffers share the model's storage (its users
+    only read them): each of the many runners a profile builds at once costs only the layers it
+    swaps in, and the weights stay where the model's loader put them (a MiniLM loaded from its
+    safetensors file keeps them in the file's mapping; torch.compile of a deep copy ran 1.5-3.3%
+    slower than of the loaded model). The model's own tensors are untouched."""
+    params, buffers = list(model.parameters()), list(model.buffers())
+    if device == "cpu" and all(t.device.type == "cpu" and (t.dtype == dtype or not t.is_floating_point())
+                               for t in params + buffers):
+        memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in params}
+        memo.update({id(b): b.detach() for b in buffers})
+        return copy.deepcopy(model, memo).eval()
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 class StandIn(torch.nn.Module):
     """Zero-cost stand-in for a prunable layer: returns a preallocated output.
 
@@ -164,18 +180,8 @@ class TorchRuntimeBackend(Backend):
         return cached
 
     def _device_model(self, model: Any) -> Any:
-        """A copy of ``model`` on the backend's device and dtype, in eval mode, without gradients. On
-        the CPU in the model's own dtype the copy's parameters and buffers share the model's storage
-        (runners only read them), so that each of the many runners a profile builds at once costs only
-        the layers it swaps in, not a copy of the whole model; the model's own tensors are untouched."""
-        params, buffers = list(model.parameters()), list(model.buffers())
-        if self.device == "cpu" and all(t.device.type == "cpu" and (t.dtype == self.torch_dtype or not t.is_floating_point())
-                                        for t in params + buffers):
-            memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in params}
-            memo.update({id(b): b.detach() for b in buffers})
-            return copy.deepcopy(model, memo).eval()
-        m = copy.deepcopy(model)
-        return m.to(device=self.device, dtype=self.torch_dtype).eval().requires_grad_(False)
+        """:func:`inference_copy` of ``model`` on the backend's device and dtype."""
+        return inference_copy(model, self.device, self.torch_dtype)
 
     def model_runner(self, bundle: Any, choices: Mapping[str, LayerChoice]) -> Runner:
         from spdy.models.base import discover_layers
